@@ -1,0 +1,129 @@
+"""Frozen configuration values passed explicitly to constructors.
+
+Loaded and validated from YAML by :mod:`ferry.config` against the JSON
+Schemas in ``schemas/``. Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Transport = Literal["udp", "serial"]
+KemAlg = Literal["mlkem768x25519", "x25519"]
+FecCodecName = Literal["isal", "zfec"]
+
+
+@dataclass(frozen=True)
+class FecParams:
+    """Erasure coding: each block has ``source`` source symbols and ``repair`` repair symbols."""
+
+    codec: FecCodecName = "isal"
+    source: int = 64
+    repair: int = 16
+    interleave: int = 32
+    """Number of blocks whose symbols are interleaved on the wire (burst tolerance)."""
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    """What both sides must agree on. Its digest travels in every heartbeat."""
+
+    transport: Transport = "udp"
+    packet_size: int = 1472
+    """Largest datagram ferry sends (bytes); 1472 = 1500-byte MTU minus IPv4 and UDP headers."""
+    rate_bps: int = 800_000_000
+    """Pacing rate in bits per second, counting every byte on the wire."""
+    fec: FecParams = field(default_factory=FecParams)
+    kem: KemAlg = "mlkem768x25519"
+    heartbeat_interval: float = 1.0
+    announce_interval: float = 1.0
+    rekey_interval: float = 3600.0
+
+    def digest(self) -> bytes:
+        """SHA-256 over the canonical JSON of the parameters both sides must share.
+
+        ``rate_bps`` and the interleave depth are sender-side choices and are
+        not part of it.
+        """
+        shared = {
+            "transport": self.transport,
+            "packet_size": self.packet_size,
+            "fec": {"codec": self.fec.codec, "source": self.fec.source, "repair": self.fec.repair},
+            "kem": self.kem,
+            "heartbeat_interval": self.heartbeat_interval,
+        }
+        blob = json.dumps(shared, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(b"ferry-link-params\n" + blob).digest()
+
+
+@dataclass(frozen=True)
+class UdpEndpoint:
+    host: str = "127.0.0.1"
+    port: int = 47_000
+    rcvbuf: int = 64 * 1024 * 1024
+    """Receiver SO_RCVBUF in bytes (forced when running as root)."""
+
+
+@dataclass(frozen=True)
+class SerialEndpoint:
+    device: str = "/dev/ttyUSB0"
+    baud: int = 115_200
+
+
+@dataclass(frozen=True)
+class OutsideChannel:
+    name: str
+    drop: Path
+    """Folder clerks drop files into."""
+    sent: Path
+    """Folder the originals are moved to once safely spooled (``after_send: move``)."""
+    after_send: Literal["move", "delete"] = "move"
+    max_size: int = 4 * 1024**3
+    settle_seconds: float = 1.0
+    """A file must keep the same size and mtime this long before it is taken."""
+
+
+@dataclass(frozen=True)
+class InsideChannel:
+    name: str
+    deliver: Path
+
+
+@dataclass(frozen=True)
+class OutsideConfig:
+    source: Path
+    """The YAML file this was loaded from."""
+    state_dir: Path
+    signing_key: Path
+    inside_public_key: str
+    """Public key string (or a path to a file holding one) of the inside's KEM key."""
+    link: LinkParams
+    udp: UdpEndpoint
+    serial: SerialEndpoint
+    channels: tuple[OutsideChannel, ...]
+    poll_interval: float = 0.5
+
+
+@dataclass(frozen=True)
+class InsideConfig:
+    source: Path
+    state_dir: Path
+    kem_key: Path
+    outside_public_key: str
+    """Public key string (or path) of the outside signing key this inside trusts."""
+    link: LinkParams
+    udp: UdpEndpoint
+    serial: SerialEndpoint
+    channels: tuple[InsideChannel, ...]
+    degraded_after: float = 3.0
+    """Seconds without a heartbeat before the link is DEGRADED."""
+    down_after: float = 10.0
+    """Seconds without a heartbeat before the link is DOWN."""
+    max_clock_skew: float = 120.0
+    object_timeout: float = 60.0
+    """Seconds without news of an incomplete object before it is reported lost."""
+    max_object_size: int = 64 * 1024**3
