@@ -1,0 +1,346 @@
+"""The receiver state machine (sans-IO).
+
+Feed it every datagram with ``receive_datagram(data, now)``, call ``tick(now)``
+regularly, and act on ``pop_events()``. Invalid input raises only
+:class:`~ferry.errors.WireError` (or its subclasses ``EnvelopeRejected`` and
+``ReplayRejected``); the caller counts and logs them and carries on.
+
+Order of checks for a sealed packet: magic and version, length bounds,
+session known, packet number inside the replay window, AES-GCM open, then the
+frame. Nothing reaches the FEC decoder unless it authenticated.
+
+The machine never produces output for the link: the inside never transmits.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from ferry.config_types import LinkParams
+from ferry.crypto import suite
+from ferry.crypto.keys import PublicKey, SecretKey
+from ferry.errors import EnvelopeRejected, ReplayRejected, WireError
+from ferry.wire import records as rec
+from ferry.wire.fec import MAX_SYMBOLS_PER_BLOCK, block_count, block_layout, get_codec
+from ferry.wire.replay import ReplayWindow
+
+# Partly received objects tracked at once; more means the oldest is given up (reported lost).
+MAX_ACTIVE_OBJECTS = 1024
+# Bytes of undecoded symbols held in memory across all blocks (normal use needs a few MB:
+# interleave x (k + r) x symbol size).
+MAX_PENDING_BYTES = 256 * 1024 * 1024
+# Finished object ids remembered to ignore late symbols and repeats cheaply.
+MAX_FINISHED = 65_536
+# Datagrams of a not-yet-announced session kept until its announcement arrives
+# (one announce interval of packets at ~100k packets/s would be more; this is a cushion
+# for the first announcement being lost or reordered, not a full second of traffic).
+MAX_EARLY_DATAGRAMS = 4_096
+MAX_EARLY_BYTES = 16 * 1024 * 1024
+# Sessions kept open at once: the current one and the one before (rekey overlap).
+MAX_SESSIONS = 2
+
+
+@dataclass(frozen=True)
+class SessionStarted:
+    epoch: int
+    counter: int
+    session_id: bytes
+    sender_time_us: int
+    params_digest: bytes
+
+
+@dataclass(frozen=True)
+class HeartbeatReceived:
+    heartbeat: rec.Heartbeat
+    received_at: float
+
+
+@dataclass(frozen=True)
+class BlockDecoded:
+    object_id: bytes
+    object_length: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ObjectCompleted:
+    object_id: bytes
+    length: int
+
+
+@dataclass(frozen=True)
+class ObjectLost:
+    object_id: bytes
+    length: int
+    blocks_done: int
+    blocks_total: int
+    reason: str
+
+
+Event = SessionStarted | HeartbeatReceived | BlockDecoded | ObjectCompleted | ObjectLost
+
+
+@dataclass
+class ReceiverStats:
+    datagrams: int = 0
+    announces: int = 0
+    symbols: int = 0
+    heartbeats: int = 0
+    duplicates: int = 0
+    """Authenticated symbols that were not needed (block or object already done)."""
+    blocks_decoded: int = 0
+    blocks_recovered: int = 0
+    """Blocks that needed repair symbols (some source symbol was lost)."""
+    objects_completed: int = 0
+    objects_lost: int = 0
+
+
+class _Session:
+    __slots__ = ("aead", "counter", "epoch", "window")
+
+    def __init__(self, key: bytes, epoch: int, counter: int) -> None:
+        self.aead = suite.PacketAead(key)
+        self.window = ReplayWindow()
+        self.epoch = epoch
+        self.counter = counter
+
+
+@dataclass
+class _Object:
+    params: rec.ObjectParams
+    nblocks: int
+    last_seen: float
+    done: set[int] = field(default_factory=set)
+    pending: dict[int, dict[int, bytes]] = field(default_factory=dict)
+
+
+class Receiver:
+    """Inside half of the link protocol."""
+
+    def __init__(
+        self,
+        params: LinkParams,
+        trusted_sender: PublicKey,
+        kem_key: SecretKey,
+        *,
+        replay_floor: tuple[int, int] = (0, 0),
+        max_object_size: int = 64 * 1024**3,
+        object_timeout: float = 60.0,
+    ) -> None:
+        if trusted_sender.alg != "ed25519":
+            raise ValueError("the trusted sender key must be an ed25519 key")
+        self.params = params
+        self._sender = trusted_sender
+        self._kem = kem_key
+        self._kem_id = suite.KEM_IDS.get(kem_key.alg)
+        self.replay_floor = replay_floor
+        self._max_object = max_object_size
+        self._timeout = object_timeout
+        self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
+        self._early: deque[bytes] = deque(maxlen=MAX_EARLY_DATAGRAMS)
+        self._early_bytes = 0
+        self._objects: OrderedDict[bytes, _Object] = OrderedDict()
+        self._finished: OrderedDict[bytes, None] = OrderedDict()
+        self._pending_bytes = 0
+        self._events: deque[Event] = deque()
+        self.stats = ReceiverStats()
+
+    # -------------------------------------------------------------------- API
+    def pop_events(self) -> list[Event]:
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def mark_finished(self, object_id: bytes) -> None:
+        """Tell the machine an object is already delivered (or given up): ignore its symbols."""
+        self._finished[object_id] = None
+        if len(self._finished) > MAX_FINISHED:
+            self._finished.popitem(last=False)
+        obj = self._objects.pop(object_id, None)
+        if obj is not None:
+            self._drop_pending(obj)
+
+    @property
+    def active_objects(self) -> int:
+        return len(self._objects)
+
+    def receive_datagram(self, datagram: bytes, now: float) -> None:
+        """Process one datagram from the link."""
+        self.stats.datagrams += 1
+        kind = rec.peek_type(datagram)
+        if kind == rec.TYPE_SEALED:
+            self._sealed(datagram, now)
+        elif kind == rec.TYPE_ANNOUNCE:
+            self._announce(datagram)
+        else:
+            raise WireError(f"unknown record type {kind}")
+
+    def tick(self, now: float) -> None:
+        """Report objects that saw no symbol for ``object_timeout`` seconds as lost."""
+        stale = [oid for oid, o in self._objects.items() if now - o.last_seen > self._timeout]
+        for oid in stale:
+            self._lose(oid, "timeout")
+
+    # --------------------------------------------------------------- announce
+    def _announce(self, datagram: bytes) -> None:
+        unverified, signed, signature = rec.decode_announce(datagram)
+        known = self._sessions.get(unverified.session_id)
+        if (
+            known is not None
+            and known.epoch == unverified.epoch
+            and known.counter == unverified.counter
+        ):
+            return  # a repeat of the current announcement
+        if unverified.sender_kid != self._sender.key_id:
+            raise EnvelopeRejected(f"announce signed by unknown key {unverified.sender_kid.hex()}")
+        if unverified.recipient_kid != self._kem.public.key_id:
+            raise EnvelopeRejected(
+                f"announce sealed to another inside key {unverified.recipient_kid.hex()}"
+            )
+        if (unverified.epoch, unverified.counter) <= self.replay_floor:
+            raise ReplayRejected(
+                f"announce epoch {unverified.epoch}/{unverified.counter} is not newer than "
+                f"{self.replay_floor[0]}/{self.replay_floor[1]}"
+            )
+        if unverified.kem_id != self._kem_id or unverified.aead_id != suite.AEAD_AES256GCM:
+            raise EnvelopeRejected("announce uses a suite this inside is not configured for")
+        suite.verify(self._sender, rec.ANNOUNCE_LABEL, signed, signature)
+        announce = unverified  # authenticated from here on
+        key = suite.unwrap_session_key(
+            announce.wrapped_key, self._kem, rec.hpke_info(announce.head())
+        )
+        self.stats.announces += 1
+        if announce.epoch != self.replay_floor[0]:
+            self._sessions.clear()  # the sender restarted: its old sessions are over
+        self.replay_floor = (announce.epoch, announce.counter)
+        self._sessions[announce.session_id] = _Session(key, announce.epoch, announce.counter)
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        self._events.append(
+            SessionStarted(
+                announce.epoch,
+                announce.counter,
+                announce.session_id,
+                announce.sender_time_us,
+                announce.params_digest,
+            )
+        )
+        early = [d for d in self._early if d[4:12] == announce.session_id]
+        if early:
+            self._early = deque(
+                (d for d in self._early if d[4:12] != announce.session_id),
+                maxlen=MAX_EARLY_DATAGRAMS,
+            )
+            self._early_bytes = sum(map(len, self._early))
+            for d in early:
+                try:
+                    self._sealed(d, None)
+                except WireError:
+                    continue  # early datagrams are best effort; errors were never counted yet
+
+    # ----------------------------------------------------------------- sealed
+    def _sealed(self, datagram: bytes, now: float | None) -> None:
+        session_id, pn = rec.decode_sealed_header(datagram)
+        session = self._sessions.get(session_id)
+        if session is None:
+            if now is not None and len(datagram) <= self.params.packet_size:
+                self._early.append(datagram)
+                self._early_bytes += len(datagram)
+                while self._early_bytes > MAX_EARLY_BYTES:
+                    self._early_bytes -= len(self._early.popleft())
+            raise EnvelopeRejected("packet of an unknown session (kept until announced)")
+        if not session.window.check(pn):
+            raise ReplayRejected("packet number replayed or too old")
+        header = datagram[: rec.SEALED_HEADER_LEN]
+        frame = session.aead.open(pn, header, datagram[rec.SEALED_HEADER_LEN :])
+        session.window.accept(pn)
+        ftype = frame[0]
+        if ftype == rec.FRAME_SYMBOL:
+            self._symbol(frame, now)
+        elif ftype == rec.FRAME_HEARTBEAT:
+            self.stats.heartbeats += 1
+            self._events.append(HeartbeatReceived(rec.decode_heartbeat(frame), now or 0.0))
+        else:
+            raise WireError(f"unknown frame type {ftype}")
+
+    def _symbol(self, frame: bytes, now: float | None) -> None:
+        self.stats.symbols += 1
+        params, b, s, payload = rec.decode_symbol(frame)
+        oid = params.object_id
+        if oid in self._finished:
+            self.stats.duplicates += 1
+            return
+        obj = self._objects.get(oid)
+        if obj is None:
+            obj = self._new_object(params, now)
+        elif obj.params != params:
+            raise WireError("symbol parameters differ from earlier symbols of the object")
+        if now is not None:
+            obj.last_seen = now
+        if b >= obj.nblocks:
+            raise WireError("block index beyond the object")
+        if b in obj.done:
+            self.stats.duplicates += 1
+            return
+        _, length, k_b, r_b = block_layout(params.length, params.k, params.r, params.symbol_size, b)
+        if s >= k_b + r_b:
+            raise WireError("symbol index beyond the block")
+        codec = get_codec(params.codec)
+        if len(payload) != params.symbol_size + codec.overhead:
+            raise WireError("symbol payload size mismatch")
+        syms = obj.pending.setdefault(b, {})
+        if s in syms:
+            self.stats.duplicates += 1
+            return
+        syms[s] = payload
+        self._pending_bytes += len(payload)
+        if len(syms) >= k_b:
+            del obj.pending[b]
+            self._pending_bytes -= sum(map(len, syms.values()))
+            data = codec.decode(syms, k_b, r_b, params.symbol_size)
+            if len(data) < length:
+                raise WireError("decoded block shorter than announced")
+            obj.done.add(b)
+            self.stats.blocks_decoded += 1
+            if any(i not in syms for i in range(k_b)):
+                self.stats.blocks_recovered += 1
+            offset = b * params.k * params.symbol_size
+            self._events.append(BlockDecoded(oid, params.length, offset, data[:length]))
+            if len(obj.done) == obj.nblocks:
+                del self._objects[oid]
+                self._finish(oid)
+                self.stats.objects_completed += 1
+                self._events.append(ObjectCompleted(oid, params.length))
+        elif self._pending_bytes > MAX_PENDING_BYTES:
+            self._lose(next(iter(self._objects)), "memory bound exceeded")
+
+    def _new_object(self, params: rec.ObjectParams, now: float | None) -> _Object:
+        get_codec(params.codec)  # unknown codec -> WireError
+        if params.length > self._max_object:
+            raise WireError(f"object of {params.length} bytes exceeds the configured maximum")
+        if params.k + params.r > MAX_SYMBOLS_PER_BLOCK:
+            raise WireError("too many symbols per block")
+        if len(self._objects) >= MAX_ACTIVE_OBJECTS:
+            self._lose(next(iter(self._objects)), "too many objects in flight")
+        obj = _Object(params, block_count(params.length, params.k, params.symbol_size), now or 0.0)
+        self._objects[params.object_id] = obj
+        return obj
+
+    def _finish(self, oid: bytes) -> None:
+        self._finished[oid] = None
+        if len(self._finished) > MAX_FINISHED:
+            self._finished.popitem(last=False)
+
+    def _drop_pending(self, obj: _Object) -> None:
+        for syms in obj.pending.values():
+            self._pending_bytes -= sum(map(len, syms.values()))
+        obj.pending.clear()
+
+    def _lose(self, oid: bytes, reason: str) -> None:
+        obj = self._objects.pop(oid)
+        self._drop_pending(obj)
+        self._finish(oid)
+        self.stats.objects_lost += 1
+        self._events.append(ObjectLost(oid, obj.params.length, len(obj.done), obj.nblocks, reason))
