@@ -3,7 +3,7 @@
 
     python3 tasks.py demo [options]   # create .venv, install ferry, run the demo
     python3 tasks.py test [--slow]    # create .venv, install ferry[dev], lint, type-check, test
-    python3 tasks.py bench [bench options]        # goodput benchmark (root; installs udpcast, nftables)
+    python3 tasks.py bench [options]  # goodput benchmark (root; needs udpcast, nftables)
 
 The virtual environment lives in ./.venv and is re-used while pyproject.toml
 does not change.

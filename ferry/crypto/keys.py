@@ -104,7 +104,7 @@ class PublicKey:
         _, alg, kid, body = parts
         if alg not in ALGS:
             raise KeyFileError(f"unknown key algorithm {alg!r}; known: {', '.join(ALGS)}")
-        key = cls(alg, _b64d(body))  # type: ignore[arg-type]  # alg checked just above
+        key = cls(alg, _b64d(body))
         if key.key_id.hex() != kid.lower():
             raise KeyFileError(f"public key id {kid} does not match its key material")
         return key
@@ -263,7 +263,7 @@ def load_secret_key(path: Path, expected_alg: tuple[Alg, ...] = ALGS) -> SecretK
     alg = parts[1]
     if alg not in expected_alg:
         raise KeyFileError(f"{path}: key is {alg}, expected one of {', '.join(expected_alg)}")
-    return SecretKey(alg, _b64d(parts[2]))  # type: ignore[arg-type]  # alg checked above
+    return SecretKey(alg, _b64d(parts[2]))
 
 
 def load_public_key(value: str, base: Path | None = None) -> PublicKey:

@@ -236,7 +236,6 @@ def _unpack_map(data: bytes, max_len: int, what: str) -> dict[str, Any]:
             data,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=max_len,
             max_str_len=MAX_NAME_BYTES * 4,
             max_bin_len=64,
             max_array_len=0,

@@ -1,0 +1,419 @@
+"""Create a ready-to-run pair of agent folders (`ferry init`) and key pairs (`ferry keygen`).
+
+``init_deployment(root)`` lays out::
+
+    root/outside/  outside.yaml  keys/ (0700)  state/ (0700)  drop/<channel>/  sent/<channel>/
+    root/inside/   inside.yaml   keys/ (0700)  state/ (0700)  deliver/<channel>/
+
+Each side gets its own secret key and a copy of the other side's public key.
+The configs use paths relative to their own folder, so a side's folder can be
+moved to its machine as a whole. Nothing existing is ever overwritten: key
+and config files are created with ``O_EXCL``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+from ferry.config_types import (
+    FecParams,
+    InsideConfig,
+    LinkParams,
+    OutsideChannel,
+    OutsideConfig,
+    SerialEndpoint,
+    UdpEndpoint,
+)
+from ferry.crypto.keys import (
+    KEM_ALGS,
+    Alg,
+    SecretKey,
+    write_public_key,
+    write_secret_key,
+)
+from ferry.errors import UsageError
+
+__all__ = ["KEY_ROLES", "init_deployment", "keygen"]
+
+# role given to keygen -> (role written into the key file, algorithm)
+KEY_ROLES: dict[str, tuple[str, Alg]] = {
+    "outside-signing": ("outside-signing", "ed25519"),
+    "inside-kem": ("inside-kem", "mlkem768x25519"),
+    "inside-kem-x25519": ("inside-kem", "x25519"),
+    "audit": ("audit", "ed25519"),
+}
+_CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as in the config schemas
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PRIVATE_DIR = 0o700
+_PUBLIC_FILE = 0o644
+_DEFAULT_SERIAL = SerialEndpoint().device
+
+
+def _defaults(cls: type[Any]) -> dict[str, Any]:
+    """Field defaults of a config dataclass (the one place defaults are written down)."""
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+
+
+def _abs(path: Path) -> Path:
+    """Absolute and lexically normalised, the way ferry.config resolves config paths."""
+    return Path(os.path.abspath(path))
+
+
+def _q(text: str) -> str:
+    """A YAML double-quoted scalar (JSON strings are valid YAML)."""
+    return json.dumps(text)
+
+
+def _si(value: int, units: tuple[tuple[str, int], ...]) -> str:
+    for suffix, factor in units:
+        if value % factor == 0:
+            return f"{value // factor}{suffix}"
+    return str(value)
+
+
+def _rate(bps: int) -> str:
+    return _q(_si(bps, (("G", 10**9), ("M", 10**6), ("k", 10**3))))
+
+
+def _size(n: int) -> str:
+    return _q(_si(n, (("T", 2**40), ("G", 2**30), ("M", 2**20), ("k", 2**10))))
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port nobody is bound to right now (bind port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _mkdir(path: Path, mode: int | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if mode is not None:
+        path.chmod(mode)  # also tightens a folder that existed before
+
+
+def _create_text(path: Path, text: str) -> None:
+    """Create ``path`` with ``text``; never overwrites."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _PUBLIC_FILE)
+    except FileExistsError as exc:
+        raise UsageError(f"{path}: already exists; refusing to overwrite") from exc
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# --- config templates --------------------------------------------------------------------
+
+
+def _link_yaml(transport: str, kem: str, rate_bps: int, endpoint: str) -> str:
+    link, fec = LinkParams(), FecParams()
+    return f"""\
+# Link parameters. transport, packet_size, kem, fec (codec, source, repair) and
+# heartbeat_interval must be identical on both sides: their digest is in every heartbeat.
+link:
+  # udp (network data diode) or serial (one-way serial line).
+  transport: {transport}
+  # Largest datagram in bytes (1280..65000); 1472 fills a 1500-byte Ethernet MTU.
+  packet_size: {link.packet_size}
+  # Pacing rate in bits/s counting every byte sent; k/M/G are powers of 1000 (min 1200).
+  # Keep it below what the diode and the inside host can absorb.
+  rate: {_rate(rate_bps)}
+  # Session key exchange: mlkem768x25519 (post-quantum hybrid) or x25519 (classic).
+  kem: {kem}
+  # Seconds between heartbeats (0.05..60); the inside watches them to judge the link.
+  heartbeat_interval: {link.heartbeat_interval}
+  # Seconds between repeats of the session announcement (0.05..3600).
+  announce_interval: {link.announce_interval}
+  # Seconds before a fresh session key is announced (10..604800).
+  rekey_interval: {link.rekey_interval}
+  # Forward error correction: nothing is ever re-sent, lost packets are rebuilt.
+  fec:
+    # isal (ISA-L Reed-Solomon) or zfec.
+    codec: {fec.codec}
+    # Source packets per block (1..128).
+    source: {fec.source}
+    # Repair packets per block (0..128): up to this many losses per block are recovered.
+    repair: {fec.repair}
+    # Blocks interleaved on the wire (1..256): longer loss bursts become survivable.
+    interleave: {fec.interleave}
+{endpoint}"""
+
+
+def _udp_yaml(side: str, port: int) -> str:
+    what = "Where the outside sends to" if side == "outside" else "Where the inside listens"
+    rcvbuf = (
+        ""
+        if side == "outside"
+        else "    # Receive buffer in bytes (k/M/G are powers of 1024); raise net.core.rmem_max.\n"
+        f"    rcvbuf: {_size(UdpEndpoint().rcvbuf)}\n"
+    )
+    return f"""\
+  udp:
+    # {what}: IP address (the diode's far side) and port.
+    host: "127.0.0.1"
+    port: {port}
+{rcvbuf}"""
+
+
+def _serial_yaml(device: str) -> str:
+    return f"""\
+  serial:
+    # Serial device of this side of the one-way line.
+    device: {_q(device)}
+    # Line speed in bits/s; must match the other side.
+    baud: {SerialEndpoint().baud}
+"""
+
+
+_HEADER = """\
+# ferry {role} agent configuration (written by `ferry init`).
+# Relative paths are relative to the folder holding this file.
+# The schema of this file is ferry/schemas/{role}-config.schema.json; unknown keys are errors.
+
+# Format version of this file; must be 1.
+version: 1
+# Which agent this file configures: outside (sends) or inside (receives).
+role: {role}
+# Private folder for the agent's {state} (created 0700).
+state_dir: "state"
+
+keys:
+"""
+
+
+def _outside_yaml(link: str, channels: tuple[str, ...]) -> str:
+    ch = OutsideChannel(name="x", drop=Path(), sent=Path())
+    text = _HEADER.format(role="outside", state="spool and session state")
+    text += """\
+  # Secret Ed25519 key session announcements are signed with (mode 0600).
+  signing_key: "keys/outside-signing.key"
+  # The inside's KEM public key: a 'ferry-pk:...' string or a file holding one.
+  inside_public_key: "keys/inside-kem.pub"
+
+"""
+    text += link
+    text += "\n# Channels: files dropped into a channel's drop folder arrive in the inside's\n"
+    text += "# deliver folder of the channel with the same name.\nchannels:\n"
+    for name in channels:
+        text += f"""\
+  - # Channel name: lowercase letters, digits, '_' and '-'; the same on both sides.
+    name: {name}
+    # Folder clerks drop files into.
+    drop: {_q(f"drop/{name}")}
+    # Folder originals are moved to once safely spooled (with after_send: move).
+    sent: {_q(f"sent/{name}")}
+    # What happens to an original once spooled: move (into sent) or delete.
+    after_send: {ch.after_send}
+    # Largest file accepted; k/M/G/T are powers of 1024.
+    max_size: {_size(ch.max_size)}
+    # Seconds a file must keep the same size and mtime before it is taken.
+    settle_seconds: {ch.settle_seconds}
+"""
+    text += f"""
+# Outside agent tuning.
+outside:
+  # Seconds between scans of the drop folders.
+  poll_interval: {_defaults(OutsideConfig)["poll_interval"]}
+"""
+    return text
+
+
+def _inside_yaml(link: str, channels: tuple[str, ...]) -> str:
+    text = _HEADER.format(role="inside", state="session state and partial objects")
+    text += """\
+  # Secret KEM key sessions are opened with (mode 0600).
+  kem_key: "keys/inside-kem.key"
+  # The outside's signing public key: a 'ferry-pk:...' string or a file holding one.
+  outside_public_key: "keys/outside-signing.pub"
+
+"""
+    text += link
+    text += "\n# Channels: what arrives on a channel is delivered into its folder.\nchannels:\n"
+    for name in channels:
+        text += f"""\
+  - # Channel name; the same on both sides.
+    name: {name}
+    # Folder verified files are delivered into.
+    deliver: {_q(f"deliver/{name}")}
+"""
+    tune = _defaults(InsideConfig)
+    text += f"""
+# Inside agent tuning.
+inside:
+  # Seconds without a heartbeat before the link is reported DEGRADED.
+  degraded_after: {tune["degraded_after"]}
+  # Seconds without a heartbeat before the link is reported DOWN (> degraded_after).
+  down_after: {tune["down_after"]}
+  # Largest tolerated difference between the two clocks, in seconds.
+  max_clock_skew: {tune["max_clock_skew"]}
+  # Seconds without news of an incomplete object before it is reported lost.
+  object_timeout: {tune["object_timeout"]}
+  # Largest object accepted; k/M/G/T are powers of 1024.
+  max_object_size: {_size(tune["max_object_size"])}
+"""
+    return text
+
+
+# --- entry points ------------------------------------------------------------------------
+
+
+def _check_args(
+    transport: str, port: int | None, kem: str, rate_bps: int, channels: tuple[str, ...]
+) -> Alg:
+    """Refuse bad arguments (UsageError); returns ``kem`` as an algorithm name."""
+    if transport not in {"udp", "serial"}:
+        raise UsageError(f"transport must be udp or serial, not {transport!r}")
+    if port is not None and not 1 <= port <= 65535:
+        raise UsageError(f"port must be 1..65535, not {port}")
+    kem_alg = next((alg for alg in KEM_ALGS if alg == kem), None)
+    if kem_alg is None:
+        raise UsageError(f"kem must be one of {', '.join(KEM_ALGS)}, not {kem!r}")
+    if not 1200 <= rate_bps <= 10**12:
+        raise UsageError(f"rate must be 1200..10^12 bits/s, not {rate_bps}")
+    if not channels:
+        raise UsageError("at least one channel is needed")
+    for name in channels:
+        if not _CHANNEL_NAME.fullmatch(name):
+            raise UsageError(
+                f"bad channel name {name!r}: use 1-63 lowercase letters, digits, '_' or '-'"
+            )
+    if len(set(channels)) != len(channels):
+        raise UsageError("channel names must be unique")
+    return kem_alg
+
+
+def init_deployment(
+    root: Path,
+    *,
+    transport: str = "udp",
+    port: int | None = None,
+    serial_devices: tuple[str, str] | None = None,
+    kem: str = "mlkem768x25519",
+    rate_bps: int = 800_000_000,
+    channels: tuple[str, ...] = ("documents",),
+) -> dict[str, Any]:
+    """Create ``root/outside`` and ``root/inside`` with keys, folders and commented configs.
+
+    ``serial_devices`` is ``(outside device, inside device)``; both default to
+    /dev/ttyUSB0. Refuses (UsageError) if either side already holds a config.
+    Returns every path created (absolute strings), for ``ferry init --json``.
+    """
+    channels = tuple(channels)
+    kem_alg = _check_args(transport, port, kem, rate_bps, channels)
+    root = _abs(Path(root))
+    out, ins = root / "outside", root / "inside"
+    for side in (out, ins):
+        existing = sorted(p.name for p in side.glob("*.y*ml")) if side.is_dir() else []
+        if existing:
+            raise UsageError(
+                f"{side} already holds a config ({', '.join(existing)}); not touching it"
+            )
+    o = {
+        "config": out / "outside.yaml",
+        "signing_key": out / "keys/outside-signing.key",
+        "signing_public_key": out / "keys/outside-signing.pub",
+        "inside_public_key": out / "keys/inside-kem.pub",
+        "state_dir": out / "state",
+    }
+    i = {
+        "config": ins / "inside.yaml",
+        "kem_key": ins / "keys/inside-kem.key",
+        "kem_public_key": ins / "keys/inside-kem.pub",
+        "outside_public_key": ins / "keys/outside-signing.pub",
+        "state_dir": ins / "state",
+    }
+    files = [o["signing_key"], o["signing_public_key"], o["inside_public_key"]]
+    files += [i["kem_key"], i["kem_public_key"], i["outside_public_key"]]
+    taken = [str(p) for p in files if p.exists() or p.is_symlink()]
+    if taken:
+        raise UsageError(f"refusing to overwrite existing files: {', '.join(taken)}")
+
+    for side in (out, ins):
+        _mkdir(side)
+        _mkdir(side / "keys", _PRIVATE_DIR)
+        _mkdir(side / "state", _PRIVATE_DIR)
+    signing = SecretKey.generate("ed25519")
+    kem_key = SecretKey.generate(kem_alg)
+    write_secret_key(o["signing_key"], signing, "outside-signing")
+    write_public_key(o["signing_public_key"], signing.public)
+    write_public_key(i["outside_public_key"], signing.public)
+    write_secret_key(i["kem_key"], kem_key, "inside-kem")
+    write_public_key(i["kem_public_key"], kem_key.public)
+    write_public_key(o["inside_public_key"], kem_key.public)
+
+    chans: dict[str, dict[str, str]] = {}
+    for name in channels:
+        folders = {"drop": out / "drop" / name, "sent": out / "sent" / name}
+        folders["deliver"] = ins / "deliver" / name
+        for folder in folders.values():
+            _mkdir(folder)
+        chans[name] = {k: str(v) for k, v in folders.items()}
+
+    link_info: dict[str, Any] = {"transport": transport}
+    if transport == "udp":
+        port = port if port is not None else free_udp_port()
+        link_out = _link_yaml(transport, kem, rate_bps, _udp_yaml("outside", port))
+        link_in = _link_yaml(transport, kem, rate_bps, _udp_yaml("inside", port))
+        link_info["udp"] = {"host": "127.0.0.1", "port": port}
+    else:
+        dev_out, dev_in = serial_devices or (_DEFAULT_SERIAL, _DEFAULT_SERIAL)
+        link_out = _link_yaml(transport, kem, rate_bps, _serial_yaml(dev_out))
+        link_in = _link_yaml(transport, kem, rate_bps, _serial_yaml(dev_in))
+        link_info["serial"] = {"outside_device": dev_out, "inside_device": dev_in}
+    _create_text(o["config"], _outside_yaml(link_out, channels))
+    _create_text(i["config"], _inside_yaml(link_in, channels))
+    return {
+        "root": str(root),
+        "outside": {k: str(v) for k, v in o.items()},
+        "inside": {k: str(v) for k, v in i.items()},
+        "channels": chans,
+        "link": link_info,
+    }
+
+
+def keygen(role: str, out_dir: Path, name: str | None = None) -> dict[str, str]:
+    """Create ``<name or role>.key`` (0600, O_EXCL) and ``.pub`` in ``out_dir``.
+
+    Roles: outside-signing and audit (Ed25519), inside-kem (ML-KEM-768+X25519),
+    inside-kem-x25519 (classic X25519). The returned ``role`` is the one written
+    into the key file (``inside-kem`` for both KEM variants).
+    """
+    if role not in KEY_ROLES:
+        raise UsageError(f"unknown key role {role!r}; known: {', '.join(KEY_ROLES)}")
+    stem = name if name is not None else role
+    if not _KEY_NAME.fullmatch(stem):
+        raise UsageError(f"bad key name {stem!r}: use letters, digits, '.', '_' or '-'")
+    file_role, alg = KEY_ROLES[role]
+    out_dir = _abs(Path(out_dir))
+    if not out_dir.exists():
+        _mkdir(out_dir, _PRIVATE_DIR)
+    secret_path, public_path = out_dir / f"{stem}.key", out_dir / f"{stem}.pub"
+    for path in (secret_path, public_path):
+        if path.exists() or path.is_symlink():
+            raise UsageError(f"{path}: already exists; refusing to overwrite a key file")
+    key = SecretKey.generate(alg)
+    write_secret_key(secret_path, key, file_role)
+    try:
+        write_public_key(public_path, key.public)
+    except BaseException:
+        secret_path.unlink()  # do not leave half a key pair behind
+        raise
+    return {
+        "role": file_role,
+        "alg": alg,
+        "key_id": key.public.key_id.hex(),
+        "secret_key": str(secret_path),
+        "public_key": str(public_path),
+        "public_key_string": key.public.to_string(),
+    }

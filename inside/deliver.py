@@ -1,0 +1,153 @@
+"""Verify a reassembled object and deliver it atomically into its channel folder.
+
+Verification (before anything is visible): trailer bounds, manifest signature
+by the trusted outside key, object id and sizes consistent, SHA-256 of the
+content. Delivery: the verified spool file is truncated to the content, fsynced
+and hard-linked under a gateway-chosen safe name (``link`` never overwrites:
+a collision tries ``name (2).ext``...). Across filesystems the content is
+copied into an anonymous ``O_TMPFILE`` in the target folder, fsynced and
+linked in, so a partial file is never visible under any name.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ferry.crypto import suite
+from ferry.crypto.keys import PublicKey
+from ferry.errors import FerryError, UnsafePathError, WireError
+from ferry.wire import records as rec
+from inside.ledger import Ledger
+from inside.paths import candidate_names, contained, safe_name
+
+HASH_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Delivered:
+    manifest: rec.Manifest
+    path: Path
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    object_id: bytes
+
+
+def verify_object(fd: int, object_id: bytes, length: int, sender: PublicKey) -> rec.Manifest:
+    """Check an object file; return its authenticated manifest or raise WireError."""
+    if os.fstat(fd).st_size != length:
+        raise WireError("object file size differs from the object length")
+    tlen = rec.trailer_length(os.pread(fd, rec.TRAILER_TAIL.size, length - rec.TRAILER_TAIL.size))
+    if tlen > length:
+        raise WireError("object trailer longer than the object")
+    manifest_bytes, signature = rec.split_trailer(os.pread(fd, tlen, length - tlen))
+    suite.verify(sender, rec.MANIFEST_LABEL, manifest_bytes, signature)
+    manifest = rec.decode_manifest(manifest_bytes)  # authenticated from here on
+    if manifest.object_id != object_id:
+        raise WireError("manifest object id differs from the transfer's")
+    if manifest.sender != sender.key_id:
+        raise WireError("manifest names another sender key")
+    if manifest.size != length - tlen:
+        raise WireError("manifest size differs from the content length")
+    digest = hashlib.sha256()
+    offset = 0
+    while offset < manifest.size:
+        chunk = os.pread(fd, min(HASH_CHUNK, manifest.size - offset), offset)
+        if not chunk:
+            raise WireError("object file shorter than its manifest")
+        digest.update(chunk)
+        offset += len(chunk)
+    if digest.digest() != manifest.sha256:
+        raise WireError("content SHA-256 differs from the signed manifest")
+    return manifest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
+    """Copy into an anonymous file in ``folder`` and link it as ``target`` (EEXIST on collision)."""
+    tmp = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o640)
+    try:
+        os.lseek(src_fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(src_fd), "rb") as src, os.fdopen(os.dup(tmp), "wb") as dst:
+            shutil.copyfileobj(src, dst, HASH_CHUNK)
+            dst.flush()
+        os.ftruncate(tmp, size)
+        os.fsync(tmp)
+        os.link(f"/proc/self/fd/{tmp}", target)
+    finally:
+        os.close(tmp)
+
+
+def deliver(
+    spool_file: Path,
+    object_id: bytes,
+    length: int,
+    *,
+    sender: PublicKey,
+    folders: dict[str, Path],
+    ledger: Ledger,
+) -> Delivered | Duplicate:
+    """Verify and deliver; raise FerryError (reason in the message) if the object is refused."""
+    if ledger.state_of(object_id) in {"delivered", "rejected"}:
+        spool_file.unlink(missing_ok=True)
+        return Duplicate(object_id)
+    fd = os.open(spool_file, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        manifest = verify_object(fd, object_id, length, sender)
+        folder = folders.get(manifest.channel)
+        if folder is None:
+            raise FerryError(f"channel {manifest.channel!r} is not configured on this inside")
+        os.ftruncate(fd, manifest.size)
+        os.fsync(fd)
+        name = safe_name(manifest.name)
+        root = PurePosixPath(folder)
+        for candidate in candidate_names(name):
+            try:
+                target = Path(contained(root, candidate))
+            except ValueError as exc:
+                raise UnsafePathError(str(exc)) from exc
+            if os.path.lexists(target):
+                continue
+            ledger.record(
+                object_id,
+                "delivering",
+                channel=manifest.channel,
+                seq=manifest.seq,
+                name=manifest.name,
+                path=str(target),
+                size=manifest.size,
+                sha256=manifest.sha256,
+            )
+            try:
+                os.link(spool_file, target, follow_symlinks=False)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                try:
+                    _link_copy(fd, manifest.size, folder, target)
+                except FileExistsError:
+                    continue
+            break
+        else:
+            raise UnsafePathError(f"no free name for {name!r} after many collisions")
+        _fsync_dir(folder)
+        ledger.record(object_id, "delivered", path=str(target))
+    finally:
+        os.close(fd)
+    spool_file.unlink(missing_ok=True)
+    return Delivered(manifest, target)

@@ -1,0 +1,109 @@
+"""The inside's durable state: replay floors and the delivery ledger (SQLite, WAL)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from ferry.state import open_db
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS replay (
+    sender_kid BLOB PRIMARY KEY, epoch INTEGER NOT NULL, counter INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS objects (
+    object_id BLOB PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('delivering', 'delivered', 'rejected', 'lost')),
+    channel TEXT, seq INTEGER, name TEXT, path TEXT, size INTEGER, sha256 BLOB,
+    reason TEXT,
+    updated_us INTEGER NOT NULL
+);
+"""
+
+
+class Ledger:
+    def __init__(self, state_dir: Path) -> None:
+        self._db = open_db(state_dir / "inside.db", SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def replay_floor(self, sender_kid: bytes) -> tuple[int, int]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT epoch, counter FROM replay WHERE sender_kid=?", (sender_kid,)
+            ).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def set_replay_floor(self, sender_kid: bytes, epoch: int, counter: int) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO replay VALUES (?,?,?) ON CONFLICT(sender_kid) DO UPDATE SET"
+                " epoch=excluded.epoch, counter=excluded.counter",
+                (sender_kid, epoch, counter),
+            )
+
+    def state_of(self, object_id: bytes) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM objects WHERE object_id=?", (object_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def finished_ids(self, limit: int) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT object_id FROM objects WHERE state IN ('delivered','rejected')"
+                " ORDER BY updated_us DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def record(
+        self,
+        object_id: bytes,
+        state: str,
+        *,
+        channel: str | None = None,
+        seq: int | None = None,
+        name: str | None = None,
+        path: str | None = None,
+        size: int | None = None,
+        sha256: bytes | None = None,
+        reason: str | None = None,
+    ) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE"
+                " SET state=excluded.state, channel=coalesce(excluded.channel, channel),"
+                " seq=coalesce(excluded.seq, seq), name=coalesce(excluded.name, name),"
+                " path=coalesce(excluded.path, path), size=coalesce(excluded.size, size),"
+                " sha256=coalesce(excluded.sha256, sha256), reason=excluded.reason,"
+                " updated_us=excluded.updated_us",
+                (
+                    object_id,
+                    state,
+                    channel,
+                    seq,
+                    name,
+                    path,
+                    size,
+                    sha256,
+                    reason,
+                    int(time.time() * 1e6),
+                ),
+            )
+
+    def in_state(self, state: str) -> list[tuple[bytes, str | None, str | None, bytes | None]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT object_id, path, name, sha256 FROM objects WHERE state=?", (state,)
+            ).fetchall()
+        return [(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, count(*) FROM objects GROUP BY state").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}

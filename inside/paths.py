@@ -1,0 +1,77 @@
+"""Safe delivery names (pure): the gateway, not the sender, chooses the name a file lands under.
+
+``safe_name`` turns any untrusted name into one path component that cannot
+escape its folder; ``candidate_names`` yields ``report.pdf``, ``report (2).pdf``,
+... for collisions; ``contained`` is the final guard on a joined path.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+# Most Linux filesystems limit a name to 255 bytes; keep room for " (NNNN)".
+MAX_NAME_BYTES = 200
+# Collisions tried before giving up (a folder with 10k copies of one name is an incident).
+MAX_COLLISIONS = 10_000
+RESERVED = {
+    "CON", "PRN", "AUX", "NUL",
+    *(f"COM{i}" for i in range(1, 10)),
+    *(f"LPT{i}" for i in range(1, 10)),
+}  # fmt: skip
+_BIDI_AND_INVISIBLE = {
+    "\u200b", "\u200c", "\u200d", "\u200e", "\u200f", "\u202a", "\u202b", "\u202c",
+    "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\ufeff",
+}  # fmt: skip
+
+
+def _clean_char(c: str) -> str:
+    if c in _BIDI_AND_INVISIBLE:
+        return ""
+    if unicodedata.category(c) in {"Cc", "Cf", "Cs", "Co", "Cn"}:
+        return "_"
+    if c in '/\\:*?"<>|':
+        return "_"
+    return c
+
+
+def safe_name(untrusted: str) -> str:
+    """One safe path component derived from an untrusted name."""
+    name = unicodedata.normalize("NFC", untrusted)
+    # Keep only the last component of anything that looks like a path.
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(_clean_char(c) for c in name)
+    name = name.strip(" .")
+    stem = name.split(".", 1)[0].upper()
+    if stem in RESERVED:
+        name = "_" + name
+    if not name:
+        name = "unnamed"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        p = PurePosixPath(name)
+        suffix = p.suffix if len(p.suffix.encode()) <= 16 else ""
+        budget = MAX_NAME_BYTES - len(suffix.encode())
+        stem_b = p.name[: len(p.name) - len(suffix)].encode()[:budget]
+        name = stem_b.decode("utf-8", "ignore").rstrip(" .") + suffix
+    return name
+
+
+def candidate_names(name: str) -> Iterator[str]:
+    """``name``, then ``stem (2).ext``, ``stem (3).ext`` ... (bounded)."""
+    yield name
+    p = PurePosixPath(name)
+    suffix = p.suffix if p.suffix != name else ""
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    for n in range(2, MAX_COLLISIONS + 1):
+        yield f"{stem} ({n}){suffix}"
+
+
+def contained(root: PurePosixPath, name: str) -> PurePosixPath:
+    """Join ``name`` under ``root``; raise ValueError unless the result is directly inside it."""
+    if not name or name in {".", ".."} or "/" in name or "\x00" in name:
+        raise ValueError(f"unsafe delivery name {name!r}")
+    path = root / name
+    if path.parent != root:
+        raise ValueError(f"delivery name {name!r} escapes its folder")
+    return path
