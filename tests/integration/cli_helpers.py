@@ -1,0 +1,102 @@
+"""Helpers that drive ferry through its CLI, as an operator would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def ferry(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ferry.cli", *args], capture_output=True, text=True, check=check
+    )
+
+
+def init(root: Path, *extra: str) -> dict[str, Any]:
+    out = ferry("init", str(root), "--json", *extra)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def edit_yaml(path: str | Path, change: Callable[[dict[str, Any]], None]) -> None:
+    p = Path(path)
+    data = yaml.safe_load(p.read_text())
+    change(data)
+    p.write_text(yaml.safe_dump(data, allow_unicode=True))
+
+
+def fast(data: dict[str, Any]) -> None:
+    """Shorter settle and poll times so tests run quickly."""
+    for ch in data["channels"]:
+        if "drop" in ch:
+            ch["settle_seconds"] = 0.2
+    if data["role"] == "outside":
+        data.setdefault("outside", {})["poll_interval"] = 0.1
+
+
+class Agent:
+    def __init__(self, side: str, config: str, log: Path) -> None:
+        self.log = log
+        self._fh = open(log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ferry.cli", "--log-json", side, "run", "-c", config],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return self.proc.returncode
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def wait_event(self, name: str, timeout: float = 30.0, **match: object) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events():
+                if ev.get("event") == name and all(ev.get(k) == v for k, v in match.items()):
+                    return ev
+            assert self.proc.poll() is None, f"agent exited: {self.log.read_text()[-2000:]}"
+            time.sleep(0.1)
+        raise AssertionError(
+            f"no {name} event {match} in {self.log}:\n{self.log.read_text()[-3000:]}"
+        )
+
+
+def drop_file(folder: str | Path, name: str, data: bytes) -> None:
+    """Write as a clerk's tool does: a temp name first, then rename."""
+    tmp = Path(folder) / (name + ".part")
+    tmp.write_bytes(data)
+    os.rename(tmp, Path(folder) / name)
+
+
+def wait_files(folder: str | Path, names: set[str], timeout: float = 60.0) -> dict[str, bytes]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        present = {p.name for p in Path(folder).iterdir()}
+        if names <= present:
+            return {n: (Path(folder) / n).read_bytes() for n in names}
+        time.sleep(0.1)
+    raise AssertionError(f"missing {names - {p.name for p in Path(folder).iterdir()}}")
