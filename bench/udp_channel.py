@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Loopback throughput of the UDP channel: sender pps, and pps the receiver hands to a consumer.
 
-    .venv/bin/python bench/udp_channel.py [--seconds 3] [--size 1472] [--no-gso] [--gro]
+    .venv/bin/python bench/udp_channel.py [--seconds 3] [--size 1472] [--no-gso] [--gro] [--pps N]
 
-The sender runs unpaced in a child process (on a real diode it is another
-machine), so it usually offers more than the receiver can take: the gap shows
-up as kernel drops. ``--micro`` also times the bare drain loop variants
-(``recv`` vs ``recv_into`` + ``bytes`` slice) on a pre-filled socket.
+The sender runs in a child process (on a real diode it is another machine).
+Unpaced it usually offers more than the receiver can take: the gap shows up
+as kernel drops. ``--pps`` paces it with the TokenBucket, in batches.
+``--micro`` also times the bare drain loop variants (``recv`` vs
+``recv_into`` + ``bytes`` slice) on a pre-filled socket.
 """
 
 from __future__ import annotations
@@ -18,14 +19,26 @@ import time
 from multiprocessing.connection import Connection
 
 from ferry.channels.udp import UdpReceiver, UdpSender
+from ferry.wire.pacing import TokenBucket
 
 
-def _sender(port: int, size: int, seconds: float, gso: bool, batch: int, out: Connection) -> None:
+def _sender(
+    port: int, size: int, seconds: float, gso: bool, batch: int, pps: float, out: Connection
+) -> None:
     tx = UdpSender("127.0.0.1", port, gso=gso)
     datagrams = [bytes([i % 256]) * size for i in range(batch)]
     send_many = tx.send_many
     start = time.perf_counter()
     end = start + seconds
+    if pps:  # batch pacing (research notes 6.2): debit the batch, send it, sleep the debt
+        wire = tx.wire_size(size) * batch
+        # Four batches of credit absorb oversleeping and scheduling delays.
+        bucket = TokenBucket(pps * tx.wire_size(size), burst=4 * wire)
+        while (now := time.perf_counter()) < end:
+            wait = bucket.consume(wire, now)
+            if wait:
+                time.sleep(wait)
+            send_many(datagrams)
     while time.perf_counter() < end:
         for _ in range(16):
             send_many(datagrams)
@@ -34,10 +47,10 @@ def _sender(port: int, size: int, seconds: float, gso: bool, batch: int, out: Co
     tx.close()
 
 
-def run(seconds: float, size: int, gso: bool, gro: bool, batch: int) -> None:
+def run(seconds: float, size: int, gso: bool, gro: bool, batch: int, pps: float) -> None:
     rx = UdpReceiver("127.0.0.1", 0, rcvbuf=64 << 20, gro=gro)
     parent, child = mp.Pipe()
-    proc = mp.Process(target=_sender, args=(rx.port, size, seconds, gso, batch, child))
+    proc = mp.Process(target=_sender, args=(rx.port, size, seconds, gso, batch, pps, child))
     proc.start()
     received = 0
     first = last = 0.0
@@ -101,11 +114,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="datagrams per send_many call")
     p.add_argument("--no-gso", action="store_true", help="send_many loops over send()")
     p.add_argument("--gro", action="store_true", help="receiver uses UDP_GRO")
+    p.add_argument("--pps", type=float, default=0.0, help="pace the sender (0: unpaced)")
     p.add_argument("--micro", action="store_true", help="also time recv vs recv_into")
     a = p.parse_args()
     if a.micro:
         micro(a.size)
-    run(a.seconds, a.size, not a.no_gso, a.gro, a.batch)
+    run(a.seconds, a.size, not a.no_gso, a.gro, a.batch, a.pps)
 
 
 if __name__ == "__main__":
