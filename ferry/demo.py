@@ -30,6 +30,7 @@ from ferry.provision import init_deployment
 from ferry.status import read_status
 
 TIMEOUT = 180.0
+SERIAL_DEMO_BAUD = 4_000_000
 
 
 def _png(width: int, height: int) -> bytes:
@@ -50,7 +51,7 @@ def _png(width: int, height: int) -> bytes:
     )
 
 
-def sample_documents(big: int) -> dict[str, bytes]:
+def sample_documents(big: int, medium: int = 3 * 1024 * 1024 + 17) -> dict[str, bytes]:
     """Sample files of several sizes (generated, nothing downloaded)."""
     letter = (
         "关于办理居住证的申请\n\n申请人：张三\n身份证号：110101199003077777\n"
@@ -69,7 +70,7 @@ def sample_documents(big: int) -> dict[str, bytes]:
         "notice.json": json.dumps(notice, ensure_ascii=False, indent=2).encode(),
         "applications.csv": csv.encode(),
         "scan-page1.png": _png(640, 480),
-        "archive-medium.bin": os.urandom(3 * 1024 * 1024 + 17),
+        "archive-medium.bin": os.urandom(medium),
         "survey-large.bin": os.urandom(big),
         "empty.txt": b"",
     }
@@ -112,6 +113,9 @@ def run_demo(
         deployment = init_deployment(
             root, transport="serial", serial_devices=(cable.outside_path, cable.inside_path)
         )
+        for side in ("outside", "inside"):  # a pty carries 4 Mbaud; a real cable is set by hand
+            cfg = Path(deployment[side]["config"])
+            cfg.write_text(cfg.read_text().replace("baud: 115200", f"baud: {SERIAL_DEMO_BAUD}"))
     else:
         deployment = init_deployment(root, transport="udp")
     if link == "udp" and loss > 0:
@@ -121,7 +125,8 @@ def run_demo(
         cfg.write_text(cfg.read_text().replace(f"port: {inside_port}", f"port: {hop.port}"))
     logdir = root / "logs"
     logdir.mkdir()
-    files = sample_documents(big_mib * 1024 * 1024)
+    medium = 256 * 1024 if link == "serial" else 3 * 1024 * 1024 + 17
+    files = sample_documents(big_mib * 1024 * 1024, medium)
     total = sum(map(len, files.values()))
     ch = deployment["channels"]["documents"]
     drop, deliver = Path(ch["drop"]), Path(ch["deliver"])

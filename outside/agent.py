@@ -116,7 +116,9 @@ class OutsideAgent:
                 batch = sender.datagrams(now, BATCH)
                 for d in batch:
                     wait = bucket.consume(channel.wire_size(len(d)), time.monotonic())
-                    if wait > 0:
+                    if wait > 0.01:
+                        self.stop.wait(wait)  # slow links: stay responsive to SIGTERM
+                    elif wait > 0:
                         time.sleep(wait)
                     channel.send(d)
                 for ev in sender.pop_events():
