@@ -33,7 +33,7 @@ CRC32C_CHECK = 0xE3069283  # CRC-32C of b"123456789"
 # SHA-256 over the payloads of the 4 + 2 symbols of FEC_BLOCK (k=4, r=2, 64-byte symbols).
 FEC_VECTORS = {
     CODEC_ZFEC: "c9bdfe27b084e2f8275081e6ca2e98202803986c716d797c198b9b8a1f805a33",
-    CODEC_ISAL: "aa81f51c6ec9daf38b689f3cb1d05d43f40bf96df162cf9519ddc105cfb83979",
+    CODEC_ISAL: "fa7943dcd42d3ddca697b4119e322731c1902466badf2fce03104164f6395dcb",
 }
 FEC_BLOCK = bytes((i * 7 + 3) & 255 for i in range(4 * 64))
 

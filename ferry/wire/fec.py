@@ -3,7 +3,8 @@
 Two C-backed systematic Reed-Solomon codecs, named on the wire by a codec id:
 
 * ``CODEC_ZFEC`` (1): zfec. A symbol is exactly ``symbol_size`` bytes.
-* ``CODEC_ISAL`` (2): pyeclib with Intel ISA-L (``isa_l_rs_vand``), ~10x faster
+* ``CODEC_ISAL`` (2): pyeclib with Intel ISA-L (``isa_l_rs_cauchy``; the ``rs_vand``
+  matrix is not MDS for r >= 5, Cauchy is), ~10x faster
   to encode here. A symbol is a liberasurecode fragment: an 80-byte fragment
   header followed by ``symbol_size`` bytes.
 
@@ -127,7 +128,7 @@ def _zfec_decoder(k: int, m: int) -> Any:
 def _isal_driver(k: int, m: int) -> Any:
     from pyeclib.ec_iface import ECDriver  # noqa: PLC0415
 
-    return ECDriver(k=k, m=m, ec_type="isa_l_rs_vand")
+    return ECDriver(k=k, m=m, ec_type="isa_l_rs_cauchy")
 
 
 _CODECS: dict[int, Codec] = {CODEC_ZFEC: ZfecCodec(), CODEC_ISAL: IsalCodec()}

@@ -62,6 +62,8 @@ def decode_sealed_header(datagram: bytes) -> tuple[bytes, int]:
     """Return ``(session_id, packet_number)`` of a sealed packet (not yet authenticated)."""
     if len(datagram) < MIN_SEALED_LEN:
         raise WireError("sealed packet too short")
+    if peek_type(datagram) != TYPE_SEALED:
+        raise WireError("not a sealed packet")
     _, _, _, session_id, pn = SEALED_HEADER.unpack_from(datagram)
     return session_id, pn
 
@@ -122,6 +124,8 @@ def decode_announce(datagram: bytes) -> tuple[SessionAnnounce, bytes, bytes]:
     """Parse an announce; return ``(unverified announce, signed part, signature)``."""
     if len(datagram) < ANNOUNCE_HEAD_LEN + SIGNATURE_LEN:
         raise WireError("announce too short")
+    if peek_type(datagram) != TYPE_ANNOUNCE:
+        raise WireError("not an announce")
     fields = ANNOUNCE_HEAD.unpack_from(datagram)
     wrapped_len = fields[12]
     if wrapped_len > MAX_WRAPPED:
@@ -351,7 +355,8 @@ def decode_manifest(data: bytes) -> Manifest:
     body = _unpack_map(data, MAX_MANIFEST, "manifest")
     if set(body) != _MANIFEST_KEYS:
         raise WireError("manifest fields do not match version 1")
-    if body["v"] != MANIFEST_VERSION:
+    version = body["v"]
+    if type(version) is not int or version != MANIFEST_VERSION:
         raise WireError("unsupported manifest version")
     for key, size in (("id", 16), ("sha256", 32), ("sender", 8)):
         if not isinstance(body[key], bytes) or len(body[key]) != size:
