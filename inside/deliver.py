@@ -43,6 +43,8 @@ def verify_object(fd: int, object_id: bytes, length: int, sender: PublicKey) -> 
     """Check an object file; return its authenticated manifest or raise WireError."""
     if os.fstat(fd).st_size != length:
         raise WireError("object file size differs from the object length")
+    if length < rec.TRAILER_TAIL.size:
+        raise WireError("object too short for a trailer")
     tlen = rec.trailer_length(os.pread(fd, rec.TRAILER_TAIL.size, length - rec.TRAILER_TAIL.size))
     if tlen > length:
         raise WireError("object trailer longer than the object")

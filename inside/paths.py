@@ -38,10 +38,9 @@ def _clean_char(c: str) -> str:
 
 def safe_name(untrusted: str) -> str:
     """One safe path component derived from an untrusted name."""
-    name = unicodedata.normalize("NFC", untrusted)
     # Keep only the last component of anything that looks like a path.
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(_clean_char(c) for c in name)
+    name = untrusted.replace("\\", "/").rsplit("/", 1)[-1]
+    name = unicodedata.normalize("NFC", "".join(_clean_char(c) for c in name))
     name = name.strip(" .")
     stem = name.split(".", 1)[0].upper()
     if stem in RESERVED:

@@ -139,7 +139,7 @@ class Receiver:
         self._max_object = max_object_size
         self._timeout = object_timeout
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
-        self._early: deque[bytes] = deque(maxlen=MAX_EARLY_DATAGRAMS)
+        self._early: deque[bytes] = deque()
         self._early_bytes = 0
         self._objects: OrderedDict[bytes, _Object] = OrderedDict()
         self._finished: OrderedDict[bytes, None] = OrderedDict()
@@ -173,7 +173,7 @@ class Receiver:
         if kind == rec.TYPE_SEALED:
             self._sealed(datagram, now)
         elif kind == rec.TYPE_ANNOUNCE:
-            self._announce(datagram)
+            self._announce(datagram, now)
         else:
             raise WireError(f"unknown record type {kind}")
 
@@ -184,7 +184,7 @@ class Receiver:
             self._lose(oid, "timeout")
 
     # --------------------------------------------------------------- announce
-    def _announce(self, datagram: bytes) -> None:
+    def _announce(self, datagram: bytes, now: float) -> None:
         unverified, signed, signature = rec.decode_announce(datagram)
         known = self._sessions.get(unverified.session_id)
         if (
@@ -229,26 +229,23 @@ class Receiver:
         )
         early = [d for d in self._early if d[4:12] == announce.session_id]
         if early:
-            self._early = deque(
-                (d for d in self._early if d[4:12] != announce.session_id),
-                maxlen=MAX_EARLY_DATAGRAMS,
-            )
+            self._early = deque(d for d in self._early if d[4:12] != announce.session_id)
             self._early_bytes = sum(map(len, self._early))
             for d in early:
                 try:
-                    self._sealed(d, None)
+                    self._sealed(d, now, early=True)
                 except WireError:
                     continue  # early datagrams are best effort; errors were never counted yet
 
     # ----------------------------------------------------------------- sealed
-    def _sealed(self, datagram: bytes, now: float | None) -> None:
+    def _sealed(self, datagram: bytes, now: float, *, early: bool = False) -> None:
         session_id, pn = rec.decode_sealed_header(datagram)
         session = self._sessions.get(session_id)
         if session is None:
-            if now is not None and len(datagram) <= self.params.packet_size:
+            if not early and len(datagram) <= self.params.packet_size:
                 self._early.append(datagram)
                 self._early_bytes += len(datagram)
-                while self._early_bytes > MAX_EARLY_BYTES:
+                while self._early_bytes > MAX_EARLY_BYTES or len(self._early) > MAX_EARLY_DATAGRAMS:
                     self._early_bytes -= len(self._early.popleft())
             raise EnvelopeRejected("packet of an unknown session (kept until announced)")
         if not session.window.check(pn):
@@ -261,11 +258,11 @@ class Receiver:
             self._symbol(frame, now)
         elif ftype == rec.FRAME_HEARTBEAT:
             self.stats.heartbeats += 1
-            self._events.append(HeartbeatReceived(rec.decode_heartbeat(frame), now or 0.0))
+            self._events.append(HeartbeatReceived(rec.decode_heartbeat(frame), now))
         else:
             raise WireError(f"unknown frame type {ftype}")
 
-    def _symbol(self, frame: bytes, now: float | None) -> None:
+    def _symbol(self, frame: bytes, now: float) -> None:
         self.stats.symbols += 1
         params, b, s, payload = rec.decode_symbol(frame)
         oid = params.object_id
@@ -277,8 +274,7 @@ class Receiver:
             obj = self._new_object(params, now)
         elif obj.params != params:
             raise WireError("symbol parameters differ from earlier symbols of the object")
-        if now is not None:
-            obj.last_seen = now
+        obj.last_seen = now
         if b >= obj.nblocks:
             raise WireError("block index beyond the object")
         if b in obj.done:
@@ -316,7 +312,7 @@ class Receiver:
         elif self._pending_bytes > MAX_PENDING_BYTES:
             self._lose(next(iter(self._objects)), "memory bound exceeded")
 
-    def _new_object(self, params: rec.ObjectParams, now: float | None) -> _Object:
+    def _new_object(self, params: rec.ObjectParams, now: float) -> _Object:
         get_codec(params.codec)  # unknown codec -> WireError
         if params.length > self._max_object:
             raise WireError(f"object of {params.length} bytes exceeds the configured maximum")
@@ -324,7 +320,7 @@ class Receiver:
             raise WireError("too many symbols per block")
         if len(self._objects) >= MAX_ACTIVE_OBJECTS:
             self._lose(next(iter(self._objects)), "too many objects in flight")
-        obj = _Object(params, block_count(params.length, params.k, params.symbol_size), now or 0.0)
+        obj = _Object(params, block_count(params.length, params.k, params.symbol_size), now)
         self._objects[params.object_id] = obj
         return obj
 

@@ -86,7 +86,7 @@ def _collect(receiver: Receiver, buf: bytearray) -> int:
     return completed
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802  # the name atheris looks for
+def TestOneInput(data: bytes) -> None:  # atheris looks for this name
     fdp = atheris.FuzzedDataProvider(data)
     buf = bytearray(len(DATA))
     receiver = Receiver(LINK, SIGN.public, KEM)

@@ -1,0 +1,391 @@
+"""Safe delivery names (inside.paths) and verified, atomic delivery (inside.deliver)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from ferry.crypto.keys import SecretKey
+from ferry.errors import EnvelopeRejected, FerryError, WireError
+from ferry.wire import records as rec
+from ferry.wire.sender import build_trailer
+from inside.deliver import Delivered, Duplicate, deliver, verify_object
+from inside.ledger import Ledger
+from inside.paths import MAX_COLLISIONS, MAX_NAME_BYTES, candidate_names, contained, safe_name
+
+SIGN = SecretKey("ed25519", bytes(range(32)))
+OTHER_SIGN = SecretKey("ed25519", bytes(range(1, 33)))
+
+
+# ---------------------------------------------------------------------- safe_name
+@pytest.mark.parametrize(
+    ("untrusted", "expected"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("../../etc/passwd", "passwd"),
+        ("/etc/shadow", "shadow"),
+        ("/", "unnamed"),
+        ("dir/", "unnamed"),
+        ("C:\\Windows\\System32\\evil.dll", "evil.dll"),
+        ("..\\..\\boot.ini", "boot.ini"),
+        ("a\x00b.txt", "a_b.txt"),
+        ("tab\there\n", "tab_here_"),
+        ("bell\x07\x1b[31m.txt", "bell__[31m.txt"),
+        ("x\x7fy\x85z", "x_y_z"),
+        ("invoice\u202efdp.exe", "invoicefdp.exe"),  # right-to-left override removed
+        ("a\u200bb\u200dc\u2066d", "abcd"),
+        ("\ufeffbom.txt", "bom.txt"),
+        ('a:b*c?d"e<f>g|h', "a_b_c_d_e_f_g_h"),
+        ("CON.txt", "_CON.txt"),
+        ("con", "_con"),
+        ("aux", "_aux"),
+        ("AUX.tar.gz", "_AUX.tar.gz"),
+        ("nul", "_nul"),
+        ("COM1", "_COM1"),
+        ("lpt9.log", "_lpt9.log"),
+        ("COM10.txt", "COM10.txt"),
+        ("CONSOLE.txt", "CONSOLE.txt"),
+        ("", "unnamed"),
+        (".", "unnamed"),
+        ("..", "unnamed"),
+        ("...", "unnamed"),
+        (" ", "unnamed"),
+        (" .bashrc", "bashrc"),
+        ("report.pdf.", "report.pdf"),
+        ("  spaced  ", "spaced"),
+        ("e\u0301t\u00e9.txt", "\u00e9t\u00e9.txt"),  # NFC: decomposed e + acute is composed
+        ("Cafe\u0301.txt", "Caf\u00e9.txt"),
+        ("\u6587\u4ef6.txt", "\u6587\u4ef6.txt"),
+    ],
+)
+def test_safe_name(untrusted: str, expected: str) -> None:
+    assert safe_name(untrusted) == expected
+
+
+def test_nfc_makes_both_spellings_one_name() -> None:
+    decomposed = "re\u0301sume\u0301.pdf"
+    composed = "r\u00e9sum\u00e9.pdf"
+    assert decomposed != composed
+    assert safe_name(decomposed) == safe_name(composed) == composed
+
+
+def test_long_ascii_name_keeps_its_suffix() -> None:
+    name = safe_name("a" * 996 + ".pdf")  # 1000 bytes
+    assert name == "a" * (MAX_NAME_BYTES - 4) + ".pdf"
+    assert len(name.encode()) == MAX_NAME_BYTES
+
+
+@pytest.mark.parametrize(
+    "untrusted",
+    [
+        "\u00e9" * 500,  # 2-byte characters
+        "\u6587" * 400 + ".txt",  # 3-byte characters
+        "\U0001f600" * 300 + ".tar.gz",  # 4-byte characters
+        "a" * 300 + "." + "b" * 20,  # a suffix too long to keep
+        "x" * 250 + " " * 10 + ".pdf",
+    ],
+)
+def test_long_names_are_cut_on_character_boundaries(untrusted: str) -> None:
+    name = safe_name(untrusted)
+    encoded = name.encode()  # a cut inside a character would not decode back
+    assert MAX_NAME_BYTES - 4 <= len(encoded) <= MAX_NAME_BYTES
+    assert encoded.decode() == name
+    assert untrusted.startswith(name[:10])
+    suffix = PurePosixPath(untrusted).suffix
+    if len(suffix.encode()) <= 16:
+        assert name.endswith(suffix)
+
+
+def test_suffix_is_dropped_when_longer_than_16_bytes() -> None:
+    name = safe_name("a" * 300 + "." + "b" * 20)
+    assert name == "a" * MAX_NAME_BYTES
+
+
+@pytest.mark.parametrize("untrusted", ["e\u200b\u0301.txt", "A\u202e\u030a"])
+def test_safe_name_output_is_nfc_and_a_fixed_point(untrusted: str) -> None:
+    name = safe_name(untrusted)
+    assert unicodedata.is_normalized("NFC", name)
+    assert safe_name(name) == name
+
+
+# ------------------------------------------------------------------ candidate_names
+@pytest.mark.parametrize(
+    ("name", "first"),
+    [
+        ("report.pdf", ["report.pdf", "report (2).pdf", "report (3).pdf"]),
+        ("archive.tar.gz", ["archive.tar.gz", "archive.tar (2).gz", "archive.tar (3).gz"]),
+        ("README", ["README", "README (2)", "README (3)"]),
+        ("unnamed", ["unnamed", "unnamed (2)", "unnamed (3)"]),
+        ("_CON.txt", ["_CON.txt", "_CON (2).txt", "_CON (3).txt"]),
+    ],
+)
+def test_candidate_names(name: str, first: list[str]) -> None:
+    assert list(itertools.islice(candidate_names(name), 3)) == first
+
+
+def test_candidate_names_are_bounded() -> None:
+    names = list(candidate_names("a.b"))
+    assert len(names) == MAX_COLLISIONS
+    assert names[-1] == f"a ({MAX_COLLISIONS}).b"
+    assert len(set(names)) == len(names)
+
+
+def test_candidates_of_a_long_safe_name_stay_under_255_bytes() -> None:
+    name = safe_name("\U0001f600" * 300 + ".txt")
+    last = list(candidate_names(name))[-1]
+    assert len(last.encode()) <= 255
+
+
+# ------------------------------------------------------------------------ contained
+ROOT = PurePosixPath("/srv/inbox/documents")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "/abs", "a\x00b"])
+def test_contained_refuses_unsafe_components(name: str) -> None:
+    with pytest.raises(ValueError, match="unsafe delivery name"):
+        contained(ROOT, name)
+
+
+@pytest.mark.parametrize("name", ["report.pdf", "..hidden", "a..b", "_CON", " x"])
+def test_contained_joins_one_component(name: str) -> None:
+    assert contained(ROOT, name) == ROOT / name
+    assert contained(ROOT, name).parent == ROOT
+
+
+# -------------------------------------------------------------------------- deliver
+class Box:
+    """A tmp inside: a spool folder, a delivery folder and a real ledger."""
+
+    def __init__(self, root: Path) -> None:
+        self.spool = root / "spool"
+        self.out = root / "documents"
+        self.spool.mkdir()
+        self.out.mkdir()
+        self.ledger = Ledger(root / "state")
+        self.folders = {"documents": self.out}
+
+    def spool_object(
+        self,
+        oid: bytes,
+        content: bytes,
+        *,
+        name: str = "report.pdf",
+        channel: str = "documents",
+        key: SecretKey = SIGN,
+        **changes: object,
+    ) -> tuple[Path, int]:
+        fields: dict[str, object] = {
+            "object_id": oid,
+            "kind": "file",
+            "channel": channel,
+            "seq": 1,
+            "name": name,
+            "media_type": "application/pdf",
+            "size": len(content),
+            "sha256": hashlib.sha256(content).digest(),
+            "created_us": 1_700_000_000_000_000,
+            "mtime_us": 1_699_000_000_000_000,
+            "sender": SIGN.public.key_id,
+            **changes,
+        }
+        stream = content + build_trailer(rec.Manifest(**fields), key)  # type: ignore[arg-type]
+        path = self.spool / f"{oid.hex()}.part"
+        path.write_bytes(stream)
+        return path, len(stream)
+
+    def deliver(self, path: Path, oid: bytes, length: int) -> Delivered | Duplicate:
+        return deliver(
+            path, oid, length, sender=SIGN.public, folders=self.folders, ledger=self.ledger
+        )
+
+    def delivered_files(self) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in self.out.iterdir()}
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Box]:
+    b = Box(tmp_path)
+    yield b
+    b.ledger.close()
+
+
+OID_A = bytes(range(16))
+OID_B = bytes(range(1, 17))
+CONTENT = b"%PDF-1.7\n" + bytes(range(256)) * 40
+
+
+def test_deliver_a_valid_object(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+    result = box.deliver(path, OID_A, length)
+    assert isinstance(result, Delivered)
+    assert result.path == box.out / "report.pdf"
+    assert result.manifest.object_id == OID_A
+    assert box.delivered_files() == {"report.pdf": CONTENT}  # the trailer is cut off
+    assert not path.exists()
+    assert box.ledger.state_of(OID_A) == "delivered"
+    [(oid, where, name, sha)] = box.ledger.in_state("delivered")
+    assert (oid, where, name, sha) == (
+        OID_A,
+        str(box.out / "report.pdf"),
+        "report.pdf",
+        hashlib.sha256(CONTENT).digest(),
+    )
+
+
+def test_deliver_an_empty_object(box: Box) -> None:
+    path, length = box.spool_object(OID_A, b"", name="empty.txt")
+    result = box.deliver(path, OID_A, length)
+    assert isinstance(result, Delivered)
+    assert box.delivered_files() == {"empty.txt": b""}
+
+
+def test_deliver_uses_the_safe_name(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT, name="../../etc/passwd")
+    result = box.deliver(path, OID_A, length)
+    assert isinstance(result, Delivered)
+    assert result.path == box.out / "passwd"
+    assert result.manifest.name == "../../etc/passwd"  # the ledger keeps what was claimed
+    assert box.delivered_files() == {"passwd": CONTENT}
+
+
+def _refused(box: Box, path: Path, oid: bytes = OID_A) -> None:
+    assert box.delivered_files() == {}
+    assert box.ledger.state_of(oid) is None
+    assert path.exists()  # kept for the agent to move to rejected/
+
+
+@pytest.mark.parametrize("offset", [0, len(CONTENT) // 2, len(CONTENT) - 1])
+def test_tampered_content_is_refused(box: Box, offset: int) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(data)
+    with pytest.raises(WireError, match="SHA-256"):
+        box.deliver(path, OID_A, length)
+    _refused(box, path)
+
+
+def test_tampered_manifest_is_refused(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+    data = bytearray(path.read_bytes())
+    data[len(CONTENT) + 5] ^= 0x01  # inside the signed manifest
+    path.write_bytes(data)
+    with pytest.raises(EnvelopeRejected):
+        box.deliver(path, OID_A, length)
+    _refused(box, path)
+
+
+def test_manifest_signed_by_another_key_is_refused(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT, key=OTHER_SIGN)
+    with pytest.raises(EnvelopeRejected):
+        box.deliver(path, OID_A, length)
+    _refused(box, path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sender": OTHER_SIGN.public.key_id}, "another sender key"),
+        ({"size": len(CONTENT) - 1}, "manifest size"),
+        ({"sha256": bytes(32)}, "SHA-256"),
+    ],
+)
+def test_inconsistent_signed_manifest_is_refused(
+    box: Box, changes: dict[str, object], message: str
+) -> None:
+    path, length = box.spool_object(OID_A, CONTENT, **changes)
+    with pytest.raises(WireError, match=message):
+        box.deliver(path, OID_A, length)
+    _refused(box, path)
+
+
+def test_wrong_object_id_is_refused(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+    with pytest.raises(WireError, match="object id"):
+        box.deliver(path, OID_B, length)
+    _refused(box, path, OID_B)
+    assert box.ledger.state_of(OID_A) is None
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_wrong_object_length_is_refused(box: Box, delta: int) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+    with pytest.raises(WireError, match="size"):
+        box.deliver(path, OID_A, length + delta)
+    _refused(box, path)
+
+
+def test_object_without_a_trailer_is_refused(box: Box) -> None:
+    path = box.spool / "raw.part"
+    path.write_bytes(CONTENT)
+    with pytest.raises(WireError, match="trailer"):
+        box.deliver(path, OID_A, len(CONTENT))
+    _refused(box, path)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7])
+def test_object_shorter_than_a_trailer_tail_is_a_wire_error(box: Box, size: int) -> None:
+    path = box.spool / "short.part"
+    path.write_bytes(b"x" * size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(WireError):
+            verify_object(fd, OID_A, size, SIGN.public)
+    finally:
+        os.close(fd)
+
+
+def test_unknown_channel_is_refused(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT, channel="images")
+    with pytest.raises(FerryError, match="not configured"):
+        box.deliver(path, OID_A, length)
+    assert box.delivered_files() == {}
+
+
+def test_collision_gets_a_numbered_name_and_leaves_the_first_untouched(box: Box) -> None:
+    first, length_a = box.spool_object(OID_A, CONTENT)
+    second, length_b = box.spool_object(OID_B, b"second version")
+    a = box.deliver(first, OID_A, length_a)
+    b = box.deliver(second, OID_B, length_b)
+    assert isinstance(a, Delivered)
+    assert isinstance(b, Delivered)
+    assert b.path == box.out / "report (2).pdf"
+    assert box.delivered_files() == {"report.pdf": CONTENT, "report (2).pdf": b"second version"}
+    assert box.ledger.state_of(OID_B) == "delivered"
+
+
+def test_existing_files_and_symlinks_are_never_overwritten(box: Box, tmp_path: Path) -> None:
+    (box.out / "report.pdf").write_bytes(b"someone else's file")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"outside the folder")
+    (box.out / "report (2).pdf").symlink_to(outside)
+    path, length = box.spool_object(OID_A, CONTENT)
+    result = box.deliver(path, OID_A, length)
+    assert isinstance(result, Delivered)
+    assert result.path == box.out / "report (3).pdf"
+    assert (box.out / "report.pdf").read_bytes() == b"someone else's file"
+    assert outside.read_bytes() == b"outside the folder"
+    assert (box.out / "report (3).pdf").read_bytes() == CONTENT
+
+
+def test_an_already_delivered_id_is_a_duplicate(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+    assert isinstance(box.deliver(path, OID_A, length), Delivered)
+    again, length = box.spool_object(OID_A, CONTENT)
+    result = box.deliver(again, OID_A, length)
+    assert result == Duplicate(OID_A)
+    assert not again.exists()
+    assert box.delivered_files() == {"report.pdf": CONTENT}
+
+
+def test_a_rejected_id_is_not_delivered_later(box: Box) -> None:
+    box.ledger.record(OID_A, "rejected", reason="bad signature")
+    path, length = box.spool_object(OID_A, CONTENT)
+    assert box.deliver(path, OID_A, length) == Duplicate(OID_A)
+    assert box.delivered_files() == {}
