@@ -22,8 +22,10 @@ class FecParams:
     """Erasure coding: each block has ``source`` source symbols and ``repair`` repair symbols."""
 
     codec: FecCodecName = "isal"
-    source: int = 64
-    repair: int = 16
+    source: int = 32
+    """k: 32 keeps ISA-L decoding cheap (pyeclib inverts k x k per decode: 77 us at 32,
+    481 us at 64), measured as the difference between keeping up at 5% loss or not."""
+    repair: int = 12
     interleave: int = 32
     """Number of blocks whose symbols are interleaved on the wire (burst tolerance)."""
 

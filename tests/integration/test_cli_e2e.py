@@ -132,6 +132,8 @@ class _Tap:
 
     def __init__(self, target_port: int) -> None:
         self.rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # The tap is a Python thread: give it room so it is not itself a lossy hop.
+        self.rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024 * 1024)
         self.rx.bind(("127.0.0.1", 0))
         self.rx.settimeout(0.2)
         self.port = self.rx.getsockname()[1]
@@ -169,6 +171,8 @@ def test_replayed_capture_is_rejected_and_logged(tmp_path: Path, agents) -> None
     try:
         edit_yaml(dep["outside"]["config"], fast)
         edit_yaml(dep["outside"]["config"], lambda d: d["link"]["udp"].update(port=tap.port))
+        # This test is about replay, not loss: pace gently through the Python tap.
+        edit_yaml(dep["outside"]["config"], lambda d: d["link"].update(rate="50M"))
         inside = agents("inside", dep["inside"]["config"])
         outside = agents("outside", dep["outside"]["config"])
         files = _payloads(4, 3, 100_000)
