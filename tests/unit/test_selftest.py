@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from ferry import selftest
+from ferry import cli, selftest
 from ferry.errors import SelfTestError
 from ferry.wire import fec
 
@@ -77,3 +79,17 @@ def test_an_aead_that_accepts_a_wrong_nonce_fails_closed(
     monkeypatch.setattr(selftest.suite, "PacketAead", Lenient)
     with pytest.raises(SelfTestError, match="rejects a wrong nonce"):
         selftest.run()
+
+
+@pytest.mark.parametrize("side", ["outside", "inside"])
+def test_agent_refuses_to_run_when_a_known_answer_fails(
+    side: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["init", str(tmp_path / "d"), "--json"]) == 0
+    dep = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(selftest, "SHA256_ABC", "00" * 32)
+    rc = cli.main([side, "run", "-c", dep[side]["config"]])
+    assert rc == 5
+    assert "self-test failed: SHA-256 known answer" in capsys.readouterr().err
+    # it refused before touching its state: no database was created
+    assert not (tmp_path / "d" / side / "state" / f"{side}.db").exists()
