@@ -101,6 +101,14 @@ class InsideAgent:
     def _spool_path(self, oid: bytes) -> Path:
         return self.spool_dir / f"{oid.hex()}.part"
 
+    def _spool_fd(self, oid: bytes) -> int:
+        fd = self._fds.get(oid)
+        if fd is None:
+            path = self._spool_path(oid)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            self._fds[oid] = fd
+        return fd
+
     def _delivery_loop(self) -> None:
         while (job := self._work.get()) is not None:
             oid, length = job
@@ -227,24 +235,11 @@ class InsideAgent:
     def _handle(self, machine: Receiver, monitor: LinkMonitor, now: float) -> None:
         for ev in machine.pop_events():
             if isinstance(ev, BlockDecoded):
-                fd = self._fds.get(ev.object_id)
-                if fd is None:
-                    fd = os.open(
-                        self._spool_path(ev.object_id),
-                        os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW,
-                        0o600,
-                    )
-                    self._fds[ev.object_id] = fd
-                os.pwrite(fd, ev.data, ev.offset)
+                os.pwrite(self._spool_fd(ev.object_id), ev.data, ev.offset)
             elif isinstance(ev, ObjectCompleted):
-                fd = self._fds.pop(ev.object_id, None)
-                if fd is None:  # an empty object never produced a block write
-                    fd = os.open(
-                        self._spool_path(ev.object_id),
-                        os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW,
-                        0o600,
-                    )
-                os.close(fd)
+                # (an empty object's only block still went through BlockDecoded)
+                os.close(self._spool_fd(ev.object_id))
+                del self._fds[ev.object_id]
                 self._work.put((ev.object_id, ev.length))
             elif isinstance(ev, ObjectLost):
                 self.lost += 1

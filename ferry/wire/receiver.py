@@ -293,11 +293,13 @@ class Receiver:
         syms[s] = payload
         self._pending_bytes += len(payload)
         if len(syms) >= k_b:
-            del obj.pending[b]
-            self._pending_bytes -= sum(map(len, syms.values()))
+            # Decode before dropping the symbols: if decoding fails, later symbols of the
+            # block can still complete it.
             data = codec.decode(syms, k_b, r_b, params.symbol_size)
             if len(data) < length:
                 raise WireError("decoded block shorter than announced")
+            del obj.pending[b]
+            self._pending_bytes -= sum(map(len, syms.values()))
             obj.done.add(b)
             self.stats.blocks_decoded += 1
             if any(i not in syms for i in range(k_b)):
