@@ -74,6 +74,52 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_send(args: argparse.Namespace) -> int:
+    from ferry.client import ApiRejected, Client, read_input  # noqa: PLC0415
+
+    client = Client.from_config(args.config)
+    try:
+        size = None if args.file == "-" else Path(args.file).stat().st_size
+        as_message = not args.upload and (size is None or size <= args.message_limit)
+        try:
+            if as_message:
+                ack = client.submit(
+                    args.channel,
+                    read_input(args.file),
+                    schema=args.schema,
+                    submission_id=args.id,
+                    timeout=args.timeout,
+                )
+            else:
+                ack = client.upload(
+                    args.channel, args.file, submission_id=args.id, timeout=args.timeout
+                )
+        except ApiRejected as exc:
+            if args.json:
+                out = {"status": "REJECTED", "code": exc.reason_code, "message": exc.message}
+                if exc.path:
+                    out["path"] = exc.path
+                print(json.dumps(out, ensure_ascii=False))
+            raise
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(ack.as_dict()))
+    else:
+        dup = " (already accepted earlier)" if ack.duplicate else ""
+        print(f"accepted{dup}: item {ack.item}, channel {ack.channel}, seq {ack.seq}, id {ack.id}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ferry.client import Client  # noqa: PLC0415
+
+    with Client.from_config(args.config) as client:
+        body = client.status(args.id, timeout=args.timeout)
+    print(json.dumps(body, ensure_ascii=False))
+    return 0 if body.get("state") != "unknown" else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ferry.demo import run_demo  # noqa: PLC0415
 
@@ -95,7 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument(
         "--role",
         required=True,
-        choices=["outside-signing", "inside-kem", "inside-kem-x25519", "audit"],
+        choices=[
+            "outside-signing",
+            "inside-kem",
+            "inside-kem-x25519",
+            "audit",
+            "api-server",
+            "api-client",
+            "consumer-server",
+            "consumer",
+        ],
     )
     kg.add_argument("--out", default=".", help="folder for the key files (default: .)")
     kg.add_argument("--name", help="file name stem (default: the role)")
@@ -117,6 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
         run = ssub.add_parser("run", help=f"run the {side} agent until SIGTERM/SIGINT")
         run.add_argument("-c", "--config", required=True)
         run.set_defaults(func=_cmd_run, side=side)
+
+    sd = sub.add_parser("send", help="submit a JSON message or upload a file through the outer API")
+    sd.add_argument(
+        "-c", "--config", required=True, help="API client config (ferry init writes one)"
+    )
+    sd.add_argument("--channel", required=True)
+    sd.add_argument("file", help="file to send, or - for stdin")
+    sd.add_argument("--schema", help="message schema (default: the channel's only one)")
+    sd.add_argument("--id", help="submission id (default: a new UUID); resending it is safe")
+    sd.add_argument("--upload", action="store_true", help="send as a file upload, not a message")
+    sd.add_argument(
+        "--message-limit",
+        type=int,
+        default=1024 * 1024,
+        help="files larger than this many bytes are uploaded (default 1 MiB)",
+    )
+    sd.add_argument("--timeout", type=float, help="seconds to wait for the acknowledgement")
+    sd.add_argument("--json", action="store_true", help="print the acknowledgement as JSON")
+    sd.set_defaults(func=_cmd_send)
+
+    ss = sub.add_parser("status", help="where is my submission (accepted, sent, repeats)")
+    ss.add_argument("-c", "--config", required=True)
+    ss.add_argument("id", help="the submission id")
+    ss.add_argument("--timeout", type=float)
+    ss.set_defaults(func=_cmd_status)
 
     st = sub.add_parser("selftest", help="run the start-up known-answer tests")
     st.set_defaults(func=_cmd_selftest)

@@ -17,6 +17,7 @@ Three steps, each failing with :class:`~ferry.errors.ConfigError` as
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
@@ -34,19 +35,31 @@ from yaml.composer import ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ferry.config_types import (
+    ApiClient,
+    ApiParams,
+    ConsumerParams,
     FecParams,
     InsideChannel,
     InsideConfig,
     LinkParams,
     OutsideChannel,
     OutsideConfig,
+    Repeat,
     SerialEndpoint,
     UdpEndpoint,
 )
 from ferry.crypto.keys import PUBLIC_PREFIX, Alg, PublicKey
 from ferry.errors import ConfigError, KeyFileError
 
-__all__ = ["MAX_CONFIG_BYTES", "load_config", "load_inside_config", "load_outside_config"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "ClientConfig",
+    "load_allowlist_entry",
+    "load_client_config",
+    "load_config",
+    "load_inside_config",
+    "load_outside_config",
+]
 
 # A config is a few kB; anything near a megabyte is a mistake (or an attempt to exhaust memory).
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -59,6 +72,8 @@ MAX_ZFEC_SYMBOLS = 255
 
 OUTSIDE_SCHEMA = "outside-config.schema.json"
 INSIDE_SCHEMA = "inside-config.schema.json"
+ALLOWLIST_SCHEMA = "allowlist-entry.schema.json"
+CLIENT_SCHEMA = "client-config.schema.json"
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -382,8 +397,8 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _check_channels(doc: _Doc, folder_key: str, folders: list[Path]) -> None:
-    """Unique names; channel folders (drop or deliver) neither equal nor nested."""
+def _check_names(doc: _Doc) -> None:
+    """Channel names are unique."""
     first_seen: dict[str, int] = {}
     for i, channel in enumerate(doc.data["channels"]):
         name = channel["name"]
@@ -395,12 +410,17 @@ def _check_channels(doc: _Doc, folder_key: str, folders: list[Path]) -> None:
                 f"(also channels[{j}], line {doc.line(('channels', j, 'name'))})",
             )
         first_seen[name] = i
-        for j in range(i):
-            if _within(folders[i], folders[j]) or _within(folders[j], folders[i]):
+
+
+def _check_folders(doc: _Doc, folder_key: str, folders: list[tuple[int, Path]]) -> None:
+    """Channel folders (drop or deliver) are neither equal nor nested."""
+    for n, (i, folder) in enumerate(folders):
+        for j, other in folders[:n]:
+            if _within(folder, other) or _within(other, folder):
                 raise doc.error(
                     ("channels", i, folder_key),
-                    f"channels[{i}].{folder_key}: {folders[i]} overlaps channels[{j}] "
-                    f"({folders[j]}); each channel needs its own folder",
+                    f"channels[{i}].{folder_key}: {folder} overlaps channels[{j}] "
+                    f"({other}); each channel needs its own folder",
                 )
 
 
@@ -409,32 +429,101 @@ def _check_state_dir(doc: _Doc, state_dir: Path, folders: list[Path]) -> None:
         raise doc.error(("state_dir",), f"state_dir: {state_dir} overlaps channel folder {folder}")
 
 
+def _repeat(raw: dict[str, Any]) -> Repeat:
+    if "repeat" not in raw:
+        return Repeat()
+    return Repeat(int(raw["repeat"]["count"]), float(raw["repeat"].get("spread", 0.0)))
+
+
+def _outside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> OutsideChannel:
+    where: KeyPath = ("channels", i)
+    kind = raw.get("kind", "files")
+    kw: dict[str, Any] = {"kind": kind, "repeat": _repeat(raw)}
+    for key in ("after_send", "subfolders", "max_items_per_minute", "priority"):
+        if key in raw:
+            kw[key] = raw[key]
+    if "settle_seconds" in raw:
+        kw["settle_seconds"] = float(raw["settle_seconds"])
+    for key in ("max_size", "max_message_size"):
+        if key in raw:
+            kw[key] = _size(doc, (*where, key), raw[key])
+    if "allowed_types" in raw:
+        kw["allowed_types"] = tuple(raw["allowed_types"])
+    if "schemas" in raw:
+        kw["schemas"] = tuple(raw["schemas"])
+    if kind == "messages":
+        for key in ("drop", "sent", "quarantine", "subfolders", "after_send", "settle_seconds"):
+            if key in raw:
+                raise doc.error(
+                    (*where, key),
+                    f"channels[{i}].{key}: a messages channel has no folders; "
+                    "messages come through the API",
+                )
+        if not kw.get("schemas"):
+            raise doc.error(
+                where, f"channels[{i}]: a messages channel needs 'schemas' (at least one)"
+            )
+        kw.setdefault("priority", 0)
+        return OutsideChannel(name=raw["name"], drop=None, sent=None, **kw)
+    if "drop" not in raw:
+        raise doc.error(where, f"missing required key 'drop' in channels[{i}] (a files channel)")
+    if "schemas" in raw:
+        raise doc.error((*where, "schemas"), f"channels[{i}].schemas: only for messages channels")
+    drop = doc.path(raw["drop"])
+    sent = doc.path(raw["sent"]) if "sent" in raw else drop.parent / "sent" / raw["name"]
+    quarantine = (
+        doc.path(raw["quarantine"])
+        if "quarantine" in raw
+        else drop.parent / "quarantine" / raw["name"]
+    )
+    return OutsideChannel(name=raw["name"], drop=drop, sent=sent, quarantine=quarantine, **kw)
+
+
+def _api(doc: _Doc) -> ApiParams | None:
+    raw = doc.data.get("api")
+    if raw is None:
+        return None
+    kw: dict[str, Any] = {
+        "endpoint": raw["endpoint"],
+        "server_key": doc.path(raw["server_key"]),
+        "clients": doc.path(raw["clients"]),
+    }
+    for key in ("upload_window", "busy_items"):
+        if key in raw:
+            kw[key] = raw[key]
+    for key in ("max_message_size", "chunk_size", "busy_bytes"):
+        if key in raw:
+            kw[key] = _size(doc, ("api", key), raw[key])
+    return ApiParams(**kw)
+
+
 def _outside(doc: _Doc) -> OutsideConfig:
     link, udp, serial = _link(doc)
-    channels: list[OutsideChannel] = []
-    for i, raw in enumerate(doc.data["channels"]):
-        drop = doc.path(raw["drop"])
-        sent = doc.path(raw["sent"]) if "sent" in raw else drop.parent / "sent" / raw["name"]
-        kw: dict[str, Any] = {"after_send": raw["after_send"]} if "after_send" in raw else {}
-        if "settle_seconds" in raw:
-            kw["settle_seconds"] = float(raw["settle_seconds"])
-        if "max_size" in raw:
-            kw["max_size"] = _size(doc, ("channels", i, "max_size"), raw["max_size"])
-        channels.append(OutsideChannel(name=raw["name"], drop=drop, sent=sent, **kw))
-    drops = [c.drop for c in channels]
-    _check_channels(doc, "drop", drops)
-    for i, channel in enumerate(channels):
-        for drop in drops:
-            if _within(channel.sent, drop) or _within(drop, channel.sent):
-                raise doc.error(
-                    ("channels", i, "sent"),
-                    f"channels[{i}].sent: {channel.sent} overlaps drop folder {drop} "
-                    "(sent files would be taken again)",
-                )
+    channels = [_outside_channel(doc, i, raw) for i, raw in enumerate(doc.data["channels"])]
+    folder_channels = [(i, c) for i, c in enumerate(channels) if c.drop is not None]
+    _check_names(doc)
+    _check_folders(doc, "drop", [(i, c.drop) for i, c in folder_channels if c.drop])
+    drops = [c.drop for _, c in folder_channels if c.drop is not None]
+    others: list[Path] = []
+    for i, channel in folder_channels:
+        for key, folder in (("sent", channel.sent), ("quarantine", channel.quarantine)):
+            if folder is None:
+                continue
+            others.append(folder)
+            for drop in drops:
+                if _within(folder, drop) or _within(drop, folder):
+                    raise doc.error(
+                        ("channels", i, key),
+                        f"channels[{i}].{key}: {folder} overlaps drop folder {drop} "
+                        "(its files would be taken again)",
+                    )
     state_dir = doc.path(doc.data["state_dir"])
-    _check_state_dir(doc, state_dir, drops + [c.sent for c in channels])
+    _check_state_dir(doc, state_dir, drops + others)
     keys = doc.data["keys"]
     tuning: dict[str, Any] = {k: float(v) for k, v in doc.data.get("outside", {}).items()}
+    api = _api(doc)
+    if api is None and any(c.kind == "messages" for c in channels):
+        raise doc.error(("channels",), "a messages channel needs the 'api' section")
     return OutsideConfig(
         source=Path(os.path.abspath(doc.file)),
         state_dir=state_dir,
@@ -446,19 +535,75 @@ def _outside(doc: _Doc) -> OutsideConfig:
         udp=udp,
         serial=serial,
         channels=tuple(channels),
+        api=api,
         **tuning,
     )
 
 
+def _inside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> InsideChannel:
+    where: KeyPath = ("channels", i)
+    kind = raw.get("kind", "files")
+    deliver = doc.path(raw["deliver"]) if "deliver" in raw else None
+    kw: dict[str, Any] = {"kind": kind}
+    for key in ("subfolders", "consumers"):
+        if key in raw:
+            kw[key] = raw[key]
+    if "schemas" in raw:
+        kw["schemas"] = tuple(raw["schemas"])
+    if kind == "files":
+        if deliver is None:
+            raise doc.error(
+                where, f"missing required key 'deliver' in channels[{i}] (a files channel)"
+            )
+        for key in ("schemas", "consumers"):
+            if key in raw:
+                raise doc.error((*where, key), f"channels[{i}].{key}: only for messages channels")
+    else:
+        if not kw.get("schemas"):
+            raise doc.error(
+                where, f"channels[{i}]: a messages channel needs 'schemas' (at least one)"
+            )
+        if "subfolders" in raw:
+            raise doc.error((*where, "subfolders"), f"channels[{i}].subfolders: files only")
+        if deliver is None and not kw.get("consumers", True):
+            raise doc.error(
+                where, f"channels[{i}]: messages need a 'deliver' folder or consumers (or both)"
+            )
+    return InsideChannel(name=raw["name"], deliver=deliver, **kw)
+
+
+def _consumers(doc: _Doc, channels: tuple[InsideChannel, ...]) -> ConsumerParams:
+    raw = doc.data.get("consumers")
+    wanted = any(c.kind == "messages" and c.consumers for c in channels)
+    if raw is None:
+        if wanted:
+            raise doc.error(
+                ("channels",),
+                "a messages channel with consumers needs the 'consumers' section "
+                "(or set consumers: false on the channel)",
+            )
+        return ConsumerParams()
+    if "endpoint" not in raw and "publish" not in raw:
+        raise doc.error(("consumers",), "consumers: needs 'endpoint', 'publish' or both")
+    kw: dict[str, Any] = {
+        "endpoint": raw.get("endpoint"),
+        "publish": raw.get("publish"),
+        "server_key": doc.path(raw["server_key"]),
+        "clients": doc.path(raw["clients"]),
+    }
+    if "redeliver_after" in raw:
+        kw["redeliver_after"] = float(raw["redeliver_after"])
+    return ConsumerParams(**kw)
+
+
 def _inside(doc: _Doc) -> InsideConfig:
     link, udp, serial = _link(doc)
-    channels = tuple(
-        InsideChannel(name=raw["name"], deliver=doc.path(raw["deliver"]))
-        for raw in doc.data["channels"]
-    )
-    _check_channels(doc, "deliver", [c.deliver for c in channels])
+    channels = tuple(_inside_channel(doc, i, raw) for i, raw in enumerate(doc.data["channels"]))
+    _check_names(doc)
+    delivers = [(i, c.deliver) for i, c in enumerate(channels) if c.deliver is not None]
+    _check_folders(doc, "deliver", delivers)
     state_dir = doc.path(doc.data["state_dir"])
-    _check_state_dir(doc, state_dir, [c.deliver for c in channels])
+    _check_state_dir(doc, state_dir, [d for _, d in delivers])
     keys = doc.data["keys"]
     tuning: dict[str, Any] = {
         k: float(v) for k, v in doc.data.get("inside", {}).items() if k != "max_object_size"
@@ -477,6 +622,7 @@ def _inside(doc: _Doc) -> InsideConfig:
         udp=udp,
         serial=serial,
         channels=channels,
+        consumers=_consumers(doc, channels),
         **tuning,
     )
     if config.down_after <= config.degraded_after:
@@ -523,3 +669,61 @@ def load_config(path: Path) -> OutsideConfig | InsideConfig:
     if "role" not in doc.data:
         raise doc.error((), "missing required key 'role' at top level (outside or inside)")
     raise doc.error(("role",), f"role: expected 'outside' or 'inside', got {_show(role)}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What ``ferry send`` (an API client) or an inner consumer needs to connect."""
+
+    source: Path
+    role: str
+    name: str
+    endpoint: str
+    server_public_key: str
+    client_key: Path
+    timeout: float = 30.0
+
+
+def load_client_config(path: Path) -> ClientConfig:
+    """Load an API client's or consumer's config (``ferry init`` writes one of each)."""
+    doc = _load(path)
+    _validate(doc, CLIENT_SCHEMA)
+    d = doc.data
+    return ClientConfig(
+        source=Path(os.path.abspath(doc.file)),
+        role=d["role"],
+        name=d["name"],
+        endpoint=d["endpoint"],
+        server_public_key=_public_key(
+            doc, ("server_public_key",), d["server_public_key"], ("x25519",)
+        ),
+        client_key=doc.path(d["client_key"]),
+        timeout=float(d.get("timeout", 30.0)),
+    )
+
+
+def load_allowlist_entry(path: Path) -> ApiClient:
+    """Load one allow-list file (``<name>.yaml``): a client key and what it may use."""
+    doc = _load(path)
+    _validate(doc, ALLOWLIST_SCHEMA)
+    d = doc.data
+    if Path(doc.file).stem != d["name"]:
+        raise doc.error(("name",), f"name: {d['name']!r} differs from the file name")
+    expires = None
+    if "expires" in d:
+        try:
+            when = datetime.datetime.strptime(d["expires"], "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError as exc:
+            raise doc.error(("expires",), f"expires: not a valid date-time ({exc})") from exc
+        expires = int(when.replace(tzinfo=datetime.UTC).timestamp() * 1e6)
+    _public_key(doc, ("public_key",), d["public_key"], ("x25519",))
+    if d.get("revoked", False):
+        expires = 0
+    kw: dict[str, Any] = {"rate": float(d["rate"])} if "rate" in d else {}
+    return ApiClient(
+        name=d["name"],
+        public_key=d["public_key"],
+        channels=tuple(d["channels"]),
+        expires_us=expires,
+        **kw,
+    )

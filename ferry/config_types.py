@@ -76,23 +76,108 @@ class SerialEndpoint:
     baud: int = 115_200
 
 
+ChannelKind = Literal["files", "messages"]
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """Each item of the channel is sent ``count`` times, spread evenly over ``spread`` seconds.
+
+    For links where the inside may be down or lose a burst: the inside keeps the
+    first good copy and ignores the others.
+    """
+
+    count: int = 1
+    spread: float = 0.0
+
+
 @dataclass(frozen=True)
 class OutsideChannel:
     name: str
-    drop: Path
-    """Folder clerks drop files into."""
-    sent: Path
+    drop: Path | None
+    """Folder clerks drop files into (``files`` channels)."""
+    sent: Path | None
     """Folder the originals are moved to once safely spooled (``after_send: move``)."""
+    quarantine: Path | None = None
+    """Folder rejected files go to, with ``<name>.reason.json`` and ``<name>.reason.txt``."""
+    kind: ChannelKind = "files"
     after_send: Literal["move", "delete"] = "move"
     max_size: int = 4 * 1024**3
+    """Largest file (or upload) taken, in bytes."""
     settle_seconds: float = 1.0
-    """A file must keep the same size and mtime this long before it is taken."""
+    """A file must keep the same size and mtime this long before it is taken
+    (files closed after writing or renamed into place are taken sooner)."""
+    subfolders: bool = False
+    """Take files from subfolders of the drop folder too (the relative path travels along)."""
+    max_items_per_minute: int = 0
+    """Rate limit on items taken (0: none); files beyond it wait in the drop folder."""
+    allowed_types: tuple[str, ...] = ("*",)
+    """File name extensions taken (``*``: any); the content pipeline checks the real type."""
+    schemas: tuple[str, ...] = ()
+    """Message schemas accepted (``messages`` channels): names under schemas/messages/."""
+    max_message_size: int = 1024 * 1024
+    repeat: Repeat = field(default_factory=Repeat)
+    priority: int = 1
+    """0 sends before 1: messages pre-empt bulk files (default 0 for messages channels)."""
+
+
+@dataclass(frozen=True)
+class ApiClient:
+    """One integrator allowed on the outer API (a file in the allow-list folder)."""
+
+    name: str
+    public_key: str
+    """``ferry-pk:x25519:...`` CURVE public key of the client."""
+    channels: tuple[str, ...]
+    rate: float = 1000.0
+    """Submissions per second (token bucket; burst of one second's worth)."""
+    expires_us: int | None = None
+
+
+@dataclass(frozen=True)
+class ApiParams:
+    """The outer API: a ZeroMQ ROUTER with CURVE, allow-listed clients."""
+
+    endpoint: str = "tcp://127.0.0.1:47100"
+    server_key: Path | None = None
+    clients: Path | None = None
+    """Folder of ``<name>.yaml`` client files (reloaded on change)."""
+    max_message_size: int = 1024 * 1024
+    chunk_size: int = 256 * 1024
+    """Chunk size of uploads (files larger than a message)."""
+    upload_window: int = 8
+    """Chunks a client may have in flight (credit-based flow control)."""
+    busy_items: int = 100_000
+    """Queued items beyond which submissions get BUSY (backpressure)."""
+    busy_bytes: int = 16 * 1024**3
+    """Queued bytes beyond which submissions get BUSY."""
 
 
 @dataclass(frozen=True)
 class InsideChannel:
     name: str
-    deliver: Path
+    deliver: Path | None
+    kind: ChannelKind = "files"
+    subfolders: bool = False
+    """Recreate the sender's subfolder structure (always inside ``deliver``)."""
+    schemas: tuple[str, ...] = ()
+    """Message schemas accepted inside (checked again before delivery)."""
+    consumers: bool = True
+    """Deliver messages to inner ZeroMQ consumers (``messages`` channels)."""
+
+
+@dataclass(frozen=True)
+class ConsumerParams:
+    """Inner ZeroMQ delivery of messages: a CURVE ROUTER for acknowledged consumers
+    (at least once) and an optional PUB for best-effort fan-out."""
+
+    endpoint: str | None = None
+    publish: str | None = None
+    server_key: Path | None = None
+    clients: Path | None = None
+    """Folder of ``<name>.yaml`` consumer files (same format as API clients)."""
+    redeliver_after: float = 5.0
+    """Seconds before an unacknowledged message is offered again."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +192,7 @@ class OutsideConfig:
     udp: UdpEndpoint
     serial: SerialEndpoint
     channels: tuple[OutsideChannel, ...]
+    api: ApiParams | None = None
     poll_interval: float = 0.5
 
 
@@ -121,6 +207,7 @@ class InsideConfig:
     udp: UdpEndpoint
     serial: SerialEndpoint
     channels: tuple[InsideChannel, ...]
+    consumers: ConsumerParams = field(default_factory=ConsumerParams)
     degraded_after: float = 3.0
     """Seconds without a heartbeat before the link is DEGRADED."""
     down_after: float = 10.0

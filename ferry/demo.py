@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import zlib
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,48 @@ def sample_documents(big: int, medium: int = 3 * 1024 * 1024 + 17) -> dict[str, 
         "survey-large.bin": os.urandom(big),
         "empty.txt": b"",
     }
+
+
+def sample_messages(n: int) -> list[tuple[str, bytes]]:
+    """``n`` valid messages built from the schemas' own examples, each with a fresh id."""
+    folder = resources.files("ferry").joinpath("schemas").joinpath("messages")
+    examples = {
+        name: json.loads(folder.joinpath(f"{name}.schema.json").read_text("utf-8"))["examples"]
+        for name in ("citizen-application", "agency-notice")
+    }
+    out = []
+    for i in range(n):
+        schema = ("citizen-application", "agency-notice")[i % 2]
+        doc = json.loads(json.dumps(examples[schema][0]))
+        for key in ("application_id", "notice_id"):
+            if key in doc:
+                doc[key] = str(uuid.uuid4())
+        out.append((schema, json.dumps(doc, ensure_ascii=False, indent=2).encode()))
+    return out
+
+
+def _send_messages(
+    deployment: dict[str, Any], messages: list[tuple[str, bytes]], deadline: float
+) -> tuple[list[Any], str]:
+    """Submit through the outer API (retrying until the agent listens); returns acks."""
+    from ferry.client import ApiRejected, ApiUnavailable, Client  # noqa: PLC0415
+
+    acks: list[Any] = []
+    with Client.from_config(deployment["api"]["client_config"]) as client:
+        for schema, data in messages:
+            while True:
+                try:
+                    acks.append(client.submit("messages", data, schema=schema, timeout=5))
+                    break
+                except ApiUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+        try:
+            client.submit("messages", b'{"applicant": 1, "applicant": 2}', schema=messages[0][0])
+            hostile = "accepted?!"
+        except ApiRejected as exc:
+            hostile = exc.reason_code
+    return acks, hostile
 
 
 def _agent(side: str, config: str, logdir: Path) -> subprocess.Popen[bytes]:
@@ -144,6 +188,17 @@ def run_demo(
         tmp = drop / (name + ".part")
         tmp.write_bytes(data)
         os.rename(tmp, drop / name)
+    from ferry.client import Consumer  # noqa: PLC0415
+
+    messages = sample_messages(20)
+    consumer = Consumer.from_config(deployment["consumers"]["client_config"])
+    acks, hostile = _send_messages(deployment, messages, started + 30)
+    console.print(
+        f"API: {len(acks)} messages acknowledged (durably spooled); a message with a "
+        f"duplicate key was refused: {hostile}"
+    )
+    consumed: set[str] = set()
+    msg_folder = Path(deployment["channels"]["messages"]["deliver"])
     arrived: dict[str, Path] = {}
     ok = False
     with Progress(
@@ -160,13 +215,19 @@ def run_demo(
                 if p.name in files and p.name not in arrived:
                     arrived[p.name] = p
             progress.update(task, completed=sum(len(files[n]) for n in arrived))
-            if len(arrived) == len(files):
+            got = consumer.receive(timeout=0)
+            if got:
+                consumed.update(d.item for d in got)
+                consumer.ack([d.item for d in got])
+            msg_files = len(list(msg_folder.glob("*.json")))
+            if len(arrived) == len(files) and len(consumed) == len(acks) and msg_files == len(acks):
                 ok = True
                 break
             if inside.poll() is not None or outside.poll() is not None:
                 break
             time.sleep(0.1)
     elapsed = time.monotonic() - started
+    consumer.close()
     time.sleep(1.2)  # let both agents write a final status
     out_status: dict[str, Any] = (
         read_status(Path(deployment["outside"]["state_dir"]) / "status.json") or {}
@@ -207,16 +268,24 @@ def run_demo(
         f"{in_status.get('blocks_recovered', 0):,} FEC blocks rebuilt from repair symbols; "
         f"link state {in_status.get('link_state', '?')}"
     )
+    delivered_msgs = sorted(msg_folder.glob("*.json"))
+    msgs_ok = len(delivered_msgs) == len(acks) and set(consumed) == {a.item for a in acks}
+    console.print(
+        f"messages: {len(acks)} accepted, {len(delivered_msgs)} delivered into {msg_folder}, "
+        f"{len(consumed)} received and acknowledged by the inner consumer"
+        + ("" if msgs_ok else " [red](INCOMPLETE)")
+    )
     if cable:
         console.print(
             f"serial: {cable.bytes_copied:,} bytes crossed, {cable.bytes_returned} came back"
         )
     console.print(f"agent logs: {logdir}")
-    success = ok and intact == len(files) and rc_in == 0 and rc_out == 0
+    success = ok and msgs_ok and hostile != "accepted?!" and intact == len(files)
+    success = success and rc_in == 0 and rc_out == 0
     if not success:
         console.print(f"[red]demo FAILED[/red] (inside exit {rc_in}, outside exit {rc_out})")
     else:
-        console.print("[green]demo passed: every file arrived intact[/green]")
+        console.print("[green]demo passed: every file and message arrived intact[/green]")
     if not keep and not workdir and success:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if success else 1

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ferry.config_types import (
+    ApiParams,
+    ConsumerParams,
     FecParams,
     InsideConfig,
     LinkParams,
@@ -47,6 +49,10 @@ KEY_ROLES: dict[str, tuple[str, Alg]] = {
     "inside-kem": ("inside-kem", "mlkem768x25519"),
     "inside-kem-x25519": ("inside-kem", "x25519"),
     "audit": ("audit", "ed25519"),
+    "api-server": ("api-server", "x25519"),
+    "api-client": ("api-client", "x25519"),
+    "consumer-server": ("consumer-server", "x25519"),
+    "consumer": ("consumer", "x25519"),
 }
 _CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # as in the config schemas
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -192,7 +198,46 @@ keys:
 """
 
 
-def _outside_yaml(link: str, channels: tuple[str, ...]) -> str:
+MESSAGE_SCHEMAS = ("citizen-application", "agency-notice")
+API_CLIENT = "portal"
+CONSUMER = "inner-app"
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _messages_outside_yaml(name: str, api_port: int) -> str:
+    api = ApiParams()
+    return f"""  - # A messages channel: integrators submit JSON through the API (no folders).
+    name: {name}
+    kind: messages
+    # Schemas accepted (files under schemas/messages/); each message names one.
+    schemas: [{", ".join(MESSAGE_SCHEMAS)}]
+    # Largest message in bytes; k/M/G/T are powers of 1024.
+    max_message_size: {_size(api.max_message_size)}
+    # Send every message twice, 30 s apart, in case the inside is down or loses a burst.
+    repeat: {{count: 2, spread: 30}}
+
+# The outer API (ZeroMQ ROUTER with CURVE): only allow-listed client keys get in.
+api:
+  # Where integrators connect (keep it on the portal-facing interface).
+  endpoint: "tcp://127.0.0.1:{api_port}"
+  # The server's CURVE secret key (x25519, mode 0600); give integrators its .pub.
+  server_key: "keys/api-server.key"
+  # Allow-list: one <name>.yaml per client (public key, channels, rate); reloaded on change.
+  clients: "api-clients"
+  # Queued items (or bytes) beyond which submissions get BUSY and folders pause.
+  busy_items: {api.busy_items}
+  busy_bytes: {_size(api.busy_bytes)}
+"""
+
+
+def _outside_yaml(link: str, channels: tuple[str, ...], messages: str = "") -> str:
     ch = OutsideChannel(name="x", drop=Path(), sent=Path())
     text = _HEADER.format(role="outside", state="spool and session state")
     text += """\
@@ -213,23 +258,50 @@ def _outside_yaml(link: str, channels: tuple[str, ...]) -> str:
     drop: {_q(f"drop/{name}")}
     # Folder originals are moved to once safely spooled (with after_send: move).
     sent: {_q(f"sent/{name}")}
+    # Folder refused files go to, each with <name>.reason.txt for the clerk.
+    quarantine: {_q(f"quarantine/{name}")}
     # What happens to an original once spooled: move (into sent) or delete.
     after_send: {ch.after_send}
     # Largest file accepted; k/M/G/T are powers of 1024.
     max_size: {_size(ch.max_size)}
-    # Seconds a file must keep the same size and mtime before it is taken.
+    # Seconds a file must keep the same size and mtime before it is taken
+    # (files closed after writing or renamed into place are taken at once).
     settle_seconds: {ch.settle_seconds}
+    # Take files from subfolders too (the relative path travels along).
+    subfolders: false
 """
+    text += messages
     text += f"""
 # Outside agent tuning.
 outside:
-  # Seconds between scans of the drop folders.
+  # Seconds the intake waits for folder events per turn.
   poll_interval: {_defaults(OutsideConfig)["poll_interval"]}
 """
     return text
 
 
-def _inside_yaml(link: str, channels: tuple[str, ...]) -> str:
+def _messages_inside_yaml(name: str, consumer_port: int) -> str:
+    return f"""\
+  - # Messages: checked again (schema, canonical form), then delivered.
+    name: {name}
+    kind: messages
+    schemas: [{", ".join(MESSAGE_SCHEMAS)}]
+    # Each message also lands here as <schema>-<seq>.json, exactly once.
+    deliver: {_q(f"deliver/{name}")}
+    # And goes to the inner ZeroMQ consumers below (at least once, with item ids).
+    consumers: true
+
+# Inner ZeroMQ delivery (CURVE): allow-listed consumers acknowledge what they process.
+consumers:
+  endpoint: "tcp://127.0.0.1:{consumer_port}"
+  server_key: "keys/consumer-server.key"
+  clients: "consumer-clients"
+  # Seconds before an unacknowledged message is offered again.
+  redeliver_after: {ConsumerParams().redeliver_after}
+"""
+
+
+def _inside_yaml(link: str, channels: tuple[str, ...], messages: str = "") -> str:
     text = _HEADER.format(role="inside", state="session state and partial objects")
     text += """\
   # Secret KEM key sessions are opened with (mode 0600).
@@ -247,6 +319,7 @@ def _inside_yaml(link: str, channels: tuple[str, ...]) -> str:
     # Folder verified files are delivered into.
     deliver: {_q(f"deliver/{name}")}
 """
+    text += messages
     tune = _defaults(InsideConfig)
     text += f"""
 # Inside agent tuning.
@@ -302,6 +375,7 @@ def init_deployment(
     kem: str = "mlkem768x25519",
     rate_bps: int = 800_000_000,
     channels: tuple[str, ...] = ("documents",),
+    messages: str | None = "messages",
 ) -> dict[str, Any]:
     """Create ``root/outside`` and ``root/inside`` with keys, folders and commented configs.
 
@@ -353,6 +427,10 @@ def init_deployment(
     write_public_key(o["inside_public_key"], kem_key.public)
 
     chans: dict[str, dict[str, str]] = {}
+    if messages is not None and messages in channels:
+        raise UsageError(f"channel {messages!r} is both a files and the messages channel")
+    if messages is not None and not _CHANNEL_NAME.fullmatch(messages):
+        raise UsageError(f"bad channel name {messages!r}")
     for name in channels:
         folders = {"drop": out / "drop" / name, "sent": out / "sent" / name}
         folders["deliver"] = ins / "deliver" / name
@@ -371,15 +449,93 @@ def init_deployment(
         link_out = _link_yaml(transport, kem, rate_bps, _serial_yaml(dev_out))
         link_in = _link_yaml(transport, kem, rate_bps, _serial_yaml(dev_in))
         link_info["serial"] = {"outside_device": dev_out, "inside_device": dev_in}
-    _create_text(o["config"], _outside_yaml(link_out, channels))
-    _create_text(i["config"], _inside_yaml(link_in, channels))
-    return {
+    extra_out = extra_in = ""
+    api_info: dict[str, str] = {}
+    consumer_info: dict[str, str] = {}
+    if messages is not None:
+        api_port, consumer_port = free_tcp_port(), free_tcp_port()
+        api_info, consumer_info = _provision_zmq(
+            root, out, ins, messages, api_port=api_port, consumer_port=consumer_port
+        )
+        extra_out = _messages_outside_yaml(messages, api_port)
+        extra_in = _messages_inside_yaml(messages, consumer_port)
+        deliver = ins / "deliver" / messages
+        _mkdir(deliver)
+        chans[messages] = {"kind": "messages", "deliver": str(deliver)}
+    for name in channels:
+        chans[name]["quarantine"] = str(out / "quarantine" / name)
+        _mkdir(out / "quarantine" / name, _PRIVATE_DIR)
+    _create_text(o["config"], _outside_yaml(link_out, channels, extra_out))
+    _create_text(i["config"], _inside_yaml(link_in, channels, extra_in))
+    result: dict[str, Any] = {
         "root": str(root),
         "outside": {k: str(v) for k, v in o.items()},
         "inside": {k: str(v) for k, v in i.items()},
         "channels": chans,
         "link": link_info,
     }
+    if api_info:
+        result["api"] = api_info
+        result["consumers"] = consumer_info
+    return result
+
+
+def _allow_entry(name: str, key: SecretKey, channels: tuple[str, ...], rate: int) -> str:
+    return (
+        f"# Allow-list entry written by `ferry init`. Delete this file to revoke the key\n"
+        f"# (takes effect within a second, also for connected clients).\n"
+        f"version: 1\nname: {name}\npublic_key: {key.public.to_string()}\n"
+        f"channels: [{', '.join(channels)}]\n# Submissions per second.\nrate: {rate}\n"
+    )
+
+
+def _client_yaml(role: str, name: str, endpoint: str, server_pub: Path, key: Path) -> str:
+    return (
+        f"# ferry {role} configuration (written by `ferry init`).\n"
+        f"version: 1\nrole: {role}\nname: {name}\nendpoint: {_q(endpoint)}\n"
+        f"server_public_key: {_q(str(server_pub))}\nclient_key: {_q(str(key))}\n"
+    )
+
+
+def _provision_zmq(
+    root: Path, out: Path, ins: Path, channel: str, *, api_port: int, consumer_port: int
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Server keys, one API client and one inner consumer, with their configs."""
+    clients = root / "clients"
+    _mkdir(clients, _PRIVATE_DIR)
+    infos = []
+    for side, server_role, allow_dir, who, role, port in (
+        (out, "api-server", "api-clients", API_CLIENT, "api-client", api_port),
+        (ins, "consumer-server", "consumer-clients", CONSUMER, "consumer", consumer_port),
+    ):
+        server = SecretKey.generate("x25519")
+        write_secret_key(side / "keys" / f"{server_role}.key", server, server_role)
+        write_public_key(side / "keys" / f"{server_role}.pub", server.public)
+        _mkdir(side / allow_dir)
+        client = SecretKey.generate("x25519")
+        client_key = clients / f"{who}.key"
+        write_secret_key(client_key, client, role)
+        write_public_key(clients / f"{who}.pub", client.public)
+        entry = side / allow_dir / f"{who}.yaml"
+        _create_text(entry, _allow_entry(who, client, (channel,), 5000))
+        endpoint = f"tcp://127.0.0.1:{port}"
+        server_pub = clients / f"{server_role}.pub"
+        write_public_key(server_pub, server.public)
+        config = clients / f"{who}.yaml"
+        _create_text(config, _client_yaml(role, who, endpoint, server_pub, client_key))
+        infos.append(
+            {
+                "endpoint": endpoint,
+                "server_key": str(side / "keys" / f"{server_role}.key"),
+                "server_public_key": server.public.to_string(),
+                "allowlist": str(side / allow_dir),
+                "client": who,
+                "client_config": str(config),
+                "client_key": str(client_key),
+                "allowlist_entry": str(entry),
+            }
+        )
+    return infos[0], infos[1]
 
 
 def keygen(role: str, out_dir: Path, name: str | None = None) -> dict[str, str]:

@@ -18,9 +18,11 @@ from pathlib import Path
 from ferry import log, selftest
 from ferry.config_types import InsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
-from ferry.errors import FerryError, WireError
+from ferry.errors import FerryError, PolicyRejection, WireError
+from ferry.jsondoc import SchemaRegistry
 from ferry.runtime import open_receiver
 from ferry.status import write_status
+from ferry.wire import records as rec
 from ferry.wire.linkstate import LinkMonitor
 from ferry.wire.receiver import (
     BlockDecoded,
@@ -30,8 +32,16 @@ from ferry.wire.receiver import (
     Receiver,
     SessionStarted,
 )
-from inside.deliver import Delivered, deliver
+from inside.consumers import ConsumerServer, Outbox, OutboxItem
+from inside.deliver import Delivered, deliver, verify_stream, write_new_file
 from inside.ledger import Ledger
+from inside.paths import candidate_names, safe_name
+
+# Objects whose whole stream fits in one FEC block this small stay in memory (messages).
+MEMORY_OBJECT_MAX = 256 * 1024
+DELIVERY_BATCH = 256
+
+Job = tuple[bytes, int, bytes | None]
 
 TICK_INTERVAL = 0.25
 STATUS_INTERVAL = 0.5
@@ -65,12 +75,28 @@ class InsideAgent:
         self.rejected_dir = cfg.state_dir / "rejected"
         for d in (self.spool_dir, self.rejected_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.folders = {ch.name: ch.deliver for ch in cfg.channels}
-        for folder in self.folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
+        self.folders = {
+            ch.name: ch.deliver for ch in cfg.channels if ch.kind == "files" and ch.deliver
+        }
+        self.subfolders = {ch.name: ch.subfolders for ch in cfg.channels}
+        self.msg_channels = {ch.name: ch for ch in cfg.channels if ch.kind == "messages"}
+        for ch in cfg.channels:
+            if ch.deliver is not None:
+                ch.deliver.mkdir(parents=True, exist_ok=True)
+        self.schemas = SchemaRegistry.load() if self.msg_channels else None
+        for ch in self.msg_channels.values():
+            for name in ch.schemas:
+                if self.schemas is not None and name not in self.schemas.ids:
+                    raise FerryError(f"channel {ch.name}: unknown message schema {name!r}")
         self.ledger = Ledger(cfg.state_dir)
+        self.outbox: Outbox | None = None
+        self.consumers: ConsumerServer | None = None
+        if cfg.consumers.endpoint or cfg.consumers.publish:
+            self.outbox = Outbox(cfg.state_dir)
+            self.consumers = ConsumerServer(cfg.consumers, self.outbox, stop)
         self._fds: dict[bytes, int] = {}
-        self._work: queue.Queue[tuple[bytes, int] | None] = queue.Queue()
+        self._mem: dict[bytes, bytes] = {}
+        self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._reject_log = _RateLimitedLog()
         self.delivered = 0
         self.delivered_bytes = 0
@@ -110,42 +136,174 @@ class InsideAgent:
         return fd
 
     def _delivery_loop(self) -> None:
-        while (job := self._work.get()) is not None:
-            oid, length = job
-            path = self._spool_path(oid)
+        last = False
+        while not last:
+            first = self._work.get()
+            if first is None:
+                return
+            jobs: list[Job] = [first]
+            while len(jobs) < DELIVERY_BATCH:
+                try:
+                    job = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    last = True
+                    break
+                jobs.append(job)
+            messages: list[tuple[bytes, rec.Manifest, bytes]] = []
+            for oid, length, data in jobs:
+                if data is None:
+                    self._deliver_file(oid, length)
+                    continue
+                try:
+                    manifest, content = verify_stream(data, oid, self.sender_key)
+                except FerryError as exc:
+                    self._reject(oid, str(exc), data)
+                    continue
+                if manifest.kind == "message":
+                    messages.append((oid, manifest, content))
+                else:  # a small file: through the file path
+                    path = self._spool_path(oid)
+                    with open(path, "wb") as f:
+                        f.write(data)
+                    self._deliver_file(oid, length)
+            if messages:
+                try:
+                    self._deliver_messages(messages)
+                except Exception:  # noqa: BLE001  # keep delivering; these stay undelivered
+                    _log.exception("message_delivery_failed", count=len(messages))
+
+    def _reject(self, oid: bytes, reason: str, data: bytes | None = None) -> None:
+        self.rejected += 1
+        target = self.rejected_dir / f"{oid.hex()}.obj"
+        path = self._spool_path(oid)
+        if data is not None:
+            with open(target, "wb") as f:
+                f.write(data)
+        elif path.exists():
+            os.replace(path, target)
+        self.ledger.record(oid, "rejected", reason=reason)
+        _log.error("object_rejected", object_id=oid.hex(), reason=reason, kept=str(target))
+
+    def _deliver_file(self, oid: bytes, length: int) -> None:
+        path = self._spool_path(oid)
+        try:
+            result = deliver(
+                path,
+                oid,
+                length,
+                sender=self.sender_key,
+                folders=self.folders,
+                ledger=self.ledger,
+                subfolders=self.subfolders,
+            )
+        except (FerryError, OSError) as exc:
+            self._reject(oid, str(exc))
+            return
+        if isinstance(result, Delivered):
+            self.delivered += 1
+            self.delivered_bytes += result.manifest.size
+            _log.info(
+                "delivered",
+                object_id=oid.hex(),
+                channel=result.manifest.channel,
+                seq=result.manifest.seq,
+                name=result.manifest.name,
+                path=str(result.path),
+                size=result.manifest.size,
+                sha256=result.manifest.sha256.hex(),
+            )
+        else:
+            _log.info("duplicate_ignored", object_id=oid.hex())
+
+    def _check_message(self, manifest: rec.Manifest, content: bytes) -> None:
+        """The inside's own checks of a message: channel, schema, strict JSON, canonical."""
+        ch = self.msg_channels.get(manifest.channel)
+        if ch is None or self.schemas is None:
+            raise FerryError(f"channel {manifest.channel!r} takes no messages on this inside")
+        if manifest.schema not in ch.schemas:
+            raise FerryError(f"schema {manifest.schema!r} is not accepted on {ch.name}")
+        _, canonical = self.schemas.check(manifest.schema, content)
+        if canonical != content:
+            raise FerryError("message is not in canonical form")
+
+    def _deliver_messages(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
+        ok: list[tuple[bytes, rec.Manifest, bytes, Path | None]] = []
+        for oid, manifest, content in batch:
+            if self.ledger.state_of(oid) in {"delivered", "rejected"}:
+                continue  # a repeat
             try:
-                result = deliver(
-                    path,
-                    oid,
-                    length,
-                    sender=self.sender_key,
-                    folders=self.folders,
-                    ledger=self.ledger,
-                )
-            except (FerryError, OSError) as exc:
-                self.rejected += 1
-                reason = str(exc)
-                target = self.rejected_dir / f"{oid.hex()}.obj"
-                if path.exists():
-                    os.replace(path, target)
-                self.ledger.record(oid, "rejected", reason=reason)
-                _log.error("object_rejected", object_id=oid.hex(), reason=reason, kept=str(target))
+                self._check_message(manifest, content)
+            except (FerryError, PolicyRejection) as exc:
+                self._reject(oid, f"message re-check failed: {exc}", content)
                 continue
-            if isinstance(result, Delivered):
-                self.delivered += 1
-                self.delivered_bytes += result.manifest.size
-                _log.info(
-                    "delivered",
-                    object_id=oid.hex(),
-                    channel=result.manifest.channel,
-                    seq=result.manifest.seq,
-                    name=result.manifest.name,
-                    path=str(result.path),
-                    size=result.manifest.size,
-                    sha256=result.manifest.sha256.hex(),
+            ch = self.msg_channels[manifest.channel]
+            planned = None
+            if ch.deliver is not None:
+                planned = next(
+                    (
+                        ch.deliver / n
+                        for n in candidate_names(safe_name(manifest.name))
+                        if not os.path.lexists(ch.deliver / n)
+                    ),
+                    None,
                 )
-            else:
-                _log.info("duplicate_ignored", object_id=oid.hex())
+            ok.append((oid, manifest, content, planned))
+        if not ok:
+            return
+        if self.outbox is not None:
+            self.outbox.add_many(
+                [
+                    OutboxItem(oid, m.channel, m.seq, m.schema, m.subject, m.created_us, c)
+                    for oid, m, c, _ in ok
+                    if self.msg_channels[m.channel].consumers
+                ]
+            )
+        self.ledger.record_many(
+            [
+                {
+                    "object_id": oid,
+                    "state": "delivering",
+                    "channel": m.channel,
+                    "seq": m.seq,
+                    "name": m.name,
+                    "path": None if p is None else str(p),
+                    "size": m.size,
+                    "sha256": m.sha256,
+                }
+                for oid, m, _, p in ok
+            ]
+        )
+        done: list[dict[str, object]] = []
+        for oid, m, content, planned in ok:
+            folder = self.msg_channels[m.channel].deliver
+            path = None
+            if folder is not None:
+                path = write_new_file(folder, planned.name if planned else m.name, content)
+            done.append({"object_id": oid, "state": "delivered", "path": path and str(path)})
+            _log.info(
+                "delivered",
+                object_id=oid.hex(),
+                channel=m.channel,
+                seq=m.seq,
+                schema=m.schema,
+                subject=m.subject,
+                path=None if path is None else str(path),
+                size=m.size,
+                sha256=m.sha256.hex(),
+            )
+        self.ledger.record_many(done)
+        self.delivered += len(done)
+        self.delivered_bytes += sum(m.size for _, m, _, _ in ok)
+        if self.consumers is not None:
+            self.consumers.notify(
+                [
+                    OutboxItem(oid, m.channel, m.seq, m.schema, m.subject, m.created_us, c)
+                    for oid, m, c, _ in ok
+                    if self.msg_channels[m.channel].consumers
+                ]
+            )
 
     # ---------------------------------------------------------------- main
     def run(self) -> int:
@@ -168,6 +326,8 @@ class InsideAgent:
             max_clock_skew=cfg.max_clock_skew,
         )
         channel = open_receiver(cfg)
+        if self.consumers is not None:
+            self.consumers.start()
         worker = threading.Thread(target=self._delivery_loop, name="deliver", daemon=True)
         worker.start()
         _log.info(
@@ -223,6 +383,10 @@ class InsideAgent:
         finally:
             self._work.put(None)
             worker.join(timeout=30)
+            if self.consumers is not None:
+                self.consumers.close()
+            if self.outbox is not None:
+                self.outbox.close()
             channel.close()
             for fd in self._fds.values():
                 os.close(fd)
@@ -235,14 +399,20 @@ class InsideAgent:
     def _handle(self, machine: Receiver, monitor: LinkMonitor, now: float) -> None:
         for ev in machine.pop_events():
             if isinstance(ev, BlockDecoded):
-                os.pwrite(self._spool_fd(ev.object_id), ev.data, ev.offset)
+                if ev.offset == 0 and len(ev.data) == ev.object_length <= MEMORY_OBJECT_MAX:
+                    self._mem[ev.object_id] = ev.data  # the whole object (a message)
+                else:
+                    os.pwrite(self._spool_fd(ev.object_id), ev.data, ev.offset)
             elif isinstance(ev, ObjectCompleted):
                 # (an empty object's only block still went through BlockDecoded)
-                os.close(self._spool_fd(ev.object_id))
-                del self._fds[ev.object_id]
-                self._work.put((ev.object_id, ev.length))
+                data = self._mem.pop(ev.object_id, None)
+                if data is None:
+                    os.close(self._spool_fd(ev.object_id))
+                    del self._fds[ev.object_id]
+                self._work.put((ev.object_id, ev.length, data))
             elif isinstance(ev, ObjectLost):
                 self.lost += 1
+                self._mem.pop(ev.object_id, None)
                 fd = self._fds.pop(ev.object_id, None)
                 if fd is not None:
                     os.close(fd)

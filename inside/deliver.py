@@ -15,6 +15,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -26,6 +27,7 @@ from inside.ledger import Ledger
 from inside.paths import candidate_names, contained, safe_name
 
 HASH_CHUNK = 1024 * 1024
+MAX_SUBFOLDER_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,96 @@ def verify_object(fd: int, object_id: bytes, length: int, sender: PublicKey) -> 
     return manifest
 
 
+def verify_stream(data: bytes, object_id: bytes, sender: PublicKey) -> tuple[rec.Manifest, bytes]:
+    """Check an object stream held in memory; return its manifest and content."""
+    length = len(data)
+    tlen = rec.trailer_length(data[-rec.TRAILER_TAIL.size :])
+    if tlen > length:
+        raise WireError("object trailer longer than the object")
+    manifest_bytes, signature = rec.split_trailer(data[length - tlen :])
+    suite.verify(sender, rec.MANIFEST_LABEL, manifest_bytes, signature)
+    manifest = rec.decode_manifest(manifest_bytes)  # authenticated from here on
+    if manifest.object_id != object_id:
+        raise WireError("manifest object id differs from the transfer's")
+    if manifest.sender != sender.key_id:
+        raise WireError("manifest names another sender key")
+    if manifest.size != length - tlen:
+        raise WireError("manifest size differs from the content length")
+    content = data[: manifest.size]
+    if hashlib.sha256(content).digest() != manifest.sha256:
+        raise WireError("content SHA-256 differs from the signed manifest")
+    return manifest, content
+
+
+def write_new_file(folder: Path, name: str, content: bytes) -> Path:
+    """Write ``content`` atomically under a free safe name in ``folder`` (never overwrites)."""
+    root = PurePosixPath(folder)
+    tmp = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o640)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(tmp, view) :]
+        os.fsync(tmp)
+        for candidate in candidate_names(safe_name(name)):
+            try:
+                target = Path(contained(root, candidate))
+            except ValueError as exc:
+                raise UnsafePathError(str(exc)) from exc
+            try:
+                _link_tmpfile(tmp, target)
+            except FileExistsError:
+                continue
+            _fsync_dir(folder)
+            return target
+    finally:
+        os.close(tmp)
+    raise UnsafePathError(f"no free name for {name!r} after many collisions")
+
+
+def _link_tmpfile(tmp_fd: int, target: Path) -> None:
+    """Give an O_TMPFILE file its name (FileExistsError if taken).
+
+    linkat(2) with AT_SYMLINK_FOLLOW on /proc/self/fd/N; Python uses linkat
+    (and that flag) only when a directory fd is passed, so pass the folder's.
+    """
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(f"/proc/self/fd/{tmp_fd}", target.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    finally:
+        os.close(dir_fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _subfolder(folder: Path, relpath: str, *, keep: bool) -> Path:
+    """The sender's relative folder under ``folder`` (when kept), made safe and created.
+
+    Each component goes through safe_name; an existing component must be a real
+    folder (a symlink planted there is refused), so the result is always inside.
+    """
+    if not keep:
+        return folder
+    parts = [safe_name(p) for p in PurePosixPath(relpath).parts if p not in ("", ".", "/")]
+    if not parts or len(parts) > MAX_SUBFOLDER_DEPTH:
+        raise UnsafePathError(f"subfolder path {relpath!r} is empty or too deep")
+    current = PurePosixPath(folder)
+    for part in parts:
+        try:
+            current = contained(current, part)
+        except ValueError as exc:
+            raise UnsafePathError(str(exc)) from exc
+        try:
+            os.mkdir(current, 0o750)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                raise UnsafePathError(f"{current} exists and is not a folder") from None
+    return Path(current)
 
 
 def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
@@ -88,7 +174,7 @@ def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
             dst.flush()
         os.ftruncate(tmp, size)
         os.fsync(tmp)
-        os.link(f"/proc/self/fd/{tmp}", target)
+        _link_tmpfile(tmp, target)
     finally:
         os.close(tmp)
 
@@ -101,17 +187,23 @@ def deliver(
     sender: PublicKey,
     folders: dict[str, Path],
     ledger: Ledger,
+    subfolders: dict[str, bool] | None = None,
 ) -> Delivered | Duplicate:
     """Verify and deliver; raise FerryError (reason in the message) if the object is refused."""
+    subfolders = subfolders or {}
     if ledger.state_of(object_id) in {"delivered", "rejected"}:
         spool_file.unlink(missing_ok=True)
         return Duplicate(object_id)
     fd = os.open(spool_file, os.O_RDWR | os.O_NOFOLLOW)
     try:
         manifest = verify_object(fd, object_id, length, sender)
+        if manifest.kind != "file":
+            raise FerryError(f"a {manifest.kind} object cannot be delivered as a file")
         folder = folders.get(manifest.channel)
         if folder is None:
-            raise FerryError(f"channel {manifest.channel!r} is not configured on this inside")
+            raise FerryError(f"channel {manifest.channel!r} has no file folder on this inside")
+        if manifest.path:
+            folder = _subfolder(folder, manifest.path, keep=subfolders.get(manifest.channel, False))
         os.ftruncate(fd, manifest.size)
         os.fsync(fd)
         name = safe_name(manifest.name)

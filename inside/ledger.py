@@ -96,6 +96,21 @@ class Ledger:
                 ),
             )
 
+    def record_many(self, rows: list[dict[str, object]]) -> None:
+        """Several :meth:`record` calls in one durable transaction (group commit)."""
+        now = int(time.time() * 1e6)
+        keys = ("channel", "seq", "name", "path", "size", "sha256", "reason")
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE"
+                " SET state=excluded.state, channel=coalesce(excluded.channel, channel),"
+                " seq=coalesce(excluded.seq, seq), name=coalesce(excluded.name, name),"
+                " path=coalesce(excluded.path, path), size=coalesce(excluded.size, size),"
+                " sha256=coalesce(excluded.sha256, sha256), reason=excluded.reason,"
+                " updated_us=excluded.updated_us",
+                [(r["object_id"], r["state"], *(r.get(k) for k in keys), now) for r in rows],
+            )
+
     def in_state(self, state: str) -> list[tuple[bytes, str | None, str | None, bytes | None]]:
         with self._lock:
             rows = self._db.execute(

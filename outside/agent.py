@@ -1,9 +1,11 @@
-"""The outside (low-side) agent: take files in, spool them, send them one way.
+"""The outside (low-side) agent: take files and messages in, spool them, send them one way.
 
-``ferry outside run -c outside.yaml``. Threads: one intake thread scans the
-drop folders and spools files; the main thread drives the sender machine,
-paces every byte through a token bucket and writes to the link. It never
-reads from the link.
+``ferry outside run -c outside.yaml``. Threads: the intake thread takes
+completed files from the drop folders (watchdog); the API thread accepts
+messages and uploads over ZeroMQ; the main thread schedules spooled items
+(messages before files, repeats when due), drives the sender machine, paces
+every byte through a token bucket and writes to the link. It never reads
+from the link.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from ferry.errors import ChannelError
 from ferry.runtime import open_sender, pacing_rate
 from ferry.status import write_status
 from ferry.wire.pacing import TokenBucket
-from ferry.wire.sender import OutgoingObject, Sender
+from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender
+from outside.api import ApiServer
 from outside.intake import FolderIntake
-from outside.spool import Spool, SpoolItem
+from outside.spool import Spool, SpoolItem, now_us
 
 # Datagrams asked of the sender machine per loop turn: amortises Python overhead
 # while keeping heartbeats and intake responsive (64 x 1.5 kB ~ 0.1 ms at 1 Gb/s).
@@ -48,6 +51,11 @@ class FileSource:
         os.close(self._fd)
 
 
+MESSAGE_FEC = (4, 4)
+"""Per-object FEC of messages: a one- or two-symbol message survives as many losses."""
+SCHEDULE_INTERVAL = 0.5
+
+
 class OutsideAgent:
     def __init__(self, cfg: OutsideConfig, stop: threading.Event) -> None:
         self.cfg = cfg
@@ -56,30 +64,79 @@ class OutsideAgent:
         self.key = load_secret_key(cfg.signing_key, ("ed25519",))
         self.recipient = load_public_key(cfg.inside_public_key, cfg.source.parent)
         self.spool = Spool(cfg.state_dir)
-        for ch in cfg.channels:
-            ch.drop.mkdir(parents=True, exist_ok=True)
+        self._incoming: queue.SimpleQueue[SpoolItem] = queue.SimpleQueue()
+        self._wake = threading.Event()
         self.intake = FolderIntake(cfg.channels, self.spool, self.key)
-        self._incoming: queue.Queue[SpoolItem] = queue.Queue()
-        self._sources: dict[bytes, FileSource] = {}
+        self.api: ApiServer | None = None
+        if cfg.api is not None:
+            self.api = ApiServer(cfg, self.spool, self.key, self._enqueue, stop)
+        self._sources: dict[bytes, FileSource | BytesSource] = {}
         self.status_path = cfg.state_dir / "status.json"
 
+    def _enqueue(self, items: list[SpoolItem]) -> None:
+        for item in items:
+            self._incoming.put(item)
+        self._wake.set()
+
     def _intake_loop(self) -> None:
+        api = self.cfg.api
         while not self.stop.is_set():
             try:
-                for item in self.intake.scan():
-                    self._incoming.put(item)
+                if api is not None:
+                    full = (
+                        self.spool.backlog_items >= api.busy_items
+                        or self.spool.backlog_bytes >= api.busy_bytes
+                    )
+                    self.intake.pause(full)
+                items = self.intake.step(self.cfg.poll_interval)
+                if items:
+                    self._enqueue(items)
             except Exception:  # noqa: BLE001  # the intake thread must never die silently
                 _log.exception("intake_error")
-            self.stop.wait(self.cfg.poll_interval)
+                self.stop.wait(self.cfg.poll_interval)
 
     def _submit(self, sender: Sender, item: SpoolItem) -> None:
-        try:
-            src = FileSource(item.spool_file)
-        except OSError as exc:
-            _log.error("spool_file_missing", object_id=item.object_id.hex(), error=str(exc))
-            return
-        self._sources[item.object_id] = src
-        sender.submit(OutgoingObject(item.object_id, item.length, src, item.channel, item.seq))
+        if item.object_id in self._sources:
+            return  # a copy is already on its way
+        source: FileSource | BytesSource
+        if item.data is not None:
+            source = BytesSource(item.data)
+        else:
+            if item.spool_file is None:
+                _log.error("spool_item_without_content", object_id=item.object_id.hex())
+                return
+            try:
+                source = FileSource(item.spool_file)
+            except OSError as exc:
+                _log.error("spool_file_missing", object_id=item.object_id.hex(), error=str(exc))
+                return
+        self._sources[item.object_id] = source
+        sender.submit(
+            OutgoingObject(
+                item.object_id,
+                item.length,
+                source,
+                item.channel,
+                item.seq,
+                priority=item.priority,
+                fec=MESSAGE_FEC if item.kind == "message" else None,
+            )
+        )
+
+    def _sent(self, events: list[ObjectSent]) -> None:
+        for ev in events:
+            src = self._sources.pop(ev.object_id, None)
+            if isinstance(src, FileSource):
+                src.close()
+        for copy in self.spool.mark_sent([ev.object_id for ev in events]):
+            if copy.spool_file is not None:
+                copy.spool_file.unlink(missing_ok=True)
+            _log.info(
+                "sent",
+                object_id=copy.object_id.hex(),
+                copy=copy.sends_done,
+                copies=copy.sends_total,
+            )
 
     def run(self) -> int:
         cfg = self.cfg
@@ -89,9 +146,12 @@ class OutsideAgent:
         )
         channel = open_sender(cfg)
         bucket = TokenBucket(pacing_rate(cfg), PACING_BURST)
-        backlog = self.spool.queued()
+        backlog = self.spool.due(now_us())
         for item in backlog:
             self._submit(sender, item)
+        self.intake.start()
+        if self.api is not None:
+            self.api.start()
         _log.info(
             "outside_started",
             epoch=epoch,
@@ -100,18 +160,25 @@ class OutsideAgent:
             resumed_items=len(backlog),
             inside_key=self.recipient.key_id.hex(),
             signing_key=self.key.public.key_id.hex(),
+            api=None if self.api is None else self.api.endpoint,
         )
         intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
         intake.start()
-        next_status = 0.0
+        next_status = next_schedule = 0.0
         started = time.monotonic()
         try:
             while not self.stop.is_set():
+                self._wake.clear()
                 while True:
                     try:
                         self._submit(sender, self._incoming.get_nowait())
                     except queue.Empty:
                         break
+                mono = time.monotonic()
+                if mono >= next_schedule:  # repeats that came due
+                    next_schedule = mono + SCHEDULE_INTERVAL
+                    for item in self.spool.due(now_us()):
+                        self._submit(sender, item)
                 now = time.time()
                 batch = sender.datagrams(now, BATCH)
                 for d in batch:
@@ -121,15 +188,9 @@ class OutsideAgent:
                     elif wait > 0:
                         time.sleep(wait)
                     channel.send(d)
-                for ev in sender.pop_events():
-                    src = self._sources.pop(ev.object_id, None)
-                    if src is not None:
-                        src.close()
-                    done = self.spool.mark_sent(ev.object_id)
-                    if done is not None:
-                        done.unlink(missing_ok=True)
-                    _log.info("sent", object_id=ev.object_id.hex(), channel=ev.channel, seq=ev.seq)
-                mono = time.monotonic()
+                events = sender.pop_events()
+                if events:
+                    self._sent(events)
                 if mono >= next_status:
                     next_status = mono + STATUS_INTERVAL
                     write_status(
@@ -142,22 +203,35 @@ class OutsideAgent:
                             "bytes_sent": sender.bytes_sent,
                             "objects_sent": sender.objects_sent,
                             "queued": sender.objects_queued,
+                            "backlog_items": self.spool.backlog_items,
+                            "backlog_bytes": self.spool.backlog_bytes,
+                            "taken": self.intake.taken,
+                            "quarantined": self.intake.quarantined,
+                            "intake_paused": self.intake.paused,
+                            "api_accepted": 0 if self.api is None else self.api.accepted,
+                            "api_rejected": 0 if self.api is None else self.api.rejected,
+                            "api_busy": 0 if self.api is None else self.api.busy,
                             "uptime": mono - started,
                         },
                     )
                 if not batch:
                     delay = min(sender.next_control_due() - time.time(), 0.05)
                     if delay > 0:
-                        self.stop.wait(delay)
+                        self._wake.wait(delay)
         except ChannelError as exc:
             _log.error("link_failed", error=str(exc))
             return exc.exit_code
         finally:
             self.stop.set()
+            self._wake.set()
             intake.join(timeout=5)
+            self.intake.stop()
+            if self.api is not None:
+                self.api.close()
             channel.close()
             for src in self._sources.values():
-                src.close()
+                if isinstance(src, FileSource):
+                    src.close()
             self.spool.close()
             _log.info(
                 "outside_stopped",

@@ -1,10 +1,12 @@
-"""Folder intake (polling scan; the watchdog-based watcher comes with the intake issue).
+"""Folder intake: watched drop folders (watchdog), gateway-owned copies, quarantine.
 
-A file is taken when it has kept the same size and mtime for ``settle_seconds``.
-It is copied into gateway-owned storage with ``O_NOFOLLOW`` (symlinks, devices
-and FIFOs are refused), hashed while copied, wrapped with a signed trailer and
+A file is taken when the watcher reports it complete (closed after writing,
+renamed into place, or size and mtime stable for ``settle_seconds``). It is
+copied into gateway-owned storage with ``O_NOFOLLOW`` (symlinks, devices and
+FIFOs are refused), hashed while copied, wrapped with a signed trailer and
 fsynced; only then is its row committed and the clerk's original moved to
-``sent/`` (or deleted).
+``sent/`` (or deleted). A file the channel's policy refuses goes to the
+channel's quarantine folder with ``<name>.reason.json`` and ``<name>.reason.txt``.
 """
 
 from __future__ import annotations
@@ -14,173 +16,33 @@ import mimetypes
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from ferry import log
 from ferry.config_types import OutsideChannel
 from ferry.crypto.keys import SecretKey
+from ferry.errors import PolicyRejection
 from ferry.wire import records as rec
 from ferry.wire.sender import build_trailer
-from outside.spool import Spool, SpoolItem
+from outside.quarantine import Quarantine
+from outside.spool import Spool, SpoolItem, now_us
+from outside.watch import DropWatcher, Ready, Refused, WatchSpec
 
 # Copy in 1 MiB pieces: large enough for throughput, small enough to keep memory flat.
 COPY_CHUNK = 1024 * 1024
-IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial")
 
 _log = log.get("outside.intake")
 
-
-def ignored(name: str) -> bool:
-    """Temp and hidden files a clerk's tools leave behind are never taken."""
-    return name.startswith((".", "~$")) or name.lower().endswith(IGNORED_SUFFIXES)
+ContentCheck = Callable[[OutsideChannel, Path, str], None]
+"""The content-security hook: ``check(channel, gateway-owned copy, name)`` raises
+PolicyRejection (reason code + message) to quarantine the file."""
 
 
 def _source_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-class FolderIntake:
-    def __init__(
-        self,
-        channels: tuple[OutsideChannel, ...],
-        spool: Spool,
-        signing_key: SecretKey,
-        rng: Callable[[int], bytes] = os.urandom,
-    ) -> None:
-        self._channels = channels
-        self._spool = spool
-        self._key = signing_key
-        self._rng = rng
-        self._seen: dict[Path, tuple[int, int, float]] = {}
-
-    def scan(self, now: float | None = None) -> list[SpoolItem]:
-        """Take every settled file of every channel; return the new spool items."""
-        now = time.monotonic() if now is None else now
-        taken: list[SpoolItem] = []
-        for ch in self._channels:
-            try:
-                entries = list(os.scandir(ch.drop))
-            except OSError as exc:
-                _log.error("drop_folder_unreadable", channel=ch.name, error=str(exc))
-                continue
-            for entry in sorted(entries, key=lambda e: e.name):
-                if ignored(entry.name):
-                    continue
-                path = Path(entry.path)
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    if not stat.S_ISDIR(st.st_mode):
-                        _log.warning("refused_non_regular_file", channel=ch.name, name=entry.name)
-                    continue
-                sig = (st.st_size, st.st_mtime_ns, now)
-                prev = self._seen.get(path)
-                if prev is None or prev[:2] != sig[:2]:
-                    self._seen[path] = sig
-                    if ch.settle_seconds > 0:
-                        continue
-                elif now - prev[2] < ch.settle_seconds:
-                    continue
-                item = self._take(ch, path, st)
-                self._seen.pop(path, None)
-                if item is not None:
-                    taken.append(item)
-        return taken
-
-    def _take(self, ch: OutsideChannel, path: Path, st: os.stat_result) -> SpoolItem | None:
-        key = _source_key(st)
-        if self._spool.known_source(key) is not None:
-            self._finish_original(ch, path)  # crashed after commit, before the move
-            return None
-        if st.st_size > ch.max_size:
-            _log.warning(
-                "rejected_too_large",
-                channel=ch.name,
-                name=path.name,
-                size=st.st_size,
-                max_size=ch.max_size,
-            )
-            return None
-        object_id = self._rng(16)
-        seq = self._spool.next_seq(ch.name)
-        tmp = self._spool.dir / f"{object_id.hex()}.tmp"
-        final = self._spool.dir / f"{object_id.hex()}.obj"
-        try:
-            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as exc:
-            _log.warning("refused_unopenable", channel=ch.name, name=path.name, error=exc.strerror)
-            return None
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            fst = os.fstat(src)
-            if not stat.S_ISREG(fst.st_mode) or _source_key(fst) != key:
-                _log.warning("refused_changed_or_special", channel=ch.name, name=path.name)
-                return None
-            with open(tmp, "xb") as out:
-                while chunk := os.read(src, COPY_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                if size != st.st_size:
-                    _log.warning("file_changed_during_copy", channel=ch.name, name=path.name)
-                    out.close()
-                    tmp.unlink()
-                    return None
-                manifest = rec.Manifest(
-                    object_id=object_id,
-                    kind="file",
-                    channel=ch.name,
-                    seq=seq,
-                    name=path.name,
-                    media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-                    size=size,
-                    sha256=digest.digest(),
-                    created_us=int(time.time() * 1e6),
-                    mtime_us=st.st_mtime_ns // 1000,
-                    sender=self._key.public.key_id,
-                )
-                trailer = build_trailer(manifest, self._key)
-                out.write(trailer)
-                out.flush()
-                os.fsync(out.fileno())
-            os.rename(tmp, final)
-            _fsync_dir(self._spool.dir)
-        finally:
-            os.close(src)
-        item = SpoolItem(object_id, ch.name, seq, path.name, size, size + len(trailer), final)
-        self._spool.add(item, digest.digest(), str(path), key)
-        _log.info(
-            "taken",
-            channel=ch.name,
-            name=path.name,
-            size=size,
-            seq=seq,
-            object_id=object_id.hex(),
-            sha256=digest.hexdigest(),
-        )
-        self._finish_original(ch, path)
-        return item
-
-    def _finish_original(self, ch: OutsideChannel, path: Path) -> None:
-        try:
-            if ch.after_send == "delete":
-                path.unlink()
-            else:
-                ch.sent.mkdir(parents=True, exist_ok=True)
-                target = ch.sent / path.name
-                n = 1
-                while target.exists():
-                    n += 1
-                    target = ch.sent / f"{path.stem} ({n}){path.suffix}"
-                os.rename(path, target)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            _log.error("cannot_move_original", channel=ch.name, name=path.name, error=str(exc))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -189,3 +51,333 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_type(channel: OutsideChannel, _copy: Path, name: str) -> None:
+    """The channel's extension allow-list (the content pipeline checks the real type)."""
+    if "*" in channel.allowed_types:
+        return
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if ext not in channel.allowed_types:
+        raise PolicyRejection(
+            "TYPE_NOT_ALLOWED",
+            f"files of type .{ext or '(none)'} are not accepted on channel {channel.name} "
+            f"(allowed: {', '.join('.' + t for t in channel.allowed_types)})",
+        )
+
+
+def spool_file_item(
+    spool: Spool,
+    key: SecretKey,
+    channel: OutsideChannel,
+    owned: Path,
+    *,
+    name: str,
+    subject: str,
+    relpath: str = "",
+    mtime_us: int | None = None,
+    source_path: str = "",
+    source_key: str = "",
+    submission: tuple[str, str, bytes] | None = None,
+) -> SpoolItem:
+    """Turn a gateway-owned content file into a spooled item (consumes ``owned``).
+
+    Hashes it, appends the signed trailer, fsyncs, renames it into the spool
+    and commits its row. ``owned`` must be on the spool's filesystem.
+    """
+    object_id = os.urandom(16)
+    seq = spool.next_seq(channel.name)
+    final = spool.dir / f"{object_id.hex()}.obj"
+    digest = hashlib.sha256()
+    fd = os.open(owned, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        size = 0
+        while chunk := os.read(fd, COPY_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        created = now_us()
+        manifest = rec.Manifest(
+            object_id=object_id,
+            kind="file",
+            channel=channel.name,
+            seq=seq,
+            name=name,
+            media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+            size=size,
+            sha256=digest.digest(),
+            created_us=created,
+            mtime_us=created if mtime_us is None else mtime_us,
+            sender=key.public.key_id,
+            path=relpath,
+            subject=subject,
+        )
+        trailer = build_trailer(manifest, key)
+        os.lseek(fd, size, os.SEEK_SET)
+        os.write(fd, trailer)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(owned, final)
+    _fsync_dir(spool.dir)
+    item = SpoolItem(
+        object_id,
+        channel.name,
+        seq,
+        name,
+        size,
+        size + len(trailer),
+        final,
+        kind="file",
+        priority=channel.priority,
+        sends_total=channel.repeat.count,
+    )
+    spool.add(
+        item,
+        digest.digest(),
+        source_path,
+        source_key,
+        subject=subject,
+        spread_us=int(channel.repeat.spread * 1e6),
+        submission=submission,
+    )
+    _log.info(
+        "taken",
+        channel=channel.name,
+        name=name,
+        path=relpath,
+        size=size,
+        seq=seq,
+        object_id=object_id.hex(),
+        sha256=digest.hexdigest(),
+        subject=subject,
+    )
+    return item
+
+
+@dataclass
+class _Rate:
+    per_minute: int
+    tokens: float
+    last: float
+
+    def take(self, now: float) -> bool:
+        if self.per_minute <= 0:
+            return True
+        self.tokens = min(
+            float(self.per_minute), self.tokens + (now - self.last) * self.per_minute / 60
+        )
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class FolderIntake:
+    """Takes completed files from every ``files`` channel's drop folder."""
+
+    def __init__(
+        self,
+        channels: tuple[OutsideChannel, ...],
+        spool: Spool,
+        signing_key: SecretKey,
+        *,
+        checks: tuple[ContentCheck, ...] = (check_type,),
+        rescan_interval: float = 30.0,
+    ) -> None:
+        self._channels = {c.name: c for c in channels if c.kind == "files" and c.drop}
+        self._spool = spool
+        self._key = signing_key
+        self._checks = checks
+        self._quarantine = {
+            c.name: Quarantine(c.quarantine) for c in self._channels.values() if c.quarantine
+        }
+        now = time.monotonic()
+        self._rates = {
+            c.name: _Rate(c.max_items_per_minute, float(c.max_items_per_minute), now)
+            for c in self._channels.values()
+        }
+        self._deferred: deque[Ready] = deque()
+        self._incoming = spool.dir.parent / "intake"
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        for stale in self._incoming.glob("*.part"):
+            stale.unlink()
+        specs = []
+        for c in self._channels.values():
+            assert c.drop is not None  # filtered above
+            c.drop.mkdir(parents=True, exist_ok=True)
+            specs.append(
+                WatchSpec(c.name, c.drop, recursive=c.subfolders, settle_seconds=c.settle_seconds)
+            )
+        self.watcher = DropWatcher(specs, rescan_interval=rescan_interval)
+        self.paused = False
+        self.taken = 0
+        self.quarantined = 0
+
+    def start(self) -> None:
+        self.watcher.start()
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+    def pause(self, paused: bool) -> None:
+        """Backpressure: while paused, files wait in their drop folders."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        for name in self._channels:
+            (self.watcher.pause if paused else self.watcher.resume)(name)
+        _log.warning("intake_paused" if paused else "intake_resumed")
+
+    def step(self, timeout: float) -> list[SpoolItem]:
+        """Wait up to ``timeout`` for files; take what is ready; return the new items."""
+        ready, refused = self.watcher.poll(timeout)
+        for bad in refused:
+            self._refused(bad)
+        taken: list[SpoolItem] = []
+        now = time.monotonic()
+        candidates = list(self._deferred) + ready
+        self._deferred.clear()
+        for r in candidates:
+            ch = self._channels.get(r.channel)
+            if ch is None:
+                continue
+            if self.paused:
+                self._deferred.append(r)
+                continue
+            if not self._rates[ch.name].take(now):
+                self._deferred.append(r)  # stays in the drop folder until its turn
+                continue
+            try:
+                item = self._take(ch, r)
+            except OSError as exc:
+                _log.error("intake_failed", channel=ch.name, name=r.relpath.name, error=str(exc))
+                item = None
+            self.watcher.done(r.path)
+            if item is not None:
+                taken.append(item)
+        return taken
+
+    # ------------------------------------------------------------------ take
+    def _take(self, ch: OutsideChannel, r: Ready) -> SpoolItem | None:
+        path = r.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        key = _source_key(st)
+        if self._spool.known_source(key) is not None:
+            self._finish_original(ch, r.relpath, path)  # crashed after commit, before the move
+            return None
+        name = r.relpath.name
+        if st.st_size > ch.max_size:
+            self._reject(
+                ch,
+                path,
+                name,
+                "TOO_LARGE",
+                f"the file is {st.st_size} bytes; channel {ch.name} takes at most {ch.max_size}",
+            )
+            return None
+        tmp = self._incoming / f"{os.urandom(8).hex()}.part"
+        try:
+            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            _log.warning("refused_unopenable", channel=ch.name, name=name, error=exc.strerror)
+            return None
+        try:
+            fst = os.fstat(src)
+            if not stat.S_ISREG(fst.st_mode) or _source_key(fst) != key:
+                _log.info("file_changed_before_copy", channel=ch.name, name=name)
+                return None
+            size = 0
+            with open(tmp, "xb") as out:
+                while chunk := os.read(src, COPY_CHUNK):
+                    out.write(chunk)
+                    size += len(chunk)
+            if size != st.st_size or _source_key(os.fstat(src)) != key:
+                _log.info("file_changed_during_copy", channel=ch.name, name=name)
+                tmp.unlink()
+                return None  # reported again once it is stable
+        finally:
+            os.close(src)
+        try:
+            for check in self._checks:
+                check(ch, tmp, name)
+        except PolicyRejection as exc:
+            tmp.unlink(missing_ok=True)
+            self._reject(ch, path, name, exc.reason_code, _plain(exc))
+            return None
+        except Exception as exc:  # noqa: BLE001  # fail closed: a filter error rejects the file
+            tmp.unlink(missing_ok=True)
+            _log.exception("filter_error", channel=ch.name, name=name)
+            self._reject(ch, path, name, "FILTER_ERROR", f"a content check failed: {exc}")
+            return None
+        rel = "" if str(r.relpath.parent) == "." else str(r.relpath.parent)
+        item = spool_file_item(
+            self._spool,
+            self._key,
+            ch,
+            tmp,
+            name=name,
+            subject=f"folder:{ch.name}",
+            relpath=rel,
+            mtime_us=st.st_mtime_ns // 1000,
+            source_path=str(path),
+            source_key=key,
+        )
+        self.taken += 1
+        self._finish_original(ch, r.relpath, path)
+        return item
+
+    def _reject(self, ch: OutsideChannel, path: Path, name: str, code: str, message: str) -> None:
+        self.quarantined += 1
+        q = self._quarantine.get(ch.name)
+        _log.warning("quarantined", channel=ch.name, name=name, reason_code=code, message=message)
+        if q is None:
+            return
+        try:
+            q.put_file(path, channel=ch.name, original_name=name, reason_code=code, message=message)
+        except OSError as exc:
+            _log.error("quarantine_failed", channel=ch.name, name=name, error=str(exc))
+
+    def _refused(self, r: Refused) -> None:
+        ch = self._channels.get(r.channel)
+        if ch is None:
+            return
+        self.quarantined += 1
+        _log.warning("refused_entry", channel=ch.name, name=str(r.relpath), reason=r.reason)
+        q = self._quarantine.get(ch.name)
+        if q is not None:
+            try:
+                q.put_note(
+                    channel=ch.name,
+                    original_name=r.relpath.name,
+                    reason_code="NOT_REGULAR_FILE",
+                    message=r.reason,
+                )
+            except OSError as exc:
+                _log.error("quarantine_failed", channel=ch.name, error=str(exc))
+
+    def _finish_original(self, ch: OutsideChannel, rel: PurePosixPath, path: Path) -> None:
+        try:
+            if ch.after_send == "delete" or ch.sent is None:
+                path.unlink()
+                return
+            target = ch.sent / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while target.exists():
+                n += 1
+                target = target.with_name(f"{Path(rel.name).stem} ({n}){Path(rel.name).suffix}")
+            os.rename(path, target)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.error("cannot_move_original", channel=ch.name, name=rel.name, error=str(exc))
+
+
+def _plain(exc: PolicyRejection) -> str:
+    text = str(exc)
+    prefix = f"{exc.reason_code}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text

@@ -1,9 +1,15 @@
-"""The outside's durable spool: SQLite (WAL) rows plus one object file per item.
+"""The outside's durable spool: SQLite (WAL, synchronous=FULL) rows, plus one object file per
+file item; a message's object stream is small and lives in its row.
 
-An object file holds the object stream exactly as it is sent: the content
-followed by the signed trailer (manifest + signature). It is written to a
-temporary name, fsynced and renamed before its row is committed, so after a
-crash every committed row has a complete object file.
+An object stream is exactly what is sent: the content followed by the signed
+trailer (manifest + signature). A file's object file is written to a temporary
+name, fsynced and renamed before its row is committed, so after a crash every
+committed row has a complete object stream. A message is acknowledged to its
+client only after the transaction holding its row has committed.
+
+Scheduling state lives here too: each item is sent ``sends_total`` times
+(the channel's repeat schedule), ``spread_us`` apart in total; ``next_send_us``
+is when the next copy is due.
 """
 
 from __future__ import annotations
@@ -11,11 +17,15 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ferry.errors import StateError
 from ferry.state import open_db
 
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS channel_seq (channel TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
@@ -23,21 +33,42 @@ CREATE TABLE IF NOT EXISTS items (
     object_id BLOB PRIMARY KEY,
     channel TEXT NOT NULL,
     seq INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'message')),
+    priority INTEGER NOT NULL,
     name TEXT NOT NULL,
     size INTEGER NOT NULL,
     sha256 BLOB NOT NULL,
     length INTEGER NOT NULL,          -- object stream length (content + trailer)
-    spool_file TEXT NOT NULL,
-    source_path TEXT NOT NULL,        -- where the clerk dropped it
-    source_key TEXT NOT NULL,         -- dev/inode/size/mtime of the original (crash recovery)
+    spool_file TEXT,                  -- files: object stream file name under spool/
+    data BLOB,                        -- messages: the object stream itself
+    subject TEXT NOT NULL,            -- folder:<channel> or api:<client>
+    source_path TEXT,                 -- where the clerk dropped it
+    source_key TEXT,                  -- dev/inode/size/mtime of the original (crash recovery)
     state TEXT NOT NULL CHECK (state IN ('queued', 'sent')),
+    sends_done INTEGER NOT NULL DEFAULT 0,
+    sends_total INTEGER NOT NULL,
+    spread_us INTEGER NOT NULL,
+    next_send_us INTEGER NOT NULL,
     created_us INTEGER NOT NULL,
+    first_sent_us INTEGER,
     sent_us INTEGER,
     UNIQUE (channel, seq)
 );
-CREATE INDEX IF NOT EXISTS items_state ON items (state, created_us);
+CREATE INDEX IF NOT EXISTS items_due ON items (state, next_send_us);
 CREATE INDEX IF NOT EXISTS items_source ON items (source_key);
+CREATE TABLE IF NOT EXISTS submissions (
+    client TEXT NOT NULL,
+    submission_id TEXT NOT NULL,
+    request_sha256 BLOB NOT NULL,
+    object_id BLOB NOT NULL REFERENCES items (object_id),
+    created_us INTEGER NOT NULL,
+    PRIMARY KEY (client, submission_id)
+);
 """
+
+
+def now_us() -> int:
+    return int(time.time() * 1e6)
 
 
 @dataclass(frozen=True)
@@ -48,7 +79,71 @@ class SpoolItem:
     name: str
     size: int
     length: int
-    spool_file: Path
+    spool_file: Path | None
+    kind: str = "file"
+    priority: int = 1
+    data: bytes | None = None
+    sends_done: int = 0
+    sends_total: int = 1
+
+
+@dataclass(frozen=True)
+class MessageRequest:
+    """A message submission from an API client, already validated."""
+
+    client: str
+    submission_id: str
+    request_sha256: bytes
+    """SHA-256 of what the client sent: a resubmission must be identical."""
+    channel: str
+    sends_total: int
+    spread_us: int
+    priority: int
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What ``seal(request, seq)`` returns: the signed object stream of a message."""
+
+    object_id: bytes
+    stream: bytes
+    name: str
+    size: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class Accepted:
+    object_id: bytes
+    seq: int
+    duplicate: bool
+    """True when this submission id was accepted before (the earlier answer is repeated)."""
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """The submission id was used before for different content."""
+
+    object_id: bytes
+    seq: int
+
+
+@dataclass(frozen=True)
+class SubmissionStatus:
+    object_id: bytes
+    channel: str
+    seq: int
+    state: str
+    sends_done: int
+    sends_total: int
+    created_us: int
+    sent_us: int | None
+
+
+_SELECT_ITEMS = (
+    "SELECT object_id, channel, seq, name, size, length, spool_file, kind, priority, data,"
+    " sends_done, sends_total FROM items WHERE state='queued'"
+)
 
 
 class Spool:
@@ -57,15 +152,28 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._db = open_db(state_dir / "outside.db", SCHEMA)
         self._lock = threading.Lock()
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise StateError(
+                f"{state_dir / 'outside.db'}: spool schema version {row[0]}, this ferry "
+                f"needs {SCHEMA_VERSION}; drain the spool with the old version first"
+            )
+        count, total = self._db.execute(
+            "SELECT count(*), coalesce(sum(length), 0) FROM items WHERE state='queued'"
+        ).fetchone()
+        self.backlog_items = int(count)
+        self.backlog_bytes = int(total)
 
     def close(self) -> None:
         self._db.close()
 
-    def next_epoch(self, now_us: int) -> int:
+    def next_epoch(self, now: int) -> int:
         """A sender epoch strictly greater than any used before, time-ordered when state is lost."""
         with self._lock, self._db:
             row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
-            epoch = max(now_us, (row[0] if row else 0) + 1)
+            epoch = max(now, (row[0] if row else 0) + 1)
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES('epoch', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -75,10 +183,20 @@ class Spool:
 
     def next_seq(self, channel: str) -> int:
         with self._lock:
-            row = self._db.execute(
-                "SELECT last_seq FROM channel_seq WHERE channel=?", (channel,)
-            ).fetchone()
-            return (row[0] if row else 0) + 1
+            return self._next_seq(channel)
+
+    def _next_seq(self, channel: str) -> int:
+        row = self._db.execute(
+            "SELECT last_seq FROM channel_seq WHERE channel=?", (channel,)
+        ).fetchone()
+        return (row[0] if row else 0) + 1
+
+    def _set_seq(self, channel: str, seq: int) -> None:
+        self._db.execute(
+            "INSERT INTO channel_seq(channel, last_seq) VALUES (?, ?) "
+            "ON CONFLICT(channel) DO UPDATE SET last_seq=max(last_seq, excluded.last_seq)",
+            (channel, seq),
+        )
 
     def known_source(self, source_key: str) -> str | None:
         """The spool state of an item taken from a file with this identity, if any."""
@@ -88,59 +206,273 @@ class Spool:
             ).fetchone()
         return None if row is None else str(row[0])
 
-    def add(self, item: SpoolItem, sha256: bytes, source_path: str, source_key: str) -> None:
-        """Commit an item whose object file is already durable."""
+    # ------------------------------------------------------------------ files
+    def add(
+        self,
+        item: SpoolItem,
+        sha256: bytes,
+        source_path: str,
+        source_key: str,
+        *,
+        subject: str = "",
+        spread_us: int = 0,
+        submission: tuple[str, str, bytes] | None = None,
+    ) -> None:
+        """Commit a file item whose object file is already durable.
+
+        ``submission`` is ``(client, submission id, request SHA-256)`` for API uploads.
+        """
+        if item.spool_file is None:
+            raise ValueError("a file item needs its spool file")
+        created = now_us()
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
-                    "INSERT INTO items(object_id, channel, seq, name, size, sha256, length,"
-                    " spool_file, source_path, source_key, state, created_us)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,'queued',?)",
+                    "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
+                    " sha256, length, spool_file, subject, source_path, source_key, state,"
+                    " sends_total, spread_us, next_send_us, created_us)"
+                    " VALUES (?,?,?,'file',?,?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
                     (
                         item.object_id,
                         item.channel,
                         item.seq,
+                        item.priority,
                         item.name,
                         item.size,
                         sha256,
                         item.length,
                         item.spool_file.name,
+                        subject or f"folder:{item.channel}",
                         source_path,
                         source_key,
-                        int(time.time() * 1e6),
+                        item.sends_total,
+                        spread_us,
+                        created,
+                        created,
                     ),
                 )
-                self._db.execute(
-                    "INSERT INTO channel_seq(channel, last_seq) VALUES (?, ?) "
-                    "ON CONFLICT(channel) DO UPDATE SET last_seq=excluded.last_seq",
-                    (item.channel, item.seq),
-                )
+                self._set_seq(item.channel, item.seq)
+                if submission is not None:
+                    self._db.execute(
+                        "INSERT INTO submissions VALUES (?,?,?,?,?)",
+                        (*submission, item.object_id, created),
+                    )
                 self._db.execute("COMMIT")
             except sqlite3.Error:
                 self._db.execute("ROLLBACK")
                 raise
+            self.backlog_items += 1
+            self.backlog_bytes += item.length
+
+    # --------------------------------------------------------------- messages
+    def accept_messages(
+        self,
+        requests: Sequence[MessageRequest],
+        seal: Callable[[MessageRequest, int], Sealed],
+    ) -> list[tuple[Accepted | Conflict, SpoolItem | None]]:
+        """Commit a batch of messages in one durable transaction (group commit).
+
+        ``seal(request, seq)`` builds the signed object stream once the
+        channel sequence number is known. A submission id already used by the
+        same client gets the earlier answer (no second item); with different
+        content it is a :class:`Conflict`. The new items are returned for sending.
+        """
+        out: list[tuple[Accepted | Conflict, SpoolItem | None]] = []
+        created = now_us()
+        added_bytes = 0
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                batch_seen: dict[tuple[str, str], tuple[bytes, Accepted]] = {}
+                for req in requests:
+                    key = (req.client, req.submission_id)
+                    prior = batch_seen.get(key)
+                    if prior is None:
+                        row = self._db.execute(
+                            "SELECT s.request_sha256, s.object_id, i.seq FROM submissions s"
+                            " JOIN items i USING (object_id)"
+                            " WHERE s.client=? AND s.submission_id=?",
+                            key,
+                        ).fetchone()
+                        if row is not None:
+                            prior = (bytes(row[0]), Accepted(bytes(row[1]), int(row[2]), True))
+                    if prior is not None:
+                        sha, acc = prior
+                        if sha == req.request_sha256:
+                            out.append((Accepted(acc.object_id, acc.seq, True), None))
+                        else:
+                            out.append((Conflict(acc.object_id, acc.seq), None))
+                        continue
+                    seq = self._next_seq(req.channel)
+                    sealed = seal(req, seq)
+                    self._db.execute(
+                        "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
+                        " sha256, length, data, subject, state, sends_total, spread_us,"
+                        " next_send_us, created_us)"
+                        " VALUES (?,?,?,'message',?,?,?,?,?,?,?,'queued',?,?,?,?)",
+                        (
+                            sealed.object_id,
+                            req.channel,
+                            seq,
+                            req.priority,
+                            sealed.name,
+                            sealed.size,
+                            sealed.sha256,
+                            len(sealed.stream),
+                            sealed.stream,
+                            f"api:{req.client}",
+                            req.sends_total,
+                            req.spread_us,
+                            created,
+                            created,
+                        ),
+                    )
+                    self._db.execute(
+                        "INSERT INTO submissions VALUES (?,?,?,?,?)",
+                        (
+                            req.client,
+                            req.submission_id,
+                            req.request_sha256,
+                            sealed.object_id,
+                            created,
+                        ),
+                    )
+                    self._set_seq(req.channel, seq)
+                    acc = Accepted(sealed.object_id, seq, False)
+                    batch_seen[key] = (req.request_sha256, acc)
+                    added_bytes += len(sealed.stream)
+                    item = SpoolItem(
+                        sealed.object_id,
+                        req.channel,
+                        seq,
+                        sealed.name,
+                        sealed.size,
+                        len(sealed.stream),
+                        None,
+                        kind="message",
+                        priority=req.priority,
+                        data=sealed.stream,
+                        sends_total=req.sends_total,
+                    )
+                    out.append((acc, item))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.backlog_items += sum(1 for _, item in out if item is not None)
+            self.backlog_bytes += added_bytes
+        return out
+
+    def submission(self, client: str, submission_id: str) -> SubmissionStatus | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT i.object_id, i.channel, i.seq, i.state, i.sends_done, i.sends_total,"
+                " i.created_us, i.sent_us FROM submissions s JOIN items i USING (object_id)"
+                " WHERE s.client=? AND s.submission_id=?",
+                (client, submission_id),
+            ).fetchone()
+        if row is None:
+            return None
+        return SubmissionStatus(
+            bytes(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7]
+        )
+
+    # ------------------------------------------------------------- scheduling
+    def due(self, now: int, limit: int = 10_000) -> list[SpoolItem]:
+        """Queued items whose next copy is due, most urgent first."""
+        with self._lock:
+            rows = self._db.execute(
+                _SELECT_ITEMS + " AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [self._item(r) for r in rows]
+
+    def next_due_us(self) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT min(next_send_us) FROM items WHERE state='queued'"
+            ).fetchone()
+        return None if row[0] is None else int(row[0])
 
     def queued(self) -> list[SpoolItem]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT object_id, channel, seq, name, size, length, spool_file FROM items"
-                " WHERE state='queued' ORDER BY created_us"
-            ).fetchall()
-        return [SpoolItem(r[0], r[1], r[2], r[3], r[4], r[5], self.dir / r[6]) for r in rows]
+            rows = self._db.execute(_SELECT_ITEMS + " ORDER BY priority, created_us").fetchall()
+        return [self._item(r) for r in rows]
 
-    def mark_sent(self, object_id: bytes) -> Path | None:
-        with self._lock, self._db:
-            row = self._db.execute(
-                "SELECT spool_file FROM items WHERE object_id=?", (object_id,)
-            ).fetchone()
-            self._db.execute(
-                "UPDATE items SET state='sent', sent_us=? WHERE object_id=?",
-                (int(time.time() * 1e6), object_id),
-            )
-        return None if row is None else self.dir / row[0]
+    def _item(self, r: tuple[Any, ...]) -> SpoolItem:
+        return SpoolItem(
+            object_id=bytes(r[0]),
+            channel=str(r[1]),
+            seq=int(r[2]),
+            name=str(r[3]),
+            size=int(r[4]),
+            length=int(r[5]),
+            spool_file=None if r[6] is None else self.dir / str(r[6]),
+            kind=str(r[7]),
+            priority=int(r[8]),
+            data=None if r[9] is None else bytes(r[9]),
+            sends_done=int(r[10]),
+            sends_total=int(r[11]),
+        )
+
+    def mark_sent(self, object_ids: Sequence[bytes], now: int | None = None) -> list[SentCopy]:
+        """Record that one more copy of each item went out (one transaction).
+
+        Items with copies left are rescheduled; finished ones leave the backlog
+        and their message data is dropped. Returns what happened to each.
+        """
+        now = now_us() if now is None else now
+        out: list[SentCopy] = []
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for oid in object_ids:
+                    row = self._db.execute(
+                        "SELECT sends_done, sends_total, spread_us, first_sent_us, spool_file,"
+                        " length, state FROM items WHERE object_id=?",
+                        (oid,),
+                    ).fetchone()
+                    if row is None or row[6] != "queued":
+                        continue
+                    done, total, spread, first, spool_file, length, _ = row
+                    done += 1
+                    first = now if first is None else first
+                    if done >= total:
+                        self._db.execute(
+                            "UPDATE items SET state='sent', sends_done=?, first_sent_us=?,"
+                            " sent_us=?, data=NULL WHERE object_id=?",
+                            (done, first, now, oid),
+                        )
+                        self.backlog_items -= 1
+                        self.backlog_bytes -= int(length)
+                        path = None if spool_file is None else self.dir / spool_file
+                        out.append(SentCopy(oid, done, total, True, path))
+                    else:
+                        step = spread // max(1, total - 1)
+                        self._db.execute(
+                            "UPDATE items SET sends_done=?, first_sent_us=?, sent_us=?,"
+                            " next_send_us=? WHERE object_id=?",
+                            (done, first, now, max(now, first + done * step), oid),
+                        )
+                        out.append(SentCopy(oid, done, total, False, None))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return out
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall()
         return {str(r[0]): int(r[1]) for r in rows}
+
+
+@dataclass(frozen=True)
+class SentCopy:
+    object_id: bytes
+    sends_done: int
+    sends_total: int
+    finished: bool
+    spool_file: Path | None
+    """The object file to remove once the last copy went out (files only)."""

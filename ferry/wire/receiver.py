@@ -337,8 +337,8 @@ class Receiver:
         obj.pending.clear()
 
     def _lose(self, oid: bytes, reason: str) -> None:
+        # Not marked finished: a later copy (the channel's repeat schedule) may still complete it.
         obj = self._objects.pop(oid)
         self._drop_pending(obj)
-        self._finish(oid)
         self.stats.objects_lost += 1
         self._events.append(ObjectLost(oid, obj.params.length, len(obj.done), obj.nblocks, reason))

@@ -310,7 +310,9 @@ _MANIFEST_KEYS = {
     "mtime_us",
     "sender",
 }
-KINDS = ("file",)
+_MANIFEST_OPTIONAL = {"schema", "path", "subject"}
+KINDS = ("file", "message")
+MAX_PATH_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -331,6 +333,12 @@ class Manifest:
     """The file's modification time at intake (UTC µs)."""
     sender: bytes
     """Key id of the signing key."""
+    schema: str = ""
+    """Message schema name (``kind == "message"``); empty for files."""
+    path: str = ""
+    """Relative folder the file came from (``a/b``) when its channel takes subfolders."""
+    subject: str = ""
+    """Who submitted the item: ``folder:<channel>`` or ``api:<client name>``."""
 
     def encode(self) -> bytes:
         body = {
@@ -347,13 +355,16 @@ class Manifest:
             "size": self.size,
             "v": MANIFEST_VERSION,
         }
-        out: bytes = msgpack.packb(body, use_bin_type=True)
+        for key in ("schema", "path", "subject"):
+            if getattr(self, key):
+                body[key] = getattr(self, key)
+        out: bytes = msgpack.packb(dict(sorted(body.items())), use_bin_type=True)
         return out
 
 
 def decode_manifest(data: bytes) -> Manifest:
     body = _unpack_map(data, MAX_MANIFEST, "manifest")
-    if set(body) != _MANIFEST_KEYS:
+    if not _MANIFEST_KEYS <= set(body) <= _MANIFEST_KEYS | _MANIFEST_OPTIONAL:
         raise WireError("manifest fields do not match version 1")
     version = body["v"]
     if type(version) is not int or version != MANIFEST_VERSION:
@@ -366,6 +377,10 @@ def decode_manifest(data: bytes) -> Manifest:
             raise WireError(f"manifest.{key} must be a string of at most {MAX_NAME_BYTES} bytes")
     if body["kind"] not in KINDS:
         raise WireError("manifest.kind unknown")
+    for key, limit in (("schema", MAX_NAME_BYTES), ("path", MAX_PATH_BYTES), ("subject", 256)):
+        value = body.get(key, "")
+        if not isinstance(value, str) or (not value and key in body) or len(value.encode()) > limit:
+            raise WireError(f"manifest.{key} must be a non-empty string of at most {limit} bytes")
     return Manifest(
         object_id=body["id"],
         kind=body["kind"],
@@ -378,6 +393,9 @@ def decode_manifest(data: bytes) -> Manifest:
         created_us=_uint(body["created_us"], "manifest.created_us"),
         mtime_us=_uint(body["mtime_us"], "manifest.mtime_us"),
         sender=body["sender"],
+        schema=body.get("schema", ""),
+        path=body.get("path", ""),
+        subject=body.get("subject", ""),
     )
 
 

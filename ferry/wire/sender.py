@@ -15,6 +15,10 @@ Order on the wire:
 * otherwise FEC symbols, interleaved round-robin across up to ``interleave``
   active blocks (which may belong to several objects), so a burst of ``B`` lost
   packets costs each block about ``B / interleave`` symbols.
+
+Objects have a priority: while any priority-0 object (a message) has symbols
+left, they go before those of priority-1 objects (bulk files), so a message
+waits at most one ``datagrams()`` batch behind a large file.
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ class OutgoingObject:
     source: ObjectSource
     channel: str = ""
     seq: int = 0
+    priority: int = 1
+    """0 (messages) pre-empts 1 (bulk files)."""
+    fec: tuple[int, int] | None = None
+    """Per-object (source, repair) overriding the link's; small objects want more repair."""
+
+
+PRIORITIES = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -128,10 +139,12 @@ class Sender:
         self._codec = get_codec(CODEC_IDS[params.fec.codec])
         self._symbol_size = symbol_size_for(params)
         self._digest = params.digest()
-        self._queue: deque[OutgoingObject] = deque()
-        self._blocks_feed: deque[tuple[OutgoingObject, int]] = deque()
-        self._active: list[_Block] = []
-        self._rr = 0
+        self._queue: dict[int, deque[OutgoingObject]] = {p: deque() for p in PRIORITIES}
+        self._blocks_feed: dict[int, deque[tuple[OutgoingObject, int]]] = {
+            p: deque() for p in PRIORITIES
+        }
+        self._active: dict[int, list[_Block]] = {p: [] for p in PRIORITIES}
+        self._rr = dict.fromkeys(PRIORITIES, 0)
         self._remaining: dict[bytes, int] = {}
         self._events: deque[ObjectSent] = deque()
         self._hb_seq = 0
@@ -180,47 +193,57 @@ class Sender:
 
     # ------------------------------------------------------------------- objects
     def submit(self, obj: OutgoingObject) -> None:
-        """Queue an object for sending; its symbols follow those already queued."""
-        self._queue.append(obj)
+        """Queue an object; its symbols follow those already queued at its priority."""
+        if obj.priority not in PRIORITIES:
+            raise UsageError(f"object priority must be one of {PRIORITIES}")
+        if obj.fec is not None:
+            k, r = obj.fec
+            if k < 1 or r < 0 or k + r > 255:
+                raise UsageError("per-object FEC needs source >= 1, repair >= 0, sum <= 255")
+        self._queue[obj.priority].append(obj)
 
     @property
     def idle(self) -> bool:
         """True when no object is queued or partly sent."""
-        return not (self._queue or self._blocks_feed or self._active)
+        return not any(
+            self._queue[p] or self._blocks_feed[p] or self._active[p] for p in PRIORITIES
+        )
 
     @property
     def objects_queued(self) -> int:
-        return len(self._queue) + len(self._remaining)
+        return sum(len(q) for q in self._queue.values()) + len(self._remaining)
+
+    def _fec_of(self, obj: OutgoingObject) -> tuple[int, int]:
+        return obj.fec if obj.fec is not None else (self.params.fec.source, self.params.fec.repair)
 
     def pop_events(self) -> list[ObjectSent]:
         out = list(self._events)
         self._events.clear()
         return out
 
-    def _refill(self) -> None:
+    def _refill(self, prio: int) -> None:
         depth = self.params.fec.interleave
-        while len(self._active) < depth:
-            if not self._blocks_feed:
-                if not self._queue:
+        active, feed, queue = self._active[prio], self._blocks_feed[prio], self._queue[prio]
+        while len(active) < depth:
+            if not feed:
+                if not queue:
                     return
-                obj = self._queue.popleft()
-                nblocks = block_count(obj.length, self.params.fec.source, self._symbol_size)
-                self._blocks_feed.extend((obj, b) for b in range(nblocks))
-                self._remaining[obj.object_id] = nblocks
-            obj, b = self._blocks_feed.popleft()
-            self._active.append(self._encode_block(obj, b))
+                obj = queue.popleft()
+                nblocks = block_count(obj.length, self._fec_of(obj)[0], self._symbol_size)
+                feed.extend((obj, b) for b in range(nblocks))
+                self._remaining[obj.object_id] = self._remaining.get(obj.object_id, 0) + nblocks
+            obj, b = feed.popleft()
+            active.append(self._encode_block(obj, b))
 
     def _encode_block(self, obj: OutgoingObject, b: int) -> _Block:
-        fec = self.params.fec
+        k, r = self._fec_of(obj)
         size = self._symbol_size
-        offset, length, k_b, r_b = block_layout(obj.length, fec.source, fec.repair, size, b)
+        offset, length, k_b, r_b = block_layout(obj.length, k, r, size, b)
         data = obj.source.read(offset, length)
         if len(data) != length:
             raise UsageError("object source returned fewer bytes than its length")
         data = data + bytes(k_b * size - length)
-        params = rec.ObjectParams(
-            obj.object_id, obj.length, self._codec.codec_id, fec.source, fec.repair, size
-        )
+        params = rec.ObjectParams(obj.object_id, obj.length, self._codec.codec_id, k, r, size)
         symbols = self._codec.encode(data, k_b, r_b, size)
         heads = [rec.symbol_head(params, b, i) for i in range(len(symbols))]
         return _Block(obj, [h + s for h, s in zip(heads, symbols, strict=True)])
@@ -268,29 +291,35 @@ class Sender:
         if now >= self._next_hb:
             out.append(self._heartbeat(now))
             self._next_hb = max(self._next_hb + self.params.heartbeat_interval, now)
-        self._refill()
-        active = self._active
-        while len(out) < limit and active:
+        for prio in PRIORITIES:
+            self._refill(prio)
+        while len(out) < limit:
+            prio = 0 if self._active[0] else 1
+            active = self._active[prio]
+            if not active:
+                break
             if self._burst_at and self._pn >= self._burst_at[0]:
                 self._burst_at.pop(0)
                 out.append(self._announce)
                 continue
-            if self._rr >= len(active):
-                self._rr = 0
-            blk = active[self._rr]
+            rr = self._rr[prio]
+            if rr >= len(active):
+                rr = 0
+            blk = active[rr]
             out.append(self._seal(blk.symbols[blk.next]))
             blk.next += 1
             if blk.next == len(blk.symbols):
-                del active[self._rr]
+                del active[rr]
                 left = self._remaining[blk.obj.object_id] - 1
                 if left:
                     self._remaining[blk.obj.object_id] = left
                 else:
                     del self._remaining[blk.obj.object_id]
                     self._object_done(blk.obj)
-                self._refill()
+                self._refill(prio)
             else:
-                self._rr += 1
+                rr += 1
+            self._rr[prio] = rr
         self.packets_sent += len(out)
         self.bytes_sent += sum(map(len, out))
         return out

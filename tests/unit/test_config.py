@@ -143,12 +143,25 @@ def test_generated_configs_load(tmp_path: Path, transport: str, kem: str) -> Non
     assert out.state_dir == Path(info["outside"]["state_dir"])
     assert ins.kem_key == Path(info["inside"]["kem_key"])
     assert ins.outside_public_key == info["inside"]["outside_public_key"]
-    assert [c.name for c in out.channels] == ["documents", "photos"]
-    for channel in out.channels:
+    assert [c.name for c in out.channels] == ["documents", "photos", "messages"]
+    assert [c.kind for c in out.channels] == ["files", "files", "messages"]
+    for channel in out.channels[:2]:
         assert str(channel.drop) == info["channels"][channel.name]["drop"]
         assert str(channel.sent) == info["channels"][channel.name]["sent"]
+        assert str(channel.quarantine) == info["channels"][channel.name]["quarantine"]
     for ichannel in ins.channels:
         assert str(ichannel.deliver) == info["channels"][ichannel.name]["deliver"]
+    assert out.api is not None and out.api.endpoint == info["api"]["endpoint"]
+    assert str(out.api.clients) == info["api"]["allowlist"]
+    assert ins.consumers.endpoint == info["consumers"]["endpoint"]
+    assert (
+        out.channels[2].schemas
+        == ins.channels[2].schemas
+        == (
+            "citizen-application",
+            "agency-notice",
+        )
+    )
     if transport == "udp":
         assert out.udp.port == ins.udp.port == 47001
     else:
@@ -258,7 +271,7 @@ OUTSIDE_BAD: list[tuple[str, Edit, int, tuple[str, ...]]] = [
         "unknown key in a channel",
         _sub("    drop: drop/photos\n", "    drop: drop/photos\n    deliver: x\n"),
         24,
-        ("unknown key 'deliver' in channels[1]", "valid: name, drop, sent"),
+        ("unknown key 'deliver' in channels[1]", "valid: name, kind, drop, sent"),
     ),
     (
         "wrong type",
@@ -447,7 +460,7 @@ INSIDE_BAD: list[tuple[str, Edit, int, tuple[str, ...]]] = [
         "outside-only key in a channel",
         _sub("    deliver: deliver/documents\n", "    deliver: d\n    drop: x\n"),
         12,
-        ("unknown key 'drop' in channels[0]", "valid: name, deliver"),
+        ("unknown key 'drop' in channels[0]", "valid: name, kind, deliver"),
     ),
     (
         "outside section in the inside config",

@@ -343,7 +343,7 @@ def test_object_shorter_than_a_trailer_tail_is_a_wire_error(box: Box, size: int)
 
 def test_unknown_channel_is_refused(box: Box) -> None:
     path, length = box.spool_object(OID_A, CONTENT, channel="images")
-    with pytest.raises(FerryError, match="not configured"):
+    with pytest.raises(FerryError, match="no file folder"):
         box.deliver(path, OID_A, length)
     assert box.delivered_files() == {}
 

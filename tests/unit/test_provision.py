@@ -53,8 +53,19 @@ def test_init_creates_everything(tmp_path: Path) -> None:
         "drop": str(out / "drop/photos"),
         "sent": str(out / "sent/photos"),
         "deliver": str(ins / "deliver/photos"),
+        "quarantine": str(out / "quarantine/photos"),
     }
-    assert set(info["channels"]) == {"documents", "photos"}
+    assert set(info["channels"]) == {"documents", "photos", "messages"}
+    assert info["channels"]["messages"] == {
+        "kind": "messages",
+        "deliver": str(ins / "deliver/messages"),
+    }
+    for side, key in (("api", "api-server"), ("consumers", "consumer-server")):
+        assert Path(info[side]["client_config"]).is_file()
+        assert _mode(Path(info[side]["client_key"])) == 0o600
+        assert Path(info[side]["allowlist_entry"]).parent == Path(info[side]["allowlist"])
+        assert _mode(Path(info[side]["server_key"])) == 0o600
+        assert Path(info[side]["server_key"]).name == f"{key}.key"
     assert info["link"]["transport"] == "udp"
     assert info["link"]["udp"]["host"] == "127.0.0.1"
     assert 1 <= info["link"]["udp"]["port"] <= 65535
@@ -194,7 +205,16 @@ def test_keygen_roles(tmp_path: Path, role: str, file_role: str, alg: str) -> No
 
 
 def test_keygen_roles_table_is_complete() -> None:
-    assert set(KEY_ROLES) == {"outside-signing", "inside-kem", "inside-kem-x25519", "audit"}
+    assert set(KEY_ROLES) == {
+        "outside-signing",
+        "inside-kem",
+        "inside-kem-x25519",
+        "audit",
+        "api-server",
+        "api-client",
+        "consumer-server",
+        "consumer",
+    }
 
 
 def test_keygen_name_and_new_folder(tmp_path: Path) -> None:

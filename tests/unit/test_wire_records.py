@@ -92,6 +92,22 @@ VECTOR_MANIFEST = rec.Manifest(
     mtime_us=1_699_999_999_000_000,
     sender=SIGN.public.key_id,
 )
+VECTOR_MESSAGE = rb'{"id":1,"text":"\u901a\u77e5"}'
+VECTOR_MESSAGE_MANIFEST = rec.Manifest(
+    object_id=bytes(range(0xD0, 0xE0)),
+    kind="message",
+    channel="messages",
+    seq=7,
+    name="notice.json",
+    media_type="application/json",
+    size=len(VECTOR_MESSAGE),
+    sha256=hashlib.sha256(VECTOR_MESSAGE).digest(),
+    created_us=1_700_000_000_000_001,
+    mtime_us=1_700_000_000_000_001,
+    sender=SIGN.public.key_id,
+    schema="agency-notice",
+    subject="api:portal",
+)
 
 
 def scripted_rng(*chunks: bytes) -> Callable[[int], bytes]:
@@ -203,6 +219,12 @@ def build_vectors() -> dict[str, Any]:
             "manifest": manifest_bytes.hex(),
             "signature": trailer[len(manifest_bytes) : len(manifest_bytes) + 64].hex(),
             "trailer": trailer.hex(),
+        },
+        "message_manifest": {
+            "note": "optional keys schema, path and subject appear only when non-empty",
+            "fields": _fields(VECTOR_MESSAGE_MANIFEST),
+            "content": VECTOR_MESSAGE.hex(),
+            "manifest": VECTOR_MESSAGE_MANIFEST.encode().hex(),
         },
     }
 
@@ -558,6 +580,7 @@ def test_heartbeat_rejects(frame: bytes, message: str) -> None:
 # --------------------------------------------------------------------- manifest
 MANIFESTS = [
     VECTOR_MANIFEST,
+    VECTOR_MESSAGE_MANIFEST,
     rec.Manifest(bytes(16), "file", "", 0, "", "", 0, bytes(32), 0, 0, bytes(8)),
     rec.Manifest(
         b"\xff" * 16,
@@ -608,6 +631,10 @@ def _manifest(**changes: object) -> bytes:
         (msgpack.packb(42), "not a map"),
         (_manifest(v=_DELETE), "do not match"),
         (_manifest(extra="x"), "do not match"),
+        (_manifest(schema=""), "manifest.schema"),
+        (_manifest(schema=1), "manifest.schema"),
+        (_manifest(path="p" * (rec.MAX_PATH_BYTES + 1)), "manifest.path"),
+        (_manifest(subject=b"api:x"), "manifest.subject"),
         (_manifest(v=2), "manifest version"),
         (_manifest(v="1"), "manifest version"),
         (_manifest(id=bytes(15)), "manifest.id"),

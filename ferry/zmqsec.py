@@ -1,0 +1,245 @@
+"""ZeroMQ CURVE plumbing shared by the outer API and the inner consumer endpoint.
+
+Configuration follows what was measured on pyzmq 27 / libzmq 4.3.5 (see
+docs/API.md): a ZAP authenticator started before the socket binds, a
+non-empty ``zap_domain`` with ``ZAP_ENFORCE_DOMAIN`` so a missing
+authenticator fails closed, the allow-list consulted on every handshake and
+the ``User-Id`` of every message checked again against the live allow-list
+(removing a key does not disconnect a client already connected).
+
+Keys are ferry ``x25519`` keys (``ferry keygen --role api-client``); CURVE
+wants them Z85-encoded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import monitor, z85
+
+from ferry import log
+from ferry.config_types import ApiClient
+from ferry.crypto.keys import PublicKey, SecretKey
+from ferry.errors import ConfigError, FerryError, SelfTestError
+
+MAX_CLIENT_FILES = 10_000
+RELOAD_INTERVAL = 1.0
+
+_log = log.get("zmqsec")
+
+
+def z85_public(key: PublicKey) -> bytes:
+    if key.alg != "x25519":
+        raise FerryError(f"CURVE needs an x25519 key, not {key.alg}")
+    return bytes(z85.encode(key.raw))
+
+
+def z85_secret(key: SecretKey) -> bytes:
+    if key.alg != "x25519":
+        raise FerryError(f"CURVE needs an x25519 key, not {key.alg}")
+    return bytes(z85.encode(key.raw))
+
+
+@dataclass(frozen=True)
+class Allowed:
+    client: ApiClient
+    z85: str
+
+
+class Allowlist:
+    """A folder of ``<name>.yaml`` entries, re-read when anything in it changes.
+
+    Thread-safe: the ZAP thread asks :meth:`allows` on each handshake, the
+    server thread asks :meth:`lookup` on each message. A bad file is logged
+    and left out (fail closed for that client); the others stay valid.
+    """
+
+    def __init__(self, folder: Path, *, clock: Any = time.time) -> None:
+        self.folder = folder
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_key: dict[str, Allowed] = {}
+        self._stamp: tuple[tuple[str, int, int], ...] | None = None
+        self._next_check = 0.0
+        self.errors: dict[str, str] = {}
+        self.reload()
+
+    def _scan(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            entries = sorted(os.scandir(self.folder), key=lambda e: e.name)
+        except OSError:
+            return ()
+        out = []
+        for e in entries[:MAX_CLIENT_FILES]:
+            if e.name.endswith((".yaml", ".yml")) and not e.name.startswith("."):
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                out.append((e.name, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def reload(self, force: bool = False) -> bool:
+        """Re-read the folder if it changed; return True if it was re-read."""
+        from ferry.config import load_allowlist_entry  # noqa: PLC0415  # (import cycle)
+
+        stamp = self._scan()
+        if not force and stamp == self._stamp:
+            return False
+        by_key: dict[str, Allowed] = {}
+        errors: dict[str, str] = {}
+        for name, _, _ in stamp:
+            try:
+                entry = load_allowlist_entry(self.folder / name)
+                key = PublicKey.from_string(entry.public_key)
+                zkey = z85_public(key).decode("ascii")
+            except (ConfigError, FerryError) as exc:
+                errors[name] = str(exc)
+                continue
+            if zkey in by_key:
+                errors[name] = f"same key as {by_key[zkey].client.name}; both refused"
+                by_key.pop(zkey)
+                continue
+            by_key[zkey] = Allowed(entry, zkey)
+        with self._lock:
+            self._by_key = by_key
+            self._stamp = stamp
+            self.errors = errors
+        for name, err in errors.items():
+            _log.error("allowlist_entry_refused", folder=str(self.folder), file=name, error=err)
+        _log.info("allowlist_loaded", folder=str(self.folder), clients=len(by_key))
+        return True
+
+    def maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + RELOAD_INTERVAL
+            self.reload()
+
+    def lookup(self, z85_key: str) -> ApiClient | None:
+        """The client with this key if it is allowed right now (present, not expired)."""
+        with self._lock:
+            found = self._by_key.get(z85_key)
+        if found is None:
+            return None
+        exp = found.client.expires_us
+        if exp is not None and self._clock() * 1e6 >= exp:
+            return None
+        return found.client
+
+    # ZAP credentials-provider protocol (pyzmq): called on the authenticator thread.
+    def callback(self, domain: str, key: bytes) -> bool:
+        client = self.lookup(key.decode("ascii", "replace"))
+        if client is None:
+            _log.warning("handshake_refused", domain=domain, key=key.decode("ascii", "replace"))
+        return client is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_key)
+
+
+def start_authenticator(
+    ctx: zmq.Context[Any], domain: str, allow: Allowlist
+) -> ThreadAuthenticator:
+    """Start the ZAP handler for ``domain`` on ``ctx`` (before any socket binds)."""
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback(domain, credentials_provider=allow)
+    return auth
+
+
+def curve_server(
+    ctx: zmq.Context[Any],
+    kind: int,
+    secret: SecretKey,
+    domain: str,
+    *,
+    max_message: int,
+    hwm: int = 10_000,
+) -> zmq.Socket[Any]:
+    """A socket that only accepts CURVE clients the ``domain`` ZAP handler allows."""
+    sock: zmq.Socket[Any] = ctx.socket(kind)
+    sock.curve_secretkey = z85_secret(secret)
+    sock.curve_publickey = z85_public(secret.public)
+    sock.curve_server = True
+    sock.zap_domain = domain.encode()
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    sock.rcvhwm = hwm
+    sock.sndhwm = hwm
+    sock.sndtimeo = 100
+    sock.linger = 1000
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, 15000)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 10000)
+    return sock
+
+
+def curve_client(
+    ctx: zmq.Context[Any],
+    kind: int,
+    secret: SecretKey,
+    server: PublicKey,
+    *,
+    hwm: int = 10_000,
+) -> zmq.Socket[Any]:
+    sock: zmq.Socket[Any] = ctx.socket(kind)
+    sock.curve_secretkey = z85_secret(secret)
+    sock.curve_publickey = z85_public(secret.public)
+    sock.curve_serverkey = z85_public(server)
+    sock.rcvhwm = hwm
+    sock.sndhwm = hwm
+    sock.linger = 0
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+    return sock
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    """The authenticated client key of a received message; None if ZAP did not run."""
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def check_rejects_strangers(endpoint: str, server: PublicKey, timeout: float = 5.0) -> None:
+    """Start-up self-test: a throwaway key must fail the CURVE handshake.
+
+    Catches the misconfigurations where ZAP is skipped (empty domain, missing
+    authenticator) and every key gets in. Raises SelfTestError otherwise.
+    """
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    stranger = SecretKey.generate("x25519")
+    sock = curve_client(ctx, zmq.DEALER, stranger, server)
+    mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not mon.poll(int(left * 1000)):
+                break
+            event = monitor.recv_monitor_message(mon)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                raise SelfTestError(
+                    f"{endpoint}: an unknown CURVE key was let in; the API refuses to run open"
+                )
+        raise SelfTestError(f"{endpoint}: no answer to the CURVE self-test within {timeout} s")
+    finally:
+        sock.disable_monitor()
+        mon.close(0)
+        sock.close(0)

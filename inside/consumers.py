@@ -1,0 +1,348 @@
+"""Inner delivery of messages to ZeroMQ consumers: acknowledged (at least once) and PUB.
+
+Verified messages wait in the ``outbox`` table of the inside's SQLite state
+until a consumer acknowledges them, so a restart or a consumer crash never
+loses one. Consumers connect a DEALER with CURVE (allow-listed like API
+clients, with the channels they may read) and speak::
+
+    consumer -> READY  {"credit": n, "channels": [...]}   ask for up to n messages
+    inside   -> DELIVER {"item", "channel", "seq", "schema", "subject", "created_us"} + body
+    consumer -> ACK    {"items": [...], "credit": n}        done with these; n more please
+
+A message not acknowledged within ``redeliver_after`` seconds is offered
+again (to any consumer of its channel), so delivery is at least once; the
+item id lets consumers drop repeats. A PUB endpoint, if configured, also
+publishes each message once, best effort, with the channel as topic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from ferry import log
+from ferry.config_types import ConsumerParams
+from ferry.crypto.keys import load_secret_key
+from ferry.state import open_db
+from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
+from ferry.zmqsec import user_id as frame_user_id
+
+PROTOCOL = b"FERRY/1"
+ZAP_DOMAIN = "ferry-consumers"
+MAX_CREDIT = 10_000
+MAX_BODY = 64 * 1024
+
+OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    object_id BLOB PRIMARY KEY,
+    channel TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    schema TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    acked_us INTEGER,
+    acked_by TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (acked_us, channel, seq);
+"""
+
+_log = log.get("inside.consumers")
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    object_id: bytes
+    channel: str
+    seq: int
+    schema: str
+    subject: str
+    created_us: int
+    body: bytes
+
+
+class Outbox:
+    """Durable queue of messages awaiting a consumer's acknowledgement."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._db = open_db(state_dir / "outbox.db", OUTBOX_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add_many(self, items: list[OutboxItem]) -> None:
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO outbox(object_id, channel, seq, schema, subject,"
+                " created_us, body) VALUES (?,?,?,?,?,?,?)",
+                [
+                    (i.object_id, i.channel, i.seq, i.schema, i.subject, i.created_us, i.body)
+                    for i in items
+                ],
+            )
+
+    def pending(self) -> list[OutboxItem]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT object_id, channel, seq, schema, subject, created_us, body FROM outbox"
+                " WHERE acked_us IS NULL ORDER BY channel, seq"
+            ).fetchall()
+        return [OutboxItem(bytes(r[0]), r[1], r[2], r[3], r[4], r[5], bytes(r[6])) for r in rows]
+
+    def ack_many(self, object_ids: list[bytes], who: str) -> None:
+        now = int(time.time() * 1e6)
+        with self._lock, self._db:
+            self._db.executemany(
+                "UPDATE outbox SET acked_us=?, acked_by=? WHERE object_id=? AND acked_us IS NULL",
+                [(now, who, oid) for oid in object_ids],
+            )
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT count(*) - count(acked_us), count(acked_us) FROM outbox"
+            ).fetchone()
+        return int(row[0]), int(row[1])
+
+
+@dataclass
+class _Consumer:
+    identity: bytes
+    name: str
+    channels: frozenset[str]
+    credit: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class ConsumerServer:
+    """Owns the consumer ROUTER (and PUB) sockets and their thread."""
+
+    def __init__(self, params: ConsumerParams, outbox: Outbox, stop: threading.Event) -> None:
+        if params.server_key is None or params.clients is None:
+            raise ValueError("consumers need server_key and clients")
+        self.params = params
+        self.outbox = outbox
+        self.stop = stop
+        self.allow = Allowlist(params.clients)
+        self.server_key = load_secret_key(params.server_key, ("x25519",))
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.auth = start_authenticator(self.ctx, ZAP_DOMAIN, self.allow)
+        self.router: zmq.Socket[Any] | None = None
+        self.pub: zmq.Socket[Any] | None = None
+        self.endpoint = self.pub_endpoint = ""
+        if params.endpoint:
+            self.router = curve_server(
+                self.ctx, zmq.ROUTER, self.server_key, ZAP_DOMAIN, max_message=MAX_BODY
+            )
+            self.router.bind(params.endpoint)
+            self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        if params.publish:
+            self.pub = curve_server(
+                self.ctx, zmq.PUB, self.server_key, ZAP_DOMAIN, max_message=MAX_BODY
+            )
+            self.pub.bind(params.publish)
+            self.pub_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._new: deque[OutboxItem] = deque()
+        self._new_lock = threading.Lock()
+        self._wake_r, self._wake_w = self.ctx.socket(zmq.PAIR), self.ctx.socket(zmq.PAIR)
+        self._wake_r.bind("inproc://ferry-consumers-wake")
+        self._wake_w.connect("inproc://ferry-consumers-wake")
+        # item id -> item, in order, waiting for a consumer; and in flight: id -> (item, sent at)
+        self._waiting: OrderedDict[bytes, OutboxItem] = OrderedDict()
+        self._inflight: dict[bytes, tuple[OutboxItem, float, bytes]] = {}
+        self._consumers: dict[bytes, _Consumer] = {}
+        self.delivered = 0
+        self.acked = 0
+        self._thread = threading.Thread(target=self._run, name="consumers", daemon=True)
+
+    def start(self) -> None:
+        if self.endpoint:
+            check_rejects_strangers(self.endpoint, self.server_key.public)
+        for item in self.outbox.pending():
+            self._waiting[item.object_id] = item
+        self._thread.start()
+        _log.info(
+            "consumers_listening",
+            endpoint=self.endpoint or None,
+            publish=self.pub_endpoint or None,
+            pending=len(self._waiting),
+        )
+
+    def close(self) -> None:
+        self.stop.set()
+        self.notify([])
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for sock in (self.router, self.pub, self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close(linger=200)
+        self.auth.stop()
+        self.ctx.term()
+
+    def notify(self, items: list[OutboxItem]) -> None:
+        """New durable messages (called from the delivery thread)."""
+        with self._new_lock:
+            self._new.extend(items)
+            self._wake_w.send(b"", zmq.NOBLOCK)
+
+    # ------------------------------------------------------------------ loop
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        if self.router is not None:
+            poller.register(self.router, zmq.POLLIN)
+        while not self.stop.is_set():
+            try:
+                events = dict(poller.poll(250))
+                if self._wake_r in events:
+                    while True:
+                        try:
+                            self._wake_r.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                self.allow.maybe_reload()
+                with self._new_lock:
+                    fresh = list(self._new)
+                    self._new.clear()
+                for item in fresh:
+                    self._waiting[item.object_id] = item
+                    self._publish(item)
+                if self.router is not None and self.router in events:
+                    self._read_router()
+                self._redeliver()
+                self._dispatch()
+            except Exception:  # noqa: BLE001  # keep serving consumers
+                _log.exception("consumer_loop_error")
+                time.sleep(0.1)
+
+    def _publish(self, item: OutboxItem) -> None:
+        if self.pub is None:
+            return
+        try:
+            self.pub.send_multipart(
+                [item.channel.encode(), msgpack.packb(self._meta(item)), item.body], zmq.NOBLOCK
+            )
+        except zmq.ZMQError as exc:
+            _log.warning("publish_failed", error=str(exc))
+
+    @staticmethod
+    def _meta(item: OutboxItem) -> dict[str, Any]:
+        return {
+            "item": item.object_id.hex(),
+            "channel": item.channel,
+            "seq": item.seq,
+            "schema": item.schema,
+            "subject": item.subject,
+            "created_us": item.created_us,
+        }
+
+    def _read_router(self) -> None:
+        assert self.router is not None
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            key = frame_user_id(frames[-1])
+            client = None if key is None else self.allow.lookup(key)
+            if client is None:
+                self._consumers.pop(identity, None)
+                continue
+            if len(frames) != 4 or frames[1].bytes != PROTOCOL:
+                continue
+            try:
+                body = msgpack.unpackb(frames[3].bytes, raw=False)
+            except (ValueError, msgpack.UnpackException):
+                continue
+            if not isinstance(body, dict):
+                continue
+            verb = frames[2].bytes
+            con = self._consumers.get(identity)
+            if con is None:
+                con = self._consumers[identity] = _Consumer(
+                    identity, client.name, frozenset(client.channels)
+                )
+            con.last_seen = time.monotonic()
+            credit = body.get("credit", 0)
+            if type(credit) is int and credit > 0:
+                con.credit = min(MAX_CREDIT, con.credit + credit)
+            wanted = body.get("channels")
+            if verb == b"READY" and isinstance(wanted, list):
+                con.channels = frozenset(c for c in wanted if c in client.channels)
+            if verb == b"ACK":
+                self._ack(con, body.get("items"))
+
+    def _ack(self, con: _Consumer, items: object) -> None:
+        if not isinstance(items, list):
+            return
+        done = []
+        for hexid in items[:MAX_CREDIT]:
+            if not isinstance(hexid, str) or len(hexid) != 32:
+                continue
+            try:
+                oid = bytes.fromhex(hexid)
+            except ValueError:
+                continue
+            entry = self._inflight.get(oid)
+            if entry is not None and entry[0].channel in con.channels:
+                del self._inflight[oid]
+                done.append(oid)
+        if done:
+            self.outbox.ack_many(done, con.name)
+            self.acked += len(done)
+
+    def _redeliver(self) -> None:
+        now = time.monotonic()
+        late = [
+            oid
+            for oid, (_, sent, _who) in self._inflight.items()
+            if now - sent > self.params.redeliver_after
+        ]
+        for oid in late:
+            item, _, _who = self._inflight.pop(oid)
+            self._waiting[oid] = item
+            self._waiting.move_to_end(oid, last=False)
+
+    def _dispatch(self) -> None:
+        if self.router is None or not self._waiting:
+            return
+        ready = [c for c in self._consumers.values() if c.credit > 0]
+        if not ready:
+            return
+        sent: list[bytes] = []
+        for oid, item in self._waiting.items():
+            con = next((c for c in ready if c.credit > 0 and item.channel in c.channels), None)
+            if con is None:
+                if not any(c.credit > 0 for c in ready):
+                    break
+                continue
+            try:
+                self.router.send_multipart(
+                    [
+                        con.identity,
+                        PROTOCOL,
+                        b"DELIVER",
+                        msgpack.packb(self._meta(item)),
+                        item.body,
+                    ],
+                    zmq.NOBLOCK,
+                )
+            except zmq.ZMQError:  # gone, or its queue is full: forget it, keep the item
+                self._consumers.pop(con.identity, None)
+                ready = [c for c in ready if c is not con]
+                continue
+            con.credit -= 1
+            self._inflight[oid] = (item, time.monotonic(), con.identity)
+            sent.append(oid)
+        for oid in sent:
+            del self._waiting[oid]
+        self.delivered += len(sent)

@@ -1,0 +1,592 @@
+"""The outer API: integrators submit messages and upload files over ZeroMQ with CURVE.
+
+One thread owns the ROUTER socket. Each turn it drains what has arrived,
+checks every request (authenticated client still allowed, channel permitted,
+rate, size, strict JSON and schema), commits all accepted messages in one
+durable SQLite transaction (group commit) and only then answers ACCEPTED.
+The wire format is in docs/API.md: every frame list starts with
+``b"FERRY/1"`` and a verb, then a msgpack map, then an optional data frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from ferry import log
+from ferry.config_types import ApiClient, ApiParams, OutsideChannel, OutsideConfig
+from ferry.crypto.keys import SecretKey, load_secret_key
+from ferry.errors import FerryError, PolicyRejection
+from ferry.jsondoc import JsonLimits, SchemaRegistry
+from ferry.wire import records as rec
+from ferry.wire.sender import build_trailer
+from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
+from ferry.zmqsec import user_id as frame_user_id
+from outside.spool import (
+    Accepted,
+    Conflict,
+    MessageRequest,
+    Sealed,
+    Spool,
+    SpoolItem,
+    now_us,
+)
+
+PROTOCOL = b"FERRY/1"
+ZAP_DOMAIN = "ferry-api"
+# Requests read per turn before the group commit: bounds latency and memory.
+MAX_BATCH = 1024
+MAX_BODY = 16 * 1024
+MAX_UPLOADS_PER_CLIENT = 4
+UPLOAD_IDLE_TIMEOUT = 120.0
+SUBMISSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
+BUSY_RETRY_AFTER = 1.0
+
+_log = log.get("outside.api")
+
+
+class Refused(Exception):  # control flow: becomes a REJECTED reply
+    def __init__(self, code: str, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.path = path
+
+
+class Busy(Exception):  # control flow: becomes a BUSY reply
+    def __init__(self, retry_after: float, why: str) -> None:
+        super().__init__(why)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Bucket:
+    rate: float
+    tokens: float
+    last: float
+
+    def take(self, now: float) -> float:
+        """0 if a token was taken, else seconds until one is available."""
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class _Upload:
+    token: str
+    client: str
+    submission_id: str
+    channel: OutsideChannel
+    name: str
+    size: int
+    sha256: bytes
+    path: Path
+    fd: int
+    identity: bytes
+    received: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+    last: float = field(default_factory=time.monotonic)
+
+
+def _reply(verb: bytes, body: dict[str, Any]) -> list[bytes]:
+    return [PROTOCOL, verb, msgpack.packb(body, use_bin_type=True)]
+
+
+class ApiServer:
+    """Owns the API socket and its thread; hands accepted items to ``on_items``."""
+
+    def __init__(
+        self,
+        cfg: OutsideConfig,
+        spool: Spool,
+        signing_key: SecretKey,
+        on_items: Callable[[list[SpoolItem]], None],
+        stop: threading.Event,
+        *,
+        schemas: SchemaRegistry | None = None,
+    ) -> None:
+        if cfg.api is None or cfg.api.server_key is None or cfg.api.clients is None:
+            raise FerryError("the outside config has no api section")
+        self.params: ApiParams = cfg.api
+        server_key, clients = cfg.api.server_key, cfg.api.clients
+        self.cfg = cfg
+        self.spool = spool
+        self.key = signing_key
+        self.on_items = on_items
+        self.stop = stop
+        self.channels = {c.name: c for c in cfg.channels}
+        self.schemas = schemas or SchemaRegistry.load()
+        for ch in cfg.channels:
+            for name in ch.schemas:
+                if name not in self.schemas.ids:
+                    raise FerryError(
+                        f"channel {ch.name}: unknown message schema {name!r}; "
+                        f"known: {', '.join(self.schemas.ids)}"
+                    )
+        self.server_key = load_secret_key(server_key, ("x25519",))
+        self.allow = Allowlist(clients)
+        self._buckets: dict[str, _Bucket] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._upload_dir = cfg.state_dir / "uploads"
+        self._upload_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self._upload_dir.glob("*.part"):
+            stale.unlink()
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.auth = start_authenticator(self.ctx, ZAP_DOMAIN, self.allow)
+        overhead = 64 * 1024
+        max_msg = max(self.params.max_message_size, self.params.chunk_size) + overhead
+        self.sock = curve_server(
+            self.ctx, zmq.ROUTER, self.server_key, ZAP_DOMAIN, max_message=max_msg
+        )
+        self.sock.bind(self.params.endpoint)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.accepted = 0
+        self.rejected = 0
+        self.busy = 0
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+
+    def start(self) -> None:
+        check_rejects_strangers(self.endpoint, self.server_key.public)
+        self._thread.start()
+        _log.info(
+            "api_listening",
+            endpoint=self.endpoint,
+            server_key=self.server_key.public.to_string(),
+            clients=len(self.allow),
+        )
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for up in list(self._uploads.values()):
+            self._drop_upload(up)
+        self.sock.close(linger=500)
+        self.auth.stop()
+        self.ctx.term()
+
+    # ------------------------------------------------------------------ loop
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stop.is_set():
+            try:
+                self.allow.maybe_reload()
+                self._expire_uploads()
+                if not poller.poll(100):
+                    continue
+                batch: list[list[zmq.Frame]] = []
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+                self._handle_batch(batch)
+            except Exception:  # noqa: BLE001  # the API thread must keep serving
+                _log.exception("api_loop_error")
+                time.sleep(0.1)
+
+    def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart([identity, *frames])
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (its queue is full)
+            _log.warning("reply_undeliverable", error=str(exc))
+
+    def _handle_batch(self, batch: list[list[zmq.Frame]]) -> None:
+        submits: list[tuple[bytes, MessageRequest, bytes, str]] = []
+        for frames in batch:
+            identity = frames[0].bytes
+            sid = ""
+            try:
+                if len(frames) < 4 or frames[1].bytes != PROTOCOL:
+                    self._authenticate(frames)
+                    raise Refused("BAD_REQUEST", "expected [FERRY/1, verb, body, data?]")
+                body = self._body(frames[3].bytes)
+                sid = body.get("id", "") if isinstance(body.get("id", ""), str) else ""
+                client = self._authenticate(frames)  # every message: revocation is immediate
+                verb = frames[2].bytes
+                data = frames[4].bytes if len(frames) > 4 else b""
+                if len(frames) > 5:
+                    raise Refused("BAD_REQUEST", "too many frames")
+                if verb == b"SUBMIT":
+                    submits.append((identity, *self._check_submit(client, body, data)))
+                elif verb == b"STATUS":
+                    self._status(identity, client, body)
+                elif verb == b"UPLOAD":
+                    self._upload_begin(identity, client, body)
+                elif verb == b"CHUNK":
+                    self._upload_chunk(identity, client, body, data)
+                elif verb == b"PING":
+                    self._send(identity, _reply(b"PONG", {"id": sid}))
+                else:
+                    raise Refused("BAD_REQUEST", f"unknown verb {verb[:32]!r}")
+            except Refused as exc:
+                self.rejected += 1
+                self._send(identity, _reply(b"REJECTED", self._rejection(sid, exc)))
+                _log.info("request_rejected", id=sid, code=exc.code, message=exc.message)
+            except Busy as exc:
+                self.busy += 1
+                self._send(identity, _reply(b"BUSY", {"id": sid, "retry_after": exc.retry_after}))
+            except Exception as exc:  # noqa: BLE001  # fail closed for this request only
+                _log.exception("request_failed", id=sid)
+                self._send(
+                    identity,
+                    _reply(b"REJECTED", {"id": sid, "code": "INTERNAL", "message": str(exc)}),
+                )
+        if submits:
+            self._commit(submits)
+
+    @staticmethod
+    def _rejection(sid: str, exc: Refused) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": sid, "code": exc.code, "message": exc.message}
+        if exc.path is not None:
+            out["path"] = exc.path
+        return out
+
+    def _authenticate(self, frames: list[zmq.Frame]) -> ApiClient:
+        key = frame_user_id(frames[-1])
+        client = None if key is None else self.allow.lookup(key)
+        if client is None:
+            raise Refused("UNAUTHENTICATED", "this client key is not (or no longer) allowed")
+        return client
+
+    @staticmethod
+    def _body(raw: bytes) -> dict[str, Any]:
+        if len(raw) > MAX_BODY:
+            raise Refused("BAD_REQUEST", f"request body over {MAX_BODY} bytes")
+        try:
+            body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        except (ValueError, msgpack.ExtraData, msgpack.UnpackException) as exc:
+            raise Refused("BAD_REQUEST", f"request body is not msgpack: {exc}") from exc
+        if not isinstance(body, dict):
+            raise Refused("BAD_REQUEST", "request body must be a map")
+        return body
+
+    def _channel(self, client: ApiClient, body: dict[str, Any], kind: str) -> OutsideChannel:
+        name = body.get("channel")
+        if not isinstance(name, str):
+            raise Refused("BAD_REQUEST", "'channel' must be a string")
+        if name not in client.channels:
+            raise Refused("CHANNEL_NOT_ALLOWED", f"client {client.name} may not use {name!r}")
+        ch = self.channels.get(name)
+        if ch is None:
+            raise Refused("UNKNOWN_CHANNEL", f"no channel {name!r} on this gateway")
+        if ch.kind != kind:
+            what = "messages (SUBMIT)" if ch.kind == "messages" else "files (UPLOAD)"
+            raise Refused("WRONG_CHANNEL_KIND", f"channel {name!r} takes {what}")
+        return ch
+
+    @staticmethod
+    def _submission_id(body: dict[str, Any]) -> str:
+        sid = body.get("id")
+        if not isinstance(sid, str) or not SUBMISSION_ID.fullmatch(sid):
+            raise Refused("BAD_REQUEST", "'id' must be 1-128 printable ASCII characters")
+        return sid
+
+    def _admit(self, client: ApiClient) -> None:
+        """Rate limit and spool backpressure: BUSY, never a silent drop."""
+        now = time.monotonic()
+        bucket = self._buckets.get(client.name)
+        if bucket is None or bucket.rate != client.rate:
+            bucket = self._buckets[client.name] = _Bucket(client.rate, client.rate, now)
+        wait = bucket.take(now)
+        if wait > 0:
+            raise Busy(round(wait, 3), "rate limit")
+        p = self.params
+        if self.spool.backlog_items >= p.busy_items or self.spool.backlog_bytes >= p.busy_bytes:
+            raise Busy(BUSY_RETRY_AFTER, "spool full")
+
+    def _check_submit(
+        self, client: ApiClient, body: dict[str, Any], data: bytes
+    ) -> tuple[MessageRequest, bytes, str]:
+        sid = self._submission_id(body)
+        ch = self._channel(client, body, "messages")
+        schema = body.get("schema", ch.schemas[0] if len(ch.schemas) == 1 else None)
+        if not isinstance(schema, str):
+            raise Refused("BAD_REQUEST", f"'schema' is required on {ch.name}: {list(ch.schemas)}")
+        if schema not in ch.schemas:
+            raise Refused("SCHEMA_NOT_ALLOWED", f"{ch.name} takes {', '.join(ch.schemas)}")
+        limit = min(ch.max_message_size, self.params.max_message_size)
+        if len(data) > limit:
+            raise Refused("TOO_LARGE", f"message of {len(data)} bytes; the limit is {limit}")
+        self._admit(client)
+        try:
+            _, canonical = self.schemas.check(schema, data, JsonLimits(max_bytes=limit))
+        except PolicyRejection as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            raise Refused(exc.reason_code, message, getattr(exc, "json_path", None)) from exc
+        request_sha = hashlib.sha256(b"%s\x00%s\x00" % (ch.name.encode(), schema.encode()) + data)
+        req = MessageRequest(
+            client=client.name,
+            submission_id=sid,
+            request_sha256=request_sha.digest(),
+            channel=ch.name,
+            sends_total=ch.repeat.count,
+            spread_us=int(ch.repeat.spread * 1e6),
+            priority=ch.priority,
+        )
+        return req, canonical, schema
+
+    def _commit(self, submits: list[tuple[bytes, MessageRequest, bytes, str]]) -> None:
+        payloads = {id(req): (canonical, schema) for _, req, canonical, schema in submits}
+
+        def seal(req: MessageRequest, seq: int) -> Sealed:
+            canonical, schema = payloads[id(req)]
+            return self._seal(req, seq, canonical, schema)
+
+        try:
+            results = self.spool.accept_messages([s[1] for s in submits], seal)
+        except Exception as exc:  # noqa: BLE001  # fail closed: nothing acknowledged
+            _log.exception("spool_commit_failed")
+            for identity, req, _, _ in submits:
+                self._send(
+                    identity,
+                    _reply(
+                        b"REJECTED",
+                        {"id": req.submission_id, "code": "INTERNAL", "message": str(exc)},
+                    ),
+                )
+            return
+        new_items = [item for _, item in results if item is not None]
+        if new_items:
+            self.on_items(new_items)
+        for (identity, req, _, _), (answer, _item) in zip(submits, results, strict=True):
+            if isinstance(answer, Conflict):
+                self.rejected += 1
+                self._send(
+                    identity,
+                    _reply(
+                        b"REJECTED",
+                        {
+                            "id": req.submission_id,
+                            "code": "SUBMISSION_ID_REUSED",
+                            "message": "this id was used before for a different message "
+                            f"(item {answer.object_id.hex()})",
+                        },
+                    ),
+                )
+                continue
+            self.accepted += 1
+            self._send(identity, _reply(b"ACCEPTED", self._accepted(req, answer)))
+        _log.debug("messages_committed", count=len(submits), new=len(new_items))
+
+    @staticmethod
+    def _accepted(req: MessageRequest, answer: Accepted) -> dict[str, Any]:
+        return {
+            "id": req.submission_id,
+            "item": answer.object_id.hex(),
+            "channel": req.channel,
+            "seq": answer.seq,
+            "duplicate": answer.duplicate,
+        }
+
+    def _seal(self, req: MessageRequest, seq: int, canonical: bytes, schema: str) -> Sealed:
+        object_id = os.urandom(16)
+        created = now_us()
+        sha = hashlib.sha256(canonical).digest()
+        name = f"{schema}-{seq:08d}.json"
+        manifest = rec.Manifest(
+            object_id=object_id,
+            kind="message",
+            channel=req.channel,
+            seq=seq,
+            name=name,
+            media_type="application/json",
+            size=len(canonical),
+            sha256=sha,
+            created_us=created,
+            mtime_us=created,
+            sender=self.key.public.key_id,
+            schema=schema,
+            subject=f"api:{req.client}",
+        )
+        stream = canonical + build_trailer(manifest, self.key)
+        return Sealed(object_id, stream, name, len(canonical), sha)
+
+    # ---------------------------------------------------------------- status
+    def _status(self, identity: bytes, client: ApiClient, body: dict[str, Any]) -> None:
+        sid = self._submission_id(body)
+        st = self.spool.submission(client.name, sid)
+        if st is None:
+            self._send(identity, _reply(b"STATUS", {"id": sid, "state": "unknown"}))
+            return
+        self._send(
+            identity,
+            _reply(
+                b"STATUS",
+                {
+                    "id": sid,
+                    "state": st.state,
+                    "item": st.object_id.hex(),
+                    "channel": st.channel,
+                    "seq": st.seq,
+                    "sends": st.sends_done,
+                    "sends_planned": st.sends_total,
+                    "repeated": max(0, st.sends_done - 1),
+                    "accepted_us": st.created_us,
+                    "last_sent_us": st.sent_us,
+                },
+            ),
+        )
+
+    # --------------------------------------------------------------- uploads
+    def _upload_begin(self, identity: bytes, client: ApiClient, body: dict[str, Any]) -> None:
+        sid = self._submission_id(body)
+        ch = self._channel(client, body, "files")
+        name, size, sha = body.get("name"), body.get("size"), body.get("sha256")
+        if not isinstance(name, str) or not 0 < len(name.encode()) <= rec.MAX_NAME_BYTES:
+            raise Refused("BAD_REQUEST", "'name' must be a non-empty string of at most 1 KiB")
+        if type(size) is not int or size < 0:
+            raise Refused("BAD_REQUEST", "'size' must be a non-negative integer")
+        if not isinstance(sha, bytes) or len(sha) != 32:
+            raise Refused("BAD_REQUEST", "'sha256' must be 32 bytes")
+        if size > ch.max_size:
+            raise Refused("TOO_LARGE", f"{size} bytes; {ch.name} takes at most {ch.max_size}")
+        prior = self.spool.submission(client.name, sid)
+        if prior is not None:
+            self._send(
+                identity,
+                _reply(
+                    b"ACCEPTED",
+                    {
+                        "id": sid,
+                        "item": prior.object_id.hex(),
+                        "channel": prior.channel,
+                        "seq": prior.seq,
+                        "duplicate": True,
+                    },
+                ),
+            )
+            return
+        mine = [u for u in self._uploads.values() if u.client == client.name]
+        if len(mine) >= MAX_UPLOADS_PER_CLIENT:
+            raise Busy(BUSY_RETRY_AFTER, "too many uploads in progress")
+        self._admit(client)
+        token = os.urandom(12).hex()
+        path = self._upload_dir / f"{token}.part"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        up = _Upload(token, client.name, sid, ch, name, size, sha, path, fd, identity)
+        self._uploads[token] = up
+        self._send(
+            identity,
+            _reply(
+                b"CREDIT",
+                {
+                    "id": sid,
+                    "upload": token,
+                    "offset": 0,
+                    "chunk_size": self.params.chunk_size,
+                    "credit": self.params.upload_window,
+                },
+            ),
+        )
+        if size == 0:
+            self._upload_finish(up)
+
+    def _upload_chunk(
+        self, identity: bytes, client: ApiClient, body: dict[str, Any], data: bytes
+    ) -> None:
+        token = body.get("upload")
+        up = self._uploads.get(token) if isinstance(token, str) else None
+        if up is None or up.client != client.name:
+            raise Refused("UNKNOWN_UPLOAD", "no such upload in progress (expired or finished)")
+        offset = body.get("offset")
+        if offset != up.received:
+            raise Refused("BAD_OFFSET", f"expected offset {up.received}, got {offset!r}")
+        if len(data) > self.params.chunk_size or up.received + len(data) > up.size:
+            self._drop_upload(up)
+            raise Refused("TOO_LARGE", "chunk beyond the announced size; upload cancelled")
+        if not data:
+            raise Refused("BAD_REQUEST", "empty chunk")
+        os.write(up.fd, data)
+        up.digest.update(data)
+        up.received += len(data)
+        up.last = time.monotonic()
+        up.identity = identity
+        if up.received < up.size:
+            self._send(
+                identity,
+                _reply(
+                    b"CREDIT",
+                    {"id": up.submission_id, "upload": token, "offset": up.received, "credit": 1},
+                ),
+            )
+            return
+        self._upload_finish(up)
+
+    def _upload_finish(self, up: _Upload) -> None:
+        from outside.intake import spool_file_item  # noqa: PLC0415  # (import cycle)
+
+        sid = up.submission_id
+        try:
+            if up.digest.digest() != up.sha256:
+                raise Refused("HASH_MISMATCH", "SHA-256 of the uploaded bytes differs")
+            os.fsync(up.fd)
+            os.close(up.fd)
+            up.fd = -1
+            item = spool_file_item(
+                self.spool,
+                self.key,
+                up.channel,
+                up.path,
+                name=up.name,
+                subject=f"api:{up.client}",
+                submission=(up.client, sid, up.sha256),
+            )
+        except Refused as exc:
+            self._drop_upload(up)
+            self.rejected += 1
+            self._send(up.identity, _reply(b"REJECTED", self._rejection(sid, exc)))
+            return
+        except (OSError, FerryError) as exc:
+            self._drop_upload(up)
+            _log.exception("upload_spool_failed", id=sid)
+            self._send(
+                up.identity,
+                _reply(b"REJECTED", {"id": sid, "code": "INTERNAL", "message": str(exc)}),
+            )
+            return
+        self._uploads.pop(up.token, None)
+        up.path.unlink(missing_ok=True)
+        self.accepted += 1
+        self.on_items([item])
+        self._send(
+            up.identity,
+            _reply(
+                b"ACCEPTED",
+                {
+                    "id": sid,
+                    "item": item.object_id.hex(),
+                    "channel": item.channel,
+                    "seq": item.seq,
+                    "duplicate": False,
+                },
+            ),
+        )
+
+    def _drop_upload(self, up: _Upload) -> None:
+        self._uploads.pop(up.token, None)
+        if up.fd >= 0:
+            os.close(up.fd)
+            up.fd = -1
+        up.path.unlink(missing_ok=True)
+
+    def _expire_uploads(self) -> None:
+        now = time.monotonic()
+        for up in [u for u in self._uploads.values() if now - u.last > UPLOAD_IDLE_TIMEOUT]:
+            _log.warning("upload_expired", id=up.submission_id, client=up.client)
+            self._drop_upload(up)

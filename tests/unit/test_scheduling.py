@@ -1,0 +1,156 @@
+"""Spool (SQLite file), repeat schedule, message priority in the sender, repeats inside."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from ferry.config_types import FecParams, LinkParams
+from ferry.crypto.keys import SecretKey
+from ferry.errors import StateError
+from ferry.wire import records as rec
+from ferry.wire.receiver import ObjectCompleted, ObjectLost, Receiver
+from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender, build_trailer
+from outside.spool import Accepted, Conflict, MessageRequest, Sealed, Spool, now_us
+
+SIGN = SecretKey(alg="ed25519", raw=bytes(range(32)))
+KEM = SecretKey(alg="x25519", raw=bytes(range(32, 64)))
+LINK = LinkParams(kem="x25519", fec=FecParams(codec="zfec", source=8, repair=2, interleave=4))
+
+
+def _req(sid: str, body: bytes = b"{}", *, total: int = 1, spread_us: int = 0) -> MessageRequest:
+    return MessageRequest(
+        client="portal",
+        submission_id=sid,
+        request_sha256=hashlib.sha256(body).digest(),
+        channel="messages",
+        sends_total=total,
+        spread_us=spread_us,
+        priority=0,
+    )
+
+
+def _seal(req: MessageRequest, seq: int) -> Sealed:
+    content = f'{{"seq":{seq}}}'.encode()
+    return Sealed(os.urandom(16), content + b"T" * 10, f"m-{seq}.json", len(content), bytes(32))
+
+
+def test_accepting_messages_is_idempotent_per_client_and_id(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first = spool.accept_messages([_req("a"), _req("b"), _req("a")], _seal)
+    (a, item_a), (b, item_b), (a2, item_a2) = first
+    assert isinstance(a, Accepted)
+    assert isinstance(b, Accepted)
+    assert isinstance(a2, Accepted)
+    assert (a.seq, b.seq) == (1, 2)
+    assert item_a is not None
+    assert item_b is not None
+    assert item_a2 is None
+    assert a2.duplicate
+    assert a2.object_id == a.object_id
+    spool.close()
+    spool = Spool(tmp_path)  # and after a restart
+    (again, none), (clash, _) = spool.accept_messages([_req("a"), _req("b", b"other")], _seal)
+    assert isinstance(again, Accepted)
+    assert again.duplicate
+    assert again.object_id == a.object_id
+    assert none is None
+    assert isinstance(clash, Conflict)
+    assert clash.object_id == b.object_id
+    assert spool.backlog_items == 2
+    assert spool.next_seq("messages") == 3  # neither a duplicate nor a conflict took a number
+    st = spool.submission("portal", "b")
+    assert st is not None
+    assert st.state == "queued"
+    assert st.seq == 2
+    assert spool.submission("other-client", "b") is None
+
+
+def test_repeat_schedule_spreads_copies_then_finishes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    ((acc, item),) = spool.accept_messages([_req("r", total=3, spread_us=10_000_000)], _seal)
+    assert item is not None
+    assert isinstance(acc, Accepted)
+    t0 = now_us() + 1_000_000
+    assert [i.object_id for i in spool.due(t0)] == [acc.object_id]
+    (copy1,) = spool.mark_sent([acc.object_id], now=t0)
+    assert not copy1.finished
+    assert copy1.sends_done == 1
+    assert spool.due(t0 + 4_999_999) == []  # next copy after spread / (count - 1)
+    assert len(spool.due(t0 + 5_000_000)) == 1
+    (_copy2,) = spool.mark_sent([acc.object_id], now=t0 + 5_000_000)
+    assert spool.next_due_us() == t0 + 10_000_000
+    (copy3,) = spool.mark_sent([acc.object_id], now=t0 + 10_000_000)
+    assert copy3.finished
+    assert copy3.sends_done == 3
+    assert spool.due(t0 + 10**12) == []
+    assert spool.backlog_items == 0
+    assert spool.backlog_bytes == 0
+    st = spool.submission("portal", "r")
+    assert st is not None
+    assert st.state == "sent"
+    assert st.sends_done == 3
+    assert spool.mark_sent([acc.object_id]) == []  # finished items are not counted again
+
+
+def test_spool_refuses_a_database_of_another_schema_version(tmp_path: Path) -> None:
+    Spool(tmp_path).close()
+
+    db = sqlite3.connect(tmp_path / "outside.db")
+    db.execute("UPDATE meta SET value=1 WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="schema version 1"):
+        Spool(tmp_path)
+
+
+def _object(oid: bytes, size: int) -> tuple[bytes, int]:
+    content = os.urandom(size)
+    m = rec.Manifest(
+        oid, "file", "c", 1, "x", "a/b", size, hashlib.sha256(content).digest(), 0, 0,
+        SIGN.public.key_id,
+    )  # fmt: skip
+    stream = content + build_trailer(m, SIGN)
+    return stream, len(stream)
+
+
+def test_messages_pre_empt_bulk_files_in_the_sender() -> None:
+    sender = Sender(LINK, SIGN, KEM.public, epoch=1, rng=os.urandom, now=0.0)
+    bulk, blen = _object(b"B" * 16, 2_000_000)
+    sender.submit(OutgoingObject(b"B" * 16, blen, BytesSource(bulk), "files", 1))
+    sent_before = len(sender.datagrams(0.0, 300))
+    assert sent_before == 300
+    msg, mlen = _object(b"M" * 16, 1500)
+    sender.submit(
+        OutgoingObject(b"M" * 16, mlen, BytesSource(msg), "messages", 1, priority=0, fec=(4, 4))
+    )
+    nxt = sender.datagrams(0.0, 64)
+    events = sender.pop_events()
+    # the message's 2 source + 2 repair symbols go out in the very next batch
+    assert ObjectSent(b"M" * 16, "messages", 1) in events
+    assert len(nxt) == 64
+    assert not sender.idle  # the bulk file is still going
+
+
+def test_an_object_lost_once_completes_from_a_repeat() -> None:
+    recv = Receiver(LINK, SIGN.public, KEM, object_timeout=1.0)
+    sender = Sender(LINK, SIGN, KEM.public, epoch=5, rng=os.urandom, now=0.0)
+    stream, length = _object(b"R" * 16, 20_000)
+    obj = OutgoingObject(b"R" * 16, length, BytesSource(stream), "files", 1)
+    sender.submit(obj)
+    first = sender.datagrams(0.0, 1000)
+    # deliver the announcement and only a third of the symbols: the object is lost
+    for i, d in enumerate(first):
+        if rec.peek_type(d) == rec.TYPE_ANNOUNCE or i % 3 == 0:
+            recv.receive_datagram(d, 0.0)
+    recv.tick(5.0)
+    assert any(isinstance(e, ObjectLost) for e in recv.pop_events())
+    sender.submit(obj)  # the repeat schedule sends it again
+    for d in sender.datagrams(6.0, 1000):
+        recv.receive_datagram(d, 6.0)
+    done = [e for e in recv.pop_events() if isinstance(e, ObjectCompleted)]
+    assert [e.object_id for e in done] == [b"R" * 16]
