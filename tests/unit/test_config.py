@@ -151,7 +151,8 @@ def test_generated_configs_load(tmp_path: Path, transport: str, kem: str) -> Non
         assert str(channel.quarantine) == info["channels"][channel.name]["quarantine"]
     for ichannel in ins.channels:
         assert str(ichannel.deliver) == info["channels"][ichannel.name]["deliver"]
-    assert out.api is not None and out.api.endpoint == info["api"]["endpoint"]
+    assert out.api is not None
+    assert out.api.endpoint == info["api"]["endpoint"]
     assert str(out.api.clients) == info["api"]["allowlist"]
     assert ins.consumers.endpoint == info["consumers"]["endpoint"]
     assert (
