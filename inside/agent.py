@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,9 +34,8 @@ from ferry.wire.receiver import (
     SessionStarted,
 )
 from inside.consumers import ConsumerServer, Outbox, OutboxItem
-from inside.deliver import Delivered, deliver, verify_stream, write_new_file
+from inside.deliver import Delivered, deliver, verify_stream, write_new_files
 from inside.ledger import Ledger
-from inside.paths import candidate_names, safe_name
 
 # Objects whose whole stream fits in one FEC block this small stay in memory (messages).
 MEMORY_OBJECT_MAX = 256 * 1024
@@ -92,7 +92,7 @@ class InsideAgent:
         self.outbox: Outbox | None = None
         self.consumers: ConsumerServer | None = None
         if cfg.consumers.endpoint or cfg.consumers.publish:
-            self.outbox = Outbox(cfg.state_dir)
+            self.outbox = Outbox(self.ledger)
             self.consumers = ConsumerServer(cfg.consumers, self.outbox, stop)
         self._fds: dict[bytes, int] = {}
         self._mem: dict[bytes, bytes] = {}
@@ -229,59 +229,57 @@ class InsideAgent:
             raise FerryError("message is not in canonical form")
 
     def _deliver_messages(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
-        ok: list[tuple[bytes, rec.Manifest, bytes, Path | None]] = []
+        """Check, then deliver a batch with one flush and one ledger transaction.
+
+        Folder files are written first (idempotently: a file already holding
+        the same content is not written twice), then one transaction records
+        every message delivered and queues it for consumers.
+        """
+        ok: list[tuple[bytes, rec.Manifest, bytes]] = []
+        seen: set[bytes] = set()
         for oid, manifest, content in batch:
-            if self.ledger.state_of(oid) in {"delivered", "rejected"}:
+            if oid in seen or self.ledger.state_of(oid) in {"delivered", "rejected"}:
                 continue  # a repeat
+            seen.add(oid)
             try:
                 self._check_message(manifest, content)
             except (FerryError, PolicyRejection) as exc:
                 self._reject(oid, f"message re-check failed: {exc}", content)
                 continue
-            ch = self.msg_channels[manifest.channel]
-            planned = None
-            if ch.deliver is not None:
-                planned = next(
-                    (
-                        ch.deliver / n
-                        for n in candidate_names(safe_name(manifest.name))
-                        if not os.path.lexists(ch.deliver / n)
-                    ),
-                    None,
-                )
-            ok.append((oid, manifest, content, planned))
+            ok.append((oid, manifest, content))
         if not ok:
             return
-        if self.outbox is not None:
-            self.outbox.add_many(
-                [
-                    OutboxItem(oid, m.channel, m.seq, m.schema, m.subject, m.created_us, c)
-                    for oid, m, c, _ in ok
-                    if self.msg_channels[m.channel].consumers
-                ]
-            )
+        paths: dict[bytes, Path] = {}
+        by_folder: dict[Path, list[tuple[bytes, rec.Manifest, bytes]]] = {}
+        for item in ok:
+            folder = self.msg_channels[item[1].channel].deliver
+            if folder is not None:
+                by_folder.setdefault(folder, []).append(item)
+        for folder, items in by_folder.items():
+            written = write_new_files(folder, [(m.name, c, m.sha256) for _, m, c in items])
+            paths.update((oid, p) for (oid, _, _), p in zip(items, written, strict=True))
+        queued = [
+            OutboxItem(oid, m.channel, m.seq, m.schema, m.subject, m.created_us, c)
+            for oid, m, c in ok
+            if self.msg_channels[m.channel].consumers and self.outbox is not None
+        ]
         self.ledger.record_many(
             [
                 {
                     "object_id": oid,
-                    "state": "delivering",
+                    "state": "delivered",
                     "channel": m.channel,
                     "seq": m.seq,
                     "name": m.name,
-                    "path": None if p is None else str(p),
+                    "path": str(paths[oid]) if oid in paths else None,
                     "size": m.size,
                     "sha256": m.sha256,
                 }
-                for oid, m, _, p in ok
-            ]
+                for oid, m, _ in ok
+            ],
+            also=(lambda db: Outbox.insert(db, queued)) if queued else None,
         )
-        done: list[dict[str, object]] = []
-        for oid, m, content, planned in ok:
-            folder = self.msg_channels[m.channel].deliver
-            path = None
-            if folder is not None:
-                path = write_new_file(folder, planned.name if planned else m.name, content)
-            done.append({"object_id": oid, "state": "delivered", "path": path and str(path)})
+        for oid, m, _ in ok:
             _log.info(
                 "delivered",
                 object_id=oid.hex(),
@@ -289,21 +287,14 @@ class InsideAgent:
                 seq=m.seq,
                 schema=m.schema,
                 subject=m.subject,
-                path=None if path is None else str(path),
+                path=str(paths[oid]) if oid in paths else None,
                 size=m.size,
                 sha256=m.sha256.hex(),
             )
-        self.ledger.record_many(done)
-        self.delivered += len(done)
-        self.delivered_bytes += sum(m.size for _, m, _, _ in ok)
-        if self.consumers is not None:
-            self.consumers.notify(
-                [
-                    OutboxItem(oid, m.channel, m.seq, m.schema, m.subject, m.created_us, c)
-                    for oid, m, c, _ in ok
-                    if self.msg_channels[m.channel].consumers
-                ]
-            )
+        self.delivered += len(ok)
+        self.delivered_bytes += sum(m.size for _, m, _ in ok)
+        if self.consumers is not None and queued:
+            self.consumers.notify(queued)
 
     # ---------------------------------------------------------------- main
     def run(self) -> int:
@@ -326,6 +317,7 @@ class InsideAgent:
             max_clock_skew=cfg.max_clock_skew,
         )
         channel = open_receiver(cfg)
+        sys.setswitchinterval(0.0005)  # several threads hand work along: keep hand-offs short
         if self.consumers is not None:
             self.consumers.start()
         worker = threading.Thread(target=self._delivery_loop, name="deliver", daemon=True)

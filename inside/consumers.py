@@ -17,11 +17,11 @@ publishes each message once, best effort, with the channel as topic.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -30,14 +30,15 @@ import zmq
 from ferry import log
 from ferry.config_types import ConsumerParams
 from ferry.crypto.keys import load_secret_key
-from ferry.state import open_db
 from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
+from inside.ledger import Ledger
 
 PROTOCOL = b"FERRY/1"
 ZAP_DOMAIN = "ferry-consumers"
 MAX_CREDIT = 10_000
 MAX_BODY = 64 * 1024
+ACK_FLUSH_INTERVAL = 0.2
 
 OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -69,25 +70,35 @@ class OutboxItem:
 
 
 class Outbox:
-    """Durable queue of messages awaiting a consumer's acknowledgement."""
+    """Durable queue of messages awaiting a consumer's acknowledgement.
 
-    def __init__(self, state_dir: Path) -> None:
-        self._db = open_db(state_dir / "outbox.db", OUTBOX_SCHEMA)
-        self._lock = threading.Lock()
+    Lives in the inside's state database, so a message is recorded delivered
+    and queued for consumers in one transaction.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._db, self._lock = ledger.db
+        with self._lock:
+            self._db.executescript(OUTBOX_SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        """(the ledger owns the connection)"""
+
+    @staticmethod
+    def insert(db: sqlite3.Connection, items: list[OutboxItem]) -> None:
+        """Queue ``items`` inside the caller's transaction."""
+        db.executemany(
+            "INSERT OR IGNORE INTO outbox(object_id, channel, seq, schema, subject,"
+            " created_us, body) VALUES (?,?,?,?,?,?,?)",
+            [
+                (i.object_id, i.channel, i.seq, i.schema, i.subject, i.created_us, i.body)
+                for i in items
+            ],
+        )
 
     def add_many(self, items: list[OutboxItem]) -> None:
         with self._lock, self._db:
-            self._db.executemany(
-                "INSERT OR IGNORE INTO outbox(object_id, channel, seq, schema, subject,"
-                " created_us, body) VALUES (?,?,?,?,?,?,?)",
-                [
-                    (i.object_id, i.channel, i.seq, i.schema, i.subject, i.created_us, i.body)
-                    for i in items
-                ],
-            )
+            self.insert(self._db, items)
 
     def pending(self) -> list[OutboxItem]:
         with self._lock:
@@ -161,6 +172,8 @@ class ConsumerServer:
         self._consumers: dict[bytes, _Consumer] = {}
         self.delivered = 0
         self.acked = 0
+        self._acks: dict[str, list[bytes]] = {}
+        self._next_ack_flush = 0.0
         self._thread = threading.Thread(target=self._run, name="consumers", daemon=True)
 
     def start(self) -> None:
@@ -181,6 +194,7 @@ class ConsumerServer:
         self.notify([])
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self._flush_acks(force=True)
         for sock in (self.router, self.pub, self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close(linger=200)
@@ -219,6 +233,7 @@ class ConsumerServer:
                     self._read_router()
                 self._redeliver()
                 self._dispatch()
+                self._flush_acks()
             except Exception:  # noqa: BLE001  # keep serving consumers
                 _log.exception("consumer_loop_error")
                 time.sleep(0.1)
@@ -297,8 +312,18 @@ class ConsumerServer:
                 del self._inflight[oid]
                 done.append(oid)
         if done:
-            self.outbox.ack_many(done, con.name)
+            self._acks.setdefault(con.name, []).extend(done)
             self.acked += len(done)
+
+    def _flush_acks(self, force: bool = False) -> None:
+        """Record acknowledgements in one transaction per interval (a lost one means a resend)."""
+        now = time.monotonic()
+        if not self._acks or (not force and now < self._next_ack_flush):
+            return
+        self._next_ack_flush = now + ACK_FLUSH_INTERVAL
+        for who, ids in self._acks.items():
+            self.outbox.ack_many(ids, who)
+        self._acks.clear()
 
     def _redeliver(self) -> None:
         now = time.monotonic()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ferry.state import open_db
@@ -96,11 +98,26 @@ class Ledger:
                 ),
             )
 
-    def record_many(self, rows: list[dict[str, object]]) -> None:
-        """Several :meth:`record` calls in one durable transaction (group commit)."""
+    @property
+    def db(self) -> tuple[sqlite3.Connection, threading.Lock]:
+        """The connection and its lock, for tables kept in the same database (outbox)."""
+        return self._db, self._lock
+
+    def record_many(
+        self,
+        rows: list[dict[str, object]],
+        *,
+        also: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        """Several :meth:`record` calls in one durable transaction (group commit).
+
+        ``also(db)`` runs inside the same transaction (e.g. queue for consumers).
+        """
         now = int(time.time() * 1e6)
         keys = ("channel", "seq", "name", "path", "size", "sha256", "reason")
         with self._lock, self._db:
+            if also is not None:
+                also(self._db)
             self._db.executemany(
                 "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE"
                 " SET state=excluded.state, channel=coalesce(excluded.channel, channel),"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,14 @@ class SubmissionStatus:
     sent_us: int | None
 
 
+_DUE_ALL = (
+    "SELECT object_id FROM items WHERE state='queued' AND next_send_us<=?"
+    " ORDER BY priority, next_send_us LIMIT ?"
+)
+_DUE_REPEATS = (
+    "SELECT object_id FROM items WHERE state='queued' AND next_send_us<=? AND sends_done>0"
+    " ORDER BY priority, next_send_us LIMIT ?"
+)
 _SELECT_ITEMS = (
     "SELECT object_id, channel, seq, name, size, length, spool_file, kind, priority, data,"
     " sends_done, sends_total FROM items WHERE state='queued'"
@@ -379,14 +387,28 @@ class Spool:
         )
 
     # ------------------------------------------------------------- scheduling
-    def due(self, now: int, limit: int = 10_000) -> list[SpoolItem]:
-        """Queued items whose next copy is due, most urgent first."""
+    def due(
+        self,
+        now: int,
+        limit: int = 10_000,
+        skip: Collection[bytes] = (),
+        *,
+        repeats_only: bool = False,
+    ) -> list[SpoolItem]:
+        """Queued items whose next copy is due, most urgent first (minus ``skip``: in flight).
+
+        ``repeats_only``: only items already sent at least once (new items reach
+        the sender directly; this keeps the periodic scan small under load).
+        """
+        query = _DUE_REPEATS if repeats_only else _DUE_ALL
         with self._lock:
-            rows = self._db.execute(
-                _SELECT_ITEMS + " AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?",
-                (now, limit),
-            ).fetchall()
-        return [self._item(r) for r in rows]
+            ids = self._db.execute(query, (now, limit + len(skip))).fetchall()
+            wanted = [bytes(r[0]) for r in ids if bytes(r[0]) not in skip][:limit]
+            rows = [
+                self._db.execute(_SELECT_ITEMS + " AND object_id=?", (oid,)).fetchone()
+                for oid in wanted
+            ]
+        return [self._item(r) for r in rows if r is not None]
 
     def next_due_us(self) -> int | None:
         with self._lock:

@@ -23,6 +23,7 @@ refused at load when group or others may read it.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import stat
@@ -113,7 +114,7 @@ class PublicKey:
     def ed25519(self) -> ed25519.Ed25519PublicKey:
         if self.alg != "ed25519":
             raise KeyFileError(f"expected an ed25519 key, got {self.alg}")
-        return ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
+        return _ed25519_public(self.raw)
 
     def hpke_public(self) -> x25519.X25519PublicKey | hpke.MLKEM768X25519PublicKey:
         if self.alg == "x25519":
@@ -166,7 +167,7 @@ class SecretKey:
     def sign(self, message: bytes) -> bytes:
         if self.alg != "ed25519":
             raise KeyFileError(f"a {self.alg} key cannot sign")
-        return ed25519.Ed25519PrivateKey.from_private_bytes(self.raw).sign(message)
+        return _ed25519_private(self.raw).sign(message)
 
     def hpke_private(self) -> x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey:
         if self.alg == "x25519":
@@ -185,6 +186,17 @@ class SecretKey:
             f"# {self.public.to_string()}\n"
             f"{SECRET_PREFIX}:{self.alg}:{_b64e(self.raw)}\n"
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _ed25519_public(raw: bytes) -> ed25519.Ed25519PublicKey:
+    """Parsed keys are cached: parsing costs as much as a signature check."""
+    return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+
+
+@functools.lru_cache(maxsize=16)
+def _ed25519_private(raw: bytes) -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.from_private_bytes(raw)
 
 
 def _derive_public(alg: str, raw: bytes) -> bytes:
