@@ -89,7 +89,7 @@ def outcome(parse: Any, data: bytes, limits: JsonLimits) -> Any:
 
 
 # ----------------------------------------------------------------------------- fuzz
-@settings(max_examples=500)
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.binary(max_size=200) | jsonish())
 def test_only_message_rejected_escapes(data: bytes) -> None:
     for limits in (LIMITS, SMALL):
@@ -99,7 +99,7 @@ def test_only_message_rejected_escapes(data: bytes) -> None:
         assert exc is None or exc.reason_code in jsondoc.REASONS
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(jsonish(), st.sampled_from([LIMITS, SMALL]))
 def test_fast_and_reference_parsers_agree(data: bytes, limits: JsonLimits) -> None:
     reference = outcome(jsondoc._parse_reference, data, limits)
@@ -112,7 +112,7 @@ def test_fast_and_reference_parsers_agree(data: bytes, limits: JsonLimits) -> No
         assert fast[1] is None or fast[1] == canonical(fast[0])
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(json_values, st.booleans(), st.sampled_from([None, 0, 2]))
 def test_parse_returns_what_was_written(value: Any, ascii_only: bool, indent: int | None) -> None:
     assume(not jsondoc._has_special_numbers(value) or "e+" not in json.dumps(value))
@@ -145,7 +145,7 @@ def numbers_equal(a: Any, b: Any) -> bool:
     return float(a) == float(b)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(json_values, st.integers(0, 10), st.booleans())
 def test_canonical_is_stable_and_round_trips(value: Any, seed: int, ascii_only: bool) -> None:
     canon = canonical(value)
@@ -156,7 +156,7 @@ def test_canonical_is_stable_and_round_trips(value: Any, seed: int, ascii_only: 
     assert re.search(rb"[\[{,:] |\n", canon) is None or b'"' in canon  # no formatting whitespace
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(json_values)
 def test_plain_canonical_equals_the_reference_writer(value: Any) -> None:
     assume(not jsondoc._has_special_numbers(value))
@@ -166,7 +166,7 @@ def test_plain_canonical_equals_the_reference_writer(value: Any) -> None:
 ES6 = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]*[1-9])?(e[+-][1-9][0-9]*)?\Z")
 
 
-@settings(max_examples=1000)
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.floats(allow_nan=False, allow_infinity=False))
 def test_es6_numbers_round_trip_in_shortest_form(x: float) -> None:
     text = jsondoc._es6_number(x)
@@ -277,7 +277,7 @@ def test_compiled_validators_agree_with_jsonschema(case: tuple[str, Any]) -> Non
     assert (again.reason_code, again.json_path) == ("SCHEMA_INVALID", exc.json_path)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.sampled_from(REGISTRY.ids), json_values)
 def test_validate_only_raises_message_rejected(name: str, value: Any) -> None:
     exc = rejection(REGISTRY.validate, name, value)
@@ -314,7 +314,7 @@ def check_outcome(name: str, data: bytes) -> Any:
     return ("ok", typed(value), canon)
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(message_bytes())
 def test_check_is_the_same_with_and_without_orjson(case: tuple[str, bytes]) -> None:
     name, data = case
