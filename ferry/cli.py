@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--timeout", type=float)
     ss.set_defaults(func=_cmd_status)
 
+    from ferry.audit.cli import add_parser as add_audit_parser  # noqa: PLC0415
+
+    add_audit_parser(sub)
+
     st = sub.add_parser("selftest", help="run the start-up known-answer tests")
     st.set_defaults(func=_cmd_selftest)
 

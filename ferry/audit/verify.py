@@ -1,0 +1,790 @@
+"""Verify an audit log: every record, the Merkle tree, every signed checkpoint.
+
+:func:`verify` reads a log directory (or one segment file) and returns a
+:class:`VerifyReport`. It checks, in one streaming pass with O(log n) memory:
+
+* every line is a JSON record that matches the schema;
+* indexes run from 0 without gaps, repeats or reordering, and each record's
+  ``prev`` is the leaf hash of the record before it;
+* each segment starts with an ``audit.segment_opened`` record that names the
+  previous segment, its exact size in bytes and the tree at that point;
+* timestamps do not go back by more than a tolerance (a warning: clocks step);
+* every checkpoint in ``checkpoints.log`` parses, is signed by the audit key,
+  has a size that never shrinks, and has the root of the recomputed tree at its
+  size (so consecutive checkpoints are append-only consistent: both are prefixes
+  of the same recomputed log); no checkpoint covers more records than exist;
+* every ``audit.checkpoint`` record has its signed checkpoint.
+
+The scan stops at the first bad record; :attr:`VerifyReport.first` names the
+first bad position (segment file, line, record index, byte offset) and a
+problem code. docs/AUDIT.md lists the codes and what each means.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry.audit.merkle import CompactRange, Note, leaf_hash, parse_notes
+from ferry.audit.record import (
+    MAX_RECORD_BYTES,
+    ZERO_HASH,
+    decode,
+    parse_ts,
+    record_errors,
+)
+from ferry.crypto.keys import PublicKey
+from ferry.errors import FerryError, UsageError
+
+CHECKPOINTS_FILE = "checkpoints.log"
+_SEGMENT = re.compile(r"audit-([0-9]{6})\.jsonl")
+# Report at most this many problems of one kind (a log re-signed with another key
+# has every checkpoint wrong; the first few say it all).
+MAX_REPORTED_PER_CODE = 10
+DEFAULT_TS_TOLERANCE = 1.0  # seconds a timestamp may go back before it is reported
+
+
+def segment_name(number: int) -> str:
+    return f"audit-{number:06d}.jsonl"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """The segment files of a log directory, by number."""
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := _SEGMENT.fullmatch(p.name)) and p.is_file()
+    ]
+    return sorted(found)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    number: int  # 1-based
+    offset: int  # byte offset of the line in its file
+    data: bytes  # without the newline
+    complete: bool  # ended by a newline within MAX_RECORD_BYTES
+
+
+def iter_lines(path: Path) -> Iterator[Line]:
+    """The lines of a segment, each read with a bounded length."""
+    with path.open("rb") as f:
+        number = offset = 0
+        while raw := f.readline(MAX_RECORD_BYTES + 2):
+            number += 1
+            complete = raw.endswith(b"\n")
+            yield Line(number, offset, raw[:-1] if complete else raw, complete)
+            offset += len(raw)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: a stable code, a message, and where it is."""
+
+    code: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    idx: int | None = None
+    offset: int | None = None
+
+    def location(self) -> str:
+        parts = [self.file or ""]
+        if self.line is not None:
+            parts.append(f"line {self.line}")
+        extra = []
+        if self.idx is not None:
+            extra.append(f"record {self.idx}")
+        if self.offset is not None:
+            extra.append(f"byte {self.offset}")
+        text = " ".join(p for p in parts if p)
+        if extra:
+            text += f" ({', '.join(extra)})" if text else ", ".join(extra)
+        return text
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "file": self.file,
+            "line": self.line,
+            "idx": self.idx,
+            "offset": self.offset,
+        }
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify`."""
+
+    path: str
+    authenticated: bool = False  # signatures checked against a key given by the caller
+    key_id: str | None = None
+    origin: str | None = None
+    segments: int = 0
+    first_idx: int = 0  # 0 unless a single segment was verified
+    records: int = 0  # records read and found valid
+    tree_size: int = 0
+    root: str = ""
+    checkpoints: int = 0  # notes in checkpoints.log
+    checkpoints_verified: int = 0  # signed by the key and matching the records
+    last_checkpoint: int | None = None  # size of the last verified checkpoint
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """No problem found (the log may still be unauthenticated: see :attr:`verified`)."""
+        return not self.problems
+
+    @property
+    def verified(self) -> bool:
+        """No problem found, and the checkpoints are signed by the key the caller gave."""
+        return self.ok and self.authenticated
+
+    @property
+    def first(self) -> Problem | None:
+        """The first bad position found, or None."""
+        return self.problems[0] if self.problems else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "verified": self.verified,
+            "ok": self.ok,
+            "authenticated": self.authenticated,
+            "key_id": self.key_id,
+            "origin": self.origin,
+            "segments": self.segments,
+            "first_idx": self.first_idx,
+            "records": self.records,
+            "tree_size": self.tree_size,
+            "root": self.root,
+            "checkpoints": self.checkpoints,
+            "checkpoints_verified": self.checkpoints_verified,
+            "last_checkpoint": self.last_checkpoint,
+            "first_problem": self.first.to_json() if self.first else None,
+            "problems": [p.to_json() for p in self.problems],
+            "warnings": [w.to_json() for w in self.warnings],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Pos:
+    file: str
+    line: int
+    offset: int
+    idx: int
+
+
+class _Stop(Exception):
+    """The scan cannot go on past a bad record."""
+
+
+class _Verifier:
+    def __init__(
+        self,
+        path: Path,
+        key: PublicKey | None,
+        ts_tolerance: float,
+        first_segment: int | None = None,
+    ) -> None:
+        self.path = path
+        self.key = key
+        self.first_segment = first_segment
+        self.tolerance_us = int(ts_tolerance * 1_000_000)
+        self.report = VerifyReport(str(path), authenticated=key is not None)
+        self.scan_problem: Problem | None = None
+        self.other: list[Problem] = []
+        self.counts: dict[str, int] = {}
+        self.tree = CompactRange()
+        self.prev_hex = ZERO_HASH
+        self.prev_pos: _Pos | None = None
+        self.last_ts = ""
+        self.suspect: tuple[_Pos, _Pos] | None = None  # (record j, record j-1): j.prev is wrong
+        self.notes: tuple[Note, ...] = ()
+        self.by_size: dict[int, list[Note]] = {}
+        self.matched: set[int] = set()  # offsets of notes whose root matched
+        self.announced: list[tuple[int, int, _Pos]] = []  # (idx, size, where)
+        self.log_key: str | None = None
+        self.log_origin: str | None = None
+        self.end: _Pos | None = None  # just past the last complete record
+        self.partial = False  # the scan starts from a segment's saved state, not from record 0
+        self.tail = True  # the segments scanned run to the end of the log
+        self.complete = False  # the scan reached the end of the segments
+        self.torn: tuple[str, int, bytes] | None = None  # (segment, offset, bytes) of a torn line
+        self.top_note = 0  # the largest size in checkpoints.log
+        self.unstored: list[tuple[int, bytes]] = []  # announced after top_note: (size, root)
+        self.torn_pos: _Pos | None = None
+        self.torn_ckpt: int | None = None  # offset of an incomplete final note
+        self.last_events = ("", "")
+
+    # --- reporting ---------------------------------------------------------------------
+
+    def problem(self, code: str, message: str, pos: _Pos | None = None, **kw: Any) -> None:
+        self.counts[code] = self.counts.get(code, 0) + 1
+        if self.counts[code] > MAX_REPORTED_PER_CODE:
+            return
+        if pos is not None:
+            kw = {"file": pos.file, "line": pos.line, "idx": pos.idx, "offset": pos.offset, **kw}
+        self.other.append(Problem(code, message, **kw))
+
+    def stop(self, code: str, message: str, pos: _Pos) -> _Stop:
+        self.scan_problem = Problem(code, message, pos.file, pos.line, pos.idx, pos.offset)
+        return _Stop()
+
+    def warn(self, code: str, message: str, pos: _Pos | None = None) -> None:
+        key = "warn:" + code
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.counts[key] <= MAX_REPORTED_PER_CODE:
+            loc: dict[str, Any] = {}
+            if pos is not None:
+                loc = {"file": pos.file, "line": pos.line, "idx": pos.idx, "offset": pos.offset}
+            self.report.warnings.append(Problem(code, message, **loc))
+
+    # --- the run -------------------------------------------------------------------------
+
+    def run(self) -> VerifyReport:
+        started = time.perf_counter()
+        segments, directory, gap = self._segments()
+        self._load_notes(directory)
+        if segments or gap:
+            try:
+                self._scan(segments, gap)
+                self.complete = True
+            except _Stop:
+                pass
+        self._finish()
+        self.report.seconds = time.perf_counter() - started
+        return self.report
+
+    def _segments(self) -> tuple[list[Path], Path, str | None]:
+        path = self.path
+        if path.is_dir():
+            found = list_segments(path)
+            if self.first_segment is not None:
+                found = [(n, p) for n, p in found if n >= self.first_segment]
+                self.partial = True
+                first = self.first_segment
+            else:
+                first = 1
+            if not found:
+                self.problem("NO_LOG", f"no audit segments (audit-NNNNNN.jsonl) in {path}")
+            paths: list[Path] = []
+            gap = None
+            for expected, (number, p) in enumerate(found, first):
+                if number != expected:
+                    gap = segment_name(expected)
+                    break
+                paths.append(p)
+            self.report.segments = len(found)
+            return paths, path, gap
+        if path.is_file() and _SEGMENT.fullmatch(path.name):
+            self.partial = True
+            self.tail = False
+            self.report.segments = 1
+            return [path], path.parent, None
+        raise UsageError(f"{path}: not an audit log directory or segment file")
+
+    def _load_notes(self, directory: Path) -> None:
+        ckpt = directory / CHECKPOINTS_FILE
+        if not ckpt.is_file():
+            return
+        parsed = parse_notes(ckpt.read_bytes())
+        if parsed.error is not None:
+            self.problem(
+                "CHECKPOINT_MALFORMED",
+                f"{CHECKPOINTS_FILE} does not parse: {parsed.error.reason}",
+                file=CHECKPOINTS_FILE,
+                line=parsed.error.line,
+            )
+        self.torn_ckpt = parsed.torn_at
+        self.notes = parsed.notes
+        self.top_note = max((n.checkpoint.size for n in parsed.notes), default=0)
+        self.report.checkpoints = len(parsed.notes)
+        for note in parsed.notes:
+            self.by_size.setdefault(note.checkpoint.size, []).append(note)
+
+    def _lines(self, segments: list[Path]) -> Iterator[tuple[Path, Line, bool]]:
+        for i, seg in enumerate(segments):
+            size = seg.stat().st_size
+            for line in iter_lines(seg):
+                at_eof = line.offset + len(line.data) + (1 if line.complete else 0) >= size
+                yield seg, line, at_eof and i == len(segments) - 1
+
+    def _scan(self, segments: list[Path], gap: str | None) -> None:
+        lines = self._lines(segments)
+        pending: tuple[Path, Line, bool] | None = None
+        prev_seg: tuple[str, int] | None = None
+        while True:
+            item = pending or next(lines, None)
+            pending = None
+            if item is None:
+                break
+            seg, line, at_end = item
+            if line.number == 1 and self.prev_pos is not None:
+                prev_seg = (self.prev_pos.file, self._size_of(segments, self.prev_pos.file))
+            pos = _Pos(seg.name, line.number, line.offset, self.tree.size)
+            if not line.complete:
+                if at_end:
+                    self.torn = (seg.name, line.offset, line.data)
+                    self.torn_pos = pos
+                    break
+                raise self.stop("MALFORMED_LINE", "line longer than 16 KiB or unterminated", pos)
+            rec = self._record(line, pos)
+            if line.number == 1:
+                self._segment_start(rec, seg, pos, prev_seg)
+                pos = _Pos(seg.name, line.number, line.offset, self.tree.size)
+            elif rec["event"] == "audit.segment_opened":
+                raise self.stop(
+                    "SEGMENT_LINK", "audit.segment_opened in the middle of a segment", pos
+                )
+            if rec["idx"] != self.tree.size:
+                pending = next(lines, None)
+                raise self._index_problem(rec["idx"], pos, pending)
+            self._chain(rec, pos)
+            self._record_facts(rec, pos)
+            self.last_events = (self.last_events[1], rec["event"])
+            leaf = leaf_hash(line.data)
+            self.tree.append(leaf)
+            self.prev_hex = leaf.hex()
+            self.prev_pos = pos
+            self.report.records += 1
+            self._check_notes(pos)
+            if rec["event"] == "audit.checkpoint" and self.tree.size > self.top_note:
+                self.unstored.append((self.tree.size, self.tree.root()))
+            end = line.offset + len(line.data) + 1
+            self.end = _Pos(seg.name, line.number + 1, end, pos.idx + 1)
+        if self.suspect is not None:
+            at, before = self.suspect
+            self._modified(before, at, ambiguous=True)
+        if gap is not None:
+            where = self.end or _Pos(gap, 1, 0, self.tree.size)
+            raise self.stop(
+                "SEGMENT_MISSING",
+                f"segment {gap} is missing: the records from idx {self.tree.size} on are gone",
+                _Pos(gap, 1, 0, where.idx),
+            )
+
+    @staticmethod
+    def _size_of(segments: list[Path], name: str) -> int:
+        for seg in segments:
+            if seg.name == name:
+                return seg.stat().st_size
+        return -1
+
+    def _record(self, line: Line, pos: _Pos) -> dict[str, Any]:
+        try:
+            rec = decode(line.data)
+        except ValueError as exc:
+            raise self.stop("MALFORMED_LINE", f"not a valid record: {exc}", pos) from None
+        errors = record_errors(rec)
+        if errors:
+            idx = rec.get("idx")
+            where = pos if not isinstance(idx, int) else _Pos(pos.file, pos.line, pos.offset, idx)
+            raise self.stop("SCHEMA", "record does not match the schema: " + errors[0], where)
+        return rec
+
+    def _segment_start(
+        self, rec: dict[str, Any], seg: Path, pos: _Pos, prev_seg: tuple[str, int] | None
+    ) -> None:
+        detail = rec.get("detail") or {}
+        if rec["event"] != "audit.segment_opened":
+            raise self.stop("SEGMENT_LINK", "a segment must start with audit.segment_opened", pos)
+        if detail["segment"] != seg.name:
+            raise self.stop(
+                "SEGMENT_LINK", f"segment_opened names {detail['segment']}, not {seg.name}", pos
+            )
+        if self.partial and self.prev_pos is None:
+            try:
+                tree = CompactRange(
+                    detail["tree_size"], [bytes.fromhex(h) for h in detail["frontier"]]
+                )
+            except ValueError:
+                raise self.stop("SEGMENT_LINK", "segment_opened has a bad frontier", pos) from None
+            if tree.root().hex() != detail["root"]:
+                raise self.stop("SEGMENT_LINK", "segment_opened frontier and root disagree", pos)
+            self.tree, self.prev_hex = tree, rec["prev"]
+            self.report.first_idx = tree.size
+            self.warn(
+                "SEGMENT_ONLY",
+                f"verified from {seg.name} on: records before idx {tree.size} were not read; "
+                "the starting state is confirmed only by a checkpoint at or after it",
+            )
+            self._check_notes(None)
+            return
+        expected_prev = None if prev_seg is None else {"segment": prev_seg[0], "bytes": prev_seg[1]}
+        if detail["previous"] != expected_prev:
+            raise self.stop(
+                "SEGMENT_LINK",
+                f"segment_opened names previous segment {detail['previous']}, "
+                f"but the files show {expected_prev}",
+                pos,
+            )
+        state = (detail["tree_size"], detail["root"], detail["frontier"])
+        actual = (self.tree.size, self.tree.root().hex(), [h.hex() for h in self.tree.hashes])
+        if state != actual:
+            raise self.stop(
+                "SEGMENT_LINK",
+                f"segment_opened records tree size {detail['tree_size']} and root "
+                f"{str(detail['root'])[:16]}..., but the records before it give size "
+                f"{self.tree.size} and root {actual[1][:16]}...",
+                pos,
+            )
+
+    def _index_problem(self, found: int, pos: _Pos, after: tuple[Path, Line, bool] | None) -> _Stop:
+        expected = self.tree.size
+        pos = _Pos(pos.file, pos.line, pos.offset, expected)
+        if found < expected:
+            if self.prev_pos is not None and found == expected - 1:
+                p = self.prev_pos
+                return self.stop(
+                    "INDEX_DUPLICATE",
+                    f"lines {p.line} and {pos.line} of {pos.file} both claim idx {found}: "
+                    "one of them was inserted",
+                    _Pos(p.file, p.line, p.offset, found),
+                )
+            return self.stop(
+                "INDEX_DUPLICATE",
+                f"expected idx {expected}, found idx {found} again: an inserted or duplicated "
+                "record",
+                pos,
+            )
+        next_idx = None
+        if after is not None and after[1].complete:
+            try:
+                value = decode(after[1].data).get("idx")
+                next_idx = value if isinstance(value, int) else None
+            except ValueError:
+                next_idx = None
+        if next_idx == expected:
+            return self.stop(
+                "RECORDS_SWAPPED",
+                f"expected idx {expected}, found idx {found} followed by idx {expected}: "
+                "records were reordered",
+                pos,
+            )
+        missing = found - expected
+        return self.stop(
+            "RECORDS_MISSING",
+            f"expected idx {expected}, found idx {found}: {missing} record"
+            f"{'s' if missing > 1 else ''} deleted before this line",
+            pos,
+        )
+
+    def _chain(self, rec: dict[str, Any], pos: _Pos) -> None:
+        """Check ``prev``; on a break, look at one more record to say which was changed."""
+        broken = rec["prev"] != self.prev_hex
+        if self.suspect is not None:
+            at, before = self.suspect
+            if broken:  # record j's own hash is wrong too: record j was changed
+                self._modified(at, at, ambiguous=False)
+            else:  # record j is consistent with its successor: record j-1 was changed
+                self._modified(before, at, ambiguous=False)
+        if broken:
+            if self.prev_pos is None:  # record 0 (or a segment's first in single mode)
+                raise self.stop(
+                    "RECORD_MODIFIED",
+                    f"record {pos.idx} was changed: its prev field is not the expected hash",
+                    pos,
+                )
+            self.suspect = (pos, self.prev_pos)
+
+    def _modified(self, bad: _Pos, link: _Pos, *, ambiguous: bool) -> None:
+        if bad is link:
+            msg = (
+                f"record {bad.idx} was changed: its prev field does not name record "
+                f"{bad.idx - 1}, and record {bad.idx + 1} does not name it"
+            )
+        elif ambiguous:
+            msg = (
+                f"record {bad.idx} was changed (or the prev field of record {link.idx}, the "
+                f"last record): record {link.idx} names a different predecessor"
+            )
+        else:
+            msg = (
+                f"record {bad.idx} was changed: record {link.idx} names a predecessor whose "
+                "hash differs (or records between them were removed and the rest renumbered)"
+            )
+        raise self.stop("RECORD_MODIFIED", msg, bad)
+
+    def _record_facts(self, rec: dict[str, Any], pos: _Pos) -> None:
+        ts = rec["ts"]
+        if ts < self.last_ts:
+            try:
+                back = parse_ts(self.last_ts) - parse_ts(ts)
+            except ValueError:
+                raise self.stop("SCHEMA", f"timestamp {ts} is not a valid time", pos) from None
+            if back > self.tolerance_us:
+                self.warn(
+                    "TS_REGRESSION",
+                    f"timestamp {ts} is {back / 1e6:.3f} s before the previous record's "
+                    f"(tolerance {self.tolerance_us / 1e6:g} s): the clock stepped back",
+                    pos,
+                )
+        self.last_ts = ts
+        event = rec["event"]
+        if event == "audit.checkpoint":
+            detail = rec["detail"]
+            if detail["size"] != pos.idx + 1:
+                raise self.stop(
+                    "SCHEMA",
+                    f"audit.checkpoint at idx {pos.idx} announces size {detail['size']}, "
+                    f"not {pos.idx + 1}",
+                    pos,
+                )
+            self.announced.append((pos.idx, detail["size"], pos))
+            self.log_origin = self.log_origin or detail["origin"]
+        elif event == "audit.started" and self.log_key is None:
+            self.log_key = rec["detail"]["checkpoint_key"]
+            self.log_origin = self.log_origin or rec["detail"]["origin"]
+
+    def _check_notes(self, pos: _Pos | None) -> None:
+        size = self.tree.size
+        notes = self.by_size.get(size)
+        if not notes:
+            return
+        root = self.tree.root()
+        for note in notes:
+            if note.checkpoint.root == root:
+                self.matched.add(note.offset)
+                continue
+            last_ok = max(
+                (n.checkpoint.size for n in self.notes if n.offset in self.matched), default=0
+            )
+            where = pos or _Pos(CHECKPOINTS_FILE, note.line, note.offset, size)
+            raise self.stop(
+                "CHECKPOINT_MISMATCH",
+                f"checkpoint {size} ({CHECKPOINTS_FILE} line {note.line}) does not match the "
+                f"records: record {size - 1} was changed, or records {last_ok}..{size - 1} "
+                "were rewritten",
+                where,
+            )
+
+    # --- after the scan ----------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        report = self.report
+        report.tree_size = self.tree.size
+        report.root = self.tree.root().hex()
+        key = self._key()
+        self._check_note_signatures(key)
+        if self.complete:
+            self._check_coverage()
+        self._check_announcements()
+        self._check_torn()
+        verified = [
+            n
+            for n in self.notes
+            if n.offset in self.matched and key is not None and n.signature_status(key) == "valid"
+        ]
+        report.checkpoints_verified = len(verified)
+        report.last_checkpoint = max((n.checkpoint.size for n in verified), default=None)
+        # One announced but unstored checkpoint and no other is a crash before the first
+        # note was stored (CHECKPOINT_PENDING); anything else without notes is a removal.
+        if self.complete and report.records and not self.notes and len(self.announced) != 1:
+            self.problem(
+                "NO_CHECKPOINT",
+                "no signed checkpoint: nothing shows these records were written by the audit key",
+            )
+        covered = report.last_checkpoint or 0
+        later = not self.tail and self.top_note > self.tree.size  # covered after this segment
+        if self.complete and self.tree.size > covered and not later:
+            self.warn(
+                "UNCOVERED_TAIL",
+                f"records {covered}..{self.tree.size - 1} come after the last checkpoint: "
+                "no signature covers them yet",
+            )
+        report.problems = ([self.scan_problem] if self.scan_problem else []) + sorted(
+            self.other, key=lambda p: (p.idx is None, p.idx or 0, p.line or 0)
+        )
+        for code, count in self.counts.items():
+            if not code.startswith("warn:") and count > MAX_REPORTED_PER_CODE:
+                more = count - MAX_REPORTED_PER_CODE
+                report.problems.append(Problem(code, f"... and {more} more {code}"))
+
+    def _key(self) -> PublicKey | None:
+        report = self.report
+        key = self.key
+        if key is None and self.log_key is not None:
+            try:
+                key = PublicKey.from_string(self.log_key)
+            except FerryError:
+                key = None
+            if key is not None and key.alg != "ed25519":
+                key = None
+            self.warn(
+                "UNAUTHENTICATED",
+                "no key given: signatures were checked against the key the log names itself "
+                "(audit.started), which a forger controls; give the audit public key (--key)",
+            )
+        elif key is None:
+            self.warn("UNAUTHENTICATED", "no key given and none named in the log")
+        if key is not None:
+            report.key_id = key.key_id.hex()
+        return key
+
+    def _check_note_signatures(self, key: PublicKey | None) -> None:
+        origin = self.log_origin or (self.notes[0].checkpoint.origin if self.notes else None)
+        self.report.origin = origin
+        previous: Note | None = None
+        for note in self.notes:
+            cp = note.checkpoint
+            loc: dict[str, Any] = {"file": CHECKPOINTS_FILE, "line": note.line}
+            if cp.origin != origin:
+                self.problem(
+                    "CHECKPOINT_ORIGIN",
+                    f"checkpoint {cp.size} is for log {cp.origin!r}, not {origin!r}",
+                    **loc,
+                )
+            status = note.signature_status(key) if key is not None else "absent"
+            if status == "invalid":
+                self.problem(
+                    "CHECKPOINT_BAD_SIGNATURE",
+                    f"checkpoint {cp.size} has a signature by the audit key that does not verify",
+                    **loc,
+                )
+            elif status == "absent":
+                signers = ", ".join(f"{s.name} ({s.key_id.hex()})" for s in note.signatures)
+                self.problem(
+                    "CHECKPOINT_UNSIGNED",
+                    f"checkpoint {cp.size} is not signed by the audit key"
+                    + (f" {key.key_id.hex()}" if key else "")
+                    + f"; signed by: {signers}",
+                    **loc,
+                )
+            if previous is not None:
+                if cp.size < previous.checkpoint.size:
+                    self.problem(
+                        "CHECKPOINT_REGRESSION",
+                        f"checkpoint {cp.size} follows checkpoint {previous.checkpoint.size}: "
+                        "a log only grows",
+                        **loc,
+                    )
+                elif cp.size == previous.checkpoint.size and cp.root != previous.checkpoint.root:
+                    self.problem(
+                        "CHECKPOINT_FORK",
+                        f"two checkpoints of size {cp.size} have different roots",
+                        **loc,
+                    )
+            previous = note
+
+    def _check_torn(self) -> None:
+        """A torn write is normal after a crash, but nothing follows a clean close."""
+        sizes = {n.checkpoint.size for n in self.notes}
+        closed = (
+            self.complete
+            and self.last_events == ("audit.stopped", "audit.checkpoint")
+            and self.tree.size in sizes
+        )
+        after = "the log was closed (audit.stopped and its final checkpoint), yet"
+        if self.torn is not None and self.torn_pos is not None:
+            name, _, data = self.torn
+            if closed:
+                self.problem(
+                    "DATA_AFTER_CLOSE",
+                    f"{after} {len(data)} bytes without a newline follow in {name}",
+                    self.torn_pos,
+                )
+            else:
+                self.warn(
+                    "TORN_TAIL",
+                    f"the last line ({len(data)} bytes) has no newline: the writer stopped in "
+                    "mid-write; it is cut off and recorded when the log reopens",
+                    self.torn_pos,
+                )
+        if self.torn_ckpt is not None:
+            where = f"{CHECKPOINTS_FILE} ends inside a checkpoint at byte {self.torn_ckpt}"
+            if closed and self.tail:
+                self.problem("DATA_AFTER_CLOSE", f"{after} {where}", file=CHECKPOINTS_FILE)
+            else:
+                self.warn(
+                    "CHECKPOINT_TORN",
+                    f"{where} (the writer stopped while writing it; it is cut off when the log "
+                    "reopens)",
+                )
+
+    def _check_coverage(self) -> None:
+        size = self.tree.size
+        beyond = sorted(
+            (n for n in self.notes if n.checkpoint.size > size), key=lambda n: n.checkpoint.size
+        )
+        if not self.tail or not beyond:
+            return
+        note = beyond[0]
+        end = self.end or _Pos("", 1, 0, 0)
+        self.problem(
+            "TRUNCATED",
+            f"the log ends after {size} records, but checkpoint {note.checkpoint.size} "
+            f"({CHECKPOINTS_FILE} line {note.line}) covers more: records "
+            f"{size}..{beyond[-1].checkpoint.size - 1} are missing",
+            _Pos(end.file, end.line, end.offset, size),
+        )
+
+    def _check_announcements(self) -> None:
+        sizes = {n.checkpoint.size for n in self.notes}
+        top = max(sizes, default=0)
+        for i, (idx, size, pos) in enumerate(self.announced):
+            if size in sizes:
+                continue
+            if i == len(self.announced) - 1 and size > top:
+                self.warn(
+                    "CHECKPOINT_PENDING",
+                    f"record {idx} announces checkpoint {size}, which is not in "
+                    f"{CHECKPOINTS_FILE}: the writer stopped before storing it (it is stored "
+                    "when the log reopens)",
+                    pos,
+                )
+            else:
+                self.problem(
+                    "CHECKPOINT_MISSING",
+                    f"record {idx} announces checkpoint {size}, which is not in "
+                    f"{CHECKPOINTS_FILE}: checkpoints were removed",
+                    pos,
+                )
+
+
+def verify(
+    path: str | Path,
+    public_key: PublicKey | None = None,
+    *,
+    ts_tolerance: float = DEFAULT_TS_TOLERANCE,
+) -> VerifyReport:
+    """Verify the audit log at ``path`` (a directory, or one segment file).
+
+    ``public_key`` is the audit key's public half; without it, signatures are
+    checked against the key the log names and the report is not
+    :attr:`~VerifyReport.authenticated`. Raises :class:`UsageError` if ``path``
+    is neither a log directory nor a segment file.
+    """
+    if public_key is not None and public_key.alg != "ed25519":
+        raise UsageError(f"the audit key is an ed25519 key, not {public_key.alg}")
+    return _Verifier(Path(path), public_key, ts_tolerance).run()
+
+
+@dataclass(frozen=True)
+class TailState:
+    """What the writer needs to resume a log, from :func:`scan_tail`."""
+
+    report: VerifyReport
+    tree: CompactRange
+    prev: str  # hex leaf hash of the last record
+    torn: tuple[str, int, bytes] | None  # (segment, offset, bytes) of a torn final line
+    unstored: list[tuple[int, bytes]]  # checkpoints announced but not in checkpoints.log
+
+
+def scan_tail(directory: Path, first_segment: int, key: PublicKey) -> TailState:
+    """Verify a log from segment ``first_segment`` to its end, as the writer does on reopening.
+
+    The state at the start of that segment is taken from its segment_opened
+    record and confirmed by the checkpoints whose sizes fall in the scanned part.
+    """
+    v = _Verifier(directory, key, DEFAULT_TS_TOLERANCE, first_segment)
+    report = v.run()
+    return TailState(report, v.tree, v.prev_hex, v.torn, v.unstored)
