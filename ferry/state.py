@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ferry.errors import StateError
@@ -20,3 +22,19 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StateError(f"{path}: cannot open state database: {exc}") from exc
     return db
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One explicit write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, rollback on error).
+
+    Connections from :func:`open_db` are in autocommit mode, where ``with db:``
+    does not group statements: every statement would commit (and fsync) alone.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -30,6 +30,7 @@ import zmq
 from ferry import log
 from ferry.config_types import ConsumerParams
 from ferry.crypto.keys import load_secret_key
+from ferry.state import transaction
 from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
 from inside.ledger import Ledger
@@ -80,9 +81,17 @@ class Outbox:
         self._db, self._lock = ledger.db
         with self._lock:
             self._db.executescript(OUTBOX_SCHEMA)
+        # Acknowledgements go through their own connection without fsync at commit
+        # (synchronous=NORMAL in WAL): losing the last ones in a power cut only means
+        # those messages are offered again, which at-least-once delivery allows.
+        self._acks = sqlite3.connect(
+            ledger.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        self._acks.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
-        """(the ledger owns the connection)"""
+        """(the ledger owns the main connection)"""
+        self._acks.close()
 
     @staticmethod
     def insert(db: sqlite3.Connection, items: list[OutboxItem]) -> None:
@@ -97,7 +106,7 @@ class Outbox:
         )
 
     def add_many(self, items: list[OutboxItem]) -> None:
-        with self._lock, self._db:
+        with self._lock, transaction(self._db):
             self.insert(self._db, items)
 
     def pending(self) -> list[OutboxItem]:
@@ -110,8 +119,8 @@ class Outbox:
 
     def ack_many(self, object_ids: list[bytes], who: str) -> None:
         now = int(time.time() * 1e6)
-        with self._lock, self._db:
-            self._db.executemany(
+        with transaction(self._acks):
+            self._acks.executemany(
                 "UPDATE outbox SET acked_us=?, acked_by=? WHERE object_id=? AND acked_us IS NULL",
                 [(now, who, oid) for oid in object_ids],
             )

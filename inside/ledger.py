@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ferry.state import open_db
+from ferry.state import open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replay (
@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS objects (
 
 class Ledger:
     def __init__(self, state_dir: Path) -> None:
-        self._db = open_db(state_dir / "inside.db", SCHEMA)
+        self.path = state_dir / "inside.db"
+        self._db = open_db(self.path, SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -40,7 +41,7 @@ class Ledger:
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
     def set_replay_floor(self, sender_kid: bytes, epoch: int, counter: int) -> None:
-        with self._lock, self._db:
+        with self._lock, transaction(self._db):
             self._db.execute(
                 "INSERT INTO replay VALUES (?,?,?) ON CONFLICT(sender_kid) DO UPDATE SET"
                 " epoch=excluded.epoch, counter=excluded.counter",
@@ -76,7 +77,7 @@ class Ledger:
         sha256: bytes | None = None,
         reason: str | None = None,
     ) -> None:
-        with self._lock, self._db:
+        with self._lock, transaction(self._db):
             self._db.execute(
                 "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE"
                 " SET state=excluded.state, channel=coalesce(excluded.channel, channel),"
@@ -115,7 +116,7 @@ class Ledger:
         """
         now = int(time.time() * 1e6)
         keys = ("channel", "seq", "name", "path", "size", "sha256", "reason")
-        with self._lock, self._db:
+        with self._lock, transaction(self._db):
             if also is not None:
                 also(self._db)
             self._db.executemany(

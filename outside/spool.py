@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import StateError
-from ferry.state import open_db
+from ferry.state import open_db, transaction
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -179,7 +179,7 @@ class Spool:
 
     def next_epoch(self, now: int) -> int:
         """A sender epoch strictly greater than any used before, time-ordered when state is lost."""
-        with self._lock, self._db:
+        with self._lock, transaction(self._db):
             row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
             epoch = max(now, (row[0] if row else 0) + 1)
             self._db.execute(
