@@ -433,3 +433,32 @@ def test_chunked_upload_to_a_files_channel(tmp_path: Path, agents) -> None:
     while not target.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert target.read_bytes() == data
+
+
+@pytest.mark.slow
+def test_flood_of_100k_small_submissions(tmp_path: Path, agents) -> None:
+    """100,000 pipelined submissions: every one answered, no item lost or doubled."""
+
+    def roomy(data: dict) -> None:
+        data["api"]["busy_items"] = 1_000_000
+
+    dep = _deploy(tmp_path, roomy)
+    entry = Path(dep["api"]["allowlist_entry"])
+    entry.write_text(entry.read_text().replace("rate: 5000", "rate: 1000000"))
+    outside = agents("outside", dep["outside"]["config"])
+    outside.wait_event("api_listening")
+    n = 100_000
+    seqs: set[int] = set()
+    items: set[str] = set()
+    rejected = 0
+    with Client.from_config(dep["api"]["client_config"]) as client:
+        stream = (("messages", application(i), "citizen-application") for i in range(n))
+        for _sid, answer in client.submit_many(stream, window=2000, timeout=120):
+            if isinstance(answer, ApiRejected):
+                rejected += 1
+                continue
+            seqs.add(answer.seq)
+            items.add(answer.item)
+    assert rejected == 0
+    assert seqs == set(range(1, n + 1))
+    assert len(items) == n
