@@ -171,8 +171,11 @@ class InsideAgent:
             if messages:
                 try:
                     self._deliver_messages(messages)
-                except Exception:  # noqa: BLE001  # keep delivering; these stay undelivered
+                except Exception as exc:  # noqa: BLE001  # keep the agent delivering
                     _log.exception("message_delivery_failed", count=len(messages))
+                    for oid, _, content in messages:  # kept in rejected/, never dropped
+                        if self.ledger.state_of(oid) != "delivered":
+                            self._reject(oid, f"delivery failed: {exc}", content)
 
     def _reject(self, oid: bytes, reason: str, data: bytes | None = None) -> None:
         self.rejected += 1

@@ -317,8 +317,11 @@ class ConsumerServer:
             except ValueError:
                 continue
             entry = self._inflight.get(oid)
-            if entry is not None and entry[0].channel in con.channels:
-                del self._inflight[oid]
+            item = entry[0] if entry is not None else self._waiting.get(oid)
+            if item is not None and item.channel in con.channels:
+                # (a late ack of a message already queued again counts too)
+                self._inflight.pop(oid, None)
+                self._waiting.pop(oid, None)
                 done.append(oid)
         if done:
             self._acks.setdefault(con.name, []).extend(done)

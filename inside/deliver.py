@@ -28,7 +28,7 @@ from inside.ledger import Ledger
 from inside.paths import candidate_names, contained, safe_name
 
 HASH_CHUNK = 1024 * 1024
-_LIBC = ctypes.CDLL(None, use_errno=True) if hasattr(ctypes, "CDLL") else None
+_LIBC = ctypes.CDLL(None, use_errno=True)
 MAX_SUBFOLDER_DEPTH = 16
 
 
@@ -43,6 +43,22 @@ class Duplicate:
     object_id: bytes
 
 
+def _manifest(
+    trailer: bytes, object_id: bytes, content_len: int, sender: PublicKey
+) -> rec.Manifest:
+    """Verify a trailer's signature, then that its manifest matches the transfer."""
+    manifest_bytes, signature = rec.split_trailer(trailer)
+    suite.verify(sender, rec.MANIFEST_LABEL, manifest_bytes, signature)
+    manifest = rec.decode_manifest(manifest_bytes)  # authenticated from here on
+    if manifest.object_id != object_id:
+        raise WireError("manifest object id differs from the transfer's")
+    if manifest.sender != sender.key_id:
+        raise WireError("manifest names another sender key")
+    if manifest.size != content_len:
+        raise WireError("manifest size differs from the content length")
+    return manifest
+
+
 def verify_object(fd: int, object_id: bytes, length: int, sender: PublicKey) -> rec.Manifest:
     """Check an object file; return its authenticated manifest or raise WireError."""
     if os.fstat(fd).st_size != length:
@@ -52,15 +68,7 @@ def verify_object(fd: int, object_id: bytes, length: int, sender: PublicKey) -> 
     tlen = rec.trailer_length(os.pread(fd, rec.TRAILER_TAIL.size, length - rec.TRAILER_TAIL.size))
     if tlen > length:
         raise WireError("object trailer longer than the object")
-    manifest_bytes, signature = rec.split_trailer(os.pread(fd, tlen, length - tlen))
-    suite.verify(sender, rec.MANIFEST_LABEL, manifest_bytes, signature)
-    manifest = rec.decode_manifest(manifest_bytes)  # authenticated from here on
-    if manifest.object_id != object_id:
-        raise WireError("manifest object id differs from the transfer's")
-    if manifest.sender != sender.key_id:
-        raise WireError("manifest names another sender key")
-    if manifest.size != length - tlen:
-        raise WireError("manifest size differs from the content length")
+    manifest = _manifest(os.pread(fd, tlen, length - tlen), object_id, length - tlen, sender)
     digest = hashlib.sha256()
     offset = 0
     while offset < manifest.size:
@@ -80,25 +88,19 @@ def verify_stream(data: bytes, object_id: bytes, sender: PublicKey) -> tuple[rec
     tlen = rec.trailer_length(data[-rec.TRAILER_TAIL.size :])
     if tlen > length:
         raise WireError("object trailer longer than the object")
-    manifest_bytes, signature = rec.split_trailer(data[length - tlen :])
-    suite.verify(sender, rec.MANIFEST_LABEL, manifest_bytes, signature)
-    manifest = rec.decode_manifest(manifest_bytes)  # authenticated from here on
-    if manifest.object_id != object_id:
-        raise WireError("manifest object id differs from the transfer's")
-    if manifest.sender != sender.key_id:
-        raise WireError("manifest names another sender key")
-    if manifest.size != length - tlen:
-        raise WireError("manifest size differs from the content length")
+    manifest = _manifest(data[length - tlen :], object_id, length - tlen, sender)
     content = data[: manifest.size]
     if hashlib.sha256(content).digest() != manifest.sha256:
         raise WireError("content SHA-256 differs from the signed manifest")
     return manifest, content
 
 
-def _syncfs(fd: int) -> None:
-    """Flush the whole filesystem holding ``fd`` (one journal commit for many files)."""
-    if _LIBC is None or _LIBC.syncfs(fd) != 0:
-        os.fsync(fd)
+def _flush_all(fds: list[int]) -> None:
+    """Make every file durable: one syncfs of their filesystem (one journal commit for
+    many files), or an fsync of each if syncfs fails."""
+    if fds and _LIBC.syncfs(fds[0]) != 0:
+        for fd in fds:
+            os.fsync(fd)
 
 
 def _same_content(path: Path, sha256: bytes) -> bool:
@@ -129,8 +131,7 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
             view = memoryview(content)
             while view:
                 view = view[os.write(tmp, view) :]
-        if tmps:
-            _syncfs(tmps[0])
+        _flush_all(tmps)
         for tmp, (name, _, sha) in zip(tmps, items, strict=True):
             for candidate in candidate_names(safe_name(name)):
                 try:
@@ -152,11 +153,6 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
         for tmp in tmps:
             os.close(tmp)
     return out
-
-
-def write_new_file(folder: Path, name: str, content: bytes) -> Path:
-    """One-item :func:`write_new_files`."""
-    return write_new_files(folder, [(name, content, hashlib.sha256(content).digest())])[0]
 
 
 def _link_tmpfile(tmp_fd: int, target: Path) -> None:

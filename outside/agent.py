@@ -199,16 +199,14 @@ class OutsideAgent:
                     if wait > 0:
                         time.sleep(wait)
                     send_many(batch)
-                    batch_sent = True
                 else:
-                    batch_sent = False
-                for d in () if batch_sent else batch:
-                    wait = bucket.consume(channel.wire_size(len(d)), time.monotonic())
-                    if wait > 0.01:
-                        self.stop.wait(wait)  # slow links: stay responsive to SIGTERM
-                    elif wait > 0:
-                        time.sleep(wait)
-                    channel.send(d)
+                    for d in batch:
+                        wait = bucket.consume(channel.wire_size(len(d)), time.monotonic())
+                        if wait > 0.01:
+                            self.stop.wait(wait)  # slow links: stay responsive to SIGTERM
+                        elif wait > 0:
+                            time.sleep(wait)
+                        channel.send(d)
                 pending_sent.extend(sender.pop_events())
                 if pending_sent and (mono >= next_flush or not batch):
                     next_flush = mono + SENT_FLUSH_INTERVAL  # one transaction for many

@@ -33,7 +33,6 @@ from ferry.wire.sender import build_trailer
 from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
 from outside.spool import (
-    Accepted,
     Conflict,
     MessageRequest,
     Sealed,
@@ -104,6 +103,13 @@ class _Upload:
 
 def _reply(verb: bytes, body: dict[str, Any]) -> list[bytes]:
     return [PROTOCOL, verb, msgpack.packb(body, use_bin_type=True)]
+
+
+def _accepted(  # the reply's fields, in order
+    sid: str, object_id: bytes, channel: str, seq: int, duplicate: bool
+) -> list[bytes]:
+    body = {"id": sid, "item": object_id.hex(), "channel": channel, "seq": seq}
+    return _reply(b"ACCEPTED", {**body, "duplicate": duplicate})
 
 
 class ApiServer:
@@ -381,18 +387,13 @@ class ApiServer:
                 )
                 continue
             self.accepted += 1
-            self._send(identity, _reply(b"ACCEPTED", self._accepted(req, answer)))
+            self._send(
+                identity,
+                _accepted(
+                    req.submission_id, answer.object_id, req.channel, answer.seq, answer.duplicate
+                ),
+            )
         _log.debug("messages_committed", count=len(submits), new=len(new_items))
-
-    @staticmethod
-    def _accepted(req: MessageRequest, answer: Accepted) -> dict[str, Any]:
-        return {
-            "id": req.submission_id,
-            "item": answer.object_id.hex(),
-            "channel": req.channel,
-            "seq": answer.seq,
-            "duplicate": answer.duplicate,
-        }
 
     def _seal(self, req: MessageRequest, seq: int, canonical: bytes, schema: str) -> Sealed:
         object_id = os.urandom(16)
@@ -458,19 +459,7 @@ class ApiServer:
             raise Refused("TOO_LARGE", f"{size} bytes; {ch.name} takes at most {ch.max_size}")
         prior = self.spool.submission(client.name, sid)
         if prior is not None:
-            self._send(
-                identity,
-                _reply(
-                    b"ACCEPTED",
-                    {
-                        "id": sid,
-                        "item": prior.object_id.hex(),
-                        "channel": prior.channel,
-                        "seq": prior.seq,
-                        "duplicate": True,
-                    },
-                ),
-            )
+            self._send(identity, _accepted(sid, prior.object_id, prior.channel, prior.seq, True))
             return
         mine = [u for u in self._uploads.values() if u.client == client.name]
         if len(mine) >= MAX_UPLOADS_PER_CLIENT:
@@ -564,19 +553,7 @@ class ApiServer:
         up.path.unlink(missing_ok=True)
         self.accepted += 1
         self.on_items([item])
-        self._send(
-            up.identity,
-            _reply(
-                b"ACCEPTED",
-                {
-                    "id": sid,
-                    "item": item.object_id.hex(),
-                    "channel": item.channel,
-                    "seq": item.seq,
-                    "duplicate": False,
-                },
-            ),
-        )
+        self._send(up.identity, _accepted(sid, item.object_id, item.channel, item.seq, False))
 
     def _drop_upload(self, up: _Upload) -> None:
         self._uploads.pop(up.token, None)

@@ -140,17 +140,13 @@ class SubmissionStatus:
     sent_us: int | None
 
 
-_DUE_ALL = (
-    "SELECT object_id FROM items WHERE state='queued' AND next_send_us<=?"
-    " ORDER BY priority, next_send_us LIMIT ?"
-)
-_DUE_REPEATS = (
-    "SELECT object_id FROM items WHERE state='queued' AND next_send_us<=? AND sends_done>0"
-    " ORDER BY priority, next_send_us LIMIT ?"
-)
 _SELECT_ITEMS = (
     "SELECT object_id, channel, seq, name, size, length, spool_file, kind, priority, data,"
     " sends_done, sends_total FROM items WHERE state='queued'"
+)
+_DUE_ALL = _SELECT_ITEMS + " AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?"
+_DUE_REPEATS = (
+    _SELECT_ITEMS + " AND next_send_us<=? AND sends_done>0 ORDER BY priority, next_send_us LIMIT ?"
 )
 
 
@@ -400,15 +396,11 @@ class Spool:
         ``repeats_only``: only items already sent at least once (new items reach
         the sender directly; this keeps the periodic scan small under load).
         """
-        query = _DUE_REPEATS if repeats_only else _DUE_ALL
         with self._lock:
-            ids = self._db.execute(query, (now, limit + len(skip))).fetchall()
-            wanted = [bytes(r[0]) for r in ids if bytes(r[0]) not in skip][:limit]
-            rows = [
-                self._db.execute(_SELECT_ITEMS + " AND object_id=?", (oid,)).fetchone()
-                for oid in wanted
-            ]
-        return [self._item(r) for r in rows if r is not None]
+            rows = self._db.execute(
+                _DUE_REPEATS if repeats_only else _DUE_ALL, (now, limit + len(skip))
+            ).fetchall()
+        return [self._item(r) for r in rows if bytes(r[0]) not in skip][:limit]
 
     def next_due_us(self) -> int | None:
         with self._lock:
