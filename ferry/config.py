@@ -37,6 +37,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ferry.config_types import (
     ApiClient,
     ApiParams,
+    AuditParams,
     ConsumerParams,
     FecParams,
     InsideChannel,
@@ -497,6 +498,29 @@ def _api(doc: _Doc) -> ApiParams | None:
     return ApiParams(**kw)
 
 
+def _audit(doc: _Doc, side: str) -> AuditParams | None:
+    raw = doc.data.get("audit")
+    if raw is None:
+        return None
+    kw: dict[str, Any] = {"dir": doc.path(raw["dir"]), "key": doc.path(raw["key"])}
+    for key in ("origin", "checkpoint_every", "mirror"):
+        if key in raw:
+            kw[key] = raw[key]
+    if "checkpoint_interval" in raw:
+        kw["checkpoint_interval"] = float(raw["checkpoint_interval"])
+    if side == "inside":
+        kw["mirror_dir"] = doc.path(raw["mirror_dir"]) if "mirror_dir" in raw else None
+        if "peer_public_key" in raw:
+            kw["peer_public_key"] = _public_key(
+                doc, ("audit", "peer_public_key"), raw["peer_public_key"], ("ed25519",)
+            )
+        if (kw["mirror_dir"] is None) != (kw.get("peer_public_key") is None):
+            raise doc.error(
+                ("audit",), "audit: mirror_dir and peer_public_key go together (both or neither)"
+            )
+    return AuditParams(**kw)
+
+
 def _outside(doc: _Doc) -> OutsideConfig:
     link, udp, serial = _link(doc)
     channels = [_outside_channel(doc, i, raw) for i, raw in enumerate(doc.data["channels"])]
@@ -536,6 +560,7 @@ def _outside(doc: _Doc) -> OutsideConfig:
         serial=serial,
         channels=tuple(channels),
         api=api,
+        audit=_audit(doc, "outside"),
         **tuning,
     )
 
@@ -623,6 +648,7 @@ def _inside(doc: _Doc) -> InsideConfig:
         serial=serial,
         channels=channels,
         consumers=_consumers(doc, channels),
+        audit=_audit(doc, "inside"),
         **tuning,
     )
     if config.down_after <= config.degraded_after:

@@ -181,6 +181,25 @@ class ConsumerParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    """Where an agent keeps its audit log (docs/AUDIT.md) and the key that signs its checkpoints."""
+
+    dir: Path
+    key: Path
+    """Secret Ed25519 audit key (role ``audit``); its ``.pub`` sits next to it."""
+    origin: str | None = None
+    """Name of the log in its checkpoints (default: ``<host>/<side>/audit``)."""
+    checkpoint_every: int = 1000
+    checkpoint_interval: float = 60.0
+    mirror: bool = True
+    """Outside: send the log across the diode so the inside keeps a verified mirror."""
+    mirror_dir: Path | None = None
+    """Inside: where the mirror of the outside's log is kept (None: no mirror)."""
+    peer_public_key: str | None = None
+    """Inside: the outside's audit public key (string or path) the mirror is checked with."""
+
+
+@dataclass(frozen=True)
 class OutsideConfig:
     source: Path
     """The YAML file this was loaded from."""
@@ -193,6 +212,7 @@ class OutsideConfig:
     serial: SerialEndpoint
     channels: tuple[OutsideChannel, ...]
     api: ApiParams | None = None
+    audit: AuditParams | None = None
     poll_interval: float = 0.5
 
 
@@ -208,6 +228,7 @@ class InsideConfig:
     serial: SerialEndpoint
     channels: tuple[InsideChannel, ...]
     consumers: ConsumerParams = field(default_factory=ConsumerParams)
+    audit: AuditParams | None = None
     degraded_after: float = 3.0
     """Seconds without a heartbeat before the link is DEGRADED."""
     down_after: float = 10.0

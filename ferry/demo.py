@@ -140,6 +140,32 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
+def _show_audit(console: Console, deployment: dict[str, Any]) -> bool:
+    """Verify both sides' audit logs with their public keys; show what they recorded."""
+    from collections import Counter  # noqa: PLC0415
+
+    from ferry.audit.record import decode  # noqa: PLC0415
+    from ferry.audit.verify import iter_lines, list_segments, verify  # noqa: PLC0415
+    from ferry.crypto.keys import load_public_key  # noqa: PLC0415
+
+    good = True
+    for side in ("outside", "inside"):
+        d = deployment[side]
+        report = verify(d["audit_dir"], load_public_key(d["audit_public_key"]))
+        events: Counter[str] = Counter()
+        for _, seg in list_segments(Path(d["audit_dir"])):
+            for line in iter_lines(seg):
+                events[decode(line.data)["event"]] += 1
+        shown = ", ".join(f"{e} {n}" for e, n in sorted(events.items()) if "." in e)
+        status = "[green]verified" if report.verified else "[red]FAILED"
+        console.print(
+            f"audit log ({side}): {report.records} records, {report.checkpoints_verified} "
+            f"signed checkpoints, {status}[/]  ({shown})"
+        )
+        good = good and report.verified
+    return good
+
+
 def run_demo(
     link: str = "udp",
     keep: bool = False,
@@ -279,8 +305,9 @@ def run_demo(
         console.print(
             f"serial: {cable.bytes_copied:,} bytes crossed, {cable.bytes_returned} came back"
         )
+    audits_ok = _show_audit(console, deployment)
     console.print(f"agent logs: {logdir}")
-    success = ok and msgs_ok and hostile != "accepted?!" and intact == len(files)
+    success = ok and msgs_ok and audits_ok and hostile != "accepted?!" and intact == len(files)
     success = success and rc_in == 0 and rc_out == 0
     if not success:
         console.print(f"[red]demo FAILED[/red] (inside exit {rc_in}, outside exit {rc_out})")

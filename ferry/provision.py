@@ -23,6 +23,7 @@ from typing import Any
 
 from ferry.config_types import (
     ApiParams,
+    AuditParams,
     ConsumerParams,
     FecParams,
     InsideConfig,
@@ -271,11 +272,42 @@ def _outside_yaml(link: str, channels: tuple[str, ...], messages: str = "") -> s
     subfolders: false
 """
     text += messages
+    text += _audit_yaml("outside")
     text += f"""
 # Outside agent tuning.
 outside:
   # Seconds the intake waits for folder events per turn.
   poll_interval: {_defaults(OutsideConfig)["poll_interval"]}
+"""
+    return text
+
+
+def _audit_yaml(side: str) -> str:
+    text = f"""
+# The tamper-evident audit log (docs/AUDIT.md): every security-relevant event, one
+# JSON line, hashed into a Merkle tree whose head is signed with the audit key.
+# If it cannot be written, intake and transfers stop until it can.
+audit:
+  # Folder of the log (created 0700); keep it for at least 6 months (GB/T 22239).
+  dir: "audit"
+  # Secret Ed25519 key that signs checkpoints; auditors verify with its .pub.
+  key: "keys/audit.key"
+  # Records between signed checkpoints (a checkpoint is also made every
+  # checkpoint_interval seconds while records arrive).
+  checkpoint_every: {AuditParams.checkpoint_every}
+  checkpoint_interval: {AuditParams.checkpoint_interval}
+"""
+    if side == "outside":
+        text += """\
+  # Send the log across the diode too, so the inside keeps a verified mirror of it.
+  mirror: true
+"""
+    else:
+        text += """\
+  # Byte-identical mirror of the outside's log, checked against its signed checkpoints.
+  mirror_dir: "audit-outside-mirror"
+  # The outside's audit public key (checks the mirror's checkpoints).
+  peer_public_key: "keys/outside-audit.pub"
 """
     return text
 
@@ -320,6 +352,7 @@ def _inside_yaml(link: str, channels: tuple[str, ...], messages: str = "") -> st
     deliver: {_q(f"deliver/{name}")}
 """
     text += messages
+    text += _audit_yaml("inside")
     tune = _defaults(InsideConfig)
     text += f"""
 # Inside agent tuning.
@@ -399,6 +432,9 @@ def init_deployment(
         "signing_public_key": out / "keys/outside-signing.pub",
         "inside_public_key": out / "keys/inside-kem.pub",
         "state_dir": out / "state",
+        "audit_dir": out / "audit",
+        "audit_key": out / "keys/audit.key",
+        "audit_public_key": out / "keys/audit.pub",
     }
     i = {
         "config": ins / "inside.yaml",
@@ -406,9 +442,16 @@ def init_deployment(
         "kem_public_key": ins / "keys/inside-kem.pub",
         "outside_public_key": ins / "keys/outside-signing.pub",
         "state_dir": ins / "state",
+        "audit_dir": ins / "audit",
+        "audit_key": ins / "keys/audit.key",
+        "audit_public_key": ins / "keys/audit.pub",
+        "audit_mirror_dir": ins / "audit-outside-mirror",
+        "outside_audit_public_key": ins / "keys/outside-audit.pub",
     }
     files = [o["signing_key"], o["signing_public_key"], o["inside_public_key"]]
     files += [i["kem_key"], i["kem_public_key"], i["outside_public_key"]]
+    files += [o["audit_key"], o["audit_public_key"], i["audit_key"], i["audit_public_key"]]
+    files += [i["outside_audit_public_key"]]
     taken = [str(p) for p in files if p.exists() or p.is_symlink()]
     if taken:
         raise UsageError(f"refusing to overwrite existing files: {', '.join(taken)}")
@@ -425,6 +468,12 @@ def init_deployment(
     write_secret_key(i["kem_key"], kem_key, "inside-kem")
     write_public_key(i["kem_public_key"], kem_key.public)
     write_public_key(o["inside_public_key"], kem_key.public)
+    for side_keys in (o, i):  # each side signs its own audit checkpoints
+        audit_key = SecretKey.generate("ed25519")
+        write_secret_key(side_keys["audit_key"], audit_key, "audit")
+        write_public_key(side_keys["audit_public_key"], audit_key.public)
+        if side_keys is o:
+            write_public_key(i["outside_audit_public_key"], audit_key.public)
 
     chans: dict[str, dict[str, str]] = {}
     if messages is not None and messages in channels:
@@ -467,6 +516,8 @@ def init_deployment(
         _mkdir(out / "quarantine" / name, _PRIVATE_DIR)
     _create_text(o["config"], _outside_yaml(link_out, channels, extra_out))
     _create_text(i["config"], _inside_yaml(link_in, channels, extra_in))
+    _record_keys(o, i, api_info, consumer_info)
+    _mkdir(i["audit_mirror_dir"], _PRIVATE_DIR)
     result: dict[str, Any] = {
         "root": str(root),
         "outside": {k: str(v) for k, v in o.items()},
@@ -478,6 +529,58 @@ def init_deployment(
         result["api"] = api_info
         result["consumers"] = consumer_info
     return result
+
+
+def _record_keys(
+    o: dict[str, Path], i: dict[str, Path], api: dict[str, str], consumers: dict[str, str]
+) -> None:
+    """Start each side's audit log with the keys ``init`` made (key.generated/imported)."""
+    from ferry.audit.agent import open_audit_log  # noqa: PLC0415  # (import cycle)
+    from ferry.audit.record import AuditObject, Subject  # noqa: PLC0415
+    from ferry.config import load_inside_config, load_outside_config  # noqa: PLC0415
+    from ferry.crypto.keys import load_public_key  # noqa: PLC0415
+
+    who = Subject.user(os.environ.get("SUDO_USER") or os.environ.get("USER") or "root")
+    sides = (
+        (
+            load_outside_config(o["config"]).audit,
+            "outside",
+            [
+                ("key.generated", "outside-signing", o["signing_public_key"]),
+                ("key.generated", "audit", o["audit_public_key"]),
+                ("key.imported", "inside-kem", o["inside_public_key"]),
+            ]
+            + ([("key.generated", "api-server", Path(api["server_public_key"]))] if api else []),
+        ),
+        (
+            load_inside_config(i["config"]).audit,
+            "inside",
+            [
+                ("key.generated", "inside-kem", i["kem_public_key"]),
+                ("key.generated", "audit", i["audit_public_key"]),
+                ("key.imported", "outside-signing", i["outside_public_key"]),
+                ("key.imported", "outside-audit", i["outside_audit_public_key"]),
+            ]
+            + (
+                [("key.generated", "consumer-server", Path(consumers["server_public_key"]))]
+                if consumers
+                else []
+            ),
+        ),
+    )
+    for params, side, keys in sides:
+        assert params is not None  # init always writes the audit section
+        with open_audit_log(params, side) as log:
+            for event, role, path in keys:
+                pub = load_public_key(str(path), path.parent)
+                where = None if str(path).startswith("ferry-pk:") else str(path)
+                log.append(
+                    event,
+                    subject=who,
+                    obj=AuditObject(kind="key", key_id=pub.key_id.hex(), path=where),
+                    detail={"role": role, "alg": pub.alg, "by": "ferry init"},
+                    durable=True,
+                )
 
 
 def _allow_entry(name: str, key: SecretKey, channels: tuple[str, ...], rate: int) -> str:

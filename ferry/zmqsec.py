@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ class Allowlist:
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
         self._next_check = 0.0
         self.errors: dict[str, str] = {}
+        #: Called (on the authenticator thread) with the z85 key of a refused handshake.
+        self.on_refused: Callable[[str], None] | None = None
         self.reload()
 
     def _scan(self) -> tuple[tuple[str, int, int], ...]:
@@ -138,7 +141,10 @@ class Allowlist:
     def callback(self, domain: str, key: bytes) -> bool:
         client = self.lookup(key.decode("ascii", "replace"))
         if client is None:
-            _log.warning("handshake_refused", domain=domain, key=key.decode("ascii", "replace"))
+            z85 = key.decode("ascii", "replace")
+            _log.warning("handshake_refused", domain=domain, key=z85)
+            if self.on_refused is not None:
+                self.on_refused(z85)
         return client is not None
 
     def __len__(self) -> int:

@@ -15,8 +15,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ferry import log, selftest
+from ferry.audit.agent import AgentAudit
+from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject
 from ferry.config_types import InsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, WireError
@@ -35,6 +38,7 @@ from ferry.wire.receiver import (
 )
 from inside.consumers import ConsumerServer, Outbox, OutboxItem
 from inside.deliver import Delivered, deliver, verify_stream, write_new_files
+from inside.gaps import SequenceGaps
 from inside.ledger import Ledger
 
 # Objects whose whole stream fits in one FEC block this small stay in memory (messages).
@@ -45,6 +49,17 @@ Job = tuple[bytes, int, bytes | None]
 
 TICK_INTERVAL = 0.25
 STATUS_INTERVAL = 0.5
+# Seconds between transfer.duplicate records of one item (repeats are expected, not news).
+DUPLICATE_NOTE_INTERVAL = 60.0
+# Seconds the delivery thread waits between checks while the audit log cannot write.
+AUDIT_WAIT = 0.2
+LINK_EVENTS = {
+    "state": "link.state",
+    "heartbeat_gap": "link.heartbeat_gap",
+    "params_mismatch": "link.params_mismatch",
+    "clock_skew": "link.clock_skew",
+    "sender_restart": "link.sender_restart",
+}
 
 _log = log.get("inside")
 
@@ -89,6 +104,16 @@ class InsideAgent:
                 if self.schemas is not None and name not in self.schemas.ids:
                     raise FerryError(f"channel {ch.name}: unknown message schema {name!r}")
         self.ledger = Ledger(cfg.state_dir)
+        self.audit = AgentAudit(cfg.audit, "inside", cfg.state_dir, cfg.source)
+        self.peer = Subject("peer", self.sender_key.key_id.hex())
+        self._delivery_subject = Subject.component("delivery")
+        self._dup_noted: dict[bytes, float] = {}
+        # Items of the batch in hand whose records are queued (a retry after an audit
+        # outage does not record them twice).
+        self._recorded_batch: set[tuple[bytes, int]] = set()
+        self.gaps = SequenceGaps(grace=max(2 * cfg.object_timeout, 30.0))
+        for channel, seq in self.ledger.channel_seqs():
+            self.gaps.seen(channel, seq)
         self.outbox: Outbox | None = None
         self.consumers: ConsumerServer | None = None
         if cfg.consumers.endpoint or cfg.consumers.publish:
@@ -108,18 +133,51 @@ class InsideAgent:
     def _recover(self) -> None:
         for stale in self.spool_dir.glob("*.part"):
             stale.unlink()
-        for oid, path, _name, sha in self.ledger.in_state("delivering"):
+        self._confirm_interrupted()
+
+    def _confirm_interrupted(self) -> None:
+        """Settle deliveries the ledger left at ``delivering`` (a crash, or an audit outage)."""
+        for row in self.ledger.rows_in_state("delivering"):
+            oid = bytes(row["object_id"])
+            path, sha = row["path"], row["sha256"]
             ok = False
-            if path and os.path.isfile(path) and sha is not None:
+            if isinstance(path, str) and os.path.isfile(path) and isinstance(sha, bytes):
                 h = hashlib.sha256()
                 with open(path, "rb") as f:
                     while chunk := f.read(1 << 20):
                         h.update(chunk)
                 ok = h.digest() == sha
+            obj = AuditObject(
+                kind="file",
+                item=oid.hex(),
+                channel=row["channel"] if isinstance(row["channel"], str) else None,
+                seq=row["seq"] if isinstance(row["seq"], int) else None,
+                name=row["name"] if isinstance(row["name"], str) else None,
+                size=row["size"] if isinstance(row["size"], int) else None,
+                sha256=sha.hex() if isinstance(sha, bytes) else None,
+                path=path if isinstance(path, str) else None,
+            )
             if ok:
+                self.audit.record(
+                    "delivery.delivered",
+                    subject=self._delivery_subject,
+                    obj=obj,
+                    detail={"recovered": True},
+                    corr=oid.hex(),
+                    durable=True,
+                )
                 self.ledger.record(oid, "delivered")
                 _log.info("delivery_confirmed_after_restart", object_id=oid.hex(), path=path)
             else:
+                self.audit.record(
+                    "delivery.rejected",
+                    subject=self._delivery_subject,
+                    result="failure",
+                    reason="INTERRUPTED: delivery was interrupted and the file is not intact",
+                    obj=obj,
+                    corr=oid.hex(),
+                    durable=True,
+                )
                 self.ledger.record(oid, "lost", reason="interrupted delivery")
                 _log.warning("delivery_interrupted", object_id=oid.hex())
 
@@ -135,12 +193,25 @@ class InsideAgent:
             self._fds[oid] = fd
         return fd
 
+    def _wait_for_audit(self) -> bool:
+        """Block while the audit log cannot write (fail closed); False if stopping."""
+        if not self.audit.failed:
+            return True
+        _log.error("deliveries_halted", reason="audit log cannot be written")
+        while self.audit.log.failed.is_set():
+            if self.stop.wait(AUDIT_WAIT):
+                return False
+        _log.warning("deliveries_resumed", reason="audit log writable again")
+        return True
+
     def _delivery_loop(self) -> None:
         last = False
         while not last:
             first = self._work.get()
             if first is None:
                 return
+            if not self._wait_for_audit():
+                return  # stopping: undelivered objects come again (repeats) or are reported
             jobs: list[Job] = [first]
             while len(jobs) < DELIVERY_BATCH:
                 try:
@@ -170,7 +241,7 @@ class InsideAgent:
                     self._deliver_file(oid, length)
             if messages:
                 try:
-                    self._deliver_messages(messages)
+                    self._deliver_messages_audited(messages)
                 except Exception as exc:  # noqa: BLE001  # keep the agent delivering
                     _log.exception("message_delivery_failed", count=len(messages))
                     for oid, _, content in messages:  # kept in rejected/, never dropped
@@ -186,6 +257,15 @@ class InsideAgent:
                 f.write(data)
         elif path.exists():
             os.replace(path, target)
+        self.audit.try_record(
+            "delivery.rejected",
+            subject=self._delivery_subject,
+            result="rejected",
+            reason=reason[:1024],
+            obj=AuditObject(item=oid.hex()),
+            detail={"kept": str(target)},
+            corr=oid.hex(),
+        )
         self.ledger.record(oid, "rejected", reason=reason)
         _log.error("object_rejected", object_id=oid.hex(), reason=reason, kept=str(target))
 
@@ -200,7 +280,14 @@ class InsideAgent:
                 folders=self.folders,
                 ledger=self.ledger,
                 subfolders=self.subfolders,
+                on_linked=self._record_delivered_file,
             )
+        except AuditUnavailable as exc:  # linked, not yet recorded: settle it after recovery
+            _log.error("delivery_not_recorded", object_id=oid.hex(), error=str(exc))
+            if self._wait_for_audit():
+                self._confirm_interrupted()
+            path.unlink(missing_ok=True)
+            return
         except (FerryError, OSError) as exc:
             self._reject(oid, str(exc))
             return
@@ -219,6 +306,58 @@ class InsideAgent:
             )
         else:
             _log.info("duplicate_ignored", object_id=oid.hex())
+            self._note_duplicate(oid)
+
+    def _note_duplicate(self, oid: bytes) -> None:
+        now = time.monotonic()
+        last = self._dup_noted.get(oid)
+        if last is not None and now - last < DUPLICATE_NOTE_INTERVAL:
+            return
+        if len(self._dup_noted) > 100_000:
+            self._dup_noted.clear()
+        self._dup_noted[oid] = now
+        self.audit.try_record(
+            "transfer.duplicate",
+            subject=self.peer,
+            result="info",
+            obj=AuditObject(item=oid.hex()),
+            corr=oid.hex(),
+        )
+
+    def _item_object(self, m: rec.Manifest, path: Path | None) -> AuditObject:
+        return AuditObject(
+            kind=m.kind if m.kind in ("file", "message") else None,
+            item=m.object_id.hex(),
+            channel=m.channel,
+            seq=m.seq,
+            name=m.name,
+            size=m.size,
+            sha256=m.sha256.hex(),
+            media_type=m.media_type,
+            path=None if path is None else str(path),
+        )
+
+    def _record_received(self, m: rec.Manifest) -> None:
+        self.gaps.seen(m.channel, m.seq)
+        self.audit.record(
+            "transfer.received",
+            subject=self.peer,
+            obj=self._item_object(m, None),
+            corr=m.object_id.hex(),
+        )
+
+    def _record_delivered(self, m: rec.Manifest, path: Path | None, *, consumers: bool) -> int:
+        return self.audit.record(
+            "delivery.delivered",
+            subject=self._delivery_subject,
+            obj=self._item_object(m, path),
+            detail={"consumers": consumers},
+            corr=m.object_id.hex(),
+        )
+
+    def _record_delivered_file(self, m: rec.Manifest, path: Path) -> None:
+        self._record_received(m)
+        self.audit.log.wait_durable(self._record_delivered(m, path, consumers=False))
 
     def _check_message(self, manifest: rec.Manifest, content: bytes) -> None:
         """The inside's own checks of a message: channel, schema, strict JSON, canonical."""
@@ -230,6 +369,17 @@ class InsideAgent:
         _, canonical = self.schemas.check(manifest.schema, content)
         if canonical != content:
             raise FerryError("message is not in canonical form")
+
+    def _deliver_messages_audited(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
+        """Deliver a batch; while the audit log cannot write, wait and try again."""
+        while True:
+            try:
+                self._deliver_messages(batch)
+                return
+            except AuditUnavailable as exc:
+                _log.error("message_batch_held", count=len(batch), error=str(exc))
+                if not self._wait_for_audit():
+                    return  # stopping: not recorded as delivered; repeats bring them again
 
     def _deliver_messages(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
         """Check, then deliver a batch with one flush and one ledger transaction.
@@ -266,6 +416,15 @@ class InsideAgent:
             for oid, m, c in ok
             if self.msg_channels[m.channel].consumers and self.outbox is not None
         ]
+        to_consumers = {q.object_id for q in queued}
+        last = -1
+        for oid, m, _ in ok:  # recorded (durably) before the ledger says delivered
+            if (oid, m.seq) not in self._recorded_batch:
+                self._record_received(m)
+                last = self._record_delivered(m, paths.get(oid), consumers=oid in to_consumers)
+                self._recorded_batch.add((oid, m.seq))
+        if last >= 0:
+            self.audit.log.wait_durable(last)
         self.ledger.record_many(
             [
                 {
@@ -282,6 +441,7 @@ class InsideAgent:
             ],
             also=(lambda db: Outbox.insert(db, queued)) if queued else None,
         )
+        self._recorded_batch.clear()
         for oid, m, _ in ok:
             _log.info(
                 "delivered",
@@ -350,6 +510,20 @@ class InsideAgent:
                     self._handle(machine, monitor, now)
                     for ev in monitor.tick(now):
                         _log.warning("link_" + ev.kind, message=ev.message, state=ev.state.value)
+                        self._record_link(ev.kind, ev.message, ev.state.value, ev.detail)
+                    for gap in self.gaps.due(mono):
+                        _log.error(
+                            "sequence_gap", channel=gap.channel, first=gap.first, last=gap.last
+                        )
+                        self.audit.try_record(
+                            "link.sequence_gap",
+                            subject=self.peer,
+                            result="failure",
+                            reason=f"SEQUENCE_GAP: items {gap.first}..{gap.last} of channel "
+                            f"{gap.channel} were sent but never arrived",
+                            obj=AuditObject(kind="link", channel=gap.channel),
+                            detail={"first": gap.first, "last": gap.last},
+                        )
                 if mono >= next_status:
                     next_status = mono + STATUS_INTERVAL
                     st = machine.stats
@@ -386,10 +560,25 @@ class InsideAgent:
             for fd in self._fds.values():
                 os.close(fd)
             self.ledger.close()
+            self.audit.close()
             _log.info(
                 "inside_stopped", delivered=self.delivered, rejected=self.rejected, lost=self.lost
             )
         return 0
+
+    def _record_link(self, kind: str, message: str, state: str, detail: dict[str, Any]) -> None:
+        event = LINK_EVENTS.get(kind)
+        if event is None:
+            return
+        result: Result = "info" if kind in ("state", "sender_restart") else "failure"
+        self.audit.try_record(
+            event,
+            subject=self.peer,
+            result=result,
+            reason=None if result == "info" else f"{kind.upper()}: {message}"[:1024],
+            obj=AuditObject(kind="link"),
+            detail={"state": state, "message": message[:512], **detail},
+        )
 
     def _handle(self, machine: Receiver, monitor: LinkMonitor, now: float) -> None:
         for ev in machine.pop_events():
@@ -413,6 +602,15 @@ class InsideAgent:
                     os.close(fd)
                 self._spool_path(ev.object_id).unlink(missing_ok=True)
                 self.ledger.record(ev.object_id, "lost", reason=ev.reason)
+                self.audit.try_record(
+                    "transfer.lost",
+                    subject=self.peer,
+                    result="failure",
+                    reason=f"LOST: {ev.reason}"[:1024],
+                    obj=AuditObject(item=ev.object_id.hex(), size=ev.length),
+                    detail={"blocks_done": ev.blocks_done, "blocks_total": ev.blocks_total},
+                    corr=ev.object_id.hex(),
+                )
                 _log.error(
                     "object_lost",
                     object_id=ev.object_id.hex(),
@@ -422,6 +620,13 @@ class InsideAgent:
                 )
             elif isinstance(ev, SessionStarted):
                 self.ledger.set_replay_floor(self.sender_key.key_id, ev.epoch, ev.counter)
+                self.audit.try_record(
+                    "link.session_started",
+                    subject=self.peer,
+                    result="info",
+                    obj=AuditObject(kind="link", epoch=str(ev.epoch), session=ev.session_id.hex()),
+                    detail={"counter": ev.counter},
+                )
                 _log.info(
                     "session_started",
                     epoch=ev.epoch,
@@ -434,3 +639,5 @@ class InsideAgent:
                     getattr(_log, level)(
                         "link_" + lev.kind, message=lev.message, state=lev.state.value, **lev.detail
                     )
+                    self._record_link(lev.kind, lev.message, lev.state.value, lev.detail)
+                self.gaps.heartbeat(ev.heartbeat.last_seq, time.monotonic())

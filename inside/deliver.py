@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -225,8 +226,14 @@ def deliver(
     folders: dict[str, Path],
     ledger: Ledger,
     subfolders: dict[str, bool] | None = None,
+    on_linked: Callable[[rec.Manifest, Path], None] | None = None,
 ) -> Delivered | Duplicate:
-    """Verify and deliver; raise FerryError (reason in the message) if the object is refused."""
+    """Verify and deliver; raise FerryError (reason in the message) if the object is refused.
+
+    ``on_linked(manifest, path)`` runs once the file is durably in its folder and before
+    the ledger says delivered (the audit record); if it raises, the ledger keeps the
+    item as ``delivering`` and start-up recovery (or the caller) confirms it later.
+    """
     subfolders = subfolders or {}
     if ledger.state_of(object_id) in {"delivered", "rejected"}:
         spool_file.unlink(missing_ok=True)
@@ -277,6 +284,8 @@ def deliver(
         else:
             raise UnsafePathError(f"no free name for {name!r} after many collisions")
         _fsync_dir(folder)
+        if on_linked is not None:
+            on_linked(manifest, target)
         ledger.record(object_id, "delivered", path=str(target))
     finally:
         os.close(fd)

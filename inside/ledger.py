@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ferry.state import open_db, transaction
 
@@ -135,6 +136,21 @@ class Ledger:
                 "SELECT object_id, path, name, sha256 FROM objects WHERE state=?", (state,)
             ).fetchall()
         return [(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def rows_in_state(self, state: str) -> list[dict[str, Any]]:
+        """Every column of the objects in ``state`` (start-up recovery)."""
+        with self._lock:
+            cur = self._db.execute("SELECT * FROM objects WHERE state=?", (state,))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def channel_seqs(self) -> list[tuple[str, int]]:
+        """(channel, seq) of every item the ledger knows (sequence-gap tracking)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT channel, seq FROM objects WHERE channel IS NOT NULL AND seq IS NOT NULL"
+            ).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._lock:

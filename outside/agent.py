@@ -15,9 +15,12 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from ferry import log, selftest
+from ferry.audit.agent import AgentAudit
+from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import OutsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError
@@ -70,12 +73,24 @@ class OutsideAgent:
         self.key = load_secret_key(cfg.signing_key, ("ed25519",))
         self.recipient = load_public_key(cfg.inside_public_key, cfg.source.parent)
         self.spool = Spool(cfg.state_dir)
+        self.audit = AgentAudit(cfg.audit, "outside", cfg.state_dir, cfg.source)
         self._incoming: queue.SimpleQueue[SpoolItem] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self.intake = FolderIntake(cfg.channels, self.spool, self.key)
-        self.api: ApiServer | None = None
-        if cfg.api is not None:
-            self.api = ApiServer(cfg, self.spool, self.key, self._enqueue, stop)
+        try:
+            self.intake = FolderIntake(cfg.channels, self.spool, self.key, audit=self.audit)
+            self.api: ApiServer | None = None
+            if cfg.api is not None:
+                self.api = ApiServer(
+                    cfg, self.spool, self.key, self._enqueue, stop, audit=self.audit
+                )
+        except BaseException as exc:
+            self.audit.try_record(
+                "agent.stopped", result="failure", reason=f"START_FAILED: {exc}"[:1024]
+            )
+            self.audit.close()
+            self.spool.close()
+            raise
+        self._unrecorded: deque[tuple[ObjectSent, int, int]] = deque()  # sends not yet audited
         self._sources: dict[bytes, FileSource | BytesSource] = {}
         self.status_path = cfg.state_dir / "status.json"
 
@@ -134,7 +149,15 @@ class OutsideAgent:
             src = self._sources.pop(ev.object_id, None)
             if isinstance(src, FileSource):
                 src.close()
-        for copy in self.spool.mark_sent([ev.object_id for ev in events]):
+        copies = self.spool.mark_sent([ev.object_id for ev in events])
+        by_id = {ev.object_id: ev for ev in events}
+        self._unrecorded.extend(
+            (by_id[c.object_id], c.sends_done, c.sends_total)
+            for c in copies
+            if c.object_id in by_id
+        )
+        self._record_sends()
+        for copy in copies:
             if copy.spool_file is not None:
                 copy.spool_file.unlink(missing_ok=True)
             _log.info(
@@ -143,6 +166,24 @@ class OutsideAgent:
                 copy=copy.sends_done,
                 copies=copy.sends_total,
             )
+
+    def _record_sends(self) -> None:
+        """transfer.sent / transfer.repeated for each copy that left (kept until recorded)."""
+        subject = Subject.component("sender")
+        while self._unrecorded:
+            ev, done, total = self._unrecorded[0]
+            obj = AuditObject(item=ev.object_id.hex(), channel=ev.channel or None, seq=ev.seq)
+            try:
+                self.audit.record(
+                    "transfer.sent" if done <= 1 else "transfer.repeated",
+                    subject=subject,
+                    obj=obj,
+                    detail={"send": done, "of": total},
+                    corr=ev.object_id.hex(),
+                )
+            except AuditUnavailable:
+                return  # recorded after the log recovers (sending has stopped meanwhile)
+            self._unrecorded.popleft()
 
     def run(self) -> int:
         cfg = self.cfg
@@ -175,8 +216,19 @@ class OutsideAgent:
         next_status = next_schedule = next_flush = 0.0
         pending_sent: list[ObjectSent] = []
         started = time.monotonic()
+        halted = False
         try:
             while not self.stop.is_set():
+                if self.audit.failed:  # fail closed: nothing is sent unaudited
+                    if not halted:
+                        halted = True
+                        _log.error("transfers_halted", reason="audit log cannot be written")
+                    self.stop.wait(0.2)
+                    continue
+                if halted:
+                    halted = False
+                    _log.warning("transfers_resumed", reason="audit log writable again")
+                    self._record_sends()
                 self._wake.clear()
                 while True:
                     try:
@@ -256,6 +308,7 @@ class OutsideAgent:
                 if isinstance(src, FileSource):
                     src.close()
             self.spool.close()
+            self.audit.close()
             _log.info(
                 "outside_stopped",
                 packets_sent=sender.packets_sent,

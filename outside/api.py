@@ -24,6 +24,8 @@ import msgpack
 import zmq
 
 from ferry import log
+from ferry.audit.agent import AgentAudit
+from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import ApiClient, ApiParams, OutsideChannel, OutsideConfig
 from ferry.crypto.keys import SecretKey, load_secret_key
 from ferry.errors import FerryError, PolicyRejection
@@ -50,6 +52,10 @@ MAX_UPLOADS_PER_CLIENT = 4
 UPLOAD_IDLE_TIMEOUT = 120.0
 SUBMISSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
 BUSY_RETRY_AFTER = 1.0
+# Seconds a client is told to wait while the audit log cannot write (intake is halted).
+AUDIT_RETRY_AFTER = 2.0
+# Seconds between audit records of the same repeated event (rate limit hits, bad handshakes).
+NOTE_INTERVAL = 60.0
 
 _log = log.get("outside.api")
 
@@ -124,6 +130,7 @@ class ApiServer:
         stop: threading.Event,
         *,
         schemas: SchemaRegistry | None = None,
+        audit: AgentAudit | None = None,
     ) -> None:
         if cfg.api is None or cfg.api.server_key is None or cfg.api.clients is None:
             raise FerryError("the outside config has no api section")
@@ -145,6 +152,12 @@ class ApiServer:
                     )
         self.server_key = load_secret_key(server_key, ("x25519",))
         self.allow = Allowlist(clients)
+        self.audit = audit
+        self._batch_idx = -1  # index of the last intake.accepted record of the batch
+        self._noted: dict[tuple[str, str], float] = {}  # (event, who) -> last recorded
+        self._spool_full = False
+        if audit is not None:
+            self.allow.on_refused = self._auth_failed
         self._buckets: dict[str, _Bucket] = {}
         self._uploads: dict[str, _Upload] = {}
         self._upload_dir = cfg.state_dir / "uploads"
@@ -244,6 +257,7 @@ class ApiServer:
                 self.rejected += 1
                 self._send(identity, _reply(b"REJECTED", self._rejection(sid, exc)))
                 _log.info("request_rejected", id=sid, code=exc.code, message=exc.message)
+                self._record_refused(frames, sid, exc)
             except Busy as exc:
                 self.busy += 1
                 self._send(identity, _reply(b"BUSY", {"id": sid, "retry_after": exc.retry_after}))
@@ -255,6 +269,38 @@ class ApiServer:
                 )
         if submits:
             self._commit(submits)
+
+    def _record_refused(self, frames: list[zmq.Frame], sid: str, exc: Refused) -> None:
+        """intake.rejected for a refused request; api.auth_failed for a revoked key.
+        Malformed requests and bad keys are recorded at most once a minute per sender."""
+        if self.audit is None:
+            return
+        who = frame_user_id(frames[-1]) or "unknown"
+        if exc.code == "UNAUTHENTICATED":
+            if self._first_in_a_while("api.auth_failed", who):
+                self._note(
+                    "api.auth_failed",
+                    subject=Subject("api_client", who[:512]),
+                    result="rejected",
+                    reason=f"{exc.code}: {exc.message}",
+                )
+            return
+        if exc.code == "BAD_REQUEST" and not self._first_in_a_while("bad_request", who):
+            return
+        client = self.allow.lookup(who)
+        detail: dict[str, Any] = {"reason_code": exc.code}
+        if sid:
+            detail["submission"] = sid
+        if exc.path is not None:
+            detail["json_path"] = str(exc.path)[:512]
+        self._note(
+            "intake.rejected",
+            subject=self._client_subject(client.name if client else who[:512]),
+            result="rejected",
+            reason=f"{exc.code}: {exc.message}"[:1024],
+            obj=AuditObject(kind="message"),
+            detail=detail,
+        )
 
     @staticmethod
     def _rejection(sid: str, exc: Refused) -> dict[str, Any]:
@@ -309,12 +355,34 @@ class ApiServer:
         bucket = self._buckets.get(client.name)
         if bucket is None or bucket.rate != client.rate:
             bucket = self._buckets[client.name] = _Bucket(client.rate, client.rate, now)
+        if self.audit is not None and self.audit.failed:
+            raise Busy(AUDIT_RETRY_AFTER, "audit log unavailable")  # fail closed
         wait = bucket.take(now)
         if wait > 0:
+            if self._first_in_a_while("api.rate_limited", client.name):
+                self._note(
+                    "api.rate_limited",
+                    subject=self._client_subject(client.name),
+                    result="rejected",
+                    reason=f"RATE_LIMIT: more than {client.rate} submissions/s",
+                    detail={"retry_after": round(wait, 3)},
+                )
             raise Busy(round(wait, 3), "rate limit")
         p = self.params
         if self.spool.backlog_items >= p.busy_items or self.spool.backlog_bytes >= p.busy_bytes:
+            if not self._spool_full:
+                self._spool_full = True
+                self._note(
+                    "spool.full",
+                    subject=Subject.component("spool"),
+                    result="info",
+                    detail={
+                        "items": self.spool.backlog_items,
+                        "bytes": self.spool.backlog_bytes,
+                    },
+                )
             raise Busy(BUSY_RETRY_AFTER, "spool full")
+        self._spool_full = False
 
     def _check_submit(
         self, client: ApiClient, body: dict[str, Any], data: bytes
@@ -354,8 +422,12 @@ class ApiServer:
             canonical, schema = payloads[id(req)]
             return self._seal(req, seq, canonical, schema)
 
+        self._batch_idx = -1
         try:
             results = self.spool.accept_messages([s[1] for s in submits], seal)
+        except AuditUnavailable as exc:  # rolled back: nothing spooled, nothing acknowledged
+            self._hold(submits, exc)
+            return
         except Exception as exc:  # noqa: BLE001  # fail closed: nothing acknowledged
             _log.exception("spool_commit_failed")
             for identity, req, _, _ in submits:
@@ -370,6 +442,12 @@ class ApiServer:
         new_items = [item for _, item in results if item is not None]
         if new_items:
             self.on_items(new_items)
+        if self._batch_idx >= 0 and self.audit is not None:
+            try:  # ACCEPTED only once the intake records are on disk
+                self.audit.log.wait_durable(self._batch_idx)
+            except AuditUnavailable as exc:  # spooled; a resubmit gets the same item
+                self._hold(submits, exc)
+                return
         for (identity, req, _, _), (answer, _item) in zip(submits, results, strict=True):
             if isinstance(answer, Conflict):
                 self.rejected += 1
@@ -395,6 +473,45 @@ class ApiServer:
             )
         _log.debug("messages_committed", count=len(submits), new=len(new_items))
 
+    def _hold(
+        self, submits: list[tuple[bytes, MessageRequest, bytes, str]], exc: Exception
+    ) -> None:
+        """The audit log cannot write: answer BUSY (retry later), acknowledge nothing."""
+        _log.error("submissions_held_audit_unavailable", count=len(submits), error=str(exc))
+        self.busy += len(submits)
+        for identity, req, _, _ in submits:
+            self._send(
+                identity,
+                _reply(b"BUSY", {"id": req.submission_id, "retry_after": AUDIT_RETRY_AFTER}),
+            )
+
+    def _client_subject(self, client: str) -> Subject:
+        return Subject.api_client(client)
+
+    def _first_in_a_while(self, event: str, who: str) -> bool:
+        """At most one record per event and client per NOTE_INTERVAL (floods stay bounded)."""
+        now = time.monotonic()
+        last = self._noted.get((event, who))
+        if last is not None and now - last < NOTE_INTERVAL:
+            return False
+        if len(self._noted) > 10_000:
+            self._noted.clear()
+        self._noted[(event, who)] = now
+        return True
+
+    def _note(self, event: str, **kw: Any) -> None:
+        if self.audit is not None:
+            self.audit.try_record(event, **kw)
+
+    def _auth_failed(self, z85_key: str) -> None:
+        if self._first_in_a_while("api.auth_failed", z85_key):
+            self._note(
+                "api.auth_failed",
+                subject=Subject("api_client", z85_key[:512]),
+                result="rejected",
+                reason="UNKNOWN_KEY: CURVE handshake from a key not on the allow-list",
+            )
+
     def _seal(self, req: MessageRequest, seq: int, canonical: bytes, schema: str) -> Sealed:
         object_id = os.urandom(16)
         created = now_us()
@@ -416,6 +533,23 @@ class ApiServer:
             subject=f"api:{req.client}",
         )
         stream = canonical + build_trailer(manifest, self.key)
+        if self.audit is not None:  # inside the spool transaction: raising rolls it back
+            self._batch_idx = self.audit.record(
+                "intake.accepted",
+                subject=self._client_subject(req.client),
+                obj=AuditObject(
+                    kind="message",
+                    item=object_id.hex(),
+                    channel=req.channel,
+                    name=name,
+                    size=len(canonical),
+                    sha256=sha.hex(),
+                    seq=seq,
+                    media_type="application/json",
+                ),
+                detail={"submission": req.submission_id, "schema": schema},
+                corr=object_id.hex(),
+            )
         return Sealed(object_id, stream, name, len(canonical), sha)
 
     # ---------------------------------------------------------------- status
@@ -535,7 +669,18 @@ class ApiServer:
                 name=up.name,
                 subject=f"api:{up.client}",
                 submission=(up.client, sid, up.sha256),
+                record=lambda item, sha, media: self._record_upload(up, item, sha, media),
             )
+            if self._batch_idx >= 0 and self.audit is not None:
+                self.on_items([item])
+                self._uploads.pop(up.token, None)
+                self.audit.log.wait_durable(self._batch_idx)
+        except AuditUnavailable as exc:
+            self._drop_upload(up)
+            _log.error("upload_held_audit_unavailable", id=sid, error=str(exc))
+            self.busy += 1
+            self._send(up.identity, _reply(b"BUSY", {"id": sid, "retry_after": AUDIT_RETRY_AFTER}))
+            return
         except Refused as exc:
             self._drop_upload(up)
             self.rejected += 1
@@ -549,11 +694,32 @@ class ApiServer:
                 _reply(b"REJECTED", {"id": sid, "code": "INTERNAL", "message": str(exc)}),
             )
             return
-        self._uploads.pop(up.token, None)
+        if self._uploads.pop(up.token, None) is not None:
+            self.on_items([item])
         up.path.unlink(missing_ok=True)
         self.accepted += 1
-        self.on_items([item])
         self._send(up.identity, _accepted(sid, item.object_id, item.channel, item.seq, False))
+
+    def _record_upload(self, up: _Upload, item: SpoolItem, sha256: str, media_type: str) -> None:
+        self._batch_idx = -1
+        if self.audit is None:
+            return
+        self._batch_idx = self.audit.record(
+            "intake.accepted",
+            subject=self._client_subject(up.client),
+            obj=AuditObject(
+                kind="file",
+                item=item.object_id.hex(),
+                channel=item.channel,
+                name=up.name,
+                size=item.size,
+                sha256=sha256,
+                seq=item.seq,
+                media_type=media_type,
+            ),
+            detail={"submission": up.submission_id},
+            corr=item.object_id.hex(),
+        )
 
     def _drop_upload(self, up: _Upload) -> None:
         self._uploads.pop(up.token, None)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ferry import log
+from ferry.audit.agent import AgentAudit
+from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import OutsideChannel
 from ferry.crypto.keys import SecretKey
 from ferry.errors import PolicyRejection
@@ -79,11 +81,14 @@ def spool_file_item(
     source_path: str = "",
     source_key: str = "",
     submission: tuple[str, str, bytes] | None = None,
+    record: Callable[[SpoolItem, str, str], object] | None = None,
 ) -> SpoolItem:
     """Turn a gateway-owned content file into a spooled item (consumes ``owned``).
 
     Hashes it, appends the signed trailer, fsyncs, renames it into the spool
     and commits its row. ``owned`` must be on the spool's filesystem.
+    ``record(item, sha256 hex, media type)`` is called just before the commit
+    (the audit record); if it raises, nothing is spooled and the error propagates.
     """
     object_id = os.urandom(16)
     seq = spool.next_seq(channel.name)
@@ -119,6 +124,7 @@ def spool_file_item(
         os.close(fd)
     os.rename(owned, final)
     _fsync_dir(spool.dir)
+    media_type = manifest.media_type
     item = SpoolItem(
         object_id,
         channel.name,
@@ -131,6 +137,12 @@ def spool_file_item(
         priority=channel.priority,
         sends_total=channel.repeat.count,
     )
+    try:
+        if record is not None:
+            record(item, digest.hexdigest(), media_type)
+    except BaseException:
+        final.unlink(missing_ok=True)
+        raise
     spool.add(
         item,
         digest.digest(),
@@ -184,8 +196,10 @@ class FolderIntake:
         *,
         checks: tuple[ContentCheck, ...] = (check_type,),
         rescan_interval: float = 30.0,
+        audit: AgentAudit | None = None,
     ) -> None:
         self._channels = {c.name: c for c in channels if c.kind == "files" and c.drop}
+        self._audit = audit
         self._spool = spool
         self._key = signing_key
         self._checks = checks
@@ -238,11 +252,12 @@ class FolderIntake:
         now = time.monotonic()
         candidates = list(self._deferred) + ready
         self._deferred.clear()
+        blocked = self._audit is not None and self._audit.failed
         for r in candidates:
             ch = self._channels.get(r.channel)
             if ch is None:
                 continue
-            if self.paused:
+            if self.paused or blocked:  # fail closed: nothing is taken unaudited
                 self._deferred.append(r)
                 continue
             if not self._rates[ch.name].take(now):
@@ -314,32 +329,99 @@ class FolderIntake:
             self._reject(ch, path, name, "FILTER_ERROR", f"a content check failed: {exc}")
             return None
         rel = "" if str(r.relpath.parent) == "." else str(r.relpath.parent)
-        item = spool_file_item(
-            self._spool,
-            self._key,
-            ch,
-            tmp,
-            name=name,
-            subject=f"folder:{ch.name}",
-            relpath=rel,
-            mtime_us=st.st_mtime_ns // 1000,
-            source_path=str(path),
-            source_key=key,
-        )
+        subject = self._subject(ch)
+        recorded: list[int] = []
+
+        def record(item: SpoolItem, sha256: str, media_type: str) -> None:
+            if self._audit is None:
+                return
+            obj = AuditObject(
+                kind="file",
+                item=item.object_id.hex(),
+                channel=ch.name,
+                name=name,
+                size=item.size,
+                sha256=sha256,
+                seq=item.seq,
+                media_type=media_type,
+                path=rel or None,
+            )
+            recorded.append(
+                self._audit.record(
+                    "intake.accepted", subject=subject, obj=obj, corr=item.object_id.hex()
+                )
+            )
+
+        try:
+            item = spool_file_item(
+                self._spool,
+                self._key,
+                ch,
+                tmp,
+                name=name,
+                subject=f"folder:{ch.name}",
+                relpath=rel,
+                mtime_us=st.st_mtime_ns // 1000,
+                source_path=str(path),
+                source_key=key,
+                record=record,
+            )
+        except AuditUnavailable as exc:  # not spooled: the file waits in its drop folder
+            tmp.unlink(missing_ok=True)
+            _log.error("intake_halted_audit_unavailable", channel=ch.name, error=str(exc))
+            return None
         self.taken += 1
+        if self._audit is not None and recorded:
+            try:  # the clerk's original leaves the drop folder only once the record is on disk
+                self._audit.log.wait_durable(recorded[-1])
+            except AuditUnavailable as exc:  # spooled; the original is moved on a later turn
+                _log.error("intake_record_not_durable", channel=ch.name, error=str(exc))
+                return item
         self._finish_original(ch, r.relpath, path)
         return item
+
+    def _subject(self, ch: OutsideChannel) -> Subject:
+        return Subject.clerk_folder(str(ch.drop), ch.name)
 
     def _reject(self, ch: OutsideChannel, path: Path, name: str, code: str, message: str) -> None:
         self.quarantined += 1
         q = self._quarantine.get(ch.name)
         _log.warning("quarantined", channel=ch.name, name=name, reason_code=code, message=message)
-        if q is None:
+        kept: str | None = None
+        if q is not None:
+            try:
+                placed = q.put_file(
+                    path, channel=ch.name, original_name=name, reason_code=code, message=message
+                )
+                kept = str(placed.path)
+            except OSError as exc:
+                _log.error("quarantine_failed", channel=ch.name, name=name, error=str(exc))
+        self._record_rejection(ch, name, code, message, kept)
+
+    def _record_rejection(
+        self, ch: OutsideChannel, name: str, code: str, message: str, kept: str | None
+    ) -> None:
+        if self._audit is None:
             return
-        try:
-            q.put_file(path, channel=ch.name, original_name=name, reason_code=code, message=message)
-        except OSError as exc:
-            _log.error("quarantine_failed", channel=ch.name, name=name, error=str(exc))
+        subject = self._subject(ch)
+        obj = AuditObject(kind="file", channel=ch.name, name=name)
+        reason = f"{code}: {message}"[:1024]
+        detail = {"reason_code": code} | ({"quarantine": kept} if kept else {})
+        self._audit.try_record(
+            "intake.rejected",
+            subject=subject,
+            result="rejected",
+            reason=reason,
+            obj=obj,
+            detail=detail,
+        )
+        if kept:
+            self._audit.try_record(
+                "quarantine.added",
+                subject=subject,
+                obj=AuditObject(kind="file", channel=ch.name, name=name, path=kept),
+                detail={"reason_code": code},
+            )
 
     def _refused(self, r: Refused) -> None:
         ch = self._channels.get(r.channel)
@@ -358,6 +440,7 @@ class FolderIntake:
                 )
             except OSError as exc:
                 _log.error("quarantine_failed", channel=ch.name, error=str(exc))
+        self._record_rejection(ch, r.relpath.name, "NOT_REGULAR_FILE", r.reason, None)
 
     def _finish_original(self, ch: OutsideChannel, rel: PurePosixPath, path: Path) -> None:
         try:

@@ -41,6 +41,9 @@ def test_init_creates_everything(tmp_path: Path) -> None:
         "signing_public_key": str(out / "keys/outside-signing.pub"),
         "inside_public_key": str(out / "keys/inside-kem.pub"),
         "state_dir": str(out / "state"),
+        "audit_dir": str(out / "audit"),
+        "audit_key": str(out / "keys/audit.key"),
+        "audit_public_key": str(out / "keys/audit.pub"),
     }
     assert info["inside"] == {
         "config": str(ins / "inside.yaml"),
@@ -48,6 +51,11 @@ def test_init_creates_everything(tmp_path: Path) -> None:
         "kem_public_key": str(ins / "keys/inside-kem.pub"),
         "outside_public_key": str(ins / "keys/outside-signing.pub"),
         "state_dir": str(ins / "state"),
+        "audit_dir": str(ins / "audit"),
+        "audit_key": str(ins / "keys/audit.key"),
+        "audit_public_key": str(ins / "keys/audit.pub"),
+        "audit_mirror_dir": str(ins / "audit-outside-mirror"),
+        "outside_audit_public_key": str(ins / "keys/outside-audit.pub"),
     }
     assert info["channels"]["photos"] == {
         "drop": str(out / "drop/photos"),

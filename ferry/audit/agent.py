@@ -1,0 +1,181 @@
+"""An agent's audit log: opening it from the config, and the records of the agent's own life.
+
+:class:`AgentAudit` opens the :class:`~ferry.audit.log.AuditLog` named by the config's
+``audit:`` section and writes, at start-up:
+
+* ``agent.abnormal_termination`` when the previous run left its run marker behind (it was
+  killed or crashed), with the previous pid and start time;
+* ``config.loaded``, or ``config.changed`` when the config file's SHA-256 differs from the
+  one recorded by the previous run;
+* ``agent.started`` (pid, version, config SHA-256).
+
+:meth:`AgentAudit.close` writes ``agent.stopped`` and removes the marker. docs/AUDIT.md §7
+lists every record the agents write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from ferry import __version__, log
+from ferry.audit.log import AuditLog, AuditSettings
+from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject, format_ts
+from ferry.config_types import AuditParams
+from ferry.crypto.keys import SecretKey, load_secret_key
+from ferry.errors import ConfigError
+
+_log = log.get("audit.agent")
+
+RUN_MARKER = "agent.running"
+CONFIG_HASH = "config.sha256"
+
+
+def default_origin(side: str, key: SecretKey) -> str:
+    """The log's name in its checkpoints when the config names none: stable per audit key."""
+    return f"ferry/{side}/{key.public.key_id.hex()[:16]}"
+
+
+def open_audit_log(params: AuditParams, side: str) -> AuditLog:
+    """Open (or create, or resume) the audit log an agent config names."""
+    key = load_secret_key(params.key, ("ed25519",))
+    settings = AuditSettings(
+        origin=params.origin or default_origin(side, key),
+        checkpoint_every=params.checkpoint_every,
+        checkpoint_interval=params.checkpoint_interval,
+        side=side,
+    )
+    return AuditLog(params.dir, key, settings)
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AgentAudit:
+    """The audit log of one running agent (``side`` is "outside" or "inside")."""
+
+    def __init__(
+        self, params: AuditParams | None, side: str, state_dir: Path, config_file: Path
+    ) -> None:
+        if params is None:
+            raise ConfigError(
+                f"{config_file}: no 'audit:' section. ferry keeps a tamper-evident audit log "
+                "and will not run without one: add audit: {dir: ..., key: ...} "
+                "(ferry init writes it; ferry keygen --role audit makes the key)"
+            )
+        self.side = side
+        self.subject = Subject.component(f"{side}-agent")
+        self.log = open_audit_log(params, side)
+        self._marker = state_dir / RUN_MARKER
+        self._hash_file = state_dir / CONFIG_HASH
+        self._start(config_file)
+
+    @property
+    def failed(self) -> bool:
+        """True while the log cannot write: intake and transfers must stop."""
+        return self.log.failed.is_set()
+
+    def _start(self, config_file: Path) -> None:
+        if self._marker.exists():
+            try:
+                prev = json.loads(self._marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                prev = {}
+            detail = {k: prev[k] for k in ("pid", "started") if k in prev}
+            self.log.append(
+                "agent.abnormal_termination",
+                subject=self.subject,
+                result="failure",
+                reason="the previous run did not stop cleanly (killed, crashed or power lost)",
+                detail=detail,
+            )
+        digest = _sha256_file(config_file)
+        try:
+            previous = self._hash_file.read_text(encoding="ascii").strip()
+        except OSError:
+            previous = ""
+        obj = AuditObject(kind="config", path=str(config_file), sha256=digest)
+        if previous and previous != digest:
+            self.log.append(
+                "config.changed",
+                subject=self.subject,
+                result="info",
+                obj=obj,
+                detail={"previous_sha256": previous},
+            )
+        else:
+            self.log.append("config.loaded", subject=self.subject, result="info", obj=obj)
+        idx = self.log.append(
+            "agent.started",
+            subject=self.subject,
+            result="success",
+            detail={"pid": os.getpid(), "version": __version__, "config_sha256": digest},
+        )
+        self.log.wait_durable(idx)  # the start is on disk before the agent does anything
+        _write_durably(self._hash_file, digest + "\n")
+        _write_durably(
+            self._marker, json.dumps({"pid": os.getpid(), "started": self.log_time()}) + "\n"
+        )
+
+    @staticmethod
+    def log_time() -> str:
+        return format_ts(time.time_ns() // 1000)
+
+    def record(
+        self,
+        event: str,
+        *,
+        subject: Subject | None = None,
+        result: Result = "success",
+        reason: str | None = None,
+        obj: AuditObject | Mapping[str, object] | None = None,
+        detail: Mapping[str, object] | None = None,
+        corr: str | None = None,
+        durable: bool = False,
+    ) -> int:
+        """Append one record (raises AuditUnavailable while the log cannot write)."""
+        return self.log.append(
+            event,
+            subject=subject or self.subject,
+            result=result,
+            reason=reason,
+            obj=obj,
+            detail=detail,
+            corr=corr,
+            durable=durable,
+        )
+
+    def try_record(self, event: str, **kw: object) -> int | None:
+        """Append a record whose loss must not stop the caller (it is already stopping, or
+        the event is informational); a refusal is logged as an error."""
+        try:
+            return self.record(event, **kw)  # type: ignore[arg-type]
+        except AuditUnavailable as exc:
+            _log.error("audit_record_refused", audit_event=event, error=str(exc))
+            return None
+
+    def close(self, *, clean: bool = True) -> None:
+        """Write ``agent.stopped`` (when ``clean``), remove the run marker, close the log."""
+        try:
+            if clean:
+                self.record("agent.stopped", result="success", durable=True)
+                self._marker.unlink(missing_ok=True)
+        except AuditUnavailable as exc:
+            _log.error("audit_stop_not_recorded", error=str(exc))
+        finally:
+            self.log.close()
