@@ -163,7 +163,20 @@ def _show_audit(console: Console, deployment: dict[str, Any]) -> bool:
             f"signed checkpoints, {status}[/]  ({shown})"
         )
         good = good and report.verified
-    return good
+    d = deployment["inside"]
+    mirror = verify(d["audit_mirror_dir"], load_public_key(d["outside_audit_public_key"]))
+    witnessed = sum(
+        decode(line.data)["event"] == "audit.witnessed"
+        for _, seg in list_segments(Path(d["audit_dir"]))
+        for line in iter_lines(seg)
+    )
+    status = "[green]verified" if mirror.verified else "[red]FAILED"
+    console.print(
+        f"inside's mirror of the outside log: {mirror.records} records, "
+        f"{mirror.checkpoints_verified} checkpoints, {status}[/]; "
+        f"{witnessed} checkpoints witnessed inside"
+    )
+    return good and mirror.verified and witnessed > 0
 
 
 def run_demo(

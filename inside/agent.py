@@ -40,6 +40,7 @@ from inside.consumers import ConsumerServer, Outbox, OutboxItem
 from inside.deliver import Delivered, deliver, verify_stream, write_new_files
 from inside.gaps import SequenceGaps
 from inside.ledger import Ledger
+from inside.mirror import AuditMirror, MirrorRejected
 
 # Objects whose whole stream fits in one FEC block this small stay in memory (messages).
 MEMORY_OBJECT_MAX = 256 * 1024
@@ -49,6 +50,8 @@ Job = tuple[bytes, int, bytes | None]
 
 TICK_INTERVAL = 0.25
 STATUS_INTERVAL = 0.5
+# Seconds before a missing audit-mirror piece counts as a gap (its second copy comes 30 s on).
+MIRROR_GAP_GRACE = 90.0
 # Seconds between transfer.duplicate records of one item (repeats are expected, not news).
 DUPLICATE_NOTE_INTERVAL = 60.0
 # Seconds the delivery thread waits between checks while the audit log cannot write.
@@ -111,9 +114,21 @@ class InsideAgent:
         # Items of the batch in hand whose records are queued (a retry after an audit
         # outage does not record them twice).
         self._recorded_batch: set[tuple[bytes, int]] = set()
-        self.gaps = SequenceGaps(grace=max(2 * cfg.object_timeout, 30.0))
+        self.gaps = SequenceGaps(
+            grace=max(2 * cfg.object_timeout, 2.0),
+            # mirror pieces come twice over 30 s (outside/mirror.py): give the copy its chance
+            per_channel={rec.AUDIT_CHANNEL: max(2 * cfg.object_timeout, MIRROR_GAP_GRACE)},
+        )
         for channel, seq in self.ledger.channel_seqs():
             self.gaps.seen(channel, seq)
+        self.mirror: AuditMirror | None = None
+        audit_cfg = cfg.audit
+        if audit_cfg is not None and audit_cfg.mirror_dir and audit_cfg.peer_public_key:
+            self.mirror = AuditMirror(
+                audit_cfg.mirror_dir,
+                load_public_key(audit_cfg.peer_public_key, cfg.source.parent),
+                self.audit,
+            )
         self.outbox: Outbox | None = None
         self.consumers: ConsumerServer | None = None
         if cfg.consumers.endpoint or cfg.consumers.publish:
@@ -234,6 +249,8 @@ class InsideAgent:
                     continue
                 if manifest.kind == "message":
                     messages.append((oid, manifest, content))
+                elif manifest.kind == "audit":
+                    self._mirror_piece(oid, manifest, content)
                 else:  # a small file: through the file path
                     path = self._spool_path(oid)
                     with open(path, "wb") as f:
@@ -307,6 +324,18 @@ class InsideAgent:
         else:
             _log.info("duplicate_ignored", object_id=oid.hex())
             self._note_duplicate(oid)
+
+    def _mirror_piece(self, oid: bytes, manifest: rec.Manifest, content: bytes) -> None:
+        """A piece of the outside's audit log: into the mirror (repeats are harmless)."""
+        self.gaps.seen(manifest.channel, manifest.seq)
+        if self.mirror is None:
+            return  # this inside keeps no mirror
+        try:
+            self.mirror.receive(manifest.name, content)
+        except MirrorRejected as exc:
+            _log.error("mirror_piece_refused", object_id=oid.hex(), reason=str(exc))
+        except OSError as exc:
+            _log.error("mirror_write_failed", object_id=oid.hex(), error=str(exc))
 
     def _note_duplicate(self, oid: bytes) -> None:
         now = time.monotonic()

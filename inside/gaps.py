@@ -25,8 +25,9 @@ class Gap:
 
 
 class SequenceGaps:
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, per_channel: dict[str, float] | None = None) -> None:
         self.grace = grace
+        self.per_channel = per_channel or {}  # channels whose copies come later (repeats)
         self._floor: dict[str, int] = {}  # every seq <= floor is seen or reported
         self._above: dict[str, set[int]] = {}  # seen seqs above the floor
         self._marks: dict[str, deque[tuple[int, float]]] = {}  # (claimed last_seq, first heard)
@@ -59,7 +60,8 @@ class SequenceGaps:
         out: list[Gap] = []
         for channel, marks in self._marks.items():
             limit = 0
-            while marks and now - marks[0][1] >= self.grace:
+            grace = self.per_channel.get(channel, self.grace)
+            while marks and now - marks[0][1] >= grace:
                 limit = max(limit, marks.popleft()[0])
             floor = self._floor.get(channel, 0)
             if limit <= floor:

@@ -27,9 +27,11 @@ from ferry.errors import ChannelError
 from ferry.runtime import open_sender, pacing_rate
 from ferry.status import write_status
 from ferry.wire.pacing import TokenBucket
-from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender
+from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender, symbol_size_for
 from outside.api import ApiServer
 from outside.intake import FolderIntake
+from outside.mirror import CHANNEL as MIRROR_CHANNEL
+from outside.mirror import MAX_PIECE, AuditShipper
 from outside.spool import Spool, SpoolItem, now_us
 
 # Datagrams asked of the sender machine per loop turn: amortises Python overhead
@@ -57,6 +59,8 @@ class FileSource:
 
 MESSAGE_FEC = (4, 4)
 """Per-object FEC of messages: a one- or two-symbol message survives as many losses."""
+# Source symbols of an audit-mirror piece (one FEC block; k + repair stays under 255).
+MAX_PIECE_SYMBOLS = 200
 SCHEDULE_INTERVAL = 0.5
 # The sending thread blocks in syscalls; with the API thread busy it would wait the default
 # 5 ms for the GIL after each one. A shorter switch interval keeps the link fed.
@@ -90,6 +94,16 @@ class OutsideAgent:
             self.audit.close()
             self.spool.close()
             raise
+        self._symbol_size = symbol_size_for(cfg.link)
+        self.shipper: AuditShipper | None = None
+        if cfg.audit is not None and cfg.audit.mirror:
+            self.shipper = AuditShipper(
+                cfg.audit.dir,
+                self.spool,
+                self.key,
+                cfg.state_dir,
+                max_piece=min(MAX_PIECE, MAX_PIECE_SYMBOLS * self._symbol_size - 2048),
+            )
         self._unrecorded: deque[tuple[ObjectSent, int, int]] = deque()  # sends not yet audited
         self._sources: dict[bytes, FileSource | BytesSource] = {}
         self.status_path = cfg.state_dir / "status.json"
@@ -110,6 +124,8 @@ class OutsideAgent:
                     )
                     self.intake.pause(full)
                 items = self.intake.step(self.cfg.poll_interval)
+                if self.shipper is not None and not self.audit.failed:
+                    items += self.shipper.step()
                 if items:
                     self._enqueue(items)
             except Exception:  # noqa: BLE001  # the intake thread must never die silently
@@ -140,9 +156,17 @@ class OutsideAgent:
                 item.channel,
                 item.seq,
                 priority=item.priority,
-                fec=MESSAGE_FEC if item.kind == "message" else None,
+                fec=self._fec_for(item),
             )
         )
+
+    def _fec_for(self, item: SpoolItem) -> tuple[int, int] | None:
+        if item.kind == "message":
+            return MESSAGE_FEC
+        if item.kind == "audit":  # one block, so the inside takes it in memory
+            k = min(MAX_PIECE_SYMBOLS, max(1, -(-item.length // self._symbol_size)))
+            return (k, max(2, k // 4))
+        return None
 
     def _sent(self, events: list[ObjectSent]) -> None:
         for ev in events:
@@ -151,10 +175,10 @@ class OutsideAgent:
                 src.close()
         copies = self.spool.mark_sent([ev.object_id for ev in events])
         by_id = {ev.object_id: ev for ev in events}
-        self._unrecorded.extend(
+        self._unrecorded.extend(  # (mirror pieces are accounted for by the mirror itself)
             (by_id[c.object_id], c.sends_done, c.sends_total)
             for c in copies
-            if c.object_id in by_id
+            if c.object_id in by_id and by_id[c.object_id].channel != MIRROR_CHANNEL
         )
         self._record_sends()
         for copy in copies:

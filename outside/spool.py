@@ -25,7 +25,7 @@ from typing import Any
 from ferry.errors import StateError
 from ferry.state import open_db, transaction
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS channel_seq (channel TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS items (
     object_id BLOB PRIMARY KEY,
     channel TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('file', 'message')),
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'message', 'audit')),
     priority INTEGER NOT NULL,
     name TEXT NOT NULL,
     size INTEGER NOT NULL,
@@ -270,6 +270,38 @@ class Spool:
             self.backlog_bytes += item.length
 
     # --------------------------------------------------------------- messages
+    def add_blob(self, item: SpoolItem, sha256: bytes, subject: str, spread_us: int = 0) -> None:
+        """Commit an item whose object stream is ``item.data`` (audit-mirror pieces)."""
+        if item.data is None:
+            raise ValueError("a blob item needs its object stream")
+        created = now_us()
+        with self._lock, transaction(self._db):
+            self._db.execute(
+                "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
+                " sha256, length, data, subject, state, sends_total, spread_us,"
+                " next_send_us, created_us) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
+                (
+                    item.object_id,
+                    item.channel,
+                    item.seq,
+                    item.kind,
+                    item.priority,
+                    item.name,
+                    item.size,
+                    sha256,
+                    item.length,
+                    item.data,
+                    subject,
+                    item.sends_total,
+                    spread_us,
+                    created,
+                    created,
+                ),
+            )
+            self._set_seq(item.channel, item.seq)
+            self.backlog_items += 1
+            self.backlog_bytes += item.length
+
     def accept_messages(
         self,
         requests: Sequence[MessageRequest],

@@ -27,7 +27,7 @@ class LossyUdpForwarder:
         self.port: int = self._rx.getsockname()[1]
         self._tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._tx.connect(target)
-        self._loss = loss
+        self.loss = loss  # may be changed while running (tests suppress a window)
         self._rng = random.Random(seed)  # noqa: S311  # loss emulation, not cryptography
         self.forwarded = 0
         self.dropped = 0
@@ -36,7 +36,7 @@ class LossyUdpForwarder:
         self._thread.start()
 
     def _run(self) -> None:
-        rnd, loss, send = self._rng.random, self._loss, self._tx.send
+        rnd, send = self._rng.random, self._tx.send
         while not self._stop.is_set():
             try:
                 data = self._rx.recv(65535)
@@ -44,7 +44,7 @@ class LossyUdpForwarder:
                 continue
             except OSError:
                 return
-            if rnd() < loss:
+            if rnd() < self.loss:
                 self.dropped += 1
                 continue
             try:

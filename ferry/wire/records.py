@@ -311,7 +311,9 @@ _MANIFEST_KEYS = {
     "sender",
 }
 _MANIFEST_OPTIONAL = {"schema", "path", "subject"}
-KINDS = ("file", "message")
+KINDS = ("file", "message", "audit")
+AUDIT_CHANNEL = "_audit"
+"""The channel of audit-mirror pieces (kind ``audit``); config channel names cannot start with _."""
 MAX_PATH_BYTES = 1024
 
 

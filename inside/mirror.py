@@ -1,0 +1,257 @@
+"""The inside's mirror of the outside's audit log, and the witness of its checkpoints.
+
+Pieces arrive as verified objects of kind ``audit`` (``outside/mirror.py``): a file name
+(a segment or ``checkpoints.log``) and a byte offset. :meth:`AuditMirror.receive` appends a
+piece that starts where the mirror file ends (fsynced), keeps one that starts beyond the end
+in memory until the gap is filled (bounded), and checks that one overlapping what the mirror
+already has repeats it byte for byte (a repeat copy). The mirror is thus byte-identical to
+the outside's log, and ``ferry audit verify`` works on it with the outside's audit key.
+
+Each new checkpoint in the mirrored ``checkpoints.log`` is then witnessed: its signature by
+the configured outside audit key, its origin (the same log), its size (never smaller than
+the last), and its root: the mirrored records up to its size must hash to it. Since every
+checkpoint is checked against the same growing tree, a checkpoint that verifies also
+proves the log only grew since the previous one (append-only consistency). Each outcome is
+recorded in the inside's own log: ``audit.witnessed`` or ``audit.witness_inconsistent``.
+After an inconsistency the mirror stops witnessing (and says so at every start) until an
+auditor looks: ``ferry audit verify`` on the mirror names the first bad position.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry import log
+from ferry.audit.agent import AgentAudit
+from ferry.audit.merkle import CompactRange, leaf_hash, parse_notes
+from ferry.audit.record import AuditError, AuditObject, Subject, decode
+from ferry.audit.verify import CHECKPOINTS_FILE, segment_name
+from ferry.crypto.keys import PublicKey
+
+_log = log.get("inside.mirror")
+
+PIECE_NAME = re.compile(r"(audit-[0-9]{6}\.jsonl|checkpoints\.log)@(0|[1-9][0-9]{0,14})")
+# Bytes of out-of-order pieces held while a gap is filled (a repeat copy usually fills it).
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+SUBJECT = Subject.component("audit-mirror")
+
+
+class MirrorRejected(Exception):
+    """A piece that cannot be placed (bad name, or contradicting the mirror)."""
+
+
+@dataclass
+class _Cursor:
+    """How far the witness has read the mirrored records: segment number and byte offset."""
+
+    segment: int = 1
+    offset: int = 0
+
+
+class AuditMirror:
+    def __init__(self, directory: Path, peer_key: PublicKey, audit: AgentAudit) -> None:
+        self.dir = directory
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.peer_key = peer_key
+        self.audit = audit
+        self._pending: dict[str, dict[int, bytes]] = {}
+        self._pending_bytes = 0
+        self._tree = CompactRange()
+        self._cursor = _Cursor()
+        self._count = _Cursor()  # how far records have been counted
+        self._available = 0
+        self._notes_offset = 0  # bytes of checkpoints.log already witnessed
+        self.origin: str | None = None
+        self.witnessed = 0  # size of the last witnessed checkpoint
+        self.broken: str | None = None
+        self.pieces = 0
+        self._catch_up(record=False)  # re-witness what is already mirrored (restart)
+
+    # --------------------------------------------------------------- placing
+    def receive(self, name: str, content: bytes) -> None:
+        """Place one verified piece; raises MirrorRejected for a piece that cannot fit."""
+        m = PIECE_NAME.fullmatch(name)
+        if m is None:
+            raise MirrorRejected(f"not an audit piece name: {name[:80]!r}")
+        file, offset = m.group(1), int(m.group(2))
+        self.pieces += 1
+        self._place(file, offset, content)
+        self._drain_pending(file)
+        self._catch_up(record=True)
+
+    def _size(self, file: str) -> int:
+        try:
+            return (self.dir / file).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _place(self, file: str, offset: int, content: bytes) -> None:
+        size = self._size(file)
+        if offset > size:
+            held = self._pending.setdefault(file, {})
+            if offset not in held and self._pending_bytes + len(content) <= MAX_PENDING_BYTES:
+                held[offset] = content
+                self._pending_bytes += len(content)
+            return
+        overlap = min(size - offset, len(content))
+        if overlap:
+            with open(self.dir / file, "rb") as f:
+                f.seek(offset)
+                have = f.read(overlap)
+            if have != content[:overlap]:
+                self._inconsistent(
+                    f"piece {file}@{offset} differs from the bytes already mirrored",
+                    file=file,
+                )
+                raise MirrorRejected(f"{file}@{offset} contradicts the mirror")
+        rest = content[overlap:]
+        if rest:
+            path = self.dir / file
+            created = not path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                view = memoryview(rest)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+
+    def _drain_pending(self, file: str) -> None:
+        held = self._pending.get(file)
+        while held:
+            size = self._size(file)
+            ready = [o for o in held if o <= size]
+            if not ready:
+                return
+            for o in sorted(ready):
+                content = held.pop(o)
+                self._pending_bytes -= len(content)
+                if o + len(content) > self._size(file):
+                    self._place(file, o, content)
+
+    # -------------------------------------------------------------- witnessing
+    def _catch_up(self, *, record: bool) -> None:
+        """Witness every checkpoint whose records have all arrived, in order."""
+        while not self.broken:
+            try:
+                with open(self.dir / CHECKPOINTS_FILE, "rb") as f:
+                    f.seek(self._notes_offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return
+            parsed = parse_notes(data)
+            if not parsed.notes:
+                if parsed.error is not None:
+                    self._inconsistent(
+                        f"{CHECKPOINTS_FILE} does not parse: {parsed.error}", record=record
+                    )
+                return
+            note = parsed.notes[0]
+            cp = note.checkpoint
+            if cp.size > self._records_available():
+                return  # its records have not all arrived yet: witness it later
+            problem = self._check(note.signature_status(self.peer_key), cp.origin, cp.size)
+            if problem is None:
+                self._advance_to(cp.size)
+                if self._tree.root() != cp.root:
+                    problem = (
+                        f"checkpoint {cp.size}: the mirrored records hash to "
+                        f"{self._tree.root().hex()}, the checkpoint says {cp.root.hex()}"
+                    )
+            if problem is not None:
+                self._inconsistent(problem, record=record)
+                return
+            self.origin = cp.origin
+            self._notes_offset += note.end
+            self.witnessed = cp.size
+            if record:
+                self.audit.try_record(
+                    "audit.witnessed",
+                    subject=SUBJECT,
+                    result="success",
+                    obj=AuditObject(kind="checkpoint", size=cp.size),
+                    detail={"origin": cp.origin, "size": cp.size, "root": cp.root.hex()},
+                )
+
+    def _check(self, signature: str, origin: str, size: int) -> str | None:
+        if signature != "valid":
+            return f"checkpoint {size} is not validly signed by the outside audit key ({signature})"
+        if self.origin is not None and origin != self.origin:
+            return f"checkpoint {size} is for log {origin!r}, not {self.origin!r}"
+        if size < self.witnessed:
+            return f"checkpoint {size} follows checkpoint {self.witnessed}: a log only grows"
+        return None
+
+    def _records_available(self) -> int:
+        """How many records the mirror holds without a hole (counted incrementally)."""
+        while True:
+            path = self.dir / segment_name(self._count.segment)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._count.offset)
+                    data = f.read()
+            except FileNotFoundError:
+                break
+            complete = data.rfind(b"\n") + 1
+            self._available += data.count(b"\n", 0, complete)
+            self._count.offset += complete
+            if not self._segment_complete(self._count.segment):
+                break
+            self._count = _Cursor(self._count.segment + 1, 0)
+        return self._available
+
+    def _segment_complete(self, number: int) -> bool:
+        """True once the next segment's opening record names this one's exact size."""
+        try:
+            with open(self.dir / segment_name(number + 1), "rb") as f:
+                first = f.readline(64 * 1024)
+            if not first.endswith(b"\n"):
+                return False
+            previous = decode(first[:-1]).get("detail", {}).get("previous") or {}
+            size = (self.dir / segment_name(number)).stat().st_size
+        except (OSError, ValueError, AuditError):
+            return False
+        return previous.get("segment") == segment_name(number) and previous.get("bytes") == size
+
+    def _advance_to(self, size: int) -> None:
+        """Feed mirrored records into the tree until it holds ``size`` of them."""
+        while self._tree.size < size:
+            path = self.dir / segment_name(self._cursor.segment)
+            with open(path, "rb") as f:
+                f.seek(self._cursor.offset)
+                data = f.read()
+            pos = 0
+            while self._tree.size < size:
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    break
+                self._tree.append(leaf_hash(data[pos:nl]))
+                pos = nl + 1
+            self._cursor.offset += pos
+            if self._tree.size < size:  # this segment is exhausted: the next one
+                if not self._segment_complete(self._cursor.segment):
+                    raise MirrorRejected("mirrored records end before the checkpoint")
+                self._cursor = _Cursor(self._cursor.segment + 1, 0)
+
+    def _inconsistent(self, problem: str, *, record: bool = True, file: str = "") -> None:
+        self.broken = problem
+        _log.error("mirror_inconsistent", reason=problem, file=file or None)
+        if record:
+            self.audit.try_record(
+                "audit.witness_inconsistent",
+                subject=SUBJECT,
+                result="failure",
+                reason=f"WITNESS_INCONSISTENT: {problem}"[:1024],
+                obj=AuditObject(kind="checkpoint", path=str(self.dir)),
+                detail={"witnessed": self.witnessed},
+            )

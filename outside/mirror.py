@@ -1,0 +1,183 @@
+"""Ship the outside's audit log across the diode, so the inside keeps a verified mirror.
+
+Every ``interval`` seconds :meth:`AuditShipper.step` reads what was appended to the audit
+segments and to ``checkpoints.log`` since the last piece it spooled, cut at a line (a
+segment) or at a note (the checkpoints), and spools it as one object of kind ``audit`` on
+channel ``_audit``. The manifest names the file and the byte offset (``audit-000001.jsonl@4096``;
+docs/PROTOCOL.md), so pieces are idempotent and the inside can put them in place. Pieces go
+with the channel-independent repeat schedule ``repeat`` (several copies over a spread), the
+same protection messages get. Shipping itself writes no audit records (no feedback loop):
+the pieces are accounted for by the mirror and its checkpoints. The offsets shipped are kept
+in ``<state>/audit-mirror.json`` (written after the piece is spooled: a crash re-ships a
+piece, which the inside recognises).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from ferry import log
+from ferry.audit.verify import CHECKPOINTS_FILE, list_segments, segment_name
+from ferry.crypto.keys import SecretKey
+from ferry.wire import records as rec
+from ferry.wire.sender import build_trailer
+from outside.spool import Spool, SpoolItem, now_us
+
+CHANNEL = rec.AUDIT_CHANNEL
+# Largest piece: one FEC block, taken in memory inside (its 256 KiB limit).
+MAX_PIECE = 128 * 1024
+# Pieces spooled per step at most (a long backlog drains over several steps).
+MAX_PIECES_PER_STEP = 64
+STATE_FILE = "audit-mirror.json"
+
+_log = log.get("outside.mirror")
+
+
+def _cut(data: bytes, sep: bytes) -> int:
+    """Length of the prefix of ``data`` that ends at the last ``sep`` (0 if none)."""
+    at = data.rfind(sep)
+    return 0 if at < 0 else at + len(sep)
+
+
+SIGNATURE_LINE = "\u2014 ".encode()
+
+
+def _cut_notes(data: bytes) -> int:
+    """Length of the prefix of ``data`` that holds whole checkpoint notes: each ends with a
+    signature line ("— name sig") and a blank line."""
+    end = len(data)
+    while (at := data.rfind(b"\n\n", 0, end)) >= 0:
+        start = data.rfind(b"\n", 0, at) + 1
+        if data.startswith(SIGNATURE_LINE, start):
+            return at + 2
+        end = at
+    return 0
+
+
+class AuditShipper:
+    def __init__(
+        self,
+        audit_dir: Path,
+        spool: Spool,
+        key: SecretKey,
+        state_dir: Path,
+        *,
+        interval: float = 1.0,
+        copies: int = 2,
+        spread: float = 30.0,
+        max_piece: int = MAX_PIECE,
+    ) -> None:
+        self.max_piece = max(16 * 1024 + 64, max_piece)  # a whole record always fits
+        self.audit_dir = audit_dir
+        self.spool = spool
+        self.key = key
+        self.interval = interval
+        self.copies = copies
+        self.spread_us = int(spread * 1e6)
+        self._state_path = state_dir / STATE_FILE
+        self._next = 0.0
+        self.shipped: dict[str, int] = self._load()
+        self.pieces = 0
+
+    def _load(self) -> dict[str, int]:
+        try:
+            raw = json.loads(self._state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            _log.error("mirror_state_unreadable", path=str(self._state_path), error=str(exc))
+            return {}  # ship everything again: the inside skips what it has
+        return {str(k): int(v) for k, v in raw.items() if isinstance(v, int) and v >= 0}
+
+    def _save(self) -> None:
+        tmp = self._state_path.with_name(STATE_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.shipped, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state_path)
+
+    def step(self, mono: float | None = None) -> list[SpoolItem]:
+        """Spool what is new (at most every ``interval`` s); return the new items."""
+        mono = time.monotonic() if mono is None else mono
+        if mono < self._next:
+            return []
+        self._next = mono + self.interval
+        items: list[SpoolItem] = []
+        segments = list_segments(self.audit_dir)
+        for i, (number, path) in enumerate(segments):
+            name = segment_name(number)
+            last = i == len(segments) - 1
+            self._ship_file(path, name, b"\n", items)
+            if not last and self.shipped.get(name, 0) < path.stat().st_size:
+                break  # an older segment still has bytes to go: keep the order
+            if len(items) >= MAX_PIECES_PER_STEP:
+                break
+        else:  # the checkpoints after the records they cover
+            self._ship_file(self.audit_dir / CHECKPOINTS_FILE, CHECKPOINTS_FILE, b"\n\n", items)
+        if items:
+            self._save()
+        return items
+
+    def _ship_file(self, path: Path, name: str, sep: bytes, items: list[SpoolItem]) -> None:
+        offset = self.shipped.get(name, 0)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            while offset < size and len(items) < MAX_PIECES_PER_STEP:
+                data = os.pread(fd, min(self.max_piece, size - offset), offset)
+                n = _cut_notes(data) if sep == b"\n\n" else _cut(data, sep)
+                if n == 0:
+                    if len(data) >= self.max_piece:  # cannot happen with valid records (16 KiB max)
+                        n = len(data)
+                    else:
+                        break  # an incomplete line: it is shipped once complete
+                items.append(self._spool_piece(name, offset, data[:n]))
+                offset += n
+                self.shipped[name] = offset
+        finally:
+            os.close(fd)
+
+    def _spool_piece(self, name: str, offset: int, content: bytes) -> SpoolItem:
+        object_id = os.urandom(16)
+        seq = self.spool.next_seq(CHANNEL)
+        created = now_us()
+        sha = hashlib.sha256(content).digest()
+        manifest = rec.Manifest(
+            object_id=object_id,
+            kind="audit",
+            channel=CHANNEL,
+            seq=seq,
+            name=f"{name}@{offset}",
+            media_type="application/x-ndjson",
+            size=len(content),
+            sha256=sha,
+            created_us=created,
+            mtime_us=created,
+            sender=self.key.public.key_id,
+            subject="component:audit-mirror",
+        )
+        stream = content + build_trailer(manifest, self.key)
+        item = SpoolItem(
+            object_id,
+            CHANNEL,
+            seq,
+            manifest.name,
+            len(content),
+            len(stream),
+            None,
+            kind="audit",
+            priority=0,
+            data=stream,
+            sends_total=self.copies,
+        )
+        self.spool.add_blob(item, sha, "component:audit-mirror", self.spread_us)
+        self.pieces += 1
+        return item

@@ -1,0 +1,167 @@
+"""The audit mirror: pieces cut outside, placed and witnessed inside; sequence gaps.
+
+Real audit logs, a real spool (SQLite) and real files; only the diode is left out: the
+pieces the outside spools are handed to the inside's mirror directly, in any order.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from ferry.audit.agent import AgentAudit
+from ferry.audit.log import AuditLog, AuditSettings
+from ferry.audit.merkle import Checkpoint, sign_checkpoint
+from ferry.audit.record import Subject, decode
+from ferry.audit.verify import iter_lines, list_segments, verify
+from ferry.config_types import AuditParams
+from ferry.crypto.keys import SecretKey, write_secret_key
+from ferry.wire import records as rec
+from inside.gaps import Gap, SequenceGaps
+from inside.mirror import AuditMirror, MirrorRejected
+from outside.mirror import AuditShipper
+from outside.spool import Spool
+
+
+def _outside_log(tmp_path: Path, records: int, *, segment_bytes: int = 64 * 1024) -> AuditLog:
+    key = SecretKey.generate("ed25519")
+    settings = AuditSettings(
+        origin="test/outside", checkpoint_every=7, max_segment_bytes=segment_bytes
+    )
+    log = AuditLog(tmp_path / "outside-audit", key, settings)
+    for n in range(records):
+        log.append(
+            "intake.accepted",
+            subject=Subject.component("test"),
+            obj={"item": f"{n:032x}", "channel": "documents", "seq": n + 1},
+            detail={"pad": "x" * 200},
+        )
+    log.checkpoint()
+    return log
+
+
+def _inside(tmp_path: Path, peer: SecretKey) -> tuple[AuditMirror, AgentAudit]:
+    key = SecretKey.generate("ed25519")
+    write_secret_key(tmp_path / "inside-audit.key", key, "audit")
+    config = tmp_path / "inside.yaml"
+    config.write_text("# test\n")
+    state = tmp_path / "inside-state"
+    state.mkdir()
+    params = AuditParams(dir=tmp_path / "inside-audit", key=tmp_path / "inside-audit.key")
+    audit = AgentAudit(params, "inside", state, config)
+    return AuditMirror(tmp_path / "mirror", peer.public, audit), audit
+
+
+def _pieces(tmp_path: Path, log: AuditLog) -> list[tuple[str, bytes]]:
+    spool_state = tmp_path / "outside-state"
+    spool_state.mkdir(exist_ok=True)
+    spool = Spool(spool_state)
+    shipper = AuditShipper(
+        log.directory, spool, SecretKey.generate("ed25519"), spool_state, max_piece=20_000
+    )
+    out: list[tuple[str, bytes]] = []
+    while items := shipper.step(mono=float(len(out) + 1) * 10):
+        for item in items:
+            assert item.data is not None
+            assert item.channel == rec.AUDIT_CHANNEL
+            out.append((item.name, item.data[: item.size]))
+    spool.close()
+    return out
+
+
+def _events(directory: Path) -> list[str]:
+    return [
+        decode(line.data)["event"]
+        for _, seg in list_segments(directory)
+        for line in iter_lines(seg)
+    ]
+
+
+def test_pieces_in_any_order_and_repeated_rebuild_a_verified_mirror(tmp_path: Path) -> None:
+    log = _outside_log(tmp_path, 450, segment_bytes=64 * 1024)
+    key = log._key  # the test plays both sides
+    pieces = _pieces(tmp_path, log)
+    assert len({p[0].split("@")[0] for p in pieces}) > 2  # several segments plus checkpoints
+    assert all(len(content) <= 20_000 for _, content in pieces)
+    mirror, audit = _inside(tmp_path, key)
+    shuffled = pieces + random.Random(5).sample(pieces, len(pieces) // 2)  # repeat copies
+    random.Random(7).shuffle(shuffled)
+    for name, content in shuffled:
+        mirror.receive(name, content)
+    audit.close()
+    assert mirror.broken is None
+    for _, seg in list_segments(log.directory):  # byte-identical, segment by segment
+        assert (tmp_path / "mirror" / seg.name).read_bytes() == seg.read_bytes()
+    report = verify(tmp_path / "mirror", key.public)
+    assert report.verified
+    assert report.records == log.size
+    witnessed = _events(tmp_path / "inside-audit").count("audit.witnessed")
+    assert witnessed == report.checkpoints_verified
+    assert mirror.witnessed == report.last_checkpoint
+    log.close()
+
+
+def test_a_piece_contradicting_the_mirror_is_refused_and_recorded(tmp_path: Path) -> None:
+    log = _outside_log(tmp_path, 30)
+    pieces = _pieces(tmp_path, log)
+    mirror, audit = _inside(tmp_path, log._key)
+    for name, content in pieces:
+        mirror.receive(name, content)
+    name, content = pieces[0]
+    forged = content.replace(b"intake.accepted", b"intake.rejected", 1)
+    with pytest.raises(MirrorRejected):
+        mirror.receive(name, forged)
+    audit.close()
+    assert mirror.broken is not None
+    assert "audit.witness_inconsistent" in _events(tmp_path / "inside-audit")
+    log.close()
+
+
+def test_a_checkpoint_not_signed_by_the_outside_key_is_inconsistent(tmp_path: Path) -> None:
+    log = _outside_log(tmp_path, 10)
+    pieces = _pieces(tmp_path, log)
+    mirror, audit = _inside(tmp_path, log._key)
+    for name, content in pieces:
+        mirror.receive(name, content)
+    before = mirror.witnessed
+    assert before > 0
+    size = (tmp_path / "mirror" / "checkpoints.log").stat().st_size
+    rogue = sign_checkpoint(
+        Checkpoint("test/outside", log.size, b"\x01" * 32), SecretKey.generate("ed25519")
+    )
+    mirror.receive(f"checkpoints.log@{size}", rogue + b"\n")
+    audit.close()
+    assert mirror.broken is not None
+    assert "not validly signed" in mirror.broken
+    assert mirror.witnessed == before
+    assert _events(tmp_path / "inside-audit").count("audit.witness_inconsistent") == 1
+    log.close()
+
+
+@pytest.mark.parametrize(
+    "name", ["../x@0", "audit-1.jsonl@0", "checkpoints.log@-1", "checkpoints.log@01", "a@b"]
+)
+def test_bad_piece_names_are_refused(tmp_path: Path, name: str) -> None:
+    mirror, audit = _inside(tmp_path, SecretKey.generate("ed25519"))
+    with pytest.raises(MirrorRejected):
+        mirror.receive(name, b"{}\n")
+    audit.close()
+    assert [p.name for p in (tmp_path / "mirror").iterdir()] == []
+
+
+def test_sequence_gaps_are_reported_once_after_the_grace() -> None:
+    gaps = SequenceGaps(grace=10.0, per_channel={"slow": 100.0})
+    for seq in (1, 2, 4, 7):
+        gaps.seen("a", seq)
+    gaps.heartbeat({"a": 7, "slow": 3}, now=0.0)
+    assert gaps.due(5.0) == []  # still in flight, or a repeat may come
+    gaps.seen("a", 5)  # late arrival within the grace
+    assert gaps.due(10.0) == [Gap("a", 3, 3), Gap("a", 6, 6)]
+    assert gaps.due(20.0) == []  # each range once
+    gaps.heartbeat({"a": 9, "slow": 3}, now=20.0)
+    gaps.seen("a", 9)
+    assert gaps.due(31.0) == [Gap("a", 8, 8)]
+    assert gaps.due(99.0) == []
+    assert gaps.due(100.0) == [Gap("slow", 1, 3)]
