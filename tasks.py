@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -47,8 +48,38 @@ def cmd_demo(args: list[str]) -> int:
     return subprocess.call([str(BIN / "ferry"), "demo", *args], cwd=ROOT)
 
 
+def ensure_chromium() -> None:
+    """Install Debian's chromium for the HTML report test, when missing and root (as in CI).
+
+    Without it that one test is skipped; nothing else needs a browser.
+    """
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(
+            "note: chromium is not installed; the HTML report test will be skipped "
+            "(as root on Debian: apt-get install chromium)",
+            flush=True,
+        )
+        return
+    print("installing chromium (apt-get) for the HTML report test ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            print(
+                f"warning: {' '.join(cmd)} failed; the HTML report test will be skipped:",
+                *tail,
+                sep="\n  ",
+                flush=True,
+            )
+            return
+
+
 def cmd_test(args: list[str]) -> int:
     ensure_venv("dev")
+    ensure_chromium()
     slow = "--slow" in args
     args = [a for a in args if a != "--slow"]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")

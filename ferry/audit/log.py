@@ -281,6 +281,11 @@ class AuditLog:
         return self._durable_size
 
     @property
+    def origin(self) -> str:
+        """The log's name in its checkpoints."""
+        return self._settings.origin
+
+    @property
     def directory(self) -> Path:
         return self._dir
 

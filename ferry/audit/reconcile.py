@@ -1,0 +1,728 @@
+"""Account for every item the outside accepted (docs/AUDIT.md §7 and §10).
+
+Every ``intake.accepted`` item of the outside log (or of the inside's mirror of
+it) ends in exactly one state:
+
+* ``delivered`` -- an inside ``delivery.delivered`` record;
+* ``rejected`` -- an inside ``delivery.rejected`` record, or a ``verdict`` with
+  result ``rejected`` (the reason is the rejecting record's reason);
+* ``in_flight`` -- neither yet, and accepted less than ``grace`` seconds before ``now``;
+* ``missing`` -- neither, after the grace period (an item whose every packet was
+  lost is one: the inside never saw it, the outside log says it was accepted).
+
+Evidence is attached to open items: how far the item got (never sent, sent N
+times, received but not delivered), ``transfer.lost``, ``link.sequence_gap``
+ranges that cover its sequence number, and later items of its channel that did
+arrive (it was overtaken). Discrepancies -- things that should not happen -- are
+listed apart: an inside item the outside log never accepted, an item both
+delivered and rejected, a hash that changed between sender and receiver, an item
+accepted twice.
+
+:class:`Accountant` is fed records one at a time (it keeps one small object per
+item, never the records) and is shared with :mod:`ferry.audit.report`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry.audit.locate import Locations, LogLocation
+from ferry.audit.record import format_ts
+from ferry.audit.timeline import (
+    LogStats,
+    field_int,
+    field_str,
+    item_of,
+    read_log,
+    safe,
+    subject_label,
+    ts_us,
+)
+from ferry.audit.verify import VerifyReport, verify
+from ferry.errors import UsageError
+
+DEFAULT_GRACE = 600.0  # seconds: longer than a planned repeat schedule, shorter than a shift
+STATES = ("delivered", "rejected", "in_flight", "missing")
+MAX_LISTED_HOLES = 1000
+_NONE: dict[str, Any] = {}
+# Channels whose names start with this carry the agents' own control objects (the
+# outside's audit segments, channel "_audit", docs/AUDIT.md §8), not clerks' items.
+CONTROL_PREFIX = "_"  # outside sequence holes listed (the count is always exact)
+
+
+class ItemState:
+    """What the logs say about one item (one per item; the records are not kept)."""
+
+    __slots__ = (
+        "accepted",
+        "accepted_idx",
+        "accepted_ts",
+        "channel",
+        "delivered_path",
+        "delivered_sha256",
+        "delivered_size",
+        "delivered_ts",
+        "epoch",
+        "evidence",
+        "inside_first_ts",
+        "item",
+        "kind",
+        "last_ts",
+        "lost",
+        "media_type",
+        "name",
+        "planned",
+        "reason",
+        "received_sha256",
+        "received_ts",
+        "recheck_reason",
+        "recheck_result",
+        "rejected_by",
+        "rejected_reason",
+        "rejected_ts",
+        "sends",
+        "sent_sha256",
+        "seq",
+        "sha256",
+        "size",
+        "state",
+        "subject",
+        "verdict",
+        "verdict_reason",
+        "verdict_result",
+    )
+
+    def __init__(self, item: str) -> None:
+        self.item = item
+        self.accepted = 0  # intake.accepted records (1 expected)
+        self.accepted_idx: int | None = None
+        self.accepted_ts: str | None = None
+        self.channel: str | None = None
+        self.seq: int | None = None
+        self.epoch: str | None = None
+        self.kind: str | None = None
+        self.name: str | None = None
+        self.size: int | None = None
+        self.sha256: str | None = None
+        self.media_type: str | None = None
+        self.subject: str | None = None
+        self.verdict: str | None = None
+        self.verdict_result: str | None = None
+        self.verdict_reason: str | None = None
+        self.sends = 0
+        self.planned: int | None = None
+        self.sent_sha256: str | None = None
+        self.received_ts: str | None = None
+        self.received_sha256: str | None = None
+        self.lost: str | None = None  # "received x of y" when the inside gave up
+        self.recheck_result: str | None = None
+        self.recheck_reason: str | None = None
+        self.delivered_ts: str | None = None
+        self.delivered_path: str | None = None
+        self.delivered_sha256: str | None = None
+        self.delivered_size: int | None = None
+        self.rejected_ts: str | None = None
+        self.rejected_reason: str | None = None
+        self.rejected_by: str | None = None  # "verdict" (outside) or "delivery" (inside)
+        self.inside_first_ts: str | None = None
+        self.last_ts = ""
+        self.state = ""
+        self.reason: str | None = None
+        self.evidence: list[str] = []
+
+    def stage(self) -> str:
+        """How far an open item got."""
+        if self.received_ts is not None:
+            return f"received inside at {self.received_ts}, never delivered"
+        if self.lost is not None:
+            return f"inside gave up on it ({self.lost})"
+        if self.sends:
+            return f"sent {self.sends} time(s), never received inside"
+        if self.verdict is not None:
+            return f"verdict {self.verdict}, never sent"
+        return "accepted, no verdict and never sent"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "item": self.item,
+            "state": self.state,
+            "reason": self.reason,
+            "channel": self.channel,
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "kind": self.kind,
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "media_type": self.media_type,
+            "subject": self.subject,
+            "accepted_ts": self.accepted_ts,
+            "accepted_idx": self.accepted_idx,
+            "verdict": self.verdict,
+            "verdict_result": self.verdict_result,
+            "sends": self.sends,
+            "received_ts": self.received_ts,
+            "recheck": self.recheck_result,
+            "delivered_ts": self.delivered_ts,
+            "delivered_path": self.delivered_path,
+            "delivered_sha256": self.delivered_sha256,
+            "rejected_ts": self.rejected_ts,
+            "rejected_by": self.rejected_by,
+            "last_ts": self.last_ts,
+            "evidence": list(self.evidence),
+        }
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """Something the two logs say that should not happen: reported, never concluded."""
+
+    code: str
+    item: str | None
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "item": self.item, "message": self.message}
+
+
+@dataclass(frozen=True)
+class SequenceGap:
+    """A ``link.sequence_gap`` record of the inside: sequence numbers it never received."""
+
+    ts: str
+    channel: str | None
+    epoch: str | None
+    first: int
+    last: int
+    items: tuple[str, ...]  # accepted items whose seq falls in the range
+    unknown: int  # seqs in the range with no accepted item
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ts": self.ts,
+            "channel": self.channel,
+            "epoch": self.epoch,
+            "first": self.first,
+            "last": self.last,
+            "items": list(self.items),
+            "unknown": self.unknown,
+        }
+
+
+def reason_code(reason: str | None) -> str:
+    """``MACRO`` of ``MACRO: message`` (the code before the colon), or the reason itself."""
+    if not reason:
+        return "(none)"
+    head = reason.split(":", 1)[0].strip()
+    return head[:64] or "(none)"
+
+
+@dataclass
+class Accountant:
+    """Folds the records of both logs into one :class:`ItemState` per item."""
+
+    items: dict[str, ItemState] = field(default_factory=dict)
+    events: Counter[str] = field(default_factory=Counter)
+    intake_rejected: Counter[str] = field(default_factory=Counter)  # by reason code
+    gap_records: list[dict[str, Any]] = field(default_factory=list)
+
+    def feed(self, side: str, rec: dict[str, Any]) -> None:
+        event: str = rec["event"]
+        self.events[event] += 1
+        if event == "intake.rejected":
+            self.intake_rejected[reason_code(rec.get("reason"))] += 1
+            return
+        if event == "link.sequence_gap" and side == "inside":
+            self.gap_records.append(rec)
+            return
+        item = item_of(rec)
+        if item is None:
+            return
+        st = self.items.get(item)
+        if st is None:
+            st = self.items[item] = ItemState(item)
+        ts: str = rec["ts"]
+        if ts > st.last_ts:  # noqa: PLR1730  # max() is slower on the hot path
+            st.last_ts = ts
+        obj: dict[str, Any] = rec.get("object") or _NONE
+        detail: dict[str, Any] = rec.get("detail") or _NONE
+        if st.channel is None:  # every record names them (§7); the first that does wins
+            st.channel = field_str(obj, "channel")
+            st.seq = field_int(obj, "seq")
+            st.epoch = field_str(obj, "epoch")
+            st.kind = field_str(obj, "kind")
+        result: str = rec["result"]
+        reason = rec.get("reason")
+        if side == "inside" and (st.inside_first_ts is None or ts < st.inside_first_ts):
+            st.inside_first_ts = ts
+        if side == "outside":
+            if event == "intake.accepted":
+                st.accepted += 1
+                if st.accepted_ts is None:
+                    st.accepted_ts = ts
+                    st.accepted_idx = rec["idx"]
+                    st.name = field_str(obj, "name")
+                    st.size = field_int(obj, "size")
+                    st.sha256 = field_str(obj, "sha256")
+                    st.media_type = field_str(obj, "media_type")
+                    st.subject = subject_label(rec["subject"])
+            elif event == "verdict":
+                st.verdict = field_str(detail, "verdict") or result
+                st.verdict_result = result
+                st.verdict_reason = reason
+                if result == "rejected" and st.rejected_ts is None:
+                    st.rejected_ts, st.rejected_by, st.rejected_reason = ts, "verdict", reason
+            elif event in ("transfer.sent", "transfer.repeated"):
+                st.sends += 1
+                st.planned = field_int(detail, "of") or st.planned
+                st.sent_sha256 = st.sent_sha256 or field_str(obj, "sha256")
+            return
+        if event == "transfer.received":
+            st.received_ts = st.received_ts or ts
+            st.received_sha256 = st.received_sha256 or field_str(obj, "sha256")
+        elif event == "transfer.lost":
+            got, need = field_int(detail, "received"), field_int(detail, "needed")
+            st.lost = f"received {got} of {need} packets" if got is not None else "lost"
+        elif event == "recheck":
+            st.recheck_result = result
+            st.recheck_reason = reason
+        elif event == "delivery.delivered":
+            if st.delivered_ts is None:
+                st.delivered_ts = ts
+                st.delivered_path = field_str(obj, "path")
+                st.delivered_sha256 = field_str(obj, "sha256")
+                st.delivered_size = field_int(obj, "size")
+        elif event == "delivery.rejected" and st.rejected_by != "delivery":
+            # An inside rejection is the one that counts: it names the inside's reason.
+            st.rejected_ts, st.rejected_by = ts, "delivery"
+            st.rejected_reason = reason or st.recheck_reason
+
+    def feed_log(self, side: str, directory: Path, stats: LogStats, limit: int | None) -> None:
+        for rec in read_log(directory, side, limit=limit, stats=stats):
+            self.feed(side, rec)
+
+
+@dataclass
+class LogCheck:
+    """One log and what ``verify`` said about it (report is None when not verified)."""
+
+    location: LogLocation
+    report: VerifyReport | None
+    note: str  # why it was not verified, or "verified"
+
+    @property
+    def failed(self) -> bool:
+        return self.report is not None and not self.report.verified
+
+    @property
+    def limit(self) -> int | None:
+        """Read only what was verified (a live log grows meanwhile)."""
+        return self.report.tree_size if self.report is not None and self.report.ok else None
+
+    def to_json(self) -> dict[str, Any]:
+        rep = self.report
+        return {
+            "side": self.location.side,
+            "path": str(self.location.directory),
+            "mirror": self.location.mirror,
+            "verified": bool(rep and rep.verified),
+            "note": self.note,
+            "tree_size": rep.tree_size if rep else None,
+            "root": rep.root if rep else None,
+            "last_checkpoint": rep.last_checkpoint if rep else None,
+            "key_id": rep.key_id if rep else None,
+            "first_problem": rep.first.to_json() if rep and rep.first else None,
+        }
+
+
+def check_logs(locations: Locations, *, enabled: bool = True) -> list[LogCheck]:
+    """Verify each log with its key (when known and ``enabled``)."""
+    out = []
+    for loc in locations.logs():
+        if not enabled:
+            out.append(LogCheck(loc, None, "not verified (--no-verify)"))
+            continue
+        key = loc.public_key()
+        if key is None:
+            out.append(LogCheck(loc, None, "not verified: no public key known for this log"))
+            continue
+        report = verify(loc.directory, key)
+        if report.verified:
+            note = "verified"
+        else:
+            first = report.first
+            note = f"FAILED: {first.code} {first.message}" if first else "FAILED"
+        out.append(LogCheck(loc, report, note))
+    return out
+
+
+@dataclass
+class Reconciliation:
+    """The outcome of :func:`reconcile`."""
+
+    now: str
+    grace: float
+    accepted: list[ItemState]  # outside intake.accepted items, by acceptance time
+    unexplained: list[ItemState]  # inside-only items
+    discrepancies: list[Discrepancy]
+    gaps: list[SequenceGap]
+    holes: list[dict[str, Any]]  # outside seq numbers with no intake.accepted
+    hole_count: int
+    checks: list[LogCheck]
+    stats: list[LogStats]
+    accountant: Accountant
+    control: int = 0  # objects of control channels (``_audit``), left out of the accounting
+
+    def by_state(self, state: str) -> Iterator[ItemState]:
+        return (s for s in self.accepted if s.state == state)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(s.state for s in self.accepted)
+        return {state: c.get(state, 0) for state in STATES}
+
+    @property
+    def missing(self) -> int:
+        return sum(1 for s in self.accepted if s.state == "missing")
+
+    def to_json(self, *, items: bool = True) -> dict[str, Any]:
+        counts = self.counts()
+        rejected = Counter(s.rejected_by for s in self.accepted if s.state == "rejected")
+        out: dict[str, Any] = {
+            "now": self.now,
+            "grace": self.grace,
+            "logs": [c.to_json() for c in self.checks],
+            "read": [s.to_json() for s in self.stats],
+            "accepted": len(self.accepted),
+            "counts": counts,
+            "rejected_by": {"verdict": rejected["verdict"], "delivery": rejected["delivery"]},
+            "intake_rejected": sum(self.accountant.intake_rejected.values()),
+            "control_objects": self.control,
+            "discrepancies": [d.to_json() for d in self.discrepancies],
+            "sequence_gaps": [g.to_json() for g in self.gaps],
+            "outside_seq_holes": {"count": self.hole_count, "listed": self.holes},
+            "missing": [s.to_json() for s in self.by_state("missing")],
+            "in_flight": [s.to_json() for s in self.by_state("in_flight")],
+            "rejected": [s.to_json() for s in self.by_state("rejected")],
+            "unexplained": [s.to_json() for s in self.unexplained],
+        }
+        if items:
+            out["items"] = [s.to_json() for s in self.accepted]
+        return out
+
+
+def reconcile(
+    outside: Path,
+    inside: Path,
+    *,
+    now_us: int,
+    grace: float = DEFAULT_GRACE,
+    limits: tuple[int | None, int | None] = (None, None),
+    checks: list[LogCheck] | None = None,
+) -> Reconciliation:
+    """Account for every item of the ``outside`` log (or mirror) against the ``inside`` log."""
+    if grace < 0:
+        raise UsageError("--grace must not be negative")
+    acc = Accountant()
+    out_stats = LogStats("outside", str(outside))
+    in_stats = LogStats("inside", str(inside))
+    acc.feed_log("outside", outside, out_stats, limits[0])
+    acc.feed_log("inside", inside, in_stats, limits[1])
+    return settle(acc, out_stats, in_stats, now_us=now_us, grace=grace, checks=checks or [])
+
+
+def settle(
+    acc: Accountant,
+    out_stats: LogStats,
+    in_stats: LogStats,
+    *,
+    now_us: int,
+    grace: float,
+    checks: list[LogCheck],
+) -> Reconciliation:
+    """Decide every item's state once all records are in."""
+    cutoff = format_ts(now_us - int(grace * 1_000_000))
+    accepted: list[ItemState] = []
+    unexplained: list[ItemState] = []
+    problems: list[Discrepancy] = []
+    control = 0
+    for st in acc.items.values():
+        if st.channel is not None and st.channel.startswith(CONTROL_PREFIX):
+            control += 1  # the agents' own traffic (the audit mirror): not a clerk's item
+            continue
+        _decide(st, cutoff, problems)
+        if st.accepted_ts is not None:
+            accepted.append(st)
+        else:
+            unexplained.append(st)
+    accepted.sort(key=lambda s: (s.accepted_ts or "", s.accepted_idx or 0))
+    unexplained.sort(key=lambda s: (s.inside_first_ts or s.last_ts, s.item))
+    horizon_end = out_stats.last_ts
+    tolerance = format_ts(ts_us(horizon_end) - int(grace * 1_000_000)) if horizon_end else None
+    for st in unexplained:
+        first = st.inside_first_ts or st.last_ts
+        if st.inside_first_ts is None:
+            st.state = "not_accepted"
+            problems.append(
+                Discrepancy(
+                    "NOT_ACCEPTED",
+                    st.item,
+                    f"outside records about it (last {st.last_ts}) but no intake.accepted",
+                )
+            )
+        elif tolerance is None or first > tolerance:
+            st.state = "not_yet_in_outside_log"
+            st.evidence.append(
+                "no intake.accepted in the outside log yet: the item arrived after, or within "
+                "the grace period of, the outside log's last record (mirror lag)"
+            )
+        elif out_stats.first_ts is not None and first < out_stats.first_ts:
+            st.state = "before_outside_log"
+            st.evidence.append("arrived before the first record of the outside log read")
+        else:
+            st.state = "unexplained"
+            problems.append(
+                Discrepancy(
+                    "UNEXPLAINED_ARRIVAL",
+                    st.item,
+                    f"seen inside at {first} but never accepted in the outside log",
+                )
+            )
+    gaps = _gaps(acc, accepted)
+    _overtaken(accepted)
+    holes, hole_count = _holes(accepted)
+    return Reconciliation(
+        now=format_ts(now_us),
+        grace=grace,
+        accepted=accepted,
+        unexplained=unexplained,
+        discrepancies=problems,
+        gaps=gaps,
+        holes=holes,
+        hole_count=hole_count,
+        checks=checks,
+        stats=[out_stats, in_stats],
+        accountant=acc,
+        control=control,
+    )
+
+
+def _decide(st: ItemState, cutoff: str, problems: list[Discrepancy]) -> None:
+    if st.accepted > 1:
+        problems.append(
+            Discrepancy("ACCEPTED_TWICE", st.item, f"{st.accepted} intake.accepted records")
+        )
+    if st.sent_sha256 and st.received_sha256 and st.sent_sha256 != st.received_sha256:
+        problems.append(
+            Discrepancy(
+                "HASH_CONFLICT",
+                st.item,
+                f"sent with sha256 {st.sent_sha256}, received with {st.received_sha256}",
+            )
+        )
+    if st.delivered_ts is not None:
+        st.state = "delivered"
+        if st.rejected_ts is not None:
+            problems.append(
+                Discrepancy(
+                    "CONFLICTING_OUTCOME",
+                    st.item,
+                    f"delivered at {st.delivered_ts} but also rejected ({st.rejected_by}) "
+                    f"at {st.rejected_ts}: {st.rejected_reason or 'no reason given'}",
+                )
+            )
+        return
+    if st.rejected_ts is not None:
+        st.state = "rejected"
+        st.reason = st.rejected_reason or st.recheck_reason or st.verdict_reason
+        return
+    if st.accepted_ts is None:
+        return  # inside only: decided by the caller
+    st.state = "in_flight" if st.accepted_ts >= cutoff else "missing"
+    st.evidence.append(st.stage())
+    if st.lost is not None and st.received_ts is not None:
+        st.evidence.append(f"inside gave up on it ({st.lost})")
+
+
+def _by_channel(accepted: list[ItemState]) -> dict[str | None, list[tuple[int, str, ItemState]]]:
+    out: dict[str | None, list[tuple[int, str, ItemState]]] = {}
+    for st in accepted:
+        if st.seq is not None:
+            out.setdefault(st.channel, []).append((st.seq, st.item, st))
+    for rows in out.values():
+        rows.sort(key=lambda r: (r[0], r[1]))
+    return out
+
+
+def _gaps(acc: Accountant, accepted: list[ItemState]) -> list[SequenceGap]:
+    channels = _by_channel(accepted)
+    gaps = []
+    for rec in acc.gap_records:
+        obj: dict[str, Any] = rec.get("object") or {}
+        detail: dict[str, Any] = rec.get("detail") or {}
+        first, last = field_int(detail, "first"), field_int(detail, "last")
+        if first is None or last is None or last < first:
+            continue
+        channel, epoch = field_str(obj, "channel"), field_str(obj, "epoch")
+        rows = channels.get(channel, [])
+        lo = bisect.bisect_left(rows, (first, ""))
+        hit: list[str] = []
+        seqs: set[int] = set()
+        for seq, item, st in rows[lo:]:
+            if seq > last:
+                break
+            if epoch is not None and st.epoch is not None and st.epoch != epoch:
+                continue
+            if st.accepted_ts is not None and st.accepted_ts > rec["ts"]:
+                continue  # accepted after the gap was seen: another epoch's seq
+            hit.append(item)
+            seqs.add(seq)
+            if st.state in ("missing", "in_flight"):
+                st.evidence.append(
+                    f"the inside reported a sequence gap {first}..{last} on its channel "
+                    f"at {rec['ts']}"
+                )
+        unknown = (last - first + 1) - len(seqs)
+        gaps.append(SequenceGap(rec["ts"], channel, epoch, first, last, tuple(hit), unknown))
+    return gaps
+
+
+def _overtaken(accepted: list[ItemState]) -> None:
+    """Evidence for open items: a later item of the same channel did arrive."""
+    latest: dict[tuple[str | None, str | None], tuple[int, str]] = {}
+    for st in accepted:
+        if st.seq is not None and st.received_ts is not None:
+            key = (st.channel, st.epoch)
+            if key not in latest or st.seq > latest[key][0]:
+                latest[key] = (st.seq, st.received_ts)
+    for st in accepted:
+        if st.state not in ("missing", "in_flight") or st.seq is None:
+            continue
+        seen = latest.get((st.channel, st.epoch))
+        if seen is not None and seen[0] > st.seq:
+            st.evidence.append(
+                f"overtaken: a later item of its channel (seq {seen[0]}) arrived at {seen[1]}"
+            )
+
+
+def _holes(accepted: list[ItemState]) -> tuple[list[dict[str, Any]], int]:
+    """Sequence numbers between accepted items of one channel with no intake.accepted."""
+    seqs: dict[tuple[str | None, str | None], list[int]] = {}
+    for st in accepted:
+        if st.seq is not None:
+            seqs.setdefault((st.channel, st.epoch), []).append(st.seq)
+    listed: list[dict[str, Any]] = []
+    count = 0
+    for (channel, epoch), values in sorted(seqs.items(), key=lambda kv: (str(kv[0]), kv[1])):
+        values.sort()
+        for a, b in itertools.pairwise(values):
+            if b > a + 1:
+                count += b - a - 1
+                if len(listed) < MAX_LISTED_HOLES:
+                    listed.append(
+                        {"channel": channel, "epoch": epoch, "first": a + 1, "last": b - 1}
+                    )
+    return listed, count
+
+
+# --- text -----------------------------------------------------------------------------------
+
+
+def _item_line(st: ItemState) -> str:
+    where = f"channel {safe(st.channel)}" if st.channel else "no channel"
+    if st.seq is not None:
+        where += f" #{st.seq}"
+    name = f"  {json.dumps(st.name)}" if st.name else ""
+    return f"  {safe(st.item)}  {where}  accepted {st.accepted_ts}{name}"
+
+
+def render_text(rec: Reconciliation, *, limit: int = 200) -> Iterator[str]:
+    """The reconciliation for people; lists are cut after ``limit`` entries."""
+    yield f"ferry audit reconcile  now {rec.now}  grace {rec.grace:g} s"
+    for check in rec.checks:
+        rep = check.report
+        size = f"; {rep.tree_size} records, root {rep.root[:16]}" if rep and rep.ok else ""
+        yield f"  {safe(check.location.describe())}: {safe(check.note)}{size}"
+    for st in rec.stats:
+        if st.malformed or st.torn:
+            yield (
+                f"  {st.side} log: {st.malformed} malformed line(s) skipped, "
+                f"{st.torn} unterminated last line(s)"
+            )
+    c = rec.counts()
+    by = Counter(s.rejected_by for s in rec.by_state("rejected"))
+    yield (
+        f"items accepted outside: {len(rec.accepted)}   delivered {c['delivered']}   "
+        f"rejected {c['rejected']} (outside verdict {by['verdict']}, inside {by['delivery']})"
+        f"   in flight {c['in_flight']}   missing {c['missing']}"
+    )
+    refused = sum(rec.accountant.intake_rejected.values())
+    if refused:
+        yield f"refused at intake (never accepted, no item): {refused}"
+    if rec.control:
+        yield f"control objects (channels {CONTROL_PREFIX}*, e.g. the audit mirror): {rec.control}"
+
+    def section(title: str, rows: list[ItemState], detail: bool) -> Iterator[str]:
+        if not rows:
+            return
+        yield ""
+        yield f"{title} ({len(rows)})"
+        for st in rows[:limit]:
+            yield _item_line(st)
+            if detail:
+                for ev in st.evidence:
+                    yield f"      {safe(ev)}"
+            else:
+                by_whom = "outside verdict" if st.rejected_by == "verdict" else "inside"
+                yield f"      rejected by {by_whom} at {st.rejected_ts}: {safe(st.reason or '-')}"
+        if len(rows) > limit:
+            yield f"  ... and {len(rows) - limit} more (see --json)"
+
+    yield from section(
+        f"MISSING: accepted more than {rec.grace:g} s ago, neither delivered nor rejected",
+        list(rec.by_state("missing")),
+        True,
+    )
+    yield from section("IN FLIGHT", list(rec.by_state("in_flight")), True)
+    yield from section("REJECTED", list(rec.by_state("rejected")), False)
+    if rec.discrepancies:
+        yield ""
+        yield f"DISCREPANCIES ({len(rec.discrepancies)})"
+        for d in rec.discrepancies[:limit]:
+            yield f"  {d.code}  {safe(d.item or '-')}  {safe(d.message)}"
+    pending = [s for s in rec.unexplained if s.state != "unexplained"]
+    if pending:
+        yield ""
+        yield f"INSIDE ITEMS NOT (YET) IN THE OUTSIDE LOG ({len(pending)})"
+        for item in pending[:limit]:
+            yield f"  {safe(item.item)}  first seen inside {item.inside_first_ts}  ({item.state})"
+    if rec.gaps:
+        yield ""
+        yield f"SEQUENCE GAPS reported by the inside ({len(rec.gaps)})"
+        for g in rec.gaps[:limit]:
+            items = ", ".join(safe(i) for i in g.items[:5]) or "none"
+            more = f" +{len(g.items) - 5}" if len(g.items) > 5 else ""
+            yield (
+                f"  {g.ts}  channel {safe(g.channel or '-')}  seq {g.first}..{g.last}  "
+                f"accepted items in it: {items}{more}; not accepted outside: {g.unknown}"
+            )
+    if rec.hole_count:
+        yield ""
+        yield (
+            f"note: {rec.hole_count} sequence number(s) between accepted items have no "
+            "intake.accepted record (see --json outside_seq_holes)"
+        )
+    yield ""
+    missing = c["missing"]
+    if missing:
+        yield f"RESULT: {missing} item(s) MISSING"
+    elif rec.discrepancies:
+        yield f"RESULT: nothing missing, {len(rec.discrepancies)} discrepancy(ies)"
+    else:
+        yield "RESULT: every accepted item is accounted for"

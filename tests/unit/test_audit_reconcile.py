@@ -1,0 +1,315 @@
+"""ferry.audit.reconcile and ``ferry audit reconcile``: the accounting rule of docs/AUDIT.md §7."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from audit_scenario import OUT_KEY, T0, Builder, S, Standard, configs, item_id, standard
+
+from ferry.audit import cli as audit_cli
+from ferry.audit.locate import locate
+from ferry.audit.reconcile import Reconciliation, reconcile
+from ferry.audit.reconcile import render_text as render
+from ferry.audit.record import format_ts
+
+
+@pytest.fixture(scope="module")
+def scn(tmp_path_factory: pytest.TempPathFactory) -> Standard:
+    return standard(tmp_path_factory.mktemp("scenario"))
+
+
+@pytest.fixture(scope="module")
+def result(scn: Standard) -> Reconciliation:
+    return reconcile(scn.outside, scn.inside, now_us=scn.now, grace=600)
+
+
+def states(r: Reconciliation) -> dict[str, str]:
+    return {s.item: s.state for s in [*r.accepted, *r.unexplained]}
+
+
+def test_every_accepted_item_ends_in_exactly_one_state(
+    scn: Standard, result: Reconciliation
+) -> None:
+    by_name = {name: states(result)[item] for name, item in scn.items.items()}
+    assert by_name == {
+        "delivered": "delivered",
+        "cleaned": "delivered",
+        "gone": "delivered",
+        "hostile": "delivered",
+        "verdict_rejected": "rejected",
+        "inside_rejected": "rejected",
+        "all_lost": "missing",
+        "gave_up": "missing",
+        "stuck": "missing",
+        "in_flight": "in_flight",
+        "unexplained": "unexplained",
+    }
+    assert result.counts() == {"delivered": 4, "rejected": 2, "in_flight": 1, "missing": 3}
+    assert len(result.accepted) == 10
+    assert sum(result.accountant.intake_rejected.values()) == 2
+
+
+def test_a_transfer_whose_packets_were_all_suppressed_is_missing(
+    scn: Standard, result: Reconciliation
+) -> None:
+    [lost] = [s for s in result.accepted if s.item == scn.items["all_lost"]]
+    assert lost.state == "missing"
+    assert lost.sends == 2
+    assert lost.received_ts is None
+    assert lost.evidence[0] == "sent 2 time(s), never received inside"
+    assert any(
+        e.startswith("overtaken: a later item of its channel (seq 9)") for e in lost.evidence
+    )
+
+
+def test_rejections_carry_their_reason(scn: Standard, result: Reconciliation) -> None:
+    rejected = {s.item: s for s in result.by_state("rejected")}
+    verdict = rejected[scn.items["verdict_rejected"]]
+    assert (verdict.rejected_by, verdict.reason) == ("verdict", "MACRO: VBA macros in the document")
+    inside = rejected[scn.items["inside_rejected"]]
+    assert (inside.rejected_by, inside.reason) == ("delivery", "TYPE: not a PDF")
+
+
+def test_sequence_gap_and_lost_are_evidence(scn: Standard, result: Reconciliation) -> None:
+    [gap] = result.gaps
+    assert (gap.channel, gap.first, gap.last, gap.unknown) == ("files/permits", 8, 8, 0)
+    assert gap.items == (scn.items["gave_up"],)
+    [gave_up] = [s for s in result.accepted if s.item == scn.items["gave_up"]]
+    assert gave_up.evidence[0] == "inside gave up on it (received 3 of 8 packets)"
+    assert any("sequence gap 8..8" in e for e in gave_up.evidence)
+    [stuck] = [s for s in result.accepted if s.item == scn.items["stuck"]]
+    assert stuck.evidence == ["received inside at 2026-11-21T09:08:03.000000Z, never delivered"]
+
+
+def test_unexplained_arrival_is_a_discrepancy(scn: Standard, result: Reconciliation) -> None:
+    assert [(d.code, d.item) for d in result.discrepancies] == [
+        ("UNEXPLAINED_ARRIVAL", scn.items["unexplained"])
+    ]
+
+
+def test_grace_and_now_decide_in_flight_against_missing(scn: Standard) -> None:
+    early = reconcile(scn.outside, scn.inside, now_us=T0 + 9 * 60 * S, grace=600)
+    assert early.counts()["missing"] == 0
+    late = reconcile(scn.outside, scn.inside, now_us=scn.now + 3600 * S, grace=600)
+    assert late.counts()["missing"] == 4  # in_flight is now past the grace period too
+    nograce = reconcile(scn.outside, scn.inside, now_us=scn.now, grace=0)
+    assert nograce.counts()["in_flight"] == 0
+
+
+def test_text_output_is_escaped_and_names_the_result(result: Reconciliation) -> None:
+    text = "\n".join(render(result))
+    assert "MISSING: accepted more than 600 s ago" in text
+    assert "RESULT: 3 item(s) MISSING" in text
+    assert "\x1b" not in text
+    assert "UNEXPLAINED_ARRIVAL" in text
+
+
+def test_json_is_deterministic(scn: Standard) -> None:
+    a = reconcile(scn.outside, scn.inside, now_us=scn.now).to_json()
+    b = reconcile(scn.outside, scn.inside, now_us=scn.now).to_json()
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert a["counts"]["missing"] == 3
+    assert a["now"] == "2026-11-21T10:00:00.000000Z"
+    assert [m["item"] for m in a["missing"]] == [item_id(0xA006), item_id(0xA007), item_id(0xA008)]
+
+
+def _clean(root: Path, n: int = 3) -> Builder:
+    b = Builder(root)
+    for i in range(n):
+        item, t = item_id(i + 1), T0 + i * 60 * S
+        b.accept(item, t, seq=i + 1)
+        b.verdict(item, t + S, seq=i + 1)
+        b.send(item, t + 2 * S, seq=i + 1)
+        b.receive(item, t + 3 * S, seq=i + 1)
+        b.recheck(item, t + 4 * S, seq=i + 1)
+        b.deliver(item, t + 5 * S, seq=i + 1, path=f"/nonexistent/{i}", content=b"x")
+    return b
+
+
+def test_discrepancies(tmp_path: Path) -> None:
+    b = _clean(tmp_path)
+    t = T0 + 10 * 60 * S
+    # sent and received with different hashes; both delivered and rejected inside
+    b.accept(item_id(10), t, seq=4)
+    b.send(item_id(10), t + S, seq=4, sha="aa" * 32)
+    b.receive(item_id(10), t + 2 * S, seq=4, sha="bb" * 32)
+    b.deliver(item_id(10), t + 3 * S, seq=4, path="/nonexistent/10", content=b"y")
+    b.reject_inside(item_id(10), t + 4 * S, seq=4, reason="TYPE: late refusal")
+    # accepted twice; outside records with no acceptance
+    b.accept(item_id(11), t, seq=5)
+    b.accept(item_id(11), t + S, seq=5)
+    b.verdict(item_id(11), t + 2 * S, seq=5, reject="SIZE: too big")
+    b.send(item_id(12), t, seq=6)
+    outside, inside = b.write()
+    r = reconcile(outside, inside, now_us=t + 3600 * S)
+    codes = sorted((d.code, d.item) for d in r.discrepancies)
+    assert codes == [
+        ("ACCEPTED_TWICE", item_id(11)),
+        ("CONFLICTING_OUTCOME", item_id(10)),
+        ("HASH_CONFLICT", item_id(10)),
+        ("NOT_ACCEPTED", item_id(12)),
+    ]
+    assert states(r)[item_id(10)] == "delivered"
+    assert r.missing == 0
+
+
+def test_an_arrival_ahead_of_the_mirror_is_not_a_discrepancy(tmp_path: Path) -> None:
+    b = _clean(tmp_path)
+    late = T0 + 4 * 60 * S  # after the outside log's last record, within the grace period
+    b.receive(item_id(50), late, seq=50)
+    b.deliver(item_id(50), late + S, seq=50, path="/nonexistent/50", content=b"z")
+    outside, inside = b.write()
+    r = reconcile(outside, inside, now_us=late + 60 * S)
+    assert r.discrepancies == []
+    assert [s.state for s in r.unexplained] == ["not_yet_in_outside_log"]
+
+
+def test_outside_sequence_holes_are_noted(tmp_path: Path) -> None:
+    b = _clean(tmp_path)
+    b.accept(item_id(60), T0 + 5 * 60 * S, seq=9)  # seqs 4..8 never accepted
+    outside, inside = b.write()
+    r = reconcile(outside, inside, now_us=T0 + 6 * 60 * S)
+    assert r.hole_count == 5
+    assert r.holes == [{"channel": "files/permits", "epoch": None, "first": 4, "last": 8}]
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = audit_cli.run(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_locate_reads_the_audit_section(tmp_path: Path, scn: Standard) -> None:
+    out_cfg, in_cfg = configs(tmp_path, scn)
+    outside = locate(out_cfg)
+    assert outside.role == "outside"
+    assert outside.inside is None
+    assert outside.outside is not None
+    assert outside.outside.directory == tmp_path / "outside" / "audit"
+    assert outside.outside.key == str(tmp_path / "outside" / "keys" / "audit.pub")
+    inside = locate(in_cfg)
+    assert inside.outside is not None
+    assert inside.inside is not None
+    assert inside.outside.mirror
+    assert inside.outside.directory == tmp_path / "inside" / "audit-outside-mirror"
+    assert inside.outside.public_key() == OUT_KEY.public
+
+
+def test_cli_from_the_inside_config_verifies_then_exits_10_for_missing(
+    tmp_path: Path, scn: Standard, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, in_cfg = configs(tmp_path, scn)
+    now = format_ts(scn.now)
+    rc, out, _ = run(["reconcile", "-c", str(in_cfg), "--now", now], capsys)
+    assert rc == 10
+    assert out.count(": verified;") == 2
+    assert "outside log (mirror held inside)" in out
+    rc, out, _ = run(["reconcile", "-c", str(in_cfg), "--now", now, "--json"], capsys)
+    doc = json.loads(out)
+    assert rc == 10
+    assert [log["verified"] for log in doc["logs"]] == [True, True]
+    assert doc["logs"][0]["tree_size"] > 0
+    assert len(doc["items"]) == 10
+
+
+def test_cli_exit_0_when_all_accounted_and_11_for_a_discrepancy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outside, inside = _clean(tmp_path / "a").write()
+    args = ["reconcile", "--outside", str(outside), "--inside", str(inside), "--now", "2026-11-22"]
+    rc, out, _ = run(args, capsys)
+    assert rc == 0, out
+    assert "RESULT: every accepted item is accounted for" in out
+    assert "not verified: no public key" in out
+    b = _clean(tmp_path / "b")
+    b.receive(item_id(77), T0 + S, seq=77)
+    outside, inside = b.write()
+    args = ["reconcile", "--outside", str(outside), "--inside", str(inside), "--now", "2026-11-22"]
+    # within the grace period of the outside log's end: possibly mirror lag, not yet a finding
+    assert run(args, capsys)[0] == 0
+    rc, out, _ = run([*args, "--grace", "60"], capsys)
+    assert rc == 11
+    assert "RESULT: nothing missing, 1 discrepancy(ies)" in out
+
+
+def test_cli_refuses_a_log_that_fails_verification(
+    tmp_path: Path, scn: Standard, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, in_cfg = configs(tmp_path, scn)
+    seg = tmp_path / "inside" / "audit-outside-mirror" / "audit-000001.jsonl"
+    data = seg.read_bytes()
+    seg.write_bytes(data.replace(b"all_lost.pdf", b"all_lust.pdf"))
+    rc, out, err = run(["reconcile", "-c", str(in_cfg)], capsys)
+    assert rc == 12
+    assert out == ""
+    assert "failed verification" in err
+    # --no-verify reconciles anyway (the auditor's choice), and says so
+    rc, out, _ = run(
+        ["reconcile", "-c", str(in_cfg), "--no-verify", "--now", "2026-11-21T10:00"], capsys
+    )
+    assert rc == 10
+    assert "not verified (--no-verify)" in out
+
+
+def test_cli_usage_errors(
+    tmp_path: Path, scn: Standard, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_cfg, _ = configs(tmp_path, scn)
+    rc, _, err = run(["reconcile", "-c", str(out_cfg)], capsys)
+    assert rc == 2
+    assert "needs both logs" in err
+    assert (
+        run(
+            [
+                "reconcile",
+                "--outside",
+                str(scn.outside),
+                "--inside",
+                str(scn.inside),
+                "--grace",
+                "-1",
+            ],
+            capsys,
+        )[0]
+        == 2
+    )
+    assert run(["reconcile", "-c", str(tmp_path / "missing.yaml")], capsys)[0] == 2
+    (tmp_path / "bad.yaml").write_text("role: sideways\n")
+    assert run(["reconcile", "-c", str(tmp_path / "bad.yaml")], capsys)[0] == 2
+
+
+def test_control_objects_are_left_out(tmp_path: Path) -> None:
+    from ferry.audit import AuditObject, Subject  # noqa: PLC0415
+
+    b = _clean(tmp_path)
+    segment = AuditObject(kind="segment", item=item_id(900), channel="_audit", name="x.jsonl")
+    b.add("outside", T0 + S, "transfer.sent", subject=Subject.component("sender"), obj=segment)
+    outside, inside = b.write()
+    r = reconcile(outside, inside, now_us=T0 + 3600 * S)
+    assert r.discrepancies == []
+    assert r.control == 1
+    assert r.counts()["delivered"] == 3
+
+
+def test_cli_verify_with_a_config_checks_every_log_it_names(
+    tmp_path: Path, scn: Standard, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_cfg, in_cfg = configs(tmp_path, scn)
+    rc, out, _ = run(["verify", "-c", str(in_cfg)], capsys)
+    assert rc == 0
+    assert out.count("VERIFIED") == 2
+    assert "audit-outside-mirror" in out
+    rc, out, _ = run(["verify", "-c", str(out_cfg), "--json"], capsys)
+    doc = json.loads(out)
+    assert rc == 0
+    assert doc["verified"] is True
+    assert len(doc["logs"]) == 1
+    (tmp_path / "inside" / "keys" / "outside-audit.pub").unlink()  # the mirror's key is gone
+    rc, out, _ = run(["verify", "-c", str(in_cfg)], capsys)
+    assert rc == 1
+    assert "NOT AUTHENTICATED" in out
