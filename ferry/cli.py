@@ -39,6 +39,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         port=args.port,
         serial_devices=devices,
         kem=args.kem,
+        bulk=tuple(args.bulk or ()),
     )
     if args.json:
         print(json.dumps(out, indent=2))
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
             "api-client",
             "consumer-server",
             "consumer",
+            "security-admin",
         ],
     )
     kg.add_argument("--out", default=".", help="folder for the key files (default: .)")
@@ -163,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--port", type=int, help="UDP port (default: a free one)")
     it.add_argument("--serial-devices", nargs=2, metavar=("OUTSIDE_TTY", "INSIDE_TTY"))
     it.add_argument("--kem", choices=["mlkem768x25519", "x25519"], default="mlkem768x25519")
+    it.add_argument(
+        "--bulk",
+        action="append",
+        metavar="CHANNEL",
+        help="also create a files channel for opaque data, without content checks (repeatable)",
+    )
     it.add_argument("--json", action="store_true", help="print every created path as JSON")
     it.set_defaults(func=_cmd_init)
 
@@ -201,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ferry.audit.cli import add_parser as add_audit_parser  # noqa: PLC0415
 
     add_audit_parser(sub)
+
+    from outside.quarantine_cli import add_parser as add_quarantine_parser  # noqa: PLC0415
+
+    add_quarantine_parser(sub)
 
     st = sub.add_parser("selftest", help="run the start-up known-answer tests")
     st.set_defaults(func=_cmd_selftest)

@@ -49,6 +49,8 @@ from ferry.config_types import (
     SerialEndpoint,
     UdpEndpoint,
 )
+from ferry.content.base import Policy
+from ferry.content.policy import policy_from_config
 from ferry.crypto.keys import PUBLIC_PREFIX, Alg, PublicKey
 from ferry.errors import ConfigError, KeyFileError
 
@@ -436,6 +438,17 @@ def _repeat(raw: dict[str, Any]) -> Repeat:
     return Repeat(int(raw["repeat"]["count"]), float(raw["repeat"].get("spread", 0.0)))
 
 
+def _content(doc: _Doc, path: KeyPath, raw: dict[str, Any]) -> Policy:
+    """A files channel's ``content:`` policy (XSD paths resolved against the config)."""
+    raw = dict(raw)
+    if "xml_schemas" in raw:
+        raw["xml_schemas"] = [str(doc.path(p)) for p in raw["xml_schemas"]]
+    try:
+        return policy_from_config(raw, dotted(path))
+    except ConfigError as exc:
+        raise doc.error(path, str(exc)) from None
+
+
 def _outside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> OutsideChannel:
     where: KeyPath = ("channels", i)
     kind = raw.get("kind", "files")
@@ -452,6 +465,10 @@ def _outside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> OutsideChannel:
         kw["allowed_types"] = tuple(raw["allowed_types"])
     if "schemas" in raw:
         kw["schemas"] = tuple(raw["schemas"])
+    if "content" in raw:
+        if kind == "messages":
+            raise doc.error((*where, "content"), f"channels[{i}].content: only for files channels")
+        kw["content"] = _content(doc, (*where, "content"), raw["content"])
     if kind == "messages":
         for key in ("drop", "sent", "quarantine", "subfolders", "after_send", "settle_seconds"):
             if key in raw:
@@ -503,7 +520,7 @@ def _audit(doc: _Doc, side: str) -> AuditParams | None:
     if raw is None:
         return None
     kw: dict[str, Any] = {"dir": doc.path(raw["dir"]), "key": doc.path(raw["key"])}
-    for key in ("origin", "checkpoint_every", "mirror"):
+    for key in ("origin", "checkpoint_every", "mirror", "siem"):
         if key in raw:
             kw[key] = raw[key]
     if "checkpoint_interval" in raw:

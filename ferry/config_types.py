@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ferry.content.base import Policy
+
 Transport = Literal["udp", "serial"]
 KemAlg = Literal["mlkem768x25519", "x25519"]
 FecCodecName = Literal["isal", "zfec"]
@@ -119,6 +121,9 @@ class OutsideChannel:
     repeat: Repeat = field(default_factory=Repeat)
     priority: int = 1
     """0 sends before 1: messages pre-empt bulk files (default 0 for messages channels)."""
+    content: Policy | None = None
+    """The content policy of a files channel (``content:``; docs/CONTENT.md); None: the
+    channel's files are not run through the content pipeline."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,8 @@ class AuditParams:
     checkpoint_interval: float = 60.0
     mirror: bool = True
     """Outside: send the log across the diode so the inside keeps a verified mirror."""
+    siem: str | None = None
+    """Also export every record to this syslog destination (``tcp://host:port``, ``udp://``)."""
     mirror_dir: Path | None = None
     """Inside: where the mirror of the outside's log is kept (None: no mirror)."""
     peer_public_key: str | None = None

@@ -53,6 +53,12 @@ def _png(width: int, height: int) -> bytes:
     )
 
 
+# A minimal PE header: what a clerk's infected "PDF" really is (refused by type).
+HOSTILE_EXE = (
+    b"MZ" + b"\x90" * 58 + b"\x80\x00\x00\x00" + b"\x00" * 64 + b"PE\x00\x00" + b"\x00" * 200
+)
+
+
 def sample_documents(big: int, medium: int = 3 * 1024 * 1024 + 17) -> dict[str, bytes]:
     """Sample files of several sizes (generated, nothing downloaded)."""
     letter = (
@@ -156,7 +162,9 @@ def _show_audit(console: Console, deployment: dict[str, Any]) -> bool:
         for _, seg in list_segments(Path(d["audit_dir"])):
             for line in iter_lines(seg):
                 events[decode(line.data)["event"]] += 1
-        shown = ", ".join(f"{e} {n}" for e, n in sorted(events.items()) if "." in e)
+        shown = ", ".join(
+            f"{e} {n}" for e, n in sorted(events.items()) if not e.startswith("audit.")
+        )
         status = "[green]verified" if report.verified else "[red]FAILED"
         console.print(
             f"audit log ({side}): {report.records} records, {report.checkpoints_verified} "
@@ -194,13 +202,16 @@ def run_demo(
         cable = PtyCable()
         big_mib = min(big_mib, 1)
         deployment = init_deployment(
-            root, transport="serial", serial_devices=(cable.outside_path, cable.inside_path)
+            root,
+            transport="serial",
+            serial_devices=(cable.outside_path, cable.inside_path),
+            bulk=("bulk",),
         )
         for side in ("outside", "inside"):  # a pty carries 4 Mbaud; a real cable is set by hand
             cfg = Path(deployment[side]["config"])
             cfg.write_text(cfg.read_text().replace("baud: 115200", f"baud: {SERIAL_DEMO_BAUD}"))
     else:
-        deployment = init_deployment(root, transport="udp")
+        deployment = init_deployment(root, transport="udp", bulk=("bulk",))
     if link == "udp" and loss > 0:
         inside_port = deployment["link"]["udp"]["port"]
         hop = LossyUdpForwarder(("127.0.0.1", inside_port), loss)
@@ -211,8 +222,10 @@ def run_demo(
     medium = 256 * 1024 if link == "serial" else 3 * 1024 * 1024 + 17
     files = sample_documents(big_mib * 1024 * 1024, medium)
     total = sum(map(len, files.values()))
-    ch = deployment["channels"]["documents"]
-    drop, deliver = Path(ch["drop"]), Path(ch["deliver"])
+    # documents go through the content pipeline; opaque .bin data crosses on the bulk channel
+    channel_of = {n: "bulk" if n.endswith(".bin") else "documents" for n in files}
+    chans = deployment["channels"]
+    hostile_name = "invoice.pdf.exe"  # an executable posing as a PDF: quarantined outside
     console.rule("[bold]ferry demo")
     console.print(f"deployment: {root}")
     console.print(
@@ -223,7 +236,8 @@ def run_demo(
     inside = _agent("inside", deployment["inside"]["config"], logdir)
     outside = _agent("outside", deployment["outside"]["config"], logdir)
     started = time.monotonic()
-    for name, data in files.items():
+    for name, data in [*files.items(), (hostile_name, HOSTILE_EXE)]:
+        drop = Path(chans[channel_of.get(name, "documents")]["drop"])
         tmp = drop / (name + ".part")
         tmp.write_bytes(data)
         os.rename(tmp, drop / name)
@@ -250,9 +264,10 @@ def run_demo(
     ) as progress:
         task = progress.add_task("delivering", total=total)
         while time.monotonic() - started < TIMEOUT:
-            for p in deliver.iterdir():
-                if p.name in files and p.name not in arrived:
-                    arrived[p.name] = p
+            for folder in {chans[c]["deliver"] for c in channel_of.values()}:
+                for p in Path(folder).iterdir():
+                    if p.name in files and p.name not in arrived:
+                        arrived[p.name] = p
             progress.update(task, completed=sum(len(files[n]) for n in arrived))
             got = consumer.receive(timeout=0)
             if got:
@@ -281,20 +296,31 @@ def run_demo(
         cable.close()
 
     table = Table(title="delivered inside")
-    for col in ("file", "bytes", "SHA-256", "path inside"):
+    for col in ("file", "channel", "bytes", "content", "path inside"):
         table.add_column(col)
     intact = 0
     for name, data in files.items():
         path = arrived.get(name)
-        good = (
-            path is not None
-            and hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
+        same = path is not None and hashlib.sha256(path.read_bytes()).digest() == (
+            hashlib.sha256(data).digest()
         )
+        if channel_of[name] == "bulk":  # opaque data: byte for byte
+            good, shown = same, "[green]identical" if same else "[red]MISSING/BAD"
+        else:  # checked, and cleaned where the policy says (e.g. an image re-encoded)
+            good = path is not None
+            shown = ("[green]as sent" if same else "[cyan]cleaned") if good else "[red]MISSING"
         intact += good
-        table.add_row(
-            name, f"{len(data):,}", "[green]ok" if good else "[red]MISSING/BAD", str(path or "-")
-        )
+        table.add_row(name, channel_of[name], f"{len(data):,}", shown, str(path or "-"))
     console.print(table)
+    quarantine = Path(chans["documents"]["quarantine"])
+    reasons = sorted(quarantine.glob("*.reason.txt"))
+    refused = any(hostile_name.split(".", maxsplit=1)[0] in r.name for r in reasons)
+    console.print(
+        f"quarantine: {hostile_name} was refused outside"
+        + (f" ({reasons[0].read_text(encoding='utf-8').splitlines()[0]})" if reasons else "")
+        if refused
+        else f"[red]quarantine: {hostile_name} was NOT refused"
+    )
     sent = int(out_status.get("packets_sent", 0))
     received = int(in_status.get("datagrams", 0))
     console.print(
@@ -321,6 +347,7 @@ def run_demo(
     audits_ok = _show_audit(console, deployment)
     console.print(f"agent logs: {logdir}")
     success = ok and msgs_ok and audits_ok and hostile != "accepted?!" and intact == len(files)
+    success = success and refused
     success = success and rc_in == 0 and rc_out == 0
     if not success:
         console.print(f"[red]demo FAILED[/red] (inside exit {rc_in}, outside exit {rc_out})")

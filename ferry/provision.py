@@ -33,6 +33,8 @@ from ferry.config_types import (
     SerialEndpoint,
     UdpEndpoint,
 )
+from ferry.content.base import Limits
+from ferry.content.policy import SUPPORTED_TYPES
 from ferry.crypto.keys import (
     KEM_ALGS,
     Alg,
@@ -50,6 +52,7 @@ KEY_ROLES: dict[str, tuple[str, Alg]] = {
     "inside-kem": ("inside-kem", "mlkem768x25519"),
     "inside-kem-x25519": ("inside-kem", "x25519"),
     "audit": ("audit", "ed25519"),
+    "security-admin": ("security-admin", "ed25519"),  # releases quarantined items
     "api-server": ("api-server", "x25519"),
     "api-client": ("api-client", "x25519"),
     "consumer-server": ("consumer-server", "x25519"),
@@ -238,7 +241,38 @@ api:
 """
 
 
-def _outside_yaml(link: str, channels: tuple[str, ...], messages: str = "") -> str:
+def _content_yaml() -> str:
+    """The ``content:`` policy of a files channel: every supported type (docs/CONTENT.md)."""
+    limits = Limits()
+    return f"""\
+    # Content checks (docs/CONTENT.md): each file is identified by its content, cleaned,
+    # scanned and validated in an isolated worker; refused files go to the quarantine folder.
+    content:
+      # Types accepted; docm/xlsm/pptm arrive macro-free as docx/xlsx/pptx, gif/bmp/tiff as png.
+      types: [{", ".join(SUPPORTED_TYPES)}]
+      # Active content switches: allow, sanitize (remove; the default) or disallow (refuse).
+      features: {{macros: sanitize, javascript: sanitize, embedded_files: sanitize}}
+      # Limits per file (sizes: k/M/G are powers of 1024; seconds of wall-clock time).
+      limits:
+        max_bytes: {_size(limits.max_bytes)}
+        archive_depth: {limits.archive_depth}
+        archive_entries: {limits.archive_entries}
+        archive_expanded: {_size(limits.archive_expanded)}
+        seconds: {limits.seconds}
+"""
+
+
+def _bulk_yaml() -> str:
+    return """\
+    # A bulk channel: opaque data (e.g. encrypted archives) the content pipeline cannot
+    # inspect. Files cross as they are (signed and hashed, never sanitized): an explicit
+    # decision of the operator; give such a channel a content: policy to check it.
+"""
+
+
+def _outside_yaml(
+    link: str, channels: tuple[str, ...], messages: str = "", bulk: tuple[str, ...] = ()
+) -> str:
     ch = OutsideChannel(name="x", drop=Path(), sent=Path())
     text = _HEADER.format(role="outside", state="spool and session state")
     text += """\
@@ -270,7 +304,7 @@ def _outside_yaml(link: str, channels: tuple[str, ...], messages: str = "") -> s
     settle_seconds: {ch.settle_seconds}
     # Take files from subfolders too (the relative path travels along).
     subfolders: false
-"""
+{_bulk_yaml() if name in bulk else _content_yaml()}"""
     text += messages
     text += _audit_yaml("outside")
     text += f"""
@@ -408,15 +442,18 @@ def init_deployment(
     kem: str = "mlkem768x25519",
     rate_bps: int = 800_000_000,
     channels: tuple[str, ...] = ("documents",),
+    bulk: tuple[str, ...] = (),
     messages: str | None = "messages",
 ) -> dict[str, Any]:
     """Create ``root/outside`` and ``root/inside`` with keys, folders and commented configs.
 
     ``serial_devices`` is ``(outside device, inside device)``; both default to
     /dev/ttyUSB0. Refuses (UsageError) if either side already holds a config.
+    Every channel gets the content policy (docs/CONTENT.md) except those in ``bulk``: files
+    channels for opaque data that cross unsanitized (also created, after ``channels``).
     Returns every path created (absolute strings), for ``ferry init --json``.
     """
-    channels = tuple(channels)
+    channels = tuple(channels) + tuple(b for b in bulk if b not in channels)
     kem_alg = _check_args(transport, port, kem, rate_bps, channels)
     root = _abs(Path(root))
     out, ins = root / "outside", root / "inside"
@@ -514,7 +551,7 @@ def init_deployment(
     for name in channels:
         chans[name]["quarantine"] = str(out / "quarantine" / name)
         _mkdir(out / "quarantine" / name, _PRIVATE_DIR)
-    _create_text(o["config"], _outside_yaml(link_out, channels, extra_out))
+    _create_text(o["config"], _outside_yaml(link_out, channels, extra_out, bulk))
     _create_text(i["config"], _inside_yaml(link_in, channels, extra_in))
     _record_keys(o, i, api_info, consumer_info)
     _mkdir(i["audit_mirror_dir"], _PRIVATE_DIR)
@@ -528,7 +565,22 @@ def init_deployment(
     if api_info:
         result["api"] = api_info
         result["consumers"] = consumer_info
+    result["security_admin"] = _provision_security_admin(root, out)
     return result
+
+
+def _provision_security_admin(root: Path, out: Path) -> dict[str, str]:
+    """The key that releases quarantined items: the secret goes to ``root/admin`` (hand it to
+    the security administrator, then remove it from this machine); the outside keeps only the
+    public key, which ``ferry quarantine release`` checks the given key against."""
+    admin = root / "admin"
+    _mkdir(admin, _PRIVATE_DIR)
+    key = SecretKey.generate("ed25519")
+    secret, public = admin / "security-admin.key", out / "keys" / "security-admin.pub"
+    write_secret_key(secret, key, "security-admin")
+    write_public_key(admin / "security-admin.pub", key.public)
+    write_public_key(public, key.public)
+    return {"secret_key": str(secret), "public_key": str(public), "key_id": key.public.key_id.hex()}
 
 
 def _record_keys(

@@ -9,6 +9,7 @@ completed objects and links them into their channel folders.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import sys
@@ -21,6 +22,7 @@ from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject
 from ferry.config_types import InsideConfig
+from ferry.content.scan import Scanner
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, WireError
 from ferry.jsondoc import SchemaRegistry
@@ -41,6 +43,7 @@ from inside.deliver import Delivered, deliver, verify_stream, write_new_files
 from inside.gaps import SequenceGaps
 from inside.ledger import Ledger
 from inside.mirror import AuditMirror, MirrorRejected
+from inside.recheck import recheck
 
 # Objects whose whole stream fits in one FEC block this small stay in memory (messages).
 MEMORY_OBJECT_MAX = 256 * 1024
@@ -67,6 +70,10 @@ LINK_EVENTS = {
 _log = log.get("inside")
 
 
+class RecheckFailed(FerryError):
+    """The inside re-check refused a file the outside passed: it is quarantined inside."""
+
+
 class _RateLimitedLog:
     """Log a recurring rejection the 1st, 2nd, 4th, 8th... time, with its running count."""
 
@@ -91,7 +98,8 @@ class InsideAgent:
             raise FerryError(f"inside key is {self.kem_key.alg} but link.kem is {cfg.link.kem}")
         self.spool_dir = cfg.state_dir / "incoming"
         self.rejected_dir = cfg.state_dir / "rejected"
-        for d in (self.spool_dir, self.rejected_dir):
+        self.quarantine_dir = cfg.state_dir / "quarantine"  # the re-check disagreed
+        for d in (self.spool_dir, self.rejected_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.folders = {
             ch.name: ch.deliver for ch in cfg.channels if ch.kind == "files" and ch.deliver
@@ -121,6 +129,10 @@ class InsideAgent:
         )
         for channel, seq in self.ledger.channel_seqs():
             self.gaps.seen(channel, seq)
+        self.scanner: Scanner | None = None
+        if any(ch.kind == "files" for ch in cfg.channels):
+            self.scanner = Scanner()
+            self.scanner.self_test()  # YARA must see EICAR, or the agent refuses to run
         self.mirror: AuditMirror | None = None
         audit_cfg = cfg.audit
         if audit_cfg is not None and audit_cfg.mirror_dir and audit_cfg.peer_public_key:
@@ -136,7 +148,11 @@ class InsideAgent:
             self.consumers = ConsumerServer(cfg.consumers, self.outbox, stop)
         self._fds: dict[bytes, int] = {}
         self._mem: dict[bytes, bytes] = {}
+        # Two delivery threads: big files (hashed and fsynced from the spool) must not hold
+        # up messages and small objects, which arrive whole in memory.
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._mem_work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._count_lock = threading.Lock()
         self._reject_log = _RateLimitedLog()
         self.delivered = 0
         self.delivered_bytes = 0
@@ -219,10 +235,10 @@ class InsideAgent:
         _log.warning("deliveries_resumed", reason="audit log writable again")
         return True
 
-    def _delivery_loop(self) -> None:
+    def _delivery_loop(self, work: queue.SimpleQueue[Job | None]) -> None:
         last = False
         while not last:
-            first = self._work.get()
+            first = work.get()
             if first is None:
                 return
             if not self._wait_for_audit():
@@ -230,7 +246,7 @@ class InsideAgent:
             jobs: list[Job] = [first]
             while len(jobs) < DELIVERY_BATCH:
                 try:
-                    job = self._work.get_nowait()
+                    job = work.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
@@ -265,9 +281,60 @@ class InsideAgent:
                         if self.ledger.state_of(oid) != "delivered":
                             self._reject(oid, f"delivery failed: {exc}", content)
 
-    def _reject(self, oid: bytes, reason: str, data: bytes | None = None) -> None:
-        self.rejected += 1
-        target = self.rejected_dir / f"{oid.hex()}.obj"
+    def _recheck(self, manifest: rec.Manifest, content: Path) -> None:
+        """The independent inside re-check of a file the outside's pipeline passed."""
+        self._record_received(manifest)  # verified (signature and hash) and complete
+        if not manifest.report:
+            return  # a channel without a content policy outside: nothing to compare with
+        subject = Subject.component("recheck")
+        obj = self._item_object(manifest, None)
+        try:
+            report = json.loads(manifest.report)
+            type_name = report["type"]
+            if not isinstance(type_name, str):
+                raise TypeError("no type")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RecheckFailed(f"RECHECK_FAILED: the content report is unusable ({exc})") from exc
+        result = recheck(content, type_name, report, scan=self._scan)
+        detail = {
+            "type": type_name,
+            "outside_verdict": str(report.get("verdict")),
+            "checks": list(result.checks)[:32],
+        }
+        if result.ok:
+            self.audit.record("recheck", subject=subject, obj=obj, detail=detail, corr=obj.item)
+            return
+        problems = "; ".join(result.problems[:5])
+        _log.critical(
+            "recheck_disagrees",
+            object_id=manifest.object_id.hex(),
+            channel=manifest.channel,
+            name=manifest.name,
+            type=type_name,
+            problems=list(result.problems[:20]),
+        )
+        self.audit.record(
+            "recheck",
+            subject=subject,
+            result="rejected",
+            reason=f"RECHECK_DISAGREES: {problems}"[:1024],
+            obj=obj,
+            detail=detail | {"disagreement": True, "severity": "high"},
+            corr=obj.item,
+        )
+        raise RecheckFailed(f"RECHECK_DISAGREES: the inside re-check found: {problems}")
+
+    def _scan(self, data: bytes, where: str) -> None:
+        if self.scanner is not None and self.scanner.scan(data):
+            raise RecheckFailed(f"MALWARE_SIGNATURE: a YARA rule matched {where or 'the file'}")
+
+    def _reject(
+        self, oid: bytes, reason: str, data: bytes | None = None, *, quarantine: bool = False
+    ) -> None:
+        with self._count_lock:
+            self.rejected += 1
+        folder = self.quarantine_dir if quarantine else self.rejected_dir
+        target = folder / f"{oid.hex()}.obj"
         path = self._spool_path(oid)
         if data is not None:
             with open(target, "wb") as f:
@@ -298,19 +365,28 @@ class InsideAgent:
                 ledger=self.ledger,
                 subfolders=self.subfolders,
                 on_linked=self._record_delivered_file,
+                recheck=self._recheck,
             )
-        except AuditUnavailable as exc:  # linked, not yet recorded: settle it after recovery
+        except RecheckFailed as exc:
+            self._reject(oid, str(exc), quarantine=True)
+            return
+        except AuditUnavailable as exc:  # not recorded: settle it once the log recovers
             _log.error("delivery_not_recorded", object_id=oid.hex(), error=str(exc))
-            if self._wait_for_audit():
-                self._confirm_interrupted()
+            if not self._wait_for_audit():
+                return  # stopping: the spool file stays; the next start handles repeats
+            if self.ledger.state_of(oid) is None and path.exists():
+                self._deliver_file(oid, length)  # refused before anything was visible: again
+                return
+            self._confirm_interrupted()  # linked: confirm by hash and record
             path.unlink(missing_ok=True)
             return
         except (FerryError, OSError) as exc:
             self._reject(oid, str(exc))
             return
         if isinstance(result, Delivered):
-            self.delivered += 1
-            self.delivered_bytes += result.manifest.size
+            with self._count_lock:
+                self.delivered += 1
+                self.delivered_bytes += result.manifest.size
             _log.info(
                 "delivered",
                 object_id=oid.hex(),
@@ -385,7 +461,6 @@ class InsideAgent:
         )
 
     def _record_delivered_file(self, m: rec.Manifest, path: Path) -> None:
-        self._record_received(m)
         self.audit.log.wait_durable(self._record_delivered(m, path, consumers=False))
 
     def _check_message(self, manifest: rec.Manifest, content: bytes) -> None:
@@ -483,8 +558,9 @@ class InsideAgent:
                 size=m.size,
                 sha256=m.sha256.hex(),
             )
-        self.delivered += len(ok)
-        self.delivered_bytes += sum(m.size for _, m, _ in ok)
+        with self._count_lock:
+            self.delivered += len(ok)
+            self.delivered_bytes += sum(m.size for _, m, _ in ok)
         if self.consumers is not None and queued:
             self.consumers.notify(queued)
 
@@ -512,8 +588,12 @@ class InsideAgent:
         sys.setswitchinterval(0.0005)  # several threads hand work along: keep hand-offs short
         if self.consumers is not None:
             self.consumers.start()
-        worker = threading.Thread(target=self._delivery_loop, name="deliver", daemon=True)
-        worker.start()
+        workers = [
+            threading.Thread(target=self._delivery_loop, args=(q,), name=name, daemon=True)
+            for q, name in ((self._work, "deliver-files"), (self._mem_work, "deliver-messages"))
+        ]
+        for worker in workers:
+            worker.start()
         _log.info(
             "inside_started",
             transport=cfg.link.transport,
@@ -580,7 +660,9 @@ class InsideAgent:
                     )
         finally:
             self._work.put(None)
-            worker.join(timeout=30)
+            self._mem_work.put(None)
+            for worker in workers:
+                worker.join(timeout=30)
             if self.consumers is not None:
                 self.consumers.close()
             if self.outbox is not None:
@@ -622,7 +704,9 @@ class InsideAgent:
                 if data is None:
                     os.close(self._spool_fd(ev.object_id))
                     del self._fds[ev.object_id]
-                self._work.put((ev.object_id, ev.length, data))
+                (self._work if data is None else self._mem_work).put(
+                    (ev.object_id, ev.length, data)
+                )
             elif isinstance(ev, ObjectLost):
                 self.lost += 1
                 self._mem.pop(ev.object_id, None)

@@ -178,6 +178,8 @@ class ConsumerServer:
         # item id -> item, in order, waiting for a consumer; and in flight: id -> (item, sent at)
         self._waiting: OrderedDict[bytes, OutboxItem] = OrderedDict()
         self._inflight: dict[bytes, tuple[OutboxItem, float, bytes]] = {}
+        self._last_holder: dict[bytes, bytes] = {}  # requeued: who had it last
+        self.stray_acks = 0  # acks from connections that were not given the item
         self._consumers: dict[bytes, _Consumer] = {}
         self.delivered = 0
         self.acked = 0
@@ -316,13 +318,24 @@ class ConsumerServer:
                 oid = bytes.fromhex(hexid)
             except ValueError:
                 continue
+            # Only the connection the message was given to may acknowledge it (also late,
+            # after it was queued again): item ids are no secret, so an ack from anyone else
+            # could make a message vanish before its consumer ever saw it.
             entry = self._inflight.get(oid)
-            item = entry[0] if entry is not None else self._waiting.get(oid)
-            if item is not None and item.channel in con.channels:
-                # (a late ack of a message already queued again counts too)
-                self._inflight.pop(oid, None)
-                self._waiting.pop(oid, None)
-                done.append(oid)
+            holder: bytes | None
+            if entry is not None:
+                holder = entry[2]
+            elif oid in self._waiting:
+                holder = self._last_holder.get(oid)
+            else:
+                continue
+            if holder != con.identity:
+                self.stray_acks += 1
+                continue
+            self._inflight.pop(oid, None)
+            self._waiting.pop(oid, None)
+            self._last_holder.pop(oid, None)
+            done.append(oid)
         if done:
             self._acks.setdefault(con.name, []).extend(done)
             self.acked += len(done)
@@ -345,7 +358,8 @@ class ConsumerServer:
             if now - sent > self.params.redeliver_after
         ]
         for oid in late:
-            item, _, _who = self._inflight.pop(oid)
+            item, _, who = self._inflight.pop(oid)
+            self._last_holder[oid] = who  # its late ack still counts
             self._waiting[oid] = item
             self._waiting.move_to_end(oid, last=False)
 
@@ -379,6 +393,7 @@ class ConsumerServer:
                 continue
             con.credit -= 1
             self._inflight[oid] = (item, time.monotonic(), con.identity)
+            self._last_holder.pop(oid, None)
             sent.append(oid)
         for oid in sent:
             del self._waiting[oid]

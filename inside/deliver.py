@@ -227,12 +227,15 @@ def deliver(
     ledger: Ledger,
     subfolders: dict[str, bool] | None = None,
     on_linked: Callable[[rec.Manifest, Path], None] | None = None,
+    recheck: Callable[[rec.Manifest, Path], None] | None = None,
 ) -> Delivered | Duplicate:
     """Verify and deliver; raise FerryError (reason in the message) if the object is refused.
 
     ``on_linked(manifest, path)`` runs once the file is durably in its folder and before
     the ledger says delivered (the audit record); if it raises, the ledger keeps the
     item as ``delivering`` and start-up recovery (or the caller) confirms it later.
+    ``recheck(manifest, content file)`` is the inside's own content check, run on the
+    verified content before anything is visible; it raises to refuse the file.
     """
     subfolders = subfolders or {}
     if ledger.state_of(object_id) in {"delivered", "rejected"}:
@@ -249,6 +252,8 @@ def deliver(
         if manifest.path:
             folder = _subfolder(folder, manifest.path, keep=subfolders.get(manifest.channel, False))
         os.ftruncate(fd, manifest.size)
+        if recheck is not None:
+            recheck(manifest, spool_file)
         os.fsync(fd)
         name = safe_name(manifest.name)
         root = PurePosixPath(folder)

@@ -10,6 +10,7 @@ grace covers objects still in flight and repeats on their way.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,8 +32,13 @@ class SequenceGaps:
         self._floor: dict[str, int] = {}  # every seq <= floor is seen or reported
         self._above: dict[str, set[int]] = {}  # seen seqs above the floor
         self._marks: dict[str, deque[tuple[int, float]]] = {}  # (claimed last_seq, first heard)
+        self._lock = threading.Lock()  # delivery threads report, the receive loop asks
 
     def seen(self, channel: str, seq: int) -> None:
+        with self._lock:
+            self._seen(channel, seq)
+
+    def _seen(self, channel: str, seq: int) -> None:
         floor = self._floor.get(channel, 0)
         if seq <= floor:
             return
@@ -47,6 +53,10 @@ class SequenceGaps:
         self._floor[channel] = floor
 
     def heartbeat(self, last_seq: dict[str, int], now: float) -> None:
+        with self._lock:
+            self._heartbeat(last_seq, now)
+
+    def _heartbeat(self, last_seq: dict[str, int], now: float) -> None:
         for channel, last in last_seq.items():
             marks = self._marks.setdefault(channel, deque())
             top = marks[-1][0] if marks else self._floor.get(channel, 0)
@@ -57,6 +67,10 @@ class SequenceGaps:
 
     def due(self, now: float) -> list[Gap]:
         """Missing ranges claimed sent more than ``grace`` seconds ago (each reported once)."""
+        with self._lock:
+            return self._due(now)
+
+    def _due(self, now: float) -> list[Gap]:
         out: list[Gap] = []
         for channel, marks in self._marks.items():
             limit = 0

@@ -29,6 +29,7 @@ from ferry.status import write_status
 from ferry.wire.pacing import TokenBucket
 from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender, symbol_size_for
 from outside.api import ApiServer
+from outside.content.pipeline import ContentPipeline
 from outside.intake import FolderIntake
 from outside.mirror import CHANNEL as MIRROR_CHANNEL
 from outside.mirror import MAX_PIECE, AuditShipper
@@ -80,8 +81,14 @@ class OutsideAgent:
         self.audit = AgentAudit(cfg.audit, "outside", cfg.state_dir, cfg.source)
         self._incoming: queue.SimpleQueue[SpoolItem] = queue.SimpleQueue()
         self._wake = threading.Event()
+        self.pipeline: ContentPipeline | None = None
         try:
-            self.intake = FolderIntake(cfg.channels, self.spool, self.key, audit=self.audit)
+            if any(c.content is not None for c in cfg.channels):
+                self.pipeline = ContentPipeline()  # parsers in worker processes (docs/CONTENT.md)
+                self.pipeline.start()  # YARA EICAR self-test: refuses to run without it
+            self.intake = FolderIntake(
+                cfg.channels, self.spool, self.key, audit=self.audit, pipeline=self.pipeline
+            )
             self.api: ApiServer | None = None
             if cfg.api is not None:
                 self.api = ApiServer(
@@ -91,6 +98,8 @@ class OutsideAgent:
             self.audit.try_record(
                 "agent.stopped", result="failure", reason=f"START_FAILED: {exc}"[:1024]
             )
+            if self.pipeline is not None:
+                self.pipeline.close()
             self.audit.close()
             self.spool.close()
             raise
@@ -331,6 +340,8 @@ class OutsideAgent:
             for src in self._sources.values():
                 if isinstance(src, FileSource):
                     src.close()
+            if self.pipeline is not None:
+                self.pipeline.close()
             self.spool.close()
             self.audit.close()
             _log.info(

@@ -12,29 +12,39 @@ channel's quarantine folder with ``<name>.reason.json`` and ``<name>.reason.txt`
 from __future__ import annotations
 
 import hashlib
+import json
 import mimetypes
 import os
+import shutil
 import stat
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from ferry import log
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import OutsideChannel
+from ferry.content.base import FEATURES, Verdict
 from ferry.crypto.keys import SecretKey
 from ferry.errors import PolicyRejection
 from ferry.wire import records as rec
+from ferry.wire.records import MAX_REPORT_BYTES
 from ferry.wire.sender import build_trailer
+from outside.content.pipeline import ContentPipeline
 from outside.quarantine import Quarantine
 from outside.spool import Spool, SpoolItem, now_us
 from outside.watch import DropWatcher, Ready, Refused, WatchSpec
 
 # Copy in 1 MiB pieces: large enough for throughput, small enough to keep memory flat.
 COPY_CHUNK = 1024 * 1024
+# Sanitizer actions listed in a verdict record and in the report sent along (the full
+# report stays outside, with the quarantined item or in structlog).
+MAX_AUDITED_ACTIONS = 20
+CONTENT_SUBJECT = Subject.component("content")
 
 _log = log.get("outside.intake")
 
@@ -82,6 +92,8 @@ def spool_file_item(
     source_key: str = "",
     submission: tuple[str, str, bytes] | None = None,
     record: Callable[[SpoolItem, str, str], object] | None = None,
+    report: str = "",
+    media_type: str | None = None,
 ) -> SpoolItem:
     """Turn a gateway-owned content file into a spooled item (consumes ``owned``).
 
@@ -107,7 +119,7 @@ def spool_file_item(
             channel=channel.name,
             seq=seq,
             name=name,
-            media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+            media_type=media_type or mimetypes.guess_type(name)[0] or "application/octet-stream",
             size=size,
             sha256=digest.digest(),
             created_us=created,
@@ -115,6 +127,7 @@ def spool_file_item(
             sender=key.public.key_id,
             path=relpath,
             subject=subject,
+            report=report,
         )
         trailer = build_trailer(manifest, key)
         os.lseek(fd, size, os.SEEK_SET)
@@ -197,9 +210,11 @@ class FolderIntake:
         checks: tuple[ContentCheck, ...] = (check_type,),
         rescan_interval: float = 30.0,
         audit: AgentAudit | None = None,
+        pipeline: ContentPipeline | None = None,
     ) -> None:
         self._channels = {c.name: c for c in channels if c.kind == "files" and c.drop}
         self._audit = audit
+        self._pipeline = pipeline
         self._spool = spool
         self._key = signing_key
         self._checks = checks
@@ -216,6 +231,8 @@ class FolderIntake:
         self._incoming.mkdir(parents=True, exist_ok=True)
         for stale in self._incoming.glob("*.part"):
             stale.unlink()
+        self._workdir = self._incoming / "content"  # cleaned outputs (same file system)
+        shutil.rmtree(self._workdir, ignore_errors=True)
         specs = []
         for c in self._channels.values():
             assert c.drop is not None  # filtered above
@@ -316,18 +333,37 @@ class FolderIntake:
                 return None  # reported again once it is stable
         finally:
             os.close(src)
+        verdict: Verdict | None = None
+        content = tmp
         try:
-            for check in self._checks:
-                check(ch, tmp, name)
+            if ch.content is not None:  # the content pipeline (issue 4): always, fail closed
+                if self._pipeline is None:
+                    raise RuntimeError("the content pipeline is not running")
+                verdict = self._pipeline.process(ch.content, tmp, name, self._workdir)
+                if verdict.kind == "reject":
+                    assert verdict.reason is not None
+                    self._record_verdict(ch, name, verdict, None)
+                    raise PolicyRejection(verdict.reason, verdict.message or verdict.reason)
+                if verdict.kind == "deliver_cleaned":
+                    if verdict.output is None:
+                        raise RuntimeError("a cleaned verdict without its output")
+                    content = verdict.output
+            else:
+                for check in self._checks:
+                    check(ch, tmp, name)
         except PolicyRejection as exc:
             tmp.unlink(missing_ok=True)
-            self._reject(ch, path, name, exc.reason_code, _plain(exc))
+            report = verdict.report if verdict is not None else None
+            self._reject(ch, path, name, exc.reason_code, _plain(exc), report=report)
             return None
         except Exception as exc:  # noqa: BLE001  # fail closed: a filter error rejects the file
             tmp.unlink(missing_ok=True)
             _log.exception("filter_error", channel=ch.name, name=name)
             self._reject(ch, path, name, "FILTER_ERROR", f"a content check failed: {exc}")
             return None
+        if content != tmp:
+            tmp.unlink(missing_ok=True)
+        delivered_name = verdict.name if verdict is not None else name
         rel = "" if str(r.relpath.parent) == "." else str(r.relpath.parent)
         subject = self._subject(ch)
         recorded: list[int] = []
@@ -335,11 +371,13 @@ class FolderIntake:
         def record(item: SpoolItem, sha256: str, media_type: str) -> None:
             if self._audit is None:
                 return
+            if verdict is not None:
+                self._record_verdict(ch, name, verdict, item)
             obj = AuditObject(
                 kind="file",
                 item=item.object_id.hex(),
                 channel=ch.name,
-                name=name,
+                name=delivered_name,
                 size=item.size,
                 sha256=sha256,
                 seq=item.seq,
@@ -348,7 +386,11 @@ class FolderIntake:
             )
             recorded.append(
                 self._audit.record(
-                    "intake.accepted", subject=subject, obj=obj, corr=item.object_id.hex()
+                    "intake.accepted",
+                    subject=subject,
+                    obj=obj,
+                    corr=item.object_id.hex(),
+                    detail={"source_name": name} if delivered_name != name else None,
                 )
             )
 
@@ -357,17 +399,19 @@ class FolderIntake:
                 self._spool,
                 self._key,
                 ch,
-                tmp,
-                name=name,
+                content,
+                name=delivered_name,
                 subject=f"folder:{ch.name}",
                 relpath=rel,
                 mtime_us=st.st_mtime_ns // 1000,
                 source_path=str(path),
                 source_key=key,
                 record=record,
+                report=_summary(ch, verdict),
+                media_type=_media_type(verdict),
             )
         except AuditUnavailable as exc:  # not spooled: the file waits in its drop folder
-            tmp.unlink(missing_ok=True)
+            content.unlink(missing_ok=True)
             _log.error("intake_halted_audit_unavailable", channel=ch.name, error=str(exc))
             return None
         self.taken += 1
@@ -383,7 +427,53 @@ class FolderIntake:
     def _subject(self, ch: OutsideChannel) -> Subject:
         return Subject.clerk_folder(str(ch.drop), ch.name)
 
-    def _reject(self, ch: OutsideChannel, path: Path, name: str, code: str, message: str) -> None:
+    def _record_verdict(
+        self, ch: OutsideChannel, name: str, verdict: Verdict, item: SpoolItem | None
+    ) -> None:
+        """The content pipeline's verdict (with the item, once it has one)."""
+        if self._audit is None:
+            return
+        report = verdict.report
+        actions = [a.to_json() for a in verdict.actions[:MAX_AUDITED_ACTIONS]]
+        detail: dict[str, object] = {
+            "verdict": verdict.kind,
+            "detected_type": verdict.type_name or "unknown",
+            "delivered_name": verdict.name,
+            "actions": actions,
+        }
+        if len(verdict.actions) > MAX_AUDITED_ACTIONS:
+            detail["actions_total"] = len(verdict.actions)
+        sha_in = report.get("sha256_in")
+        obj = AuditObject(
+            kind="file",
+            item=None if item is None else item.object_id.hex(),
+            channel=ch.name,
+            name=name,
+            size=report.get("size_in") if isinstance(report.get("size_in"), int) else None,
+            sha256=sha_in if isinstance(sha_in, str) and len(sha_in) == 64 else None,
+            seq=None if item is None else item.seq,
+        )
+        rejected = verdict.kind == "reject"
+        self._audit.record(
+            "verdict",
+            subject=CONTENT_SUBJECT,
+            result="rejected" if rejected else "success",
+            reason=f"{verdict.reason}: {verdict.message}"[:1024] if rejected else None,
+            obj=obj,
+            detail=detail,
+            corr=None if item is None else item.object_id.hex(),
+        )
+
+    def _reject(
+        self,
+        ch: OutsideChannel,
+        path: Path,
+        name: str,
+        code: str,
+        message: str,
+        *,
+        report: Mapping[str, Any] | None = None,
+    ) -> None:
         self.quarantined += 1
         q = self._quarantine.get(ch.name)
         _log.warning("quarantined", channel=ch.name, name=name, reason_code=code, message=message)
@@ -391,7 +481,12 @@ class FolderIntake:
         if q is not None:
             try:
                 placed = q.put_file(
-                    path, channel=ch.name, original_name=name, reason_code=code, message=message
+                    path,
+                    channel=ch.name,
+                    original_name=name,
+                    reason_code=code,
+                    message=message,
+                    details={"report": dict(report)} if report else None,
                 )
                 kept = str(placed.path)
             except OSError as exc:
@@ -458,6 +553,33 @@ class FolderIntake:
             pass
         except OSError as exc:
             _log.error("cannot_move_original", channel=ch.name, name=rel.name, error=str(exc))
+
+
+def _summary(ch: OutsideChannel, verdict: Verdict | None) -> str:
+    """What travels with a file for the inside re-check: its type, the verdict, the channel's
+    feature switches and what was removed (compact JSON, bounded)."""
+    if verdict is None or ch.content is None:
+        return ""
+    out: dict[str, Any] = {
+        "v": 1,
+        "type": verdict.type_name,
+        "verdict": verdict.kind,
+        "features": {f: ch.content.feature(f) for f in sorted(FEATURES)},
+        "sha256_in": verdict.report.get("sha256_in"),
+        "actions": [a.to_json() for a in verdict.actions[:MAX_AUDITED_ACTIONS]],
+    }
+    text = json.dumps(out, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
+    if len(text) > MAX_REPORT_BYTES:
+        out["actions"] = []
+        out["actions_total"] = len(verdict.actions)
+        text = json.dumps(out, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
+    return text
+
+
+def _media_type(verdict: Verdict | None) -> str | None:
+    if verdict is None or verdict.type_name is None:
+        return None
+    return mimetypes.guess_type(f"x.{verdict.type_name}")[0]
 
 
 def _plain(exc: PolicyRejection) -> str:

@@ -169,6 +169,22 @@ class Spool:
         ).fetchone()
         self.backlog_items = int(count)
         self.backlog_bytes = int(total)
+        self.orphans_removed = self._remove_orphans()
+
+    def _remove_orphans(self) -> int:
+        """Delete object files no queued row refers to: a crash between renaming a file into
+        the spool and committing its row, or between the last send and the unlink. (The
+        original is still in the drop folder in the first case and is taken again.)"""
+        rows = self._db.execute(
+            "SELECT spool_file FROM items WHERE state='queued' AND spool_file IS NOT NULL"
+        ).fetchall()
+        wanted = {str(r[0]) for r in rows}
+        removed = 0
+        for path in self.dir.glob("*.obj"):
+            if path.name not in wanted:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def close(self) -> None:
         self._db.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,8 @@ from ferry.errors import ConfigError
 _log = log.get("audit.agent")
 
 RUN_MARKER = "agent.running"
+# Seconds between audit.exported records while records flow to the SIEM.
+EXPORT_NOTE_INTERVAL = 600.0
 CONFIG_HASH = "config.sha256"
 
 
@@ -84,6 +87,48 @@ class AgentAudit:
         self._marker = state_dir / RUN_MARKER
         self._hash_file = state_dir / CONFIG_HASH
         self._start(config_file)
+        self._export_stop = threading.Event()
+        self._export: threading.Thread | None = None
+        self._exported_at = 0.0
+        if params.siem:
+            self._start_export(params, state_dir)
+
+    def _start_export(self, params: AuditParams, state_dir: Path) -> None:
+        """Follow the log and send it to the SIEM on a thread of its own: never blocks it."""
+        from ferry.audit.siem import Destination, Exporter  # noqa: PLC0415
+
+        assert params.siem is not None
+        exporter = Exporter(
+            params.dir,
+            Destination.parse(params.siem),
+            state_dir,
+            origin=self.log.origin,
+            on_exported=self._exported,
+        )
+
+        def run() -> None:
+            try:
+                exporter.run(self._export_stop)
+            except Exception:  # noqa: BLE001  # the export must never take the agent down
+                _log.exception("siem_export_stopped")
+
+        self._export = threading.Thread(target=run, name="siem-export", daemon=True)
+        self._export.start()
+        _log.info("siem_export_started", destination=params.siem)
+
+    def _exported(self, first: int, last: int) -> None:
+        # At most one record per EXPORT_NOTE_INTERVAL, and none for a range of one record
+        # (the previous audit.exported itself), so an idle log stays idle.
+        now = time.monotonic()
+        if last <= first or now - self._exported_at < EXPORT_NOTE_INTERVAL:
+            return
+        self._exported_at = now
+        self.try_record(
+            "audit.exported",
+            subject=Subject.component("siem-export"),
+            result="info",
+            detail={"first": first, "last": last},
+        )
 
     @property
     def failed(self) -> bool:
@@ -171,6 +216,9 @@ class AgentAudit:
 
     def close(self, *, clean: bool = True) -> None:
         """Write ``agent.stopped`` (when ``clean``), remove the run marker, close the log."""
+        self._export_stop.set()
+        if self._export is not None:
+            self._export.join(timeout=5)
         try:
             if clean:
                 self.record("agent.stopped", result="success", durable=True)

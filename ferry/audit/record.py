@@ -16,11 +16,13 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import orjson
 from jsonschema import Draft202012Validator, validators
 
 from ferry.config import load_schema
@@ -233,8 +235,30 @@ def draft(
     return Draft(event, line[len(_HEAD) : -len(_TAIL)])
 
 
+def _finite(value: object) -> bool:
+    """No NaN or infinity anywhere (orjson would write them as null)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def encode(rec: Mapping[str, Any]) -> bytes:
-    """The exact line bytes of a record, without the newline."""
+    """The exact line bytes of a record, without the newline.
+
+    orjson when the result is ASCII (almost always; about 10x faster), else the standard
+    library with ``\\uXXXX`` escapes. Both give compact JSON in the dict's key order.
+    """
+    if _finite(rec.get("detail")):
+        try:
+            fast = orjson.dumps(rec)
+        except (TypeError, orjson.JSONEncodeError):
+            fast = b""
+        if fast and fast.isascii():
+            return fast
     try:
         text = json.dumps(rec, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -310,11 +310,13 @@ _MANIFEST_KEYS = {
     "mtime_us",
     "sender",
 }
-_MANIFEST_OPTIONAL = {"schema", "path", "subject"}
+_MANIFEST_OPTIONAL = {"schema", "path", "subject", "report"}
 KINDS = ("file", "message", "audit")
 AUDIT_CHANNEL = "_audit"
 """The channel of audit-mirror pieces (kind ``audit``); config channel names cannot start with _."""
 MAX_PATH_BYTES = 1024
+# The content verdict summary a file carries (JSON): type, verdict, feature switches, actions.
+MAX_REPORT_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,8 @@ class Manifest:
     """Relative folder the file came from (``a/b``) when its channel takes subfolders."""
     subject: str = ""
     """Who submitted the item: ``folder:<channel>`` or ``api:<client name>``."""
+    report: str = ""
+    """The outside content verdict (compact JSON) the inside re-check reads; empty if none."""
 
     def encode(self) -> bytes:
         body = {
@@ -357,7 +361,7 @@ class Manifest:
             "size": self.size,
             "v": MANIFEST_VERSION,
         }
-        for key in ("schema", "path", "subject"):
+        for key in ("schema", "path", "subject", "report"):
             if getattr(self, key):
                 body[key] = getattr(self, key)
         out: bytes = msgpack.packb(dict(sorted(body.items())), use_bin_type=True)
@@ -379,7 +383,12 @@ def decode_manifest(data: bytes) -> Manifest:
             raise WireError(f"manifest.{key} must be a string of at most {MAX_NAME_BYTES} bytes")
     if body["kind"] not in KINDS:
         raise WireError("manifest.kind unknown")
-    for key, limit in (("schema", MAX_NAME_BYTES), ("path", MAX_PATH_BYTES), ("subject", 256)):
+    for key, limit in (
+        ("schema", MAX_NAME_BYTES),
+        ("path", MAX_PATH_BYTES),
+        ("subject", 256),
+        ("report", MAX_REPORT_BYTES),
+    ):
         value = body.get(key, "")
         if not isinstance(value, str) or (not value and key in body) or len(value.encode()) > limit:
             raise WireError(f"manifest.{key} must be a non-empty string of at most {limit} bytes")
@@ -398,6 +407,7 @@ def decode_manifest(data: bytes) -> Manifest:
         schema=body.get("schema", ""),
         path=body.get("path", ""),
         subject=body.get("subject", ""),
+        report=body.get("report", ""),
     )
 
 

@@ -42,6 +42,18 @@ def fast(data: dict[str, Any]) -> None:
         data.setdefault("outside", {})["poll_interval"] = 0.1
 
 
+def opaque(data: dict[str, Any]) -> None:
+    """Take the content policy off every files channel (a bulk channel, as `ferry init --bulk`
+    makes): for tests of the transport that move random bytes."""
+    for ch in data["channels"]:
+        ch.pop("content", None)
+
+
+def fast_bulk(data: dict[str, Any]) -> None:
+    fast(data)
+    opaque(data)
+
+
 class Agent:
     def __init__(self, side: str, config: str, log: Path) -> None:
         self.log = log

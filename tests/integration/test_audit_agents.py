@@ -115,11 +115,17 @@ def test_an_item_leaves_a_trail_on_both_sides_and_the_mirror_verifies(
     assert accepted[ack.item]["detail"]["submission"]
     file_item = next(k for k, r in accepted.items() if r["object"].get("name") == "report.txt")
     assert accepted[file_item]["subject"]["kind"] == "clerk_folder"
-    for item in (ack.item, file_item):
+    verdict = [r for r in out_recs if r["event"] == "verdict" and r.get("corr") == file_item]
+    assert len(verdict) == 1
+    assert verdict[0]["detail"]["detected_type"] == "txt"
+    for item, inside_trail in (
+        (ack.item, ["transfer.received", "delivery.delivered"]),
+        (file_item, ["transfer.received", "recheck", "delivery.delivered"]),
+    ):
         sent = [r for r in out_recs if r["event"] == "transfer.sent" and r["corr"] == item]
         assert len(sent) == 1
         trail = [r["event"] for r in in_recs if r.get("corr") == item]
-        assert trail == ["transfer.received", "delivery.delivered"]
+        assert trail == inside_trail
         delivered = next(
             r for r in in_recs if r["event"] == "delivery.delivered" and r["corr"] == item
         )
@@ -312,3 +318,48 @@ def test_suppressed_item_becomes_a_sequence_gap(tmp_path: Path, agents) -> None:
     assert gap[0]["object"]["channel"] == "messages"
     assert (gap[0]["detail"]["first"], gap[0]["detail"]["last"]) == (lost.seq, lost.seq)
     assert lost.item not in {r.get("corr") for r in records(i["audit_dir"])}
+
+
+def test_agent_exports_its_log_to_a_siem_over_tcp(tmp_path: Path, agents) -> None:
+    import socket  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    received = bytearray()
+
+    def serve() -> None:
+        server.settimeout(30)
+        conn, _ = server.accept()
+        conn.settimeout(30)
+        with conn:
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    dep = deploy(tmp_path)
+    o, i = dep["outside"], dep["inside"]
+    edit_yaml(o["config"], lambda d: d["audit"].__setitem__("siem", f"tcp://127.0.0.1:{port}"))
+    agents("inside", i["config"]).wait_event("inside_started")
+    outside = agents("outside", o["config"])
+    outside.wait_event("api_listening")
+    with Client.from_config(dep["api"]["client_config"]) as client:
+        ack = client.submit("messages", application(1), schema="citizen-application")
+    wait_for(lambda: ack.item.encode() in received, what="the item's records at the SIEM")
+    assert outside.stop() == 0
+    thread.join(timeout=10)
+    server.close()
+    # RFC 6587 octet counting: "<length> <RFC 5424 message>", in log order
+    frames, pos = [], 0
+    while pos < len(received):
+        space = received.index(b" ", pos)
+        length = int(received[pos:space])
+        frames.append(bytes(received[space + 1 : space + 1 + length]))
+        pos = space + 1 + length
+    assert all(f.startswith(b"<") and b">1 " in f[:8] for f in frames)
+    idx = [json.loads(f[f.index(b'{"v":1,') :])["idx"] for f in frames]
+    assert idx == list(range(len(idx)))  # every record, in order, from the first
+    # everything up to the stop went out; the shutdown records go with the next start
+    rest = {r["event"] for r in records(o["audit_dir"])[len(idx) :]}
+    assert rest <= {"agent.stopped", "audit.checkpoint", "audit.stopped"}

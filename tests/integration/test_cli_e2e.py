@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import drop_file, edit_yaml, fast, ferry, init, wait_files
+from cli_helpers import drop_file, edit_yaml, fast_bulk, ferry, init, wait_files
 
 from ferry.channels.emulator import PtyCable
 
@@ -25,7 +25,7 @@ def _payloads(n: int, seed: int, max_size: int) -> dict[str, bytes]:
 
 def test_udp_loopback_end_to_end(tmp_path: Path, agents) -> None:
     dep = init(tmp_path / "d")
-    edit_yaml(dep["outside"]["config"], fast)
+    edit_yaml(dep["outside"]["config"], fast_bulk)
     inside = agents("inside", dep["inside"]["config"])
     outside = agents("outside", dep["outside"]["config"])
     files = _payloads(12, 1, 300_000)
@@ -54,7 +54,7 @@ def test_serial_pty_end_to_end(tmp_path: Path, agents) -> None:
         )  # fmt: skip
 
         def faster(data: dict) -> None:
-            fast(data)
+            fast_bulk(data)
             data["link"]["serial"]["baud"] = 921600
             data["link"]["heartbeat_interval"] = 0.5
 
@@ -96,7 +96,7 @@ def test_wrong_inside_key_is_rejected_and_logged(tmp_path: Path, agents) -> None
     b = init(tmp_path / "b")
     # b's inside listens where a's outside sends, and trusts a's signing key,
     # but holds a different KEM key than the one a's outside seals to.
-    edit_yaml(a["outside"]["config"], fast)
+    edit_yaml(a["outside"]["config"], fast_bulk)
     port = b["link"]["udp"]["port"]
     edit_yaml(a["outside"]["config"], lambda d: d["link"]["udp"].update(port=port))
     edit_yaml(
@@ -117,7 +117,7 @@ def test_foreign_signing_key_is_rejected_and_logged(tmp_path: Path, agents) -> N
     keys.mkdir()
     other = ferry("keygen", "--role", "outside-signing", "--out", str(keys), "--json").stdout
     foreign = json.loads(other)["public_key_string"]
-    edit_yaml(dep["outside"]["config"], fast)
+    edit_yaml(dep["outside"]["config"], fast_bulk)
     edit_yaml(dep["inside"]["config"], lambda d: d["keys"].update(outside_public_key=foreign))
     inside = agents("inside", dep["inside"]["config"])
     agents("outside", dep["outside"]["config"])
@@ -169,7 +169,7 @@ def test_replayed_capture_is_rejected_and_logged(tmp_path: Path, agents) -> None
     dep = init(tmp_path / "d")
     tap = _Tap(dep["link"]["udp"]["port"])
     try:
-        edit_yaml(dep["outside"]["config"], fast)
+        edit_yaml(dep["outside"]["config"], fast_bulk)
         edit_yaml(dep["outside"]["config"], lambda d: d["link"]["udp"].update(port=tap.port))
         # This test is about replay, not loss: pace gently through the Python tap.
         edit_yaml(dep["outside"]["config"], lambda d: d["link"].update(rate="50M"))

@@ -222,6 +222,7 @@ def test_keygen_roles_table_is_complete() -> None:
         "api-client",
         "consumer-server",
         "consumer",
+        "security-admin",
     }
 
 

@@ -1,0 +1,142 @@
+"""Worker isolation: a filter that crashes, loops, hogs memory, writes too much or lies about
+its output is refused with FILTER_ERROR, and the pipeline keeps working."""
+
+from __future__ import annotations
+
+import errno as E
+import resource
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from content_helpers import policy
+
+from ferry.errors import SelfTestError
+from outside.content.pipeline import ContentPipeline
+from tests.corpus.gen_basic import _zip
+
+HOSTILE = "tests.unit.content_helpers"
+
+
+@pytest.fixture
+def pipeline() -> Iterator[ContentPipeline]:
+    p = ContentPipeline(
+        workers=1,
+        sanitizers={
+            "csv": f"{HOSTILE}:crash",
+            "json": f"{HOSTILE}:loop",
+            "xml": f"{HOSTILE}:hog",
+            "ofd": f"{HOSTILE}:raises",
+            "zip": f"{HOSTILE}:escape",
+        },
+    )
+    p.start()
+    yield p
+    p.close()
+
+
+def _check(p: ContentPipeline, tmp: Path, name: str, data: bytes, **limits: float) -> str:
+    src = tmp / f"src-{name}"
+    src.write_bytes(data)
+    verdict = p.process(policy(limits=limits), src, name, tmp / f"work-{name}")
+    assert verdict.report["sha256_in"]
+    return f"{verdict.kind}:{verdict.reason}" if verdict.reason else verdict.kind
+
+
+def _still_works(p: ContentPipeline, tmp: Path) -> None:
+    assert _check(p, tmp, f"ok{len(list(tmp.iterdir()))}.txt", b"fine\n") == "deliver_as_is"
+
+
+def test_crash_rejected_and_recovered(pipeline: ContentPipeline, tmp_path: Path) -> None:
+    assert _check(pipeline, tmp_path, "a.csv", b"a,b\n") == "reject:FILTER_ERROR"
+    assert pipeline.crashes == 1
+    _still_works(pipeline, tmp_path)
+
+
+def test_endless_loop_times_out(pipeline: ContentPipeline, tmp_path: Path) -> None:
+    src = tmp_path / "a.json"
+    src.write_bytes(b"{}")
+    verdict = pipeline.process(policy(limits={"seconds": 1.5}), src, "a.json", tmp_path / "w")
+    assert verdict.reason == "FILTER_ERROR"
+    assert "longer than 1.5 s" in verdict.message
+    _still_works(pipeline, tmp_path)
+
+
+def test_cpu_limit(pipeline: ContentPipeline, tmp_path: Path) -> None:
+    src = tmp_path / "a.json"
+    src.write_bytes(b"{}")
+    verdict = pipeline.process(
+        policy(limits={"seconds": 30, "cpu_seconds": 1}), src, "a.json", tmp_path / "w"
+    )
+    assert verdict.reason == "FILTER_ERROR"
+    assert "CPU" in verdict.message
+    _still_works(pipeline, tmp_path)
+
+
+def test_memory_hog_bounded(pipeline: ContentPipeline, tmp_path: Path) -> None:
+    assert _check(pipeline, tmp_path, "a.xml", b"<a/>") == "reject:FILTER_ERROR"
+    _still_works(pipeline, tmp_path)
+    pipeline.close()
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib < 500 * 1024, f"a worker reached {peak_kib // 1024} MiB"
+
+
+def test_filter_exception(pipeline: ContentPipeline, tmp_path: Path) -> None:
+
+    ofd = _zip([("OFD.xml", b"<ofd:OFD/>")])
+    assert _check(pipeline, tmp_path, "a.ofd", ofd) == "reject:FILTER_ERROR"
+    _still_works(pipeline, tmp_path)
+
+
+def test_output_outside_workdir_refused(pipeline: ContentPipeline, tmp_path: Path) -> None:
+
+    verdict = _check(pipeline, tmp_path, "a.zip", _zip([("a.txt", b"a")]))
+    assert verdict == "reject:FILTER_ERROR"
+
+
+def test_file_size_limit(tmp_path: Path) -> None:
+    with ContentPipeline(workers=1, sanitizers={"txt": f"{HOSTILE}:big_write"}) as p:
+        src = tmp_path / "a.txt"
+        src.write_bytes(b"x\n")
+        small = policy(limits={"max_bytes": "1M", "archive_expanded": "1M"})
+        verdict = p.process(small, src, "a.txt", tmp_path / "w")
+        assert verdict.reason == "FILTER_ERROR"
+        assert not list((tmp_path / "w").iterdir()), "a partial output was left behind"
+
+
+def test_worker_has_no_network() -> None:
+    code = (
+        "import socket, sys\n"
+        "from outside.content.worker import harden\n"
+        "net = harden(450, 1 << 30)\n"
+        "s = socket.socket(); s.settimeout(2)\n"
+        "try:\n    s.connect(('127.0.0.1', 9)); print('connected')\n"
+        "except OSError as e:\n    print(net, e.errno)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    net, errno = out.stdout.split()
+    if net == "none":
+        pytest.skip("no network namespaces on this machine")
+    assert int(errno) in (E.ENETUNREACH, E.ECONNREFUSED, E.EADDRNOTAVAIL)
+
+
+def test_self_test_fails_without_eicar_rule(tmp_path: Path) -> None:
+    (tmp_path / "other.yar").write_text('rule R { strings: $a = "zzzz" condition: $a }')
+    with pytest.raises(SelfTestError):
+        ContentPipeline(rules_dir=tmp_path).start()
+
+
+def test_concurrent_processing(tmp_path: Path) -> None:
+    with ContentPipeline(workers=2, max_jobs=3) as p:
+
+        def one(i: int) -> str:
+            src = tmp_path / f"{i}.txt"
+            src.write_bytes(f"file {i}\n".encode())
+            return p.process(policy(), src, f"{i}.txt", tmp_path / f"w{i}").kind
+
+        with ThreadPoolExecutor(4) as pool:
+            kinds = list(pool.map(one, range(12)))
+    assert kinds == ["deliver_as_is"] * 12

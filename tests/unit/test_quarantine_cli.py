@@ -1,0 +1,171 @@
+"""`ferry quarantine list | show | release`: signed, idempotent releases."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from ferry.cli import main
+from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key, write_secret_key
+from ferry.errors import KeyFileError, UsageError
+from ferry.provision import init_deployment
+from outside.quarantine import Quarantine
+from outside.quarantine_cli import (
+    RELEASES,
+    list_items,
+    overrides_for,
+    release_item,
+    verify_record,
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()  # ferry.cli.main pointed logs at a captured stream
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> dict[str, object]:
+    out = init_deployment(tmp_path / "d", port=47997)
+    q = Quarantine(Path(out["channels"]["documents"]["quarantine"]))
+    src = tmp_path / "dropped.txt"
+    src.write_bytes(b"report\n")
+    q.put_file(
+        src,
+        channel="documents",
+        original_name="报告 2024.txt",
+        reason_code="FILENAME_POLICY",
+        message="bad name",
+        sha256="ab" * 32,
+        details={"report": {"version": 1, "verdict": "reject"}},
+    )
+    return out
+
+
+def _paths(out: dict[str, object]) -> tuple[Path, Path, Path, Path]:
+    ch = out["channels"]["documents"]  # type: ignore[index]
+    admin = out["security_admin"]  # type: ignore[index]
+    return (
+        Path(ch["quarantine"]),
+        Path(ch["drop"]),
+        Path(admin["secret_key"]),
+        Path(admin["public_key"]),
+    )
+
+
+def test_release_is_signed_and_idempotent(deployment: dict[str, object]) -> None:
+    folder, drop, secret, public = _paths(deployment)
+    key, trusted = load_secret_key(secret), load_public_key(str(public))
+    [item] = list_items(folder)
+    assert item["reason_code"] == "FILENAME_POLICY"
+    assert not item["released"]
+    seen: list[dict[str, object]] = []
+    first = release_item(
+        folder,
+        item["stored_name"],
+        channel="documents",
+        drop=drop,
+        key=key,
+        trusted=trusted,
+        override="FILENAME_POLICY",
+        on_record=seen.append,
+    )
+    assert first["status"] == "released"
+    assert (drop / first["resubmitted_as"]).read_bytes() == b"report\n"
+    assert verify_record(seen[0], trusted)
+    assert overrides_for(folder, "ab" * 32, trusted) == {"FILENAME_POLICY"}
+    second = release_item(
+        folder, item["stored_name"], channel="documents", drop=drop, key=key, trusted=trusted
+    )
+    assert second["status"] == "already released"
+    assert second["resubmitted_as"] is None
+    assert len(list(drop.iterdir())) == 1
+    assert len((folder / RELEASES).read_text().splitlines()) == 1
+    assert list_items(folder)[0]["released"]
+    tampered = dict(seen[0], override="MALWARE_SIGNATURE")
+    assert not verify_record(tampered, trusted)
+
+
+def test_release_needs_the_trusted_key(deployment: dict[str, object], tmp_path: Path) -> None:
+    folder, drop, _, public = _paths(deployment)
+    other = SecretKey.generate("ed25519")
+    with pytest.raises(KeyFileError):
+        release_item(
+            folder,
+            list_items(folder)[0]["stored_name"],
+            channel="documents",
+            drop=drop,
+            key=other,
+            trusted=load_public_key(str(public)),
+        )
+    assert not list(drop.iterdir())
+
+
+def test_hostile_reasons_cannot_be_overridden(tmp_path: Path) -> None:
+    folder, drop = tmp_path / "q", tmp_path / "drop"
+    src = tmp_path / "x.txt"
+    src.write_bytes(b"x")
+    Quarantine(folder).put_file(
+        src, channel="c", original_name="x.txt", reason_code="MALWARE_SIGNATURE", message="EICAR"
+    )
+    key = SecretKey.generate("ed25519")
+    with pytest.raises(UsageError, match="cannot be overridden"):
+        release_item(
+            folder,
+            "x.txt",
+            channel="c",
+            drop=drop,
+            key=key,
+            trusted=key.public,
+            override="MALWARE_SIGNATURE",
+        )
+
+
+def test_cli(deployment: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+    __, drop, secret, _ = _paths(deployment)
+    config = deployment["outside"]["config"]  # type: ignore[index]
+    assert main(["quarantine", "list", "-c", config, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    name = row["stored_name"]
+    assert main(["quarantine", "show", "-c", config, "--channel", "documents", name]) == 0
+    assert "Content report" in capsys.readouterr().out
+    wrong = Path(str(secret) + ".other")
+    write_secret_key(wrong, SecretKey.generate("ed25519"), "security-admin")
+    assert (
+        main(
+            [
+                "quarantine",
+                "release",
+                "-c",
+                config,
+                name,
+                "--channel",
+                "documents",
+                "--key",
+                str(wrong),
+            ]
+        )
+        == KeyFileError.exit_code
+    )
+    args = [
+        "quarantine",
+        "release",
+        "-c",
+        config,
+        name,
+        "--channel",
+        "documents",
+        "--key",
+        str(secret),
+        "--json",
+    ]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "released"
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "already released"
+    assert len(list(drop.iterdir())) == 1
