@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import drop_file, edit_yaml, fast, init, wait_files
+from cli_helpers import drop_file, edit_yaml, fast, ferry, init, wait_files
 
 from ferry.audit.record import decode
 from ferry.audit.verify import iter_lines, list_segments, verify
@@ -318,6 +318,16 @@ def test_suppressed_item_becomes_a_sequence_gap(tmp_path: Path, agents) -> None:
     assert gap[0]["object"]["channel"] == "messages"
     assert (gap[0]["detail"]["first"], gap[0]["detail"]["last"]) == (lost.seq, lost.seq)
     assert lost.item not in {r.get("corr") for r in records(i["audit_dir"])}
+    # the auditor's view: reconcile both logs; the suppressed item is missing, with the gap
+    out = ferry(
+        "audit", "reconcile", "--outside", o["audit_dir"], "--inside", i["audit_dir"],
+        "--outside-key", o["audit_public_key"], "--inside-key", i["audit_public_key"],
+        "--grace", "0", "--json", check=False,
+    )  # fmt: skip
+    assert out.returncode == 10, out.stderr
+    result = json.loads(out.stdout)
+    missing = [x for x in result["items"] if x["state"] == "missing"]
+    assert [x["item"] for x in missing] == [lost.item]
 
 
 def test_agent_exports_its_log_to_a_siem_over_tcp(tmp_path: Path, agents) -> None:
