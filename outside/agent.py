@@ -63,6 +63,7 @@ MESSAGE_FEC = (4, 4)
 # Source symbols of an audit-mirror piece (one FEC block; k + repair stays under 255).
 MAX_PIECE_SYMBOLS = 200
 SCHEDULE_INTERVAL = 0.5
+ADMIN_PUBLIC_KEY = "keys/security-admin.pub"  # as ferry quarantine release looks for it
 # The sending thread blocks in syscalls; with the API thread busy it would wait the default
 # 5 ms for the GIL after each one. A shorter switch interval keeps the link fed.
 SWITCH_INTERVAL = 0.0005
@@ -86,8 +87,14 @@ class OutsideAgent:
             if any(c.content is not None for c in cfg.channels):
                 self.pipeline = ContentPipeline()  # parsers in worker processes (docs/CONTENT.md)
                 self.pipeline.start()  # YARA EICAR self-test: refuses to run without it
+            admin = cfg.source.parent / ADMIN_PUBLIC_KEY  # releases are signed with its secret
             self.intake = FolderIntake(
-                cfg.channels, self.spool, self.key, audit=self.audit, pipeline=self.pipeline
+                cfg.channels,
+                self.spool,
+                self.key,
+                audit=self.audit,
+                pipeline=self.pipeline,
+                admin_key=load_public_key(str(admin)) if admin.is_file() else None,
             )
             self.api: ApiServer | None = None
             if cfg.api is not None:

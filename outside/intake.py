@@ -29,13 +29,14 @@ from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import OutsideChannel
 from ferry.content.base import FEATURES, Verdict
-from ferry.crypto.keys import SecretKey
+from ferry.crypto.keys import PublicKey, SecretKey
 from ferry.errors import PolicyRejection
 from ferry.wire import records as rec
 from ferry.wire.records import MAX_REPORT_BYTES
 from ferry.wire.sender import build_trailer
 from outside.content.pipeline import ContentPipeline
 from outside.quarantine import Quarantine
+from outside.quarantine_cli import RELEASES, verify_record
 from outside.spool import Spool, SpoolItem, now_us
 from outside.watch import DropWatcher, Ready, Refused, WatchSpec
 
@@ -45,6 +46,8 @@ COPY_CHUNK = 1024 * 1024
 # report stays outside, with the quarantined item or in structlog).
 MAX_AUDITED_ACTIONS = 20
 CONTENT_SUBJECT = Subject.component("content")
+RELEASE_SCAN_INTERVAL = 2.0  # seconds between looks at the quarantine releases
+MAX_RELEASE_SCAN = 4 * 1024 * 1024
 
 _log = log.get("outside.intake")
 
@@ -211,6 +214,7 @@ class FolderIntake:
         rescan_interval: float = 30.0,
         audit: AgentAudit | None = None,
         pipeline: ContentPipeline | None = None,
+        admin_key: PublicKey | None = None,
     ) -> None:
         self._channels = {c.name: c for c in channels if c.kind == "files" and c.drop}
         self._audit = audit
@@ -232,6 +236,15 @@ class FolderIntake:
         for stale in self._incoming.glob("*.part"):
             stale.unlink()
         self._workdir = self._incoming / "content"  # cleaned outputs (same file system)
+        self._admin_key = admin_key
+        self._next_release_scan = 0.0
+        self._release_state = spool.dir.parent / "releases-audited.json"
+        try:
+            self._release_offsets: dict[str, int] = json.loads(
+                self._release_state.read_text(encoding="utf-8")
+            )
+        except (OSError, ValueError):
+            self._release_offsets = {}
         shutil.rmtree(self._workdir, ignore_errors=True)
         specs = []
         for c in self._channels.values():
@@ -263,6 +276,7 @@ class FolderIntake:
     def step(self, timeout: float) -> list[SpoolItem]:
         """Wait up to ``timeout`` for files; take what is ready; return the new items."""
         ready, refused = self.watcher.poll(timeout)
+        self._audit_releases()
         for bad in refused:
             self._refused(bad)
         taken: list[SpoolItem] = []
@@ -426,6 +440,66 @@ class FolderIntake:
 
     def _subject(self, ch: OutsideChannel) -> Subject:
         return Subject.clerk_folder(str(ch.drop), ch.name)
+
+    def _audit_releases(self) -> None:
+        """Record each quarantine release (``ferry quarantine release`` appends a signed line to
+        the folder's releases.jsonl; the CLI cannot write the agent's log) as
+        ``quarantine.released``; a line whose signature does not verify is recorded as a
+        failure. Offsets are kept in the state folder, so each release is recorded once."""
+        now = time.monotonic()
+        if self._audit is None or now < self._next_release_scan:
+            return
+        self._next_release_scan = now + RELEASE_SCAN_INTERVAL
+        changed = False
+        for name, q in self._quarantine.items():
+            path = q.folder / RELEASES
+            key = str(path)
+            done = self._release_offsets.get(key, 0)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size <= done:
+                continue
+            with open(path, "rb") as f:
+                f.seek(done)
+                data = f.read(min(size - done, MAX_RELEASE_SCAN))
+            end = data.rfind(b"\n") + 1
+            for line in data[:end].splitlines():
+                self._audit_release(name, line)
+            self._release_offsets[key] = done + end
+            changed = changed or end > 0
+        if changed:
+            tmp = self._release_state.with_name(self._release_state.name + ".tmp")
+            tmp.write_text(json.dumps(self._release_offsets), encoding="utf-8")
+            os.replace(tmp, self._release_state)
+
+    def _audit_release(self, channel: str, line: bytes) -> None:
+        assert self._audit is not None
+        try:
+            record = json.loads(line)
+            good = self._admin_key is not None and verify_record(record, self._admin_key)
+        except ValueError:
+            record, good = {}, False
+        obj = AuditObject(
+            kind="file",
+            channel=channel,
+            name=str(record.get("original_name") or "")[:1024] or None,
+            sha256=record.get("sha256") if isinstance(record.get("sha256"), str) else None,
+        )
+        who = str(record.get("admin_key_id") or "unknown")[:64]
+        self._audit.try_record(
+            "quarantine.released",
+            subject=Subject.user(f"security-admin:{who}"),
+            result="success" if good else "failure",
+            reason=None if good else "BAD_SIGNATURE: a release line not signed by the admin key",
+            obj=obj,
+            detail={
+                k: str(record[k])[:256]
+                for k in ("stored_name", "reason_code", "override", "released_at", "note")
+                if record.get(k)
+            },
+        )
 
     def _record_verdict(
         self, ch: OutsideChannel, name: str, verdict: Verdict, item: SpoolItem | None

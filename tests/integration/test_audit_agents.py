@@ -373,3 +373,51 @@ def test_agent_exports_its_log_to_a_siem_over_tcp(tmp_path: Path, agents) -> Non
     # everything up to the stop went out; the shutdown records go with the next start
     rest = {r["event"] for r in records(o["audit_dir"])[len(idx) :]}
     assert rest <= {"agent.stopped", "audit.checkpoint", "audit.stopped"}
+
+
+def test_quarantine_and_its_release_are_recorded(tmp_path: Path, agents) -> None:
+    dep = deploy(tmp_path)
+    o, i = dep["outside"], dep["inside"]
+    agents("inside", i["config"]).wait_event("inside_started")
+    outside = agents("outside", o["config"])
+    outside.wait_event("api_listening")
+    exe = b"MZ" + b"\x90" * 58 + b"\x80\x00\x00\x00" + b"\x00" * 64 + b"PE\x00\x00" + b"\x00" * 64
+    drop_file(dep["channels"]["documents"]["drop"], "invoice.pdf.exe", exe)
+    listed = wait_for(
+        lambda: json.loads(ferry("quarantine", "list", "-c", o["config"], "--json").stdout),
+        what="the quarantined file",
+    )
+    stored = listed[0]["stored_name"]
+    out = ferry(
+        "quarantine", "release", "-c", o["config"], stored,
+        "--key", dep["security_admin"]["secret_key"], "--json",
+    )  # fmt: skip
+    assert json.loads(out.stdout)["status"] == "released"
+    released = wait_for(
+        lambda: [r for r in records(o["audit_dir"]) if r["event"] == "quarantine.released"],
+        what="quarantine.released",
+    )
+    # a forged line (not signed by the admin key) is recorded as a failure, not trusted
+    releases = Path(dep["channels"]["documents"]["quarantine"]) / "releases.jsonl"
+    with open(releases, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"stored_name": "x", "admin_key_id": "00", "signature": "AA=="}) + "\n")
+    forged = wait_for(
+        lambda: [
+            r
+            for r in records(o["audit_dir"])
+            if r["event"] == "quarantine.released" and r["result"] == "failure"
+        ],
+        what="the forged release",
+    )
+    assert outside.stop() == 0
+    recs = records(o["audit_dir"])
+    assert released[0]["result"] == "success"
+    assert released[0]["subject"]["id"].endswith(dep["security_admin"]["key_id"])
+    assert released[0]["detail"]["stored_name"] == stored
+    assert "BAD_SIGNATURE" in forged[0]["reason"]
+    # released without an override, the executable is checked again and refused again
+    verdicts = [r for r in recs if r["event"] == "verdict"]
+    assert len(verdicts) == 2
+    assert all(v["result"] == "rejected" for v in verdicts)
+    assert sum(r["event"] == "quarantine.added" for r in recs) == 2
+    assert sum(r["event"] == "quarantine.released" for r in recs) == 2
