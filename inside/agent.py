@@ -24,7 +24,7 @@ from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject
 from ferry.config_types import InsideConfig
 from ferry.content.scan import Scanner
 from ferry.crypto.keys import load_public_key, load_secret_key
-from ferry.errors import FerryError, PolicyRejection, WireError
+from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
 from ferry.jsondoc import SchemaRegistry
 from ferry.runtime import open_receiver
 from ferry.status import write_status
@@ -80,11 +80,14 @@ class _RateLimitedLog:
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
 
-    def __call__(self, event: str, reason: str, **kw: object) -> None:
+    def __call__(self, event: str, reason: str, **kw: object) -> int:
+        """Count one; return the running count when it was logged (a power of two), else 0."""
         n = self.counts.get(reason, 0) + 1
         self.counts[reason] = n
         if n & (n - 1) == 0:
             _log.warning(event, reason=reason, count=n, **kw)
+            return n
+        return 0
 
 
 class InsideAgent:
@@ -610,7 +613,16 @@ class InsideAgent:
                     try:
                         machine.receive_datagram(datagram, now)
                     except WireError as exc:
-                        self._reject_log("packet_rejected", str(exc), kind=type(exc).__name__)
+                        n = self._reject_log("packet_rejected", str(exc), kind=type(exc).__name__)
+                        if n and isinstance(exc, ReplayRejected):  # (1st, 2nd, 4th... time)
+                            self.audit.try_record(
+                                "transfer.replay_rejected",
+                                subject=self.peer,
+                                result="rejected",
+                                reason=f"REPLAY: {exc}"[:1024],
+                                obj=AuditObject(kind="link"),
+                                detail={"count": n},
+                            )
                     self._handle(machine, monitor, now)
                 mono = time.monotonic()
                 if mono >= next_tick:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import drop_file, edit_yaml, fast_bulk, ferry, init, wait_files
 
+from ferry.audit.record import decode
+from ferry.audit.verify import iter_lines, list_segments
 from ferry.channels.emulator import PtyCable
 
 pytestmark = pytest.mark.integration
@@ -190,5 +192,15 @@ def test_replayed_capture_is_rejected_and_logged(tmp_path: Path, agents) -> None
         time.sleep(1.5)
         assert sorted(os.listdir(deliver)) == sorted(files), "a replay delivered something again"
         assert inside2.stop() == 0
+        # and the replay is in the inside's audit log (the first, second, fourth... one)
+        replays = [
+            r
+            for _, seg in list_segments(Path(dep["inside"]["audit_dir"]))
+            for r in (decode(line.data) for line in iter_lines(seg))
+            if r["event"] == "transfer.replay_rejected"
+        ]
+        assert replays
+        assert replays[0]["result"] == "rejected"
+        assert replays[0]["detail"]["count"] == 1
     finally:
         tap.close()
