@@ -210,8 +210,10 @@ def ferry_deploy(work: Path, rate: str, fec: dict[str, Any]) -> dict[str, Any]:
             cfg["link"]["rate"] = rate
             cfg["outside"] = {"poll_interval": 0.01}
             cfg["channels"][0].update(settle_seconds=0, after_send="delete", max_size="64G")
+            cfg["channels"][0].pop("content", None)  # random bytes: a bulk channel
         else:
             cfg["inside"] = {"object_timeout": 10}  # an undecodable object fails fast
+            cfg["channels"][0]["recheck"] = False
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return info
 

@@ -587,7 +587,7 @@ def _inside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> InsideChannel:
     kind = raw.get("kind", "files")
     deliver = doc.path(raw["deliver"]) if "deliver" in raw else None
     kw: dict[str, Any] = {"kind": kind}
-    for key in ("subfolders", "consumers"):
+    for key in ("subfolders", "consumers", "recheck"):
         if key in raw:
             kw[key] = raw[key]
     if "schemas" in raw:
@@ -605,8 +605,9 @@ def _inside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> InsideChannel:
             raise doc.error(
                 where, f"channels[{i}]: a messages channel needs 'schemas' (at least one)"
             )
-        if "subfolders" in raw:
-            raise doc.error((*where, "subfolders"), f"channels[{i}].subfolders: files only")
+        for key in ("subfolders", "recheck"):
+            if key in raw:
+                raise doc.error((*where, key), f"channels[{i}].{key}: files only")
         if deliver is None and not kw.get("consumers", True):
             raise doc.error(
                 where, f"channels[{i}]: messages need a 'deliver' folder or consumers (or both)"

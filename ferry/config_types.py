@@ -169,6 +169,9 @@ class InsideChannel:
     """Message schemas accepted inside (checked again before delivery)."""
     consumers: bool = True
     """Deliver messages to inner ZeroMQ consumers (``messages`` channels)."""
+    recheck: bool = True
+    """Files channels: every file must carry the outside's content report and pass the inside
+    re-check; a file without one is refused (a bulk channel of opaque data sets False)."""
 
 
 @dataclass(frozen=True)

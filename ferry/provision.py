@@ -367,7 +367,9 @@ consumers:
 """
 
 
-def _inside_yaml(link: str, channels: tuple[str, ...], messages: str = "") -> str:
+def _inside_yaml(
+    link: str, channels: tuple[str, ...], messages: str = "", bulk: tuple[str, ...] = ()
+) -> str:
     text = _HEADER.format(role="inside", state="session state and partial objects")
     text += """\
   # Secret KEM key sessions are opened with (mode 0600).
@@ -384,6 +386,11 @@ def _inside_yaml(link: str, channels: tuple[str, ...], messages: str = "") -> st
     name: {name}
     # Folder verified files are delivered into.
     deliver: {_q(f"deliver/{name}")}
+"""
+        if name in bulk:
+            text += """\
+    # A bulk channel: opaque data, no content report from the outside, no re-check here.
+    recheck: false
 """
     text += messages
     text += _audit_yaml("inside")
@@ -552,7 +559,7 @@ def init_deployment(
         chans[name]["quarantine"] = str(out / "quarantine" / name)
         _mkdir(out / "quarantine" / name, _PRIVATE_DIR)
     _create_text(o["config"], _outside_yaml(link_out, channels, extra_out, bulk))
-    _create_text(i["config"], _inside_yaml(link_in, channels, extra_in))
+    _create_text(i["config"], _inside_yaml(link_in, channels, extra_in, bulk))
     _record_keys(o, i, api_info, consumer_info)
     _mkdir(i["audit_mirror_dir"], _PRIVATE_DIR)
     result: dict[str, Any] = {

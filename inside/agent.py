@@ -108,6 +108,9 @@ class InsideAgent:
             ch.name: ch.deliver for ch in cfg.channels if ch.kind == "files" and ch.deliver
         }
         self.subfolders = {ch.name: ch.subfolders for ch in cfg.channels}
+        self.recheck_required = {
+            ch.name for ch in cfg.channels if ch.kind == "files" and ch.recheck
+        }
         self.msg_channels = {ch.name: ch for ch in cfg.channels if ch.kind == "messages"}
         for ch in cfg.channels:
             if ch.deliver is not None:
@@ -288,7 +291,23 @@ class InsideAgent:
         """The independent inside re-check of a file the outside's pipeline passed."""
         self._record_received(manifest)  # verified (signature and hash) and complete
         if not manifest.report:
-            return  # a channel without a content policy outside: nothing to compare with
+            if manifest.channel not in self.recheck_required:
+                return  # a bulk channel (recheck: false on both sides' say-so)
+            # the re-check must not depend on the outside choosing to send a report
+            self.audit.record(
+                "recheck",
+                subject=Subject.component("recheck"),
+                result="rejected",
+                reason="RECHECK_MISSING: the file came without the outside's content report",
+                obj=self._item_object(manifest, None),
+                detail={"disagreement": True, "severity": "high"},
+                corr=manifest.object_id.hex(),
+            )
+            _log.critical("recheck_report_missing", object_id=manifest.object_id.hex())
+            raise RecheckFailed(
+                f"RECHECK_MISSING: channel {manifest.channel} re-checks every file, and this one "
+                "came without the outside's content report"
+            )
         subject = Subject.component("recheck")
         obj = self._item_object(manifest, None)
         try:

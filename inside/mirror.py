@@ -37,6 +37,8 @@ PIECE_NAME = re.compile(r"(audit-[0-9]{6}\.jsonl|checkpoints\.log)@(0|[1-9][0-9]
 # Bytes of out-of-order pieces held while a gap is filled (a repeat copy usually fills it).
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 SUBJECT = Subject.component("audit-mirror")
+# Bytes read at a time while hashing mirrored records (a record is at most 16 KiB).
+READ_CHUNK = 1024 * 1024
 
 
 class MirrorRejected(Exception):
@@ -224,12 +226,13 @@ class AuditMirror:
         return previous.get("segment") == segment_name(number) and previous.get("bytes") == size
 
     def _advance_to(self, size: int) -> None:
-        """Feed mirrored records into the tree until it holds ``size`` of them."""
+        """Feed mirrored records into the tree until it holds ``size`` of them (reading only
+        as far as needed, in READ_CHUNK pieces: a segment may be 64 MiB)."""
         while self._tree.size < size:
             path = self.dir / segment_name(self._cursor.segment)
             with open(path, "rb") as f:
                 f.seek(self._cursor.offset)
-                data = f.read()
+                data = f.read(READ_CHUNK)
             pos = 0
             while self._tree.size < size:
                 nl = data.find(b"\n", pos)
@@ -238,7 +241,7 @@ class AuditMirror:
                 self._tree.append(leaf_hash(data[pos:nl]))
                 pos = nl + 1
             self._cursor.offset += pos
-            if self._tree.size < size:  # this segment is exhausted: the next one
+            if self._tree.size < size and len(data) < READ_CHUNK:  # end of this segment
                 if not self._segment_complete(self._cursor.segment):
                     raise MirrorRejected("mirrored records end before the checkpoint")
                 self._cursor = _Cursor(self._cursor.segment + 1, 0)

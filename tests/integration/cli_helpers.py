@@ -43,10 +43,14 @@ def fast(data: dict[str, Any]) -> None:
 
 
 def opaque(data: dict[str, Any]) -> None:
-    """Take the content policy off every files channel (a bulk channel, as `ferry init --bulk`
-    makes): for tests of the transport that move random bytes."""
+    """Make every files channel a bulk channel, as `ferry init --bulk` does: no content policy
+    outside, no re-check inside. For tests of the transport that move random bytes; apply it
+    to both configs."""
     for ch in data["channels"]:
-        ch.pop("content", None)
+        if data["role"] == "outside":
+            ch.pop("content", None)
+        elif ch.get("kind", "files") == "files":
+            ch["recheck"] = False
 
 
 def fast_bulk(data: dict[str, Any]) -> None:

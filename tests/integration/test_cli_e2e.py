@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import drop_file, edit_yaml, fast_bulk, ferry, init, wait_files
+from cli_helpers import drop_file, edit_yaml, fast_bulk, ferry, init, opaque, wait_files
 
 from ferry.audit.record import decode
 from ferry.audit.verify import iter_lines, list_segments
@@ -28,6 +28,7 @@ def _payloads(n: int, seed: int, max_size: int) -> dict[str, bytes]:
 def test_udp_loopback_end_to_end(tmp_path: Path, agents) -> None:
     dep = init(tmp_path / "d")
     edit_yaml(dep["outside"]["config"], fast_bulk)
+    edit_yaml(dep["inside"]["config"], opaque)
     inside = agents("inside", dep["inside"]["config"])
     outside = agents("outside", dep["outside"]["config"])
     files = _payloads(12, 1, 300_000)
@@ -61,6 +62,7 @@ def test_serial_pty_end_to_end(tmp_path: Path, agents) -> None:
             data["link"]["heartbeat_interval"] = 0.5
 
         edit_yaml(dep["outside"]["config"], faster)
+        edit_yaml(dep["inside"]["config"], opaque)
         edit_yaml(dep["inside"]["config"], lambda d: d["link"].update(heartbeat_interval=0.5)
                   or d["link"]["serial"].update(baud=921600))  # fmt: skip
         inside = agents("inside", dep["inside"]["config"])
@@ -172,6 +174,7 @@ def test_replayed_capture_is_rejected_and_logged(tmp_path: Path, agents) -> None
     tap = _Tap(dep["link"]["udp"]["port"])
     try:
         edit_yaml(dep["outside"]["config"], fast_bulk)
+        edit_yaml(dep["inside"]["config"], opaque)
         edit_yaml(dep["outside"]["config"], lambda d: d["link"]["udp"].update(port=tap.port))
         # This test is about replay, not loss: pace gently through the Python tap.
         edit_yaml(dep["outside"]["config"], lambda d: d["link"].update(rate="50M"))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import Agent, drop_file, edit_yaml, fast, init
+from cli_helpers import Agent, drop_file, edit_yaml, fast, init, opaque
 
 from ferry.client import Client
 
@@ -84,7 +84,12 @@ def _with_flat_channel(data: dict[str, Any]) -> None:
         fast(data)
     else:
         docs["subfolders"] = True
-        flat = {"name": "flat", "deliver": docs["deliver"].replace("documents", "flat")}
+        docs["recheck"] = False  # (no content report comes from the outside above)
+        flat = {
+            "name": "flat",
+            "deliver": docs["deliver"].replace("documents", "flat"),
+            "recheck": False,
+        }
     data["channels"].append(flat)
 
 
@@ -246,6 +251,7 @@ def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
 
     dep = init(tmp_path / "d")
     edit_yaml(dep["outside"]["config"], out)
+    edit_yaml(dep["inside"]["config"], opaque)
     messages = Path(dep["channels"]["messages"]["deliver"])
     documents = Path(dep["channels"]["documents"]["deliver"])
     rejected_dir = Path(dep["inside"]["state_dir"]) / "rejected"

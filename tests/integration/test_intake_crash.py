@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from cli_helpers import Agent, drop_file, edit_yaml, fast, init
+from cli_helpers import Agent, drop_file, edit_yaml, fast, init, opaque
 
 from ferry.client import Consumer
 from ferry.config import load_client_config
@@ -127,6 +127,7 @@ def test_kill_9_during_folder_intake_delivers_every_file_exactly_once(
             ch.pop("content", None)  # random bytes: this is about intake, not content checks
 
     edit_yaml(dep["outside"]["config"], out)
+    edit_yaml(dep["inside"]["config"], opaque)
     docs = dep["channels"]["documents"]
     drop, sent, deliver = Path(docs["drop"]), Path(docs["sent"]), Path(docs["deliver"])
     state = Path(dep["outside"]["state_dir"])

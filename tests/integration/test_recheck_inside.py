@@ -58,12 +58,20 @@ def text_chunk() -> bytes:
 
 
 def stage(
-    agent: InsideAgent, key_path: str, name: str, content: bytes, seq: int
+    agent: InsideAgent,
+    key_path: str,
+    name: str,
+    content: bytes,
+    seq: int,
+    *,
+    with_report: bool = True,
 ) -> tuple[bytes, int]:
     """Write an object stream (content + signed trailer) into the inside's spool."""
     key = load_secret_key(Path(key_path), ("ed25519",))
     oid = os.urandom(16)
     report = {"v": 1, "type": "png", "verdict": "deliver_cleaned", "features": {}, "actions": []}
+    if not with_report:
+        report = {}
     manifest = rec.Manifest(
         object_id=oid,
         kind="file",
@@ -77,7 +85,7 @@ def stage(
         mtime_us=1,
         sender=key.public.key_id,
         subject="folder:documents",
-        report=json.dumps(report),
+        report=json.dumps(report) if report else "",
     )
     stream = content + build_trailer(manifest, key)
     agent._spool_path(oid).write_bytes(stream)
@@ -116,3 +124,30 @@ def test_a_disagreement_quarantines_inside_and_delivery_goes_on(tmp_path: Path) 
     assert "tEXt" in bad[1]["reason"]
     good = [r["event"] for r in records if r.get("corr") == good_oid.hex()]
     assert good == ["transfer.received", "recheck", "delivery.delivered"]
+
+
+def test_a_file_without_the_outside_report_is_refused_on_a_rechecked_channel(
+    tmp_path: Path,
+) -> None:
+    """A compromised outside cannot skip the inside re-check by leaving the report out."""
+    dep = init(tmp_path / "d")
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    agent = InsideAgent(cfg, threading.Event())
+    try:
+        oid, length = stage(
+            agent, dep["outside"]["signing_key"], "clean.png", png(), 1, with_report=False
+        )
+        agent._deliver_file(oid, length)
+    finally:
+        agent.audit.close()
+        agent.ledger.close()
+    assert list(Path(dep["channels"]["documents"]["deliver"]).iterdir()) == []
+    assert (cfg.state_dir / "quarantine" / f"{oid.hex()}.obj").is_file()
+    records = [
+        decode(line.data)
+        for _, seg in list_segments(Path(dep["inside"]["audit_dir"]))
+        for line in iter_lines(seg)
+    ]
+    [check] = [r for r in records if r["event"] == "recheck"]
+    assert check["result"] == "rejected"
+    assert "RECHECK_MISSING" in check["reason"]
