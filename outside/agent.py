@@ -99,7 +99,13 @@ class OutsideAgent:
             self.api: ApiServer | None = None
             if cfg.api is not None:
                 self.api = ApiServer(
-                    cfg, self.spool, self.key, self._enqueue, stop, audit=self.audit
+                    cfg,
+                    self.spool,
+                    self.key,
+                    self._enqueue,
+                    stop,
+                    audit=self.audit,
+                    pipeline=self.pipeline,
                 )
         except BaseException as exc:
             self.audit.try_record(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from ferry import log
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import ApiClient, ApiParams, OutsideChannel, OutsideConfig
+from ferry.content.base import Verdict
 from ferry.crypto.keys import SecretKey, load_secret_key
 from ferry.errors import FerryError, PolicyRejection
 from ferry.jsondoc import JsonLimits, SchemaRegistry
@@ -34,6 +36,7 @@ from ferry.wire import records as rec
 from ferry.wire.sender import build_trailer
 from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
+from outside.content.pipeline import ContentPipeline
 from outside.spool import (
     Conflict,
     MessageRequest,
@@ -131,6 +134,7 @@ class ApiServer:
         *,
         schemas: SchemaRegistry | None = None,
         audit: AgentAudit | None = None,
+        pipeline: ContentPipeline | None = None,
     ) -> None:
         if cfg.api is None or cfg.api.server_key is None or cfg.api.clients is None:
             raise FerryError("the outside config has no api section")
@@ -162,6 +166,9 @@ class ApiServer:
         self._uploads: dict[str, _Upload] = {}
         self._upload_dir = cfg.state_dir / "uploads"
         self._upload_dir.mkdir(parents=True, exist_ok=True)
+        self.pipeline = pipeline
+        self._content_dir = self._upload_dir / "content"  # cleaned outputs (spool's disk)
+        shutil.rmtree(self._content_dir, ignore_errors=True)
         for stale in self._upload_dir.glob("*.part"):
             stale.unlink()
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -652,24 +659,28 @@ class ApiServer:
         self._upload_finish(up)
 
     def _upload_finish(self, up: _Upload) -> None:
-        from outside.intake import spool_file_item  # noqa: PLC0415  # (import cycle)
+        from outside import intake  # noqa: PLC0415  # (import cycle)
 
         sid = up.submission_id
+        content = up.path
         try:
             if up.digest.digest() != up.sha256:
                 raise Refused("HASH_MISMATCH", "SHA-256 of the uploaded bytes differs")
             os.fsync(up.fd)
             os.close(up.fd)
             up.fd = -1
-            item = spool_file_item(
+            content, verdict = self._check_content(up)  # the same pipeline as the folders'
+            item = intake.spool_file_item(
                 self.spool,
                 self.key,
                 up.channel,
-                up.path,
-                name=up.name,
+                content,
+                name=verdict.name if verdict is not None else up.name,
                 subject=f"api:{up.client}",
                 submission=(up.client, sid, up.sha256),
-                record=lambda item, sha, media: self._record_upload(up, item, sha, media),
+                record=lambda item, sha, media: self._record_upload(up, item, sha, media, verdict),
+                report=intake.summary(up.channel, verdict),
+                media_type=intake.media_type_of(verdict),
             )
             if self._batch_idx >= 0 and self.audit is not None:
                 self.on_items([item])
@@ -677,6 +688,8 @@ class ApiServer:
                 self.audit.log.wait_durable(self._batch_idx)
         except AuditUnavailable as exc:
             self._drop_upload(up)
+            if content != up.path:
+                content.unlink(missing_ok=True)
             _log.error("upload_held_audit_unavailable", id=sid, error=str(exc))
             self.busy += 1
             self._send(up.identity, _reply(b"BUSY", {"id": sid, "retry_after": AUDIT_RETRY_AFTER}))
@@ -688,6 +701,8 @@ class ApiServer:
             return
         except (OSError, FerryError) as exc:
             self._drop_upload(up)
+            if content != up.path:
+                content.unlink(missing_ok=True)
             _log.exception("upload_spool_failed", id=sid)
             self._send(
                 up.identity,
@@ -700,10 +715,45 @@ class ApiServer:
         self.accepted += 1
         self._send(up.identity, _accepted(sid, item.object_id, item.channel, item.seq, False))
 
-    def _record_upload(self, up: _Upload, item: SpoolItem, sha256: str, media_type: str) -> None:
+    def _check_content(self, up: _Upload) -> tuple[Path, Verdict | None]:
+        """The channel's content policy on an upload; a refusal becomes REJECTED (and is
+        recorded), any failure of the pipeline FILTER_ERROR: nothing unchecked is spooled."""
+        from outside import intake  # noqa: PLC0415  # (import cycle)
+
+        try:
+            return intake.check_content(
+                self.pipeline, self.audit, up.channel, up.path, up.name, workdir=self._content_dir
+            )
+        except intake.ContentRefused as exc:
+            code, message = exc.reason_code, str(exc).removeprefix(f"{exc.reason_code}: ")
+        except Exception as exc:  # noqa: BLE001  # fail closed
+            _log.exception("upload_filter_error", id=up.submission_id)
+            code, message = "FILTER_ERROR", f"a content check failed: {exc}"
+        self._note(
+            "intake.rejected",
+            subject=self._client_subject(up.client),
+            result="rejected",
+            reason=f"{code}: {message}"[:1024],
+            obj=AuditObject(kind="file", channel=up.channel.name, name=up.name[:1024]),
+            detail={"reason_code": code, "submission": up.submission_id},
+        )
+        raise Refused(code, message)
+
+    def _record_upload(
+        self,
+        up: _Upload,
+        item: SpoolItem,
+        sha256: str,
+        media_type: str,
+        verdict: Verdict | None,
+    ) -> None:
+        from outside import intake  # noqa: PLC0415  # (import cycle)
+
         self._batch_idx = -1
         if self.audit is None:
             return
+        if verdict is not None:
+            intake.record_verdict(self.audit, up.channel, up.name, verdict, item)
         self._batch_idx = self.audit.record(
             "intake.accepted",
             subject=self._client_subject(up.client),

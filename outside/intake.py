@@ -347,28 +347,20 @@ class FolderIntake:
                 return None  # reported again once it is stable
         finally:
             os.close(src)
-        verdict: Verdict | None = None
-        content = tmp
         try:
-            if ch.content is not None:  # the content pipeline (issue 4): always, fail closed
-                if self._pipeline is None:
-                    raise RuntimeError("the content pipeline is not running")
-                verdict = self._pipeline.process(ch.content, tmp, name, self._workdir)
-                if verdict.kind == "reject":
-                    assert verdict.reason is not None
-                    self._record_verdict(ch, name, verdict, None)
-                    raise PolicyRejection(verdict.reason, verdict.message or verdict.reason)
-                if verdict.kind == "deliver_cleaned":
-                    if verdict.output is None:
-                        raise RuntimeError("a cleaned verdict without its output")
-                    content = verdict.output
-            else:
+            if ch.content is None:
                 for check in self._checks:
                     check(ch, tmp, name)
+            content, verdict = check_content(
+                self._pipeline, self._audit, ch, tmp, name, workdir=self._workdir
+            )
+        except ContentRefused as exc:
+            tmp.unlink(missing_ok=True)
+            self._reject(ch, path, name, exc.reason_code, _plain(exc), report=exc.report)
+            return None
         except PolicyRejection as exc:
             tmp.unlink(missing_ok=True)
-            report = verdict.report if verdict is not None else None
-            self._reject(ch, path, name, exc.reason_code, _plain(exc), report=report)
+            self._reject(ch, path, name, exc.reason_code, _plain(exc))
             return None
         except Exception as exc:  # noqa: BLE001  # fail closed: a filter error rejects the file
             tmp.unlink(missing_ok=True)
@@ -386,7 +378,7 @@ class FolderIntake:
             if self._audit is None:
                 return
             if verdict is not None:
-                self._record_verdict(ch, name, verdict, item)
+                record_verdict(self._audit, ch, name, verdict, item)
             obj = AuditObject(
                 kind="file",
                 item=item.object_id.hex(),
@@ -421,8 +413,8 @@ class FolderIntake:
                 source_path=str(path),
                 source_key=key,
                 record=record,
-                report=_summary(ch, verdict),
-                media_type=_media_type(verdict),
+                report=summary(ch, verdict),
+                media_type=media_type_of(verdict),
             )
         except AuditUnavailable as exc:  # not spooled: the file waits in its drop folder
             content.unlink(missing_ok=True)
@@ -499,43 +491,6 @@ class FolderIntake:
                 for k in ("stored_name", "reason_code", "override", "released_at", "note")
                 if record.get(k)
             },
-        )
-
-    def _record_verdict(
-        self, ch: OutsideChannel, name: str, verdict: Verdict, item: SpoolItem | None
-    ) -> None:
-        """The content pipeline's verdict (with the item, once it has one)."""
-        if self._audit is None:
-            return
-        report = verdict.report
-        actions = [a.to_json() for a in verdict.actions[:MAX_AUDITED_ACTIONS]]
-        detail: dict[str, object] = {
-            "verdict": verdict.kind,
-            "detected_type": verdict.type_name or "unknown",
-            "delivered_name": verdict.name,
-            "actions": actions,
-        }
-        if len(verdict.actions) > MAX_AUDITED_ACTIONS:
-            detail["actions_total"] = len(verdict.actions)
-        sha_in = report.get("sha256_in")
-        obj = AuditObject(
-            kind="file",
-            item=None if item is None else item.object_id.hex(),
-            channel=ch.name,
-            name=name,
-            size=report.get("size_in") if isinstance(report.get("size_in"), int) else None,
-            sha256=sha_in if isinstance(sha_in, str) and len(sha_in) == 64 else None,
-            seq=None if item is None else item.seq,
-        )
-        rejected = verdict.kind == "reject"
-        self._audit.record(
-            "verdict",
-            subject=CONTENT_SUBJECT,
-            result="rejected" if rejected else "success",
-            reason=f"{verdict.reason}: {verdict.message}"[:1024] if rejected else None,
-            obj=obj,
-            detail=detail,
-            corr=None if item is None else item.object_id.hex(),
         )
 
     def _reject(
@@ -629,7 +584,88 @@ class FolderIntake:
             _log.error("cannot_move_original", channel=ch.name, name=rel.name, error=str(exc))
 
 
-def _summary(ch: OutsideChannel, verdict: Verdict | None) -> str:
+class ContentRefused(PolicyRejection):
+    """The content pipeline refused a file; ``report`` is its per-object report."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        assert verdict.reason is not None
+        super().__init__(verdict.reason, verdict.message or verdict.reason)
+        self.report: Mapping[str, Any] = verdict.report
+
+
+def check_content(
+    pipeline: ContentPipeline | None,
+    audit: AgentAudit | None,
+    ch: OutsideChannel,
+    src: Path,
+    name: str,
+    *,
+    workdir: Path,
+) -> tuple[Path, Verdict | None]:
+    """Run a gateway-owned copy through the channel's content policy (always, fail closed).
+
+    Returns the file to spool (``src`` or the cleaned output in ``workdir``) and the verdict
+    (None for a channel without a policy). A refusal is recorded (``verdict``) and raised as
+    :class:`ContentRefused`; any other failure raises, and the caller refuses the file.
+    """
+    if ch.content is None:
+        return src, None
+    if pipeline is None:
+        raise RuntimeError("the content pipeline is not running")
+    verdict = pipeline.process(ch.content, src, name, workdir)
+    if verdict.kind == "reject":
+        record_verdict(audit, ch, name, verdict, None)
+        raise ContentRefused(verdict)
+    if verdict.kind == "deliver_cleaned":
+        if verdict.output is None:
+            raise RuntimeError("a cleaned verdict without its output")
+        return verdict.output, verdict
+    return src, verdict
+
+
+def record_verdict(
+    audit: AgentAudit | None,
+    ch: OutsideChannel,
+    name: str,
+    verdict: Verdict,
+    item: SpoolItem | None,
+) -> None:
+    """The content pipeline's verdict in the audit log (with the item, once it has one)."""
+    if audit is None:
+        return
+    report = verdict.report
+    actions = [a.to_json() for a in verdict.actions[:MAX_AUDITED_ACTIONS]]
+    detail: dict[str, object] = {
+        "verdict": verdict.kind,
+        "detected_type": verdict.type_name or "unknown",
+        "delivered_name": verdict.name,
+        "actions": actions,
+    }
+    if len(verdict.actions) > MAX_AUDITED_ACTIONS:
+        detail["actions_total"] = len(verdict.actions)
+    sha_in = report.get("sha256_in")
+    obj = AuditObject(
+        kind="file",
+        item=None if item is None else item.object_id.hex(),
+        channel=ch.name,
+        name=name,
+        size=report.get("size_in") if isinstance(report.get("size_in"), int) else None,
+        sha256=sha_in if isinstance(sha_in, str) and len(sha_in) == 64 else None,
+        seq=None if item is None else item.seq,
+    )
+    rejected = verdict.kind == "reject"
+    audit.record(
+        "verdict",
+        subject=CONTENT_SUBJECT,
+        result="rejected" if rejected else "success",
+        reason=f"{verdict.reason}: {verdict.message}"[:1024] if rejected else None,
+        obj=obj,
+        detail=detail,
+        corr=None if item is None else item.object_id.hex(),
+    )
+
+
+def summary(ch: OutsideChannel, verdict: Verdict | None) -> str:
     """What travels with a file for the inside re-check: its type, the verdict, the channel's
     feature switches and what was removed (compact JSON, bounded)."""
     if verdict is None or ch.content is None:
@@ -650,7 +686,7 @@ def _summary(ch: OutsideChannel, verdict: Verdict | None) -> str:
     return text
 
 
-def _media_type(verdict: Verdict | None) -> str | None:
+def media_type_of(verdict: Verdict | None) -> str | None:
     if verdict is None or verdict.type_name is None:
         return None
     return mimetypes.guess_type(f"x.{verdict.type_name}")[0]

@@ -417,18 +417,26 @@ def test_chunked_upload_to_a_files_channel(tmp_path: Path, agents) -> None:
     agents("inside", dep["inside"]["config"])
     outside = agents("outside", dep["outside"]["config"])
     outside.wait_event("api_listening")
-    data = os.urandom(3 * 1024 * 1024 + 17)
-    src = tmp_path / "扫描件.pdf"
+    # a 3 MiB text (several chunks); uploads go through the content pipeline like folders
+    line = "第{}行：申请材料扫描件的文字内容。\n"
+    data = "".join(line.format(i) for i in range(120_000)).encode()[: 3 * 1024 * 1024 + 17]
+    data = data[: data.rfind(b"\n") + 1]
+    src = tmp_path / "扫描件.txt"
     src.write_bytes(data)
+    fake = tmp_path / "扫描件.pdf"  # random bytes posing as a PDF: refused, never spooled
+    fake.write_bytes(os.urandom(300_000))
     seen: list[int] = []
     time.sleep(1.5)  # allow-list reload
     with Client.from_config(dep["api"]["client_config"]) as client:
         ack = client.upload("documents", src, progress=lambda off, size: seen.append(off))
+        with pytest.raises(ApiRejected) as refused:
+            client.upload("documents", fake)
+    assert refused.value.reason_code in {"TYPE_MISMATCH", "MALFORMED", "TYPE_NOT_ALLOWED"}
     assert ack.channel == "documents"
     assert seen
     assert seen == sorted(seen)
     assert seen[-1] < len(data)
-    target = Path(dep["channels"]["documents"]["deliver"]) / "扫描件.pdf"
+    target = Path(dep["channels"]["documents"]["deliver"]) / "扫描件.txt"
     deadline = time.monotonic() + 60
     while not target.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
