@@ -164,8 +164,11 @@ class Spool:
                 f"{state_dir / 'outside.db'}: spool schema version {row[0]}, this ferry "
                 f"needs {SCHEMA_VERSION}; drain the spool with the old version first"
             )
+        # backlog_items counts what clerks and integrators queued (the API's BUSY
+        # threshold); audit-mirror pieces are ferry's own and count only in bytes.
         count, total = self._db.execute(
-            "SELECT count(*), coalesce(sum(length), 0) FROM items WHERE state='queued'"
+            "SELECT count(*) FILTER (WHERE kind != 'audit'), coalesce(sum(length), 0)"
+            " FROM items WHERE state='queued'"
         ).fetchone()
         self.backlog_items = int(count)
         self.backlog_bytes = int(total)
@@ -315,7 +318,8 @@ class Spool:
                 ),
             )
             self._set_seq(item.channel, item.seq)
-            self.backlog_items += 1
+            if item.kind != "audit":  # audit pieces count in bytes only (see __init__)
+                self.backlog_items += 1
             self.backlog_bytes += item.length
 
     def accept_messages(
@@ -492,12 +496,12 @@ class Spool:
                 for oid in object_ids:
                     row = self._db.execute(
                         "SELECT sends_done, sends_total, spread_us, first_sent_us, spool_file,"
-                        " length, state FROM items WHERE object_id=?",
+                        " length, state, kind FROM items WHERE object_id=?",
                         (oid,),
                     ).fetchone()
                     if row is None or row[6] != "queued":
                         continue
-                    done, total, spread, first, spool_file, length, _ = row
+                    done, total, spread, first, spool_file, length, _, kind = row
                     done += 1
                     first = now if first is None else first
                     if done >= total:
@@ -506,7 +510,8 @@ class Spool:
                             " sent_us=?, data=NULL WHERE object_id=?",
                             (done, first, now, oid),
                         )
-                        self.backlog_items -= 1
+                        if kind != "audit":
+                            self.backlog_items -= 1
                         self.backlog_bytes -= int(length)
                         path = None if spool_file is None else self.dir / spool_file
                         out.append(SentCopy(oid, done, total, True, path))

@@ -15,7 +15,7 @@ from ferry.errors import StateError
 from ferry.wire import records as rec
 from ferry.wire.receiver import ObjectCompleted, ObjectLost, Receiver
 from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender, build_trailer
-from outside.spool import Accepted, Conflict, MessageRequest, Sealed, Spool, now_us
+from outside.spool import Accepted, Conflict, MessageRequest, Sealed, Spool, SpoolItem, now_us
 
 SIGN = SecretKey(alg="ed25519", raw=bytes(range(32)))
 KEM = SecretKey(alg="x25519", raw=bytes(range(32, 64)))
@@ -154,3 +154,33 @@ def test_an_object_lost_once_completes_from_a_repeat() -> None:
         recv.receive_datagram(d, 6.0)
     done = [e for e in recv.pop_events() if isinstance(e, ObjectCompleted)]
     assert [e.object_id for e in done] == [b"R" * 16]
+
+
+def test_audit_pieces_count_in_bytes_but_not_in_the_item_backlog(tmp_path: Path) -> None:
+    """busy_items is about what clients queued: ferry's own audit-mirror pieces do not
+    make the API answer BUSY (they still count toward the spool's bytes)."""
+    spool = Spool(tmp_path)
+    piece = SpoolItem(
+        os.urandom(16),
+        rec.AUDIT_CHANNEL,
+        1,
+        "seg@0",
+        5,
+        9,
+        None,
+        kind="audit",
+        priority=0,
+        data=b"abcdeTTTT",
+        sends_total=1,
+    )
+    spool.add_blob(piece, bytes(32), "component:audit-mirror")
+    spool.accept_messages([_req("m")], _seal)
+    assert spool.backlog_items == 1
+    assert spool.backlog_bytes == 9 + len(_seal(_req("m"), 1).stream)
+    spool.close()
+    spool = Spool(tmp_path)  # the same after a restart
+    assert spool.backlog_items == 1
+    (done,) = spool.mark_sent([piece.object_id])
+    assert done.finished
+    assert spool.backlog_items == 1
+    assert spool.backlog_bytes == len(_seal(_req("m"), 1).stream)
