@@ -114,6 +114,7 @@ class Submitter:
         self.sock.connect(cfg.endpoint)
         self.template = _template()
         self.sent: dict[str, float] = {}
+        self.acked: dict[str, float] = {}
         self.answers: dict[bytes, int] = {}
 
     def submit(self, n: int) -> None:
@@ -131,6 +132,9 @@ class Submitter:
         while self.sock.poll(timeout_ms):
             frames = self.sock.recv_multipart()
             self.answers[frames[1]] = self.answers.get(frames[1], 0) + 1
+            if frames[1] == b"ACCEPTED":
+                n = int(msgpack.unpackb(frames[2])["id"].rsplit("-", 1)[1])
+                self.acked.setdefault(str(uuid.UUID(int=n + 1)), time.perf_counter())
             got += 1
             timeout_ms = 0
         return got
@@ -150,8 +154,18 @@ def _wait_all(collector: Collector, ids: set[str], timeout: float) -> float:
     raise SystemExit(f"{missing} of {len(ids)} messages did not reach the consumer")
 
 
-def throughput(sub: Submitter, col: Collector, count: int, offset: int) -> dict[str, float]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(
+    sub: Submitter, col: Collector, count: int, offset: int, pids: dict[str, int]
+) -> dict[str, float]:
     window = 2000
+    cpu0 = {side: _cpu_s(pid) for side, pid in pids.items()}
+    self0 = time.process_time()
     t0 = time.perf_counter()
     answered = 0
     for n in range(offset, offset + count):
@@ -166,7 +180,10 @@ def throughput(sub: Submitter, col: Collector, count: int, offset: int) -> dict[
     t_acked = time.perf_counter()
     ids = {str(uuid.UUID(int=n + 1)) for n in range(offset, offset + count)}
     t_last = _wait_all(col, ids, 120)
+    cpu = {side: _cpu_s(pid) - cpu0[side] for side, pid in pids.items()}
+    cpu["bench"] = time.process_time() - self0
     return {
+        **{f"cpu_us_per_msg_{side}": 1e6 * s / count for side, s in cpu.items()},
         "messages": count,
         "accepted_per_s": count / (t_acked - t0),
         "end_to_end_per_s": count / (t_last - t0),
@@ -191,7 +208,10 @@ def latency(
     ids = [str(uuid.UUID(int=offset + i + 1)) for i in range(count)]
     _wait_all(col, set(ids), 60)
     lat = sorted((col.arrived[i] - sub.sent[i]) * 1000 for i in ids)
+    ack = sorted((sub.acked[i] - sub.sent[i]) * 1000 for i in ids if i in sub.acked)
     return {
+        "ack_p50_ms": statistics.median(ack),
+        "ack_p99_ms": ack[int(len(ack) * 0.99) - 1],
         "rate": rate,
         "messages": count,
         "p50_ms": statistics.median(lat),
@@ -224,7 +244,8 @@ def main() -> int:
             sub.submit(10_000_000)  # warm-up
             _wait_all(col, {str(uuid.UUID(int=10_000_001))}, 30)
             lat = latency(sub, col, args.rate, args.seconds, 0)
-            thr = throughput(sub, col, args.count, 1_000_000)
+            pids = {"inside": procs[0].pid, "outside": procs[1].pid}
+            thr = throughput(sub, col, args.count, 1_000_000, pids)
             col.stop.set()
             sub.close()
         finally:
@@ -243,8 +264,13 @@ def main() -> int:
             f"accepted at {thr['accepted_per_s']:.0f}/s)"
         )
         print(
+            "CPU per message: "
+            + ", ".join(f"{k[15:]} {v:.0f} µs" for k, v in thr.items() if k.startswith("cpu_us"))
+        )
+        print(
             f"latency at {lat['rate']:.0f} messages/s ({lat['messages']} messages): "
-            f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.1f} ms"
+            f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.1f} ms "
+            f"(ACCEPTED after p50 {lat['ack_p50_ms']:.2f} ms, p99 {lat['ack_p99_ms']:.2f} ms)"
         )
         print(f"answers: {result['answers']}")
     return 0

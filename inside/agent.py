@@ -39,7 +39,7 @@ from ferry.wire.receiver import (
     SessionStarted,
 )
 from inside.consumers import ConsumerServer, Outbox, OutboxItem
-from inside.deliver import Delivered, deliver, verify_stream, write_new_files
+from inside.deliver import Delivered, deliver, open_bundle, verify_stream, write_new_files
 from inside.gaps import SequenceGaps
 from inside.ledger import Ledger
 from inside.mirror import AuditMirror, MirrorRejected
@@ -47,7 +47,10 @@ from inside.recheck import recheck
 
 # Objects whose whole stream fits in one FEC block this small stay in memory (messages).
 MEMORY_OBJECT_MAX = 256 * 1024
-DELIVERY_BATCH = 256
+# Objects up to this size that were spooled to disk (a big message spans several blocks)
+# are read back and verified in memory; larger ones can only be files.
+INLINE_OBJECT_MAX = 2 * 1024 * 1024
+DELIVERY_BATCH = 32
 
 Job = tuple[bytes, int, bytes | None]
 
@@ -260,24 +263,44 @@ class InsideAgent:
                     break
                 jobs.append(job)
             messages: list[tuple[bytes, rec.Manifest, bytes]] = []
-            for oid, length, data in jobs:
-                if data is None:
-                    self._deliver_file(oid, length)
-                    continue
+            for oid, length, held in jobs:
+                data = held
+                on_disk = data is None
+                if on_disk:  # a file, or a big message (several FEC blocks) spooled to disk
+                    # routed by its kind as yet unverified: both paths verify everything
+                    if length > INLINE_OBJECT_MAX or self._spooled_kind(oid, length) == "file":
+                        self._deliver_file(oid, length)
+                        continue
+                    try:
+                        data = self._spool_path(oid).read_bytes()
+                    except OSError as exc:
+                        self._reject(oid, f"spooled object unreadable: {exc}")
+                        continue
+                assert data is not None
                 try:
                     manifest, content = verify_stream(data, oid, self.sender_key)
+                    members = (
+                        open_bundle(manifest, content, self.sender_key)
+                        if manifest.kind == "bundle"
+                        else None
+                    )
                 except FerryError as exc:
-                    self._reject(oid, str(exc), data)
+                    self._reject(oid, str(exc), None if on_disk else data)
                     continue
-                if manifest.kind == "message":
+                if manifest.kind == "file":
+                    if not on_disk:
+                        with open(self._spool_path(oid), "wb") as f:
+                            f.write(data)
+                    self._deliver_file(oid, length)
+                    continue
+                if on_disk:  # held in memory from here; a repeat brings it again after a crash
+                    self._spool_path(oid).unlink(missing_ok=True)
+                if members is not None:
+                    messages.extend((m.object_id, m, body) for m, body in members)
+                elif manifest.kind == "message":  # signed alone (an outside before bundles)
                     messages.append((oid, manifest, content))
                 elif manifest.kind == "audit":
                     self._mirror_piece(oid, manifest, content)
-                else:  # a small file: through the file path
-                    path = self._spool_path(oid)
-                    with open(path, "wb") as f:
-                        f.write(data)
-                    self._deliver_file(oid, length)
             if messages:
                 try:
                     self._deliver_messages_audited(messages)
@@ -286,6 +309,19 @@ class InsideAgent:
                     for oid, _, content in messages:  # kept in rejected/, never dropped
                         if self.ledger.state_of(oid) != "delivered":
                             self._reject(oid, f"delivery failed: {exc}", content)
+
+    def _spooled_kind(self, oid: bytes, length: int) -> str | None:
+        """The kind a spooled object's manifest claims, not yet verified (None if unreadable)."""
+        try:
+            with open(self._spool_path(oid), "rb") as f:
+                tail = min(length, rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size)
+                f.seek(length - tail)
+                data = f.read(tail)
+            tlen = rec.trailer_length(data[-rec.TRAILER_TAIL.size :])
+            manifest_bytes, _ = rec.split_trailer(data[-tlen:] if tlen <= len(data) else b"")
+            return rec.decode_manifest(manifest_bytes).kind
+        except (OSError, FerryError):
+            return None
 
     def _recheck(self, manifest: rec.Manifest, content: Path) -> None:
         """The independent inside re-check of a file the outside's pipeline passed."""

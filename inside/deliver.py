@@ -96,6 +96,27 @@ def verify_stream(data: bytes, object_id: bytes, sender: PublicKey) -> tuple[rec
     return manifest, content
 
 
+def open_bundle(
+    manifest: rec.Manifest, content: bytes, sender: PublicKey
+) -> list[tuple[rec.Manifest, bytes]]:
+    """The messages of a verified bundle (see :func:`verify_stream`), each checked as a
+    signed message would be: same sender and channel as the bundle, content hash, and no
+    object id twice. Raises WireError; a bad member refuses the whole bundle."""
+    members = rec.decode_bundle(content)
+    seen = {manifest.object_id}
+    for m, body in members:
+        if m.sender != sender.key_id:
+            raise WireError("a bundle member names another sender key")
+        if m.channel != manifest.channel:
+            raise WireError("a bundle member belongs to another channel than its bundle")
+        if m.object_id in seen:
+            raise WireError("an object id appears twice in a bundle")
+        seen.add(m.object_id)
+        if hashlib.sha256(body).digest() != m.sha256:
+            raise WireError("a bundle member's SHA-256 differs from its manifest")
+    return members
+
+
 def _flush_all(fds: list[int]) -> None:
     """Make every file durable: one syncfs of their filesystem (one journal commit for
     many files), or an fsync of each if syncfs fails."""

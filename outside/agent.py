@@ -10,6 +10,7 @@ from the link.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import sys
@@ -26,8 +27,16 @@ from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError
 from ferry.runtime import open_sender, pacing_rate
 from ferry.status import write_status
+from ferry.wire import records as rec
 from ferry.wire.pacing import TokenBucket
-from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender, symbol_size_for
+from ferry.wire.sender import (
+    BytesSource,
+    ObjectSent,
+    OutgoingObject,
+    Sender,
+    build_trailer,
+    symbol_size_for,
+)
 from outside.api import ApiServer
 from outside.content.pipeline import ContentPipeline
 from outside.intake import FolderIntake
@@ -58,8 +67,23 @@ class FileSource:
         os.close(self._fd)
 
 
-MESSAGE_FEC = (4, 4)
-"""Per-object FEC of messages: a one- or two-symbol message survives as many losses."""
+# Messages travel in bundles (docs/PROTOCOL.md §bundles): the messages due at one turn of
+# the send loop, per channel, up to this many content bytes (one FEC block, held in memory
+# inside) and members; one signature for all. A lone larger message is a bundle of one.
+BUNDLE_MAX = 48 * 1024
+BUNDLE_MAX_MEMBERS = 512
+# A bundle of up to this many symbols is one FEC block with half as many repair symbols
+# (at least 2); a larger one (a big message) gets the link's FEC.
+BUNDLE_ONE_BLOCK = 160
+
+
+def bundle_fec(symbols: int) -> tuple[int, int] | None:
+    """Per-object FEC of a bundle of ``symbols`` source symbols."""
+    if symbols > BUNDLE_ONE_BLOCK:
+        return None
+    k = max(1, symbols)
+    return (k, max(2, -(-k // 2)))
+
 # Source symbols of an audit-mirror piece (one FEC block; k + repair stays under 255).
 MAX_PIECE_SYMBOLS = 200
 SCHEDULE_INTERVAL = 0.5
@@ -126,8 +150,13 @@ class OutsideAgent:
                 cfg.state_dir,
                 max_piece=min(MAX_PIECE, MAX_PIECE_SYMBOLS * self._symbol_size - 2048),
             )
-        self._unrecorded: deque[tuple[ObjectSent, int, int]] = deque()  # sends not yet audited
+        # sends not yet audited: (item, copy, copies, id of the bundle it went in)
+        self._unrecorded: deque[tuple[ObjectSent, int, int, str | None]] = deque()
         self._sources: dict[bytes, FileSource | BytesSource] = {}
+        self._waiting_msgs: dict[str, list[SpoolItem]] = {}  # due, not yet in a bundle
+        self._bundles: dict[bytes, list[SpoolItem]] = {}  # bundle id -> its messages
+        self._in_bundles: set[bytes] = set()  # messages waiting or on their way
+        self.bundles_sent = 0
         self.status_path = cfg.state_dir / "status.json"
 
     def _enqueue(self, items: list[SpoolItem]) -> None:
@@ -155,8 +184,15 @@ class OutsideAgent:
                 self.stop.wait(self.cfg.poll_interval)
 
     def _submit(self, sender: Sender, item: SpoolItem) -> None:
-        if item.object_id in self._sources:
+        if item.object_id in self._sources or item.object_id in self._in_bundles:
             return  # a copy is already on its way
+        if item.kind == "message":
+            if item.data is None:
+                _log.error("spool_message_without_content", object_id=item.object_id.hex())
+                return
+            self._waiting_msgs.setdefault(item.channel, []).append(item)
+            self._in_bundles.add(item.object_id)
+            return
         source: FileSource | BytesSource
         if item.data is not None:
             source = BytesSource(item.data)
@@ -182,25 +218,85 @@ class OutsideAgent:
             )
         )
 
+    def _bundle_messages(self, sender: Sender) -> None:
+        """Put the messages that came due into bundles, in order, and queue them."""
+        for channel, items in self._waiting_msgs.items():
+            start = 0
+            while start < len(items):
+                end, size = start + 1, rec.BUNDLE_COUNT.size + items[start].length
+                while (
+                    end < len(items)
+                    and end - start < BUNDLE_MAX_MEMBERS
+                    and size + items[end].length <= BUNDLE_MAX
+                ):
+                    size += items[end].length
+                    end += 1
+                self._submit_bundle(sender, channel, items[start:end])
+                start = end
+        self._waiting_msgs.clear()
+
+    def _submit_bundle(self, sender: Sender, channel: str, items: list[SpoolItem]) -> None:
+        content = rec.encode_bundle([item.data for item in items if item.data is not None])
+        bundle_id = os.urandom(16)
+        created = now_us()
+        self.bundles_sent += 1
+        manifest = rec.Manifest(
+            object_id=bundle_id,
+            kind="bundle",
+            channel=channel,
+            seq=0,  # not in the channel's sequence: its members are
+            name=f"bundle-{self.bundles_sent}",
+            media_type=rec.BUNDLE_MEDIA_TYPE,
+            size=len(content),
+            sha256=hashlib.sha256(content).digest(),
+            created_us=created,
+            mtime_us=created,
+            sender=self.key.public.key_id,
+            subject="component:sender",
+        )
+        stream = content + build_trailer(manifest, self.key)
+        source = BytesSource(stream)
+        self._sources[bundle_id] = source
+        self._bundles[bundle_id] = items
+        sender.submit(
+            OutgoingObject(
+                bundle_id,
+                len(stream),
+                source,
+                channel,
+                max(item.seq for item in items),  # heartbeats announce the last member sent
+                priority=0,
+                fec=bundle_fec(-(-len(stream) // self._symbol_size)),
+            )
+        )
+
     def _fec_for(self, item: SpoolItem) -> tuple[int, int] | None:
-        if item.kind == "message":
-            return MESSAGE_FEC
         if item.kind == "audit":  # one block, so the inside takes it in memory
             k = min(MAX_PIECE_SYMBOLS, max(1, -(-item.length // self._symbol_size)))
             return (k, max(2, k // 4))
         return None
 
     def _sent(self, events: list[ObjectSent]) -> None:
+        done: list[tuple[ObjectSent, str | None]] = []  # (item, its bundle's id)
         for ev in events:
             src = self._sources.pop(ev.object_id, None)
             if isinstance(src, FileSource):
                 src.close()
-        copies = self.spool.mark_sent([ev.object_id for ev in events])
-        by_id = {ev.object_id: ev for ev in events}
+            members = self._bundles.pop(ev.object_id, None)
+            if members is None:
+                done.append((ev, None))
+                continue
+            for item in members:
+                self._in_bundles.discard(item.object_id)
+                done.append(
+                    (ObjectSent(item.object_id, item.channel, item.seq), ev.object_id.hex())
+                )
+        copies = self.spool.mark_sent([ev.object_id for ev, _ in done])
+        by_id = {ev.object_id: (ev, bundle) for ev, bundle in done}
         self._unrecorded.extend(  # (mirror pieces are accounted for by the mirror itself)
-            (by_id[c.object_id], c.sends_done, c.sends_total)
+            (by_id[c.object_id][0], c.sends_done, c.sends_total, by_id[c.object_id][1])
             for c in copies
-            if c.object_id in by_id and by_id[c.object_id].channel != MIRROR_CHANNEL
+            if c.object_id in by_id and by_id[c.object_id][0].channel != MIRROR_CHANNEL
         )
         self._record_sends()
         for copy in copies:
@@ -217,14 +313,17 @@ class OutsideAgent:
         """transfer.sent / transfer.repeated for each copy that left (kept until recorded)."""
         subject = Subject.component("sender")
         while self._unrecorded:
-            ev, done, total = self._unrecorded[0]
+            ev, done, total, bundle = self._unrecorded[0]
             obj = AuditObject(item=ev.object_id.hex(), channel=ev.channel or None, seq=ev.seq)
+            detail: dict[str, object] = {"send": done, "of": total}
+            if bundle is not None:
+                detail["bundle"] = bundle
             try:
                 self.audit.record(
                     "transfer.sent" if done <= 1 else "transfer.repeated",
                     subject=subject,
                     obj=obj,
-                    detail={"send": done, "of": total},
+                    detail=detail,
                     corr=ev.object_id.hex(),
                 )
             except AuditUnavailable:
@@ -244,6 +343,7 @@ class OutsideAgent:
         backlog = self.spool.due(now_us())
         for item in backlog:
             self._submit(sender, item)
+        self._bundle_messages(sender)
         self.intake.start()
         if self.api is not None:
             self.api.start()
@@ -285,9 +385,11 @@ class OutsideAgent:
                 if mono >= next_schedule:  # repeats that came due
                     next_schedule = mono + SCHEDULE_INTERVAL
                     for item in self.spool.due(
-                        now_us(), skip=self._sources.keys(), repeats_only=True
+                        now_us(), skip=self._sources.keys() | self._in_bundles, repeats_only=True
                     ):
                         self._submit(sender, item)
+                if self._waiting_msgs:
+                    self._bundle_messages(sender)
                 now = time.time()
                 batch = sender.datagrams(now, BATCH)
                 if send_many is not None and batch:
@@ -321,6 +423,7 @@ class OutsideAgent:
                             "packets_sent": sender.packets_sent,
                             "bytes_sent": sender.bytes_sent,
                             "objects_sent": sender.objects_sent,
+                            "bundles_sent": self.bundles_sent,
                             "queued": sender.objects_queued,
                             "backlog_items": self.spool.backlog_items,
                             "backlog_bytes": self.spool.backlog_bytes,

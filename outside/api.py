@@ -33,7 +33,6 @@ from ferry.crypto.keys import SecretKey, load_secret_key
 from ferry.errors import FerryError, PolicyRejection
 from ferry.jsondoc import JsonLimits, SchemaRegistry
 from ferry.wire import records as rec
-from ferry.wire.sender import build_trailer
 from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
 from outside.content.pipeline import ContentPipeline
@@ -539,7 +538,8 @@ class ApiServer:
             schema=schema,
             subject=f"api:{req.client}",
         )
-        stream = canonical + build_trailer(manifest, self.key)
+        # unsigned: the sender signs the bundle it travels in (docs/PROTOCOL.md)
+        stream = rec.encode_member(manifest, canonical)
         if self.audit is not None:  # inside the spool transaction: raising rolls it back
             self._batch_idx = self.audit.record(
                 "intake.accepted",

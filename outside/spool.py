@@ -25,7 +25,7 @@ from typing import Any
 from ferry.errors import StateError
 from ferry.state import open_db, transaction
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: a message row holds its bundle member record, unsigned
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS channel_seq (channel TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
@@ -103,7 +103,8 @@ class MessageRequest:
 
 @dataclass(frozen=True)
 class Sealed:
-    """What ``seal(request, seq)`` returns: the signed object stream of a message."""
+    """What ``seal(request, seq)`` returns: a message's bundle member record
+    (:func:`ferry.wire.records.encode_member`; the sender signs the bundle)."""
 
     object_id: bytes
     stream: bytes

@@ -311,7 +311,7 @@ _MANIFEST_KEYS = {
     "sender",
 }
 _MANIFEST_OPTIONAL = {"schema", "path", "subject", "report"}
-KINDS = ("file", "message", "audit")
+KINDS = ("file", "message", "audit", "bundle")
 AUDIT_CHANNEL = "_audit"
 """The channel of audit-mirror pieces (kind ``audit``); config channel names cannot start with _."""
 MAX_PATH_BYTES = 1024
@@ -434,3 +434,63 @@ def split_trailer(trailer: bytes) -> tuple[bytes, bytes]:
         raise WireError("object trailer length mismatch")
     mlen = len(trailer) - SIGNATURE_LEN - TRAILER_TAIL.size
     return trailer[:mlen], trailer[mlen : mlen + SIGNATURE_LEN]
+
+
+# ---------------------------------------------------------------- message bundles
+BUNDLE_MEDIA_TYPE = "application/x-ferry-bundle"
+# The content of a ``bundle`` object: count(u16), then per member
+# manifest_len(u16) content_len(u32) manifest content. One signature (the bundle's
+# trailer) covers every member: members carry no trailer of their own.
+BUNDLE_COUNT = struct.Struct(">H")
+BUNDLE_MEMBER = struct.Struct(">HI")
+MAX_BUNDLE_MEMBERS = 4_096
+
+
+def encode_member(manifest: Manifest, content: bytes) -> bytes:
+    """One member record of a bundle (what the outside spools for each message)."""
+    body = manifest.encode()
+    if len(body) > MAX_MANIFEST:
+        raise WireError("manifest too long for a bundle member")
+    return BUNDLE_MEMBER.pack(len(body), len(content)) + body + content
+
+
+def encode_bundle(members: list[bytes]) -> bytes:
+    """The content of a bundle object from member records (:func:`encode_member`)."""
+    if not 1 <= len(members) <= MAX_BUNDLE_MEMBERS:
+        raise WireError(f"a bundle holds 1 to {MAX_BUNDLE_MEMBERS} members")
+    return BUNDLE_COUNT.pack(len(members)) + b"".join(members)
+
+
+def decode_bundle(data: bytes) -> list[tuple[Manifest, bytes]]:
+    """Split an authenticated bundle's content into (manifest, content) of each member.
+
+    Checks the layout exactly (no byte left over) and that every member is a
+    message whose manifest size matches its content; the caller checks what
+    needs the trusted key and channel (sender, channel, hash).
+    """
+    if len(data) < BUNDLE_COUNT.size:
+        raise WireError("bundle too short")
+    (count,) = BUNDLE_COUNT.unpack_from(data)
+    if not 1 <= count <= MAX_BUNDLE_MEMBERS:
+        raise WireError(f"bundle member count {count} out of range")
+    view = memoryview(data)
+    offset = BUNDLE_COUNT.size
+    out: list[tuple[Manifest, bytes]] = []
+    for i in range(count):
+        if len(data) - offset < BUNDLE_MEMBER.size:
+            raise WireError(f"bundle member {i} truncated")
+        mlen, clen = BUNDLE_MEMBER.unpack_from(data, offset)
+        offset += BUNDLE_MEMBER.size
+        if mlen > MAX_MANIFEST or len(data) - offset < mlen + clen:
+            raise WireError(f"bundle member {i} longer than the bundle")
+        manifest = decode_manifest(bytes(view[offset : offset + mlen]))
+        offset += mlen
+        if manifest.kind != "message":
+            raise WireError(f"bundle member {i} is a {manifest.kind}, not a message")
+        if manifest.size != clen:
+            raise WireError(f"bundle member {i} size differs from its manifest")
+        out.append((manifest, bytes(view[offset : offset + clen])))
+        offset += clen
+    if offset != len(data):
+        raise WireError("bytes left over after the last bundle member")
+    return out
