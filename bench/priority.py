@@ -52,7 +52,7 @@ from messages import Collector, Submitter, _deploy, _wait_all  # noqa: E402
 from ferry.config import load_outside_config  # noqa: E402
 from ferry.wire.fec import block_count, block_layout  # noqa: E402
 from ferry.wire.sender import symbol_size_for  # noqa: E402
-from outside.agent import MESSAGE_FEC  # noqa: E402
+from outside.agent import bundle_fec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 FLOWING_BYTES = 8 * 1024 * 1024
@@ -175,7 +175,8 @@ def _paced(sub: Submitter, col: Collector, offset: int, interval: float, until: 
 
 
 def _message_airtime(dep: dict[str, Any]) -> dict[str, float]:
-    """Packets and seconds one message object takes on the link at the configured rate."""
+    """Packets and seconds one message takes on the link at the configured rate (a bundle
+    of one: the member record, the bundle count and a trailer of about 400 bytes)."""
     cfg = load_outside_config(Path(dep["outside"]["config"]))
     db = Path(dep["outside"]["state_dir"]) / "outside.db"
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -184,7 +185,8 @@ def _message_airtime(dep: dict[str, Any]) -> dict[str, float]:
     finally:
         con.close()
     sym = symbol_size_for(cfg.link)
-    k, r = MESSAGE_FEC
+    length += 2 + 400  # bundle count + bundle trailer (manifest and signature)
+    k, r = bundle_fec(-(-length // sym)) or (cfg.link.fec.source, cfg.link.fec.repair)
     packets = 0
     for b in range(block_count(length, k, sym)):
         _, _, k_b, r_b = block_layout(length, k, r, sym, b)

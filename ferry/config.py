@@ -35,6 +35,7 @@ from yaml.composer import ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ferry.config_types import (
+    MAX_MESSAGE_SIZE,
     ApiClient,
     ApiParams,
     AuditParams,
@@ -461,6 +462,12 @@ def _outside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> OutsideChannel:
     for key in ("max_size", "max_message_size"):
         if key in raw:
             kw[key] = _size(doc, (*where, key), raw[key])
+    if kw.get("max_message_size", 0) > MAX_MESSAGE_SIZE:
+        raise doc.error(
+            (*where, "max_message_size"),
+            f"channels[{i}].max_message_size: at most {MAX_MESSAGE_SIZE // 2**20} MiB "
+            "(a message is held in memory and crosses in one bundle)",
+        )
     if "allowed_types" in raw:
         kw["allowed_types"] = tuple(raw["allowed_types"])
     if "schemas" in raw:
@@ -512,6 +519,12 @@ def _api(doc: _Doc) -> ApiParams | None:
     for key in ("max_message_size", "chunk_size", "busy_bytes"):
         if key in raw:
             kw[key] = _size(doc, ("api", key), raw[key])
+    if kw.get("max_message_size", 0) > MAX_MESSAGE_SIZE:
+        raise doc.error(
+            ("api", "max_message_size"),
+            f"api.max_message_size: at most {MAX_MESSAGE_SIZE // 2**20} MiB "
+            "(a message is held in memory and crosses in one bundle)",
+        )
     return ApiParams(**kw)
 
 

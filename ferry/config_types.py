@@ -18,6 +18,10 @@ Transport = Literal["udp", "serial"]
 KemAlg = Literal["mlkem768x25519", "x25519"]
 FecCodecName = Literal["isal", "zfec"]
 
+# The largest message a config may allow (channel or API max_message_size): a message is
+# held in memory on both sides and crosses as one bundle.
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class FecParams:

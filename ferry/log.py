@@ -11,8 +11,17 @@ from typing import Any
 
 import structlog
 
+_level = logging.INFO
+
+
+def enabled(level: str) -> bool:
+    """Whether lines of ``level`` are written (skip building per-item lines that are not)."""
+    return logging.getLevelNamesMapping()[level.upper()] >= _level
+
 
 def configure(level: str = "info", *, json: bool | None = None, stream: Any = None) -> None:
+    global _level  # noqa: PLW0603  # one process-wide setting, as structlog's own
+    _level = logging.getLevelNamesMapping()[level.upper()]
     out = stream or sys.stderr
     if json is None:
         json = not out.isatty()

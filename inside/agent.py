@@ -21,7 +21,7 @@ from typing import Any
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject
-from ferry.config_types import InsideConfig
+from ferry.config_types import MAX_MESSAGE_SIZE, InsideConfig
 from ferry.content.scan import Scanner
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
@@ -48,8 +48,9 @@ from inside.recheck import recheck
 # Objects whose whole stream fits in one FEC block this small stay in memory (messages).
 MEMORY_OBJECT_MAX = 256 * 1024
 # Objects up to this size that were spooled to disk (a big message spans several blocks)
-# are read back and verified in memory; larger ones can only be files.
-INLINE_OBJECT_MAX = 2 * 1024 * 1024
+# are read back and verified in memory; larger ones can only be files. (Configs cap a
+# message at MAX_MESSAGE_SIZE; its manifest and the bundle trailer add a few KiB.)
+INLINE_OBJECT_MAX = MAX_MESSAGE_SIZE + 1024 * 1024
 DELIVERY_BATCH = 32
 
 Job = tuple[bytes, int, bytes | None]
@@ -128,9 +129,9 @@ class InsideAgent:
         self.peer = Subject("peer", self.sender_key.key_id.hex())
         self._delivery_subject = Subject.component("delivery")
         self._dup_noted: dict[bytes, float] = {}
-        # Items of the batch in hand whose records are queued (a retry after an audit
-        # outage does not record them twice).
-        self._recorded_batch: set[tuple[bytes, int]] = set()
+        # Message delivery runs on the messages thread, and on the files thread for a
+        # message too big for one FEC block: one batch at a time.
+        self._messages_lock = threading.Lock()
         self.gaps = SequenceGaps(
             grace=max(2 * cfg.object_timeout, 2.0),
             # mirror pieces come twice over 30 s (outside/mirror.py): give the copy its chance
@@ -534,16 +535,20 @@ class InsideAgent:
 
     def _deliver_messages_audited(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
         """Deliver a batch; while the audit log cannot write, wait and try again."""
+        recorded: set[tuple[bytes, int]] = set()  # records queued (not written twice on retry)
         while True:
             try:
-                self._deliver_messages(batch)
+                with self._messages_lock:
+                    self._deliver_messages(batch, recorded)
                 return
             except AuditUnavailable as exc:
                 _log.error("message_batch_held", count=len(batch), error=str(exc))
                 if not self._wait_for_audit():
                     return  # stopping: not recorded as delivered; repeats bring them again
 
-    def _deliver_messages(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
+    def _deliver_messages(
+        self, batch: list[tuple[bytes, rec.Manifest, bytes]], recorded: set[tuple[bytes, int]]
+    ) -> None:
         """Check, then deliver a batch with one flush and one ledger transaction.
 
         Folder files are written first (idempotently: a file already holding
@@ -552,8 +557,9 @@ class InsideAgent:
         """
         ok: list[tuple[bytes, rec.Manifest, bytes]] = []
         seen: set[bytes] = set()
+        known = self.ledger.states_of([oid for oid, _, _ in batch])
         for oid, manifest, content in batch:
-            if oid in seen or self.ledger.state_of(oid) in {"delivered", "rejected"}:
+            if oid in seen or known.get(oid) in {"delivered", "rejected"}:
                 continue  # a repeat
             seen.add(oid)
             try:
@@ -581,10 +587,10 @@ class InsideAgent:
         to_consumers = {q.object_id for q in queued}
         last = -1
         for oid, m, _ in ok:  # recorded (durably) before the ledger says delivered
-            if (oid, m.seq) not in self._recorded_batch:
+            if (oid, m.seq) not in recorded:
                 self._record_received(m)
                 last = self._record_delivered(m, paths.get(oid), consumers=oid in to_consumers)
-                self._recorded_batch.add((oid, m.seq))
+                recorded.add((oid, m.seq))
         if last >= 0:
             self.audit.log.wait_durable(last)
         self.ledger.record_many(
@@ -603,9 +609,8 @@ class InsideAgent:
             ],
             also=(lambda db: Outbox.insert(db, queued)) if queued else None,
         )
-        self._recorded_batch.clear()
-        for oid, m, _ in ok:
-            _log.info(
+        for oid, m, _ in ok if log.enabled("debug") else ():  # (every one is in the audit log)
+            _log.debug(
                 "delivered",
                 object_id=oid.hex(),
                 channel=m.channel,

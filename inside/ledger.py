@@ -56,6 +56,18 @@ class Ledger:
             ).fetchone()
         return None if row is None else str(row[0])
 
+    def states_of(self, object_ids: list[bytes]) -> dict[bytes, str]:
+        """The state of each of ``object_ids`` the ledger knows (one query per 500)."""
+        out: dict[bytes, str] = {}
+        with self._lock:
+            for start in range(0, len(object_ids), 500):
+                chunk = object_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))  # placeholders only
+                query = f"SELECT object_id, state FROM objects WHERE object_id IN ({marks})"  # noqa: S608
+                for oid, state in self._db.execute(query, chunk):
+                    out[bytes(oid)] = str(state)
+        return out
+
     def finished_ids(self, limit: int) -> list[bytes]:
         with self._lock:
             rows = self._db.execute(

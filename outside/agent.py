@@ -73,7 +73,8 @@ class FileSource:
 BUNDLE_MAX = 48 * 1024
 BUNDLE_MAX_MEMBERS = 512
 # A bundle of up to this many symbols is one FEC block with half as many repair symbols
-# (at least 2); a larger one (a big message) gets the link's FEC.
+# (at least 2: a one-symbol bundle survives two lost packets); a larger one (a big message)
+# gets the link's FEC.
 BUNDLE_ONE_BLOCK = 160
 
 
@@ -83,6 +84,7 @@ def bundle_fec(symbols: int) -> tuple[int, int] | None:
         return None
     k = max(1, symbols)
     return (k, max(2, -(-k // 2)))
+
 
 # Source symbols of an audit-mirror piece (one FEC block; k + repair stays under 255).
 MAX_PIECE_SYMBOLS = 200
@@ -153,9 +155,11 @@ class OutsideAgent:
         # sends not yet audited: (item, copy, copies, id of the bundle it went in)
         self._unrecorded: deque[tuple[ObjectSent, int, int, str | None]] = deque()
         self._sources: dict[bytes, FileSource | BytesSource] = {}
-        self._waiting_msgs: dict[str, list[SpoolItem]] = {}  # due, not yet in a bundle
+        # due, not yet in a bundle, by (channel, priority)
+        self._waiting_msgs: dict[tuple[str, int], list[SpoolItem]] = {}
         self._bundles: dict[bytes, list[SpoolItem]] = {}  # bundle id -> its messages
         self._in_bundles: set[bytes] = set()  # messages waiting or on their way
+        self._bundles_made = 0
         self.bundles_sent = 0
         self.status_path = cfg.state_dir / "status.json"
 
@@ -190,7 +194,7 @@ class OutsideAgent:
             if item.data is None:
                 _log.error("spool_message_without_content", object_id=item.object_id.hex())
                 return
-            self._waiting_msgs.setdefault(item.channel, []).append(item)
+            self._waiting_msgs.setdefault((item.channel, item.priority), []).append(item)
             self._in_bundles.add(item.object_id)
             return
         source: FileSource | BytesSource
@@ -220,7 +224,7 @@ class OutsideAgent:
 
     def _bundle_messages(self, sender: Sender) -> None:
         """Put the messages that came due into bundles, in order, and queue them."""
-        for channel, items in self._waiting_msgs.items():
+        for (channel, priority), items in self._waiting_msgs.items():
             start = 0
             while start < len(items):
                 end, size = start + 1, rec.BUNDLE_COUNT.size + items[start].length
@@ -231,21 +235,23 @@ class OutsideAgent:
                 ):
                     size += items[end].length
                     end += 1
-                self._submit_bundle(sender, channel, items[start:end])
+                self._submit_bundle(sender, channel, priority, items[start:end])
                 start = end
         self._waiting_msgs.clear()
 
-    def _submit_bundle(self, sender: Sender, channel: str, items: list[SpoolItem]) -> None:
+    def _submit_bundle(
+        self, sender: Sender, channel: str, priority: int, items: list[SpoolItem]
+    ) -> None:
         content = rec.encode_bundle([item.data for item in items if item.data is not None])
         bundle_id = os.urandom(16)
         created = now_us()
-        self.bundles_sent += 1
+        self._bundles_made += 1
         manifest = rec.Manifest(
             object_id=bundle_id,
             kind="bundle",
             channel=channel,
             seq=0,  # not in the channel's sequence: its members are
-            name=f"bundle-{self.bundles_sent}",
+            name=f"bundle-{self._bundles_made}",
             media_type=rec.BUNDLE_MEDIA_TYPE,
             size=len(content),
             sha256=hashlib.sha256(content).digest(),
@@ -265,7 +271,7 @@ class OutsideAgent:
                 source,
                 channel,
                 max(item.seq for item in items),  # heartbeats announce the last member sent
-                priority=0,
+                priority=priority,
                 fec=bundle_fec(-(-len(stream) // self._symbol_size)),
             )
         )
@@ -286,6 +292,7 @@ class OutsideAgent:
             if members is None:
                 done.append((ev, None))
                 continue
+            self.bundles_sent += 1
             for item in members:
                 self._in_bundles.discard(item.object_id)
                 done.append(
@@ -299,15 +306,17 @@ class OutsideAgent:
             if c.object_id in by_id and by_id[c.object_id][0].channel != MIRROR_CHANNEL
         )
         self._record_sends()
+        per_item = log.enabled("debug")  # messages: one line each only when debugging
         for copy in copies:
             if copy.spool_file is not None:
                 copy.spool_file.unlink(missing_ok=True)
-            _log.info(
-                "sent",
-                object_id=copy.object_id.hex(),
-                copy=copy.sends_done,
-                copies=copy.sends_total,
-            )
+            if copy.spool_file is not None or per_item:
+                (_log.info if copy.spool_file is not None else _log.debug)(
+                    "sent",
+                    object_id=copy.object_id.hex(),
+                    copy=copy.sends_done,
+                    copies=copy.sends_total,
+                )
 
     def _record_sends(self) -> None:
         """transfer.sent / transfer.repeated for each copy that left (kept until recorded)."""

@@ -342,6 +342,9 @@ class Spool:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 batch_seen: dict[tuple[str, str], tuple[bytes, Accepted]] = {}
+                last_seq: dict[str, int] = {}  # per channel, written once at the end
+                item_rows: list[tuple[object, ...]] = []
+                submission_rows: list[tuple[object, ...]] = []
                 for req in requests:
                     key = (req.client, req.submission_id)
                     prior = batch_seen.get(key)
@@ -361,13 +364,11 @@ class Spool:
                         else:
                             out.append((Conflict(acc.object_id, acc.seq), None))
                         continue
-                    seq = self._next_seq(req.channel)
+                    if req.channel not in last_seq:
+                        last_seq[req.channel] = self._next_seq(req.channel) - 1
+                    seq = last_seq[req.channel] = last_seq[req.channel] + 1
                     sealed = seal(req, seq)
-                    self._db.execute(
-                        "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
-                        " sha256, length, data, subject, state, sends_total, spread_us,"
-                        " next_send_us, created_us)"
-                        " VALUES (?,?,?,'message',?,?,?,?,?,?,?,'queued',?,?,?,?)",
+                    item_rows.append(
                         (
                             sealed.object_id,
                             req.channel,
@@ -383,19 +384,17 @@ class Spool:
                             req.spread_us,
                             created,
                             created,
-                        ),
+                        )
                     )
-                    self._db.execute(
-                        "INSERT INTO submissions VALUES (?,?,?,?,?)",
+                    submission_rows.append(
                         (
                             req.client,
                             req.submission_id,
                             req.request_sha256,
                             sealed.object_id,
                             created,
-                        ),
+                        )
                     )
-                    self._set_seq(req.channel, seq)
                     acc = Accepted(sealed.object_id, seq, False)
                     batch_seen[key] = (req.request_sha256, acc)
                     added_bytes += len(sealed.stream)
@@ -413,6 +412,16 @@ class Spool:
                         sends_total=req.sends_total,
                     )
                     out.append((acc, item))
+                self._db.executemany(
+                    "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
+                    " sha256, length, data, subject, state, sends_total, spread_us,"
+                    " next_send_us, created_us)"
+                    " VALUES (?,?,?,'message',?,?,?,?,?,?,?,'queued',?,?,?,?)",
+                    item_rows,
+                )
+                self._db.executemany("INSERT INTO submissions VALUES (?,?,?,?,?)", submission_rows)
+                for channel, seq in last_seq.items():
+                    self._set_seq(channel, seq)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -491,26 +500,35 @@ class Spool:
         """
         now = now_us() if now is None else now
         out: list[SentCopy] = []
+        finished: list[tuple[int, int, int, bytes]] = []
+        rescheduled: list[tuple[int, int, int, int, bytes]] = []
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                for oid in object_ids:
-                    row = self._db.execute(
-                        "SELECT sends_done, sends_total, spread_us, first_sent_us, spool_file,"
-                        " length, state, kind FROM items WHERE object_id=?",
-                        (oid,),
-                    ).fetchone()
-                    if row is None or row[6] != "queued":
-                        continue
-                    done, total, spread, first, spool_file, length, _, kind = row
+                rows: dict[bytes, tuple[Any, ...]] = {}
+                ids = list(dict.fromkeys(object_ids))  # once each, in order
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))  # placeholders only
+                    query = (
+                        "SELECT object_id, sends_done, sends_total, spread_us, first_sent_us,"  # noqa: S608
+                        " spool_file, length, kind FROM items"
+                        f" WHERE state='queued' AND object_id IN ({marks})"
+                    )
+                    for row in self._db.execute(
+                        query,
+                        chunk,
+                    ):
+                        rows[bytes(row[0])] = row[1:]
+                for oid in ids:
+                    found = rows.get(oid)
+                    if found is None:
+                        continue  # unknown, or finished already: not counted again
+                    done, total, spread, first, spool_file, length, kind = found
                     done += 1
                     first = now if first is None else first
                     if done >= total:
-                        self._db.execute(
-                            "UPDATE items SET state='sent', sends_done=?, first_sent_us=?,"
-                            " sent_us=?, data=NULL WHERE object_id=?",
-                            (done, first, now, oid),
-                        )
+                        finished.append((done, first, now, oid))
                         if kind != "audit":
                             self.backlog_items -= 1
                         self.backlog_bytes -= int(length)
@@ -518,12 +536,18 @@ class Spool:
                         out.append(SentCopy(oid, done, total, True, path))
                     else:
                         step = spread // max(1, total - 1)
-                        self._db.execute(
-                            "UPDATE items SET sends_done=?, first_sent_us=?, sent_us=?,"
-                            " next_send_us=? WHERE object_id=?",
-                            (done, first, now, max(now, first + done * step), oid),
-                        )
+                        rescheduled.append((done, first, now, max(now, first + done * step), oid))
                         out.append(SentCopy(oid, done, total, False, None))
+                self._db.executemany(
+                    "UPDATE items SET state='sent', sends_done=?, first_sent_us=?,"
+                    " sent_us=?, data=NULL WHERE object_id=?",
+                    finished,
+                )
+                self._db.executemany(
+                    "UPDATE items SET sends_done=?, first_sent_us=?, sent_us=?,"
+                    " next_send_us=? WHERE object_id=?",
+                    rescheduled,
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -149,8 +149,15 @@ def parse_ts(text: str) -> int:
 # --- building and encoding ----------------------------------------------------------------
 
 
+_FLAT = frozenset({str, int, bool, type(None)})
+
+
 def _normalise(value: object) -> Any:
     """Sort nested mapping keys so equal details always encode to equal bytes."""
+    if type(value) is dict and all(
+        type(k) is str and type(v) in _FLAT for k, v in value.items()
+    ):  # the common case: a flat detail
+        return dict(sorted(value.items()))
     if isinstance(value, Mapping):
         return {str(k): _normalise(v) for k, v in sorted(value.items(), key=lambda kv: kv[0])}
     if isinstance(value, list | tuple):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from jsonschema import Draft202012Validator
 
 from ferry import config
@@ -514,3 +515,32 @@ def test_outside_loader_refuses_inside_config(tmp_path: Path) -> None:
 def test_unreadable_paths(tmp_path: Path) -> None:
     assert "cannot read config" in _error(load_config, tmp_path / "missing.yaml")
     assert "is a folder" in _error(load_config, tmp_path)
+
+
+@pytest.mark.parametrize("where", ["channel", "api"])
+def test_a_message_limit_above_16_mib_is_refused(tmp_path: Path, where: str) -> None:
+    """A message is held in memory and crosses as one bundle: the inside reads back at most
+    MAX_MESSAGE_SIZE plus its manifest, so a config may not accept more."""
+    info = init_deployment(tmp_path, transport="udp", kem="x25519", port=47002)
+    path = Path(info["outside"]["config"])
+    data = yaml.safe_load(path.read_text())
+    ok = load_outside_config(path)
+    assert ok.api is not None  # the generated deployment has an API and a messages channel
+    if where == "api":
+        data["api"]["max_message_size"] = "17M"
+    else:
+        (ch,) = [c for c in data["channels"] if c.get("kind") == "messages"]
+        ch["max_message_size"] = "17M"
+    path.write_text(yaml.safe_dump(data))
+    message = _error(load_outside_config, path)
+    assert "max_message_size: at most 16 MiB" in message
+    key = "api" if where == "api" else "messages"
+    data_ok = yaml.safe_load(path.read_text())
+    if key == "api":
+        data_ok["api"]["max_message_size"] = "16M"
+    else:
+        for c in data_ok["channels"]:
+            if c.get("kind") == "messages":
+                c["max_message_size"] = "16M"
+    path.write_text(yaml.safe_dump(data_ok))
+    assert load_outside_config(path).source == path  # the limit itself is allowed
