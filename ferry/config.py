@@ -462,12 +462,7 @@ def _outside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> OutsideChannel:
     for key in ("max_size", "max_message_size"):
         if key in raw:
             kw[key] = _size(doc, (*where, key), raw[key])
-    if kw.get("max_message_size", 0) > MAX_MESSAGE_SIZE:
-        raise doc.error(
-            (*where, "max_message_size"),
-            f"channels[{i}].max_message_size: at most {MAX_MESSAGE_SIZE // 2**20} MiB "
-            "(a message is held in memory and crosses in one bundle)",
-        )
+    _check_message_limit(doc, (*where, "max_message_size"), f"channels[{i}]", kw)
     if "allowed_types" in raw:
         kw["allowed_types"] = tuple(raw["allowed_types"])
     if "schemas" in raw:
@@ -519,13 +514,17 @@ def _api(doc: _Doc) -> ApiParams | None:
     for key in ("max_message_size", "chunk_size", "busy_bytes"):
         if key in raw:
             kw[key] = _size(doc, ("api", key), raw[key])
+    _check_message_limit(doc, ("api", "max_message_size"), "api", kw)
+    return ApiParams(**kw)
+
+
+def _check_message_limit(doc: _Doc, path: KeyPath, where: str, kw: dict[str, Any]) -> None:
     if kw.get("max_message_size", 0) > MAX_MESSAGE_SIZE:
         raise doc.error(
-            ("api", "max_message_size"),
-            f"api.max_message_size: at most {MAX_MESSAGE_SIZE // 2**20} MiB "
+            path,
+            f"{where}.max_message_size: at most {MAX_MESSAGE_SIZE // 2**20} MiB "
             "(a message is held in memory and crosses in one bundle)",
         )
-    return ApiParams(**kw)
 
 
 def _audit(doc: _Doc, side: str) -> AuditParams | None:

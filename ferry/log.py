@@ -11,17 +11,18 @@ from typing import Any
 
 import structlog
 
+_LEVELS = logging.getLevelNamesMapping()
 _level = logging.INFO
 
 
 def enabled(level: str) -> bool:
     """Whether lines of ``level`` are written (skip building per-item lines that are not)."""
-    return logging.getLevelNamesMapping()[level.upper()] >= _level
+    return _LEVELS[level.upper()] >= _level
 
 
 def configure(level: str = "info", *, json: bool | None = None, stream: Any = None) -> None:
     global _level  # noqa: PLW0603  # one process-wide setting, as structlog's own
-    _level = logging.getLevelNamesMapping()[level.upper()]
+    _level = _LEVELS[level.upper()]
     out = stream or sys.stderr
     if json is None:
         json = not out.isatty()
@@ -38,9 +39,7 @@ def configure(level: str = "info", *, json: bool | None = None, stream: Any = No
             structlog.processors.dict_tracebacks,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_level),
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )

@@ -308,15 +308,17 @@ class OutsideAgent:
         self._record_sends()
         per_item = log.enabled("debug")  # messages: one line each only when debugging
         for copy in copies:
-            if copy.spool_file is not None:
+            if copy.spool_file is not None:  # a file: one info line per copy
                 copy.spool_file.unlink(missing_ok=True)
-            if copy.spool_file is not None or per_item:
-                (_log.info if copy.spool_file is not None else _log.debug)(
-                    "sent",
-                    object_id=copy.object_id.hex(),
-                    copy=copy.sends_done,
-                    copies=copy.sends_total,
-                )
+            elif not per_item:
+                continue
+            emit = _log.info if copy.spool_file is not None else _log.debug
+            emit(
+                "sent",
+                object_id=copy.object_id.hex(),
+                copy=copy.sends_done,
+                copies=copy.sends_total,
+            )
 
     def _record_sends(self) -> None:
         """transfer.sent / transfer.repeated for each copy that left (kept until recorded)."""
