@@ -10,6 +10,7 @@ from the link.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -89,6 +90,8 @@ def bundle_fec(symbols: int) -> tuple[int, int] | None:
 # Source symbols of an audit-mirror piece (one FEC block; k + repair stays under 255).
 MAX_PIECE_SYMBOLS = 200
 SCHEDULE_INTERVAL = 0.5
+# Seconds the send loop waits at most for new items' intake records to reach the disk.
+AUDIT_DURABLE_WAIT = 0.05
 ADMIN_PUBLIC_KEY = "keys/security-admin.pub"  # as ferry quarantine release looks for it
 # The sending thread blocks in syscalls; with the API thread busy it would wait the default
 # 5 ms for the GIL after each one. A shorter switch interval keeps the link fed.
@@ -159,6 +162,7 @@ class OutsideAgent:
         self._waiting_msgs: dict[tuple[str, int], list[SpoolItem]] = {}
         self._bundles: dict[bytes, list[SpoolItem]] = {}  # bundle id -> its messages
         self._in_bundles: set[bytes] = set()  # messages waiting or on their way
+        self._awaiting: list[SpoolItem] = []  # new items whose intake records are not durable
         self._bundles_made = 0
         self.bundles_sent = 0
         self.status_path = cfg.state_dir / "status.json"
@@ -221,6 +225,23 @@ class OutsideAgent:
                 fec=self._fec_for(item),
             )
         )
+
+    def _submit_durable(self, sender: Sender) -> None:
+        """Hand new items to the sender once their intake records are on disk: an item never
+        crosses while the record of its acceptance could still be lost (fail closed)."""
+        newest = max(item.audit_idx for item in self._awaiting)
+        if newest >= 0 and not self.audit.log.is_durable(newest):
+            # the API and the folder intake wait for the same records (about one fsync); on
+            # AuditUnavailable (or AuditTimeout) the items stay until the log recovers
+            with contextlib.suppress(AuditUnavailable):
+                self.audit.log.wait_durable(newest, timeout=AUDIT_DURABLE_WAIT)
+        waiting = self._awaiting
+        self._awaiting = []
+        for item in waiting:
+            if item.audit_idx < 0 or self.audit.log.is_durable(item.audit_idx):
+                self._submit(sender, item)
+            else:
+                self._awaiting.append(item)
 
     def _bundle_messages(self, sender: Sender) -> None:
         """Put the messages that came due into bundles, in order, and queue them."""
@@ -389,9 +410,11 @@ class OutsideAgent:
                 self._wake.clear()
                 while True:
                     try:
-                        self._submit(sender, self._incoming.get_nowait())
+                        self._awaiting.append(self._incoming.get_nowait())
                     except queue.Empty:
                         break
+                if self._awaiting:
+                    self._submit_durable(sender)
                 mono = time.monotonic()
                 if mono >= next_schedule:  # repeats that came due
                     next_schedule = mono + SCHEDULE_INTERVAL

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -445,8 +445,10 @@ class ApiServer:
                     ),
                 )
             return
-        new_items = [item for _, item in results if item is not None]
-        if new_items:
+        new_items = [
+            replace(item, audit_idx=self._batch_idx) for _, item in results if item is not None
+        ]
+        if new_items:  # (sent once the intake records are durable)
             self.on_items(new_items)
         if self._batch_idx >= 0 and self.audit is not None:
             try:  # ACCEPTED only once the intake records are on disk
@@ -683,7 +685,7 @@ class ApiServer:
                 media_type=intake.media_type_of(verdict),
             )
             if self._batch_idx >= 0 and self.audit is not None:
-                self.on_items([item])
+                self.on_items([replace(item, audit_idx=self._batch_idx)])
                 self._uploads.pop(up.token, None)
                 self.audit.log.wait_durable(self._batch_idx)
         except AuditUnavailable as exc:

@@ -20,7 +20,7 @@ import stat
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -421,6 +421,8 @@ class FolderIntake:
             _log.error("intake_halted_audit_unavailable", channel=ch.name, error=str(exc))
             return None
         self.taken += 1
+        if recorded:  # sent once its intake records are durable
+            item = replace(item, audit_idx=recorded[-1])
         if self._audit is not None and recorded:
             try:  # the clerk's original leaves the drop folder only once the record is on disk
                 self._audit.log.wait_durable(recorded[-1])

@@ -85,6 +85,9 @@ class SpoolItem:
     data: bytes | None = None
     sends_done: int = 0
     sends_total: int = 1
+    audit_idx: int = -1
+    """The last audit record of its intake: the sender sends it only once that is on disk
+    (-1: nothing to wait for, e.g. resumed from the spool)."""
 
 
 @dataclass(frozen=True)

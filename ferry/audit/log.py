@@ -333,6 +333,11 @@ class AuditLog:
             self.wait_durable(idx, timeout)
         return idx
 
+    def is_durable(self, idx: int) -> bool:
+        """Whether record ``idx`` is on disk (without waiting)."""
+        with self._lock:
+            return self._durable_size > idx
+
     def wait_durable(self, idx: int, timeout: float | None = None) -> None:
         """Block until record ``idx`` is on disk.
 

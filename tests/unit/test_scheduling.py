@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import sqlite3
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from ferry.audit import AuditLog, AuditSettings, AuditUnavailable, FileOps, Subject
 from ferry.config_types import FecParams, LinkParams
 from ferry.crypto.keys import SecretKey
 from ferry.errors import StateError
 from ferry.wire import records as rec
 from ferry.wire.receiver import ObjectCompleted, ObjectLost, Receiver
 from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender, build_trailer
+from outside.agent import OutsideAgent
 from outside.spool import Accepted, Conflict, MessageRequest, Sealed, Spool, SpoolItem, now_us
 
 SIGN = SecretKey(alg="ed25519", raw=bytes(range(32)))
@@ -184,3 +190,61 @@ def test_audit_pieces_count_in_bytes_but_not_in_the_item_backlog(tmp_path: Path)
     assert done.finished
     assert spool.backlog_items == 1
     assert spool.backlog_bytes == len(_seal(_req("m"), 1).stream)
+
+
+class _GatedFsync(FileOps):
+    """fsync waits until ``gate`` is open, then fails while ``broken`` is set."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.broken = False
+
+    def fsync(self, fd: int) -> None:
+        self.gate.wait(10)
+        if self.broken:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "audit-000001.jsonl")
+        super().fsync(fd)
+
+
+def test_new_items_reach_the_sender_only_once_their_intake_records_are_durable(
+    tmp_path: Path,
+) -> None:
+    """Fail closed: an item never crosses while the record of its acceptance could still be
+    lost (not yet on disk, or the audit log failing)."""
+    files = _GatedFsync()
+    files.gate.set()
+    log = AuditLog(tmp_path / "audit", SIGN, AuditSettings(origin="t"), files=files)
+    submitted: list[SpoolItem] = []
+    agent = SimpleNamespace(
+        audit=SimpleNamespace(log=log),
+        _awaiting=[],
+        _submit=lambda _sender, item: submitted.append(item),
+    )
+
+    def item(n: int, idx: int) -> SpoolItem:
+        return SpoolItem(bytes([n]) * 16, "messages", n, f"m{n}", 1, 1, None, audit_idx=idx)
+
+    try:
+        files.gate.clear()  # the disk is slow: the record is written but not yet synced
+        pending = log.append("intake.accepted", subject=Subject.component("api"))
+        agent._awaiting = [item(1, pending), item(2, -1)]
+        OutsideAgent._submit_durable(agent, None)  # type: ignore[arg-type]
+        assert [i.seq for i in submitted] == [2]  # resumed from the spool: nothing to wait for
+        assert [i.seq for i in agent._awaiting] == [1]
+        files.gate.set()
+        OutsideAgent._submit_durable(agent, None)  # type: ignore[arg-type]
+        assert [i.seq for i in submitted] == [2, 1]
+        assert agent._awaiting == []
+
+        files.broken = True  # the audit disk fails: the item waits, it is not sent
+        lost = log.append("intake.accepted", subject=Subject.component("api"))
+        agent._awaiting = [item(3, lost)]
+        OutsideAgent._submit_durable(agent, None)  # type: ignore[arg-type]
+        assert [i.seq for i in submitted] == [2, 1]
+        assert [i.seq for i in agent._awaiting] == [3]
+        assert log.failed.is_set()
+    finally:
+        files.broken = False
+        files.gate.set()
+        with contextlib.suppress(AuditUnavailable):
+            log.close()
