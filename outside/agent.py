@@ -26,7 +26,7 @@ from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import OutsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError
-from ferry.runtime import open_sender, pacing_rate
+from ferry.runtime import open_sender, pacing_rate, settle_gc
 from ferry.status import write_status
 from ferry.wire import records as rec
 from ferry.wire.pacing import TokenBucket
@@ -389,6 +389,7 @@ class OutsideAgent:
             signing_key=self.key.public.key_id.hex(),
             api=None if self.api is None else self.api.endpoint,
         )
+        settle_gc()
         intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
         intake.start()
         next_status = next_schedule = next_flush = 0.0

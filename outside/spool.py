@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_due ON items (state, next_send_us);
 CREATE INDEX IF NOT EXISTS items_source ON items (source_key);
+-- the periodic scan for repeats that came due: only items sent at least once, so a backlog
+-- of new items (possibly many thousands) is not read every time
+CREATE INDEX IF NOT EXISTS items_repeats ON items (priority, next_send_us)
+    WHERE state='queued' AND sends_done>0;
 CREATE TABLE IF NOT EXISTS submissions (
     client TEXT NOT NULL,
     submission_id TEXT NOT NULL,
@@ -150,7 +154,8 @@ _SELECT_ITEMS = (
 )
 _DUE_ALL = _SELECT_ITEMS + " AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?"
 _DUE_REPEATS = (
-    _SELECT_ITEMS + " AND next_send_us<=? AND sends_done>0 ORDER BY priority, next_send_us LIMIT ?"
+    _SELECT_ITEMS.replace("FROM items", "FROM items INDEXED BY items_repeats")
+    + " AND sends_done>0 AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?"
 )
 
 

@@ -20,6 +20,7 @@ from ferry.errors import StateError
 from ferry.wire import records as rec
 from ferry.wire.receiver import ObjectCompleted, ObjectLost, Receiver
 from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender, build_trailer
+from outside import spool as spool_mod
 from outside.agent import OutsideAgent
 from outside.spool import Accepted, Conflict, MessageRequest, Sealed, Spool, SpoolItem, now_us
 
@@ -101,6 +102,28 @@ def test_repeat_schedule_spreads_copies_then_finishes(tmp_path: Path) -> None:
     assert st.state == "sent"
     assert st.sends_done == 3
     assert spool.mark_sent([acc.object_id]) == []  # finished items are not counted again
+
+
+def test_the_repeat_scan_returns_only_items_sent_before_and_reads_only_those(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    reqs = [_req(f"b{i}", total=2, spread_us=1_000_000) for i in range(50)]
+    accepted = [acc for acc, _ in spool.accept_messages(reqs, _seal)]
+    t0 = now_us() + 1_000_000
+    sent = [accepted[3].object_id, accepted[7].object_id]
+    spool.mark_sent(sent, now=t0)
+    later = t0 + 1_000_000
+    assert len(spool.due(later)) == 50  # every item is due, new ones too
+    repeats = spool.due(later, repeats_only=True)
+    assert sorted(i.object_id for i in repeats) == sorted(sent)
+    assert spool.due(later, repeats_only=True, skip={sent[0]})[0].object_id == sent[1]
+    assert spool.due(t0 + 999_999, repeats_only=True) == []  # not yet due again
+    # a backlog of new items is not read by the periodic scan (a partial index)
+    db = sqlite3.connect(tmp_path / "outside.db")
+    plan = db.execute("EXPLAIN QUERY PLAN " + spool_mod._DUE_REPEATS, (later, 10)).fetchall()
+    db.close()
+    assert any("items_repeats" in str(row) for row in plan), plan
 
 
 def test_spool_refuses_a_database_of_another_schema_version(tmp_path: Path) -> None:
