@@ -174,12 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--json", action="store_true", help="print every created path as JSON")
     it.set_defaults(func=_cmd_init)
 
-    for side in ("outside", "inside"):
+    from inside.quarantine_cli import add_parser as add_inside_quarantine  # noqa: PLC0415
+    from outside.quarantine_cli import add_parser as add_quarantine_parser  # noqa: PLC0415
+
+    for side, add_quarantine in (
+        ("outside", add_quarantine_parser),
+        ("inside", add_inside_quarantine),
+    ):
         sp = sub.add_parser(side, help=f"the {side} agent")
         ssub = sp.add_subparsers(dest="action", required=True)
         run = ssub.add_parser("run", help=f"run the {side} agent until SIGTERM/SIGINT")
         run.add_argument("-c", "--config", required=True)
         run.set_defaults(func=_cmd_run, side=side)
+        add_quarantine(ssub)  # ferry outside|inside quarantine list|show|release
 
     sd = sub.add_parser("send", help="submit a JSON message or upload a file through the outer API")
     sd.add_argument(
@@ -210,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub)
 
-    from outside.quarantine_cli import add_parser as add_quarantine_parser  # noqa: PLC0415
-
-    add_quarantine_parser(sub)
+    add_quarantine_parser(sub)  # ferry quarantine: the outside's, as before
 
     st = sub.add_parser("selftest", help="run the start-up known-answer tests")
     st.set_defaults(func=_cmd_selftest)

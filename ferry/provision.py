@@ -572,14 +572,15 @@ def init_deployment(
     if api_info:
         result["api"] = api_info
         result["consumers"] = consumer_info
-    result["security_admin"] = _provision_security_admin(root, out)
+    result["security_admin"] = _provision_security_admin(root, out, ins)
     return result
 
 
-def _provision_security_admin(root: Path, out: Path) -> dict[str, str]:
+def _provision_security_admin(root: Path, out: Path, ins: Path) -> dict[str, str]:
     """The key that releases quarantined items: the secret goes to ``root/admin`` (hand it to
-    the security administrator, then remove it from this machine); the outside keeps only the
-    public key, which ``ferry quarantine release`` checks the given key against."""
+    the security administrator, then remove it from this machine); each side keeps only the
+    public key, which ``ferry outside|inside quarantine release`` checks the given key
+    against."""
     admin = root / "admin"
     _mkdir(admin, _PRIVATE_DIR)
     key = SecretKey.generate("ed25519")
@@ -587,7 +588,14 @@ def _provision_security_admin(root: Path, out: Path) -> dict[str, str]:
     write_secret_key(secret, key, "security-admin")
     write_public_key(admin / "security-admin.pub", key.public)
     write_public_key(public, key.public)
-    return {"secret_key": str(secret), "public_key": str(public), "key_id": key.public.key_id.hex()}
+    inside_public = ins / "keys" / "security-admin.pub"
+    write_public_key(inside_public, key.public)
+    return {
+        "secret_key": str(secret),
+        "public_key": str(public),
+        "inside_public_key": str(inside_public),
+        "key_id": key.public.key_id.hex(),
+    }
 
 
 def _record_keys(

@@ -26,7 +26,8 @@ from ferry.content.scan import Scanner
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
 from ferry.jsondoc import SchemaRegistry
-from ferry.runtime import open_receiver
+from ferry.quarantine_release import ReleaseAuditor
+from ferry.runtime import open_receiver, settle_gc
 from ferry.status import write_status
 from ferry.wire import records as rec
 from ferry.wire.linkstate import LinkMonitor
@@ -43,6 +44,7 @@ from inside.deliver import Delivered, deliver, open_bundle, verify_stream, write
 from inside.gaps import SequenceGaps
 from inside.ledger import Ledger
 from inside.mirror import AuditMirror, MirrorRejected
+from inside.quarantine import keep_reason
 from inside.recheck import recheck
 
 # Objects whose whole stream fits in one FEC block this small stay in memory (messages).
@@ -54,6 +56,7 @@ INLINE_OBJECT_MAX = MAX_MESSAGE_SIZE + 1024 * 1024
 DELIVERY_BATCH = 32
 
 Job = tuple[bytes, int, bytes | None]
+MirrorJob = tuple[bytes, rec.Manifest, bytes]
 
 TICK_INTERVAL = 0.25
 STATUS_INTERVAL = 0.5
@@ -75,7 +78,19 @@ _log = log.get("inside")
 
 
 class RecheckFailed(FerryError):
-    """The inside re-check refused a file the outside passed: it is quarantined inside."""
+    """The inside re-check refused a file the outside passed: it is quarantined inside, with
+    its verified ``manifest`` and the re-check's ``findings`` (inside.quarantine.keep_reason)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        manifest: rec.Manifest | None = None,
+        findings: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+        self.findings = findings
 
 
 class _RateLimitedLog:
@@ -126,6 +141,8 @@ class InsideAgent:
                     raise FerryError(f"channel {ch.name}: unknown message schema {name!r}")
         self.ledger = Ledger(cfg.state_dir)
         self.audit = AgentAudit(cfg.audit, "inside", cfg.state_dir, cfg.source)
+        # `ferry inside quarantine release` lines, into the audit log (the CLI cannot write it)
+        self.releases = ReleaseAuditor.for_agent(self.audit, cfg.state_dir, cfg.source)
         self.peer = Subject("peer", self.sender_key.key_id.hex())
         self._delivery_subject = Subject.component("delivery")
         self._dup_noted: dict[bytes, float] = {}
@@ -162,6 +179,9 @@ class InsideAgent:
         # up messages and small objects, which arrive whole in memory.
         self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._mem_work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # pieces of the outside's audit log: witnessing one hashes up to a second of records,
+        # so it has a thread of its own and never holds up message delivery
+        self._mirror_work: queue.SimpleQueue[MirrorJob | None] = queue.SimpleQueue()
         self._count_lock = threading.Lock()
         self._reject_log = _RateLimitedLog()
         self.delivered = 0
@@ -301,7 +321,7 @@ class InsideAgent:
                 elif manifest.kind == "message":  # signed alone (an outside before bundles)
                     messages.append((oid, manifest, content))
                 elif manifest.kind == "audit":
-                    self._mirror_piece(oid, manifest, content)
+                    self._mirror_work.put((oid, manifest, content))
             if messages:
                 try:
                     self._deliver_messages_audited(messages)
@@ -343,7 +363,9 @@ class InsideAgent:
             _log.critical("recheck_report_missing", object_id=manifest.object_id.hex())
             raise RecheckFailed(
                 f"RECHECK_MISSING: channel {manifest.channel} re-checks every file, and this one "
-                "came without the outside's content report"
+                "came without the outside's content report",
+                manifest=manifest,
+                findings={"problems": ["the file came without the outside's content report"]},
             )
         subject = Subject.component("recheck")
         obj = self._item_object(manifest, None)
@@ -353,7 +375,11 @@ class InsideAgent:
             if not isinstance(type_name, str):
                 raise TypeError("no type")
         except (ValueError, KeyError, TypeError) as exc:
-            raise RecheckFailed(f"RECHECK_FAILED: the content report is unusable ({exc})") from exc
+            raise RecheckFailed(
+                f"RECHECK_FAILED: the content report is unusable ({exc})",
+                manifest=manifest,
+                findings={"problems": [f"the outside's content report is unusable ({exc})"]},
+            ) from exc
         result = recheck(content, type_name, report, scan=self._scan)
         detail = {
             "type": type_name,
@@ -381,20 +407,40 @@ class InsideAgent:
             detail=detail | {"disagreement": True, "severity": "high"},
             corr=obj.item,
         )
-        raise RecheckFailed(f"RECHECK_DISAGREES: the inside re-check found: {problems}")
+        raise RecheckFailed(
+            f"RECHECK_DISAGREES: the inside re-check found: {problems}",
+            manifest=manifest,
+            findings=detail | {"checks": list(result.checks), "problems": list(result.problems)},
+        )
 
     def _scan(self, data: bytes, where: str) -> None:
         if self.scanner is not None and self.scanner.scan(data):
             raise RecheckFailed(f"MALWARE_SIGNATURE: a YARA rule matched {where or 'the file'}")
 
     def _reject(
-        self, oid: bytes, reason: str, data: bytes | None = None, *, quarantine: bool = False
+        self,
+        oid: bytes,
+        reason: str,
+        data: bytes | None = None,
+        *,
+        quarantine: bool = False,
+        refused: RecheckFailed | None = None,
     ) -> None:
+        """Keep a refused object in rejected/ or, when the re-check refused it (``quarantine``),
+        in quarantine/ after its ``.reason.json`` (channel, name, SHA-256, findings), for
+        ``ferry inside quarantine``."""
         with self._count_lock:
             self.rejected += 1
         folder = self.quarantine_dir if quarantine else self.rejected_dir
         target = folder / f"{oid.hex()}.obj"
         path = self._spool_path(oid)
+        if quarantine:
+            try:
+                manifest = None if refused is None else refused.manifest
+                findings = None if refused is None else refused.findings
+                keep_reason(folder, oid, reason, manifest, findings)
+            except OSError as exc:  # the item is still kept; only its record is missing
+                _log.error("quarantine_reason_not_written", object_id=oid.hex(), error=str(exc))
         if data is not None:
             with open(target, "wb") as f:
                 f.write(data)
@@ -427,7 +473,7 @@ class InsideAgent:
                 recheck=self._recheck,
             )
         except RecheckFailed as exc:
-            self._reject(oid, str(exc), quarantine=True)
+            self._reject(oid, str(exc), quarantine=True, refused=exc)
             return
         except AuditUnavailable as exc:  # not recorded: settle it once the log recovers
             _log.error("delivery_not_recorded", object_id=oid.hex(), error=str(exc))
@@ -459,6 +505,13 @@ class InsideAgent:
         else:
             _log.info("duplicate_ignored", object_id=oid.hex())
             self._note_duplicate(oid)
+
+    def _mirror_loop(self) -> None:
+        while (job := self._mirror_work.get()) is not None:
+            try:
+                self._mirror_piece(*job)
+            except Exception:  # noqa: BLE001  # the mirror must keep up with later pieces
+                _log.exception("mirror_piece_failed", object_id=job[0].hex())
 
     def _mirror_piece(self, oid: bytes, manifest: rec.Manifest, content: bytes) -> None:
         """A piece of the outside's audit log: into the mirror (repeats are harmless)."""
@@ -655,7 +708,9 @@ class InsideAgent:
             threading.Thread(target=self._delivery_loop, args=(q,), name=name, daemon=True)
             for q, name in ((self._work, "deliver-files"), (self._mem_work, "deliver-messages"))
         ]
-        for worker in workers:
+        settle_gc()
+        mirror = threading.Thread(target=self._mirror_loop, name="audit-mirror", daemon=True)
+        for worker in (*workers, mirror):
             worker.start()
         _log.info(
             "inside_started",
@@ -689,6 +744,7 @@ class InsideAgent:
                     next_tick = mono + TICK_INTERVAL
                     machine.tick(now)
                     self._handle(machine, monitor, now)
+                    self.releases.scan({self.quarantine_dir: None})  # (every 2 s at most)
                     for ev in monitor.tick(now):
                         _log.warning("link_" + ev.kind, message=ev.message, state=ev.state.value)
                         self._record_link(ev.kind, ev.message, ev.state.value, ev.detail)
@@ -735,6 +791,8 @@ class InsideAgent:
             self._mem_work.put(None)
             for worker in workers:
                 worker.join(timeout=30)
+            self._mirror_work.put(None)  # (after the delivery threads: every piece is placed)
+            mirror.join(timeout=30)
             if self.consumers is not None:
                 self.consumers.close()
             if self.outbox is not None:

@@ -31,12 +31,13 @@ from ferry.config_types import OutsideChannel
 from ferry.content.base import FEATURES, Verdict
 from ferry.crypto.keys import PublicKey, SecretKey
 from ferry.errors import PolicyRejection
+from ferry.quarantine_release import RELEASES, ReleaseAuditor
 from ferry.wire import records as rec
 from ferry.wire.records import MAX_REPORT_BYTES
 from ferry.wire.sender import build_trailer
 from outside.content.pipeline import ContentPipeline
 from outside.quarantine import Quarantine
-from outside.quarantine_cli import RELEASES, verify_record
+from outside.quarantine_cli import NOT_OVERRIDABLE, overrides_by_sha
 from outside.spool import Spool, SpoolItem, now_us
 from outside.watch import DropWatcher, Ready, Refused, WatchSpec
 
@@ -46,8 +47,6 @@ COPY_CHUNK = 1024 * 1024
 # report stays outside, with the quarantined item or in structlog).
 MAX_AUDITED_ACTIONS = 20
 CONTENT_SUBJECT = Subject.component("content")
-RELEASE_SCAN_INTERVAL = 2.0  # seconds between looks at the quarantine releases
-MAX_RELEASE_SCAN = 4 * 1024 * 1024
 
 _log = log.get("outside.intake")
 
@@ -237,14 +236,11 @@ class FolderIntake:
             stale.unlink()
         self._workdir = self._incoming / "content"  # cleaned outputs (same file system)
         self._admin_key = admin_key
-        self._next_release_scan = 0.0
-        self._release_state = spool.dir.parent / "releases-audited.json"
-        try:
-            self._release_offsets: dict[str, int] = json.loads(
-                self._release_state.read_text(encoding="utf-8")
-            )
-        except (OSError, ValueError):
-            self._release_offsets = {}
+        self._releases = (
+            None if audit is None else ReleaseAuditor(audit, spool.dir.parent, admin_key)
+        )
+        # per quarantine folder: releases.jsonl's (size, mtime) and its verified overrides
+        self._overrides: dict[Path, tuple[tuple[int, int], dict[str, frozenset[str]]]] = {}
         shutil.rmtree(self._workdir, ignore_errors=True)
         specs = []
         for c in self._channels.values():
@@ -276,7 +272,8 @@ class FolderIntake:
     def step(self, timeout: float) -> list[SpoolItem]:
         """Wait up to ``timeout`` for files; take what is ready; return the new items."""
         ready, refused = self.watcher.poll(timeout)
-        self._audit_releases()
+        if self._releases is not None:
+            self._releases.scan({q.folder: name for name, q in self._quarantine.items()})
         for bad in refused:
             self._refused(bad)
         taken: list[SpoolItem] = []
@@ -337,9 +334,11 @@ class FolderIntake:
                 _log.info("file_changed_before_copy", channel=ch.name, name=name)
                 return None
             size = 0
+            digest = hashlib.sha256()
             with open(tmp, "xb") as out:
                 while chunk := os.read(src, COPY_CHUNK):
                     out.write(chunk)
+                    digest.update(chunk)
                     size += len(chunk)
             if size != st.st_size or _source_key(os.fstat(src)) != key:
                 _log.info("file_changed_during_copy", channel=ch.name, name=name)
@@ -347,12 +346,25 @@ class FolderIntake:
                 return None  # reported again once it is stable
         finally:
             os.close(src)
+        overrides = self._overrides_for(ch, digest.hexdigest())
+        overridden: list[str] = []  # refusals set aside by a verified release (audited)
         try:
             if ch.content is None:
                 for check in self._checks:
-                    check(ch, tmp, name)
+                    try:
+                        check(ch, tmp, name)
+                    except PolicyRejection as exc:
+                        if exc.reason_code not in overrides:
+                            raise
+                        overridden.append(exc.reason_code)
             content, verdict = check_content(
-                self._pipeline, self._audit, ch, tmp, name, workdir=self._workdir
+                self._pipeline,
+                self._audit,
+                ch,
+                tmp,
+                name,
+                workdir=self._workdir,
+                overrides=overrides,
             )
         except ContentRefused as exc:
             tmp.unlink(missing_ok=True)
@@ -370,6 +382,11 @@ class FolderIntake:
         if content != tmp:
             tmp.unlink(missing_ok=True)
         delivered_name = verdict.name if verdict is not None else name
+        if verdict is not None:
+            overridden += applied_override(verdict)
+        accepted: dict[str, object] = {"source_name": name} if delivered_name != name else {}
+        if overridden:
+            accepted["override"] = overridden
         rel = "" if str(r.relpath.parent) == "." else str(r.relpath.parent)
         subject = self._subject(ch)
         recorded: list[int] = []
@@ -396,7 +413,7 @@ class FolderIntake:
                     subject=subject,
                     obj=obj,
                     corr=item.object_id.hex(),
-                    detail={"source_name": name} if delivered_name != name else None,
+                    detail=accepted or None,
                 )
             )
 
@@ -435,65 +452,22 @@ class FolderIntake:
     def _subject(self, ch: OutsideChannel) -> Subject:
         return Subject.clerk_folder(str(ch.drop), ch.name)
 
-    def _audit_releases(self) -> None:
-        """Record each quarantine release (``ferry quarantine release`` appends a signed line to
-        the folder's releases.jsonl; the CLI cannot write the agent's log) as
-        ``quarantine.released``; a line whose signature does not verify is recorded as a
-        failure. Offsets are kept in the state folder, so each release is recorded once."""
-        now = time.monotonic()
-        if self._audit is None or now < self._next_release_scan:
-            return
-        self._next_release_scan = now + RELEASE_SCAN_INTERVAL
-        changed = False
-        for name, q in self._quarantine.items():
-            path = q.folder / RELEASES
-            key = str(path)
-            done = self._release_offsets.get(key, 0)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
-            if size <= done:
-                continue
-            with open(path, "rb") as f:
-                f.seek(done)
-                data = f.read(min(size - done, MAX_RELEASE_SCAN))
-            end = data.rfind(b"\n") + 1
-            for line in data[:end].splitlines():
-                self._audit_release(name, line)
-            self._release_offsets[key] = done + end
-            changed = changed or end > 0
-        if changed:
-            tmp = self._release_state.with_name(self._release_state.name + ".tmp")
-            tmp.write_text(json.dumps(self._release_offsets), encoding="utf-8")
-            os.replace(tmp, self._release_state)
-
-    def _audit_release(self, channel: str, line: bytes) -> None:
-        assert self._audit is not None
+    def _overrides_for(self, ch: OutsideChannel, sha256: str) -> frozenset[str]:
+        """The reason codes a verified ``ferry quarantine release --override`` accepted for
+        this exact file (by SHA-256) on this channel; never a NOT_OVERRIDABLE code."""
+        q = self._quarantine.get(ch.name)
+        if q is None or self._admin_key is None:
+            return frozenset()
         try:
-            record = json.loads(line)
-            good = self._admin_key is not None and verify_record(record, self._admin_key)
-        except ValueError:
-            record, good = {}, False
-        obj = AuditObject(
-            kind="file",
-            channel=channel,
-            name=str(record.get("original_name") or "")[:1024] or None,
-            sha256=record.get("sha256") if isinstance(record.get("sha256"), str) else None,
-        )
-        who = str(record.get("admin_key_id") or "unknown")[:64]
-        self._audit.try_record(
-            "quarantine.released",
-            subject=Subject.user(f"security-admin:{who}"),
-            result="success" if good else "failure",
-            reason=None if good else "BAD_SIGNATURE: a release line not signed by the admin key",
-            obj=obj,
-            detail={
-                k: str(record[k])[:256]
-                for k in ("stored_name", "reason_code", "override", "released_at", "note")
-                if record.get(k)
-            },
-        )
+            st = (q.folder / RELEASES).stat()
+        except FileNotFoundError:
+            return frozenset()
+        stamp = (st.st_size, st.st_mtime_ns)
+        cached = self._overrides.get(q.folder)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, overrides_by_sha(q.folder, self._admin_key))
+            self._overrides[q.folder] = cached
+        return cached[1].get(sha256, frozenset()) - NOT_OVERRIDABLE
 
     def _reject(
         self,
@@ -603,18 +577,24 @@ def check_content(
     name: str,
     *,
     workdir: Path,
+    overrides: frozenset[str] = frozenset(),
 ) -> tuple[Path, Verdict | None]:
     """Run a gateway-owned copy through the channel's content policy (always, fail closed).
 
     Returns the file to spool (``src`` or the cleaned output in ``workdir``) and the verdict
     (None for a channel without a policy). A refusal is recorded (``verdict``) and raised as
     :class:`ContentRefused`; any other failure raises, and the caller refuses the file.
+    ``overrides``: reason codes a verified release accepted for this very file; a refusal
+    with one of them is checked again with that one stage set aside
+    (:meth:`ContentPipeline.process_overridden`), and the report says so (``override``).
     """
     if ch.content is None:
         return src, None
     if pipeline is None:
         raise RuntimeError("the content pipeline is not running")
     verdict = pipeline.process(ch.content, src, name, workdir)
+    if verdict.kind == "reject" and verdict.reason in overrides:
+        verdict = pipeline.process_overridden(ch.content, src, name, workdir, verdict)
     if verdict.kind == "reject":
         record_verdict(audit, ch, name, verdict, None)
         raise ContentRefused(verdict)
@@ -645,6 +625,8 @@ def record_verdict(
     }
     if len(verdict.actions) > MAX_AUDITED_ACTIONS:
         detail["actions_total"] = len(verdict.actions)
+    if isinstance(verdict.report.get("override"), Mapping):
+        detail["override"] = dict(verdict.report["override"])
     sha_in = report.get("sha256_in")
     obj = AuditObject(
         kind="file",
@@ -680,12 +662,22 @@ def summary(ch: OutsideChannel, verdict: Verdict | None) -> str:
         "sha256_in": verdict.report.get("sha256_in"),
         "actions": [a.to_json() for a in verdict.actions[:MAX_AUDITED_ACTIONS]],
     }
+    if applied_override(verdict):
+        out["override"] = applied_override(verdict)[0]
     text = json.dumps(out, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
     if len(text) > MAX_REPORT_BYTES:
         out["actions"] = []
         out["actions_total"] = len(verdict.actions)
         text = json.dumps(out, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
     return text
+
+
+def applied_override(verdict: Verdict) -> list[str]:
+    """The reason code a release's override set aside for this (delivered) file, if any."""
+    note = verdict.report.get("override")
+    if verdict.kind == "reject" or not isinstance(note, Mapping) or not note.get("applied"):
+        return []
+    return [str(note.get("code"))]
 
 
 def media_type_of(verdict: Verdict | None) -> str | None:

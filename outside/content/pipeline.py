@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from ferry.content.base import REASONS, Action, Limits, Policy, Verdict
 from ferry.content.policy import policy_to_json
 from ferry.content.scan import Scanner
 from ferry.errors import SelfTestError
-from outside.content.names import CANONICAL_EXTENSIONS, MAX_NAME_BYTES
+from outside.content.identify import EXTENSION_TYPES
+from outside.content.names import CANONICAL_EXTENSIONS, MAX_NAME_BYTES, split_extension
 
 _log = log.get("outside.content")
 
@@ -323,6 +325,31 @@ class ContentPipeline:
         finally:
             self._idle.put(worker)
 
+    def process_overridden(
+        self, policy: Policy, src: Path, name: str, workdir: Path, refused: Verdict
+    ) -> Verdict:
+        """Check a refused file again with its one refusal set aside, because a verified
+        release accepted that reason code for this very file (:func:`override_inputs`).
+
+        Every other stage runs again: the new verdict decides, and its report's ``override``
+        says what was set aside and whether that let the file through (``applied``). A
+        refusal that cannot be set aside, or a second refusal, keeps the file refused."""
+        code = str(refused.reason)
+        note: dict[str, Any] = {"code": code, "refused": f"{code}: {refused.message}"}
+        relaxed = override_inputs(policy, name, refused)
+        if relaxed is None:
+            note |= {"applied": False, "why": "this refusal cannot be set aside for this file"}
+            verdict = refused
+        else:
+            verdict = self.process(relaxed[0], src, relaxed[1], workdir)
+            note["applied"] = verdict.kind != "reject"
+            if relaxed[1] != name:
+                note["checked_as"] = relaxed[1]
+        _log.warning(
+            "content_override", name=name, code=code, applied=note["applied"], verdict=verdict.kind
+        )
+        return replace(verdict, report={**verdict.report, "override": note})
+
     def _fail(self, worker: _Worker) -> None:
         self.crashes += 1
         _log.warning("content_worker_failed", pid=worker.pid)
@@ -366,6 +393,41 @@ class ContentPipeline:
             return self._filter_error(
                 src, name, started, "the checking process returned an invalid answer"
             )
+
+
+def override_inputs(policy: Policy, name: str, refused: Verdict) -> tuple[Policy, str] | None:
+    """The policy and name to check a refused file again with, its one refusal set aside;
+    None when that refusal cannot be set aside (the file stays refused).
+
+    * FILENAME_POLICY: the file is checked (and delivered) under a gateway-chosen name,
+      ``released-<sha256 prefix>`` plus the original extension when it is a known one;
+    * TYPE_MISMATCH: checked without the name's extension (the gateway adds the right one);
+    * TYPE_NOT_ALLOWED: the detected type joins the allowed types, if ferry has a sanitizer
+      for it (members of an archive are not covered);
+    * LIMIT_EXCEEDED: the file-size limit grows to the file's size (not the other limits).
+    """
+    report = refused.report
+    code = refused.reason
+    if code == "FILENAME_POLICY":
+        sha = str(report.get("sha256_in") or "")[:12]  # (the worker's word: a name part only)
+        sha = sha if len(sha) == 12 and all(c in "0123456789abcdef" for c in sha) else "file"
+        _, ext = split_extension(name)
+        keep = ext.isascii() and ext.isalnum() and ext in EXTENSION_TYPES
+        return policy, f"released-{sha}" + (f".{ext}" if keep else "")
+    if code == "TYPE_MISMATCH":
+        base, ext = split_extension(name)
+        return (policy, base) if ext else None
+    if code == "TYPE_NOT_ALLOWED":
+        kind = refused.type_name
+        if kind not in CANONICAL_EXTENSIONS or kind in policy.allowed_types:
+            return None
+        return replace(policy, allowed_types=policy.allowed_types | {kind}), name
+    if code == "LIMIT_EXCEEDED":
+        size = report.get("size_in")
+        if not isinstance(size, int) or size <= policy.limits.max_bytes:
+            return None
+        return replace(policy, limits=replace(policy.limits, max_bytes=size)), name
+    return None
 
 
 def _file_bytes(limits: Limits) -> int:

@@ -1,0 +1,386 @@
+"""What both sides' quarantine CLIs share: signed, idempotent, audited releases.
+
+A quarantine folder holds items as ``<stored name>`` + ``<stored name>.reason.json`` and one
+append-only ``releases.jsonl``. A release, under the folder's lock (:func:`locked`):
+
+1. checks the security-admin key against the trusted public key (:func:`check_admin_key`);
+2. if a verified line of ``releases.jsonl`` already names the item, only finishes what an
+   interrupted release left undone and reports ``already released`` (never twice);
+3. appends a signed ``quarantine.released`` record (:func:`new_record`, :func:`append_release`:
+   fsynced), and only then hands the item on (the outside: back to its drop folder; the
+   inside: into its channel's delivery folder).
+
+A CLI cannot write the agent's audit log (the running agent holds its lock), so each agent
+follows ``releases.jsonl`` (:class:`ReleaseAuditor`) and records every line as
+``quarantine.released``: at once while it runs, at its next start otherwise. A line whose
+signature does not verify is recorded as a failure and never trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ferry.crypto.keys import PublicKey, SecretKey, load_public_key
+from ferry.errors import KeyFileError, UsageError
+from ferry.jsondoc import canonical
+
+if TYPE_CHECKING:  # the audit modules load slowly; `ferry --help` builds this module's parser
+    from ferry.audit.agent import AgentAudit
+
+RELEASES = "releases.jsonl"
+REASON_JSON = ".reason.json"
+EVENT = "quarantine.released"
+SIGNING_CONTEXT = b"ferry-quarantine-release-v1\n"
+# Where each agent and CLI looks for the trusted security-admin public key (next to its config).
+ADMIN_PUBLIC_KEY = "keys/security-admin.pub"
+# releases.jsonl larger than this is not read whole (a folder with that many releases is
+# an incident of its own).
+MAX_RELEASES_BYTES = 64 * 1024 * 1024
+# Seconds between an agent's looks at releases.jsonl; bytes of new lines read per look.
+RELEASE_SCAN_INTERVAL = 2.0
+MAX_RELEASE_SCAN = 4 * 1024 * 1024
+# Offsets already recorded, per releases.jsonl, in the agent's state folder.
+AUDITED_STATE = "releases-audited.json"
+HASH_CHUNK = 1024 * 1024
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- reading
+def releases(folder: Path) -> Iterator[dict[str, Any]]:
+    """Every well-formed line of the folder's releases.jsonl (not yet verified)."""
+    path = folder / RELEASES
+    try:
+        if path.stat().st_size > MAX_RELEASES_BYTES:
+            raise UsageError(f"{path} is too large to read")
+        lines = path.read_text("utf-8").splitlines()
+    except FileNotFoundError:
+        return
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "stored_name" in record:
+                yield record
+
+
+def previous_release(folder: Path, stored_name: str, trusted: PublicKey) -> dict[str, Any] | None:
+    """The verified release of this item, if any (a forged line cannot block a release)."""
+    return next(
+        (
+            r
+            for r in releases(folder)
+            if r["stored_name"] == stored_name and verify_record(r, trusted)
+        ),
+        None,
+    )
+
+
+def list_items(folder: Path) -> list[dict[str, Any]]:
+    """Every quarantined item's reason document (plus ``released``), oldest first."""
+    released = {r["stored_name"] for r in releases(folder)}
+    items = []
+    for path in sorted(folder.glob("*" + REASON_JSON)) if folder.is_dir() else []:
+        try:
+            doc = json.loads(path.read_text("ascii"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        doc["stored_name"] = doc.get("stored_name") or path.name[: -len(REASON_JSON)]
+        doc["released"] = doc["stored_name"] in released
+        items.append(doc)
+    items.sort(key=lambda d: (str(d.get("quarantined_at")), str(d["stored_name"])))
+    return items
+
+
+def show_item(folder: Path, stored_name: str) -> dict[str, Any]:
+    """One item's reason document plus ``released`` and ``present`` (the file is there)."""
+    check_stored_name(stored_name)
+    path = folder / (stored_name + REASON_JSON)
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text("ascii"))
+    except FileNotFoundError:
+        raise UsageError(f"no quarantined item {stored_name!r} in {folder}") from None
+    doc["released"] = any(r["stored_name"] == stored_name for r in releases(folder))
+    doc["present"] = (folder / stored_name).is_file()
+    return doc
+
+
+# ----------------------------------------------------------------------------- signing
+def _signed_bytes(record: Mapping[str, Any]) -> bytes:
+    body = {k: v for k, v in record.items() if k != "signature"}
+    return SIGNING_CONTEXT + canonical(body)
+
+
+def sign_record(record: dict[str, Any], key: SecretKey) -> dict[str, Any]:
+    signature = key.sign(_signed_bytes(record))
+    return dict(record, signature=base64.b64encode(signature).decode("ascii"))
+
+
+def verify_record(record: Mapping[str, Any], trusted: PublicKey) -> bool:
+    try:
+        signature = base64.b64decode(str(record["signature"]), validate=True)
+        if record.get("admin_key_id") != trusted.key_id.hex():
+            return False
+        return trusted.verify(signature, _signed_bytes(record))
+    except (KeyError, ValueError, TypeError):
+        return False
+
+
+# ----------------------------------------------------------------------------- release
+def check_stored_name(stored_name: str) -> None:
+    if not stored_name or "/" in stored_name or stored_name in (".", "..") or "\0" in stored_name:
+        raise UsageError(f"not an item name: {stored_name!r}")
+
+
+def check_admin_key(key: SecretKey, trusted: PublicKey) -> None:
+    if key.alg != "ed25519" or key.public != trusted:
+        raise KeyFileError(
+            "this key is not the security-admin key trusted by this gateway "
+            f"(expected key id {trusted.key_id.hex()})"
+        )
+
+
+def trusted_admin_key(config: Path, given: str | None = None) -> PublicKey:
+    """The trusted security-admin public key: ``given``, or the one next to the config."""
+    return load_public_key(given or str(config.parent / ADMIN_PUBLIC_KEY))
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[int]:
+    """The folder, opened without following links and exclusively locked."""
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        yield dfd
+    finally:
+        os.close(dfd)
+
+
+def new_record(
+    doc: Mapping[str, Any],
+    stored_name: str,
+    sha256: str,
+    *,
+    channel: str,
+    key: SecretKey,
+    override: str | None,
+    note: str,
+    clock: Callable[[], str],
+) -> dict[str, Any]:
+    """The signed ``quarantine.released`` record of one item (``doc``: its reason document)."""
+    record = {
+        "version": 1,
+        "event": EVENT,
+        "channel": channel,
+        "stored_name": stored_name,
+        "original_name": doc.get("original_name"),
+        "item_id": doc.get("item_id"),
+        "sha256": sha256,
+        "reason_code": doc.get("reason_code"),
+        "override": override,
+        "note": note,
+        "released_at": clock(),
+        "admin_key_id": key.public.key_id.hex(),
+    }
+    return sign_record(record, key)
+
+
+def append_release(folder: Path, record: Mapping[str, Any]) -> None:
+    """Append one line to releases.jsonl and fsync it (before the item moves)."""
+    line = json.dumps(record, ensure_ascii=True, sort_keys=True) + "\n"
+    fd = os.open(folder / RELEASES, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, line.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def log_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A release record as structlog fields (the event name is the log line's)."""
+    return {k: v for k, v in record.items() if k not in ("signature", "event")}
+
+
+# ----------------------------------------------------------------------------- audit
+class ReleaseAuditor:
+    """An agent's follower of its quarantine folders' releases.jsonl.
+
+    :meth:`scan` records each new line as ``quarantine.released`` (``failure`` with
+    BAD_SIGNATURE when the admin key did not sign it). The offsets recorded so far are kept
+    in the state folder, so each line is recorded once, also across restarts."""
+
+    def __init__(
+        self,
+        audit: AgentAudit,
+        state_dir: Path,
+        admin_key: PublicKey | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._audit = audit
+        self._admin_key = admin_key
+        self._clock = clock
+        self._next_scan = 0.0
+        self._state = state_dir / AUDITED_STATE
+        try:
+            self._offsets: dict[str, int] = json.loads(self._state.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._offsets = {}
+
+    @classmethod
+    def for_agent(cls, audit: AgentAudit, state_dir: Path, config: Path) -> ReleaseAuditor:
+        """The auditor of an agent whose config is ``config`` (trusting the admin key next to
+        it; without one, every release line is recorded as a failure)."""
+        admin = config.parent / ADMIN_PUBLIC_KEY
+        return cls(audit, state_dir, load_public_key(str(admin)) if admin.is_file() else None)
+
+    def scan(self, folders: Mapping[Path, str | None]) -> None:
+        """Record the new lines of each folder's releases.jsonl (``folders``: folder → its
+        channel, or None when the records name their channels); at most every
+        RELEASE_SCAN_INTERVAL seconds."""
+        now = self._clock()
+        if now < self._next_scan:
+            return
+        self._next_scan = now + RELEASE_SCAN_INTERVAL
+        changed = False
+        for folder, channel in folders.items():
+            path = folder / RELEASES
+            key = str(path)
+            done = self._offsets.get(key, 0)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size <= done:
+                continue
+            with open(path, "rb") as f:
+                f.seek(done)
+                data = f.read(min(size - done, MAX_RELEASE_SCAN))
+            end = data.rfind(b"\n") + 1
+            for line in data[:end].splitlines():
+                self._record(channel, line)
+            self._offsets[key] = done + end
+            changed = changed or end > 0
+        if changed:
+            tmp = self._state.with_name(self._state.name + ".tmp")
+            tmp.write_text(json.dumps(self._offsets), encoding="utf-8")
+            os.replace(tmp, self._state)
+
+    def _record(self, channel: str | None, line: bytes) -> None:
+        from ferry.audit.record import AuditObject, Subject  # noqa: PLC0415
+
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise TypeError("not an object")
+            good = self._admin_key is not None and verify_record(record, self._admin_key)
+        except (ValueError, TypeError):
+            record, good = {}, False
+        item = record.get("item_id")
+        item = item if isinstance(item, str) and len(item) == 32 else None
+        obj = AuditObject(
+            kind="file",
+            item=item,
+            channel=channel or (str(record.get("channel") or "")[:256] or None),
+            name=str(record.get("original_name") or "")[:1024] or None,
+            sha256=record.get("sha256") if isinstance(record.get("sha256"), str) else None,
+        )
+        who = str(record.get("admin_key_id") or "unknown")[:64]
+        self._audit.try_record(
+            EVENT,
+            subject=Subject.user(f"security-admin:{who}"),
+            result="success" if good else "failure",
+            reason=None if good else "BAD_SIGNATURE: a release line not signed by the admin key",
+            obj=obj,
+            detail={
+                k: str(record[k])[:256]
+                for k in ("stored_name", "reason_code", "override", "released_at", "note")
+                if record.get(k)
+            },
+            corr=item,
+        )
+
+
+# ----------------------------------------------------------------------------- CLI
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_quarantine_parser(
+    sub: Any,
+    handlers: Mapping[str, Handler],
+    *,
+    config_help: str,
+    item_help: str,
+    release_help: str,
+    channel_help: str,
+    override: bool,
+    channel_actions: tuple[str, ...] = ("list", "show", "release"),
+) -> None:
+    """Register ``quarantine list | show | release`` under ``sub`` (a subparsers object);
+    ``--channel`` on ``channel_actions``, ``--override`` on ``release`` when ``override``."""
+    qp = sub.add_parser("quarantine", help="list, inspect and release quarantined files")
+    qsub = qp.add_subparsers(dest="quarantine_action", required=True)
+    for action, helptext in (
+        ("list", "list quarantined items"),
+        ("show", "show one item's reason and report"),
+        ("release", release_help),
+    ):
+        p = qsub.add_parser(action, help=helptext)
+        p.add_argument("-c", "--config", required=True, help=config_help)
+        if action in channel_actions:
+            p.add_argument("--channel", help=channel_help)
+        p.add_argument("--json", action="store_true")
+        if action != "list":
+            p.add_argument("item", help=item_help)
+        if action == "release":
+            p.add_argument("--key", required=True, help="the security-admin secret key file")
+            p.add_argument(
+                "--admin-public",
+                help="trusted security-admin public key "
+                f"(default: {ADMIN_PUBLIC_KEY} next to the config)",
+            )
+            if override:
+                p.add_argument("--override", help="the item's reason code to accept for this file")
+            p.add_argument("--note", help="why the item is released (kept in the record)")
+        p.set_defaults(func=handlers[action])
+
+
+def print_list(rows: list[dict[str, Any]], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    if not rows:
+        print("no quarantined items")
+    for r in rows:
+        flag = " (released)" if r["released"] else ""
+        print(
+            f"{r.get('channel')}  {r['stored_name']}  {r.get('reason_code')}  "
+            f"{r.get('quarantined_at')}{flag}"
+        )
+        print(f"    {r.get('message')}")
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))

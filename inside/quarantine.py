@@ -1,0 +1,269 @@
+"""The inside quarantine: files the inside re-check refused, and their release.
+
+The inside agent (:meth:`inside.agent.InsideAgent._reject`) keeps a refused file in
+``<state_dir>/quarantine/`` as ``<item id>.obj`` (the content the outside signed, verified)
+next to ``<item id>.obj.reason.json`` (:func:`keep_reason`, written first): channel, name,
+subfolder, size, SHA-256 from the signed manifest, the reason and what the re-check found.
+
+A release (``ferry inside quarantine release``, needs the security-admin key) delivers the
+file into its channel's folder exactly once (:func:`release_item`), with the shared steps of
+:mod:`ferry.quarantine_release`: under the folder's lock, the file is checked against its
+record, a signed ``quarantine.released`` line is appended to ``releases.jsonl`` (fsync), then
+the file is linked into the delivery folder under the first free safe name (the same names
+and collision rule as a normal delivery; nothing is overwritten) and leaves the quarantine.
+Releasing again finishes an interrupted release (a candidate name that already holds the
+same content counts as delivered) or reports ``already released``. There is no override:
+the release itself is the administrator's decision against the re-check, and the file is
+delivered as it is. A file in which YARA found a signature cannot be released at all.
+
+The inside agent follows ``releases.jsonl`` and records each line in its audit log.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ferry import log
+from ferry.crypto.keys import PublicKey, SecretKey
+from ferry.errors import PolicyRejection, UnsafePathError, UsageError
+from ferry.quarantine_release import (
+    EVENT,
+    REASON_JSON,
+    append_release,
+    check_admin_key,
+    check_stored_name,
+    locked,
+    log_fields,
+    new_record,
+    now,
+    previous_release,
+    sha256_file,
+    show_item,
+)
+from ferry.wire import records as rec
+
+# The shared delivery steps (private to inside.deliver, used as they are: same names, same
+# cross-filesystem copy, same idempotency test).
+from inside.deliver import _fsync_dir, _link_copy, _same_content, _subfolder
+from inside.paths import candidate_names, contained, safe_name
+
+SUFFIX = ".obj"
+# Reasons a release may never wave through (the file matched a malware signature inside).
+NOT_RELEASABLE = frozenset({"MALWARE_SIGNATURE"})
+# Re-check problems kept in the reason document (the audit record keeps the first five).
+MAX_PROBLEMS = 50
+_CODE = re.compile(r"([A-Z][A-Z_]{2,63}): ")
+_ITEM_ID = re.compile(r"[0-9a-f]{32}")
+
+_log = log.get("inside.quarantine")
+
+
+def stored_name(item: str) -> str:
+    """The stored name of an item given by its id (32 hex digits) or its stored name."""
+    item = item.strip()
+    if _ITEM_ID.fullmatch(item.lower()):
+        return item.lower() + SUFFIX
+    check_stored_name(item)
+    if not item.endswith(SUFFIX) or not _ITEM_ID.fullmatch(item[: -len(SUFFIX)]):
+        raise UsageError(f"not an inside item id: {item!r} (32 hex digits, or <id>{SUFFIX})")
+    return item
+
+
+def reason_code(reason: str, findings: Mapping[str, Any] | None) -> str:
+    """The code of a refusal: MALWARE_SIGNATURE when YARA matched anything, else the
+    ``CODE:`` the reason starts with (RECHECK_DISAGREES, RECHECK_MISSING...)."""
+    problems = (findings or {}).get("problems") or ()
+    if any("MALWARE_SIGNATURE" in str(p) for p in problems) or "MALWARE_SIGNATURE" in reason:
+        return "MALWARE_SIGNATURE"
+    match = _CODE.match(reason)
+    return match.group(1) if match else "RECHECK_FAILED"
+
+
+def keep_reason(
+    folder: Path,
+    oid: bytes,
+    reason: str,
+    manifest: rec.Manifest | None,
+    findings: Mapping[str, Any] | None,
+    *,
+    clock: Callable[[], str] = now,
+) -> Path:
+    """Write ``<id>.obj.reason.json`` (temp file, fsync, rename, folder fsync) before the
+    item itself is moved in; returns its path."""
+    name = oid.hex() + SUFFIX
+    details: dict[str, Any] = {"recheck": dict(findings or {})}
+    problems = details["recheck"].get("problems")
+    if isinstance(problems, list | tuple):
+        details["recheck"]["problems"] = [str(p) for p in problems[:MAX_PROBLEMS]]
+    doc: dict[str, Any] = {
+        "version": 1,
+        "side": "inside",
+        "reason_code": reason_code(reason, findings),
+        "message": reason,
+        "stored_name": name,
+        "item_id": oid.hex(),
+        "quarantined_at": clock(),
+        "details": details,
+    }
+    if manifest is not None:
+        doc |= {
+            "channel": manifest.channel,
+            "original_name": manifest.name,
+            "path": manifest.path,
+            "seq": manifest.seq,
+            "size": manifest.size,
+            "sha256": manifest.sha256.hex(),
+            "media_type": manifest.media_type,
+            "subject": manifest.subject,
+            "sender": manifest.sender.hex(),
+        }
+        try:
+            details["outside_report"] = json.loads(manifest.report) if manifest.report else None
+        except ValueError:
+            details["outside_report"] = manifest.report
+    target = folder / (name + REASON_JSON)
+    tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+    data = (json.dumps(doc, indent=2, ensure_ascii=True, default=str) + "\n").encode("ascii")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    _fsync_dir(folder)
+    return target
+
+
+def _deliver(src: Path, folder: Path, name: str, sha256: bytes) -> Path:
+    """Link ``src`` into ``folder`` under the first free safe name (never overwriting); a
+    candidate already holding the same content counts as delivered (an interrupted release)."""
+    root = PurePosixPath(folder)
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        for candidate in candidate_names(safe_name(name)):
+            try:
+                target = Path(contained(root, candidate))
+            except ValueError as exc:
+                raise UnsafePathError(str(exc)) from exc
+            if os.path.lexists(target):
+                if _same_content(target, sha256):
+                    break
+                continue
+            try:
+                os.link(src, target, follow_symlinks=False)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                try:
+                    _link_copy(fd, size, folder, target)
+                except FileExistsError:
+                    continue
+            break
+        else:
+            raise UnsafePathError(f"no free name for {name!r} after many collisions")
+        _fsync_dir(folder)
+    finally:
+        os.close(fd)
+    return target
+
+
+def _hand_over(
+    folder: Path,
+    stored: str,
+    doc: Mapping[str, Any],
+    folders: Mapping[str, Path],
+    subfolders: Mapping[str, bool],
+) -> Path | None:
+    """Deliver the item and let it leave the quarantine; None if it is no longer there."""
+    src = folder / stored
+    if not src.is_file():
+        return None
+    channel = str(doc.get("channel"))
+    root = folders.get(channel)
+    if root is None:
+        raise UsageError(f"channel {channel!r} has no delivery folder on this inside")
+    target_folder = root
+    if doc.get("path"):
+        target_folder = _subfolder(root, str(doc["path"]), keep=subfolders.get(channel, False))
+    delivered = _deliver(src, target_folder, str(doc.get("original_name")), _sha(doc))
+    src.unlink()
+    _fsync_dir(folder)
+    return delivered
+
+
+def _sha(doc: Mapping[str, Any]) -> bytes:
+    try:
+        digest = bytes.fromhex(str(doc.get("sha256")))
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise UsageError(f"item {doc.get('stored_name')!r} has no SHA-256 in its record")
+    return digest
+
+
+def release_item(
+    folder: Path,
+    item: str,
+    *,
+    folders: Mapping[str, Path],
+    subfolders: Mapping[str, bool],
+    key: SecretKey,
+    trusted: PublicKey,
+    note: str = "",
+    clock: Callable[[], str] = now,
+) -> dict[str, Any]:
+    """Deliver one quarantined item into its channel's folder (idempotent); returns the
+    release record plus ``status`` (``released`` or ``already released``) and
+    ``delivered_as`` (the delivered path; None when nothing was delivered now)."""
+    stored = stored_name(item)
+    check_admin_key(key, trusted)
+    with locked(folder):
+        doc = show_item(folder, stored)
+        previous = previous_release(folder, stored, trusted)
+        if previous is not None:
+            moved = _hand_over(folder, stored, doc, folders, subfolders)
+            return dict(previous, status="already released", delivered_as=_str(moved))
+        code = str(doc.get("reason_code"))
+        if code in NOT_RELEASABLE:
+            raise UsageError(f"item {stored} was refused for {code}; it cannot be released")
+        if not doc["present"]:
+            raise UsageError(f"item {stored!r} has no file to release")
+        if str(doc.get("channel")) not in folders:
+            raise UsageError(f"channel {doc.get('channel')!r} has no delivery folder here")
+        want = _sha(doc).hex()
+        path = folder / stored
+        if path.stat().st_size != doc.get("size") or sha256_file(path) != want:
+            raise PolicyRejection(
+                "QUARANTINE_TAMPERED",
+                f"{path} no longer matches its record (size {doc.get('size')}, SHA-256 {want});"
+                " it is not released",
+            )
+        record = new_record(
+            doc,
+            stored,
+            want,
+            channel=str(doc.get("channel")),
+            key=key,
+            override=None,
+            note=note,
+            clock=clock,
+        )
+        append_release(folder, record)
+        moved = _hand_over(folder, stored, doc, folders, subfolders)
+    _log.info(EVENT, **log_fields(record), delivered_as=_str(moved))
+    return dict(record, status="released", delivered_as=_str(moved))
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
