@@ -12,6 +12,9 @@
   ``_KEYWORDS`` are supported, every subschema declares one ``type``, objects are closed and
   arrays have ``items``; anything else is refused at load, so nothing is silently ignored.
   ``format`` is always asserted, patterns follow ECMA-262 (``$`` is the end, ``\\d`` is ASCII).
+  Generated code adds shortcuts (a format's common case as one groupless regex, a run of one
+  ASCII class as ``str`` calls, an object's members counted instead of compared as sets) that
+  only accept what the plain test accepts; the tests check that both compilations agree.
   jsonschema stays the reference: it checks each schema against the meta-schema, and the tests
   cross-check the compiled validators against it.
 
@@ -28,7 +31,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
-from operator import mul
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,7 +70,7 @@ _BOM = b"\xef\xbb\xbf"
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 _NOT_ASTRAL_LEADS = bytes(range(0xF0)) + bytes(range(0xF5, 256))  # F0-F4 start U+10000 and up
-_NOT_MARKS = bytes(sorted(set(range(256)) - set(b"[{:\xf0\xf1\xf2\xf3\xf4")))
+_NOT_MARKS = bytes(sorted(set(range(256)) - set(b"[{:\\\xf0\xf1\xf2\xf3\xf4")))
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PACKAGED = Path(__file__).resolve().parent / "schemas" / "messages"
@@ -337,9 +339,12 @@ def _string_problem(
 
 
 # ----------------------------------------------------------------------------- fast parser
-def _parse_fast(data: bytes, limits: JsonLimits) -> tuple[Any, bytes | None] | None:
+def _parse_fast(
+    data: bytes, limits: JsonLimits, bmp_keys: bool = False
+) -> tuple[Any, bytes | None] | None:
     """orjson's value, when it provably equals the reference's, and its sorted compact bytes
-    (None if a character beyond U+FFFF may sort differently in RFC 8785); None: ask the reference.
+    (None if a character beyond U+FFFF may sort differently in RFC 8785, which ``bmp_keys``: the
+    caller knows keys have none, skips); None: ask the reference.
 
     orjson refuses invalid UTF-8, lone surrogates, NaN/Infinity and nesting over 1024 like the
     reference. What it accepts and the reference would not: duplicate keys (it keeps the last
@@ -354,21 +359,27 @@ def _parse_fast(data: bytes, limits: JsonLimits) -> tuple[Any, bytes | None] | N
         or limits.max_number_chars < 21  # orjson ints have <= 20 characters; shorter limits: ask
     ):
         return None
-    escapes = b"\\" in data
+    marks = data.translate(None, _NOT_MARKS)  # [ { : \ and the lead bytes of astral characters
+    escapes = marks.count(b"\\")
     if escapes and b"u003" in data:
         return None
-    marks = data.translate(None, _NOT_MARKS)  # [ { : and the lead bytes of astral characters
     colons, openers = marks.count(b":"), marks.count(b"[") + marks.count(b"{")
     if openers > limits.max_depth and _too_deep(data, limits.max_depth):
         return None
     try:
         value = _ORJSON.loads(data)
-    except ValueError:
+        canon: bytes = _ORJSON.dumps(value, option=_ORJSON.OPT_SORT_KEYS)
+    except (ValueError, TypeError):  # TypeError: orjson writes at most 254 levels
         return None
-    canon: bytes = _ORJSON.dumps(value, option=_ORJSON.OPT_SORT_KEYS)
-    if colons != canon.count(b":") or _post_checks(value, data, limits, False) is not None:
+    if colons != canon.count(b":"):
         return None
-    astral = len(marks) > colons + openers or (escapes and _has_astral(canon))
+    size = len(data)  # when _post_checks would return None at once, skip the call
+    big = size > limits.max_string_bytes + 2 or size > min(limits.max_members, limits.max_nodes)
+    if big and _post_checks(value, data, limits, False) is not None:
+        return None
+    if bmp_keys:
+        return value, canon
+    astral = len(marks) > colons + openers + escapes or (escapes and _has_astral(canon))
     return value, None if astral else canon
 
 
@@ -394,7 +405,7 @@ def _has_astral(text: bytes) -> bool:
 
 def parse_strict(data: bytes, limits: JsonLimits = JsonLimits()) -> Any:
     """Parse untrusted JSON bytes within ``limits``; raise :class:`MessageRejected` otherwise."""
-    fast = _parse_fast(data, limits)
+    fast = _parse_fast(data, limits, bmp_keys=True)  # the bytes are not used
     if fast is not None and not _has_special_numbers(fast[0]):
         return fast[0]
     return _parse_reference(data, limits)
@@ -492,10 +503,13 @@ def _canonical_parsed(value: Any, special: bool) -> bytes:
     """Canonical bytes of a parsed value; ``special``: floats or integers beyond 2**53 occur.
     Without them, and without astral characters, sorted compact JSON already is RFC 8785."""
     if not special:
-        if _ORJSON is not None:
-            plain = bytes(_ORJSON.dumps(value, option=_ORJSON.OPT_SORT_KEYS))
-        else:
-            plain = _PLAIN_ENCODER.encode(value).encode("utf-8")
+        try:
+            if _ORJSON is not None:
+                plain = bytes(_ORJSON.dumps(value, option=_ORJSON.OPT_SORT_KEYS))
+            else:
+                plain = _PLAIN_ENCODER.encode(value).encode("utf-8")
+        except TypeError:  # orjson writes at most 254 levels: the reference writer decides
+            return canonical(value)
         if not _has_astral(plain):
             return plain
     return canonical(value)
@@ -516,8 +530,10 @@ _EMAIL = re.compile(rf"({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*\.[A-Za-z
 _RESIDENT_ID = re.compile(
     r"[1-8][0-9]{5}((?:19|20)[0-9]{2})(0[1-9]|1[0-2])([0-3][0-9])[0-9]{3}[0-9X]\Z"
 )
+# The ISO 7064 MOD 11-2 weights of the first 17 digits are 2**17 .. 2**1 modulo 11; as 13 is 2
+# modulo 11, int(digits, 13) * 2 is the weighted sum modulo 11 (one C call, no Python loop).
 _RESIDENT_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_RESIDENT_ID_ZERO = ord("0") * sum(_RESIDENT_ID_WEIGHTS)  # weights applied to ASCII codes
+_RESIDENT_ID_BASE = 13
 
 
 def _valid_date(year: int, month: int, day: int) -> bool:
@@ -561,8 +577,8 @@ def is_cn_resident_id(text: str) -> bool:
     m = _RESIDENT_ID.match(text)
     if m is None or (m[3] > "28" and not _valid_date(int(m[1]), int(m[2]), int(m[3]))):
         return False
-    total = sum(map(mul, text[:17].encode("ascii"), _RESIDENT_ID_WEIGHTS)) - _RESIDENT_ID_ZERO
-    return text[17] == "10X98765432"[total % 11]
+    # the pattern made text[:17] ASCII digits, which int() reads in any base above 9
+    return text[17] == "10X98765432"[int(text[:17], _RESIDENT_ID_BASE) * 2 % 11]
 
 
 FORMATS: Mapping[str, tuple[Callable[[str], bool], str]] = {
@@ -573,6 +589,23 @@ FORMATS: Mapping[str, tuple[Callable[[str], bool], str]] = {
     "cn-resident-id": (is_cn_resident_id, "an 18-character resident ID number (GB 11643)"),
 }
 """Asserted formats: name -> (checker, what it means in plain words)."""
+
+# Shortcuts for compiled validators: a match proves the checker would say True (groupless, no
+# Python frame; e.g. days 01-28 and no leap second need no calendar). No match: ask the checker.
+_DATE_PLAIN = r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"
+_FORMAT_SHORTCUTS: Mapping[str, Callable[[str], object]] = {
+    "date-time": re.compile(
+        _DATE_PLAIN + r"[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?"
+        r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])\Z"
+    ).match,
+    "date": re.compile(_DATE_PLAIN + r"\Z").match,
+    "uuid": _UUID.match,
+    # local part (everything before the first '@') at most 64 characters, all at most 254
+    "email": re.compile(
+        rf"(?=[^@]{{1,64}}@)(?=[\s\S]{{1,254}}\Z){_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*"
+        r"\.[A-Za-z]{2,63}\Z"
+    ).match,
+}
 
 
 # ----------------------------------------------------------------------------- schema compiler
@@ -642,6 +675,7 @@ _RUNTIME: dict[str, Any] = {
     **{f.__name__: f for f in (_expected, _wrong_type, _count, _extra, _missing, _json_equal)},
     "_Invalid": _Invalid,
     "_MISSING": _MISSING,
+    "KeyError": KeyError,
 }
 _ANNOTATIONS = frozenset(
     {"$schema", "$id", "$comment", "$defs", "title", "description", "examples", "default"}
@@ -670,6 +704,43 @@ _BOUNDS = (
 _C0 = r"(?:\\u00[01][0-9a-fA-F]|\\x[01][0-9a-fA-F]|[\x00-\x1f])"
 _DEL = r"(?:\\u007[fF]|\\x7[fF]|\x7f)"
 _CONTROLS_ONLY = re.compile(rf"\^\[\^(?:{_C0}(?:-{_C0})?|{_DEL})+\][+*]\$\Z")
+# The same with a few printable ASCII characters refused too, ^[^/\\\u0000-\u001f]+$: raw, or
+# \\ and \/; no ranges of them (every part names ASCII characters only).
+_PRINTABLE = r"(?:\\\\|\\/|[\x20-\x2c\x2e-\x5a\x5f-\x7e])"
+_CONTROLS_AND = re.compile(
+    rf"\^\[\^(?:{_C0}(?:-{_C0})?|{_DEL}|{_PRINTABLE})+\](?P<quantifier>[+*])\$\Z"
+)
+# A run of one ASCII character class, ^[0-9a-f]{64}$: no escapes, brackets or negation inside.
+_ASCII_CLASS_RUN = re.compile(
+    r"\^\[([\x20-\x5a\x5f-\x7e][\x20-\x5a\x5e-\x7e]*)\]"
+    r"(?:(?P<plus>\+)|(?P<star>\*)|\{(?P<low>[0-9]{1,4})(?:(?P<comma>,)(?P<high>[0-9]{0,4}))?\})\$\Z"
+)
+
+
+def _ascii_class_run(pattern: str) -> tuple[bytes, int, int | None] | None:
+    """For ``^[class]{low,high}$`` with an ASCII class (``+``, ``*``, ``{n}``, ``{n,}`` too): the
+    bytes the class matches and the bounds on the length; None for any other pattern."""
+    m = _ASCII_CLASS_RUN.match(pattern)
+    if m is None:
+        return None
+    one = re.compile(f"[{m[1]}]", re.ASCII)
+    allowed = bytes(c for c in range(128) if one.fullmatch(chr(c)))
+    if m["plus"] or m["star"]:
+        return allowed, int(bool(m["plus"])), None
+    low = int(m["low"])
+    high = None if m["comma"] and not m["high"] else int(m["high"] or low)
+    return allowed, low, high
+
+
+def _refused_printables(pattern: str) -> str | None:
+    """For ``^[^...]+$`` refusing control characters and at most 3 printable ASCII ones (and
+    nothing else): those printable characters; None for any other pattern."""
+    m = _CONTROLS_AND.match(pattern)
+    if m is None:
+        return None
+    accepts = re.compile(pattern[1:-2], re.ASCII).fullmatch  # the class alone
+    refused = "".join(chr(c) for c in range(0x20, 0x7F) if accepts(chr(c)) is None)
+    return refused if len(refused) <= 3 else None
 
 
 def _ecma_pattern(pattern: str) -> re.Pattern[str]:
@@ -704,13 +775,25 @@ class _Compiler:
     that every subschema declares one ``type``, objects have ``additionalProperties: false``
     and arrays have ``items``: every value of a valid message is then type-checked, which is
     what lets :meth:`SchemaRegistry.check` learn from the validator whether floats occur.
+
+    ``shortcuts`` (the default) adds cheaper tests that only ever accept what the plain test
+    accepts, which then decides, and fetches an object's members before checking their names;
+    the tests compare it with the plain code, which must give the same answers.
     """
 
-    def __init__(self, root: Mapping[str, Any]) -> None:
+    def __init__(self, root: Mapping[str, Any], shortcuts: bool = True) -> None:
         self.root = root
+        self.shortcuts = shortcuts
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
         self.expanding: list[str] = []
+        self.names: set[str] = set()  # every member name an object may have
+        self.variables = 0
+
+    def fresh(self, prefix: str) -> str:
+        """A new variable name (``v0`` is the value itself)."""
+        self.variables += 1
+        return f"{prefix}{self.variables}"
 
     def const(self, value: Any) -> str:
         name = f"_k{len(self.consts)}"
@@ -773,8 +856,16 @@ class _Compiler:
                 test = f"not any(_json_equal({v}, o) for o in {self.const(tuple(options))})"
             self.check(at, test, f"_expected({self.const(f'one of {shown}')}, {v})")
         if "const" in schema:
-            shown = self.const(_show(schema["const"]))
-            test = f"not _json_equal({v}, {self.const(schema['const'])})"
+            const = schema["const"]
+            shown = self.const(_show(const))
+            test = f"not _json_equal({v}, {self.const(const)})"
+            # the type is checked above: true, false and null are singletons; strings equal
+            if not self.shortcuts:
+                pass
+            elif kind in ("boolean", "null") and (const is None or type(const) is bool):
+                test = f"{v} is not {self.const(const)}"
+            elif kind == "string" and type(const) is str:
+                test = f"{v} != {self.const(const)}"
             self.check(at, test, f"_expected({shown}, {v})")
         if kind in ("object", "array", "string", "number", "integer"):
             getattr(self, "number" if kind == "integer" else kind)(schema, at)
@@ -782,23 +873,42 @@ class _Compiler:
     def sizes(self, schema: Mapping[str, Any], at: _At, names: tuple[str, str], unit: str) -> None:
         low, high = int(schema.get(names[0], 0)), schema.get(names[1])
         if low or high is not None:
-            bounds = f"{low} <= len({at.v})" + ("" if high is None else f" <= {int(high)}")
-            self.check(at, f"not {bounds}", f"_count({low}, {high}, '{unit}', len({at.v}))")
+            test = f"not {low} <= len({at.v})" + ("" if high is None else f" <= {int(high)}")
+            if not low and high is not None and self.shortcuts:  # lengths are never negative
+                test = f"len({at.v}) > {int(high)}"
+            self.check(at, test, f"_count({low}, {high}, '{unit}', len({at.v}))")
 
     def string(self, schema: Mapping[str, Any], at: _At) -> None:
         self.sizes(schema, at, ("minLength", "maxLength"), "characters")
         if "pattern" in schema:
-            search = self.const(_ecma_pattern(schema["pattern"]).search)
-            what = schema.get("description") or f"a string matching {schema['pattern']}"
-            test = f"{search}({at.v}) is None"
-            if _CONTROLS_ONLY.match(schema["pattern"]):  # printable text has no control character
-                test = f"not ({at.v}.isprintable() and {at.v}) and {test}"
-            self.check(at, test, f"_expected({self.const(what)}, {at.v})")
+            pattern, v = schema["pattern"], at.v
+            search = self.const(_ecma_pattern(pattern).search)
+            what = schema.get("description") or f"a string matching {pattern}"
+            test = f"{search}({v}) is None"
+            run, refused = _ascii_class_run(pattern), _refused_printables(pattern)
+            # Shortcuts that only ever accept what the pattern accepts; otherwise it decides.
+            if not self.shortcuts:
+                pass
+            elif _CONTROLS_ONLY.match(pattern):  # printable text has no control character
+                test = f"not ({v}.isprintable() and {v}) and {test}"
+            elif refused is not None:  # idem, and none of the refused printable characters
+                absent = "".join(f" and {c!r} not in {v}" for c in refused)
+                test = f"not ({v}.isprintable() and {v}{absent}) and {test}"
+            elif run is not None:  # ASCII, the length and no byte outside the class
+                allowed, low, high = run
+                size = f"{low} <= len({v})" + ("" if high is None else f" <= {high}")
+                size = f"len({v}) == {low}" if low == high else size
+                sure = f"{v}.isascii() and {size} and not {v}.encode().translate(None, "
+                test = f"not ({sure}{self.const(allowed)})) and {test}"
+            self.check(at, test, f"_expected({self.const(what)}, {v})")
         if "format" in schema:
             if schema["format"] not in FORMATS:
                 raise _SchemaProblem(f"{at.where}: format {schema['format']!r} is not supported")
             checker, what = FORMATS[schema["format"]]
             test = f"not {self.const(checker)}({at.v})"
+            if schema["format"] in _FORMAT_SHORTCUTS and self.shortcuts:  # a match proves it
+                shortcut = self.const(_FORMAT_SHORTCUTS[schema["format"]])
+                test = f"{shortcut}({at.v}) is None and {test}"
             self.check(at, test, f"_expected({self.const(what)}, {at.v})")
 
     def number(self, schema: Mapping[str, Any], at: _At) -> None:
@@ -820,28 +930,56 @@ class _Compiler:
         if schema.get("additionalProperties") is not False:
             raise _SchemaProblem(f"{at.where}: objects need additionalProperties: false")
         self.sizes(schema, at, ("minProperties", "maxProperties"), "members")
+        self.names.update(props)
+        items = {name: self.fresh("v") for name in props}
         allowed = self.const(frozenset(props))
-        self.emit(at.depth, f"if not {allowed}.issuperset({at.v}):")
-        self.emit(at.depth + 1, f"raise _extra({at.v}, {allowed}, {at.tuple})")
-        if required:
-            names = self.const(tuple(required))
-            self.emit(at.depth, f"if not {at.v}.keys() >= {self.const(frozenset(required))}:")
-            self.emit(at.depth + 1, f"raise _missing({at.v}, {names}, {at.tuple})")
+        wanted = (self.const(tuple(required)), self.const(frozenset(required)))
+        odd = len(set(required)) < len(required) or not set(required) <= set(props)
+        if odd or not self.shortcuts:
+            self.members(at, 0, allowed, wanted)  # check the members as sets, then fetch
+            for name, item in items.items():
+                fetch = f"[{name!r}]" if name in required else f".get({name!r}, _MISSING)"
+                self.emit(at.depth, f"{item} = {at.v}{fetch}")
+        else:
+            # Fetch every member first; the usual valid object costs no set operation: a
+            # missing member (KeyError) or a count that is not that of the members found sends
+            # to the set checks, which raise what they always raised.
+            if required:
+                self.emit(at.depth, "try:")
+                for name in required:
+                    self.emit(at.depth + 1, f"{items[name]} = {at.v}[{name!r}]")
+                self.emit(at.depth, "except KeyError:")
+                self.members(at, 1, allowed, wanted)
+            found = str(len(required))
+            for name, item in items.items():
+                if name not in required:
+                    self.emit(at.depth, f"{item} = {at.v}.get({name!r}, _MISSING)")
+                    found += f" + ({item} is not _MISSING)"
+            self.emit(at.depth, f"if len({at.v}) != {found}:")
+            self.members(at, 1, allowed, wanted)
         for name, sub in props.items():
-            item, where = f"v{len(self.lines)}", f"{at.where}/properties/{name}"
+            item, where = items[name], f"{at.where}/properties/{name}"
             if name in required:
-                self.emit(at.depth, f"{item} = {at.v}[{name!r}]")
                 self.node(sub, at.into(item, repr(name), where))
             else:
-                self.emit(at.depth, f"{item} = {at.v}.get({name!r}, _MISSING)")
                 self.emit(at.depth, f"if {item} is not _MISSING:")
                 self.node(sub, at.into(item, repr(name), where, 1))
+
+    def members(self, at: _At, indent: int, allowed: str, required: tuple[str, str]) -> None:
+        """Raise if the object at ``at`` has a member not in ``allowed`` (checked first) or
+        misses one that is required (constants: the names in order, and as a set)."""
+        depth = at.depth + indent
+        self.emit(depth, f"if not {allowed}.issuperset({at.v}):")
+        self.emit(depth + 1, f"raise _extra({at.v}, {allowed}, {at.tuple})")
+        if self.consts[required[0]]:
+            self.emit(depth, f"if not {at.v}.keys() >= {required[1]}:")
+            self.emit(depth + 1, f"raise _missing({at.v}, {required[0]}, {at.tuple})")
 
     def array(self, schema: Mapping[str, Any], at: _At) -> None:
         self.sizes(schema, at, ("minItems", "maxItems"), "items")
         if "items" not in schema:
             raise _SchemaProblem(f"{at.where}: arrays need items")
-        index, item = f"i{len(self.lines)}", f"v{len(self.lines)}"
+        index, item = self.fresh("i"), self.fresh("v")
         self.emit(at.depth, f"for {index}, {item} in enumerate({at.v}):")
         self.node(schema["items"], at.into(item, index, f"{at.where}/items", 1))
 
@@ -851,10 +989,13 @@ class _Compiled:
     schema: Mapping[str, Any]
     validate: Callable[[Any], bool]  # True: a float or an integer beyond 2**53 was seen
     source: str
+    # No member name has a character beyond U+FFFF: the keys of a valid message sort the same
+    # by code point (orjson) and by UTF-16 code unit (RFC 8785).
+    bmp_names: bool = False
 
 
-def _compile(schema: Mapping[str, Any], name: str) -> _Compiled:
-    compiler = _Compiler(schema)
+def _compile(schema: Mapping[str, Any], name: str, shortcuts: bool = True) -> _Compiled:
+    compiler = _Compiler(schema, shortcuts)
     compiler.node(schema, _At("v0", (), 1, "#"))
     body = "\n".join(compiler.lines)
     source = f"def validate(v0):\n    special = False\n{body}\n    return special\n"
@@ -862,14 +1003,19 @@ def _compile(schema: Mapping[str, Any], name: str) -> _Compiled:
     # The source is generated here from the schema: schema strings enter it only as repr()
     # literals or as named constants, never as code.
     exec(compile(source, f"<schema {name}>", "exec"), namespace)  # noqa: S102
-    return _Compiled(schema, namespace["validate"], source)
+    bmp = not any(_has_astral(key.encode("utf-8", "surrogatepass")) for key in compiler.names)
+    return _Compiled(schema, namespace["validate"], source, bmp and shortcuts)
 
 
 def _run(compiled: _Compiled, value: Any) -> bool:
     try:
         return compiled.validate(value)
     except _Invalid as exc:
-        raise MessageRejected("SCHEMA_INVALID", exc.message, json_path(exc.path)) from None
+        raise _schema_invalid(exc) from None
+
+
+def _schema_invalid(exc: _Invalid) -> MessageRejected:
+    return MessageRejected("SCHEMA_INVALID", exc.message, json_path(exc.path))
 
 
 def _load_schema(path: Path) -> _Compiled:
@@ -947,15 +1093,19 @@ class SchemaRegistry:
     ) -> tuple[Any, bytes]:
         """Parse strictly, require a top-level object, validate: return (value, canonical bytes)."""
         compiled = self._get(schema)
-        fast = _parse_fast(data, limits)
+        # Valid messages only have the schema's member names: if none is astral, the sorted
+        # bytes of orjson are RFC 8785 whatever the strings hold (canon is used only if valid).
+        fast = _parse_fast(data, limits, compiled.bmp_names)
         if fast is not None:
             value, canon = fast
             try:
-                special = _validate_message(compiled, value)
-            except MessageRejected:
+                if type(value) is not dict:
+                    raise _not_an_object(value)
+                special = compiled.validate(value)  # _run, inline
+            except (_Invalid, MessageRejected) as exc:
                 # a number orjson made a float may be one the reference refuses: let it decide
                 if not _has_special_numbers(value):
-                    raise
+                    raise (_schema_invalid(exc) if isinstance(exc, _Invalid) else exc) from None
                 special = True
             if not special:  # the validator saw every number: no float, no integer over 2**53
                 return value, canonical(value) if canon is None else canon
@@ -965,5 +1115,9 @@ class SchemaRegistry:
 
 def _validate_message(compiled: _Compiled, value: Any) -> bool:
     if type(value) is not dict:
-        raise MessageRejected("NOT_AN_OBJECT", f"expected an object, got {_describe(value)}")
+        raise _not_an_object(value)
     return _run(compiled, value)
+
+
+def _not_an_object(value: Any) -> MessageRejected:
+    return MessageRejected("NOT_AN_OBJECT", f"expected an object, got {_describe(value)}")

@@ -324,3 +324,89 @@ def test_check_is_the_same_with_and_without_orjson(case: tuple[str, bytes]) -> N
         assert check_outcome(name, data) == with_orjson
     finally:
         jsondoc._ORJSON = saved
+
+
+# ----------------------------------------------------------------------------- fast paths
+# The same schemas compiled without shortcuts: the plain code every shortcut must agree with.
+PLAIN = SchemaRegistry(
+    {n: jsondoc._compile(REGISTRY.schema(n), n, shortcuts=False) for n in REGISTRY.ids}
+)
+
+
+def validated(compiled: Any, value: Any) -> Any:
+    try:
+        return ("ok", compiled.validate(value))
+    except jsondoc._Invalid as exc:
+        return ("invalid", exc.path, exc.message)
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(mutated() | st.tuples(st.sampled_from(REGISTRY.ids), values))
+def test_shortcut_validators_agree_with_plain_ones(case: tuple[str, Any]) -> None:
+    name, doc = case
+    assert validated(REGISTRY._compiled[name], doc) == validated(PLAIN._compiled[name], doc)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(message_bytes())
+def test_check_agrees_with_the_plain_registry(case: tuple[str, bytes]) -> None:
+    """Shortcut validators, and orjson's key order trusted for BMP member names."""
+    name, data = case
+    expected = check_outcome(name, data)
+    try:
+        value, canon = PLAIN.check(name, data)
+        plain: Any = ("ok", typed(value), canon)
+    except MessageRejected as exc:
+        plain = ("rejected", exc.reason_code, exc.json_path)
+    assert plain == expected
+
+
+DATE_TIME_ISH = st.from_regex(
+    r"\A[0-9]{4}-[0-1][0-9]-[0-3][0-9][Tt ][0-2][0-9]:[0-6][0-9]:[0-6][0-9](\.[0-9]{1,3})?"
+    r"([Zz]|[+-][0-2][0-9]:[0-6][0-9])?\n?\Z"
+)
+EMAIL_ISH = st.from_regex(  # near the bounds: local part 64, label 63, all 254
+    r"\A[a-z]{1,3}(\.?[a-z]{0,66})?@([a-z0-9][a-z0-9-]{40,63}\.){0,4}[a-z]{1,64}\n?\Z"
+) | st.from_regex(r"\A[a-z.@]{1,70}@[a-z0-9.-]{1,200}\.(cn|c|com)\n?\Z")
+FORMAT_TEXT = {
+    "date-time": DATE_TIME_ISH | st.text(max_size=40),
+    "date": st.from_regex(r"\A[0-9]{4}-[0-1][0-9]-[0-3][0-9]\n?\Z") | st.text(max_size=12),
+    "uuid": st.from_regex(r"\A[0-9a-fA-F-]{36}\n?\Z") | st.uuids().map(str),
+    "email": EMAIL_ISH | st.emails() | st.text(max_size=30),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(jsondoc._FORMAT_SHORTCUTS)), st.data())
+def test_format_shortcuts_prove_the_checker(fmt: str, data: st.DataObject) -> None:
+    text = data.draw(FORMAT_TEXT[fmt])
+    if jsondoc._FORMAT_SHORTCUTS[fmt](text) is not None:
+        assert jsondoc.FORMATS[fmt][0](text), text
+
+
+PATTERNS = [
+    "^[0-9a-f]{64}$", "^[0-9]{6}$", "^[a-c_]+$", "^[A-C]*$", "^[a-c]{2,}$", "^[a-c-]{2,5}$",
+    "^[^\\u0000-\\u001f\\u007f]+$", "^[^/\\\\\\u0000-\\u001f\\u007f]+$", "^[^\\x00-\\x1f<>]*$",
+    "^[^\\\\u0000]+$",
+]  # fmt: skip
+
+
+def _string_schema(pattern: str, shortcuts: bool) -> Any:
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"s": {"type": "string", "pattern": pattern}}}  # fmt: skip
+    return jsondoc._compile(schema, "p", shortcuts)
+
+
+PATTERN_CODE = {p: (_string_schema(p, True), _string_schema(p, False)) for p in PATTERNS}
+PATTERN_TEXT = st.text(
+    alphabet="0123456789abcdefABC_-/\\<>u \x00\x1f\x7f\u00e9\u4e00\n", max_size=70
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.sampled_from(PATTERNS), PATTERN_TEXT | st.text(max_size=8))
+def test_pattern_shortcuts_agree_with_the_regex(pattern: str, text: str) -> None:
+    fast, plain = PATTERN_CODE[pattern]
+    for doc in ({"s": text}, {"s": text * 64}):
+        assert validated(fast, doc) == validated(plain, doc)
+    assert "isprintable" in fast.source or "translate" in fast.source  # a shortcut is tested

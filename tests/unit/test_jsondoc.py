@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import struct
 import time
 from pathlib import Path
@@ -679,3 +680,169 @@ def test_compiler_keywords_agree_with_jsonschema(tmp_path: Path) -> None:
             assert errors == [], doc
         else:
             assert any(path.startswith(e.json_path) for e in errors), (doc, path)
+
+
+# ----------------------------------------------------------------------------- fast paths
+def test_the_deepest_allowed_nesting_parses_although_orjson_stops_at_254() -> None:
+    limits = JsonLimits(max_depth=256)
+    for depth in (254, 255, 256):
+        value = parse_strict(b"[" * depth + b"]" * depth, limits)
+        assert canonical(value) == b"[" * depth + b"]" * depth
+    assert rejected(b"[" * 257 + b"]" * 257, limits).reason_code == "TOO_DEEP"
+
+
+def test_resident_id_check_character_by_base_13() -> None:
+    """int(digits, 13) * 2 % 11 is the GB 11643 weighted sum (13 is 2 modulo 11)."""
+    weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+    rng = random.Random(11643)
+    for _ in range(2000):
+        body = (
+            f"{rng.randint(1, 8)}{rng.randint(0, 99999):05d}{rng.choice(['19', '20'])}"
+            f"{rng.randint(0, 99):02d}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+            f"{rng.randint(0, 999):03d}"
+        )
+        expected = "10X98765432"[sum(int(c) * w for c, w in zip(body, weights, strict=True)) % 11]
+        for check in "0123456789Xx":
+            assert jsondoc.is_cn_resident_id(body + check) is (check == expected), body + check
+
+
+_LONG_DOMAIN = "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + "."
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "shortcut"),
+    [
+        ("date-time", "2025-03-14T09:26:53.120+08:00", True),
+        ("date-time", "2025-03-14t09:26:53z", True),
+        ("date-time", "2025-03-28T23:59:59-00:00", True),
+        ("date-time", "2024-02-29T00:00:00Z", False),  # days 29-31: the calendar decides
+        ("date-time", "2025-04-31T00:00:00Z", False),
+        ("date-time", "1998-12-31T23:59:60Z", False),  # second 60: idem
+        ("date-time", "1998-12-31T22:59:60Z", False),
+        ("date-time", "2025-03-14T09:26:53Z\n", False),
+        ("date-time", "2025-03-14T09:26:53", False),
+        ("date", "2025-03-28", True),
+        ("date", "2000-02-29", False),
+        ("date", "2100-02-29", False),
+        ("date", "2025-03-01\n", False),
+        ("uuid", "3f6c1a52-8d2e-4b7a-9c41-2f5e8b0d7a13", True),
+        ("uuid", "3F6C1A52-8D2E-4B7A-9C41-2F5E8B0D7A13", True),
+        ("uuid", "3f6c1a52-8d2e-4b7a-9c41-2f5e8b0d7a13\n", False),
+        ("email", "zhang.wei@example.cn", True),
+        ("email", "x" * 64 + "@example.cn", True),
+        ("email", "x" * 65 + "@example.cn", False),
+        ("email", "a@" + _LONG_DOMAIN + "e" * 57 + ".cn", True),  # 254 characters
+        ("email", "a@" + _LONG_DOMAIN + "e" * 58 + ".cn", False),  # 255
+        ("email", "a.b@c.d@example.cn", False),
+        ("email", "zhang@example.cn\n", False),
+    ],
+)
+def test_format_shortcuts_only_accept_what_the_checker_accepts(
+    fmt: str, text: str, shortcut: bool
+) -> None:
+    checker, _ = jsondoc.FORMATS[fmt]
+    assert (jsondoc._FORMAT_SHORTCUTS[fmt](text) is not None) is shortcut
+    if shortcut:
+        assert checker(text)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "run"),
+    [
+        ("^[0-9a-f]{64}$", (b"0123456789abcdef", 64, 64)),
+        ("^[0-9]{6}$", (b"0123456789", 6, 6)),
+        ("^[a-c_]+$", (b"_abc", 1, None)),
+        ("^[A-C]*$", (b"ABC", 0, None)),
+        ("^[a-c]{2,}$", (b"abc", 2, None)),
+        ("^[a-c-]{2,5}$", (b"-abc", 2, 5)),
+        ("^[ -!]{0}$", (b" !", 0, 0)),
+        ("^[^a-c]{2}$", None),  # negated
+        ("^[\\d]{2}$", None),  # escapes
+        ("^[a-c]{2}", None),  # no end
+        ("[a-c]{2}$", None),  # no start
+        ("^[a-c]{2}\\$", None),
+        ("^[一-龥]{2}$", None),  # not ASCII
+        ("^[1-8][0-9]{5}$", None),  # two classes
+        ("^[[a]{2}$", None),
+    ],
+)
+def test_ascii_class_runs(pattern: str, run: tuple[bytes, int, int | None] | None) -> None:
+    assert jsondoc._ascii_class_run(pattern) == run
+
+
+@pytest.mark.parametrize(
+    ("pattern", "refused"),
+    [
+        ("^[^\\u0000-\\u001f\\u007f]+$", ""),
+        ("^[^/\\\\\\u0000-\\u001f\\u007f]+$", "/\\"),
+        ("^[^\\x00-\\x1f<>]*$", "<>"),
+        ("^[^\\\\u0000]+$", "0\\u"),  # an escaped backslash, then u0000 as letters
+        ('^[^\\u0000-\\u001f\\u007f0-9<>&"\\\\]+$', None),  # a range of printable characters
+        ("^[^abcd]+$", None),  # more than 3
+        ("^[^\\u00e9]+$", None),  # refuses a character beyond ASCII
+        ("^[^\\s]+$", None),
+        ("^[^a]{2}$", None),
+    ],
+)
+def test_refused_printables(pattern: str, refused: str | None) -> None:
+    assert jsondoc._refused_printables(pattern) == refused
+
+
+def test_shortcuts_are_in_the_packaged_validators(registry: SchemaRegistry) -> None:
+    """The benchmark's message uses them; a change that loses one shows here first."""
+    source = registry._compiled[APP].source
+    assert "encode().translate(None," in source  # sha256
+    assert "'/' not in" in source  # attachment names
+    assert "except KeyError:" in source
+    assert ".issuperset(" in source
+    assert registry._compiled[APP].bmp_names
+    assert registry._compiled[NOTICE].bmp_names
+    plain = jsondoc._compile(registry.schema(APP), APP, shortcuts=False)
+    assert "KeyError" not in plain.source
+    assert "translate" not in plain.source
+    assert not plain.bmp_names
+
+
+def test_shortcut_and_plain_validators_agree_on_these(registry: SchemaRegistry) -> None:
+    docs: list[Any] = []
+    for name in registry.ids:
+        for item in registry.schema(name)["examples"]:
+            docs.append((name, copy.deepcopy(item)))
+            for key in list(item):
+                for change in ("drop", "extra", "both", "null"):
+                    doc = copy.deepcopy(item)
+                    if change in ("drop", "both"):
+                        del doc[key]
+                    if change in ("extra", "both"):
+                        doc["zz_" + key] = 1
+                    if change == "null":
+                        doc[key] = None
+                    docs.append((name, doc))
+            applicant = copy.deepcopy(item)
+            if "applicant" in applicant:
+                applicant["applicant"].pop("email", None)
+                applicant["applicant"]["nickname"] = "x"
+                docs.append((name, applicant))
+                more = copy.deepcopy(applicant)
+                more["applicant"].pop("name")
+                docs.append((name, more))
+    plain = {n: jsondoc._compile(registry.schema(n), n, shortcuts=False) for n in registry.ids}
+    for name, doc in docs:
+        outcomes: list[Any] = []
+        for compiled in (registry._compiled[name], plain[name]):
+            try:
+                outcomes.append(("ok", compiled.validate(doc)))
+            except jsondoc._Invalid as exc:
+                outcomes.append(("invalid", exc.path, exc.message))
+        assert outcomes[0] == outcomes[1], doc
+
+
+def test_check_with_astral_member_names_sorts_them_as_utf16(tmp_path: Path) -> None:
+    """Member names beyond U+FFFF turn off the shortcut that trusts orjson's key order."""
+    properties = {"\U0001f600": {"type": "string"}, "\ufb01": {"type": "string"}}
+    _write_schema(tmp_path, "astral", properties=properties, examples=[])
+    registry = SchemaRegistry.load(tmp_path)
+    assert not registry._compiled["astral"].bmp_names
+    value, canon = registry.check("astral", '{"\ufb01":"a","\U0001f600":"b"}'.encode())
+    assert canon == '{"\U0001f600":"b","\ufb01":"a"}'.encode()  # U+D83D sorts before U+FB01
+    assert canon == canonical(value)
