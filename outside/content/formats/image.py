@@ -5,12 +5,16 @@
 * Width, height and pixel count are read from the header and checked against
   ``limits.max_side`` / ``limits.max_pixels`` *before* any pixel is decoded; Pillow's own
   decompression-bomb warning is an error too (``LIMIT_EXCEEDED``).
-* The pixels are copied into a fresh image (``Image.frombytes``): no chunk, marker, profile,
-  EXIF, XMP, comment or trailing byte of the input survives.
+* Only the pixels reach the output: PNG output is written by ``pngwrite`` from the raw
+  scanlines (IHDR, IDAT, IEND and nothing else); JPEG output is encoded from a fresh copy of
+  the pixels (``Image.frombytes``). No chunk, marker, profile, EXIF, XMP, comment or trailing
+  byte of the input survives.
 * PNG stays PNG, lossless: the delivered pixels are identical (palette images are expanded to
-  RGB/RGBA). JPEG stays JPEG: re-encoded with the input's quantisation tables and chroma
-  subsampling where Pillow exposes them (quality 90 otherwise), after applying the EXIF
-  orientation so the picture still displays upright. GIF, BMP and TIFF become PNG.
+  RGB/RGBA, 16-bit grey stays 16-bit; 32-bit integer images become 16-bit grey, clipped to
+  0..65535 and reported if any value is outside). JPEG stays JPEG: re-encoded with the
+  input's quantisation tables and chroma subsampling where Pillow exposes them (quality 90
+  otherwise), after applying the EXIF orientation so the picture still displays upright.
+  GIF, BMP and TIFF become PNG.
 * Animated or multi-page images (GIF, APNG, multi-page TIFF) keep their first frame only;
   the dropped frames are reported as an action. A multi-page TIFF scan therefore loses pages:
   channels that receive such scans should send them as PDF.
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import cast
 
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from ferry.content.base import Action, Context, FormatResult, Reject
+from outside.content.formats import pngwrite
 
 # Magic → Pillow format name and canonical type name.
 MAGIC: tuple[tuple[bytes, str, str], ...] = (
@@ -35,16 +41,12 @@ MAGIC: tuple[tuple[bytes, str, str], ...] = (
     (b"II*\x00", "TIFF", "tiff"),
     (b"MM\x00*", "TIFF", "tiff"),
 )
-# Modes written to PNG unchanged; anything else is converted to RGB or RGBA first.
-PNG_MODES = frozenset({"1", "L", "LA", "RGB", "RGBA", "I;16", "I"})
+# Modes written to PNG as they are (see ``pngwrite.MODES``); anything else is converted to RGB
+# or RGBA first. ``pngwrite`` picks the zlib settings from the size and a sample of the rows.
+PNG_MODES = frozenset(pngwrite.MODES)
+UINT16_MAX = 0xFFFF
 ORIENTATION_TAG = 0x0112
 JPEG_MODES = frozenset({"L", "RGB", "CMYK"})
-# zlib level 6 (Pillow's default) takes ~1.1 s for a noisy 3 MP picture on one core, level 1
-# ~0.2 s for a 15 % larger file: large images use the fast level so a worker's time stays
-# bounded; small ones (icons, scans of a page region) get the better compression.
-PNG_COMPRESS_LEVEL = 6
-PNG_FAST_LEVEL = 1
-PNG_FAST_ABOVE_PIXELS = 1_000_000
 JPEG_FALLBACK_QUALITY = 90
 
 
@@ -165,9 +167,15 @@ def _write_png(im: Image.Image, dst: Path, actions: list[Action]) -> None:
         mode = "RGB"
     if mode != im.mode:
         actions.append(Action("converted", f"pixels {im.mode} to {mode}"))
-    out = _fresh(im, mode)
-    level = PNG_FAST_LEVEL if out.width * out.height > PNG_FAST_ABOVE_PIXELS else PNG_COMPRESS_LEVEL
-    out.save(dst, format="PNG", compress_level=level, optimize=False)
+    if mode == "I":
+        low, high = cast("tuple[int, int]", im.getextrema())
+        if low < 0 or high > UINT16_MAX:
+            actions.append(Action("converted", "pixels I to 16 bit, clipped to 0..65535"))
+    # pngwrite reads the raw scanlines with tobytes(): the output holds the pixels and nothing
+    # else, so no intermediate copy of the image is needed.
+    px = im if mode == im.mode else im.convert(mode)
+    with dst.open("wb") as fh:
+        pngwrite.write_png(px, fh)
 
 
 def _write_jpeg(im: Image.Image, dst: Path, actions: list[Action]) -> None:
