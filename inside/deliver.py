@@ -170,7 +170,7 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
             else:
                 raise UnsafePathError(f"no free name for {name!r} after many collisions")
             out.append(target)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         for tmp in tmps:
             os.close(tmp)
@@ -190,7 +190,7 @@ def _link_tmpfile(tmp_fd: int, target: Path) -> None:
         os.close(dir_fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -198,7 +198,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _subfolder(folder: Path, relpath: str, *, keep: bool) -> Path:
+def subfolder(folder: Path, relpath: str, *, keep: bool) -> Path:
     """The sender's relative folder under ``folder`` (when kept), made safe and created.
 
     Each component goes through safe_name; an existing component must be a real
@@ -238,6 +238,53 @@ def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
         os.close(tmp)
 
 
+def link_under_free_name(
+    src: Path,
+    src_fd: int,
+    size: int,
+    folder: Path,
+    name: str,
+    *,
+    before_link: Callable[[Path], None] | None = None,
+    same_sha256: bytes | None = None,
+) -> Path:
+    """Give the durable file ``src`` (open as ``src_fd``) a name in ``folder``: the first free
+    candidate of ``safe_name(name)`` (``report (2).pdf``...), never overwriting, hard-linked
+    (copied into an anonymous file and linked when ``folder`` is on another filesystem); then
+    fsync the folder. ``before_link(target)`` runs before each attempt. With
+    ``same_sha256``, a candidate already holding that content counts as the file delivered
+    (an interrupted earlier attempt) and is returned."""
+    safe = safe_name(name)
+    root = PurePosixPath(folder)
+    for candidate in candidate_names(safe):
+        try:
+            target = Path(contained(root, candidate))
+        except ValueError as exc:
+            raise UnsafePathError(str(exc)) from exc
+        if os.path.lexists(target):
+            if same_sha256 is not None and _same_content(target, same_sha256):
+                break
+            continue
+        if before_link is not None:
+            before_link(target)
+        try:
+            os.link(src, target, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            try:
+                _link_copy(src_fd, size, folder, target)
+            except FileExistsError:
+                continue
+        break
+    else:
+        raise UnsafePathError(f"no free name for {safe!r} after many collisions")
+    fsync_dir(folder)
+    return target
+
+
 def deliver(
     spool_file: Path,
     object_id: bytes,
@@ -271,20 +318,13 @@ def deliver(
         if folder is None:
             raise FerryError(f"channel {manifest.channel!r} has no file folder on this inside")
         if manifest.path:
-            folder = _subfolder(folder, manifest.path, keep=subfolders.get(manifest.channel, False))
+            folder = subfolder(folder, manifest.path, keep=subfolders.get(manifest.channel, False))
         os.ftruncate(fd, manifest.size)
         if recheck is not None:
             recheck(manifest, spool_file)
         os.fsync(fd)
-        name = safe_name(manifest.name)
-        root = PurePosixPath(folder)
-        for candidate in candidate_names(name):
-            try:
-                target = Path(contained(root, candidate))
-            except ValueError as exc:
-                raise UnsafePathError(str(exc)) from exc
-            if os.path.lexists(target):
-                continue
+
+        def delivering(target: Path) -> None:  # (where a crash would have left it)
             ledger.record(
                 object_id,
                 "delivering",
@@ -295,21 +335,10 @@ def deliver(
                 size=manifest.size,
                 sha256=manifest.sha256,
             )
-            try:
-                os.link(spool_file, target, follow_symlinks=False)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                try:
-                    _link_copy(fd, manifest.size, folder, target)
-                except FileExistsError:
-                    continue
-            break
-        else:
-            raise UnsafePathError(f"no free name for {name!r} after many collisions")
-        _fsync_dir(folder)
+
+        target = link_under_free_name(
+            spool_file, fd, manifest.size, folder, manifest.name, before_link=delivering
+        )
         if on_linked is not None:
             on_linked(manifest, target)
         ledger.record(object_id, "delivered", path=str(target))

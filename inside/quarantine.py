@@ -21,18 +21,17 @@ The inside agent follows ``releases.jsonl`` and records each line in its audit l
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from ferry import log
 from ferry.crypto.keys import PublicKey, SecretKey
-from ferry.errors import PolicyRejection, UnsafePathError, UsageError
+from ferry.errors import PolicyRejection, UsageError
 from ferry.quarantine_release import (
     EVENT,
     REASON_JSON,
@@ -48,11 +47,7 @@ from ferry.quarantine_release import (
     show_item,
 )
 from ferry.wire import records as rec
-
-# The shared delivery steps (private to inside.deliver, used as they are: same names, same
-# cross-filesystem copy, same idempotency test).
-from inside.deliver import _fsync_dir, _link_copy, _same_content, _subfolder
-from inside.paths import candidate_names, contained, safe_name
+from inside.deliver import fsync_dir, link_under_free_name, subfolder
 
 SUFFIX = ".obj"
 # Reasons a release may never wave through (the file matched a malware signature inside).
@@ -138,43 +133,7 @@ def keep_reason(
     finally:
         os.close(fd)
     os.replace(tmp, target)
-    _fsync_dir(folder)
-    return target
-
-
-def _deliver(src: Path, folder: Path, name: str, sha256: bytes) -> Path:
-    """Link ``src`` into ``folder`` under the first free safe name (never overwriting); a
-    candidate already holding the same content counts as delivered (an interrupted release)."""
-    root = PurePosixPath(folder)
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        size = os.fstat(fd).st_size
-        for candidate in candidate_names(safe_name(name)):
-            try:
-                target = Path(contained(root, candidate))
-            except ValueError as exc:
-                raise UnsafePathError(str(exc)) from exc
-            if os.path.lexists(target):
-                if _same_content(target, sha256):
-                    break
-                continue
-            try:
-                os.link(src, target, follow_symlinks=False)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                try:
-                    _link_copy(fd, size, folder, target)
-                except FileExistsError:
-                    continue
-            break
-        else:
-            raise UnsafePathError(f"no free name for {name!r} after many collisions")
-        _fsync_dir(folder)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
     return target
 
 
@@ -195,11 +154,35 @@ def _hand_over(
         raise UsageError(f"channel {channel!r} has no delivery folder on this inside")
     target_folder = root
     if doc.get("path"):
-        target_folder = _subfolder(root, str(doc["path"]), keep=subfolders.get(channel, False))
-    delivered = _deliver(src, target_folder, str(doc.get("original_name")), _sha(doc))
+        target_folder = subfolder(root, str(doc["path"]), keep=subfolders.get(channel, False))
+    # (the same names as a normal delivery; a name already holding this content is the file
+    # an interrupted release delivered)
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        delivered = link_under_free_name(
+            src,
+            fd,
+            os.fstat(fd).st_size,
+            target_folder,
+            str(doc.get("original_name")),
+            same_sha256=_sha(doc),
+        )
+    finally:
+        os.close(fd)
     src.unlink()
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return delivered
+
+
+def _check_intact(path: Path, doc: Mapping[str, Any]) -> None:
+    """Refuse a quarantined file that no longer matches its record (size and SHA-256)."""
+    want = _sha(doc).hex()
+    if path.stat().st_size != doc.get("size") or sha256_file(path) != want:
+        raise PolicyRejection(
+            "QUARANTINE_TAMPERED",
+            f"{path} no longer matches its record (size {doc.get('size')}, SHA-256 {want});"
+            " it is not released",
+        )
 
 
 def _sha(doc: Mapping[str, Any]) -> bytes:
@@ -231,7 +214,9 @@ def release_item(
     with locked(folder):
         doc = show_item(folder, stored)
         previous = previous_release(folder, stored, trusted)
-        if previous is not None:
+        if previous is not None:  # finish an interrupted release, with the same checks
+            if doc["present"]:
+                _check_intact(folder / stored, doc)
             moved = _hand_over(folder, stored, doc, folders, subfolders)
             return dict(previous, status="already released", delivered_as=_str(moved))
         code = str(doc.get("reason_code"))
@@ -241,18 +226,11 @@ def release_item(
             raise UsageError(f"item {stored!r} has no file to release")
         if str(doc.get("channel")) not in folders:
             raise UsageError(f"channel {doc.get('channel')!r} has no delivery folder here")
-        want = _sha(doc).hex()
-        path = folder / stored
-        if path.stat().st_size != doc.get("size") or sha256_file(path) != want:
-            raise PolicyRejection(
-                "QUARANTINE_TAMPERED",
-                f"{path} no longer matches its record (size {doc.get('size')}, SHA-256 {want});"
-                " it is not released",
-            )
+        _check_intact(folder / stored, doc)
         record = new_record(
             doc,
             stored,
-            want,
+            _sha(doc).hex(),
             channel=str(doc.get("channel")),
             key=key,
             override=None,

@@ -25,6 +25,7 @@ from ferry.config import load_inside_config
 from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key, write_secret_key
 from ferry.errors import KeyFileError, PolicyRejection, UsageError
 from ferry.quarantine_release import RELEASES
+from inside import quarantine as quarantine_mod
 from inside.agent import InsideAgent
 from inside.quarantine import release_item
 
@@ -194,3 +195,31 @@ def test_a_file_changed_in_quarantine_is_not_released(tmp_path: Path) -> None:
         _release(dep, item)
     assert list(Path(dep["channels"]["documents"]["deliver"]).iterdir()) == []
     assert not (state / RELEASES).exists()
+
+
+def test_an_interrupted_release_is_finished_only_while_the_file_matches_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dep, (item,) = quarantine(tmp_path, ("scan.png", png(text_chunk())))
+    state = load_inside_config(Path(dep["inside"]["config"])).state_dir / "quarantine"
+    deliver = Path(dep["channels"]["documents"]["deliver"])
+    kept = state / f"{item}.obj"
+    original = kept.read_bytes()
+
+    def crash(*_args: object) -> None:
+        raise RuntimeError("power cut after the release line")
+
+    with monkeypatch.context() as m:
+        m.setattr(quarantine_mod, "_hand_over", crash)
+        with pytest.raises(RuntimeError):
+            _release(dep, item)
+    assert len((state / RELEASES).read_text().splitlines()) == 1  # released, not delivered
+    kept.write_bytes(original.replace(b"payload", b"PAYLOAD"))
+    with pytest.raises(PolicyRejection, match="no longer matches its record"):
+        _release(dep, item)
+    assert list(deliver.iterdir()) == []
+    kept.write_bytes(original)  # as it was: the release is finished, once
+    done = _release(dep, item)
+    assert done["status"] == "already released"
+    assert (deliver / "scan.png").read_bytes() == original
+    assert not kept.exists()
