@@ -17,7 +17,7 @@ one ``ferry init`` leaves in ``admin/``). Its public key must equal the trusted 
    the channel's drop folder under its safe original name. The intake takes it again and
    **every content check applies again**; with ``--override CODE`` the record also names the
    one reason code the administrator accepts for this exact file (by SHA-256), which the
-   intake honours (:func:`overrides_for`): that one refusal is set aside and every other
+   intake honours (:func:`overrides_by_sha`): that one refusal is set aside and every other
    check still applies. Codes that would let active or hostile content through cannot be
    overridden (:data:`NOT_OVERRIDABLE`); only :data:`HONOURED_OVERRIDES` can be set aside.
 
@@ -70,7 +70,6 @@ __all__ = [
     "add_parser",
     "list_items",
     "overrides_by_sha",
-    "overrides_for",
     "release_item",
     "show_item",
     "sign_record",
@@ -115,11 +114,6 @@ def overrides_by_sha(folder: Path, trusted: PublicKey) -> dict[str, frozenset[st
         if verify_record(r, trusted):
             found.setdefault(sha, set()).add(code)
     return {sha: frozenset(codes) for sha, codes in found.items()}
-
-
-def overrides_for(folder: Path, sha256: str, trusted: PublicKey) -> frozenset[str]:
-    """Reason codes a verified release accepted for the file with this SHA-256."""
-    return overrides_by_sha(folder, trusted).get(sha256, frozenset())
 
 
 # ----------------------------------------------------------------------------- release

@@ -17,7 +17,7 @@ from outside.quarantine import Quarantine
 from outside.quarantine_cli import (
     RELEASES,
     list_items,
-    overrides_for,
+    overrides_by_sha,
     release_item,
     verify_record,
 )
@@ -78,7 +78,7 @@ def test_release_is_signed_and_idempotent(deployment: dict[str, object]) -> None
     assert first["status"] == "released"
     assert (drop / first["resubmitted_as"]).read_bytes() == b"report\n"
     assert verify_record(seen[0], trusted)
-    assert overrides_for(folder, "ab" * 32, trusted) == {"FILENAME_POLICY"}
+    assert overrides_by_sha(folder, trusted) == {"ab" * 32: {"FILENAME_POLICY"}}
     second = release_item(
         folder, item["stored_name"], channel="documents", drop=drop, key=key, trusted=trusted
     )
