@@ -521,7 +521,9 @@ class Spool:
                     query = (
                         "SELECT object_id, sends_done, sends_total, spread_us, first_sent_us,"  # noqa: S608
                         " spool_file, length, kind FROM items"
-                        f" WHERE state='queued' AND object_id IN ({marks})"
+                        # (+state: look rows up by id; on state the planner would pick
+                        # items_due and walk the whole backlog for every chunk)
+                        f" WHERE +state='queued' AND object_id IN ({marks})"
                     )
                     for row in self._db.execute(
                         query,
