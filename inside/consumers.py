@@ -40,6 +40,11 @@ ZAP_DOMAIN = "ferry-consumers"
 MAX_CREDIT = 10_000
 MAX_BODY = 64 * 1024
 ACK_FLUSH_INTERVAL = 0.2
+# Acknowledged outbox rows (without their bodies) are kept this long for operators, then
+# deleted a batch at a time, every PRUNE_INTERVAL seconds: the outbox stays bounded.
+ACKED_RETENTION = 7 * 24 * 3600.0
+PRUNE_INTERVAL = 600.0
+PRUNE_BATCH = 5000
 
 OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -118,12 +123,26 @@ class Outbox:
         return [OutboxItem(bytes(r[0]), r[1], r[2], r[3], r[4], r[5], bytes(r[6])) for r in rows]
 
     def ack_many(self, object_ids: list[bytes], who: str) -> None:
+        """Record who acknowledged what. The body is dropped at once (the delivery folder
+        and the audit log keep what was delivered); the row itself stays for
+        ``ACKED_RETENTION`` (see :meth:`prune`)."""
         now = int(time.time() * 1e6)
         with transaction(self._acks):
             self._acks.executemany(
-                "UPDATE outbox SET acked_us=?, acked_by=? WHERE object_id=? AND acked_us IS NULL",
+                "UPDATE outbox SET acked_us=?, acked_by=?, body=x''"
+                " WHERE object_id=? AND acked_us IS NULL",
                 [(now, who, oid) for oid in object_ids],
             )
+
+    def prune(self, before_us: int, limit: int = PRUNE_BATCH) -> int:
+        """Forget up to ``limit`` rows acknowledged before ``before_us``; how many went."""
+        with transaction(self._acks):
+            cur = self._acks.execute(
+                "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox"
+                " WHERE acked_us < ? LIMIT ?)",
+                (before_us, limit),
+            )
+        return cur.rowcount
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -185,6 +204,7 @@ class ConsumerServer:
         self.acked = 0
         self._acks: dict[str, list[bytes]] = {}
         self._next_ack_flush = 0.0
+        self._next_prune = 0.0
         self._thread = threading.Thread(target=self._run, name="consumers", daemon=True)
 
     def start(self) -> None:
@@ -245,6 +265,7 @@ class ConsumerServer:
                 self._redeliver()
                 self._dispatch()
                 self._flush_acks()
+                self._prune()
             except Exception:  # noqa: BLE001  # keep serving consumers
                 _log.exception("consumer_loop_error")
                 time.sleep(0.1)
@@ -349,6 +370,17 @@ class ConsumerServer:
         for who, ids in self._acks.items():
             self.outbox.ack_many(ids, who)
         self._acks.clear()
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        before = int((time.time() - ACKED_RETENTION) * 1e6)
+        gone = self.outbox.prune(before)
+        # a long backlog of old rows goes a batch per loop turn, not all in one transaction
+        self._next_prune = now + (0.0 if gone >= PRUNE_BATCH else PRUNE_INTERVAL)
+        if gone:
+            _log.info("outbox_pruned", rows=gone, acknowledged_before_us=before)
 
     def _redeliver(self) -> None:
         now = time.monotonic()
