@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -96,9 +97,35 @@ def previous_release(folder: Path, stored_name: str, trusted: PublicKey) -> dict
     )
 
 
-def list_items(folder: Path) -> list[dict[str, Any]]:
-    """Every quarantined item's reason document (plus ``released``), oldest first."""
-    released = {r["stored_name"] for r in releases(folder)}
+def _release_lines(
+    folder: Path, trusted: PublicKey | None
+) -> tuple[set[str], collections.Counter[str]]:
+    """Items with a release line signed by ``trusted``, and per item the lines that are not
+    (forged or altered, or every line when no trusted key is at hand)."""
+    verified: set[str] = set()
+    unverified: collections.Counter[str] = collections.Counter()
+    for r in releases(folder):
+        name = str(r["stored_name"])
+        if trusted is not None and verify_record(r, trusted):
+            verified.add(name)
+        else:
+            unverified[name] += 1
+    return verified, unverified
+
+
+def _mark_released(
+    doc: dict[str, Any], verified: set[str], unverified: collections.Counter[str]
+) -> None:
+    name = doc["stored_name"]
+    doc["released"] = name in verified
+    if unverified[name]:  # a line the key did not sign: say so, never count it as a release
+        doc["unverified_release_lines"] = unverified[name]
+
+
+def list_items(folder: Path, trusted: PublicKey | None) -> list[dict[str, Any]]:
+    """Every quarantined item's reason document, oldest first, plus ``released`` (a release
+    line signed by ``trusted``; None: the key is missing and nothing counts as released)."""
+    verified, unverified = _release_lines(folder, trusted)
     items = []
     for path in sorted(folder.glob("*" + REASON_JSON)) if folder.is_dir() else []:
         try:
@@ -108,23 +135,32 @@ def list_items(folder: Path) -> list[dict[str, Any]]:
         if not isinstance(doc, dict):
             continue
         doc["stored_name"] = doc.get("stored_name") or path.name[: -len(REASON_JSON)]
-        doc["released"] = doc["stored_name"] in released
+        _mark_released(doc, verified, unverified)
         items.append(doc)
     items.sort(key=lambda d: (str(d.get("quarantined_at")), str(d["stored_name"])))
     return items
 
 
-def show_item(folder: Path, stored_name: str) -> dict[str, Any]:
-    """One item's reason document plus ``released`` and ``present`` (the file is there)."""
+def show_item(folder: Path, stored_name: str, trusted: PublicKey | None) -> dict[str, Any]:
+    """One item's reason document plus ``released`` (as in :func:`list_items`) and
+    ``present`` (the file is there)."""
     check_stored_name(stored_name)
     path = folder / (stored_name + REASON_JSON)
     try:
         doc: dict[str, Any] = json.loads(path.read_text("ascii"))
     except FileNotFoundError:
         raise UsageError(f"no quarantined item {stored_name!r} in {folder}") from None
-    doc["released"] = any(r["stored_name"] == stored_name for r in releases(folder))
+    doc["stored_name"] = doc.get("stored_name") or stored_name
+    _mark_released(doc, *_release_lines(folder, trusted))
     doc["present"] = (folder / stored_name).is_file()
     return doc
+
+
+def admin_key_if_present(config: Path, given: str | None = None) -> PublicKey | None:
+    """The trusted security-admin public key for ``list`` and ``show`` (None if the file
+    is missing: they still work, and count no release line as verified)."""
+    path = Path(given) if given else config.parent / ADMIN_PUBLIC_KEY
+    return load_public_key(str(path)) if given or path.is_file() else None
 
 
 # ----------------------------------------------------------------------------- signing
@@ -354,13 +390,13 @@ def add_quarantine_parser(
         p.add_argument("--json", action="store_true")
         if action != "list":
             p.add_argument("item", help=item_help)
+        p.add_argument(
+            "--admin-public",
+            help="trusted security-admin public key, which signs release lines "
+            f"(default: {ADMIN_PUBLIC_KEY} next to the config)",
+        )
         if action == "release":
             p.add_argument("--key", required=True, help="the security-admin secret key file")
-            p.add_argument(
-                "--admin-public",
-                help="trusted security-admin public key "
-                f"(default: {ADMIN_PUBLIC_KEY} next to the config)",
-            )
             if override:
                 p.add_argument("--override", help="the item's reason code to accept for this file")
             p.add_argument("--note", help="why the item is released (kept in the record)")

@@ -212,7 +212,7 @@ def release_item(
     stored = stored_name(item)
     check_admin_key(key, trusted)
     with locked(folder):
-        doc = show_item(folder, stored)
+        doc = show_item(folder, stored, trusted)
         previous = previous_release(folder, stored, trusted)
         if previous is not None:  # finish an interrupted release, with the same checks
             if doc["present"]:

@@ -17,6 +17,7 @@ from ferry.crypto.keys import load_secret_key
 from ferry.errors import UsageError
 from ferry.quarantine_release import (
     add_quarantine_parser,
+    admin_key_if_present,
     list_items,
     print_json,
     print_list,
@@ -47,7 +48,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         raise UsageError(f"no files channel {args.channel!r} ({', '.join(folders)})")
     rows = [
         item
-        for item in list_items(folder)
+        for item in list_items(folder, admin_key_if_present(Path(args.config), args.admin_public))
         if args.channel is None or item.get("channel") == args.channel
     ]
     print_list(rows, as_json=args.json)
@@ -56,7 +57,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     folder, _, _ = _load(Path(args.config))
-    doc = show_item(folder, stored_name(args.item))
+    doc = show_item(
+        folder,
+        stored_name(args.item),
+        admin_key_if_present(Path(args.config), args.admin_public),
+    )
     if args.json:
         print_json(doc)
         return 0

@@ -42,6 +42,7 @@ from ferry.quarantine_release import (
     EVENT,
     RELEASES,
     add_quarantine_parser,
+    admin_key_if_present,
     append_release,
     check_admin_key,
     check_stored_name,
@@ -161,7 +162,7 @@ def release_item(
     check_stored_name(stored_name)
     check_admin_key(key, trusted)
     with locked(folder):
-        doc = show_item(folder, stored_name)
+        doc = show_item(folder, stored_name, trusted)
         if override is not None:
             if override != doc.get("reason_code"):
                 raise UsageError(
@@ -226,19 +227,22 @@ def _pick(args: argparse.Namespace) -> tuple[str, Path, Path]:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     channels = _channels(Path(args.config))
+    trusted = admin_key_if_present(Path(args.config), args.admin_public)
     wanted = [args.channel] if args.channel else list(channels)
     rows = []
     for name in wanted:
         if name not in channels:
             raise UsageError(f"no files channel {name!r}")
-        rows += [dict(item, channel=name) for item in list_items(channels[name][0])]
+        rows += [dict(item, channel=name) for item in list_items(channels[name][0], trusted)]
     print_list(rows, as_json=args.json)
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
     _, quarantine, _ = _pick(args)
-    doc = show_item(quarantine, args.item)
+    doc = show_item(
+        quarantine, args.item, admin_key_if_present(Path(args.config), args.admin_public)
+    )
     if args.json:
         print_json(doc)
     else:

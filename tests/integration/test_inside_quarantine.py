@@ -131,6 +131,9 @@ def test_list_show_and_release_once_with_the_admin_key(tmp_path: Path) -> None:
     with open(state / RELEASES, "a", encoding="utf-8") as f:
         forged = {"stored_name": f"{second}.obj", "admin_key_id": "00", "signature": "AA=="}
         f.write(json.dumps(forged) + "\n")
+    shown = inside_quarantine(dep, "show", second)
+    assert not shown["released"]  # list and show trust only signed lines
+    assert shown["unverified_release_lines"] == 1
     agent = Agent("inside", dep["inside"]["config"], tmp_path / "inside.log")
     try:
         audit_dir = dep["inside"]["audit_dir"]

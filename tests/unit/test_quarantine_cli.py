@@ -19,6 +19,7 @@ from outside.quarantine_cli import (
     list_items,
     overrides_by_sha,
     release_item,
+    show_item,
     verify_record,
 )
 
@@ -61,7 +62,7 @@ def _paths(out: dict[str, object]) -> tuple[Path, Path, Path, Path]:
 def test_release_is_signed_and_idempotent(deployment: dict[str, object]) -> None:
     folder, drop, secret, public = _paths(deployment)
     key, trusted = load_secret_key(secret), load_public_key(str(public))
-    [item] = list_items(folder)
+    [item] = list_items(folder, trusted)
     assert item["reason_code"] == "FILENAME_POLICY"
     assert not item["released"]
     seen: list[dict[str, object]] = []
@@ -86,9 +87,33 @@ def test_release_is_signed_and_idempotent(deployment: dict[str, object]) -> None
     assert second["resubmitted_as"] is None
     assert len(list(drop.iterdir())) == 1
     assert len((folder / RELEASES).read_text().splitlines()) == 1
-    assert list_items(folder)[0]["released"]
+    assert list_items(folder, trusted)[0]["released"]
     tampered = dict(seen[0], override="MALWARE_SIGNATURE")
     assert not verify_record(tampered, trusted)
+
+
+def test_list_and_show_count_only_signed_release_lines(deployment: dict[str, object]) -> None:
+    folder, drop, secret, public = _paths(deployment)
+    trusted = load_public_key(str(public))
+    [item] = list_items(folder, trusted)
+    stored = item["stored_name"]
+    with open(folder / RELEASES, "a", encoding="utf-8") as f:  # forged: no admin signature
+        f.write(json.dumps({"stored_name": stored, "admin_key_id": "00", "signature": "AA=="}))
+        f.write("\n")
+    [item] = list_items(folder, trusted)
+    assert not item["released"]
+    assert item["unverified_release_lines"] == 1
+    shown = show_item(folder, stored, trusted)
+    assert (shown["released"], shown["unverified_release_lines"]) == (False, 1)
+    release_item(
+        folder, stored, channel="documents", drop=drop, key=load_secret_key(secret), trusted=trusted
+    )
+    [item] = list_items(folder, trusted)
+    assert item["released"]
+    assert item["unverified_release_lines"] == 1
+    [unkeyed] = list_items(folder, None)  # no trusted key at hand: nothing counts
+    assert not unkeyed["released"]
+    assert unkeyed["unverified_release_lines"] == 2
 
 
 def test_release_needs_the_trusted_key(deployment: dict[str, object], tmp_path: Path) -> None:
@@ -97,7 +122,7 @@ def test_release_needs_the_trusted_key(deployment: dict[str, object], tmp_path: 
     with pytest.raises(KeyFileError):
         release_item(
             folder,
-            list_items(folder)[0]["stored_name"],
+            list_items(folder, load_public_key(str(public)))[0]["stored_name"],
             channel="documents",
             drop=drop,
             key=other,

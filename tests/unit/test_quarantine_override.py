@@ -121,13 +121,13 @@ def _sha(data: bytes) -> str:
 
 def _quarantined(g: Gateway) -> list[str]:
     """The reason codes of the items still refused (not released)."""
-    return [str(i["reason_code"]) for i in list_items(g.quarantine) if not i["released"]]
+    return [str(i["reason_code"]) for i in list_items(g.quarantine, g.trusted) if not i["released"]]
 
 
 def test_a_released_override_of_the_refusal_delivers_that_file(gateway: Gateway) -> None:
     g = gateway
     assert not g.drop_file("minutes.pdf", TEXT)  # plain text named .pdf
-    [item] = list_items(g.quarantine)
+    [item] = list_items(g.quarantine, g.trusted)
     assert item["reason_code"] == "TYPE_MISMATCH"
     out = release_item(
         g.quarantine,
@@ -166,7 +166,7 @@ def test_an_override_of_another_or_a_hostile_code_changes_nothing(
 ) -> None:
     gateway.sign(_sha(data), override)
     assert not gateway.drop_file(name, data)
-    [item] = list_items(gateway.quarantine)
+    [item] = list_items(gateway.quarantine, gateway.trusted)
     assert item["reason_code"] == refusal
     assert item["details"]["report"].get("override", {}).get("applied") in (None, False)
     assert not [r for r in gateway.records() if r["event"] == "intake.accepted"]
