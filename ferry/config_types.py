@@ -228,6 +228,7 @@ class OutsideConfig:
     api: ApiParams | None = None
     audit: AuditParams | None = None
     poll_interval: float = 0.5
+    retention_days: float = 30.0  # sent items are forgotten after this (Spool.prune)
 
 
 @dataclass(frozen=True)
@@ -251,3 +252,4 @@ class InsideConfig:
     object_timeout: float = 60.0
     """Seconds without news of an incomplete object before it is reported lost."""
     max_object_size: int = 64 * 1024**3
+    retention_days: float = 30.0  # finished items are forgotten after this (Ledger.prune)

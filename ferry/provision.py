@@ -312,6 +312,9 @@ def _outside_yaml(
 outside:
   # Seconds the intake waits for folder events per turn.
   poll_interval: {_defaults(OutsideConfig)["poll_interval"]}
+  # Days a sent item (and its submission id) stays in the spool database, then is
+  # forgotten: a client reusing a forgotten submission id gets a new item.
+  retention_days: {_defaults(OutsideConfig)["retention_days"]:g}
 """
     return text
 
@@ -408,6 +411,9 @@ inside:
   object_timeout: {tune["object_timeout"]}
   # Largest object accepted; k/M/G/T are powers of 1024.
   max_object_size: {_size(tune["max_object_size"])}
+  # Days the ledger remembers a finished item, then forgets it; at least 8, so that it
+  # outlasts any repeat schedule (a repeat of a forgotten item would be delivered again).
+  retention_days: {tune["retention_days"]:g}
 """
     return text
 

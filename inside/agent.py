@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import queue
+import sqlite3
 import sys
 import threading
 import time
@@ -42,7 +43,7 @@ from ferry.wire.receiver import (
 from inside.consumers import ConsumerServer, Outbox, OutboxItem
 from inside.deliver import Delivered, deliver, open_bundle, verify_stream, write_new_files
 from inside.gaps import SequenceGaps
-from inside.ledger import Ledger
+from inside.ledger import PRUNE_BATCH, Ledger
 from inside.mirror import AuditMirror, MirrorRejected
 from inside.quarantine import keep_reason
 from inside.recheck import recheck
@@ -59,6 +60,9 @@ Job = tuple[bytes, int, bytes | None]
 MirrorJob = tuple[bytes, rec.Manifest, bytes]
 
 TICK_INTERVAL = 0.25
+# Seconds between prunes of finished items from the ledger (cfg.retention_days); a batch
+# per tick while more are due.
+PRUNE_INTERVAL = 600.0
 STATUS_INTERVAL = 0.5
 # Seconds before a missing audit-mirror piece counts as a gap (its second copy comes 30 s on).
 MIRROR_GAP_GRACE = 90.0
@@ -154,6 +158,8 @@ class InsideAgent:
             # mirror pieces come twice over 30 s (outside/mirror.py): give the copy its chance
             per_channel={rec.AUDIT_CHANNEL: max(2 * cfg.object_timeout, MIRROR_GAP_GRACE)},
         )
+        for channel, seq in self.ledger.seq_floors():  # (pruned: seen long ago)
+            self.gaps.seen_up_to(channel, seq)
         for channel, seq in self.ledger.channel_seqs():
             self.gaps.seen(channel, seq)
         self.scanner: Scanner | None = None
@@ -719,7 +725,7 @@ class InsideAgent:
             trusted_sender=self.sender_key.key_id.hex(),
             link_state=monitor.state.value,
         )
-        next_tick = next_status = 0.0
+        next_tick = next_status = next_prune = 0.0
         try:
             while not self.stop.is_set():
                 batch = channel.recv_batch(0.05)
@@ -745,6 +751,8 @@ class InsideAgent:
                     machine.tick(now)
                     self._handle(machine, monitor, now)
                     self.releases.scan({self.quarantine_dir: None})  # (every 2 s at most)
+                    if mono >= next_prune:
+                        next_prune = mono + self._prune()
                     for ev in monitor.tick(now):
                         _log.warning("link_" + ev.kind, message=ev.message, state=ev.state.value)
                         self._record_link(ev.kind, ev.message, ev.state.value, ev.detail)
@@ -806,6 +814,18 @@ class InsideAgent:
                 "inside_stopped", delivered=self.delivered, rejected=self.rejected, lost=self.lost
             )
         return 0
+
+    def _prune(self) -> float:
+        """Forget a batch of items finished before the retention; seconds until the next."""
+        before = int((time.time() - self.cfg.retention_days * 86400) * 1e6)
+        try:
+            gone = self.ledger.prune(before)
+        except sqlite3.Error as exc:  # (rolled back: the ledger stays as it was)
+            _log.error("ledger_prune_failed", error=str(exc))
+            return PRUNE_INTERVAL
+        if gone:
+            _log.info("ledger_pruned", items=gone, finished_before_us=before)
+        return 0.0 if gone >= PRUNE_BATCH else PRUNE_INTERVAL
 
     def _record_link(self, kind: str, message: str, state: str, detail: dict[str, Any]) -> None:
         event = LINK_EVENTS.get(kind)

@@ -38,6 +38,14 @@ class SequenceGaps:
         with self._lock:
             self._seen(channel, seq)
 
+    def seen_up_to(self, channel: str, seq: int) -> None:
+        """Every number of ``channel`` up to ``seq`` counts as seen (the ledger forgot them)."""
+        with self._lock:
+            floor = max(self._floor.get(channel, 0), seq)
+            above = self._above.get(channel, set())
+            above.difference_update([s for s in above if s <= floor])
+            self._advance(channel, floor)
+
     def _seen(self, channel: str, seq: int) -> None:
         floor = self._floor.get(channel, 0)
         if seq <= floor:

@@ -22,7 +22,13 @@ CREATE TABLE IF NOT EXISTS objects (
     reason TEXT,
     updated_us INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS objects_updated ON objects (updated_us);
+-- per channel, the highest sequence number of the objects pruned (forgotten after the
+-- retention): every number up to it was seen, so a restart does not report them as gaps
+CREATE TABLE IF NOT EXISTS seq_floor (channel TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
+# Objects forgotten per prune transaction.
+PRUNE_BATCH = 5000
 
 
 class Ledger:
@@ -162,6 +168,34 @@ class Ledger:
             rows = self._db.execute(
                 "SELECT channel, seq FROM objects WHERE channel IS NOT NULL AND seq IS NOT NULL"
             ).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def prune(self, before_us: int, limit: int = PRUNE_BATCH) -> int:
+        """Forget up to ``limit`` finished objects (delivered, rejected, lost) last updated
+        before ``before_us``, oldest first; how many went. A repeat of a forgotten object
+        would be delivered again, so the retention must outlast every repeat schedule."""
+        with self._lock, transaction(self._db):
+            rows = self._db.execute(
+                "SELECT rowid, channel, seq FROM objects INDEXED BY objects_updated"
+                " WHERE updated_us < ? AND state != 'delivering' ORDER BY updated_us LIMIT ?",
+                (before_us, limit),
+            ).fetchall()
+            floors: dict[str, int] = {}
+            for _, channel, seq in rows:
+                if isinstance(channel, str) and isinstance(seq, int):
+                    floors[channel] = max(floors.get(channel, 0), seq)
+            self._db.executemany(
+                "INSERT INTO seq_floor VALUES (?,?)"
+                " ON CONFLICT(channel) DO UPDATE SET seq=max(seq, excluded.seq)",
+                list(floors.items()),
+            )
+            self._db.executemany("DELETE FROM objects WHERE rowid=?", [(r[0],) for r in rows])
+        return len(rows)
+
+    def seq_floors(self) -> list[tuple[str, int]]:
+        """(channel, highest pruned sequence number): see :meth:`prune`."""
+        with self._lock:
+            rows = self._db.execute("SELECT channel, seq FROM seq_floor").fetchall()
         return [(str(r[0]), int(r[1])) for r in rows]
 
     def counts(self) -> dict[str, int]:

@@ -68,7 +68,11 @@ CREATE TABLE IF NOT EXISTS submissions (
     created_us INTEGER NOT NULL,
     PRIMARY KEY (client, submission_id)
 );
+-- (prune deletes an item's submission; the foreign key check also looks items up here)
+CREATE INDEX IF NOT EXISTS submissions_item ON submissions (object_id);
 """
+# Finished items forgotten per prune transaction.
+PRUNE_BATCH = 5000
 
 
 def now_us() -> int:
@@ -563,6 +567,24 @@ class Spool:
                 self._db.execute("ROLLBACK")
                 raise
         return out
+
+    def prune(self, before_us: int, limit: int = PRUNE_BATCH) -> int:
+        """Forget up to ``limit`` finished items (every copy sent) whose last copy left
+        before ``before_us``, with their submission ids; how many went. A client that
+        reuses a forgotten submission id gets a new item; a status query answers unknown."""
+        with self._lock, transaction(self._db):
+            ids = [
+                (r[0],)
+                for r in self._db.execute(
+                    # (on items_due: a finished item's next_send_us <= its last sent_us)
+                    "SELECT object_id FROM items WHERE state='sent' AND next_send_us<?"
+                    " AND sent_us<? LIMIT ?",
+                    (before_us, before_us, limit),
+                )
+            ]
+            self._db.executemany("DELETE FROM submissions WHERE object_id=?", ids)
+            self._db.executemany("DELETE FROM items WHERE object_id=?", ids)
+        return len(ids)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

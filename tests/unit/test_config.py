@@ -208,6 +208,7 @@ def test_inside_values(tmp_path: Path) -> None:
     assert cfg.max_object_size == 2**40
     assert isinstance(cfg.degraded_after, float)
     assert cfg.down_after == 10.0
+    assert cfg.retention_days == 30.0
     assert cfg.link.transport == "udp"
     assert cfg.channels[0].deliver == tmp_path / "deliver/documents"
 
@@ -469,6 +470,12 @@ INSIDE_BAD: list[tuple[str, Edit, int, tuple[str, ...]]] = [
         lambda t: t + "outside:\n  poll_interval: 1\n",
         16,
         ("unknown key 'outside' at top level", "inside"),
+    ),
+    (
+        "a retention shorter than the longest repeat schedule",
+        _sub("down_after: 10", "down_after: 10\n  retention_days: 7"),
+        15,
+        ("inside.retention_days", "8"),
     ),
     ("flow mapping value", _sub("port: 47000", "port: -1"), 8, ("link.udp.port", "from 1")),
     ("rcvbuf too small", _sub("rcvbuf: 8M", "rcvbuf: 1k"), 8, ("link.udp.rcvbuf", "4096")),
