@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ferry.errors import StateError
+
+# Retention: old rows are deleted this many per transaction, every PRUNE_INTERVAL seconds
+# (or a batch per call of Retention.step while a backlog of old rows remains).
+PRUNE_BATCH = 5000
+PRUNE_INTERVAL = 600.0
 
 
 def open_db(path: Path, schema: str) -> sqlite3.Connection:
@@ -38,3 +45,34 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+class Retention:
+    """Forget rows older than ``keep_seconds`` now and then, for a loop that calls
+    :meth:`step` often: ``prune(before_us, limit)`` deletes up to ``limit`` of them in one
+    transaction and returns how many went. A database error is logged and tried again
+    ``PRUNE_INTERVAL`` later (the transaction rolled back: nothing changed)."""
+
+    def __init__(
+        self, prune: Callable[[int, int], int], keep_seconds: float, event: str, logger: Any
+    ) -> None:
+        self._prune = prune
+        self._keep_us = int(keep_seconds * 1e6)
+        self._event = event  # logged with the count: e.g. "spool_pruned"
+        self._log = logger
+        self._next = 0.0  # (monotonic): the first step prunes
+
+    def step(self, now: float) -> None:
+        """Prune a batch if due (``now``: time.monotonic())."""
+        if now < self._next:
+            return
+        before = int(time.time() * 1e6) - self._keep_us
+        try:
+            gone = self._prune(before, PRUNE_BATCH)
+        except sqlite3.Error as exc:
+            self._log.error(self._event + "_failed", error=str(exc))
+            self._next = now + PRUNE_INTERVAL
+            return
+        if gone:
+            self._log.info(self._event, items=gone, before_us=before)
+        self._next = now + (0.0 if gone >= PRUNE_BATCH else PRUNE_INTERVAL)

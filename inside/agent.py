@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import queue
-import sqlite3
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
 from ferry.jsondoc import SchemaRegistry
 from ferry.quarantine_release import ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
+from ferry.state import Retention
 from ferry.status import write_status
 from ferry.wire import records as rec
 from ferry.wire.linkstate import LinkMonitor
@@ -43,7 +43,7 @@ from ferry.wire.receiver import (
 from inside.consumers import ConsumerServer, Outbox, OutboxItem
 from inside.deliver import Delivered, deliver, open_bundle, verify_stream, write_new_files
 from inside.gaps import SequenceGaps
-from inside.ledger import PRUNE_BATCH, Ledger
+from inside.ledger import Ledger
 from inside.mirror import AuditMirror, MirrorRejected
 from inside.quarantine import keep_reason
 from inside.recheck import recheck
@@ -60,9 +60,6 @@ Job = tuple[bytes, int, bytes | None]
 MirrorJob = tuple[bytes, rec.Manifest, bytes]
 
 TICK_INTERVAL = 0.25
-# Seconds between prunes of finished items from the ledger (cfg.retention_days); a batch
-# per tick while more are due.
-PRUNE_INTERVAL = 600.0
 STATUS_INTERVAL = 0.5
 # Seconds before a missing audit-mirror piece counts as a gap (its second copy comes 30 s on).
 MIRROR_GAP_GRACE = 90.0
@@ -144,6 +141,9 @@ class InsideAgent:
                 if self.schemas is not None and name not in self.schemas.ids:
                     raise FerryError(f"channel {ch.name}: unknown message schema {name!r}")
         self.ledger = Ledger(cfg.state_dir)
+        self._retention = Retention(
+            self.ledger.prune, cfg.retention_days * 86400, "ledger_pruned", _log
+        )
         self.audit = AgentAudit(cfg.audit, "inside", cfg.state_dir, cfg.source)
         # `ferry inside quarantine release` lines, into the audit log (the CLI cannot write it)
         self.releases = ReleaseAuditor.for_agent(self.audit, cfg.state_dir, cfg.source)
@@ -725,7 +725,7 @@ class InsideAgent:
             trusted_sender=self.sender_key.key_id.hex(),
             link_state=monitor.state.value,
         )
-        next_tick = next_status = next_prune = 0.0
+        next_tick = next_status = 0.0
         try:
             while not self.stop.is_set():
                 batch = channel.recv_batch(0.05)
@@ -751,8 +751,7 @@ class InsideAgent:
                     machine.tick(now)
                     self._handle(machine, monitor, now)
                     self.releases.scan({self.quarantine_dir: None})  # (every 2 s at most)
-                    if mono >= next_prune:
-                        next_prune = mono + self._prune()
+                    self._retention.step(mono)  # (finished items past cfg.retention_days)
                     for ev in monitor.tick(now):
                         _log.warning("link_" + ev.kind, message=ev.message, state=ev.state.value)
                         self._record_link(ev.kind, ev.message, ev.state.value, ev.detail)
@@ -814,18 +813,6 @@ class InsideAgent:
                 "inside_stopped", delivered=self.delivered, rejected=self.rejected, lost=self.lost
             )
         return 0
-
-    def _prune(self) -> float:
-        """Forget a batch of items finished before the retention; seconds until the next."""
-        before = int((time.time() - self.cfg.retention_days * 86400) * 1e6)
-        try:
-            gone = self.ledger.prune(before)
-        except sqlite3.Error as exc:  # (rolled back: the ledger stays as it was)
-            _log.error("ledger_prune_failed", error=str(exc))
-            return PRUNE_INTERVAL
-        if gone:
-            _log.info("ledger_pruned", items=gone, finished_before_us=before)
-        return 0.0 if gone >= PRUNE_BATCH else PRUNE_INTERVAL
 
     def _record_link(self, kind: str, message: str, state: str, detail: dict[str, Any]) -> None:
         event = LINK_EVENTS.get(kind)

@@ -30,7 +30,7 @@ import zmq
 from ferry import log
 from ferry.config_types import ConsumerParams
 from ferry.crypto.keys import load_secret_key
-from ferry.state import transaction
+from ferry.state import PRUNE_BATCH, Retention, transaction
 from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
 from inside.ledger import Ledger
@@ -41,10 +41,8 @@ MAX_CREDIT = 10_000
 MAX_BODY = 64 * 1024
 ACK_FLUSH_INTERVAL = 0.2
 # Acknowledged outbox rows (without their bodies) are kept this long for operators, then
-# deleted a batch at a time, every PRUNE_INTERVAL seconds: the outbox stays bounded.
+# deleted (ferry.state.Retention): the outbox stays bounded.
 ACKED_RETENTION = 7 * 24 * 3600.0
-PRUNE_INTERVAL = 600.0
-PRUNE_BATCH = 5000
 
 OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -204,7 +202,7 @@ class ConsumerServer:
         self.acked = 0
         self._acks: dict[str, list[bytes]] = {}
         self._next_ack_flush = 0.0
-        self._next_prune = 0.0
+        self._retention = Retention(outbox.prune, ACKED_RETENTION, "outbox_pruned", _log)
         self._thread = threading.Thread(target=self._run, name="consumers", daemon=True)
 
     def start(self) -> None:
@@ -265,7 +263,7 @@ class ConsumerServer:
                 self._redeliver()
                 self._dispatch()
                 self._flush_acks()
-                self._prune()
+                self._retention.step(time.monotonic())
             except Exception:  # noqa: BLE001  # keep serving consumers
                 _log.exception("consumer_loop_error")
                 time.sleep(0.1)
@@ -370,17 +368,6 @@ class ConsumerServer:
         for who, ids in self._acks.items():
             self.outbox.ack_many(ids, who)
         self._acks.clear()
-
-    def _prune(self) -> None:
-        now = time.monotonic()
-        if now < self._next_prune:
-            return
-        before = int((time.time() - ACKED_RETENTION) * 1e6)
-        gone = self.outbox.prune(before)
-        # a long backlog of old rows goes a batch per loop turn, not all in one transaction
-        self._next_prune = now + (0.0 if gone >= PRUNE_BATCH else PRUNE_INTERVAL)
-        if gone:
-            _log.info("outbox_pruned", rows=gone, acknowledged_before_us=before)
 
     def _redeliver(self) -> None:
         now = time.monotonic()

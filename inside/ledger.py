@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ferry.state import open_db, transaction
+from ferry.state import PRUNE_BATCH, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replay (
@@ -27,8 +27,6 @@ CREATE INDEX IF NOT EXISTS objects_updated ON objects (updated_us);
 -- retention): every number up to it was seen, so a restart does not report them as gaps
 CREATE TABLE IF NOT EXISTS seq_floor (channel TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
-# Objects forgotten per prune transaction.
-PRUNE_BATCH = 5000
 
 
 class Ledger:

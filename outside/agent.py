@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import os
 import queue
-import sqlite3
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from ferry.config_types import OutsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError
 from ferry.runtime import open_sender, pacing_rate, settle_gc
+from ferry.state import Retention
 from ferry.status import write_status
 from ferry.wire import records as rec
 from ferry.wire.pacing import TokenBucket
@@ -44,7 +44,7 @@ from outside.content.pipeline import ContentPipeline
 from outside.intake import FolderIntake
 from outside.mirror import CHANNEL as MIRROR_CHANNEL
 from outside.mirror import MAX_PIECE, AuditShipper
-from outside.spool import PRUNE_BATCH, Spool, SpoolItem, now_us
+from outside.spool import Spool, SpoolItem, now_us
 
 # Datagrams asked of the sender machine per loop turn: amortises Python overhead
 # while keeping heartbeats and intake responsive (64 x 1.5 kB ~ 0.1 ms at 1 Gb/s).
@@ -91,9 +91,6 @@ def bundle_fec(symbols: int) -> tuple[int, int] | None:
 # Source symbols of an audit-mirror piece (one FEC block; k + repair stays under 255).
 MAX_PIECE_SYMBOLS = 200
 SCHEDULE_INTERVAL = 0.5
-# Seconds between prunes of finished items (cfg.retention_days); a batch per loop turn
-# while more are due.
-PRUNE_INTERVAL = 600.0
 # Seconds the send loop waits at most for new items' intake records to reach the disk.
 AUDIT_DURABLE_WAIT = 0.05
 ADMIN_PUBLIC_KEY = "keys/security-admin.pub"  # as ferry quarantine release looks for it
@@ -112,6 +109,9 @@ class OutsideAgent:
         self.key = load_secret_key(cfg.signing_key, ("ed25519",))
         self.recipient = load_public_key(cfg.inside_public_key, cfg.source.parent)
         self.spool = Spool(cfg.state_dir)
+        self._retention = Retention(
+            self.spool.prune, cfg.retention_days * 86400, "spool_pruned", _log
+        )
         self.audit = AgentAudit(cfg.audit, "outside", cfg.state_dir, cfg.source)
         self._incoming: queue.SimpleQueue[SpoolItem] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -366,18 +366,6 @@ class OutsideAgent:
                 return  # recorded after the log recovers (sending has stopped meanwhile)
             self._unrecorded.popleft()
 
-    def _prune(self) -> float:
-        """Forget a batch of items sent before the retention; seconds until the next."""
-        before = now_us() - int(self.cfg.retention_days * 86400e6)
-        try:
-            gone = self.spool.prune(before)
-        except sqlite3.Error as exc:  # (rolled back: the spool stays as it was; tried later)
-            _log.error("spool_prune_failed", error=str(exc))
-            return PRUNE_INTERVAL
-        if gone:
-            _log.info("spool_pruned", items=gone, sent_before_us=before)
-        return 0.0 if gone >= PRUNE_BATCH else PRUNE_INTERVAL
-
     def run(self) -> int:
         cfg = self.cfg
         epoch = self.spool.next_epoch(int(time.time() * 1e6))
@@ -408,7 +396,7 @@ class OutsideAgent:
         settle_gc()
         intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
         intake.start()
-        next_status = next_schedule = next_flush = next_prune = 0.0
+        next_status = next_schedule = next_flush = 0.0
         pending_sent: list[ObjectSent] = []
         started = time.monotonic()
         halted = False
@@ -439,8 +427,7 @@ class OutsideAgent:
                         now_us(), skip=self._sources.keys() | self._in_bundles, repeats_only=True
                     ):
                         self._submit(sender, item)
-                if mono >= next_prune:
-                    next_prune = mono + self._prune()
+                self._retention.step(mono)  # (sent items past cfg.retention_days)
                 if self._waiting_msgs:
                     self._bundle_messages(sender)
                 now = time.time()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import StateError
-from ferry.state import open_db, transaction
+from ferry.state import PRUNE_BATCH, open_db, transaction
 
 SCHEMA_VERSION = 4  # 4: a message row holds its bundle member record, unsigned
 SCHEMA = """
@@ -71,8 +71,6 @@ CREATE TABLE IF NOT EXISTS submissions (
 -- (prune deletes an item's submission; the foreign key check also looks items up here)
 CREATE INDEX IF NOT EXISTS submissions_item ON submissions (object_id);
 """
-# Finished items forgotten per prune transaction.
-PRUNE_BATCH = 5000
 
 
 def now_us() -> int:

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from ferry.state import PRUNE_BATCH, PRUNE_INTERVAL, Retention
 from inside.gaps import Gap, SequenceGaps
 from inside.ledger import Ledger
 from outside.spool import Accepted, MessageRequest, Sealed, Spool, now_us
@@ -116,3 +117,47 @@ def test_numbers_below_a_pruned_floor_are_not_gaps_after_a_restart() -> None:
     fresh.seen("messages", 7)
     fresh.heartbeat({"messages": 7}, now=0.0)
     assert fresh.due(2.0) == [Gap("messages", 1, 6)]
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, object]]] = []
+
+    def info(self, event: str, **kw: object) -> None:
+        self.lines.append(("info", event, kw))
+
+    def error(self, event: str, **kw: object) -> None:
+        self.lines.append(("error", event, kw))
+
+
+def test_retention_prunes_a_batch_per_step_while_behind_then_waits_and_survives_errors() -> None:
+    backlog = [PRUNE_BATCH + 2]
+    calls: list[int] = []
+    fail = [False]
+
+    def prune(before_us: int, limit: int) -> int:
+        calls.append(before_us)
+        if fail[0]:
+            raise sqlite3.OperationalError("disk I/O error")
+        gone = min(limit, backlog[0])
+        backlog[0] -= gone
+        return gone
+
+    logged = _Log()
+    retention = Retention(prune, 30 * 86400, "spool_pruned", logged)
+    t0 = time.time()
+    retention.step(100.0)  # the first step prunes
+    assert abs(calls[0] / 1e6 - (t0 - 30 * 86400)) < 5  # rows older than 30 days
+    retention.step(100.1)  # a full batch went: the next step goes on
+    retention.step(100.2)  # 2 went: now it waits
+    retention.step(100.0 + PRUNE_INTERVAL - 1)
+    assert len(calls) == 2
+    assert [kw["items"] for _, _, kw in logged.lines] == [PRUNE_BATCH, 2]
+    fail[0] = True
+    retention.step(100.2 + PRUNE_INTERVAL)
+    retention.step(100.3 + PRUNE_INTERVAL)  # an error is not retried at once
+    assert len(calls) == 3
+    assert logged.lines[-1][:2] == ("error", "spool_pruned_failed")
+    fail[0] = False
+    retention.step(100.2 + 2 * PRUNE_INTERVAL)
+    assert len(calls) == 4
