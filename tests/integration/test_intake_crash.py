@@ -244,7 +244,8 @@ def test_kill_9_while_api_client_pipelines_then_resubmission_makes_no_duplicates
     edit_yaml(dep["outside"]["config"], out)
     entry = Path(dep["api"]["allowlist_entry"])
     entry.write_text(entry.read_text().replace("rate: 5000", "rate: 1000000"))
-    n_total, kill_after = 1500, 300
+    # (enough that under load the kill still comes before the pipeline is answered)
+    n_total, kill_after = 4000, 300
     sids = {f"crash-{n}": n for n in range(n_total)}
 
     inside = agents("inside", dep["inside"]["config"])
