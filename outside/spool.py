@@ -513,57 +513,67 @@ class Spool:
         finished: list[tuple[int, int, int, bytes]] = []
         rescheduled: list[tuple[int, int, int, int, bytes]] = []
         with self._lock:
+            # Read first (this agent is the spool's only writer, and holds the lock), to
+            # know whether the commit must reach the disk before it returns.
+            rows: dict[bytes, tuple[Any, ...]] = {}
+            ids = list(dict.fromkeys(object_ids))  # once each, in order
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))  # placeholders only
+                query = (
+                    "SELECT object_id, sends_done, sends_total, spread_us, first_sent_us,"  # noqa: S608
+                    " spool_file, length, kind FROM items"
+                    # (+state: look rows up by id; on state the planner would pick
+                    # items_due and walk the whole backlog for every chunk)
+                    f" WHERE +state='queued' AND object_id IN ({marks})"
+                )
+                for row in self._db.execute(query, chunk):
+                    rows[bytes(row[0])] = row[1:]
+            for oid in ids:
+                found = rows.get(oid)
+                if found is None:
+                    continue  # unknown, or finished already: not counted again
+                done, total, spread, first, spool_file, length, kind = found
+                done += 1
+                first = now if first is None else first
+                if done >= total:
+                    finished.append((done, first, now, oid))
+                    path = None if spool_file is None else self.dir / spool_file
+                    out.append(SentCopy(oid, done, total, True, path))
+                else:
+                    step = spread // max(1, total - 1)
+                    rescheduled.append((done, first, now, max(now, first + done * step), oid))
+                    out.append(SentCopy(oid, done, total, False, None))
+            if not out:
+                return out
+            # A copy sent but not recorded is only sent once more (the inside drops
+            # repeats), so this commit need not wait for the disk (WAL, synchronous=NORMAL:
+            # the next durable commit carries it), unless a file's spool copy is about
+            # to be deleted: then the record must be on disk first.
+            durable = any(c.spool_file is not None for c in out)
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                rows: dict[bytes, tuple[Any, ...]] = {}
-                ids = list(dict.fromkeys(object_ids))  # once each, in order
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start : start + 500]
-                    marks = ",".join("?" * len(chunk))  # placeholders only
-                    query = (
-                        "SELECT object_id, sends_done, sends_total, spread_us, first_sent_us,"  # noqa: S608
-                        " spool_file, length, kind FROM items"
-                        # (+state: look rows up by id; on state the planner would pick
-                        # items_due and walk the whole backlog for every chunk)
-                        f" WHERE +state='queued' AND object_id IN ({marks})"
+                with transaction(self._db):
+                    self._db.executemany(
+                        "UPDATE items SET state='sent', sends_done=?, first_sent_us=?,"
+                        " sent_us=?, data=NULL WHERE object_id=?",
+                        finished,
                     )
-                    for row in self._db.execute(
-                        query,
-                        chunk,
-                    ):
-                        rows[bytes(row[0])] = row[1:]
-                for oid in ids:
-                    found = rows.get(oid)
-                    if found is None:
-                        continue  # unknown, or finished already: not counted again
-                    done, total, spread, first, spool_file, length, kind = found
-                    done += 1
-                    first = now if first is None else first
-                    if done >= total:
-                        finished.append((done, first, now, oid))
-                        if kind != "audit":
-                            self.backlog_items -= 1
-                        self.backlog_bytes -= int(length)
-                        path = None if spool_file is None else self.dir / spool_file
-                        out.append(SentCopy(oid, done, total, True, path))
-                    else:
-                        step = spread // max(1, total - 1)
-                        rescheduled.append((done, first, now, max(now, first + done * step), oid))
-                        out.append(SentCopy(oid, done, total, False, None))
-                self._db.executemany(
-                    "UPDATE items SET state='sent', sends_done=?, first_sent_us=?,"
-                    " sent_us=?, data=NULL WHERE object_id=?",
-                    finished,
-                )
-                self._db.executemany(
-                    "UPDATE items SET sends_done=?, first_sent_us=?, sent_us=?,"
-                    " next_send_us=? WHERE object_id=?",
-                    rescheduled,
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                    self._db.executemany(
+                        "UPDATE items SET sends_done=?, first_sent_us=?, sent_us=?,"
+                        " next_send_us=? WHERE object_id=?",
+                        rescheduled,
+                    )
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            for copy in out:
+                if copy.finished:
+                    *_, length, kind = rows[copy.object_id]
+                    if kind != "audit":
+                        self.backlog_items -= 1
+                    self.backlog_bytes -= int(length)
         return out
 
     def prune(self, before_us: int, limit: int = PRUNE_BATCH) -> int:

@@ -155,6 +155,53 @@ def test_marking_items_sent_costs_the_same_whatever_the_backlog(tmp_path: Path) 
     assert large <= small + 3, (small, large)
 
 
+def _statements(spool: Spool) -> list[str]:
+    seen: list[str] = []
+    spool._db.set_trace_callback(seen.append)
+    return seen
+
+
+def test_recording_a_sent_message_does_not_wait_for_the_disk_but_a_finished_file_does(
+    tmp_path: Path,
+) -> None:
+    # A lost "sent" record only means one more copy (the inside drops repeats): no fsync
+    # for it. A file's spool copy is deleted once its last copy is recorded, so that
+    # record must be on disk first. Either way the connection is durable afterwards.
+    spool = Spool(tmp_path)
+    (acc, _), (twice, _) = spool.accept_messages([_req("m"), _req("r", total=2)], _seal)
+    seen = _statements(spool)
+    spool.mark_sent([acc.object_id, twice.object_id])
+    assert "PRAGMA synchronous=NORMAL" in seen
+    assert seen[-1] == "PRAGMA synchronous=FULL"
+    assert spool._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    seen.clear()
+    spool.accept_messages([_req("after")], _seal)  # intake commits stay durable
+    assert not any("synchronous" in s for s in seen)
+
+    data = b"file body"
+    (tmp_path / "f1.obj").write_bytes(data)
+    item = SpoolItem(
+        os.urandom(16), "docs", 1, "a.pdf", len(data), len(data), tmp_path / "f1.obj",
+        kind="file", priority=0,
+    )  # fmt: skip
+    spool.add(item, bytes(32), str(tmp_path / "a.pdf"), "key-1")
+    seen.clear()
+    (copy,) = spool.mark_sent([item.object_id, os.urandom(16)])  # (an unknown id is skipped)
+    assert copy.finished
+    assert copy.spool_file == spool.dir / "f1.obj"
+    assert not any("synchronous" in s for s in seen)  # a durable commit (FULL)
+    assert any(s.startswith("UPDATE items SET state='sent'") for s in seen)
+    assert spool.backlog_items == 2  # ("r" has a copy to go, "after" is queued)
+    seen.clear()
+    assert spool.mark_sent([item.object_id]) == []  # finished already: nothing written
+    assert seen  # (it looked)
+    assert not any(s.startswith(("BEGIN", "UPDATE")) for s in seen)
+    spool.close()
+    again = Spool(tmp_path)  # what was recorded survived
+    assert again.backlog_items == 2
+    assert again.counts() == {"queued": 2, "sent": 2}
+
+
 def test_spool_refuses_a_database_of_another_schema_version(tmp_path: Path) -> None:
     Spool(tmp_path).close()
 
