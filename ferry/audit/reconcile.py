@@ -3,7 +3,9 @@
 Every ``intake.accepted`` item of the outside log (or of the inside's mirror of
 it) ends in exactly one state:
 
-* ``delivered`` -- an inside ``delivery.delivered`` record;
+* ``delivered`` -- an inside ``delivery.delivered`` record, or an inside rejection
+  that a security administrator released from quarantine (``quarantine.released``,
+  signed): counted as delivered, and listed apart;
 * ``rejected`` -- an inside ``delivery.rejected`` record, or a ``verdict`` with
   result ``rejected`` (the reason is the rejecting record's reason);
 * ``in_flight`` -- neither yet, and accepted less than ``grace`` seconds before ``now``;
@@ -87,6 +89,8 @@ class ItemState:
         "rejected_by",
         "rejected_reason",
         "rejected_ts",
+        "released_by",
+        "released_ts",
         "sends",
         "sent_sha256",
         "seq",
@@ -131,6 +135,8 @@ class ItemState:
         self.rejected_ts: str | None = None
         self.rejected_reason: str | None = None
         self.rejected_by: str | None = None  # "verdict" (outside) or "delivery" (inside)
+        self.released_ts: str | None = None  # released from the inside quarantine
+        self.released_by: str | None = None
         self.inside_first_ts: str | None = None
         self.last_ts = ""
         self.state = ""
@@ -175,6 +181,8 @@ class ItemState:
             "delivered_sha256": self.delivered_sha256,
             "rejected_ts": self.rejected_ts,
             "rejected_by": self.rejected_by,
+            "released_ts": self.released_ts,
+            "released_by": self.released_by,
             "last_ts": self.last_ts,
             "evidence": list(self.evidence),
         }
@@ -303,6 +311,9 @@ class Accountant:
             # An inside rejection is the one that counts: it names the inside's reason.
             st.rejected_ts, st.rejected_by = ts, "delivery"
             st.rejected_reason = reason or st.recheck_reason
+        elif event == "quarantine.released" and result == "success" and st.released_ts is None:
+            # (the agent writes it only for a line signed by the security-admin key)
+            st.released_ts, st.released_by = ts, subject_label(rec["subject"])
 
     def feed_log(self, side: str, directory: Path, stats: LogStats, limit: int | None) -> None:
         for rec in read_log(directory, side, limit=limit, stats=stats):
@@ -388,6 +399,11 @@ class Reconciliation:
         return {state: c.get(state, 0) for state in STATES}
 
     @property
+    def released(self) -> list[ItemState]:
+        """Delivered items that got there by a release from the inside quarantine."""
+        return [s for s in self.accepted if s.state == "delivered" and s.released_ts]
+
+    @property
     def missing(self) -> int:
         return sum(1 for s in self.accepted if s.state == "missing")
 
@@ -402,6 +418,7 @@ class Reconciliation:
             "accepted": len(self.accepted),
             "counts": counts,
             "rejected_by": {"verdict": rejected["verdict"], "delivery": rejected["delivery"]},
+            "released": [s.to_json() for s in self.released],
             "intake_rejected": sum(self.accountant.intake_rejected.values()),
             "control_objects": self.control,
             "discrepancies": [d.to_json() for d in self.discrepancies],
@@ -538,6 +555,14 @@ def _decide(st: ItemState, cutoff: str, problems: list[Discrepancy]) -> None:
                 )
             )
         return
+    if st.rejected_by == "delivery" and st.released_ts is not None:
+        st.state = "delivered"  # by a person: rejected inside, then released from quarantine
+        st.reason = st.rejected_reason
+        st.evidence.append(
+            f"rejected inside at {st.rejected_ts}: {st.rejected_reason or 'no reason given'}; "
+            f"released from quarantine by {st.released_by} at {st.released_ts}"
+        )
+        return
     if st.rejected_ts is not None:
         st.state = "rejected"
         st.reason = st.rejected_reason or st.recheck_reason or st.verdict_reason
@@ -657,9 +682,11 @@ def render_text(rec: Reconciliation, *, limit: int = 200) -> Iterator[str]:
             )
     c = rec.counts()
     by = Counter(s.rejected_by for s in rec.by_state("rejected"))
+    released = rec.released
     yield (
-        f"items accepted outside: {len(rec.accepted)}   delivered {c['delivered']}   "
-        f"rejected {c['rejected']} (outside verdict {by['verdict']}, inside {by['delivery']})"
+        f"items accepted outside: {len(rec.accepted)}   delivered {c['delivered']}"
+        + (f" (released from quarantine {len(released)})" if released else "")
+        + f"   rejected {c['rejected']} (outside verdict {by['verdict']}, inside {by['delivery']})"
         f"   in flight {c['in_flight']}   missing {c['missing']}"
     )
     refused = sum(rec.accountant.intake_rejected.values())
@@ -691,6 +718,8 @@ def render_text(rec: Reconciliation, *, limit: int = 200) -> Iterator[str]:
     )
     yield from section("IN FLIGHT", list(rec.by_state("in_flight")), True)
     yield from section("REJECTED", list(rec.by_state("rejected")), False)
+    yield from section("RELEASED FROM QUARANTINE (rejected inside, delivered by a person)",
+                       released, True)  # fmt: skip
     if rec.discrepancies:
         yield ""
         yield f"DISCREPANCIES ({len(rec.discrepancies)})"

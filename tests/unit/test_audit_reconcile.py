@@ -12,7 +12,7 @@ from ferry.audit import cli as audit_cli
 from ferry.audit.locate import locate
 from ferry.audit.reconcile import Reconciliation, reconcile
 from ferry.audit.reconcile import render_text as render
-from ferry.audit.record import format_ts
+from ferry.audit.record import AuditObject, Subject, format_ts
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +153,48 @@ def test_discrepancies(tmp_path: Path) -> None:
     ]
     assert states(r)[item_id(10)] == "delivered"
     assert r.missing == 0
+
+
+def test_an_inside_rejection_released_by_the_security_admin_counts_as_delivered(
+    tmp_path: Path,
+) -> None:
+    b = _clean(tmp_path, n=0)
+    admin = Subject.user("security-admin:0123abcd")
+    for n in (1, 2, 3):
+        item, t = item_id(n), T0 + n * 60 * S
+        b.accept(item, t, seq=n)
+        b.send(item, t + S, seq=n)
+        b.receive(item, t + 2 * S, seq=n)
+        b.reject_inside(item, t + 3 * S, seq=n, reason="TYPE: not a PDF")
+    obj = AuditObject(kind="file", item=item_id(1), channel="files/permits")
+    b.add("inside", T0 + 600 * S, "quarantine.released", subject=admin, obj=obj, corr=item_id(1))
+    forged = AuditObject(kind="file", item=item_id(2), channel="files/permits")
+    b.add(  # a line not signed by the admin key: recorded as a failure, never trusted
+        "inside",
+        T0 + 601 * S,
+        "quarantine.released",
+        subject=Subject.user("security-admin:unknown"),
+        result="failure",
+        reason="BAD_SIGNATURE: a release line not signed by the admin key",
+        obj=forged,
+        corr=item_id(2),
+    )
+    outside, inside = b.write()
+    r = reconcile(outside, inside, now_us=T0 + 3600 * S)
+    assert states(r) == {item_id(1): "delivered", item_id(2): "rejected", item_id(3): "rejected"}
+    assert r.discrepancies == []  # a release is not a conflicting outcome
+    [released] = r.released
+    assert released.item == item_id(1)
+    assert released.released_by == "user:security-admin:0123abcd"
+    assert released.released_ts == format_ts(T0 + 600 * S)
+    assert released.reason == "TYPE: not a PDF"
+    assert "released from quarantine by user:security-admin:0123abcd" in released.evidence[0]
+    doc = r.to_json()
+    assert [x["item"] for x in doc["released"]] == [item_id(1)]
+    assert doc["counts"]["delivered"] == 1
+    text = "\n".join(render(r))
+    assert "delivered 1 (released from quarantine 1)" in text
+    assert "RELEASED FROM QUARANTINE" in text
 
 
 def test_an_arrival_ahead_of_the_mirror_is_not_a_discrepancy(tmp_path: Path) -> None:
