@@ -107,23 +107,33 @@ class AuditShipper:
         if mono < self._next:
             return []
         self._next = mono + self.interval
-        items: list[SpoolItem] = []
-        segments = list_segments(self.audit_dir)
-        for i, (number, path) in enumerate(segments):
-            name = segment_name(number)
-            last = i == len(segments) - 1
-            self._ship_file(path, name, b"\n", items)
-            if not last and self.shipped.get(name, 0) < path.stat().st_size:
-                break  # an older segment still has bytes to go: keep the order
-            if len(items) >= MAX_PIECES_PER_STEP:
-                break
-        else:  # the checkpoints after the records they cover
-            self._ship_file(self.audit_dir / CHECKPOINTS_FILE, CHECKPOINTS_FILE, b"\n\n", items)
-        if items:
+        items: list[tuple[SpoolItem, bytes]] = []
+        before = dict(self.shipped)
+        try:
+            segments = list_segments(self.audit_dir)
+            for i, (number, path) in enumerate(segments):
+                name = segment_name(number)
+                last = i == len(segments) - 1
+                self._ship_file(path, name, b"\n", items)
+                if not last and self.shipped.get(name, 0) < path.stat().st_size:
+                    break  # an older segment still has bytes to go: keep the order
+                if len(items) >= MAX_PIECES_PER_STEP:
+                    break
+            else:  # the checkpoints after the records they cover
+                self._ship_file(self.audit_dir / CHECKPOINTS_FILE, CHECKPOINTS_FILE, b"\n\n", items)
+            if items:  # one transaction for the whole step
+                self.spool.add_blobs(items, "component:audit-mirror", self.spread_us)
+        except BaseException:
+            self.shipped = before  # nothing spooled: the same pieces go next time
+            raise
+        if items:  # then where the mirror got to
+            self.pieces += len(items)
             self._save()
-        return items
+        return [item for item, _ in items]
 
-    def _ship_file(self, path: Path, name: str, sep: bytes, items: list[SpoolItem]) -> None:
+    def _ship_file(
+        self, path: Path, name: str, sep: bytes, items: list[tuple[SpoolItem, bytes]]
+    ) -> None:
         offset = self.shipped.get(name, 0)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -139,15 +149,16 @@ class AuditShipper:
                         n = len(data)
                     else:
                         break  # an incomplete line: it is shipped once complete
-                items.append(self._spool_piece(name, offset, data[:n]))
+                items.append(self._piece(name, offset, data[:n], len(items)))
                 offset += n
                 self.shipped[name] = offset
         finally:
             os.close(fd)
 
-    def _spool_piece(self, name: str, offset: int, content: bytes) -> SpoolItem:
+    def _piece(self, name: str, offset: int, content: bytes, nth: int) -> tuple[SpoolItem, bytes]:
+        """The ``nth`` piece of this step (this thread alone numbers the mirror channel)."""
         object_id = os.urandom(16)
-        seq = self.spool.next_seq(CHANNEL)
+        seq = self.spool.next_seq(CHANNEL) + nth
         created = now_us()
         sha = hashlib.sha256(content).digest()
         manifest = rec.Manifest(
@@ -178,6 +189,4 @@ class AuditShipper:
             data=stream,
             sends_total=self.copies,
         )
-        self.spool.add_blob(item, sha, "component:audit-mirror", self.spread_us)
-        self.pieces += 1
-        return item
+        return item, sha

@@ -302,33 +302,50 @@ class Spool:
     # --------------------------------------------------------------- messages
     def add_blob(self, item: SpoolItem, sha256: bytes, subject: str, spread_us: int = 0) -> None:
         """Commit an item whose object stream is ``item.data`` (audit-mirror pieces)."""
-        if item.data is None:
+        self.add_blobs([(item, sha256)], subject, spread_us)
+
+    def add_blobs(
+        self, items: Sequence[tuple[SpoolItem, bytes]], subject: str, spread_us: int = 0
+    ) -> None:
+        """Commit ``(item, sha256)`` items whose object streams are ``item.data``, in one
+        durable transaction (one fsync, and the lock held once, however many)."""
+        if any(item.data is None for item, _ in items):
             raise ValueError("a blob item needs its object stream")
+        if not items:
+            return
         created = now_us()
+        last_seq: dict[str, int] = {}
         with self._lock, transaction(self._db):
-            self._db.execute(
+            self._db.executemany(
                 "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
                 " sha256, length, data, subject, state, sends_total, spread_us,"
                 " next_send_us, created_us) VALUES (?,?,?,?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
-                (
-                    item.object_id,
-                    item.channel,
-                    item.seq,
-                    item.kind,
-                    item.priority,
-                    item.name,
-                    item.size,
-                    sha256,
-                    item.length,
-                    item.data,
-                    subject,
-                    item.sends_total,
-                    spread_us,
-                    created,
-                    created,
-                ),
+                [
+                    (
+                        item.object_id,
+                        item.channel,
+                        item.seq,
+                        item.kind,
+                        item.priority,
+                        item.name,
+                        item.size,
+                        sha256,
+                        item.length,
+                        item.data,
+                        subject,
+                        item.sends_total,
+                        spread_us,
+                        created,
+                        created,
+                    )
+                    for item, sha256 in items
+                ],
             )
-            self._set_seq(item.channel, item.seq)
+            for item, _ in items:
+                last_seq[item.channel] = max(item.seq, last_seq.get(item.channel, 0))
+            for channel, seq in last_seq.items():
+                self._set_seq(channel, seq)
+        for item, _ in items:  # (committed)
             if item.kind != "audit":  # audit pieces count in bytes only (see __init__)
                 self.backlog_items += 1
             self.backlog_bytes += item.length

@@ -103,6 +103,49 @@ def test_pieces_in_any_order_and_repeated_rebuild_a_verified_mirror(tmp_path: Pa
     log.close()
 
 
+def test_a_step_spools_its_pieces_in_one_transaction_or_none(tmp_path: Path) -> None:
+    # (one durable commit per step, not one per piece: each commit holds the spool lock
+    # through an fsync, and the API waits for that lock)
+    log = _outside_log(tmp_path, 400)
+    state = tmp_path / "outside-state"
+    state.mkdir()
+    spool = Spool(state)
+    shipper = AuditShipper(log.directory, spool, SecretKey.generate("ed25519"), state,
+                           max_piece=20_000)  # fmt: skip
+    real = spool.add_blobs
+    calls = []
+
+    def failing(*args: object, **kw: object) -> None:
+        calls.append(args)
+        raise OSError(28, "No space left on device")
+
+    spool.add_blobs = failing  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="No space"):
+        shipper.step(mono=10.0)
+    assert len(calls) == 1
+    assert spool.counts() == {}  # nothing spooled ...
+    assert shipper.shipped == {}  # ... and nothing counted as shipped
+    spool.add_blobs = real  # type: ignore[method-assign]
+    seen: list[str] = []
+    spool._db.set_trace_callback(seen.append)
+    items = shipper.step(mono=20.0)
+    spool._db.set_trace_callback(None)
+    assert len(items) > 3
+    assert seen.count("COMMIT") == 1
+    assert [i.seq for i in items] == list(range(1, len(items) + 1))
+    assert items[0].name == f"{items[0].name.split('@')[0]}@0"  # from the start again
+    assert spool.counts() == {"queued": len(items)}
+    assert spool.next_seq(rec.AUDIT_CHANNEL) == len(items) + 1
+    assert spool.backlog_bytes == sum(i.length for i in items)
+    for n in range(50):
+        log.append("intake.accepted", subject=Subject.component("test"), obj={"seq": 500 + n})
+    log.checkpoint()
+    more = shipper.step(mono=30.0)  # what came since, numbered on
+    assert more
+    assert [i.seq for i in more] == list(range(len(items) + 1, len(items) + len(more) + 1))
+    spool.close()
+
+
 def test_a_piece_contradicting_the_mirror_is_refused_and_recorded(tmp_path: Path) -> None:
     log = _outside_log(tmp_path, 30)
     pieces = _pieces(tmp_path, log)
