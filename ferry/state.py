@@ -32,19 +32,28 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
 
 
 @contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(db: sqlite3.Connection, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
     """One explicit write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, rollback on error).
 
     Connections from :func:`open_db` are in autocommit mode, where ``with db:``
     does not group statements: every statement would commit (and fsync) alone.
+    ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL`` for
+    this transaction only; in WAL order the next durable commit carries it): for
+    records whose loss in a power cut is harmless.
     """
-    db.execute("BEGIN IMMEDIATE")
+    if not durable:  # (SQLite refuses to change it inside a transaction)
+        db.execute("PRAGMA synchronous=NORMAL")
     try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    finally:
+        if not durable:
+            db.execute("PRAGMA synchronous=FULL")
 
 
 class Retention:

@@ -109,18 +109,20 @@ class AuditShipper:
         self._next = mono + self.interval
         items: list[tuple[SpoolItem, bytes]] = []
         before = dict(self.shipped)
+        first_seq = self.spool.next_seq(CHANNEL)  # (this thread alone numbers the channel)
         try:
             segments = list_segments(self.audit_dir)
             for i, (number, path) in enumerate(segments):
                 name = segment_name(number)
                 last = i == len(segments) - 1
-                self._ship_file(path, name, b"\n", items)
+                self._ship_file(path, name, b"\n", items, first_seq)
                 if not last and self.shipped.get(name, 0) < path.stat().st_size:
                     break  # an older segment still has bytes to go: keep the order
                 if len(items) >= MAX_PIECES_PER_STEP:
                     break
             else:  # the checkpoints after the records they cover
-                self._ship_file(self.audit_dir / CHECKPOINTS_FILE, CHECKPOINTS_FILE, b"\n\n", items)
+                checkpoints = self.audit_dir / CHECKPOINTS_FILE
+                self._ship_file(checkpoints, CHECKPOINTS_FILE, b"\n\n", items, first_seq)
             if items:  # one transaction for the whole step
                 self.spool.add_blobs(items, "component:audit-mirror", self.spread_us)
         except BaseException:
@@ -132,7 +134,12 @@ class AuditShipper:
         return [item for item, _ in items]
 
     def _ship_file(
-        self, path: Path, name: str, sep: bytes, items: list[tuple[SpoolItem, bytes]]
+        self,
+        path: Path,
+        name: str,
+        sep: bytes,
+        items: list[tuple[SpoolItem, bytes]],
+        first_seq: int,
     ) -> None:
         offset = self.shipped.get(name, 0)
         try:
@@ -149,16 +156,14 @@ class AuditShipper:
                         n = len(data)
                     else:
                         break  # an incomplete line: it is shipped once complete
-                items.append(self._piece(name, offset, data[:n], len(items)))
+                items.append(self._piece(name, offset, data[:n], first_seq + len(items)))
                 offset += n
                 self.shipped[name] = offset
         finally:
             os.close(fd)
 
-    def _piece(self, name: str, offset: int, content: bytes, nth: int) -> tuple[SpoolItem, bytes]:
-        """The ``nth`` piece of this step (this thread alone numbers the mirror channel)."""
+    def _piece(self, name: str, offset: int, content: bytes, seq: int) -> tuple[SpoolItem, bytes]:
         object_id = os.urandom(16)
-        seq = self.spool.next_seq(CHANNEL) + nth
         created = now_us()
         sha = hashlib.sha256(content).digest()
         manifest = rec.Manifest(

@@ -564,27 +564,20 @@ class Spool:
             if not out:
                 return out
             # A copy sent but not recorded is only sent once more (the inside drops
-            # repeats), so this commit need not wait for the disk (WAL, synchronous=NORMAL:
-            # the next durable commit carries it), unless a file's spool copy is about
-            # to be deleted: then the record must be on disk first.
+            # repeats), so this commit need not wait for the disk, unless a file's spool
+            # copy is about to be deleted: then the record must be on disk first.
             durable = any(c.spool_file is not None for c in out)
-            if not durable:
-                self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                with transaction(self._db):
-                    self._db.executemany(
-                        "UPDATE items SET state='sent', sends_done=?, first_sent_us=?,"
-                        " sent_us=?, data=NULL WHERE object_id=?",
-                        finished,
-                    )
-                    self._db.executemany(
-                        "UPDATE items SET sends_done=?, first_sent_us=?, sent_us=?,"
-                        " next_send_us=? WHERE object_id=?",
-                        rescheduled,
-                    )
-            finally:
-                if not durable:
-                    self._db.execute("PRAGMA synchronous=FULL")
+            with transaction(self._db, durable=durable):
+                self._db.executemany(
+                    "UPDATE items SET state='sent', sends_done=?, first_sent_us=?,"
+                    " sent_us=?, data=NULL WHERE object_id=?",
+                    finished,
+                )
+                self._db.executemany(
+                    "UPDATE items SET sends_done=?, first_sent_us=?, sent_us=?,"
+                    " next_send_us=? WHERE object_id=?",
+                    rescheduled,
+                )
             for copy in out:
                 if copy.finished:
                     *_, length, kind = rows[copy.object_id]
