@@ -41,7 +41,14 @@ from ferry.wire.receiver import (
     SessionStarted,
 )
 from inside.consumers import ConsumerServer, Outbox, OutboxItem
-from inside.deliver import Delivered, deliver, open_bundle, verify_stream, write_new_files
+from inside.deliver import (
+    Delivered,
+    deliver,
+    fsync_dir,
+    open_bundle,
+    verify_stream,
+    write_new_files,
+)
 from inside.gaps import SequenceGaps
 from inside.ledger import Ledger
 from inside.mirror import AuditMirror, MirrorRejected
@@ -610,9 +617,12 @@ class InsideAgent:
     ) -> None:
         """Check, then deliver a batch with one flush and one ledger transaction.
 
-        Folder files are written first (idempotently: a file already holding
-        the same content is not written twice), then one transaction records
-        every message delivered and queues it for consumers.
+        Folder files are written and linked first (idempotently: a file
+        already holding the same content is not written twice). Their audit
+        records follow; the folders are fsynced while the audit writer syncs
+        those records (two waits for the disk at once, not one after the other).
+        Once both are on disk, one transaction records every message delivered
+        and queues it for consumers.
         """
         ok: list[tuple[bytes, rec.Manifest, bytes]] = []
         seen: set[bytes] = set()
@@ -636,7 +646,9 @@ class InsideAgent:
             if folder is not None:
                 by_folder.setdefault(folder, []).append(item)
         for folder, items in by_folder.items():
-            written = write_new_files(folder, [(m.name, c, m.sha256) for _, m, c in items])
+            written = write_new_files(
+                folder, [(m.name, c, m.sha256) for _, m, c in items], sync_folder=False
+            )
             paths.update((oid, p) for (oid, _, _), p in zip(items, written, strict=True))
         queued = [
             OutboxItem(oid, m.channel, m.seq, m.schema, m.subject, m.created_us, c)
@@ -650,6 +662,8 @@ class InsideAgent:
                 self._record_received(m)
                 last = self._record_delivered(m, paths.get(oid), consumers=oid in to_consumers)
                 recorded.add((oid, m.seq))
+        for folder in by_folder:  # the new names on disk, while the audit writer syncs too
+            fsync_dir(folder)
         if last >= 0:
             self.audit.log.wait_durable(last)
         self.ledger.record_many(

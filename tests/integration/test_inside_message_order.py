@@ -1,0 +1,103 @@
+"""The order of the durable steps when the inside delivers a batch of messages.
+
+A real InsideAgent on a real ``ferry init`` deployment (keys, ledger, audit log, the
+messages channel's folder); the messages are exactly what a bundle from the outside holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import init
+
+from ferry.config import load_inside_config
+from ferry.crypto.keys import load_secret_key
+from ferry.jsondoc import SchemaRegistry
+from ferry.wire import records as rec
+from inside import agent as agent_mod
+from inside.agent import InsideAgent
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "messages"
+
+
+def _message(key_id: bytes, seq: int) -> tuple[bytes, rec.Manifest, bytes]:
+    doc = json.loads((SCHEMA / "citizen-application.schema.json").read_text())["examples"][0]
+    doc["application_id"] = str(uuid.UUID(int=seq))
+    _, canonical = SchemaRegistry.load().check("citizen-application", json.dumps(doc).encode())
+    oid = os.urandom(16)
+    manifest = rec.Manifest(
+        object_id=oid,
+        kind="message",
+        channel="messages",
+        seq=seq,
+        name=f"citizen-application-{seq:08d}.json",
+        media_type="application/json",
+        size=len(canonical),
+        sha256=hashlib.sha256(canonical).digest(),
+        created_us=1,
+        mtime_us=1,
+        sender=key_id,
+        schema="citizen-application",
+        subject="api:portal",
+    )
+    return oid, manifest, canonical
+
+
+def test_a_batch_is_on_disk_and_recorded_before_the_ledger_says_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files linked, their delivery records appended, then the folder fsynced while the
+    audit writer syncs those records (not one wait after the other), and only when both
+    are on disk does the ledger say delivered (and the consumers get them)."""
+    dep = init(tmp_path / "d")
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    agent = InsideAgent(cfg, threading.Event())
+    folder = Path(dep["channels"]["messages"]["deliver"])
+    key = load_secret_key(Path(dep["outside"]["signing_key"]), ("ed25519",))
+    batch = [_message(key.public.key_id, seq) for seq in (1, 2, 3)]
+    steps: list[tuple[str, Any]] = []
+    real_fsync_dir, real_record_many = agent_mod.fsync_dir, agent.ledger.record_many
+
+    def fsync_dir(path: Path) -> None:
+        log = agent.audit.log
+        steps.append(
+            (
+                "fsync_dir",
+                (path, sorted(p.name for p in path.iterdir()), log.size, log.durable_size),
+            )
+        )
+        real_fsync_dir(path)
+
+    def record_many(rows: list[dict[str, Any]], **kw: Any) -> None:
+        steps.append(("ledger", (len(rows), agent.audit.log.size, agent.audit.log.durable_size)))
+        real_record_many(rows, **kw)
+
+    monkeypatch.setattr(agent_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(agent.ledger, "record_many", record_many)
+    try:
+        before = agent.audit.log.size
+        agent._deliver_messages_audited(batch)
+        states = agent.ledger.states_of([oid for oid, _, _ in batch])
+    finally:
+        agent.audit.close()
+        agent.ledger.close()
+    names = sorted(m.name for _, m, _ in batch)
+    assert [s[0] for s in steps] == ["fsync_dir", "ledger"]
+    path, linked, size_at_fsync, _ = steps[0][1]
+    assert path == folder
+    assert linked == names  # every file already has its name when the folder is synced
+    assert size_at_fsync == before + 2 * len(batch)  # received + delivered, each message
+    count, size_at_ledger, durable_at_ledger = steps[1][1]
+    assert count == len(batch)
+    assert durable_at_ledger >= size_at_ledger == before + 2 * len(batch)
+    assert states == {oid: "delivered" for oid, _, _ in batch}
+    assert sorted(p.name for p in folder.iterdir()) == names
