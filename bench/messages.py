@@ -13,6 +13,12 @@ and acknowledges them. Two measurements:
    the consumer (same clock, same process); p50, p99 and max.
 
     .venv/bin/python bench/messages.py [--count 20000] [--rate 1000] [--seconds 10] [--no-folder]
+        [--outside-on DIR] [--inside-on DIR]
+
+``--inside-on /dev/shm`` (or ``--outside-on``) keeps that agent's whole deployment (spool,
+ledger, audit log, delivery folder) on another filesystem: on tmpfs, what that side's
+waits for the disk cost; on another disk, a two-host set-up where the agents do not share
+one disk and one journal.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -50,12 +57,17 @@ def _template() -> dict[str, Any]:
     return json.loads(SCHEMA.read_text())["examples"][0]  # type: ignore[no-any-return]
 
 
-def _deploy(tmp: Path, repeat: int, folder: bool) -> dict[str, Any]:
+def _deploy(tmp: Path, repeat: int, folder: bool, on: dict[str, str | None]) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "ferry.cli", "init", str(tmp / "d"), "--json"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     dep: dict[str, Any] = json.loads(out.stdout)
+    for side, where in on.items():  # that side's files elsewhere, under the same path
+        if where:
+            moved = Path(tempfile.mkdtemp(prefix=f"ferry-bench-{side}-", dir=where)) / side
+            shutil.move(tmp / "d" / side, moved)
+            (tmp / "d" / side).symlink_to(moved)
     path = Path(dep["outside"]["config"])
     data = yaml.safe_load(path.read_text())
     for ch in data["channels"]:
@@ -246,12 +258,15 @@ def main() -> int:
         help="deliver to the inner consumers only (by default ferry init's messages channel "
         "also writes each message to a folder, durably, before the consumers get it)",
     )
+    ap.add_argument("--outside-on", metavar="DIR", help="the outside's files on DIR's filesystem")
+    ap.add_argument("--inside-on", metavar="DIR", help="the inside's files on DIR's filesystem")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sys.setswitchinterval(0.0005)  # the consumer thread timestamps arrivals without delay
     with tempfile.TemporaryDirectory(prefix="ferry-bench-msg-") as tmp_s:
         tmp = Path(tmp_s)
-        dep = _deploy(tmp, args.repeat, folder=not args.no_folder)
+        on = {"outside": args.outside_on, "inside": args.inside_on}
+        dep = _deploy(tmp, args.repeat, folder=not args.no_folder, on=on)
         procs = [
             _start("inside", dep["inside"]["config"], tmp / "inside.log"),
             _start("outside", dep["outside"]["config"], tmp / "outside.log"),
@@ -273,6 +288,9 @@ def main() -> int:
                 p.send_signal(signal.SIGTERM)
             for p in procs:
                 p.wait(timeout=30)
+            for side in on:  # (the temporary directory holds only the links)
+                if (tmp / "d" / side).is_symlink():
+                    shutil.rmtree((tmp / "d" / side).resolve().parent, ignore_errors=True)
         result = {"throughput": thr, "latency": lat, "folder": not args.no_folder, "answers": {
             k.decode(): v for k, v in sub.answers.items()}, "cpus": os.cpu_count()}  # fmt: skip
     if args.json:
@@ -295,6 +313,9 @@ def main() -> int:
         print(f"answers: {result['answers']}")
         where = "folder + consumers" if result["folder"] else "consumers only"
         print(f"inside delivery: {where}")
+        for side in ("outside", "inside"):
+            if on[side]:
+                print(f"{side} files on {on[side]}")
     return 0
 
 
