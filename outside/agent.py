@@ -99,10 +99,6 @@ ADMIN_PUBLIC_KEY = "keys/security-admin.pub"  # as ferry quarantine release look
 SWITCH_INTERVAL = 0.0005
 # Sent copies are recorded in one spool transaction per interval (a crash only costs a resend).
 SENT_FLUSH_INTERVAL = 0.05
-# ... and not while another thread is in a spool transaction (an intake commit waiting for
-# the disk: the sender would queue behind it while new messages wait), unless they have
-# waited this long.
-SENT_MAX_DEFER = 0.5
 
 
 class OutsideAgent:
@@ -311,12 +307,6 @@ class OutsideAgent:
             return (k, max(2, k // 4))
         return None
 
-    def _record_sent_now(self, since: float, mono: float) -> bool:
-        """Whether to record the copies sent since ``since`` now: not while another thread
-        is in a spool transaction (an intake commit waiting for the disk), for new messages
-        would wait behind it too; a late record costs nothing. At most SENT_MAX_DEFER late."""
-        return not self.spool.busy() or mono - since >= SENT_MAX_DEFER
-
     def _sent(self, events: list[ObjectSent]) -> None:
         done: list[tuple[ObjectSent, str | None]] = []  # (item, its bundle's id)
         for ev in events:
@@ -408,7 +398,6 @@ class OutsideAgent:
         intake.start()
         next_status = next_schedule = next_flush = 0.0
         pending_sent: list[ObjectSent] = []
-        sent_since = 0.0  # when the oldest of pending_sent went out
         started = time.monotonic()
         halted = False
         try:
@@ -458,14 +447,8 @@ class OutsideAgent:
                         elif wait > 0:
                             time.sleep(wait)
                         channel.send(d)
-                if not pending_sent:
-                    sent_since = mono
                 pending_sent.extend(sender.pop_events())
-                if (
-                    pending_sent
-                    and (mono >= next_flush or not batch)
-                    and self._record_sent_now(sent_since, mono)
-                ):
+                if pending_sent and (mono >= next_flush or not batch):
                     next_flush = mono + SENT_FLUSH_INTERVAL  # one transaction for many
                     self._sent(pending_sent)
                     pending_sent = []

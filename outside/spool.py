@@ -519,11 +519,6 @@ class Spool:
             sends_total=int(r[11]),
         )
 
-    def busy(self) -> bool:
-        """Whether another thread is in a spool transaction now (perhaps waiting for the
-        disk): a caller with work that can wait does it later instead of queueing."""
-        return self._lock.locked()
-
     def mark_sent(self, object_ids: Sequence[bytes], now: int | None = None) -> list[SentCopy]:
         """Record that one more copy of each item went out (one transaction).
 

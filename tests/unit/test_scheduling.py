@@ -347,36 +347,3 @@ def test_new_items_reach_the_sender_only_once_their_intake_records_are_durable(
         files.gate.set()
         with contextlib.suppress(AuditUnavailable):
             log.close()
-
-
-def test_the_sender_records_sent_copies_only_when_the_spool_is_free(tmp_path: Path) -> None:
-    """While an intake commit holds the spool (waiting for the disk), the sending thread
-    does not queue behind it to record sent copies, which new messages would wait for too;
-    it records them once the spool is free, or once they have waited SENT_MAX_DEFER."""
-    from outside.agent import SENT_MAX_DEFER  # noqa: PLC0415
-
-    spool = Spool(tmp_path)
-    agent = SimpleNamespace(spool=spool)
-    in_commit, release = threading.Event(), threading.Event()
-
-    def slow_seal(req: MessageRequest, seq: int) -> Sealed:
-        in_commit.set()
-        assert release.wait(10)
-        return _seal(req, seq)
-
-    intake = threading.Thread(target=spool.accept_messages, args=([_req("a")], slow_seal))
-    assert not spool.busy()
-    assert OutsideAgent._record_sent_now(agent, 100.0, 100.0)  # type: ignore[arg-type]
-    intake.start()
-    try:
-        assert in_commit.wait(10)
-        assert spool.busy()
-        assert not OutsideAgent._record_sent_now(agent, 100.0, 100.0)  # type: ignore[arg-type]
-        late = 100.0 + SENT_MAX_DEFER
-        assert OutsideAgent._record_sent_now(agent, 100.0, late)  # type: ignore[arg-type]
-    finally:
-        release.set()
-        intake.join(10)
-    assert not spool.busy()
-    assert OutsideAgent._record_sent_now(agent, 100.0, 100.0)  # type: ignore[arg-type]
-    assert spool.backlog_items == 1  # the commit it waited for went through
