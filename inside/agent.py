@@ -646,9 +646,7 @@ class InsideAgent:
             if folder is not None:
                 by_folder.setdefault(folder, []).append(item)
         for folder, items in by_folder.items():
-            written = write_new_files(
-                folder, [(m.name, c, m.sha256) for _, m, c in items], sync_folder=False
-            )
+            written = write_new_files(folder, [(m.name, c, m.sha256) for _, m, c in items])
             paths.update((oid, p) for (oid, _, _), p in zip(items, written, strict=True))
         queued = [
             OutboxItem(oid, m.channel, m.seq, m.schema, m.subject, m.created_us, c)

@@ -133,19 +133,17 @@ def _same_content(path: Path, sha256: bytes) -> bool:
         return False
 
 
-def write_new_files(
-    folder: Path, items: list[tuple[str, bytes, bytes]], *, sync_folder: bool = True
-) -> list[Path]:
+def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list[Path]:
     """Write ``(name, content, sha256)`` items under free safe names in ``folder``.
 
     Group commit: every file is written into an anonymous O_TMPFILE, the
     filesystem is flushed once (syncfs), then each file is linked under the
-    first free candidate name and the folder is fsynced once (by the caller,
-    with ``sync_folder=False``: :func:`fsync_dir` before it records the files
-    as delivered). Nothing is ever overwritten and no partial file is ever
-    visible. Idempotent: a candidate that already holds the same content (a
-    crash after linking, before the ledger said so) counts as delivered, so a
-    repeat never makes a second copy.
+    first free candidate name. The caller fsyncs the folder once
+    (:func:`fsync_dir`) before anything says the files are delivered, so it can
+    wait for that together with its other writes. Nothing is ever overwritten
+    and no partial file is ever visible. Idempotent: a candidate that already
+    holds the same content (a crash after linking, before the ledger said so)
+    counts as delivered, so a repeat never makes a second copy.
     """
     root = PurePosixPath(folder)
     tmps: list[int] = []
@@ -174,8 +172,6 @@ def write_new_files(
             else:
                 raise UnsafePathError(f"no free name for {name!r} after many collisions")
             out.append(target)
-        if sync_folder:
-            fsync_dir(folder)
     finally:
         for tmp in tmps:
             os.close(tmp)

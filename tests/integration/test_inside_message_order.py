@@ -87,6 +87,8 @@ def test_a_batch_is_on_disk_and_recorded_before_the_ledger_says_delivered(
         before = agent.audit.log.size
         agent._deliver_messages_audited(batch)
         states = agent.ledger.states_of([oid for oid, _, _ in batch])
+        assert agent.outbox is not None
+        queued = {i.object_id for i in agent.outbox.pending()}
     finally:
         agent.audit.close()
         agent.ledger.close()
@@ -100,4 +102,5 @@ def test_a_batch_is_on_disk_and_recorded_before_the_ledger_says_delivered(
     assert count == len(batch)
     assert durable_at_ledger >= size_at_ledger == before + 2 * len(batch)
     assert states == {oid: "delivered" for oid, _, _ in batch}
+    assert queued == {oid for oid, _, _ in batch}  # for the consumers, in the same transaction
     assert sorted(p.name for p in folder.iterdir()) == names
