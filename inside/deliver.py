@@ -148,9 +148,10 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
     root = PurePosixPath(folder)
     tmps: list[int] = []
     out: list[Path] = []
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # one folder for the whole batch
     try:
         for _, content, _ in items:
-            tmp = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o640)
+            tmp = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o640, dir_fd=dir_fd)
             tmps.append(tmp)
             view = memoryview(content)
             while view:
@@ -159,22 +160,25 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
         for tmp, (name, _, sha) in zip(tmps, items, strict=True):
             for candidate in candidate_names(safe_name(name)):
                 try:
-                    target = Path(contained(root, candidate))
+                    target = contained(root, candidate)
                 except ValueError as exc:
                     raise UnsafePathError(str(exc)) from exc
-                try:
-                    _link_tmpfile(tmp, target)
+                try:  # linkat(2) names the file in the folder opened above
+                    os.link(
+                        f"/proc/self/fd/{tmp}", candidate, dst_dir_fd=dir_fd, follow_symlinks=True
+                    )
                 except FileExistsError:
-                    if _same_content(target, sha):
+                    if _same_content(Path(target), sha):
                         break
                     continue
                 break
             else:
                 raise UnsafePathError(f"no free name for {name!r} after many collisions")
-            out.append(target)
+            out.append(Path(target))
     finally:
         for tmp in tmps:
             os.close(tmp)
+        os.close(dir_fd)
     return out
 
 

@@ -7,6 +7,7 @@ escape its folder; ``candidate_names`` yields ``report.pdf``, ``report (2).pdf``
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -24,6 +25,9 @@ _BIDI_AND_INVISIBLE = {
     "\u200b", "\u200c", "\u200d", "\u200e", "\u200f", "\u202a", "\u202b", "\u202c",
     "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\ufeff",
 }  # fmt: skip
+# Names made only of these characters need no cleaning (none is a control, format,
+# invisible or reserved character, and NFC leaves them as they are): the common case.
+_PLAIN = re.compile(r"[\w .()+,=@#&~'\-]*", re.ASCII)
 
 
 def _clean_char(c: str) -> str:
@@ -40,7 +44,8 @@ def safe_name(untrusted: str) -> str:
     """One safe path component derived from an untrusted name."""
     # Keep only the last component of anything that looks like a path.
     name = untrusted.replace("\\", "/").rsplit("/", 1)[-1]
-    name = unicodedata.normalize("NFC", "".join(_clean_char(c) for c in name))
+    if not _PLAIN.fullmatch(name):
+        name = unicodedata.normalize("NFC", "".join(_clean_char(c) for c in name))
     name = name.strip(" .")
     stem = name.split(".", 1)[0].upper()
     if stem in RESERVED:

@@ -430,7 +430,9 @@ class ApiServer:
 
         self._batch_idx = -1
         try:
-            results = self.spool.accept_messages([s[1] for s in submits], seal)
+            results = self.spool.accept_messages(
+                [s[1] for s in submits], seal, lambda: self._batch_idx
+            )
         except AuditUnavailable as exc:  # rolled back: nothing spooled, nothing acknowledged
             self._hold(submits, exc)
             return
@@ -445,9 +447,7 @@ class ApiServer:
                     ),
                 )
             return
-        new_items = [
-            replace(item, audit_idx=self._batch_idx) for _, item in results if item is not None
-        ]
+        new_items = [item for _, item in results if item is not None]
         if new_items:  # (sent once the intake records are durable)
             self.on_items(new_items)
         if self._batch_idx >= 0 and self.audit is not None:

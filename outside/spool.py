@@ -354,11 +354,14 @@ class Spool:
         self,
         requests: Sequence[MessageRequest],
         seal: Callable[[MessageRequest, int], Sealed],
+        audit_idx: Callable[[], int] = lambda: -1,
     ) -> list[tuple[Accepted | Conflict, SpoolItem | None]]:
         """Commit a batch of messages in one durable transaction (group commit).
 
         ``seal(request, seq)`` builds the signed object stream once the
-        channel sequence number is known. A submission id already used by the
+        channel sequence number is known; ``audit_idx()``, asked once every request
+        is sealed, is the new items' :attr:`SpoolItem.audit_idx` (the last intake
+        record the seals wrote). A submission id already used by the
         same client gets the earlier answer (no second item); with different
         content it is a :class:`Conflict`. The new items are returned for sending.
         """
@@ -372,6 +375,7 @@ class Spool:
                 last_seq: dict[str, int] = {}  # per channel, written once at the end
                 item_rows: list[tuple[object, ...]] = []
                 submission_rows: list[tuple[object, ...]] = []
+                made: list[tuple[int, MessageRequest, int, Sealed]] = []
                 for req in requests:
                     key = (req.client, req.submission_id)
                     prior = batch_seen.get(key)
@@ -425,6 +429,10 @@ class Spool:
                     acc = Accepted(sealed.object_id, seq, False)
                     batch_seen[key] = (req.request_sha256, acc)
                     added_bytes += len(sealed.stream)
+                    made.append((len(out), req, seq, sealed))
+                    out.append((acc, None))
+                last_record = audit_idx()  # (the seals above wrote the intake records)
+                for pos, req, seq, sealed in made:
                     item = SpoolItem(
                         sealed.object_id,
                         req.channel,
@@ -437,8 +445,9 @@ class Spool:
                         priority=req.priority,
                         data=sealed.stream,
                         sends_total=req.sends_total,
+                        audit_idx=last_record,
                     )
-                    out.append((acc, item))
+                    out[pos] = (out[pos][0], item)
                 self._db.executemany(
                     "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
                     " sha256, length, data, subject, state, sends_total, spread_us,"

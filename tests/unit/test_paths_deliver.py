@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -15,6 +16,7 @@ from ferry.crypto.keys import SecretKey
 from ferry.errors import EnvelopeRejected, FerryError, WireError
 from ferry.wire import records as rec
 from ferry.wire.sender import build_trailer
+from inside import paths
 from inside.deliver import Delivered, Duplicate, deliver, verify_object
 from inside.ledger import Ledger
 from inside.paths import MAX_COLLISIONS, MAX_NAME_BYTES, candidate_names, contained, safe_name
@@ -112,6 +114,36 @@ def test_safe_name_output_is_nfc_and_a_fixed_point(untrusted: str) -> None:
     name = safe_name(untrusted)
     assert unicodedata.is_normalized("NFC", name)
     assert safe_name(name) == name
+
+
+def test_names_that_skip_the_cleaning_need_none() -> None:
+    """safe_name leaves names made only of plain characters as they are, without looking at
+    each character: every such character must be one the full cleaning keeps, and NFC must
+    not change it. Widening that set to one character the cleaning changes fails here."""
+    plain = [chr(i) for i in range(0x110000) if paths._PLAIN.fullmatch(chr(i))]
+    assert len(plain) > 60  # letters, digits and the usual punctuation of file names
+    assert all(ord(c) < 0x80 for c in plain)
+    for c in plain:
+        assert paths._clean_char(c) == c, repr(c)
+        assert unicodedata.normalize("NFC", c) == c
+    for c in '/\\:*?"<>|\x00\x7f\u200b\u202e\u00e9':
+        assert not paths._PLAIN.fullmatch(f"a{c}b"), repr(c)
+
+
+@pytest.mark.parametrize(
+    "untrusted",
+    ["citizen-application-00000001.json", "Report (2) final_v3.pdf", " .hidden. ", "CON.txt",
+     "a~b#c&d@e=f+g,h'i.txt", "x" * 250 + ".json"],
+)  # fmt: skip
+def test_plain_names_are_cleaned_as_any_other(untrusted: str) -> None:
+    slow = paths._PLAIN
+    try:
+        paths._PLAIN = re.compile(r"(?!)")  # type: ignore[assignment]  # never matches
+        expected = safe_name(untrusted)
+    finally:
+        paths._PLAIN = slow
+    assert paths._PLAIN.fullmatch(untrusted)
+    assert safe_name(untrusted) == expected
 
 
 # ------------------------------------------------------------------ candidate_names
