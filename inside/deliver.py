@@ -163,10 +163,8 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
                     target = contained(root, candidate)
                 except ValueError as exc:
                     raise UnsafePathError(str(exc)) from exc
-                try:  # linkat(2) names the file in the folder opened above
-                    os.link(
-                        f"/proc/self/fd/{tmp}", candidate, dst_dir_fd=dir_fd, follow_symlinks=True
-                    )
+                try:
+                    _link_tmpfile(tmp, dir_fd, candidate)
                 except FileExistsError:
                     if _same_content(Path(target), sha):
                         break
@@ -182,17 +180,14 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
     return out
 
 
-def _link_tmpfile(tmp_fd: int, target: Path) -> None:
-    """Give an O_TMPFILE file its name (FileExistsError if taken).
+def _link_tmpfile(tmp_fd: int, dir_fd: int, name: str) -> None:
+    """Give an O_TMPFILE file the name ``name`` in the folder open as ``dir_fd``
+    (FileExistsError if taken).
 
     linkat(2) with AT_SYMLINK_FOLLOW on /proc/self/fd/N; Python uses linkat
-    (and that flag) only when a directory fd is passed, so pass the folder's.
+    (and that flag) only when a directory fd is passed.
     """
-    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.link(f"/proc/self/fd/{tmp_fd}", target.name, dst_dir_fd=dir_fd, follow_symlinks=True)
-    finally:
-        os.close(dir_fd)
+    os.link(f"/proc/self/fd/{tmp_fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
 
 
 def fsync_dir(path: Path) -> None:
@@ -238,7 +233,11 @@ def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
             dst.flush()
         os.ftruncate(tmp, size)
         os.fsync(tmp)
-        _link_tmpfile(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _link_tmpfile(tmp, dir_fd, target.name)
+        finally:
+            os.close(dir_fd)
     finally:
         os.close(tmp)
 

@@ -375,7 +375,7 @@ class Spool:
                 last_seq: dict[str, int] = {}  # per channel, written once at the end
                 item_rows: list[tuple[object, ...]] = []
                 submission_rows: list[tuple[object, ...]] = []
-                made: list[tuple[int, MessageRequest, int, Sealed]] = []
+                made: list[tuple[int, Accepted, MessageRequest, int, Sealed]] = []
                 for req in requests:
                     key = (req.client, req.submission_id)
                     prior = batch_seen.get(key)
@@ -429,10 +429,10 @@ class Spool:
                     acc = Accepted(sealed.object_id, seq, False)
                     batch_seen[key] = (req.request_sha256, acc)
                     added_bytes += len(sealed.stream)
-                    made.append((len(out), req, seq, sealed))
+                    made.append((len(out), acc, req, seq, sealed))
                     out.append((acc, None))
                 last_record = audit_idx()  # (the seals above wrote the intake records)
-                for pos, req, seq, sealed in made:
+                for pos, acc, req, seq, sealed in made:
                     item = SpoolItem(
                         sealed.object_id,
                         req.channel,
@@ -447,7 +447,7 @@ class Spool:
                         sends_total=req.sends_total,
                         audit_idx=last_record,
                     )
-                    out[pos] = (out[pos][0], item)
+                    out[pos] = (acc, item)
                 self._db.executemany(
                     "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
                     " sha256, length, data, subject, state, sends_total, spread_us,"

@@ -320,9 +320,8 @@ def _has_float_integer(rec: Mapping[str, Any]) -> bool:
     changed number is caught by the hash chain anyway.)
     """
     obj = rec.get("object")
-    values = [rec.get("idx"), *obj.values()] if isinstance(obj, dict) else [rec.get("idx")]
-    # (every record comes here: the common case, no float at all, without a generator)
-    return float in map(type, values) and any(type(v) is float and v.is_integer() for v in values)
+    values = obj.values() if isinstance(obj, dict) else ()
+    return any(type(v) is float and v.is_integer() for v in (rec.get("idx"), *values))
 
 
 @functools.cache

@@ -135,13 +135,12 @@ def test_names_that_skip_the_cleaning_need_none() -> None:
     ["citizen-application-00000001.json", "Report (2) final_v3.pdf", " .hidden. ", "CON.txt",
      "a~b#c&d@e=f+g,h'i.txt", "x" * 250 + ".json"],
 )  # fmt: skip
-def test_plain_names_are_cleaned_as_any_other(untrusted: str) -> None:
-    slow = paths._PLAIN
-    try:
-        paths._PLAIN = re.compile(r"(?!)")  # type: ignore[assignment]  # never matches
-        expected = safe_name(untrusted)
-    finally:
-        paths._PLAIN = slow
+def test_plain_names_are_cleaned_as_any_other(
+    untrusted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(paths, "_PLAIN", re.compile(r"(?!)"))  # never matches: full cleaning
+    expected = safe_name(untrusted)
+    monkeypatch.undo()
     assert paths._PLAIN.fullmatch(untrusted)
     assert safe_name(untrusted) == expected
 
