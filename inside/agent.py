@@ -15,6 +15,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -585,6 +586,46 @@ class InsideAgent:
             corr=m.object_id.hex(),
         )
 
+    def _record_messages(
+        self,
+        event: str,
+        subject: Subject,
+        rows: Sequence[tuple[bytes, rec.Manifest, object]],
+        detail: dict[str, object] | None,
+        recorded: set[tuple[str, bytes, int]],
+    ) -> int:
+        """Batch records of ``event`` for messages (``rows``: id, manifest, and the
+        delivered path or anything else), one per channel run; those in ``recorded``
+        were written by an earlier try and are skipped. The last index, or -1."""
+        by_channel: dict[tuple[str, str], list[dict[str, object]]] = {}
+        keys: dict[int, tuple[str, bytes, int]] = {}  # id(entry) -> its key in recorded
+        for oid, m, where in rows:
+            key = (event, oid, m.seq)
+            if key in recorded:
+                continue
+            entry: dict[str, object] = {
+                "item": oid.hex(),
+                "name": m.name,
+                "seq": m.seq,
+                "sha256": m.sha256.hex(),
+                "size": m.size,
+            }
+            if isinstance(where, Path):
+                entry["path"] = str(where)
+            keys[id(entry)] = key
+            by_channel.setdefault((m.channel, m.media_type), []).append(entry)
+        last = -1
+        for (channel, media_type), entries in by_channel.items():
+            last = self.audit.record_items(
+                event,
+                subject=subject,
+                shared={"channel": channel, "kind": "message", "media_type": media_type},
+                entries=entries,
+                detail=detail,
+                recorded=lambda run: recorded.update(keys[id(e)] for e in run),
+            )
+        return last
+
     def _record_delivered_file(self, m: rec.Manifest, path: Path) -> None:
         self.audit.log.wait_durable(self._record_delivered(m, path, consumers=False))
 
@@ -601,7 +642,7 @@ class InsideAgent:
 
     def _deliver_messages_audited(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
         """Deliver a batch; while the audit log cannot write, wait and try again."""
-        recorded: set[tuple[bytes, int]] = set()  # records queued (not written twice on retry)
+        recorded: set[tuple[str, bytes, int]] = set()  # records in (not written twice on retry)
         while True:
             try:
                 with self._messages_lock:
@@ -613,7 +654,9 @@ class InsideAgent:
                     return  # stopping: not recorded as delivered; repeats bring them again
 
     def _deliver_messages(
-        self, batch: list[tuple[bytes, rec.Manifest, bytes]], recorded: set[tuple[bytes, int]]
+        self,
+        batch: list[tuple[bytes, rec.Manifest, bytes]],
+        recorded: set[tuple[str, bytes, int]],
     ) -> None:
         """Check, then deliver a batch with one flush and one ledger transaction.
 
@@ -654,12 +697,21 @@ class InsideAgent:
             if self.msg_channels[m.channel].consumers and self.outbox is not None
         ]
         to_consumers = {q.object_id for q in queued}
-        last = -1
-        for oid, m, _ in ok:  # recorded (durably) before the ledger says delivered
-            if (oid, m.seq) not in recorded:
-                self._record_received(m)
-                last = self._record_delivered(m, paths.get(oid), consumers=oid in to_consumers)
-                recorded.add((oid, m.seq))
+        for _, m, _ in ok:
+            self.gaps.seen(m.channel, m.seq)
+        # recorded (durably) before the ledger says delivered: one record per batch
+        # and channel for each event, not one per message (docs/AUDIT.md §2)
+        last = self._record_messages("transfer.received", self.peer, ok, None, recorded)
+        for consumers in (True, False):
+            rows = [(o, m, paths.get(o)) for o, m, _ in ok if (o in to_consumers) is consumers]
+            idx = self._record_messages(
+                "delivery.delivered",
+                self._delivery_subject,
+                rows,
+                {"consumers": consumers},
+                recorded,
+            )
+            last = max(last, idx)
         for folder in by_folder:  # the new names on disk, while the audit writer syncs too
             fsync_dir(folder)
         if last >= 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import queue
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
-from ferry.audit.record import AuditObject, AuditUnavailable, Subject
+from ferry.audit.record import MAX_BATCH_ITEMS, AuditObject, AuditUnavailable, Subject
 from ferry.config_types import OutsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError
@@ -348,23 +349,49 @@ class OutsideAgent:
     def _record_sends(self) -> None:
         """transfer.sent / transfer.repeated for each copy that left (kept until recorded)."""
         subject = Subject.component("sender")
-        while self._unrecorded:
-            ev, done, total, bundle = self._unrecorded[0]
-            obj = AuditObject(item=ev.object_id.hex(), channel=ev.channel or None, seq=ev.seq)
+        pending = self._unrecorded
+        while pending:
+            ev, done, total, bundle = pending[0]
+            event = "transfer.sent" if done <= 1 else "transfer.repeated"
             detail: dict[str, object] = {"send": done, "of": total}
-            if bundle is not None:
-                detail["bundle"] = bundle
             try:
-                self.audit.record(
-                    "transfer.sent" if done <= 1 else "transfer.repeated",
-                    subject=subject,
-                    obj=obj,
-                    detail=detail,
-                    corr=ev.object_id.hex(),
+                if bundle is None:  # a file
+                    self.audit.record(
+                        event,
+                        subject=subject,
+                        obj=AuditObject(
+                            item=ev.object_id.hex(), channel=ev.channel or None, seq=ev.seq
+                        ),
+                        detail=detail,
+                        corr=ev.object_id.hex(),
+                    )
+                    pending.popleft()
+                    continue
+                # messages: one batch record for the run of copies of one bundle, channel
+                # and send number (docs/AUDIT.md §2)
+                detail["bundle"] = bundle
+                run = 1
+                while (
+                    run < len(pending)
+                    and run < MAX_BATCH_ITEMS
+                    and pending[run][1:] == (done, total, bundle)
+                    and pending[run][0].channel == ev.channel
+                ):
+                    run += 1
+                entries: list[dict[str, object]] = [
+                    {"item": e.object_id.hex(), "seq": e.seq}
+                    for e, _, _, _ in itertools.islice(pending, run)
+                ]
+                shared: dict[str, object] = {"kind": "message"}
+                if ev.channel:
+                    shared["channel"] = ev.channel
+                self.audit.record_items(
+                    event, subject=subject, shared=shared, entries=entries, detail=detail
                 )
             except AuditUnavailable:
                 return  # recorded after the log recovers (sending has stopped meanwhile)
-            self._unrecorded.popleft()
+            for _ in range(run):
+                pending.popleft()
 
     def run(self) -> int:
         cfg = self.cfg

@@ -56,6 +56,7 @@ SUBMISSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
 BUSY_RETRY_AFTER = 1.0
 # Seconds a client is told to wait while the audit log cannot write (intake is halted).
 AUDIT_RETRY_AFTER = 2.0
+MESSAGE_TYPE = "application/json"
 # Seconds between audit records of the same repeated event (rate limit hits, bad handshakes).
 NOTE_INTERVAL = 60.0
 
@@ -157,6 +158,8 @@ class ApiServer:
         self.allow = Allowlist(clients)
         self.audit = audit
         self._batch_idx = -1  # index of the last intake.accepted record of the batch
+        # the batch's new messages (intake.accepted entries) by (client, channel)
+        self._intake: dict[tuple[str, str], list[dict[str, object]]] = {}
         self._noted: dict[tuple[str, str], float] = {}  # (event, who) -> last recorded
         self._spool_full = False
         if audit is not None:
@@ -429,10 +432,14 @@ class ApiServer:
             return self._seal(req, seq, canonical, schema)
 
         self._batch_idx = -1
+        self._intake.clear()
+
+        def record_intake() -> int:
+            self._batch_idx = self._record_intake()
+            return self._batch_idx
+
         try:
-            results = self.spool.accept_messages(
-                [s[1] for s in submits], seal, lambda: self._batch_idx
-            )
+            results = self.spool.accept_messages([s[1] for s in submits], seal, record_intake)
         except AuditUnavailable as exc:  # rolled back: nothing spooled, nothing acknowledged
             self._hold(submits, exc)
             return
@@ -531,7 +538,7 @@ class ApiServer:
             channel=req.channel,
             seq=seq,
             name=name,
-            media_type="application/json",
+            media_type=MESSAGE_TYPE,
             size=len(canonical),
             sha256=sha,
             created_us=created,
@@ -542,24 +549,33 @@ class ApiServer:
         )
         # unsigned: the sender signs the bundle it travels in (docs/PROTOCOL.md)
         stream = rec.encode_member(manifest, canonical)
-        if self.audit is not None:  # inside the spool transaction: raising rolls it back
-            self._batch_idx = self.audit.record(
-                "intake.accepted",
-                subject=self._client_subject(req.client),
-                obj=AuditObject(
-                    kind="message",
-                    item=object_id.hex(),
-                    channel=req.channel,
-                    name=name,
-                    size=len(canonical),
-                    sha256=sha.hex(),
-                    seq=seq,
-                    media_type="application/json",
-                ),
-                detail={"submission": req.submission_id, "schema": schema},
-                corr=object_id.hex(),
-            )
+        self._intake.setdefault((req.client, req.channel), []).append(
+            {
+                "item": object_id.hex(),
+                "name": name,
+                "schema": schema,
+                "seq": seq,
+                "sha256": sha.hex(),
+                "size": len(canonical),
+                "submission": req.submission_id,
+            }
+        )
         return Sealed(object_id, stream, name, len(canonical), sha)
+
+    def _record_intake(self) -> int:
+        """The batch's intake.accepted records, one per client and channel (docs/AUDIT.md
+        §2). Called inside the spool transaction: raising rolls it back. The last index."""
+        last = -1
+        if self.audit is not None:
+            for (client, channel), entries in self._intake.items():
+                last = self.audit.record_items(
+                    "intake.accepted",
+                    subject=self._client_subject(client),
+                    shared={"channel": channel, "kind": "message", "media_type": MESSAGE_TYPE},
+                    entries=entries,
+                )
+        self._intake.clear()
+        return last
 
     # ---------------------------------------------------------------- status
     def _status(self, identity: bytes, client: ApiClient, body: dict[str, Any]) -> None:

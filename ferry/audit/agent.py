@@ -20,12 +20,19 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ferry import __version__, log
 from ferry.audit.log import AuditLog, AuditSettings
-from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject, format_ts
+from ferry.audit.record import (
+    AuditObject,
+    AuditUnavailable,
+    Result,
+    Subject,
+    format_ts,
+    item_batches,
+)
 from ferry.config_types import AuditParams
 from ferry.crypto.keys import SecretKey, load_secret_key
 from ferry.errors import ConfigError
@@ -204,6 +211,30 @@ class AgentAudit:
             corr=corr,
             durable=durable,
         )
+
+    def record_items(
+        self,
+        event: str,
+        *,
+        subject: Subject,
+        shared: Mapping[str, object],
+        entries: list[dict[str, object]],
+        detail: Mapping[str, object] | None = None,
+        recorded: Callable[[list[dict[str, object]]], None] | None = None,
+    ) -> int:
+        """Append batch records (docs/AUDIT.md §2) for ``entries``, one dict per item.
+
+        ``shared`` holds the object fields every entry has in common. Entries are split
+        into records that fit; ``recorded(run)`` is called after each record is appended
+        (so a caller retrying after AuditUnavailable can skip what is already in).
+        Returns the index of the last record, or -1 when ``entries`` is empty.
+        """
+        last = -1
+        for run in item_batches(entries):
+            last = self.record(event, subject=subject, obj={**shared, "items": run}, detail=detail)
+            if recorded is not None:
+                recorded(run)
+        return last
 
     def try_record(self, event: str, **kw: object) -> int | None:
         """Append a record whose loss must not stop the caller (it is already stopping, or

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.audit.locate import Locations, LogLocation
-from ferry.audit.record import format_ts
+from ferry.audit.record import format_ts, per_item
 from ferry.audit.timeline import (
     LogStats,
     field_int,
@@ -250,6 +250,14 @@ class Accountant:
         if event == "link.sequence_gap" and side == "inside":
             self.gap_records.append(rec)
             return
+        obj = rec.get("object")
+        if type(obj) is dict and "items" in obj:  # a batch record: once per item
+            for one in per_item(rec):
+                self._feed_item(side, event, one)
+            return
+        self._feed_item(side, event, rec)
+
+    def _feed_item(self, side: str, event: str, rec: dict[str, Any]) -> None:
         item = item_of(rec)
         if item is None:
             return

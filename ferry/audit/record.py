@@ -125,6 +125,69 @@ class AuditObject:
 _OBJECT_FIELDS = tuple(sorted(f.name for f in fields(AuditObject)))
 
 
+# --- batch records ------------------------------------------------------------------------
+
+# A batch record (docs/AUDIT.md §2) lists several items in ``object.items``: the message
+# path writes one per batch rather than one per message. Entries are split so that each
+# record stays well inside MAX_RECORD_BYTES (subject, shared fields and detail are small).
+MAX_BATCH_ITEMS = 64  # the schema's maxItems
+_BATCH_BYTES = 12 * 1024
+# Entry fields that belong in the record's detail when it is read one item at a time.
+ENTRY_DETAIL = frozenset({"submission", "schema"})
+
+
+def item_batches(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``entries`` (one dict per item) in runs that each fit one batch record."""
+    runs: list[list[dict[str, Any]]] = []
+    run: list[dict[str, Any]] = []
+    used = 0
+    for entry in entries:
+        size = len(orjson.dumps(entry)) + 1
+        if run and (len(run) >= MAX_BATCH_ITEMS or used + size > _BATCH_BYTES):
+            runs.append(run)
+            run, used = [], 0
+        run.append(entry)
+        used += size
+    if run:
+        runs.append(run)
+    return runs
+
+
+def per_item(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A record as one record per item it is about.
+
+    A batch record gives one record for each well-formed entry of ``object.items``:
+    the shared object fields plus the entry's own, the entry's ``submission`` and
+    ``schema`` in ``detail``, and ``corr`` set to the entry's item id. Any other
+    record is returned as it is. For readers of a log (replay, reconcile); the
+    record may come from an untrusted file, so odd entries are skipped, not trusted.
+    """
+    obj = rec.get("object")
+    if type(obj) is not dict or "items" not in obj:
+        return [rec]
+    entries = obj["items"]
+    if type(entries) is not list:
+        return []
+    shared = {k: v for k, v in obj.items() if k != "items"}
+    detail = rec.get("detail")
+    base_detail = detail if type(detail) is dict else {}
+    out = []
+    for entry in entries:
+        if type(entry) is not dict or type(entry.get("item")) is not str or not entry["item"]:
+            continue
+        one_obj = dict(shared)
+        one_detail = dict(base_detail)
+        for key, value in entry.items():
+            (one_detail if key in ENTRY_DETAIL else one_obj)[key] = value
+        one = dict(rec)
+        one["object"] = one_obj
+        one["corr"] = entry["item"]
+        if one_detail:
+            one["detail"] = one_detail
+        out.append(one)
+    return out
+
+
 # --- time ---------------------------------------------------------------------------------
 
 
@@ -315,13 +378,21 @@ _StrictValidator = validators.extend(  # type: ignore[no-untyped-call]  # untype
 def _has_float_integer(rec: Mapping[str, Any]) -> bool:
     """A float with an integral value where the schema wants an integer?
 
-    The integer fields callers fill are in ``object``; ``idx`` and the details of
-    ``audit.*`` records are written by the log itself. (In a record read back, a
-    changed number is caught by the hash chain anyway.)
+    The integer fields callers fill are in ``object`` (and its ``items``); ``idx`` and
+    the details of ``audit.*`` records are written by the log itself. (In a record
+    read back, a changed number is caught by the hash chain anyway.)
     """
     obj = rec.get("object")
     values = obj.values() if isinstance(obj, dict) else ()
-    return any(type(v) is float and v.is_integer() for v in (rec.get("idx"), *values))
+    if any(type(v) is float and v.is_integer() for v in (rec.get("idx"), *values)):
+        return True
+    entries = obj.get("items") if isinstance(obj, dict) else None
+    return isinstance(entries, list) and any(
+        type(v) is float and v.is_integer()
+        for e in entries
+        if isinstance(e, dict)
+        for v in e.values()
+    )
 
 
 @functools.cache

@@ -113,6 +113,8 @@ def format_message(
         if item:
             params["item"] = item
         obj = rec.get("object")
+        if isinstance(obj, dict) and isinstance(obj.get("items"), list):
+            params["items"] = len(obj["items"])  # a batch record: the ids are in the JSON
         if isinstance(obj, dict) and isinstance(obj.get("channel"), str):
             params["channel"] = obj["channel"]
         if isinstance(rec.get("subject"), dict):

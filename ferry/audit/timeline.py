@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ferry.audit.record import MAX_RECORD_BYTES
+from ferry.audit.record import MAX_RECORD_BYTES, per_item
 from ferry.audit.verify import list_segments
 from ferry.errors import UsageError
 
@@ -410,35 +410,9 @@ def replay(
         st = LogStats(side, str(directory))
         all_stats.append(st)
         limit = (limits or {}).get(side)
-        for rec in read_log(directory, side, limit=limit, stats=st, skip_audit=not system):
-            item = item_of(rec)
-            if item is None:
-                if (
-                    system
-                    and rec["event"] not in HOUSEKEEPING
-                    and filters.time_ok(rec["ts"])
-                    and filters.subject_ok(rec["subject"])
-                ):
-                    other.append(_entry(rec, side, keep_records, first=True))
-                continue
-            if not filters.item_ok(item):
-                continue
-            tl = by_item.get(item)
-            if tl is None:
-                tl = by_item[item] = Timeline(item)
-            obj: dict[str, Any] = rec.get("object") or {}
-            tl.channel = tl.channel or field_str(obj, "channel")
-            tl.kind = tl.kind or field_str(obj, "kind")
-            tl.name = tl.name or field_str(obj, "name")
-            if tl.seq is None:
-                tl.seq = field_int(obj, "seq")
-            tl.sides.add(side)
-            end = terminal(rec["event"], rec["result"])
-            if end is not None and tl.outcome != "delivered":
-                tl.outcome = end
-            tl.matched_subject = tl.matched_subject or filters.subject_ok(rec["subject"])
-            tl.matched_time = tl.matched_time or filters.time_ok(rec["ts"])
-            tl.entries.append(_entry(rec, side, keep_records, first=not tl.entries))
+        for whole in read_log(directory, side, limit=limit, stats=st, skip_audit=not system):
+            for rec in per_item(whole):  # a batch record is in each of its items' timelines
+                _place(rec, side, filters, by_item, other, keep_records=keep_records, system=system)
     chosen = [
         tl
         for tl in by_item.values()
@@ -451,6 +425,47 @@ def replay(
     chosen.sort(key=lambda t: (t.entries[0].sort_key(), t.item))
     other.sort(key=Entry.sort_key)
     return Replay(chosen, other, all_stats, filters)
+
+
+def _place(
+    rec: dict[str, Any],
+    side: str,
+    filters: ReplayFilter,
+    by_item: dict[str, Timeline],
+    other: list[Entry],
+    *,
+    keep_records: bool,
+    system: bool,
+) -> None:
+    """Add one record to its item's timeline (or to ``other``)."""
+    item = item_of(rec)
+    if item is None:
+        if (
+            system
+            and rec["event"] not in HOUSEKEEPING
+            and filters.time_ok(rec["ts"])
+            and filters.subject_ok(rec["subject"])
+        ):
+            other.append(_entry(rec, side, keep_records, first=True))
+        return
+    if not filters.item_ok(item):
+        return
+    tl = by_item.get(item)
+    if tl is None:
+        tl = by_item[item] = Timeline(item)
+    obj: dict[str, Any] = rec.get("object") or {}
+    tl.channel = tl.channel or field_str(obj, "channel")
+    tl.kind = tl.kind or field_str(obj, "kind")
+    tl.name = tl.name or field_str(obj, "name")
+    if tl.seq is None:
+        tl.seq = field_int(obj, "seq")
+    tl.sides.add(side)
+    end = terminal(rec["event"], rec["result"])
+    if end is not None and tl.outcome != "delivered":
+        tl.outcome = end
+    tl.matched_subject = tl.matched_subject or filters.subject_ok(rec["subject"])
+    tl.matched_time = tl.matched_time or filters.time_ok(rec["ts"])
+    tl.entries.append(_entry(rec, side, keep_records, first=not tl.entries))
 
 
 def _entry(rec: dict[str, Any], side: str, keep: bool, *, first: bool) -> Entry:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from cli_helpers import drop_file, edit_yaml, fast, ferry, init, wait_files
 
-from ferry.audit.record import decode
+from ferry.audit.record import decode, per_item
 from ferry.audit.verify import iter_lines, list_segments, verify
 from ferry.channels.emulator import LossyUdpForwarder
 from ferry.client import ApiUnavailable, Client
@@ -29,13 +29,18 @@ from ferry.crypto.keys import load_public_key
 pytestmark = pytest.mark.integration
 
 
-def records(directory: str | Path) -> list[dict[str, Any]]:
+def raw_records(directory: str | Path) -> list[dict[str, Any]]:
     return [
         decode(line.data)
         for _, seg in list_segments(Path(directory))
         for line in iter_lines(seg)
         if line.complete
     ]
+
+
+def records(directory: str | Path) -> list[dict[str, Any]]:
+    """One record per item: batch records (messages) expanded, as replay reads them."""
+    return [one for r in raw_records(directory) for one in per_item(r)]
 
 
 def events(directory: str | Path) -> Counter[str]:

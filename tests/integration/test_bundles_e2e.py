@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from cli_helpers import Agent, edit_yaml, fast, init
 
-from ferry.audit.record import decode
+from ferry.audit.record import MAX_BATCH_ITEMS, decode, per_item
 from ferry.audit.verify import iter_lines, list_segments
 from ferry.channels.udp import UdpSender
 from ferry.client import Ack, ApiRejected, Client
@@ -95,7 +95,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def audit_records(audit_dir: str | Path) -> list[dict[str, Any]]:
+def raw_records(audit_dir: str | Path) -> list[dict[str, Any]]:
     """Every complete record of an audit log (the segments `ferry audit` reads)."""
     return [
         decode(line.data)
@@ -103,6 +103,11 @@ def audit_records(audit_dir: str | Path) -> list[dict[str, Any]]:
         for line in iter_lines(segment)
         if line.complete
     ]
+
+
+def audit_records(audit_dir: str | Path) -> list[dict[str, Any]]:
+    """One record per item: batch records (messages) expanded, as replay reads them."""
+    return [one for r in raw_records(audit_dir) for one in per_item(r)]
 
 
 def delivered_json(folder: str | Path) -> list[Path]:
@@ -191,6 +196,24 @@ def test_many_messages_travel_in_bundles_and_arrive_exactly_once(
     delivered = [r["object"]["item"] for r in in_records if r["event"] == "delivery.delivered"]
     assert sorted(delivered) == sorted(items)
     assert not [r for r in in_records if r["event"] == "delivery.rejected"]
+
+    # ---- ... in batch records: one per bundle sent, one per batch received and delivered
+    for side, events in (
+        ("outside", ("intake.accepted", "transfer.sent", "transfer.repeated")),
+        ("inside", ("transfer.received", "delivery.delivered")),
+    ):
+        raw = raw_records(dep[side]["audit_dir"])
+        for event in events:
+            batch = [r for r in raw if r["event"] == event and r["object"]["channel"] == "messages"]
+            assert all("item" not in r["object"] and "corr" not in r for r in batch), event
+            listed = [e["item"] for r in batch for e in r["object"]["items"]]
+            assert sorted(listed) == sorted(items), event  # each message exactly once
+            assert len(batch) < n, event  # several messages per record
+    sent_raw = [
+        r for r in raw_records(dep["outside"]["audit_dir"]) if r["event"] == "transfer.sent"
+    ]
+    # a bundle's copies: one record (one per MAX_BATCH_ITEMS of a big bundle)
+    assert len(sent_raw) == sum(-(-k // MAX_BATCH_ITEMS) for k in members.values())
 
 
 # ------------------------------------------------- 2. a bad member refuses the bundle
