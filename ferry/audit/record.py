@@ -224,7 +224,12 @@ def _normalise(value: object) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _normalise(v) for k, v in sorted(value.items(), key=lambda kv: kv[0])}
     if isinstance(value, list | tuple):
-        return [_normalise(v) for v in value]
+        return [
+            {k: x if type(x) in _FLAT else _normalise(x) for k, x in sorted(v.items())}
+            if type(v) is dict  # (a batch record's entries, many: one pass each)
+            else _normalise(v)
+            for v in value
+        ]
     return value
 
 
@@ -387,11 +392,10 @@ def _has_float_integer(rec: Mapping[str, Any]) -> bool:
     if any(type(v) is float and v.is_integer() for v in (rec.get("idx"), *values)):
         return True
     entries = obj.get("items") if isinstance(obj, dict) else None
-    return isinstance(entries, list) and any(
-        type(v) is float and v.is_integer()
+    return isinstance(entries, list) and any(  # an entry's integers: seq and size
+        type(e.get("seq")) is float or type(e.get("size")) is float
         for e in entries
         if isinstance(e, dict)
-        for v in e.values()
     )
 
 

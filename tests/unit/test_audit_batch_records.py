@@ -17,6 +17,7 @@ from ferry.audit.record import (
     AuditRecordInvalid,
     Subject,
     build,
+    encode,
     item_batches,
     per_item,
     record_errors,
@@ -223,3 +224,16 @@ def test_replay_puts_a_batch_record_in_each_of_its_items_timelines(tmp_path: Pat
         item_id(3): "delivered",
         item_id(4): "open",
     }
+
+
+def test_entries_and_lists_of_maps_are_written_with_sorted_keys() -> None:
+    shuffled = {"size": 3, "item": item_id(1), "seq": 1, "name": "a.json"}
+    rec = batch(
+        "transfer.received",
+        [shuffled],
+        subject=PEER,
+        detail={"z": [{"b": 1, "a": {"d": [1, {"y": 2, "x": 1}], "c": 2}}], "a": None},
+    )
+    line = encode(rec).decode()
+    assert '{"item":"' + item_id(1) + '","name":"a.json","seq":1,"size":3}' in line
+    assert '"detail":{"a":null,"z":[{"a":{"c":2,"d":[1,{"x":1,"y":2}]},"b":1}]}' in line
