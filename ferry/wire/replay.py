@@ -15,10 +15,11 @@ class ReplayWindow:
     authenticated, so forged packets cannot poison the window).
     """
 
-    __slots__ = ("_bits", "_size", "highest")
+    __slots__ = ("_bits", "_mask", "_size", "highest")
 
     def __init__(self, size: int = WINDOW_SIZE) -> None:
         self._size = size
+        self._mask = (1 << size) - 1
         self.highest = -1
         self._bits = 0  # bit i set <=> packet (highest - i) seen
 
@@ -33,7 +34,8 @@ class ReplayWindow:
     def accept(self, pn: int) -> None:
         if pn > self.highest:
             shift = pn - self.highest
-            self._bits = ((self._bits << shift) | 1) & ((1 << self._size) - 1)
+            # (a jump past the window forgets it all, without building a huge int)
+            self._bits = ((self._bits << shift) | 1) & self._mask if shift < self._size else 1
             self.highest = pn
         else:
             self._bits |= 1 << (self.highest - pn)
