@@ -15,7 +15,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -590,16 +590,18 @@ class InsideAgent:
         self,
         event: str,
         subject: Subject,
-        rows: Sequence[tuple[bytes, rec.Manifest, object]],
-        detail: dict[str, object] | None,
+        messages: Sequence[tuple[bytes, rec.Manifest]],
+        *,
         recorded: set[tuple[str, bytes, int]],
+        detail: dict[str, object] | None = None,
+        paths: Mapping[bytes, Path] | None = None,
     ) -> int:
-        """Batch records of ``event`` for messages (``rows``: id, manifest, and the
-        delivered path or anything else), one per channel run; those in ``recorded``
-        were written by an earlier try and are skipped. The last index, or -1."""
+        """Batch records of ``event`` for ``messages`` (id, manifest), one per channel
+        (``paths``: where each was delivered). Those in ``recorded`` were written by an
+        earlier try and are skipped; each one written is added. The last index, or -1."""
         by_channel: dict[tuple[str, str], list[dict[str, object]]] = {}
         keys: dict[int, tuple[str, bytes, int]] = {}  # id(entry) -> its key in recorded
-        for oid, m, where in rows:
+        for oid, m in messages:
             key = (event, oid, m.seq)
             if key in recorded:
                 continue
@@ -610,8 +612,8 @@ class InsideAgent:
                 "sha256": m.sha256.hex(),
                 "size": m.size,
             }
-            if isinstance(where, Path):
-                entry["path"] = str(where)
+            if paths is not None and oid in paths:
+                entry["path"] = str(paths[oid])
             keys[id(entry)] = key
             by_channel.setdefault((m.channel, m.media_type), []).append(entry)
         last = -1
@@ -701,15 +703,16 @@ class InsideAgent:
             self.gaps.seen(m.channel, m.seq)
         # recorded (durably) before the ledger says delivered: one record per batch
         # and channel for each event, not one per message (docs/AUDIT.md §2)
-        last = self._record_messages("transfer.received", self.peer, ok, None, recorded)
+        received = [(oid, m) for oid, m, _ in ok]
+        last = self._record_messages("transfer.received", self.peer, received, recorded=recorded)
         for consumers in (True, False):
-            rows = [(o, m, paths.get(o)) for o, m, _ in ok if (o in to_consumers) is consumers]
             idx = self._record_messages(
                 "delivery.delivered",
                 self._delivery_subject,
-                rows,
-                {"consumers": consumers},
-                recorded,
+                [(oid, m) for oid, m in received if (oid in to_consumers) is consumers],
+                recorded=recorded,
+                detail={"consumers": consumers},
+                paths=paths,
             )
             last = max(last, idx)
         for folder in by_folder:  # the new names on disk, while the audit writer syncs too

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from cli_helpers import init
 
+from ferry.audit.record import AuditUnavailable, decode
+from ferry.audit.verify import iter_lines, list_segments
 from ferry.config import load_inside_config
 from ferry.crypto.keys import load_secret_key
 from ferry.jsondoc import SchemaRegistry
@@ -104,3 +106,54 @@ def test_a_batch_is_on_disk_and_recorded_before_the_ledger_says_delivered(
     assert states == {oid: "delivered" for oid, _, _ in batch}
     assert queued == {oid for oid, _, _ in batch}  # for the consumers, in the same transaction
     assert sorted(p.name for p in folder.iterdir()) == names
+
+
+def test_a_batch_held_by_the_audit_log_is_recorded_once_when_it_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log refuses the batch's delivery record after taking its receipt record: the
+    batch waits, then is delivered with one record of each event, files not doubled."""
+    dep = init(tmp_path / "d")
+    agent = InsideAgent(load_inside_config(Path(dep["inside"]["config"])), threading.Event())
+    folder = Path(dep["channels"]["messages"]["deliver"])
+    key = load_secret_key(Path(dep["outside"]["signing_key"]), ("ed25519",))
+    batch = [_message(key.public.key_id, seq) for seq in (1, 2, 3)]
+    real_record = agent.audit.record
+    calls: list[str] = []
+
+    def record(event: str, **kw: Any) -> int:
+        calls.append(event)
+        if event == "delivery.delivered" and calls.count(event) == 1:
+            raise AuditUnavailable("disk full (test)")
+        return real_record(event, **kw)
+
+    waits: list[bool] = []
+    monkeypatch.setattr(agent.audit, "record", record)
+    monkeypatch.setattr(agent, "_wait_for_audit", lambda: waits.append(True) or True)
+    try:
+        before = agent.audit.log.size
+        agent._deliver_messages_audited(batch)
+        states = agent.ledger.states_of([oid for oid, _, _ in batch])
+        audit_dir = agent.audit.log.directory
+    finally:
+        agent.audit.close()
+        agent.ledger.close()
+    assert waits == [True]  # held once, then delivered
+    assert calls[:3] == ["transfer.received", "delivery.delivered", "delivery.delivered"]
+    assert "transfer.received" not in calls[1:]  # not written again on the retry
+    assert states == {oid: "delivered" for oid, _, _ in batch}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(m.name for _, m, _ in batch)
+    lines = [
+        decode(line.data)
+        for _, seg in list_segments(audit_dir)
+        for line in iter_lines(seg)
+        if line.complete
+    ][before:]
+    mine = [r for r in lines if r["event"] in ("transfer.received", "delivery.delivered")]
+    assert [r["event"] for r in mine] == ["transfer.received", "delivery.delivered"]
+    for r in mine:
+        listed = sorted(e["item"] for e in r["object"]["items"])
+        assert listed == sorted(oid.hex() for oid, _, _ in batch)
+    assert {e["path"] for e in mine[1]["object"]["items"]} == {
+        str(folder / m.name) for _, m, _ in batch
+    }
