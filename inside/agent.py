@@ -592,21 +592,21 @@ class InsideAgent:
         subject: Subject,
         messages: Sequence[tuple[bytes, rec.Manifest]],
         *,
-        recorded: set[tuple[str, bytes, int]],
+        recorded: set[tuple[str, str]],
         detail: dict[str, object] | None = None,
         paths: Mapping[bytes, Path] | None = None,
     ) -> int:
         """Batch records of ``event`` for ``messages`` (id, manifest), one per channel
         (``paths``: where each was delivered). Those in ``recorded`` were written by an
-        earlier try and are skipped; each one written is added. The last index, or -1."""
+        earlier try (``(event, item id)``) and are skipped; each one written is added.
+        The last index, or -1."""
         by_channel: dict[tuple[str, str], list[dict[str, object]]] = {}
-        keys: dict[int, tuple[str, bytes, int]] = {}  # id(entry) -> its key in recorded
         for oid, m in messages:
-            key = (event, oid, m.seq)
-            if key in recorded:
+            item = oid.hex()
+            if (event, item) in recorded:
                 continue
             entry: dict[str, object] = {
-                "item": oid.hex(),
+                "item": item,
                 "name": m.name,
                 "seq": m.seq,
                 "sha256": m.sha256.hex(),
@@ -614,7 +614,6 @@ class InsideAgent:
             }
             if paths is not None and oid in paths:
                 entry["path"] = str(paths[oid])
-            keys[id(entry)] = key
             by_channel.setdefault((m.channel, m.media_type), []).append(entry)
         last = -1
         for (channel, media_type), entries in by_channel.items():
@@ -624,7 +623,7 @@ class InsideAgent:
                 shared={"channel": channel, "kind": "message", "media_type": media_type},
                 entries=entries,
                 detail=detail,
-                recorded=lambda run: recorded.update(keys[id(e)] for e in run),
+                recorded=lambda run: recorded.update((event, str(e["item"])) for e in run),
             )
         return last
 
@@ -644,7 +643,7 @@ class InsideAgent:
 
     def _deliver_messages_audited(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
         """Deliver a batch; while the audit log cannot write, wait and try again."""
-        recorded: set[tuple[str, bytes, int]] = set()  # records in (not written twice on retry)
+        recorded: set[tuple[str, str]] = set()  # (event, item) in the log: not twice on retry
         while True:
             try:
                 with self._messages_lock:
@@ -658,7 +657,7 @@ class InsideAgent:
     def _deliver_messages(
         self,
         batch: list[tuple[bytes, rec.Manifest, bytes]],
-        recorded: set[tuple[str, bytes, int]],
+        recorded: set[tuple[str, str]],
     ) -> None:
         """Check, then deliver a batch with one flush and one ledger transaction.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
-from ferry.audit.record import MAX_BATCH_ITEMS, AuditObject, AuditUnavailable, Subject
+from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import OutsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError
@@ -350,6 +350,11 @@ class OutsideAgent:
         """transfer.sent / transfer.repeated for each copy that left (kept until recorded)."""
         subject = Subject.component("sender")
         pending = self._unrecorded
+
+        def drop(run: list[dict[str, object]]) -> None:  # in the log: no longer pending
+            for _ in run:
+                pending.popleft()
+
         while pending:
             ev, done, total, bundle = pending[0]
             event = "transfer.sent" if done <= 1 else "transfer.repeated"
@@ -367,13 +372,12 @@ class OutsideAgent:
                     )
                     pending.popleft()
                     continue
-                # messages: one batch record for the run of copies of one bundle, channel
-                # and send number (docs/AUDIT.md §2)
+                # messages: batch records for the run of copies of one bundle, channel
+                # and send number (docs/AUDIT.md §2), each dropped once it is in the log
                 detail["bundle"] = bundle
                 run = 1
                 while (
                     run < len(pending)
-                    and run < MAX_BATCH_ITEMS
                     and pending[run][1:] == (done, total, bundle)
                     and pending[run][0].channel == ev.channel
                 ):
@@ -386,12 +390,15 @@ class OutsideAgent:
                 if ev.channel:
                     shared["channel"] = ev.channel
                 self.audit.record_items(
-                    event, subject=subject, shared=shared, entries=entries, detail=detail
+                    event,
+                    subject=subject,
+                    shared=shared,
+                    entries=entries,
+                    detail=detail,
+                    recorded=drop,
                 )
             except AuditUnavailable:
                 return  # recorded after the log recovers (sending has stopped meanwhile)
-            for _ in range(run):
-                pending.popleft()
 
     def run(self) -> int:
         cfg = self.cfg

@@ -433,13 +433,8 @@ class ApiServer:
 
         self._batch_idx = -1
         self._intake.clear()
-
-        def record_intake() -> int:
-            self._batch_idx = self._record_intake()
-            return self._batch_idx
-
         try:
-            results = self.spool.accept_messages([s[1] for s in submits], seal, record_intake)
+            results = self.spool.accept_messages([s[1] for s in submits], seal, self._record_intake)
         except AuditUnavailable as exc:  # rolled back: nothing spooled, nothing acknowledged
             self._hold(submits, exc)
             return
@@ -564,7 +559,8 @@ class ApiServer:
 
     def _record_intake(self) -> int:
         """The batch's intake.accepted records, one per client and channel (docs/AUDIT.md
-        §2). Called inside the spool transaction: raising rolls it back. The last index."""
+        §2). Called inside the spool transaction: raising rolls it back. The last index
+        (also kept as ``_batch_idx``), or -1."""
         last = -1
         if self.audit is not None:
             for (client, channel), entries in self._intake.items():
@@ -575,6 +571,7 @@ class ApiServer:
                     entries=entries,
                 )
         self._intake.clear()
+        self._batch_idx = last
         return last
 
     # ---------------------------------------------------------------- status
