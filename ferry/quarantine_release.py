@@ -8,12 +8,15 @@ append-only ``releases.jsonl``. A release, under the folder's lock (:func:`locke
    interrupted release left undone and reports ``already released`` (never twice);
 3. appends a signed ``quarantine.released`` record (:func:`new_record`, :func:`append_release`:
    fsynced), and only then hands the item on (the outside: back to its drop folder; the
-   inside: into its channel's delivery folder).
+   inside: into its channel's delivery folder, then a second signed line,
+   ``delivery.delivered`` (:func:`delivered_record`), says under which path).
 
 A CLI cannot write the agent's audit log (the running agent holds its lock), so each agent
-follows ``releases.jsonl`` (:class:`ReleaseAuditor`) and records every line as
-``quarantine.released``: at once while it runs, at its next start otherwise. A line whose
-signature does not verify is recorded as a failure and never trusted.
+follows ``releases.jsonl`` (:class:`ReleaseAuditor`) and records every line: a release as
+``quarantine.released``, a delivered line as ``delivery.delivered`` (with the path, so that
+auditors check that file like any other delivery): at once while it runs, at its next start
+otherwise. A line whose signature does not verify is recorded as a failed
+``quarantine.released`` and never trusted.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import argparse
 import base64
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -42,6 +47,10 @@ if TYPE_CHECKING:  # the audit modules load slowly; `ferry --help` builds this m
 RELEASES = "releases.jsonl"
 REASON_JSON = ".reason.json"
 EVENT = "quarantine.released"
+# The second line of an inside release: where the released file was delivered.
+DELIVERED_EVENT = "delivery.delivered"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ITEM_ID = re.compile(r"[0-9a-f]{32}")
 SIGNING_CONTEXT = b"ferry-quarantine-release-v1\n"
 # Where each agent and CLI looks for the trusted security-admin public key (next to its config).
 ADMIN_PUBLIC_KEY = "keys/security-admin.pub"
@@ -91,7 +100,9 @@ def previous_release(folder: Path, stored_name: str, trusted: PublicKey) -> dict
         (
             r
             for r in releases(folder)
-            if r["stored_name"] == stored_name and verify_record(r, trusted)
+            if r["stored_name"] == stored_name
+            and r.get("event") != DELIVERED_EVENT
+            and verify_record(r, trusted)
         ),
         None,
     )
@@ -107,7 +118,8 @@ def _release_lines(
     for r in releases(folder):
         name = str(r["stored_name"])
         if trusted is not None and verify_record(r, trusted):
-            verified.add(name)
+            if r.get("event") != DELIVERED_EVENT:  # (a delivered line follows its release)
+                verified.add(name)
         else:
             unverified[name] += 1
     return verified, unverified
@@ -243,8 +255,34 @@ def new_record(
     return sign_record(record, key)
 
 
+def delivered_record(
+    release: Mapping[str, Any],
+    path: Path,
+    size: int,
+    *,
+    key: SecretKey,
+    clock: Callable[[], str],
+) -> dict[str, Any]:
+    """The signed line saying where a released item was delivered (``release``: its
+    release record)."""
+    record = {
+        "version": 1,
+        "event": DELIVERED_EVENT,
+        "channel": release.get("channel"),
+        "stored_name": release.get("stored_name"),
+        "original_name": release.get("original_name"),
+        "item_id": release.get("item_id"),
+        "sha256": release.get("sha256"),
+        "size": size,
+        "delivered_as": str(path),
+        "delivered_at": clock(),
+        "admin_key_id": key.public.key_id.hex(),
+    }
+    return sign_record(record, key)
+
+
 def append_release(folder: Path, record: Mapping[str, Any]) -> None:
-    """Append one line to releases.jsonl and fsync it (before the item moves)."""
+    """Append one line to releases.jsonl and fsync it (a release: before the item moves)."""
     line = json.dumps(record, ensure_ascii=True, sort_keys=True) + "\n"
     fd = os.open(folder / RELEASES, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
@@ -264,8 +302,10 @@ class ReleaseAuditor:
     """An agent's follower of its quarantine folders' releases.jsonl.
 
     :meth:`scan` records each new line as ``quarantine.released`` (``failure`` with
-    BAD_SIGNATURE when the admin key did not sign it). The offsets recorded so far are kept
-    in the state folder, so each line is recorded once, also across restarts."""
+    BAD_SIGNATURE when the admin key did not sign it), or a signed delivered line as
+    ``delivery.delivered`` and then calls ``on_delivered(item id, path)``. The offsets
+    recorded so far are kept in the state folder, so each line is recorded once, also across
+    restarts."""
 
     def __init__(
         self,
@@ -274,10 +314,12 @@ class ReleaseAuditor:
         admin_key: PublicKey | None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_delivered: Callable[[str, str], None] | None = None,
     ) -> None:
         self._audit = audit
         self._admin_key = admin_key
         self._clock = clock
+        self._on_delivered = on_delivered
         self._next_scan = 0.0
         self._state = state_dir / AUDITED_STATE
         try:
@@ -286,11 +328,18 @@ class ReleaseAuditor:
             self._offsets = {}
 
     @classmethod
-    def for_agent(cls, audit: AgentAudit, state_dir: Path, config: Path) -> ReleaseAuditor:
+    def for_agent(
+        cls,
+        audit: AgentAudit,
+        state_dir: Path,
+        config: Path,
+        on_delivered: Callable[[str, str], None] | None = None,
+    ) -> ReleaseAuditor:
         """The auditor of an agent whose config is ``config`` (trusting the admin key next to
         it; without one, every release line is recorded as a failure)."""
         admin = config.parent / ADMIN_PUBLIC_KEY
-        return cls(audit, state_dir, load_public_key(str(admin)) if admin.is_file() else None)
+        trusted = load_public_key(str(admin)) if admin.is_file() else None
+        return cls(audit, state_dir, trusted, on_delivered=on_delivered)
 
     def scan(self, folders: Mapping[Path, str | None]) -> None:
         """Record the new lines of each folder's releases.jsonl (``folders``: folder → its
@@ -314,17 +363,22 @@ class ReleaseAuditor:
             with open(path, "rb") as f:
                 f.seek(done)
                 data = f.read(min(size - done, MAX_RELEASE_SCAN))
-            end = data.rfind(b"\n") + 1
-            for line in data[:end].splitlines():
-                self._record(channel, line)
-            self._offsets[key] = done + end
+            end = 0
+            while (nl := data.find(b"\n", end)) >= 0:
+                if not self._record(channel, data[end:nl]):
+                    break  # the audit log refused: this line again at the next scan
+                end = nl + 1
+            if end == 0 and len(data) == MAX_RELEASE_SCAN and self._record(channel, b""):
+                end = len(data)  # a line longer than that: recorded as bad, skipped
+            self._offsets[key] = done + end  # (a partial last line: at the next scan)
             changed = changed or end > 0
         if changed:
             tmp = self._state.with_name(self._state.name + ".tmp")
             tmp.write_text(json.dumps(self._offsets), encoding="utf-8")
             os.replace(tmp, self._state)
 
-    def _record(self, channel: str | None, line: bytes) -> None:
+    def _record(self, channel: str | None, line: bytes) -> bool:
+        """Record one line; False if the audit log refused it (the line is tried again)."""
         from ferry.audit.record import AuditObject, Subject  # noqa: PLC0415
 
         try:
@@ -335,27 +389,53 @@ class ReleaseAuditor:
         except (ValueError, TypeError):
             record, good = {}, False
         item = record.get("item_id")
-        item = item if isinstance(item, str) and len(item) == 32 else None
+        item = item if isinstance(item, str) and _ITEM_ID.fullmatch(item) else None
+        sha256 = record.get("sha256")
         obj = AuditObject(
             kind="file",
             item=item,
             channel=channel or (str(record.get("channel") or "")[:256] or None),
             name=str(record.get("original_name") or "")[:1024] or None,
-            sha256=record.get("sha256") if isinstance(record.get("sha256"), str) else None,
+            sha256=sha256 if isinstance(sha256, str) and _SHA256.fullmatch(sha256) else None,
         )
         who = str(record.get("admin_key_id") or "unknown")[:64]
-        self._audit.try_record(
-            EVENT,
-            subject=Subject.user(f"security-admin:{who}"),
-            result="success" if good else "failure",
-            reason=None if good else "BAD_SIGNATURE: a release line not signed by the admin key",
-            obj=obj,
-            detail={
-                k: str(record[k])[:256]
-                for k in ("stored_name", "reason_code", "override", "released_at", "note")
-                if record.get(k)
-            },
-            corr=item,
+        path, size = record.get("delivered_as"), record.get("size")
+        why = "BAD_SIGNATURE: a release line not signed by the admin key"
+        if good and record.get("event") == DELIVERED_EVENT:
+            if not isinstance(path, str) or not path or type(size) is not int or size < 0:
+                good = False  # signed, yet not a delivered line this code wrote: never trusted
+                why = "BAD_RECORD: a signed delivered line without a path or size"
+            else:
+                obj = dataclasses.replace(obj, path=path[:4096], size=size)
+                if (
+                    self._audit.try_record(
+                        DELIVERED_EVENT,
+                        subject=Subject.user(f"security-admin:{who}"),
+                        obj=obj,
+                        detail={"released": True, "stored_name": str(record["stored_name"])[:256]},
+                        corr=item,
+                    )
+                    is None
+                ):
+                    return False
+                if self._on_delivered is not None and item is not None:
+                    self._on_delivered(item, path)
+                return True
+        return (
+            self._audit.try_record(
+                EVENT,
+                subject=Subject.user(f"security-admin:{who}"),
+                result="success" if good else "failure",
+                reason=None if good else why,
+                obj=obj,
+                detail={
+                    k: str(record[k])[:256]
+                    for k in ("stored_name", "reason_code", "override", "released_at", "note")
+                    if record.get(k)
+                },
+                corr=item,
+            )
+            is not None
         )
 
 

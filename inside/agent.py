@@ -154,7 +154,9 @@ class InsideAgent:
         )
         self.audit = AgentAudit(cfg.audit, "inside", cfg.state_dir, cfg.source)
         # `ferry inside quarantine release` lines, into the audit log (the CLI cannot write it)
-        self.releases = ReleaseAuditor.for_agent(self.audit, cfg.state_dir, cfg.source)
+        self.releases = ReleaseAuditor.for_agent(
+            self.audit, cfg.state_dir, cfg.source, on_delivered=self._released
+        )
         self.peer = Subject("peer", self.sender_key.key_id.hex())
         self._delivery_subject = Subject.component("delivery")
         self._dup_noted: dict[bytes, float] = {}
@@ -257,6 +259,13 @@ class InsideAgent:
                 _log.warning("delivery_interrupted", object_id=oid.hex())
 
     # ------------------------------------------------------------ delivery
+    def _released(self, item: str, path: str) -> None:
+        """A security admin released a quarantined item and it was delivered to ``path``."""
+        oid = bytes.fromhex(item)
+        if self.ledger.state_of(oid) == "rejected":  # (only what this inside refused)
+            self.ledger.record(oid, "delivered", path=path, reason="released from quarantine")
+            _log.info("released_item_delivered", object_id=item, path=path)
+
     def _spool_path(self, oid: bytes) -> Path:
         return self.spool_dir / f"{oid.hex()}.part"
 

@@ -11,12 +11,15 @@ file into its channel's folder exactly once (:func:`release_item`), with the sha
 record, a signed ``quarantine.released`` line is appended to ``releases.jsonl`` (fsync), then
 the file is linked into the delivery folder under the first free safe name (the same names
 and collision rule as a normal delivery; nothing is overwritten) and leaves the quarantine.
-Releasing again finishes an interrupted release (a candidate name that already holds the
-same content counts as delivered) or reports ``already released``. There is no override:
+A second signed line, ``delivery.delivered``, then names the delivered path. Releasing again
+finishes an interrupted release (a candidate name that already holds the same content
+counts as delivered) or reports ``already released``. There is no override:
 the release itself is the administrator's decision against the re-check, and the file is
 delivered as it is. A file in which YARA found a signature cannot be released at all.
 
-The inside agent follows ``releases.jsonl`` and records each line in its audit log.
+The inside agent follows ``releases.jsonl`` and records each line in its audit log
+(``quarantine.released``; ``delivery.delivered`` with the path, and its ledger then holds the
+item as delivered there).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ferry.quarantine_release import (
     append_release,
     check_admin_key,
     check_stored_name,
+    delivered_record,
     locked,
     log_fields,
     new_record,
@@ -218,6 +222,8 @@ def release_item(
             if doc["present"]:
                 _check_intact(folder / stored, doc)
             moved = _hand_over(folder, stored, doc, folders, subfolders)
+            if moved is not None:
+                _say_delivered(folder, previous, moved, key, clock)
             return dict(previous, status="already released", delivered_as=_str(moved))
         code = str(doc.get("reason_code"))
         if code in NOT_RELEASABLE:
@@ -239,8 +245,24 @@ def release_item(
         )
         append_release(folder, record)
         moved = _hand_over(folder, stored, doc, folders, subfolders)
+        if moved is not None:
+            _say_delivered(folder, record, moved, key, clock)
     _log.info(EVENT, **log_fields(record), delivered_as=_str(moved))
     return dict(record, status="released", delivered_as=_str(moved))
+
+
+def _say_delivered(
+    folder: Path,
+    release: dict[str, Any],
+    path: Path,
+    key: SecretKey,
+    clock: Callable[[], str],
+) -> None:
+    """Append the signed line naming where the release delivered the item: the agent
+    records it as ``delivery.delivered`` with that path, and marks the item delivered in
+    its ledger. (A crash before this line: the release is recorded, without the path.)"""
+    size = os.stat(path, follow_symlinks=False).st_size
+    append_release(folder, delivered_record(release, path, size, key=key, clock=clock))
 
 
 def _str(path: Path | None) -> str | None:

@@ -551,7 +551,8 @@ def _decide(st: ItemState, cutoff: str, problems: list[Discrepancy]) -> None:
                 f"sent with sha256 {st.sent_sha256}, received with {st.received_sha256}",
             )
         )
-    if st.delivered_ts is not None:
+    released = st.rejected_by == "delivery" and st.released_ts is not None
+    if st.delivered_ts is not None and not released:
         st.state = "delivered"
         if st.rejected_ts is not None:
             problems.append(
@@ -563,8 +564,9 @@ def _decide(st: ItemState, cutoff: str, problems: list[Discrepancy]) -> None:
                 )
             )
         return
-    if st.rejected_by == "delivery" and st.released_ts is not None:
-        st.state = "delivered"  # by a person: rejected inside, then released from quarantine
+    if released:  # delivered by a person: rejected inside, then released from quarantine
+        # (the release's delivery.delivered record, if any, gave the delivered path)
+        st.state = "delivered"
         st.reason = st.rejected_reason
         st.evidence.append(
             f"rejected inside at {st.rejected_ts}: {st.rejected_reason or 'no reason given'}; "

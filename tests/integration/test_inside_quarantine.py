@@ -27,6 +27,7 @@ from ferry.errors import KeyFileError, PolicyRejection, UsageError
 from ferry.quarantine_release import RELEASES
 from inside import quarantine as quarantine_mod
 from inside.agent import InsideAgent
+from inside.ledger import Ledger
 from inside.quarantine import release_item
 
 pytestmark = pytest.mark.integration
@@ -146,10 +147,49 @@ def test_list_show_and_release_once_with_the_admin_key(tmp_path: Path) -> None:
         out = release(dep, second, admin_key)  # released while the agent runs
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["status"] == "released"
-        wait_for(lambda: len(released()) >= 3, what="the second release")
+        wait_for(
+            lambda: (
+                len(released()) >= 3
+                and sum(r["event"] == "delivery.delivered" for r in records(audit_dir)) >= 2
+            ),
+            what="the second release and where it was delivered",
+        )
     finally:
         assert agent.stop() == 0
     assert (deliver / "photo.png").read_bytes() == bad
+    # each release is followed by a signed line naming the delivered path (the release made
+    # again delivered nothing new, so it wrote none); the agent recorded each as
+    # delivery.delivered with that path, and its ledger now holds the items as delivered
+    lines = [json.loads(x) for x in (state / RELEASES).read_text().splitlines()]
+    assert [x.get("event") for x in lines] == [
+        "quarantine.released", "delivery.delivered", None,
+        "quarantine.released", "delivery.delivered",
+    ]  # fmt: skip
+    assert [lines[1]["delivered_as"], lines[4]["delivered_as"]] == [
+        str(deliver / "scan (2).png"),
+        str(deliver / "photo.png"),
+    ]
+    assert lines[1]["size"] == len(bad)
+    delivered = [
+        r
+        for r in records(audit_dir)
+        if r["event"] == "delivery.delivered" and r["detail"].get("released")
+    ]
+    assert [(r["object"]["item"], r["object"]["path"]) for r in delivered] == [
+        (first, str(deliver / "scan (2).png")),
+        (second, str(deliver / "photo.png")),
+    ]
+    assert delivered[0]["subject"]["id"].endswith(dep["security_admin"]["key_id"])
+    assert delivered[0]["object"]["sha256"] == hashlib.sha256(bad).hexdigest()
+    assert delivered[0]["object"]["size"] == len(bad)
+    ledger = Ledger(load_inside_config(Path(dep["inside"]["config"])).state_dir)
+    try:
+        assert ledger.state_of(bytes.fromhex(first)) == "delivered"
+        assert ledger.state_of(bytes.fromhex(second)) == "delivered"
+        [row] = [r for r in ledger.rows_in_state("delivered") if r["object_id"].hex() == first]
+        assert row["path"] == str(deliver / "scan (2).png")
+    finally:
+        ledger.close()
     recs = released()
     assert [r["result"] for r in recs] == ["success", "failure", "success"]
     assert [r["object"].get("item") for r in recs] == [first, None, second]

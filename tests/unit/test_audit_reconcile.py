@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -195,6 +196,44 @@ def test_an_inside_rejection_released_by_the_security_admin_counts_as_delivered(
     text = "\n".join(render(r))
     assert "delivered 1 (released from quarantine 1)" in text
     assert "RELEASED FROM QUARANTINE" in text
+
+
+def test_a_released_item_is_delivered_where_its_release_record_says(tmp_path: Path) -> None:
+    """An inside release writes delivery.delivered (subject the security admin) after
+    quarantine.released: delivered at that path, no conflict. The same record for an
+    item nobody released is still a conflicting outcome."""
+    b = _clean(tmp_path, n=0)
+    admin = Subject.user("security-admin:0123abcd")
+    content = b"%PDF-1.7 released"
+    for n in (1, 2):
+        item, t = item_id(n), T0 + n * 60 * S
+        b.accept(item, t, seq=n)
+        b.send(item, t + S, seq=n)
+        b.receive(item, t + 2 * S, seq=n)
+        b.reject_inside(item, t + 3 * S, seq=n, reason="TYPE: not a PDF")
+    obj = AuditObject(kind="file", item=item_id(1), channel="files/permits")
+    b.add("inside", T0 + 600 * S, "quarantine.released", subject=admin, obj=obj, corr=item_id(1))
+    for n, t in ((1, T0 + 601 * S), (2, T0 + 602 * S)):
+        delivered = AuditObject(
+            kind="file",
+            item=item_id(n),
+            channel="files/permits",
+            path=str(tmp_path / f"released-{n}.pdf"),
+            size=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+        )
+        detail = {"released": True, "stored_name": f"{item_id(n)}.obj"}
+        b.add("inside", t, "delivery.delivered", subject=admin, obj=delivered, detail=detail,
+              corr=item_id(n))  # fmt: skip
+    outside, inside = b.write()
+    r = reconcile(outside, inside, now_us=T0 + 3600 * S)
+    assert states(r) == {item_id(1): "delivered", item_id(2): "delivered"}
+    assert [(d.code, d.item) for d in r.discrepancies] == [("CONFLICTING_OUTCOME", item_id(2))]
+    [released] = r.released
+    assert released.item == item_id(1)
+    assert released.delivered_path == str(tmp_path / "released-1.pdf")
+    assert released.delivered_sha256 == hashlib.sha256(content).hexdigest()
+    assert "released from quarantine by user:security-admin:0123abcd" in released.evidence[0]
 
 
 def test_an_arrival_ahead_of_the_mirror_is_not_a_discrepancy(tmp_path: Path) -> None:
