@@ -43,6 +43,7 @@ from ferry.jsondoc import canonical
 
 if TYPE_CHECKING:  # the audit modules load slowly; `ferry --help` builds this module's parser
     from ferry.audit.agent import AgentAudit
+    from ferry.audit.record import AuditObject
 
 RELEASES = "releases.jsonl"
 REASON_JSON = ".reason.json"
@@ -51,6 +52,7 @@ EVENT = "quarantine.released"
 DELIVERED_EVENT = "delivery.delivered"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ITEM_ID = re.compile(r"[0-9a-f]{32}")
+MAX_DELIVERED_PATH = 4096  # (the audit schema's bound on object.path)
 SIGNING_CONTEXT = b"ferry-quarantine-release-v1\n"
 # Where each agent and CLI looks for the trusted security-admin public key (next to its config).
 ADMIN_PUBLIC_KEY = "keys/security-admin.pub"
@@ -399,28 +401,20 @@ class ReleaseAuditor:
             sha256=sha256 if isinstance(sha256, str) and _SHA256.fullmatch(sha256) else None,
         )
         who = str(record.get("admin_key_id") or "unknown")[:64]
-        path, size = record.get("delivered_as"), record.get("size")
         why = "BAD_SIGNATURE: a release line not signed by the admin key"
         if good and record.get("event") == DELIVERED_EVENT:
-            if not isinstance(path, str) or not path or type(size) is not int or size < 0:
-                good = False  # signed, yet not a delivered line this code wrote: never trusted
-                why = "BAD_RECORD: a signed delivered line without a path or size"
-            else:
-                obj = dataclasses.replace(obj, path=path[:4096], size=size)
-                if (
-                    self._audit.try_record(
-                        DELIVERED_EVENT,
-                        subject=Subject.user(f"security-admin:{who}"),
-                        obj=obj,
-                        detail={"released": True, "stored_name": str(record["stored_name"])[:256]},
-                        corr=item,
-                    )
-                    is None
-                ):
-                    return False
-                if self._on_delivered is not None and item is not None:
-                    self._on_delivered(item, path)
-                return True
+            path, size = record.get("delivered_as"), record.get("size")
+            stored = record.get("stored_name")
+            if (
+                isinstance(path, str)
+                and 0 < len(path) <= MAX_DELIVERED_PATH
+                and type(size) is int
+                and size >= 0
+                and isinstance(stored, str)
+            ):
+                return self._delivered(dataclasses.replace(obj, path=path, size=size), who, stored)
+            good = False  # signed, yet not a delivered line this code writes: never trusted
+            why = "BAD_RECORD: a signed delivered line without a usable path, size or name"
         return (
             self._audit.try_record(
                 EVENT,
@@ -437,6 +431,24 @@ class ReleaseAuditor:
             )
             is not None
         )
+
+    def _delivered(self, obj: AuditObject, who: str, stored_name: str) -> bool:
+        """Record a signed delivered line (``obj`` has its path and size); then tell the
+        agent. False if the audit log refused it."""
+        from ferry.audit.record import Subject  # noqa: PLC0415
+
+        idx = self._audit.try_record(
+            DELIVERED_EVENT,
+            subject=Subject.user(f"security-admin:{who}"),
+            obj=obj,
+            detail={"released": True, "stored_name": stored_name[:256]},
+            corr=obj.item,
+        )
+        if idx is None:
+            return False
+        if self._on_delivered is not None and obj.item is not None and obj.path is not None:
+            self._on_delivered(obj.item, obj.path)
+        return True
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -223,7 +223,7 @@ def release_item(
                 _check_intact(folder / stored, doc)
             moved = _hand_over(folder, stored, doc, folders, subfolders)
             if moved is not None:
-                _say_delivered(folder, previous, moved, key, clock)
+                _say_delivered(folder, previous, doc, moved, key=key, clock=clock)
             return dict(previous, status="already released", delivered_as=_str(moved))
         code = str(doc.get("reason_code"))
         if code in NOT_RELEASABLE:
@@ -246,7 +246,7 @@ def release_item(
         append_release(folder, record)
         moved = _hand_over(folder, stored, doc, folders, subfolders)
         if moved is not None:
-            _say_delivered(folder, record, moved, key, clock)
+            _say_delivered(folder, record, doc, moved, key=key, clock=clock)
     _log.info(EVENT, **log_fields(record), delivered_as=_str(moved))
     return dict(record, status="released", delivered_as=_str(moved))
 
@@ -254,14 +254,18 @@ def release_item(
 def _say_delivered(
     folder: Path,
     release: dict[str, Any],
+    doc: Mapping[str, Any],
     path: Path,
+    *,
     key: SecretKey,
     clock: Callable[[], str],
 ) -> None:
     """Append the signed line naming where the release delivered the item: the agent
     records it as ``delivery.delivered`` with that path, and marks the item delivered in
-    its ledger. (A crash before this line: the release is recorded, without the path.)"""
-    size = os.stat(path, follow_symlinks=False).st_size
+    its ledger. (A crash before this line: the release is recorded, without the path.)
+    The size is the record's, which the file matched (_check_intact): the delivered file
+    may already be gone, taken by a consumer."""
+    size = int(doc["size"])
     append_release(folder, delivered_record(release, path, size, key=key, clock=clock))
 
 

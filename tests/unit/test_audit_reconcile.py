@@ -156,17 +156,22 @@ def test_discrepancies(tmp_path: Path) -> None:
     assert r.missing == 0
 
 
-def test_an_inside_rejection_released_by_the_security_admin_counts_as_delivered(
-    tmp_path: Path,
-) -> None:
-    b = _clean(tmp_path, n=0)
-    admin = Subject.user("security-admin:0123abcd")
-    for n in (1, 2, 3):
+def _rejected_inside(b: Builder, *ns: int) -> None:
+    """Items ``ns`` accepted, sent, received, then refused by the inside re-check."""
+    for n in ns:
         item, t = item_id(n), T0 + n * 60 * S
         b.accept(item, t, seq=n)
         b.send(item, t + S, seq=n)
         b.receive(item, t + 2 * S, seq=n)
         b.reject_inside(item, t + 3 * S, seq=n, reason="TYPE: not a PDF")
+
+
+def test_an_inside_rejection_released_by_the_security_admin_counts_as_delivered(
+    tmp_path: Path,
+) -> None:
+    b = _clean(tmp_path, n=0)
+    admin = Subject.user("security-admin:0123abcd")
+    _rejected_inside(b, 1, 2, 3)
     obj = AuditObject(kind="file", item=item_id(1), channel="files/permits")
     b.add("inside", T0 + 600 * S, "quarantine.released", subject=admin, obj=obj, corr=item_id(1))
     forged = AuditObject(kind="file", item=item_id(2), channel="files/permits")
@@ -205,12 +210,7 @@ def test_a_released_item_is_delivered_where_its_release_record_says(tmp_path: Pa
     b = _clean(tmp_path, n=0)
     admin = Subject.user("security-admin:0123abcd")
     content = b"%PDF-1.7 released"
-    for n in (1, 2):
-        item, t = item_id(n), T0 + n * 60 * S
-        b.accept(item, t, seq=n)
-        b.send(item, t + S, seq=n)
-        b.receive(item, t + 2 * S, seq=n)
-        b.reject_inside(item, t + 3 * S, seq=n, reason="TYPE: not a PDF")
+    _rejected_inside(b, 1, 2)
     obj = AuditObject(kind="file", item=item_id(1), channel="files/permits")
     b.add("inside", T0 + 600 * S, "quarantine.released", subject=admin, obj=obj, corr=item_id(1))
     for n, t in ((1, T0 + 601 * S), (2, T0 + 602 * S)):
