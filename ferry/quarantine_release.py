@@ -98,12 +98,23 @@ def releases(folder: Path) -> Iterator[dict[str, Any]]:
 
 def previous_release(folder: Path, stored_name: str, trusted: PublicKey) -> dict[str, Any] | None:
     """The verified release of this item, if any (a forged line cannot block a release)."""
+    return _signed_line(folder, stored_name, trusted, delivered=False)
+
+
+def previous_delivery(folder: Path, stored_name: str, trusted: PublicKey) -> dict[str, Any] | None:
+    """The verified line naming where this item's release delivered it, if any."""
+    return _signed_line(folder, stored_name, trusted, delivered=True)
+
+
+def _signed_line(
+    folder: Path, stored_name: str, trusted: PublicKey, *, delivered: bool
+) -> dict[str, Any] | None:
     return next(
         (
             r
             for r in releases(folder)
             if r["stored_name"] == stored_name
-            and r.get("event") != DELIVERED_EVENT
+            and (r.get("event") == DELIVERED_EVENT) == delivered
             and verify_record(r, trusted)
         ),
         None,

@@ -289,6 +289,21 @@ def link_under_free_name(
     return target
 
 
+def find_same_content(folder: Path, name: str, sha256: bytes) -> Path | None:
+    """The first of ``safe_name(name)``'s candidate names in ``folder`` that holds content
+    with this SHA-256 (what :func:`link_under_free_name` would have given an earlier
+    attempt), or None."""
+    root = PurePosixPath(folder)
+    for candidate in candidate_names(safe_name(name)):
+        try:
+            target = Path(contained(root, candidate))
+        except ValueError as exc:
+            raise UnsafePathError(str(exc)) from exc
+        if os.path.lexists(target) and _same_content(target, sha256):
+            return target
+    return None
+
+
 def deliver(
     spool_file: Path,
     object_id: bytes,

@@ -10,12 +10,14 @@ file into its channel's folder exactly once (:func:`release_item`), with the sha
 :mod:`ferry.quarantine_release`: under the folder's lock, the file is checked against its
 record, a signed ``quarantine.released`` line is appended to ``releases.jsonl`` (fsync), then
 the file is linked into the delivery folder under the first free safe name (the same names
-and collision rule as a normal delivery; nothing is overwritten) and leaves the quarantine.
-A second signed line, ``delivery.delivered``, then names the delivered path. Releasing again
-finishes an interrupted release (a candidate name that already holds the same content
-counts as delivered) or reports ``already released``. There is no override:
-the release itself is the administrator's decision against the re-check, and the file is
-delivered as it is. A file in which YARA found a signature cannot be released at all.
+and collision rule as a normal delivery; nothing is overwritten), a second signed line,
+``delivery.delivered``, names the delivered path, and only then does the file leave the
+quarantine. Releasing again finishes an interrupted release from the step it stopped at (a
+candidate name that already holds the same content counts as the file it linked; after the
+delivered line, only the quarantine copy is removed, so a file a consumer already took is
+never delivered twice) or reports ``already released`` with the delivered path. There is
+no override: the release itself is the administrator's decision against the re-check, and
+the file is delivered as it is. A file in which YARA found a signature cannot be released at all.
 
 The inside agent follows ``releases.jsonl`` and records each line in its audit log
 (``quarantine.released``; ``delivery.delivered`` with the path, and its ledger then holds the
@@ -46,12 +48,13 @@ from ferry.quarantine_release import (
     log_fields,
     new_record,
     now,
+    previous_delivery,
     previous_release,
     sha256_file,
     show_item,
 )
 from ferry.wire import records as rec
-from inside.deliver import fsync_dir, link_under_free_name, subfolder
+from inside.deliver import find_same_content, fsync_dir, link_under_free_name, subfolder
 
 SUFFIX = ".obj"
 # Reasons a release may never wave through (the file matched a malware signature inside).
@@ -141,29 +144,30 @@ def keep_reason(
     return target
 
 
-def _hand_over(
-    folder: Path,
-    stored: str,
-    doc: Mapping[str, Any],
-    folders: Mapping[str, Path],
-    subfolders: Mapping[str, bool],
-) -> Path | None:
-    """Deliver the item and let it leave the quarantine; None if it is no longer there."""
-    src = folder / stored
-    if not src.is_file():
-        return None
+def _target_folder(
+    doc: Mapping[str, Any], folders: Mapping[str, Path], subfolders: Mapping[str, bool]
+) -> Path:
     channel = str(doc.get("channel"))
     root = folders.get(channel)
     if root is None:
         raise UsageError(f"channel {channel!r} has no delivery folder on this inside")
-    target_folder = root
     if doc.get("path"):
-        target_folder = subfolder(root, str(doc["path"]), keep=subfolders.get(channel, False))
-    # (the same names as a normal delivery; a name already holding this content is the file
-    # an interrupted release delivered)
+        return subfolder(root, str(doc["path"]), keep=subfolders.get(channel, False))
+    return root
+
+
+def _link(folder: Path, stored: str, doc: Mapping[str, Any], target_folder: Path) -> Path | None:
+    """Link the quarantined file into ``target_folder`` under the first free safe name (a
+    name already holding this content is the file an interrupted release linked); if the
+    file has already left the quarantine (a release interrupted by an older ferry, which
+    removed it before writing the delivered line), find the copy it delivered. None if
+    there is neither."""
+    src = folder / stored
+    if not src.is_file():
+        return find_same_content(target_folder, str(doc.get("original_name")), _sha(doc))
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        delivered = link_under_free_name(
+        return link_under_free_name(
             src,
             fd,
             os.fstat(fd).st_size,
@@ -173,9 +177,15 @@ def _hand_over(
         )
     finally:
         os.close(fd)
-    src.unlink()
+
+
+def _leave(folder: Path, stored: str) -> None:
+    """The delivered item leaves the quarantine (its record and release lines stay)."""
+    try:
+        (folder / stored).unlink()
+    except FileNotFoundError:
+        return
     fsync_dir(folder)
-    return delivered
 
 
 def _check_intact(path: Path, doc: Mapping[str, Any]) -> None:
@@ -211,27 +221,31 @@ def release_item(
     clock: Callable[[], str] = now,
 ) -> dict[str, Any]:
     """Deliver one quarantined item into its channel's folder (idempotent); returns the
-    release record plus ``status`` (``released`` or ``already released``) and
-    ``delivered_as`` (the delivered path; None when nothing was delivered now)."""
+    release record plus ``status`` (``released`` or ``already released``), ``delivered_as``
+    (the delivered path; None when none is known) and ``finished`` (this call completed an
+    interrupted release).
+
+    The steps, each durable before the next: the release line; the link into the delivery
+    folder; the delivered line; the quarantine copy removed. Run again after a crash, it
+    picks up where the first run stopped and never delivers a second copy: once the
+    delivered line is written, only the quarantine copy is removed (a consumer may already
+    have taken the delivered file)."""
     stored = stored_name(item)
     check_admin_key(key, trusted)
     with locked(folder):
         doc = show_item(folder, stored, trusted)
         previous = previous_release(folder, stored, trusted)
-        if previous is not None:  # finish an interrupted release, with the same checks
-            if doc["present"]:
-                _check_intact(folder / stored, doc)
-            moved = _hand_over(folder, stored, doc, folders, subfolders)
-            if moved is not None:
-                _say_delivered(folder, previous, doc, moved, key=key, clock=clock)
-            return dict(previous, status="already released", delivered_as=_str(moved))
+        if previous is not None:
+            return _finish(
+                folder, stored, doc, previous,
+                folders=folders, subfolders=subfolders, key=key, trusted=trusted, clock=clock,
+            )  # fmt: skip
         code = str(doc.get("reason_code"))
         if code in NOT_RELEASABLE:
             raise UsageError(f"item {stored} was refused for {code}; it cannot be released")
         if not doc["present"]:
             raise UsageError(f"item {stored!r} has no file to release")
-        if str(doc.get("channel")) not in folders:
-            raise UsageError(f"channel {doc.get('channel')!r} has no delivery folder here")
+        target_folder = _target_folder(doc, folders, subfolders)
         _check_intact(folder / stored, doc)
         record = new_record(
             doc,
@@ -244,11 +258,62 @@ def release_item(
             clock=clock,
         )
         append_release(folder, record)
-        moved = _hand_over(folder, stored, doc, folders, subfolders)
-        if moved is not None:
-            _say_delivered(folder, record, doc, moved, key=key, clock=clock)
+        moved = _deliver(
+            folder, stored, doc, record, target_folder=target_folder, key=key, clock=clock
+        )
     _log.info(EVENT, **log_fields(record), delivered_as=_str(moved))
-    return dict(record, status="released", delivered_as=_str(moved))
+    return dict(record, status="released", delivered_as=_str(moved), finished=False)
+
+
+def _finish(
+    folder: Path,
+    stored: str,
+    doc: Mapping[str, Any],
+    release: dict[str, Any],
+    *,
+    folders: Mapping[str, Path],
+    subfolders: Mapping[str, bool],
+    key: SecretKey,
+    trusted: PublicKey,
+    clock: Callable[[], str],
+) -> dict[str, Any]:
+    """An item released before: finish what an interrupted run left, with the same checks."""
+    said = previous_delivery(folder, stored, trusted)
+    if said is not None:  # delivered and said so: at most the quarantine copy is left
+        finished = doc["present"]
+        _leave(folder, stored)
+        where = str(said.get("delivered_as"))
+        return dict(release, status="already released", delivered_as=where, finished=finished)
+    if doc["present"]:
+        _check_intact(folder / stored, doc)
+    target_folder = _target_folder(doc, folders, subfolders)
+    moved = _deliver(
+        folder, stored, doc, release, target_folder=target_folder, key=key, clock=clock
+    )
+    if moved is not None:
+        _log.info("quarantine_release_finished", **log_fields(release), delivered_as=str(moved))
+    return dict(
+        release, status="already released", delivered_as=_str(moved), finished=moved is not None
+    )
+
+
+def _deliver(
+    folder: Path,
+    stored: str,
+    doc: Mapping[str, Any],
+    release: dict[str, Any],
+    *,
+    target_folder: Path,
+    key: SecretKey,
+    clock: Callable[[], str],
+) -> Path | None:
+    """Link, say where (the delivered line), then let the item leave the quarantine."""
+    moved = _link(folder, stored, doc, target_folder)
+    if moved is None:
+        return None
+    _say_delivered(folder, release, doc, moved, key=key, clock=clock)
+    _leave(folder, stored)
+    return moved
 
 
 def _say_delivered(
@@ -262,7 +327,7 @@ def _say_delivered(
 ) -> None:
     """Append the signed line naming where the release delivered the item: the agent
     records it as ``delivery.delivered`` with that path, and marks the item delivered in
-    its ledger. (A crash before this line: the release is recorded, without the path.)
+    its ledger. (After a crash before this line, running the release again writes it.)
     The size is the record's, which the file matched (_check_intact): the delivered file
     may already be gone, taken by a consumer."""
     size = int(doc["size"])

@@ -105,11 +105,12 @@ def _cmd_release(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
     elif out["status"] == "already released":
-        done = (
-            f"finished its interrupted delivery as {out['delivered_as']}"
-            if out["delivered_as"]
-            else "nothing delivered"
-        )
+        if out["finished"]:
+            done = f"finished its interrupted delivery as {out['delivered_as']}"
+        elif out["delivered_as"]:
+            done = f"delivered as {out['delivered_as']}"
+        else:  # (an interruption before the delivered line, and the file since taken)
+            done = "no delivered file found; nothing delivered now"
         print(f"{args.item}: already released on {out.get('released_at')}; {done}")
     else:
         print(f"{args.item}: released; delivered as {out['delivered_as']}")

@@ -125,7 +125,12 @@ def test_list_show_and_release_once_with_the_admin_key(tmp_path: Path) -> None:
     again = release(dep, f"{first}.obj", admin_key)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["status"] == "already released"
-    assert json.loads(again.stdout)["delivered_as"] is None
+    assert json.loads(again.stdout)["delivered_as"] == str(deliver / "scan (2).png")
+    assert json.loads(again.stdout)["finished"] is False
+    text = ferry(
+        "inside", "quarantine", "release", "-c", dep["inside"]["config"], first, "--key", admin_key
+    ).stdout  # fmt: skip
+    assert f"already released on {done['released_at']}; delivered as {deliver}" in text
     assert sorted(p.name for p in deliver.iterdir()) == ["scan (2).png", "scan.png"]
 
     # a forged line naming the second item neither blocks its release nor is trusted
@@ -253,7 +258,7 @@ def test_an_interrupted_release_is_finished_only_while_the_file_matches_its_reco
         raise RuntimeError("power cut after the release line")
 
     with monkeypatch.context() as m:
-        m.setattr(quarantine_mod, "_hand_over", crash)
+        m.setattr(quarantine_mod, "_link", crash)
         with pytest.raises(RuntimeError):
             _release(dep, item)
     assert len((state / RELEASES).read_text().splitlines()) == 1  # released, not delivered
@@ -264,5 +269,84 @@ def test_an_interrupted_release_is_finished_only_while_the_file_matches_its_reco
     kept.write_bytes(original)  # as it was: the release is finished, once
     done = _release(dep, item)
     assert done["status"] == "already released"
+    assert done["finished"] is True
     assert (deliver / "scan.png").read_bytes() == original
     assert not kept.exists()
+
+
+@pytest.mark.parametrize(
+    "stop", ["after the link", "after the delivered line", "file gone, no delivered line"]
+)
+def test_a_release_interrupted_at_any_step_is_finished_once_with_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """Killed between two steps (the link, the delivered line, the quarantine copy removed),
+    a release run again finishes from there: the delivered line names the path, and no second
+    copy appears even when a consumer has already taken the first."""
+    dep, (item,) = quarantine(tmp_path, ("scan.png", png(text_chunk())))
+    state = load_inside_config(Path(dep["inside"]["config"])).state_dir / "quarantine"
+    deliver = Path(dep["channels"]["documents"]["deliver"])
+    kept = state / f"{item}.obj"
+    content = kept.read_bytes()
+
+    def crash(*_args: object, **_kw: object) -> None:
+        raise RuntimeError(f"killed {stop}")
+
+    step = "_leave" if stop == "after the delivered line" else "_say_delivered"
+    with monkeypatch.context() as m:
+        m.setattr(quarantine_mod, step, crash)
+        with pytest.raises(RuntimeError):
+            _release(dep, item)
+    assert (deliver / "scan.png").read_bytes() == content  # linked before the crash
+    assert kept.exists()
+    if stop == "file gone, no delivered line":  # how an older ferry left it
+        kept.unlink()
+    if stop == "after the delivered line":  # a consumer takes the file before the rerun
+        (deliver / "scan.png").unlink()
+
+    done = _release(dep, item)
+    assert done["status"] == "already released"
+    assert done["finished"] is True
+    assert done["delivered_as"] == str(deliver / "scan.png")
+    assert not kept.exists()
+    expected = [] if stop == "after the delivered line" else ["scan.png"]
+    assert sorted(p.name for p in deliver.iterdir()) == expected  # never a second copy
+    lines = [json.loads(x) for x in (state / RELEASES).read_text().splitlines()]
+    assert [x.get("event") for x in lines] == ["quarantine.released", "delivery.delivered"]
+    assert lines[1]["delivered_as"] == str(deliver / "scan.png")
+    assert lines[1]["size"] == len(content)
+    again = _release(dep, item)  # and a third run changes nothing
+    assert (again["finished"], again["delivered_as"]) == (False, str(deliver / "scan.png"))
+    assert len((state / RELEASES).read_text().splitlines()) == 2
+
+
+def test_a_release_whose_delivered_copy_is_gone_says_so_and_delivers_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left by an older ferry (the file out of the quarantine, no delivered line) and the
+    delivered file since taken: nothing to find, so nothing is claimed and nothing made."""
+    dep, (item,) = quarantine(tmp_path, ("scan.png", png(text_chunk())))
+    state = load_inside_config(Path(dep["inside"]["config"])).state_dir / "quarantine"
+    deliver = Path(dep["channels"]["documents"]["deliver"])
+
+    def crash(*_args: object, **_kw: object) -> None:
+        raise RuntimeError("killed after the link")
+
+    with monkeypatch.context() as m:
+        m.setattr(quarantine_mod, "_say_delivered", crash)
+        with pytest.raises(RuntimeError):
+            _release(dep, item)
+    (state / f"{item}.obj").unlink()
+    (deliver / "scan.png").rename(tmp_path / "taken.png")
+    (deliver / "scan.png").write_bytes(b"another file of that name")  # not the released one
+    done = _release(dep, item)
+    assert (done["status"], done["finished"], done["delivered_as"]) == (
+        "already released", False, None,
+    )  # fmt: skip
+    assert sorted(p.name for p in deliver.iterdir()) == ["scan.png"]
+    assert len((state / RELEASES).read_text().splitlines()) == 1
+    out = ferry(
+        "inside", "quarantine", "release", "-c", dep["inside"]["config"], item,
+        "--key", dep["security_admin"]["secret_key"],
+    ).stdout  # fmt: skip
+    assert "no delivered file found; nothing delivered now" in out
