@@ -673,6 +673,11 @@ def _inside(doc: _Doc) -> InsideConfig:
         outside_public_key=_public_key(
             doc, ("keys", "outside_public_key"), keys["outside_public_key"], ("ed25519",)
         ),
+        previous_kem_keys=tuple(doc.path(p) for p in keys.get("previous_kem_keys", ())),
+        previous_outside_public_keys=tuple(
+            _public_key(doc, ("keys", "previous_outside_public_keys", i), v, ("ed25519",))
+            for i, v in enumerate(keys.get("previous_outside_public_keys", ()))
+        ),
         link=link,
         udp=udp,
         serial=serial,

@@ -253,3 +253,7 @@ class InsideConfig:
     """Seconds without news of an incomplete object before it is reported lost."""
     max_object_size: int = 64 * 1024**3
     retention_days: float = 30.0  # finished items are forgotten after this (Ledger.prune)
+    previous_kem_keys: tuple[Path, ...] = ()
+    """Key rotation: earlier KEM secret keys, still accepted until the outside seals to the new."""
+    previous_outside_public_keys: tuple[str, ...] = ()
+    """Key rotation: earlier outside signing keys (strings or paths), still trusted."""

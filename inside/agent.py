@@ -123,10 +123,26 @@ class InsideAgent:
         self.cfg = cfg
         self.stop = stop
         selftest.run()
-        self.kem_key = load_secret_key(cfg.kem_key, ("mlkem768x25519", "x25519"))
-        self.sender_key = load_public_key(cfg.outside_public_key, cfg.source.parent)
-        if self.kem_key.alg != cfg.link.kem:
-            raise FerryError(f"inside key is {self.kem_key.alg} but link.kem is {cfg.link.kem}")
+        # Key rotation: the current keys first, then earlier ones still accepted.
+        self.kem_keys = tuple(
+            load_secret_key(path, ("mlkem768x25519", "x25519"))
+            for path in (cfg.kem_key, *cfg.previous_kem_keys)
+        )
+        self.sender_keys = tuple(
+            load_public_key(key, cfg.source.parent)
+            for key in (cfg.outside_public_key, *cfg.previous_outside_public_keys)
+        )
+        self.kem_key, self.sender_key = self.kem_keys[0], self.sender_keys[0]
+        for kem in self.kem_keys:
+            if kem.alg != cfg.link.kem:
+                raise FerryError(f"inside key is {kem.alg} but link.kem is {cfg.link.kem}")
+        for what, ids in (
+            ("KEM key", [k.public.key_id for k in self.kem_keys]),
+            ("outside public key", [k.key_id for k in self.sender_keys]),
+        ):
+            if len(set(ids)) != len(ids):
+                raise FerryError(f"{cfg.source}: the same {what} is listed twice under keys")
+        self._senders_by_id = {k.key_id: k for k in self.sender_keys}
         self.spool_dir = cfg.state_dir / "incoming"
         self.rejected_dir = cfg.state_dir / "rejected"
         self.quarantine_dir = cfg.state_dir / "quarantine"  # the re-check disagreed
@@ -153,6 +169,10 @@ class InsideAgent:
             self.ledger.prune, cfg.retention_days * 86400, "ledger_pruned", _log
         )
         self.audit = AgentAudit(cfg.audit, "inside", cfg.state_dir, cfg.source)
+        self.audit.keys_in_use(
+            [("inside-kem", k.public, i == 0) for i, k in enumerate(self.kem_keys)]
+            + [("outside-signing", k, i == 0) for i, k in enumerate(self.sender_keys)]
+        )
         # `ferry inside quarantine release` lines, into the audit log (the CLI cannot write it)
         self.releases = ReleaseAuditor.for_agent(
             self.audit, cfg.state_dir, cfg.source, on_delivered=self._released
@@ -322,9 +342,9 @@ class InsideAgent:
                         continue
                 assert data is not None
                 try:
-                    manifest, content = verify_stream(data, oid, self.sender_key)
+                    manifest, content = verify_stream(data, oid, self.sender_keys)
                     members = (
-                        open_bundle(manifest, content, self.sender_key)
+                        open_bundle(manifest, content, self._senders_by_id[manifest.sender])
                         if manifest.kind == "bundle"
                         else None
                     )
@@ -488,7 +508,7 @@ class InsideAgent:
                 path,
                 oid,
                 length,
-                sender=self.sender_key,
+                sender=self.sender_keys,
                 folders=self.folders,
                 ledger=self.ledger,
                 subfolders=self.subfolders,
@@ -767,9 +787,9 @@ class InsideAgent:
         self._recover()
         machine = Receiver(
             cfg.link,
-            self.sender_key,
-            self.kem_key,
-            replay_floor=self.ledger.replay_floor(self.sender_key.key_id),
+            self.sender_keys,
+            self.kem_keys,
+            replay_floor={k.key_id: self.ledger.replay_floor(k.key_id) for k in self.sender_keys},
             max_object_size=cfg.max_object_size,
             object_timeout=cfg.object_timeout,
         )
@@ -798,6 +818,8 @@ class InsideAgent:
             transport=cfg.link.transport,
             kem_key=self.kem_key.public.key_id.hex(),
             trusted_sender=self.sender_key.key_id.hex(),
+            previous_kem_keys=[k.public.key_id.hex() for k in self.kem_keys[1:]] or None,
+            previous_senders=[k.key_id.hex() for k in self.sender_keys[1:]] or None,
             link_state=monitor.state.value,
         )
         next_tick = next_status = 0.0
@@ -944,10 +966,11 @@ class InsideAgent:
                     blocks_total=ev.blocks_total,
                 )
             elif isinstance(ev, SessionStarted):
-                self.ledger.set_replay_floor(self.sender_key.key_id, ev.epoch, ev.counter)
+                signer = ev.sender_kid or self.sender_key.key_id
+                self.ledger.set_replay_floor(signer, ev.epoch, ev.counter)
                 self.audit.try_record(
                     "link.session_started",
-                    subject=self.peer,
+                    subject=Subject("peer", signer.hex()),
                     result="info",
                     obj=AuditObject(kind="link", epoch=str(ev.epoch), session=ev.session_id.hex()),
                     detail={"counter": ev.counter},

@@ -17,13 +17,13 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ferry.crypto import suite
 from ferry.crypto.keys import PublicKey
-from ferry.errors import FerryError, UnsafePathError, WireError
+from ferry.errors import EnvelopeRejected, FerryError, UnsafePathError, WireError
 from ferry.wire import records as rec
 from inside.ledger import Ledger
 from inside.paths import candidate_names, contained, safe_name
@@ -44,23 +44,41 @@ class Duplicate:
     object_id: bytes
 
 
-def _manifest(
-    trailer: bytes, object_id: bytes, content_len: int, sender: PublicKey
-) -> rec.Manifest:
+Senders = PublicKey | Sequence[PublicKey]
+"""The outside signing key the inside trusts; during a key rotation, the current one first,
+then earlier ones still accepted."""
+
+
+def _signer(manifest_bytes: bytes, signature: bytes, sender: Senders) -> PublicKey:
+    """The trusted key whose signature ``signature`` is (the current key is tried first);
+    raise EnvelopeRejected if none. Nothing in the manifest is read before this."""
+    keys = (sender,) if isinstance(sender, PublicKey) else sender
+    refused: EnvelopeRejected | None = None
+    for key in keys:
+        try:
+            suite.verify(key, rec.MANIFEST_LABEL, manifest_bytes, signature)
+        except EnvelopeRejected as exc:
+            refused = refused or exc
+            continue
+        return key
+    raise refused or EnvelopeRejected("no trusted outside signing key")
+
+
+def _manifest(trailer: bytes, object_id: bytes, content_len: int, sender: Senders) -> rec.Manifest:
     """Verify a trailer's signature, then that its manifest matches the transfer."""
     manifest_bytes, signature = rec.split_trailer(trailer)
-    suite.verify(sender, rec.MANIFEST_LABEL, manifest_bytes, signature)
+    key = _signer(manifest_bytes, signature, sender)
     manifest = rec.decode_manifest(manifest_bytes)  # authenticated from here on
     if manifest.object_id != object_id:
         raise WireError("manifest object id differs from the transfer's")
-    if manifest.sender != sender.key_id:
+    if manifest.sender != key.key_id:
         raise WireError("manifest names another sender key")
     if manifest.size != content_len:
         raise WireError("manifest size differs from the content length")
     return manifest
 
 
-def verify_object(fd: int, object_id: bytes, length: int, sender: PublicKey) -> rec.Manifest:
+def verify_object(fd: int, object_id: bytes, length: int, sender: Senders) -> rec.Manifest:
     """Check an object file; return its authenticated manifest or raise WireError."""
     if os.fstat(fd).st_size != length:
         raise WireError("object file size differs from the object length")
@@ -83,7 +101,7 @@ def verify_object(fd: int, object_id: bytes, length: int, sender: PublicKey) -> 
     return manifest
 
 
-def verify_stream(data: bytes, object_id: bytes, sender: PublicKey) -> tuple[rec.Manifest, bytes]:
+def verify_stream(data: bytes, object_id: bytes, sender: Senders) -> tuple[rec.Manifest, bytes]:
     """Check an object stream held in memory; return its manifest and content."""
     length = len(data)
     tlen = rec.trailer_length(data[-rec.TRAILER_TAIL.size :])
@@ -309,7 +327,7 @@ def deliver(
     object_id: bytes,
     length: int,
     *,
-    sender: PublicKey,
+    sender: Senders,
     folders: dict[str, Path],
     ledger: Ledger,
     subfolders: dict[str, bool] | None = None,

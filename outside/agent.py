@@ -114,6 +114,9 @@ class OutsideAgent:
             self.spool.prune, cfg.retention_days * 86400, "spool_pruned", _log
         )
         self.audit = AgentAudit(cfg.audit, "outside", cfg.state_dir, cfg.source)
+        self.audit.keys_in_use(
+            [("outside-signing", self.key.public, True), ("inside-kem", self.recipient, True)]
+        )
         self._incoming: queue.SimpleQueue[SpoolItem] = queue.SimpleQueue()
         self._wake = threading.Event()
         self.pipeline: ContentPipeline | None = None

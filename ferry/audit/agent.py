@@ -7,7 +7,10 @@
   killed or crashed), with the previous pid and start time;
 * ``config.loaded``, or ``config.changed`` when the config file's SHA-256 differs from the
   one recorded by the previous run;
-* ``agent.started`` (pid, version, config SHA-256).
+* ``agent.started`` (pid, version, config SHA-256);
+
+and, from :meth:`AgentAudit.keys_in_use`, ``key.activated`` for each key the agent uses that
+its previous run did not, and ``key.retired`` for each it no longer uses (a key rotation).
 
 :meth:`AgentAudit.close` writes ``agent.stopped`` and removes the marker. docs/AUDIT.md §7
 lists every record the agents write.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +38,7 @@ from ferry.audit.record import (
     item_batches,
 )
 from ferry.config_types import AuditParams
-from ferry.crypto.keys import SecretKey, load_secret_key
+from ferry.crypto.keys import PublicKey, SecretKey, load_secret_key
 from ferry.errors import ConfigError
 
 _log = log.get("audit.agent")
@@ -43,6 +47,7 @@ RUN_MARKER = "agent.running"
 # Seconds between audit.exported records while records flow to the SIEM.
 EXPORT_NOTE_INTERVAL = 600.0
 CONFIG_HASH = "config.sha256"
+KEYS_IN_USE = "keys-in-use.json"
 
 
 def default_origin(side: str, key: SecretKey) -> str:
@@ -76,6 +81,10 @@ def _write_durably(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _hex_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{2,64}", value) else None
+
+
 class AgentAudit:
     """The audit log of one running agent (``side`` is "outside" or "inside")."""
 
@@ -93,6 +102,7 @@ class AgentAudit:
         self.log = open_audit_log(params, side)
         self._marker = state_dir / RUN_MARKER
         self._hash_file = state_dir / CONFIG_HASH
+        self._keys_file = state_dir / KEYS_IN_USE
         self._start(config_file)
         self._export_stop = threading.Event()
         self._export: threading.Thread | None = None
@@ -183,6 +193,48 @@ class AgentAudit:
         _write_durably(
             self._marker, json.dumps({"pid": os.getpid(), "started": self.log_time()}) + "\n"
         )
+
+    def keys_in_use(self, keys: list[tuple[str, PublicKey, bool]]) -> None:
+        """Record which keys this run uses, given as (role, public key, current): each one
+        the previous run did not use gets ``key.activated``, each it used that is gone gets
+        ``key.retired``; durable before the agent goes on. (A rotation is a config change:
+        ``config.changed`` says that the file changed, these say which keys did.)"""
+        now = {f"{role}:{key.key_id.hex()}": (role, key, current) for role, key, current in keys}
+        try:
+            before = json.loads(self._keys_file.read_text(encoding="utf-8"))
+            if not isinstance(before, dict):
+                raise TypeError("not an object")
+        except FileNotFoundError:
+            before = {}
+        except (OSError, ValueError, TypeError) as exc:  # unreadable: start over, and say so
+            _log.warning("keys_in_use_unreadable", path=str(self._keys_file), error=str(exc))
+            before = {}
+        last = 0
+        for ident, (role, key, current) in now.items():
+            if ident not in before:
+                last = self.log.append(
+                    "key.activated",
+                    subject=self.subject,
+                    result="info",
+                    obj=AuditObject(kind="key", key_id=key.key_id.hex()),
+                    detail={"role": role, "alg": key.alg, "current": current},
+                )
+        for ident, old in before.items():
+            if ident not in now and isinstance(old, dict):
+                last = self.log.append(
+                    "key.retired",
+                    subject=self.subject,
+                    result="info",
+                    obj=AuditObject(kind="key", key_id=_hex_or_none(old.get("key_id"))),
+                    detail={"role": str(old.get("role", ""))[:64], "alg": str(old.get("alg"))},
+                )
+        if last:
+            self.log.wait_durable(last)
+        record = {
+            ident: {"role": role, "key_id": key.key_id.hex(), "alg": key.alg, "current": current}
+            for ident, (role, key, current) in now.items()
+        }
+        _write_durably(self._keys_file, json.dumps(record, sort_keys=True, indent=1) + "\n")
 
     @staticmethod
     def log_time() -> str:

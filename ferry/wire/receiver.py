@@ -15,6 +15,7 @@ The machine never produces output for the link: the inside never transmits.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ferry.config_types import LinkParams
@@ -39,6 +40,9 @@ MAX_EARLY_DATAGRAMS = 4_096
 MAX_EARLY_BYTES = 16 * 1024 * 1024
 # Sessions kept open at once: the current one and the one before (rekey overlap).
 MAX_SESSIONS = 2
+# Keys of one role held at once during a key rotation: the current one and earlier ones
+# still accepted (outside signing keys trusted; inside KEM keys announcements may be sealed to).
+MAX_KEYS_PER_ROLE = 4
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class SessionStarted:
     session_id: bytes
     sender_time_us: int
     params_digest: bytes
+    sender_kid: bytes = b""  # the outside signing key that signed the announcement
 
 
 @dataclass(frozen=True)
@@ -122,20 +127,39 @@ class Receiver:
     def __init__(
         self,
         params: LinkParams,
-        trusted_sender: PublicKey,
-        kem_key: SecretKey,
+        trusted_sender: PublicKey | Sequence[PublicKey],
+        kem_key: SecretKey | Sequence[SecretKey],
         *,
-        replay_floor: tuple[int, int] = (0, 0),
+        replay_floor: tuple[int, int] | Mapping[bytes, tuple[int, int]] = (0, 0),
         max_object_size: int = 64 * 1024**3,
         object_timeout: float = 60.0,
     ) -> None:
-        if trusted_sender.alg != "ed25519":
+        """``trusted_sender``: the outside signing key, or during a rotation the current one
+        first, then earlier ones still accepted; ``kem_key`` likewise for the inside's KEM
+        keys. ``replay_floor``: the newest announcement seen, per sender key id (a bare pair
+        is the first sender key's)."""
+        senders = (trusted_sender,) if isinstance(trusted_sender, PublicKey) else trusted_sender
+        kems = (kem_key,) if isinstance(kem_key, SecretKey) else kem_key
+        if not senders or not kems:
+            raise ValueError("at least one trusted sender key and one KEM key are needed")
+        if len(senders) > MAX_KEYS_PER_ROLE or len(kems) > MAX_KEYS_PER_ROLE:
+            raise ValueError(f"at most {MAX_KEYS_PER_ROLE} keys per role")
+        if any(k.alg != "ed25519" for k in senders):
             raise ValueError("the trusted sender key must be an ed25519 key")
         self.params = params
-        self._sender = trusted_sender
-        self._kem = kem_key
-        self._kem_id = suite.KEM_IDS.get(kem_key.alg)
-        self.replay_floor = replay_floor
+        self._senders = {k.key_id: k for k in senders}
+        self._current_sender = senders[0].key_id
+        self._kems = {k.public.key_id: k for k in kems}
+        if len(self._senders) != len(senders) or len(self._kems) != len(kems):
+            raise ValueError("a key is given twice")
+        floors = (
+            {self._current_sender: replay_floor}
+            if isinstance(replay_floor, tuple)
+            else dict(replay_floor)
+        )
+        self._floors: dict[bytes, tuple[int, int]] = {
+            kid: floors.get(kid, (0, 0)) for kid in self._senders
+        }
         self._max_object = max_object_size
         self._timeout = object_timeout
         self._sessions: OrderedDict[bytes, _Session] = OrderedDict()
@@ -166,6 +190,15 @@ class Receiver:
     def active_objects(self) -> int:
         return len(self._objects)
 
+    @property
+    def replay_floor(self) -> tuple[int, int]:
+        """The newest announcement seen from the current sender key (epoch, counter)."""
+        return self._floors[self._current_sender]
+
+    def floor_of(self, sender_kid: bytes) -> tuple[int, int]:
+        """The newest announcement seen from this trusted sender key."""
+        return self._floors[sender_kid]
+
     def receive_datagram(self, datagram: bytes, now: float) -> None:
         """Process one datagram from the link."""
         self.stats.datagrams += 1
@@ -193,28 +226,32 @@ class Receiver:
             and known.counter == unverified.counter
         ):
             return  # a repeat of the current announcement
-        if unverified.sender_kid != self._sender.key_id:
+        sender = self._senders.get(unverified.sender_kid)
+        if sender is None:
             raise EnvelopeRejected(f"announce signed by unknown key {unverified.sender_kid.hex()}")
-        if unverified.recipient_kid != self._kem.public.key_id:
+        kem = self._kems.get(unverified.recipient_kid)
+        if kem is None:
             raise EnvelopeRejected(
                 f"announce sealed to another inside key {unverified.recipient_kid.hex()}"
             )
-        if (unverified.epoch, unverified.counter) <= self.replay_floor:
+        floor = self._floors[sender.key_id]
+        if (unverified.epoch, unverified.counter) <= floor:
             raise ReplayRejected(
                 f"announce epoch {unverified.epoch}/{unverified.counter} is not newer than "
-                f"{self.replay_floor[0]}/{self.replay_floor[1]}"
+                f"{floor[0]}/{floor[1]}"
             )
-        if unverified.kem_id != self._kem_id or unverified.aead_id != suite.AEAD_AES256GCM:
+        if (
+            unverified.kem_id != suite.KEM_IDS.get(kem.alg)
+            or unverified.aead_id != suite.AEAD_AES256GCM
+        ):
             raise EnvelopeRejected("announce uses a suite this inside is not configured for")
-        suite.verify(self._sender, rec.ANNOUNCE_LABEL, signed, signature)
+        suite.verify(sender, rec.ANNOUNCE_LABEL, signed, signature)
         announce = unverified  # authenticated from here on
-        key = suite.unwrap_session_key(
-            announce.wrapped_key, self._kem, rec.hpke_info(announce.head())
-        )
+        key = suite.unwrap_session_key(announce.wrapped_key, kem, rec.hpke_info(announce.head()))
         self.stats.announces += 1
-        if announce.epoch != self.replay_floor[0]:
+        if announce.epoch != floor[0]:
             self._sessions.clear()  # the sender restarted: its old sessions are over
-        self.replay_floor = (announce.epoch, announce.counter)
+        self._floors[sender.key_id] = (announce.epoch, announce.counter)
         self._sessions[announce.session_id] = _Session(key, announce.epoch, announce.counter)
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
@@ -225,6 +262,7 @@ class Receiver:
                 announce.session_id,
                 announce.sender_time_us,
                 announce.params_digest,
+                sender.key_id,
             )
         )
         early = [d for d in self._early if d[4:12] == announce.session_id]
