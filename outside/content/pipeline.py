@@ -107,6 +107,7 @@ class _Worker:
             error = ready.get("error") if isinstance(ready, dict) else None
             raise SelfTestError(f"content worker did not start: {error or ready!r}")
         self.network = str(ready.get("network"))
+        self.seccomp = str(ready.get("seccomp"))
         self.rules = str(ready.get("rules"))
 
     @property
@@ -209,6 +210,7 @@ class ContentPipeline:
         self._started = False
         self.rules_digest = ""
         self.network_isolation = "unknown"
+        self.seccomp = "unknown"
         self.crashes = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -230,6 +232,12 @@ class ContentPipeline:
                     detail="no network namespace could be created; workers can reach the "
                     "network (run the agent as root or allow unprivileged user namespaces)",
                 )
+            self.seccomp = first.seccomp
+            if first.seccomp != "filter":
+                _log.warning(
+                    "content_worker_seccomp_off",
+                    detail=f"workers run without their seccomp filter ({first.seccomp})",
+                )
             for _ in range(self.workers):
                 self._idle.put(None)  # a slot: a worker is started on first use
             self._idle.get()
@@ -240,6 +248,7 @@ class ContentPipeline:
                 workers=self.workers,
                 rules=self.rules_digest,
                 network=self.network_isolation,
+                seccomp=self.seccomp,
             )
 
     def close(self) -> None:

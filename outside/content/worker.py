@@ -11,6 +11,10 @@ Each worker is a fresh interpreter (``python -m outside.content.worker``, starte
   and the report records it;
 - sets rlimits: address space (``memory_mb``), CPU seconds (re-armed per file), file size
   (writes beyond it fail with EFBIG), open files, no core dumps;
+- installs a seccomp filter (:mod:`ferry.seccomp`): no sockets, programs, new processes,
+  signals to or tracing of other processes, namespaces, mounts, keyrings, BPF or io_uring. If
+  the kernel or the architecture does not allow it, it says so (``seccomp: "none: ..."``) and
+  the pipeline logs a warning;
 - compiles the YARA rules and runs the EICAR self-test.
 
 Protocol: frames of a 4-byte big-endian length and UTF-8 JSON, on private copies of stdin and
@@ -36,6 +40,7 @@ from typing import Any, BinaryIO
 
 from ferry.content.base import Action
 from ferry.content.policy import policy_from_config
+from ferry.seccomp import confine
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -98,7 +103,9 @@ def _orphan_watch(parent: int) -> None:
     os._exit(3)
 
 
-def harden(memory_mb: int, file_bytes: int) -> str:
+def harden(memory_mb: int, file_bytes: int) -> tuple[str, str]:
+    """Confine this process (see the module's docstring); returns how it left the network
+    and whether the seccomp filter is on."""
     libc = _libc()
     threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
     network = leave_network(libc)
@@ -109,7 +116,7 @@ def harden(memory_mb: int, file_bytes: int) -> str:
     resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
     resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return network
+    return network, confine()  # last: it forbids what the steps above use
 
 
 def arm_cpu(seconds: int) -> None:
@@ -140,7 +147,9 @@ def _action(a: Action) -> dict[str, Any]:
     return {"what": a.what, "target": a.target, "where": a.where, "count": a.count}
 
 
-def serve(inp: BinaryIO, out: BinaryIO, rules: Path | None, network: str) -> int:
+def serve(
+    inp: BinaryIO, out: BinaryIO, rules: Path | None, network: str, seccomp: str = "none"
+) -> int:
     from ferry.content.scan import Scanner  # noqa: PLC0415
     from outside.content.engine import Engine  # noqa: PLC0415  # after the rlimits
 
@@ -151,7 +160,9 @@ def serve(inp: BinaryIO, out: BinaryIO, rules: Path | None, network: str) -> int
         write_frame(out, {"ready": False, "error": str(exc)})
         return 2
     engine = Engine(scanner)
-    write_frame(out, {"ready": True, "network": network, "rules": scanner.digest})
+    write_frame(
+        out, {"ready": True, "network": network, "seccomp": seccomp, "rules": scanner.digest}
+    )
     while True:
         request = read_frame(inp)
         if request is None:
@@ -191,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     os.close(devnull)
     sys.stdout = sys.stderr
-    network = harden(args.memory_mb, args.file_bytes)
-    return serve(proto_in, proto_out, Path(args.rules) if args.rules else None, network)
+    network, seccomp = harden(args.memory_mb, args.file_bytes)
+    rules = Path(args.rules) if args.rules else None
+    return serve(proto_in, proto_out, rules, network, seccomp)
 
 
 if __name__ == "__main__":

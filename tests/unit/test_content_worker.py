@@ -4,6 +4,8 @@ its output is refused with FILTER_ERROR, and the pipeline keeps working."""
 from __future__ import annotations
 
 import errno as E
+import json
+import os
 import resource
 import subprocess
 import sys
@@ -111,16 +113,85 @@ def test_worker_has_no_network() -> None:
     code = (
         "import socket, sys\n"
         "from outside.content.worker import harden\n"
-        "net = harden(450, 1 << 30)\n"
-        "s = socket.socket(); s.settimeout(2)\n"
-        "try:\n    s.connect(('127.0.0.1', 9)); print('connected')\n"
+        "net, _ = harden(450, 1 << 30)\n"
+        "try:\n"
+        "    s = socket.socket(); s.settimeout(2)\n"
+        "    s.connect(('127.0.0.1', 9)); print('connected')\n"
         "except OSError as e:\n    print(net, e.errno)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     net, errno = out.stdout.split()
     if net == "none":
         pytest.skip("no network namespaces on this machine")
-    assert int(errno) in (E.ENETUNREACH, E.ECONNREFUSED, E.EADDRNOTAVAIL)
+    # EPERM: the seccomp filter refuses the socket itself (test_worker_seccomp_filter)
+    assert int(errno) in (E.EPERM, E.ENETUNREACH, E.ECONNREFUSED, E.EADDRNOTAVAIL)
+
+
+PROBE = """
+import ctypes, errno, json, os, socket, subprocess, threading
+from outside.content.worker import harden
+out = {"seccomp": harden(450, 1 << 30)[1]}
+libc = ctypes.CDLL(None, use_errno=True)
+
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "allowed"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+
+def raw(nr, *args):
+    if libc.syscall(nr, *args) == -1:
+        raise OSError(ctypes.get_errno(), "refused")
+
+attempt("socket", socket.socket)
+attempt("socketpair", socket.socketpair)
+attempt("fork", os.fork)
+attempt("exec", lambda: subprocess.run(["/bin/true"], check=False))
+attempt("signal the agent", lambda: os.kill(os.getppid(), 0))
+attempt("unshare", lambda: raw(272, 0x10000000))
+attempt("ptrace", lambda: raw(101, 16, os.getppid(), 0, 0))
+attempt("bpf", lambda: raw(321, 0, 0, 0))
+attempt("io_uring", lambda: raw(425, 1, 0))
+attempt("x32 getpid", lambda: raw(0x40000000 + 39))
+t = threading.Thread(target=lambda: out.__setitem__("thread", "ran"))
+t.start()
+t.join()
+r, w = os.pipe()
+os.write(w, b"p")
+out["pipe"] = os.read(r, 1).decode()
+print(json.dumps(out))
+"""
+
+
+def test_worker_seccomp_filter(tmp_path: Path) -> None:
+    """A hardened worker cannot open sockets, run programs, make processes, signal or trace
+    the agent, or reach namespaces, BPF, io_uring or another ABI; threads, files and its
+    pipes still work."""
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    got = json.loads(out.stdout)
+    assert got.pop("seccomp") == "filter"
+    assert got.pop("thread") == "ran"
+    assert got.pop("pipe") == "p"
+    assert got == dict.fromkeys(
+        ["socket", "socketpair", "fork", "exec", "signal the agent", "unshare", "ptrace", "bpf",
+         "io_uring", "x32 getpid"],
+        "EPERM",
+    )  # fmt: skip
+
+
+def test_pipeline_reports_the_filter() -> None:
+    with ContentPipeline(workers=1) as p:
+        assert p.seccomp == "filter"
+        worker = p._idle.get()
+        try:
+            status = Path(f"/proc/{worker.pid}/status").read_text()
+        finally:
+            p._idle.put(worker)
+    assert "\nSeccomp:\t2\n" in status  # mode 2: a filter
 
 
 def test_self_test_fails_without_eicar_rule(tmp_path: Path) -> None:
