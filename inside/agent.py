@@ -597,11 +597,16 @@ class InsideAgent:
             path=None if path is None else str(path),
         )
 
+    def _signer(self, m: rec.Manifest) -> Subject:
+        """The peer that signed ``m``: the current outside key, or a previous one during a
+        key rotation."""
+        return Subject("peer", m.sender.hex())
+
     def _record_received(self, m: rec.Manifest) -> None:
         self.gaps.seen(m.channel, m.seq)
         self.audit.record(
             "transfer.received",
-            subject=self.peer,
+            subject=self._signer(m),
             obj=self._item_object(m, None),
             corr=m.object_id.hex(),
         )
@@ -618,7 +623,7 @@ class InsideAgent:
     def _record_messages(
         self,
         event: str,
-        subject: Subject,
+        subject: Subject | None,
         messages: Sequence[tuple[bytes, rec.Manifest]],
         *,
         recorded: set[tuple[str, str]],
@@ -626,10 +631,10 @@ class InsideAgent:
         paths: Mapping[bytes, Path] | None = None,
     ) -> int:
         """Batch records of ``event`` for ``messages`` (id, manifest), one per channel
-        (``paths``: where each was delivered). Those in ``recorded`` were written by an
-        earlier try (``(event, item id)``) and are skipped; each one written is added.
-        The last index, or -1."""
-        by_channel: dict[tuple[str, str], list[dict[str, object]]] = {}
+        (``paths``: where each was delivered; ``subject`` None: the peer that signed each).
+        Those in ``recorded`` were written by an earlier try (``(event, item id)``) and are
+        skipped; each one written is added. The last index, or -1."""
+        by_channel: dict[tuple[str, str, bytes], list[dict[str, object]]] = {}
         for oid, m in messages:
             item = oid.hex()
             if (event, item) in recorded:
@@ -643,12 +648,14 @@ class InsideAgent:
             }
             if paths is not None and oid in paths:
                 entry["path"] = str(paths[oid])
-            by_channel.setdefault((m.channel, m.media_type), []).append(entry)
+            signer = m.sender if subject is None else b""
+            by_channel.setdefault((m.channel, m.media_type, signer), []).append(entry)
         last = -1
-        for (channel, media_type), entries in by_channel.items():
+        for (channel, media_type, signer), entries in by_channel.items():
+            who = subject if subject is not None else Subject("peer", signer.hex())
             last = self.audit.record_items(
                 event,
-                subject=subject,
+                subject=who,
                 shared={"channel": channel, "kind": "message", "media_type": media_type},
                 entries=entries,
                 detail=detail,
@@ -732,7 +739,7 @@ class InsideAgent:
         # recorded (durably) before the ledger says delivered: one record per batch
         # and channel for each event, not one per message (docs/AUDIT.md §2)
         received = [(oid, m) for oid, m, _ in ok]
-        last = self._record_messages("transfer.received", self.peer, received, recorded=recorded)
+        last = self._record_messages("transfer.received", None, received, recorded=recorded)
         for consumers in (True, False):
             idx = self._record_messages(
                 "delivery.delivered",

@@ -98,6 +98,13 @@ def test_both_outside_keys_deliver_during_the_overlap_and_only_the_new_one_after
     assert agent.sender_key.key_id == new_sign.public.key_id  # the current one comes first
     assert sorted(p.name for p in deliver.iterdir()) == ["before.png", "new-key.png", "old-key.png"]
     new_sign_id, new_kem_id = new_sign.public.key_id.hex(), new_kem.public.key_id.hex()
+    signers = {
+        r["object"]["name"]: r["subject"]
+        for r in records(audit_dir)
+        if r["event"] == "transfer.received"
+    }  # each item is recorded as received from the key that signed it
+    assert signers["old-key.png"] == {"kind": "peer", "id": old_sign_id}
+    assert signers["new-key.png"] == {"kind": "peer", "id": new_sign_id}
     assert _key_events(audit_dir)[2:] == [
         ("key.activated", "inside-kem", new_kem_id, True),
         ("key.activated", "outside-signing", new_sign_id, True),
