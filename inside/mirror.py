@@ -20,7 +20,6 @@ auditor looks: ``ferry audit verify`` on the mirror names the first bad position
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +27,11 @@ from ferry import log
 from ferry.audit.agent import AgentAudit
 from ferry.audit.merkle import CompactRange, leaf_hash, parse_notes
 from ferry.audit.record import AuditError, AuditObject, Subject, decode
-from ferry.audit.verify import CHECKPOINTS_FILE, segment_name
+from ferry.audit.verify import CHECKPOINTS_FILE, PIECE_NAME, segment_name
 from ferry.crypto.keys import PublicKey
 
 _log = log.get("inside.mirror")
 
-PIECE_NAME = re.compile(r"(audit-[0-9]{6}\.jsonl|checkpoints\.log)@(0|[1-9][0-9]{0,14})")
 # Bytes of out-of-order pieces held while a gap is filled (a repeat copy usually fills it).
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 SUBJECT = Subject.component("audit-mirror")

@@ -24,6 +24,7 @@ from pathlib import Path
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Subject
+from ferry.audit.verify import CHECKPOINTS_FILE
 from ferry.config_types import OutsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError
@@ -162,6 +163,7 @@ class OutsideAgent:
                 self.key,
                 cfg.state_dir,
                 max_piece=min(MAX_PIECE, MAX_PIECE_SYMBOLS * self._symbol_size - 2048),
+                on_resend=self._mirror_resend,
             )
         # sends not yet audited: (item, copy, copies, id of the bundle it went in)
         self._unrecorded: deque[tuple[ObjectSent, int, int, str | None]] = deque()
@@ -402,6 +404,19 @@ class OutsideAgent:
                 )
             except AuditUnavailable:
                 return  # recorded after the log recovers (sending has stopped meanwhile)
+
+    def _mirror_resend(self, start: str, error: str | None) -> None:
+        """An operator asked for the audit log to cross again (ferry outside mirror resend)."""
+        self.audit.try_record(
+            "audit.resend",
+            subject=Subject.component("audit-mirror"),
+            result="failure" if error else "success",
+            reason=None if error is None else f"BAD_REQUEST: {error}",
+            obj=AuditObject(
+                kind="checkpoint" if start.startswith(CHECKPOINTS_FILE) else "segment",
+                name=start or None,
+            ),
+        )
 
     def run(self) -> int:
         cfg = self.cfg

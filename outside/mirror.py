@@ -10,6 +10,14 @@ same protection messages get. Shipping itself writes no audit records (no feedba
 the pieces are accounted for by the mirror and its checkpoints. The offsets shipped are kept
 in ``<state>/audit-mirror.json`` (written after the piece is spooled: a crash re-ships a
 piece, which the inside recognises).
+
+Nothing tells the outside that both copies of a piece were lost (the inside records a
+``link.sequence_gap`` on channel ``_audit`` and its mirror stops growing there). An operator
+then asks for the log to be shipped again from a point: ``ferry outside mirror resend``
+(:func:`request_resend`) leaves ``<state>/audit-mirror-resend.json``, which the shipper takes
+at its next step (also at the agent's next start): every file from that piece on is shipped
+again, in order, and the inside keeps what it already had (a repeat copy must match it byte for
+byte) and fills its gap. The request is recorded as ``audit.resend``.
 """
 
 from __future__ import annotations
@@ -18,11 +26,21 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ferry import log
-from ferry.audit.verify import CHECKPOINTS_FILE, list_segments, segment_name
+from ferry.audit.verify import (
+    CHECKPOINTS_FILE,
+    PIECE_NAME,
+    list_segments,
+    segment_name,
+    segment_number,
+)
 from ferry.crypto.keys import SecretKey
+from ferry.errors import UsageError
 from ferry.wire import records as rec
 from ferry.wire.sender import build_trailer
 from outside.spool import Spool, SpoolItem, now_us
@@ -33,6 +51,9 @@ MAX_PIECE = 128 * 1024
 # Pieces spooled per step at most (a long backlog drains over several steps).
 MAX_PIECES_PER_STEP = 64
 STATE_FILE = "audit-mirror.json"
+RESEND_FILE = "audit-mirror-resend.json"
+MAX_RESEND_BYTES = 4096
+FIRST_PIECE = f"{segment_name(1)}@0"
 
 _log = log.get("outside.mirror")
 
@@ -58,6 +79,50 @@ def _cut_notes(data: bytes) -> int:
     return 0
 
 
+def _write_json(path: Path, doc: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def parse_piece(name: str) -> tuple[str, int]:
+    """``"audit-000003.jsonl@40960"`` as (file, offset); UsageError if it is not one."""
+    m = PIECE_NAME.fullmatch(name)
+    if m is None:
+        raise UsageError(
+            f"not a place in the audit log: {name[:80]!r} (expected FILE@OFFSET, e.g. "
+            f"{FIRST_PIECE} or checkpoints.log@0)"
+        )
+    return m.group(1), int(m.group(2))
+
+
+def request_resend(state_dir: Path, start: str | None = None) -> dict[str, Any]:
+    """Ask the outside agent to ship its audit log again from ``start`` (FILE@OFFSET; the
+    first segment's start by default); returns the request. A request already waiting is
+    replaced."""
+    start = FIRST_PIECE if start is None else start
+    parse_piece(start)
+    doc = {
+        "version": 1,
+        "from": start,
+        "requested_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    _write_json(state_dir / RESEND_FILE, doc)
+    return doc
+
+
+def pending_resend(state_dir: Path) -> dict[str, Any] | None:
+    """The request waiting for the agent, if any (as written; not checked)."""
+    try:
+        doc = json.loads((state_dir / RESEND_FILE).read_bytes()[:MAX_RESEND_BYTES])
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 class AuditShipper:
     def __init__(
         self,
@@ -70,7 +135,10 @@ class AuditShipper:
         copies: int = 2,
         spread: float = 30.0,
         max_piece: int = MAX_PIECE,
+        on_resend: Callable[[str, str | None], None] | None = None,
     ) -> None:
+        """``on_resend(start, error)``: a resend request was taken from ``start``, or
+        refused (``error``)."""
         self.max_piece = max(16 * 1024 + 64, max_piece)  # a whole record always fits
         self.audit_dir = audit_dir
         self.spool = spool
@@ -79,6 +147,8 @@ class AuditShipper:
         self.copies = copies
         self.spread_us = int(spread * 1e6)
         self._state_path = state_dir / STATE_FILE
+        self._resend_path = state_dir / RESEND_FILE
+        self._on_resend = on_resend
         self._next = 0.0
         self.shipped: dict[str, int] = self._load()
         self.pieces = 0
@@ -94,12 +164,43 @@ class AuditShipper:
         return {str(k): int(v) for k, v in raw.items() if isinstance(v, int) and v >= 0}
 
     def _save(self) -> None:
-        tmp = self._state_path.with_name(STATE_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.shipped, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
+        _write_json(self._state_path, self.shipped)
+
+    def _take_resend(self) -> None:
+        """Apply a resend request waiting in the state folder, then remove it."""
+        try:
+            with open(self._resend_path, "rb") as f:
+                raw = f.read(MAX_RESEND_BYTES + 1)
+        except FileNotFoundError:
+            return
+        start: str | None = None
+        try:
+            if len(raw) > MAX_RESEND_BYTES:
+                raise ValueError(f"larger than {MAX_RESEND_BYTES} bytes")
+            doc = json.loads(raw)
+            start = doc.get("from") if isinstance(doc, dict) else None
+            if not isinstance(start, str):
+                raise ValueError("no 'from' place")
+            file, offset = parse_piece(start)
+        except (ValueError, UsageError) as exc:
+            error = str(exc)[:200]
+            _log.error("mirror_resend_refused", path=str(self._resend_path), error=error)
+            self._resend_path.unlink(missing_ok=True)
+            if self._on_resend is not None:
+                self._on_resend(start[:80] if isinstance(start, str) else "", error)
+            return
+        number = segment_number(file)
+        for name in list(self.shipped):
+            later = number is not None and (segment_number(name) or 0) > number
+            if (name == CHECKPOINTS_FILE and file != CHECKPOINTS_FILE) or later:
+                self.shipped[name] = 0
+            elif name == file:
+                self.shipped[name] = min(self.shipped[name], offset)
+        self._save()
+        self._resend_path.unlink()
+        _log.warning("mirror_resend", start=start)
+        if self._on_resend is not None:
+            self._on_resend(start, None)
 
     def step(self, mono: float | None = None) -> list[SpoolItem]:
         """Spool what is new (at most every ``interval`` s); return the new items."""
@@ -107,6 +208,7 @@ class AuditShipper:
         if mono < self._next:
             return []
         self._next = mono + self.interval
+        self._take_resend()
         items: list[tuple[SpoolItem, bytes]] = []
         before = dict(self.shipped)
         first_seq = self.spool.next_seq(CHANNEL)  # (this thread alone numbers the channel)

@@ -48,8 +48,18 @@ MAX_REPORTED_PER_CODE = 10
 DEFAULT_TS_TOLERANCE = 1.0  # seconds a timestamp may go back before it is reported
 
 
+# A piece of a log as the audit mirror ships it (outside/mirror.py): "<file>@<byte offset>".
+PIECE_NAME = re.compile(r"(audit-[0-9]{6}\.jsonl|checkpoints\.log)@(0|[1-9][0-9]{0,14})")
+
+
 def segment_name(number: int) -> str:
     return f"audit-{number:06d}.jsonl"
+
+
+def segment_number(name: str) -> int | None:
+    """The number of a segment file's name, or None if it is not one."""
+    m = _SEGMENT.fullmatch(name)
+    return None if m is None else int(m.group(1))
 
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:

@@ -15,13 +15,14 @@ from ferry.audit.agent import AgentAudit
 from ferry.audit.log import AuditLog, AuditSettings
 from ferry.audit.merkle import Checkpoint, sign_checkpoint
 from ferry.audit.record import Subject, decode
-from ferry.audit.verify import iter_lines, list_segments, verify
+from ferry.audit.verify import CHECKPOINTS_FILE, iter_lines, list_segments, segment_name, verify
 from ferry.config_types import AuditParams
 from ferry.crypto.keys import SecretKey, write_secret_key
+from ferry.errors import UsageError
 from ferry.wire import records as rec
 from inside.gaps import Gap, SequenceGaps
 from inside.mirror import AuditMirror, MirrorRejected
-from outside.mirror import AuditShipper
+from outside.mirror import RESEND_FILE, AuditShipper, request_resend
 from outside.spool import Spool
 
 
@@ -208,3 +209,95 @@ def test_sequence_gaps_are_reported_once_after_the_grace() -> None:
     assert gaps.due(31.0) == [Gap("a", 8, 8)]
     assert gaps.due(99.0) == []
     assert gaps.due(100.0) == [Gap("slow", 1, 3)]
+
+
+def _shipper(tmp_path: Path, log: AuditLog, seen: list[tuple[str, str | None]]) -> AuditShipper:
+    state = tmp_path / "outside-state"
+    state.mkdir(exist_ok=True)
+    return AuditShipper(
+        log.directory, Spool(state), log._key, state, max_piece=20_000,
+        on_resend=lambda start, error: seen.append((start, error)),
+    )  # fmt: skip
+
+
+def _drain(shipper: AuditShipper, start: float) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    mono = start
+    while items := shipper.step(mono=mono):
+        out += [(i.name, i.data[: i.size]) for i in items if i.data is not None]
+        mono += 10
+    return out
+
+
+def test_a_resend_fills_a_gap_both_copies_of_a_piece_left(tmp_path: Path) -> None:
+    """Pieces of the second segment never arrive; the mirror stops there. A resend from
+    where the mirror ends ships that segment, the later ones and the checkpoints again, and
+    the mirror is whole and verified."""
+    log = _outside_log(tmp_path, 450, segment_bytes=64 * 1024)
+    seen: list[tuple[str, str | None]] = []
+    shipper = _shipper(tmp_path, log, seen)
+    first = _drain(shipper, 10.0)
+    second = segment_name(2)
+    lost = [p for p in first if p[0].startswith(second)][1:3]
+    assert lost
+    mirror, audit = _inside(tmp_path, log._key)
+    for name, content in first:
+        if (name, content) not in lost:
+            mirror.receive(name, content)
+    assert (tmp_path / "mirror" / second).stat().st_size < (log.directory / second).stat().st_size
+    at = f"{second}@{(tmp_path / 'mirror' / second).stat().st_size}"  # where the mirror ends
+    state = tmp_path / "outside-state"
+    assert request_resend(state, at)["from"] == at
+    again = _drain(shipper, 1000.0)
+    assert seen == [(at, None)]
+    assert not (state / RESEND_FILE).exists()
+    assert again[0][0] == at  # from exactly there, in order
+    assert not any(name.startswith(segment_name(1)) for name, _ in again)
+    assert any(name == f"{CHECKPOINTS_FILE}@0" for name, _ in again)
+    for name, content in again:
+        mirror.receive(name, content)
+    audit.close()
+    assert mirror.broken is None
+    for _, seg in list_segments(log.directory):
+        assert (tmp_path / "mirror" / seg.name).read_bytes() == seg.read_bytes()
+    assert verify(tmp_path / "mirror", log._key.public).verified
+    assert _drain(shipper, 5000.0) == []  # and then nothing more
+    log.close()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"{not json",
+        b"[]",
+        b'{"from": 7}',
+        b'{"from": "../../etc/passwd@0"}',
+        b'{"from": "audit-000001.jsonl@-5"}',
+        b'{"from": "audit-000001.jsonl@0", "pad": "' + b"x" * 5000 + b'"}',
+    ],
+)
+def test_a_bad_resend_request_is_refused_recorded_and_removed(
+    tmp_path: Path, request_bytes: bytes
+) -> None:
+    log = _outside_log(tmp_path, 60)
+    seen: list[tuple[str, str | None]] = []
+    shipper = _shipper(tmp_path, log, seen)
+    shipped = _drain(shipper, 10.0)
+    assert shipped
+    state = tmp_path / "outside-state"
+    (state / RESEND_FILE).write_bytes(request_bytes)
+    assert _drain(shipper, 1000.0) == []  # nothing shipped again
+    assert len(seen) == 1
+    assert seen[0][1]  # the reason
+    assert not (state / RESEND_FILE).exists()
+    log.append("intake.accepted", subject=Subject.component("test"), obj={"seq": 9}, durable=True)
+    assert _drain(shipper, 2000.0)  # and the shipper goes on
+    log.close()
+
+
+def test_a_resend_place_must_name_a_file_and_an_offset(tmp_path: Path) -> None:
+    for bad in ("audit-1.jsonl@0", "checkpoints.log", "audit-000001.jsonl@01", "x@0"):
+        with pytest.raises(UsageError, match="FILE@OFFSET"):
+            request_resend(tmp_path, bad)
+    assert not (tmp_path / RESEND_FILE).exists()
+    assert request_resend(tmp_path)["from"] == f"{segment_name(1)}@0"  # the whole log
