@@ -124,7 +124,12 @@ def confine() -> str:
     code = program(table)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _Prog(len(code) // 8, ctypes.addressof(buf))
-    if libc.syscall(table["seccomp"], _SET_MODE_FILTER, _FLAG_TSYNC, ctypes.byref(prog)) != 0:
+    args = (
+        ctypes.c_long(table["seccomp"]),
+        ctypes.c_long(_SET_MODE_FILTER),
+        ctypes.c_long(_FLAG_TSYNC),
+    )
+    if libc.syscall(*args, ctypes.byref(prog)) != 0:  # (longs: syscall(2) is variadic)
         err = ctypes.get_errno()
         return f"none: seccomp refused ({errno.errorcode.get(err, err)})"
     return "filter"

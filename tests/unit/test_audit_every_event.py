@@ -62,8 +62,10 @@ SCRIPT: list[tuple[str, Subject, Result, str | None, AuditObject | None, dict[st
      "the previous run did not stop cleanly", None, {"pid": 4241}),
     ("key.generated", Subject.user("root"), "success", None, KEY_OBJ, {"role": "audit"}),
     ("key.imported", Subject.user("root"), "success", None, KEY_OBJ, {"role": "inside-kem"}),
-    ("key.activated", Subject.user("root"), "success", None, KEY_OBJ, None),
-    ("key.retired", Subject.user("root"), "success", None, KEY_OBJ, None),
+    ("key.activated", Subject.component("inside-agent"), "info", None, KEY_OBJ,
+     {"role": "outside-signing", "alg": "ed25519", "current": False}),
+    ("key.retired", Subject.component("inside-agent"), "info", None, KEY_OBJ,
+     {"role": "inside-kem", "alg": "mlkem768x25519"}),
     ("key.revoked", Subject.user("root"), "success", "compromised laptop", KEY_OBJ, None),
     ("key.destroyed", Subject.user("root"), "success", None, KEY_OBJ, None),
     ("api.connected", CLIENT, "success", None, None, None),
@@ -116,6 +118,8 @@ SCRIPT: list[tuple[str, Subject, Result, str | None, AuditObject | None, dict[st
     ("audit.witness_inconsistent", Subject.component("audit-mirror"), "failure",
      "WITNESS_INCONSISTENT: checkpoint 41 is not signed by the outside key",
      AuditObject(kind="checkpoint"), None),
+    ("audit.resend", Subject.component("audit-mirror"), "success", None,
+     AuditObject(kind="segment", name="audit-000003.jsonl@40960"), None),
     ("agent.stopped", Subject.component("outside-agent"), "success", None, None, None),
 ]  # fmt: skip
 

@@ -141,7 +141,7 @@ def attempt(name, fn):
         out[name] = errno.errorcode.get(e.errno, str(e.errno))
 
 def raw(nr, *args):
-    if libc.syscall(nr, *args) == -1:
+    if libc.syscall(*(ctypes.c_long(a) for a in (nr, *args))) == -1:
         raise OSError(ctypes.get_errno(), "refused")
 
 attempt("socket", socket.socket)
