@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cli_helpers import Agent, ferry, init
 from test_audit_agents import records, wait_for
-from test_recheck_inside import png, stage, text_chunk
+from test_recheck_inside import close_agent, png, stage, text_chunk
 
 from ferry.config import load_inside_config
 from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key, write_secret_key
@@ -56,12 +56,7 @@ def quarantine(tmp_path: Path, *files: tuple[str, bytes]) -> tuple[dict[str, Any
             agent._deliver_file(oid, length)
             ids.append(oid.hex())
     finally:
-        if agent.consumers is not None:  # frees its port for the agent some tests start
-            agent.consumers.close()
-        if agent.outbox is not None:
-            agent.outbox.close()
-        agent.audit.close()
-        agent.ledger.close()
+        close_agent(agent)
     return dep, ids
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from cli_helpers import init
 from test_audit_agents import records
-from test_recheck_inside import png, stage
+from test_recheck_inside import close_agent, png, stage
 
 from ferry.config import load_inside_config
 from ferry.crypto.keys import SecretKey, write_public_key, write_secret_key
@@ -42,12 +42,7 @@ def _deliver(config: Path, signed_by: list[tuple[str, str]], first_seq: int) -> 
             oid, length = stage(agent, key, name, png(), seq)
             agent._deliver_file(oid, length)
     finally:
-        if agent.consumers is not None:
-            agent.consumers.close()
-        if agent.outbox is not None:
-            agent.outbox.close()
-        agent.audit.close()
-        agent.ledger.close()
+        close_agent(agent)
     return agent
 
 

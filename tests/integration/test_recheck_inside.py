@@ -92,6 +92,17 @@ def stage(
     return oid, len(stream)
 
 
+def close_agent(agent: InsideAgent) -> None:
+    """Close what an InsideAgent that never ran holds (its consumer socket frees its port
+    for an agent a test starts later)."""
+    if agent.consumers is not None:
+        agent.consumers.close()
+    if agent.outbox is not None:
+        agent.outbox.close()
+    agent.audit.close()
+    agent.ledger.close()
+
+
 def test_a_disagreement_quarantines_inside_and_delivery_goes_on(tmp_path: Path) -> None:
     dep = init(tmp_path / "d")
     cfg = load_inside_config(Path(dep["inside"]["config"]))
