@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_quarantine(ssub)  # ferry outside|inside quarantine list|show|release
         if side == "outside":
             from outside.mirror_cli import add_parser as add_mirror_parser  # noqa: PLC0415
-
-            add_mirror_parser(ssub)  # ferry outside mirror status|resend
+        else:
+            from inside.mirror_cli import add_parser as add_mirror_parser  # noqa: PLC0415
+        add_mirror_parser(ssub)  # ferry outside mirror status|resend, ferry inside mirror status
 
     sd = sub.add_parser("send", help="submit a JSON message or upload a file through the outer API")
     sd.add_argument(

@@ -39,6 +39,21 @@ SUBJECT = Subject.component("audit-mirror")
 READ_CHUNK = 1024 * 1024
 
 
+def segment_complete(directory: Path, number: int) -> bool:
+    """True once the mirror holds segment ``number`` whole: the next segment's opening
+    record names this one's exact size."""
+    try:
+        with open(directory / segment_name(number + 1), "rb") as f:
+            first = f.readline(64 * 1024)
+        if not first.endswith(b"\n"):
+            return False
+        previous = decode(first[:-1]).get("detail", {}).get("previous") or {}
+        size = (directory / segment_name(number)).stat().st_size
+    except (OSError, ValueError, AuditError):
+        return False
+    return previous.get("segment") == segment_name(number) and previous.get("bytes") == size
+
+
 class MirrorRejected(Exception):
     """A piece that cannot be placed (bad name, or contradicting the mirror)."""
 
@@ -211,17 +226,7 @@ class AuditMirror:
         return self._available
 
     def _segment_complete(self, number: int) -> bool:
-        """True once the next segment's opening record names this one's exact size."""
-        try:
-            with open(self.dir / segment_name(number + 1), "rb") as f:
-                first = f.readline(64 * 1024)
-            if not first.endswith(b"\n"):
-                return False
-            previous = decode(first[:-1]).get("detail", {}).get("previous") or {}
-            size = (self.dir / segment_name(number)).stat().st_size
-        except (OSError, ValueError, AuditError):
-            return False
-        return previous.get("segment") == segment_name(number) and previous.get("bytes") == size
+        return segment_complete(self.dir, number)
 
     def _advance_to(self, size: int) -> None:
         """Feed mirrored records into the tree until it holds ``size`` of them (reading only

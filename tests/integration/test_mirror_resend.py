@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cli_helpers import Agent, ferry, init
 from test_audit_agents import records, wait_for
 
@@ -56,3 +57,37 @@ def test_resend_from_the_command_line_reaches_the_running_agent(tmp_path: Path) 
     text = _mirror(dep, "status").stdout
     assert "audit-000001.jsonl" in text
     assert "checkpoints.log" in text
+
+
+def test_inside_mirror_status_says_where_to_resend_from(tmp_path: Path) -> None:
+    dep = init(tmp_path / "d")
+    inside = dep["inside"]["config"]
+
+    def status() -> Any:
+        return json.loads(ferry("inside", "mirror", "status", "-c", inside, "--json").stdout)
+
+    assert status()["resend_from"] == "audit-000001.jsonl@0"  # nothing mirrored yet
+    mirror = Path(status()["mirror_dir"])
+    mirror.mkdir(parents=True, exist_ok=True)
+    (mirror / "audit-000001.jsonl").write_bytes(b"x" * 299 + b"\n")
+    (mirror / "checkpoints.log").write_bytes(b"z" * 10)
+    assert status()["resend_from"] == "audit-000001.jsonl@300"  # where the copy ends
+    # a second segment whose opening record does not name the first one's size: the first
+    # is not known to be whole, so the resend starts where it ends
+    # (tests/unit/test_audit_mirror.py follows real segments past a gap)
+    (mirror / "audit-000002.jsonl").write_bytes(b'{"not": "an opening record"}\n')
+    out = status()
+    assert out["resend_from"] == "audit-000001.jsonl@300"
+    assert [(f["file"], f["size"]) for f in out["files"]] == [
+        ("audit-000001.jsonl", 300), ("audit-000002.jsonl", 29), ("checkpoints.log", 10),
+    ]  # fmt: skip
+    text = ferry("inside", "mirror", "status", "-c", inside).stdout
+    assert "ferry outside mirror resend -c outside.yaml --from audit-000001.jsonl@300" in text
+    # an inside without a mirror says so
+    doc = yaml.safe_load(Path(inside).read_text())
+    doc["audit"].pop("mirror_dir", None)
+    doc["audit"].pop("peer_public_key", None)
+    Path(inside).write_text(yaml.safe_dump(doc))
+    refused = ferry("inside", "mirror", "status", "-c", inside, check=False)
+    assert refused.returncode == UsageError.exit_code
+    assert "keeps no mirror" in refused.stderr

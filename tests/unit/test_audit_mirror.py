@@ -22,6 +22,7 @@ from ferry.errors import UsageError
 from ferry.wire import records as rec
 from inside.gaps import Gap, SequenceGaps
 from inside.mirror import AuditMirror, MirrorRejected
+from inside.mirror_cli import status as mirror_status
 from outside.mirror import RESEND_FILE, AuditShipper, request_resend
 from outside.spool import Spool
 
@@ -245,7 +246,8 @@ def test_a_resend_fills_a_gap_both_copies_of_a_piece_left(tmp_path: Path) -> Non
         if (name, content) not in lost:
             mirror.receive(name, content)
     assert (tmp_path / "mirror" / second).stat().st_size < (log.directory / second).stat().st_size
-    at = f"{second}@{(tmp_path / 'mirror' / second).stat().st_size}"  # where the mirror ends
+    at = mirror_status(tmp_path / "mirror")["resend_from"]  # where the mirror ends
+    assert at == f"{second}@{(tmp_path / 'mirror' / second).stat().st_size}"
     state = tmp_path / "outside-state"
     assert request_resend(state, at)["from"] == at
     again = _drain(shipper, 1000.0)
