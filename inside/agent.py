@@ -597,16 +597,11 @@ class InsideAgent:
             path=None if path is None else str(path),
         )
 
-    def _signer(self, m: rec.Manifest) -> Subject:
-        """The peer that signed ``m``: the current outside key, or a previous one during a
-        key rotation."""
-        return Subject("peer", m.sender.hex())
-
     def _record_received(self, m: rec.Manifest) -> None:
         self.gaps.seen(m.channel, m.seq)
         self.audit.record(
             "transfer.received",
-            subject=self._signer(m),
+            subject=Subject("peer", m.sender.hex()),  # the key that signed it (rotation)
             obj=self._item_object(m, None),
             corr=m.object_id.hex(),
         )

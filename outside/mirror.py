@@ -117,7 +117,8 @@ def request_resend(state_dir: Path, start: str | None = None) -> dict[str, Any]:
 def pending_resend(state_dir: Path) -> dict[str, Any] | None:
     """The request waiting for the agent, if any (as written; not checked)."""
     try:
-        doc = json.loads((state_dir / RESEND_FILE).read_bytes()[:MAX_RESEND_BYTES])
+        with open(state_dir / RESEND_FILE, "rb") as f:
+            doc = json.loads(f.read(MAX_RESEND_BYTES))
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None

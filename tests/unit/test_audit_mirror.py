@@ -23,7 +23,7 @@ from ferry.wire import records as rec
 from inside.gaps import Gap, SequenceGaps
 from inside.mirror import AuditMirror, MirrorRejected
 from inside.mirror_cli import status as mirror_status
-from outside.mirror import RESEND_FILE, AuditShipper, request_resend
+from outside.mirror import RESEND_FILE, AuditShipper, pending_resend, request_resend
 from outside.spool import Spool
 
 
@@ -303,3 +303,12 @@ def test_a_resend_place_must_name_a_file_and_an_offset(tmp_path: Path) -> None:
             request_resend(tmp_path, bad)
     assert not (tmp_path / RESEND_FILE).exists()
     assert request_resend(tmp_path)["from"] == f"{segment_name(1)}@0"  # the whole log
+
+
+def test_a_waiting_request_is_read_only_so_far(tmp_path: Path) -> None:
+    """(``ferry outside mirror status`` shows a waiting request; a huge or broken file in
+    its place is read up to the bound and shown as none.)"""
+    request_resend(tmp_path, "checkpoints.log@0")
+    assert pending_resend(tmp_path)["from"] == "checkpoints.log@0"  # type: ignore[index]
+    (tmp_path / RESEND_FILE).write_bytes(b'{"from": "' + b"x" * (8 * 1024 * 1024) + b'"}')
+    assert pending_resend(tmp_path) is None
