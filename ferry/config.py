@@ -46,6 +46,7 @@ from ferry.config_types import (
     LinkParams,
     OutsideChannel,
     OutsideConfig,
+    PreviousServerKey,
     Repeat,
     SerialEndpoint,
     UdpEndpoint,
@@ -515,7 +516,47 @@ def _api(doc: _Doc) -> ApiParams | None:
         if key in raw:
             kw[key] = _size(doc, ("api", key), raw[key])
     _check_message_limit(doc, ("api", "max_message_size"), "api", kw)
+    kw["previous_server_keys"] = _previous_server_keys(
+        doc, "api", kw["server_key"], {"endpoint": kw["endpoint"]}
+    )
     return ApiParams(**kw)
+
+
+def _previous_server_keys(
+    doc: _Doc, section: str, current: Path, endpoints: dict[str, str | None]
+) -> tuple[PreviousServerKey, ...]:
+    """``<section>.previous_server_keys``: each an earlier key file (not the current one, not
+    twice) on endpoints of its own, of a kind the section serves (``endpoints``: kind ->
+    the current endpoint, None if the section has none of that kind)."""
+    out: list[PreviousServerKey] = []
+    keys = {current}
+    taken = {e for e in endpoints.values() if e is not None}
+    for i, raw in enumerate(doc.data[section].get("previous_server_keys", ())):
+        where: KeyPath = (section, "previous_server_keys", i)
+        key = doc.path(raw["key"])
+        if key in keys:
+            what = "the current server_key" if key == current else "an earlier entry"
+            raise doc.error((*where, "key"), f"{dotted(where)}.key: the same file as {what}")
+        keys.add(key)
+        for kind, current_endpoint in endpoints.items():
+            endpoint = raw.get(kind)
+            if endpoint is None:
+                continue
+            if current_endpoint is None:
+                raise doc.error(
+                    (*where, kind), f"{dotted(where)}.{kind}: {section} has no {kind} of its own"
+                )
+            if endpoint in taken:
+                raise doc.error(
+                    (*where, kind),
+                    f"{dotted(where)}.{kind}: {endpoint} is already in use; an earlier key "
+                    "keeps the endpoint its clients know, the current key gets a new one",
+                )
+            taken.add(endpoint)
+        if not any(raw.get(kind) for kind in endpoints):
+            raise doc.error(where, f"{dotted(where)}: needs {' or '.join(map(repr, endpoints))}")
+        out.append(PreviousServerKey(key, raw.get("endpoint"), raw.get("publish")))
+    return tuple(out)
 
 
 def _check_message_limit(doc: _Doc, path: KeyPath, where: str, kw: dict[str, Any]) -> None:
@@ -648,6 +689,12 @@ def _consumers(doc: _Doc, channels: tuple[InsideChannel, ...]) -> ConsumerParams
     }
     if "redeliver_after" in raw:
         kw["redeliver_after"] = float(raw["redeliver_after"])
+    kw["previous_server_keys"] = _previous_server_keys(
+        doc,
+        "consumers",
+        kw["server_key"],
+        {"endpoint": kw["endpoint"], "publish": kw["publish"]},
+    )
     return ConsumerParams(**kw)
 
 

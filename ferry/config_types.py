@@ -144,6 +144,17 @@ class ApiClient:
 
 
 @dataclass(frozen=True)
+class PreviousServerKey:
+    """An earlier CURVE server key, still served during a key rotation on endpoints of its
+    own: the ones its clients know it by (docs/OPERATIONS.md, "Rotating the CURVE server keys")."""
+
+    key: Path
+    endpoint: str | None = None
+    publish: str | None = None
+    """(Inner consumers only) the PUB endpoint for this key."""
+
+
+@dataclass(frozen=True)
 class ApiParams:
     """The outer API: a ZeroMQ ROUTER with CURVE, allow-listed clients."""
 
@@ -160,6 +171,7 @@ class ApiParams:
     """Queued items beyond which submissions get BUSY (backpressure)."""
     busy_bytes: int = 16 * 1024**3
     """Queued bytes beyond which submissions get BUSY."""
+    previous_server_keys: tuple[PreviousServerKey, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,7 @@ class ConsumerParams:
     """Folder of ``<name>.yaml`` consumer files (same format as API clients)."""
     redeliver_after: float = 5.0
     """Seconds before an unacknowledged message is offered again."""
+    previous_server_keys: tuple[PreviousServerKey, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -238,6 +238,9 @@ api:
   # Queued items (or bytes) beyond which submissions get BUSY and folders pause.
   busy_items: {api.busy_items}
   busy_bytes: {_size(api.busy_bytes)}
+  # Replacing the server key: the old key stays on its endpoint for a while, the new one
+  # gets a new endpoint (docs/OPERATIONS.md, "Rotating the CURVE server keys"):
+  # previous_server_keys: [{{key: <the old key file>, endpoint: <its old endpoint>}}]
 """
 
 
@@ -367,6 +370,8 @@ consumers:
   clients: "consumer-clients"
   # Seconds before an unacknowledged message is offered again.
   redeliver_after: {ConsumerParams().redeliver_after}
+  # Replacing the server key (docs/OPERATIONS.md, "Rotating the CURVE server keys"):
+  # previous_server_keys: [{{key: <the old key file>, endpoint: <its old endpoint>}}]
 """
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,13 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import monitor, z85
 
 from ferry import log
+from ferry.audit.record import format_ts
 from ferry.config_types import ApiClient
 from ferry.crypto.keys import PublicKey, SecretKey
 from ferry.errors import ConfigError, FerryError, SelfTestError
 
 MAX_CLIENT_FILES = 10_000
+MAX_PREVIOUS_KEYS = 3  # as the config schemas allow
 RELOAD_INTERVAL = 1.0
 
 _log = log.get("zmqsec")
@@ -72,6 +74,9 @@ class Allowlist:
         self.errors: dict[str, str] = {}
         #: Called (on the authenticator thread) with the z85 key of a refused handshake.
         self.on_refused: Callable[[str], None] | None = None
+        #: Called (on the authenticator thread) with the ZAP domain and the client of an
+        #: allowed handshake.
+        self.on_allowed: Callable[[str, ApiClient], None] | None = None
         self.reload()
 
     def _scan(self) -> tuple[tuple[str, int, int], ...]:
@@ -145,6 +150,8 @@ class Allowlist:
             _log.warning("handshake_refused", domain=domain, key=z85)
             if self.on_refused is not None:
                 self.on_refused(z85)
+        elif self.on_allowed is not None:
+            self.on_allowed(domain, client)
         return client is not None
 
     def __len__(self) -> int:
@@ -153,13 +160,119 @@ class Allowlist:
 
 
 def start_authenticator(
-    ctx: zmq.Context[Any], domain: str, allow: Allowlist
+    ctx: zmq.Context[Any], domains: Sequence[str], allow: Allowlist
 ) -> ThreadAuthenticator:
-    """Start the ZAP handler for ``domain`` on ``ctx`` (before any socket binds)."""
+    """Start the ZAP handler for ``domains`` on ``ctx`` (before any socket binds); a
+    handshake in any other domain is refused."""
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve_callback(domain, credentials_provider=allow)
+    for domain in domains:
+        auth.configure_curve_callback(domain, credentials_provider=allow)
     return auth
+
+
+@dataclass
+class ServedKey:
+    """A CURVE server key, the ZAP domain of its endpoints and who came in with it."""
+
+    key: SecretKey
+    domain: str
+    current: bool
+    endpoints: dict[str, str] = field(default_factory=dict)
+    """Socket kind (``api``, ``consumers``, ``publish``) -> the endpoint bound."""
+    clients: dict[str, float] = field(default_factory=dict)
+    """Client name -> time of its last handshake (Unix seconds)."""
+
+
+class ServerKeys:
+    """The current CURVE server key and, during a rotation, earlier ones (at most
+    MAX_PREVIOUS_KEYS), each served on endpoints of its own.
+
+    libzmq copies a socket's options into each listener when it binds, so one socket bound
+    once per key answers each endpoint with that endpoint's key. Each key gets its own ZAP
+    domain (``<domain>`` for the current one, ``<domain>/previous-N`` for earlier ones): the
+    authenticator sees which key a client came in with, and operators can tell when no
+    client uses an earlier key any more (docs/OPERATIONS.md).
+    """
+
+    def __init__(self, domain: str, current: SecretKey, previous: Sequence[SecretKey]) -> None:
+        if len(previous) > MAX_PREVIOUS_KEYS:
+            raise ConfigError(f"at most {MAX_PREVIOUS_KEYS} previous server keys")
+        self.served = [ServedKey(current, domain, True)] + [
+            ServedKey(key, f"{domain}/previous-{i}", False) for i, key in enumerate(previous, 1)
+        ]
+        ids = {s.key.public.key_id for s in self.served}
+        if len(ids) != len(self.served):
+            raise ConfigError("a previous server key is the current key, or is given twice")
+        self._by_domain = {s.domain: s for s in self.served}
+        self._lock = threading.Lock()
+        #: Called on the authenticator thread for each allowed handshake: (key, client, first
+        #: time this run).
+        self.on_handshake: Callable[[ServedKey, ApiClient, bool], None] | None = None
+
+    @property
+    def domains(self) -> list[str]:
+        return [s.domain for s in self.served]
+
+    @property
+    def current(self) -> ServedKey:
+        return self.served[0]
+
+    def in_use(self, role: str) -> list[tuple[str, PublicKey, bool]]:
+        """(role, public key, current) of each key, for the audit's key.activated/retired."""
+        return [(role, s.key.public, s.current) for s in self.served]
+
+    def bind(self, sock: zmq.Socket[Any], kind: str, endpoints: Sequence[str | None]) -> None:
+        """Bind ``sock`` at ``endpoints[i]`` with key ``i`` (None: key ``i`` is not served on
+        this socket). The socket's options are left at the current key."""
+        for served, endpoint in reversed(list(zip(self.served, endpoints, strict=True))):
+            if endpoint is not None:
+                _set_key(sock, served.key, served.domain)
+                sock.bind(endpoint)
+                served.endpoints[kind] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        _set_key(sock, self.current.key, self.current.domain)
+
+    def handshake(self, domain: str, client: ApiClient) -> None:
+        """Note an allowed handshake (the Allowlist's ``on_allowed``)."""
+        served = self._by_domain.get(domain)
+        if served is None:
+            return
+        with self._lock:
+            first = client.name not in served.clients
+            if first and len(served.clients) >= MAX_CLIENT_FILES:
+                served.clients.pop(next(iter(served.clients)))
+            served.clients[client.name] = time.time()
+        if self.on_handshake is not None:
+            self.on_handshake(served, client, first)
+
+    def check_rejects_strangers(self) -> None:
+        """The start-up self-test (:func:`check_rejects_strangers`) on every endpoint."""
+        for served in self.served:
+            for kind, endpoint in served.endpoints.items():
+                if kind != "publish":  # (a PUB socket says nothing back to test with)
+                    check_rejects_strangers(endpoint, served.key.public)
+
+    def status(self) -> list[dict[str, object]]:
+        """The earlier keys still served, their endpoints, and who used each since start."""
+        with self._lock:
+            return [
+                {
+                    "key_id": s.key.public.key_id.hex(),
+                    "public_key": s.key.public.to_string(),
+                    "endpoints": dict(s.endpoints),
+                    "clients": {
+                        name: format_ts(int(t * 1e6)) for name, t in sorted(s.clients.items())
+                    },
+                }
+                for s in self.served
+                if not s.current
+            ]
+
+
+def _set_key(sock: zmq.Socket[Any], secret: SecretKey, domain: str) -> None:
+    sock.curve_secretkey = z85_secret(secret)
+    sock.curve_publickey = z85_public(secret.public)
+    sock.zap_domain = domain.encode()
 
 
 def curve_server(
@@ -173,10 +286,8 @@ def curve_server(
 ) -> zmq.Socket[Any]:
     """A socket that only accepts CURVE clients the ``domain`` ZAP handler allows."""
     sock: zmq.Socket[Any] = ctx.socket(kind)
-    sock.curve_secretkey = z85_secret(secret)
-    sock.curve_publickey = z85_public(secret.public)
+    _set_key(sock, secret, domain)
     sock.curve_server = True
-    sock.zap_domain = domain.encode()
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -169,10 +169,6 @@ class InsideAgent:
             self.ledger.prune, cfg.retention_days * 86400, "ledger_pruned", _log
         )
         self.audit = AgentAudit(cfg.audit, "inside", cfg.state_dir, cfg.source)
-        self.audit.keys_in_use(
-            [("inside-kem", k.public, i == 0) for i, k in enumerate(self.kem_keys)]
-            + [("outside-signing", k, i == 0) for i, k in enumerate(self.sender_keys)]
-        )
         # `ferry inside quarantine release` lines, into the audit log (the CLI cannot write it)
         self.releases = ReleaseAuditor.for_agent(
             self.audit, cfg.state_dir, cfg.source, on_delivered=self._released
@@ -209,6 +205,11 @@ class InsideAgent:
         if cfg.consumers.endpoint or cfg.consumers.publish:
             self.outbox = Outbox(self.ledger)
             self.consumers = ConsumerServer(cfg.consumers, self.outbox, stop)
+        self.audit.keys_in_use(
+            [("inside-kem", k.public, i == 0) for i, k in enumerate(self.kem_keys)]
+            + [("outside-signing", k, i == 0) for i, k in enumerate(self.sender_keys)]
+            + ([] if self.consumers is None else self.consumers.keys.in_use("consumer-server"))
+        )
         self._fds: dict[bytes, int] = {}
         self._mem: dict[bytes, bytes] = {}
         # Two delivery threads: big files (hashed and fsynced from the spool) must not hold
@@ -890,6 +891,9 @@ class InsideAgent:
                             "framing_errors": channel.stats.framing_errors,
                             "overflow_drops": channel.stats.overflow_drops,
                             "heartbeats_missed": monitor.heartbeats_missed,
+                            "consumer_previous_server_keys": (
+                                [] if self.consumers is None else self.consumers.keys.status()
+                            ),
                         },
                     )
         finally:

@@ -28,10 +28,10 @@ import msgpack
 import zmq
 
 from ferry import log
-from ferry.config_types import ConsumerParams
+from ferry.config_types import ApiClient, ConsumerParams
 from ferry.crypto.keys import load_secret_key
 from ferry.state import PRUNE_BATCH, Retention, transaction
-from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
+from ferry.zmqsec import Allowlist, ServedKey, ServerKeys, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
 from inside.ledger import Ledger
 
@@ -150,6 +150,18 @@ class Outbox:
         return int(row[0]), int(row[1])
 
 
+def _connected(served: ServedKey, client: ApiClient, first: bool) -> None:
+    """A consumer's handshake (authenticator thread): warned about the first time it comes
+    in with an earlier server key (``ferry inside status`` lists who still does)."""
+    if first and not served.current:
+        _log.warning(
+            "consumer_on_previous_server_key",
+            consumer=client.name,
+            server_key=served.key.public.key_id.hex(),
+            endpoints=served.endpoints,
+        )
+
+
 @dataclass
 class _Consumer:
     identity: bytes
@@ -170,8 +182,14 @@ class ConsumerServer:
         self.stop = stop
         self.allow = Allowlist(params.clients)
         self.server_key = load_secret_key(params.server_key, ("x25519",))
+        previous = params.previous_server_keys
+        self.keys = ServerKeys(
+            ZAP_DOMAIN, self.server_key, [load_secret_key(p.key, ("x25519",)) for p in previous]
+        )
+        self.keys.on_handshake = _connected
+        self.allow.on_allowed = self.keys.handshake
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.auth = start_authenticator(self.ctx, ZAP_DOMAIN, self.allow)
+        self.auth = start_authenticator(self.ctx, self.keys.domains, self.allow)
         self.router: zmq.Socket[Any] | None = None
         self.pub: zmq.Socket[Any] | None = None
         self.endpoint = self.pub_endpoint = ""
@@ -179,14 +197,16 @@ class ConsumerServer:
             self.router = curve_server(
                 self.ctx, zmq.ROUTER, self.server_key, ZAP_DOMAIN, max_message=MAX_BODY
             )
-            self.router.bind(params.endpoint)
-            self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.keys.bind(
+                self.router, "consumers", [params.endpoint, *(p.endpoint for p in previous)]
+            )
+            self.endpoint = self.keys.current.endpoints["consumers"]
         if params.publish:
             self.pub = curve_server(
                 self.ctx, zmq.PUB, self.server_key, ZAP_DOMAIN, max_message=MAX_BODY
             )
-            self.pub.bind(params.publish)
-            self.pub_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.keys.bind(self.pub, "publish", [params.publish, *(p.publish for p in previous)])
+            self.pub_endpoint = self.keys.current.endpoints["publish"]
         self._new: deque[OutboxItem] = deque()
         self._new_lock = threading.Lock()
         self._wake_r, self._wake_w = self.ctx.socket(zmq.PAIR), self.ctx.socket(zmq.PAIR)
@@ -206,8 +226,7 @@ class ConsumerServer:
         self._thread = threading.Thread(target=self._run, name="consumers", daemon=True)
 
     def start(self) -> None:
-        if self.endpoint:
-            check_rejects_strangers(self.endpoint, self.server_key.public)
+        self.keys.check_rejects_strangers()
         for item in self.outbox.pending():
             self._waiting[item.object_id] = item
         self._thread.start()
@@ -216,6 +235,7 @@ class ConsumerServer:
             endpoint=self.endpoint or None,
             publish=self.pub_endpoint or None,
             pending=len(self._waiting),
+            previous_server_keys=self.keys.status() or None,
         )
 
     def close(self) -> None:

@@ -115,9 +115,6 @@ class OutsideAgent:
             self.spool.prune, cfg.retention_days * 86400, "spool_pruned", _log
         )
         self.audit = AgentAudit(cfg.audit, "outside", cfg.state_dir, cfg.source)
-        self.audit.keys_in_use(
-            [("outside-signing", self.key.public, True), ("inside-kem", self.recipient, True)]
-        )
         self._incoming: queue.SimpleQueue[SpoolItem] = queue.SimpleQueue()
         self._wake = threading.Event()
         self.pipeline: ContentPipeline | None = None
@@ -145,10 +142,17 @@ class OutsideAgent:
                     audit=self.audit,
                     pipeline=self.pipeline,
                 )
+            self.audit.keys_in_use(
+                [("outside-signing", self.key.public, True), ("inside-kem", self.recipient, True)]
+                + ([] if self.api is None else self.api.keys.in_use("api-server"))
+            )
         except BaseException as exc:
             self.audit.try_record(
                 "agent.stopped", result="failure", reason=f"START_FAILED: {exc}"[:1024]
             )
+            api: ApiServer | None = getattr(self, "api", None)
+            if api is not None:
+                api.close()  # (its sockets and authenticator thread)
             if self.pipeline is not None:
                 self.pipeline.close()
             self.audit.close()
@@ -525,6 +529,9 @@ class OutsideAgent:
                             "api_accepted": 0 if self.api is None else self.api.accepted,
                             "api_rejected": 0 if self.api is None else self.api.rejected,
                             "api_busy": 0 if self.api is None else self.api.busy,
+                            "api_previous_server_keys": (
+                                [] if self.api is None else self.api.keys.status()
+                            ),
                             "uptime": mono - started,
                         },
                     )

@@ -33,7 +33,7 @@ from ferry.crypto.keys import SecretKey, load_secret_key
 from ferry.errors import FerryError, PolicyRejection
 from ferry.jsondoc import JsonLimits, SchemaRegistry
 from ferry.wire import records as rec
-from ferry.zmqsec import Allowlist, check_rejects_strangers, curve_server, start_authenticator
+from ferry.zmqsec import Allowlist, ServedKey, ServerKeys, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
 from outside.content.pipeline import ContentPipeline
 from outside.spool import (
@@ -173,28 +173,40 @@ class ApiServer:
         shutil.rmtree(self._content_dir, ignore_errors=True)
         for stale in self._upload_dir.glob("*.part"):
             stale.unlink()
+        self.keys = ServerKeys(
+            ZAP_DOMAIN,
+            self.server_key,
+            [load_secret_key(p.key, ("x25519",)) for p in self.params.previous_server_keys],
+        )
+        self.keys.on_handshake = self._connected
+        self.allow.on_allowed = self.keys.handshake
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.auth = start_authenticator(self.ctx, ZAP_DOMAIN, self.allow)
+        self.auth = start_authenticator(self.ctx, self.keys.domains, self.allow)
         overhead = 64 * 1024
         max_msg = max(self.params.max_message_size, self.params.chunk_size) + overhead
         self.sock = curve_server(
             self.ctx, zmq.ROUTER, self.server_key, ZAP_DOMAIN, max_message=max_msg
         )
-        self.sock.bind(self.params.endpoint)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.keys.bind(
+            self.sock,
+            "api",
+            [self.params.endpoint, *(p.endpoint for p in self.params.previous_server_keys)],
+        )
+        self.endpoint = self.keys.current.endpoints["api"]
         self.accepted = 0
         self.rejected = 0
         self.busy = 0
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
 
     def start(self) -> None:
-        check_rejects_strangers(self.endpoint, self.server_key.public)
+        self.keys.check_rejects_strangers()
         self._thread.start()
         _log.info(
             "api_listening",
             endpoint=self.endpoint,
             server_key=self.server_key.public.to_string(),
             clients=len(self.allow),
+            previous_server_keys=self.keys.status() or None,
         )
 
     def close(self) -> None:
@@ -512,6 +524,29 @@ class ApiServer:
     def _note(self, event: str, **kw: Any) -> None:
         if self.audit is not None:
             self.audit.try_record(event, **kw)
+
+    def _connected(self, served: ServedKey, client: ApiClient, first: bool) -> None:
+        """A client's handshake (on the authenticator thread): recorded now and then, and
+        warned about the first time it comes in with an earlier server key."""
+        key_id = served.key.public.key_id.hex()
+        if first and not served.current:
+            _log.warning(
+                "client_on_previous_server_key",
+                client=client.name,
+                server_key=key_id,
+                endpoint=served.endpoints.get("api"),
+            )
+        if self._first_in_a_while("api.connected", f"{client.name}\0{key_id}"):
+            self._note(
+                "api.connected",
+                subject=self._client_subject(client.name),
+                result="success",
+                detail={
+                    "server_key": key_id,
+                    "previous_key": not served.current,
+                    "endpoint": served.endpoints.get("api", "")[:1024],
+                },
+            )
 
     def _auth_failed(self, z85_key: str) -> None:
         if self._first_in_a_while("api.auth_failed", z85_key):

@@ -46,11 +46,17 @@ def _deliver(config: Path, signed_by: list[tuple[str, str]], first_seq: int) -> 
     return agent
 
 
-def _key_events(audit_dir: str) -> list[tuple[str, str, str, bool | None]]:
+LINK_ROLES = ("inside-kem", "outside-signing")
+
+
+def _key_events(
+    audit_dir: str, roles: tuple[str, ...] = LINK_ROLES
+) -> list[tuple[str, str, str, bool | None]]:
+    """Key events of the link keys (the consumer server key has its own test module)."""
     return [
         (r["event"], r["detail"]["role"], r["object"].get("key_id"), r["detail"].get("current"))
         for r in records(audit_dir)
-        if r["event"] in {"key.activated", "key.retired"}
+        if r["event"] in {"key.activated", "key.retired"} and r["detail"]["role"] in roles
     ]
 
 
@@ -121,6 +127,8 @@ def test_both_outside_keys_deliver_during_the_overlap_and_only_the_new_one_after
     # a fourth start with the same keys records no key event
     _deliver(config, [], 6)
     assert len(_key_events(audit_dir)) == 6
+    consumer_key = [e[:2] for e in _key_events(audit_dir, ("consumer-server",))]
+    assert consumer_key == [("key.activated", "consumer-server")]  # unchanged throughout
 
 
 @pytest.mark.parametrize(
@@ -180,4 +188,4 @@ def test_a_damaged_keys_in_use_file_is_started_over(
     assert events[2:4] == events[0:2]
     if retired:
         assert events[4][1:3] == ("outside-signing", None)
-    assert len(json.loads(state.read_text())) == 2  # rewritten whole
+    assert len(json.loads(state.read_text())) == 3  # rewritten whole (with the consumer key)

@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 
 from ferry import config
 from ferry.config import MAX_CONFIG_BYTES, load_config, load_inside_config, load_outside_config
-from ferry.config_types import InsideConfig, OutsideConfig
+from ferry.config_types import InsideConfig, OutsideConfig, PreviousServerKey
 from ferry.crypto.keys import SecretKey
 from ferry.errors import ConfigError
 from ferry.provision import init_deployment
@@ -551,3 +551,123 @@ def test_a_message_limit_above_16_mib_is_refused(tmp_path: Path, where: str) -> 
                 c["max_message_size"] = "16M"
     path.write_text(yaml.safe_dump(data_ok))
     assert load_outside_config(path).source == path  # the limit itself is allowed
+
+
+# --- CURVE server keys during a rotation -------------------------------------------------
+
+API = """\
+api:
+  endpoint: tcp://127.0.0.1:47100
+  server_key: keys/api-new.key
+  clients: api-clients
+  previous_server_keys:
+    - key: keys/api-old.key
+      endpoint: tcp://127.0.0.1:47101
+"""  # lines 26-32 after OUTSIDE
+
+CONSUMERS = """\
+consumers:
+  endpoint: tcp://127.0.0.1:47200
+  server_key: keys/c-new.key
+  clients: consumer-clients
+  previous_server_keys:
+    - key: keys/c-old.key
+      endpoint: tcp://127.0.0.1:47201
+"""  # lines 16-22 after INSIDE
+
+
+def test_previous_server_keys(tmp_path: Path) -> None:
+    api = load_outside_config(_write(tmp_path, OUTSIDE + API)).api
+    assert api is not None
+    assert api.previous_server_keys == (
+        PreviousServerKey(tmp_path / "keys/api-old.key", "tcp://127.0.0.1:47101"),
+    )
+    text = INSIDE + CONSUMERS.replace(
+        "  previous_server_keys:\n", "  publish: tcp://127.0.0.1:47300\n  previous_server_keys:\n"
+    )
+    text += "    - key: keys/c-older.key\n      publish: tcp://127.0.0.1:47301\n"
+    consumers = load_inside_config(_write(tmp_path, text, "inside.yaml")).consumers
+    assert consumers.previous_server_keys == (
+        PreviousServerKey(tmp_path / "keys/c-old.key", "tcp://127.0.0.1:47201"),
+        PreviousServerKey(tmp_path / "keys/c-older.key", None, "tcp://127.0.0.1:47301"),
+    )
+    assert load_outside_config(_write(tmp_path, OUTSIDE)).api is None
+
+
+ENTRY = "    - key: keys/api-old.key\n      endpoint: tcp://127.0.0.1:47101\n"
+SERVER_KEYS_BAD: list[tuple[str, str, Edit, int, tuple[str, ...]]] = [
+    (
+        "the current key again",
+        "outside",
+        _sub("- key: keys/api-old.key", "- key: keys/./api-new.key"),
+        31,
+        ("api.previous_server_keys[0].key", "same file as the current server_key"),
+    ),
+    (
+        "the current endpoint",
+        "outside",
+        _sub("endpoint: tcp://127.0.0.1:47101", "endpoint: tcp://127.0.0.1:47100"),
+        32,
+        ("api.previous_server_keys[0].endpoint", "already in use", "gets a new one"),
+    ),
+    (
+        "one endpoint for two earlier keys",
+        "outside",
+        lambda t: t + ENTRY.replace("api-old", "api-older"),
+        34,
+        ("api.previous_server_keys[1].endpoint", "already in use"),
+    ),
+    (
+        "one key file twice",
+        "outside",
+        lambda t: t + ENTRY.replace("47101", "47102"),
+        33,
+        ("api.previous_server_keys[1].key", "same file as an earlier entry"),
+    ),
+    (
+        "more than three",
+        "outside",
+        lambda t: t + "".join(ENTRY.replace("old", f"old{i}") for i in range(3)),
+        30,
+        ("api.previous_server_keys",),
+    ),
+    (
+        "no endpoint",
+        "outside",
+        _sub("      endpoint: tcp://127.0.0.1:47101\n", ""),
+        31,
+        ("'endpoint'",),
+    ),
+    (
+        "a publish endpoint where the consumers publish nothing",
+        "inside",
+        lambda t: t + "      publish: tcp://127.0.0.1:47202\n",
+        23,
+        ("consumers.previous_server_keys[0].publish", "consumers has no publish of its own"),
+    ),
+    (
+        "neither endpoint nor publish",
+        "inside",
+        _sub("      endpoint: tcp://127.0.0.1:47201\n", ""),
+        21,
+        ("consumers.previous_server_keys[0]: needs 'endpoint' or 'publish'",),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("side", "edit", "line", "needles"),
+    [c[1:] for c in SERVER_KEYS_BAD],
+    ids=[c[0] for c in SERVER_KEYS_BAD],
+)
+def test_bad_previous_server_keys(
+    tmp_path: Path, side: str, edit: Edit, line: int, needles: tuple[str, ...]
+) -> None:
+    if side == "outside":
+        path, load = _write(tmp_path, edit(OUTSIDE + API)), load_outside_config
+    else:
+        path, load = _write(tmp_path, edit(INSIDE + CONSUMERS), "inside.yaml"), load_inside_config
+    message = _error(load, path)
+    assert message.startswith(f"{path}:{line}: "), message
+    for needle in needles:
+        assert needle in message, (needle, message)
