@@ -8,7 +8,6 @@ Real agents from ``ferry init``, real ZeroMQ sockets with CURVE.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,14 @@ from ferry.client import ApiUnavailable, Client, Consumer
 from ferry.config_types import ApiClient
 from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key
 from ferry.errors import ConfigError
+from ferry.provision import free_tcp_port
 from ferry.zmqsec import ServerKeys, curve_client, curve_server
 
 pytestmark = pytest.mark.integration
 
 
 def _free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 
 def _new_key(keys: Path, role: str, name: str) -> dict[str, Any]:
@@ -42,16 +40,9 @@ def _new_key(keys: Path, role: str, name: str) -> dict[str, Any]:
 
 
 def _client_config(src: str, dst: Path, endpoint: str, server_pub: str) -> Path:
-    text = Path(src).read_text()
-    lines = [
-        f'endpoint: "{endpoint}"'
-        if line.startswith("endpoint:")
-        else f'server_public_key: "{server_pub}"'
-        if line.startswith("server_public_key:")
-        else line
-        for line in text.splitlines()
-    ]
-    dst.write_text("\n".join(lines) + "\n")
+    """A copy of the client config ``src`` that connects to ``endpoint`` with ``server_pub``."""
+    dst.write_text(Path(src).read_text())
+    edit_yaml(dst, lambda d: d.update(endpoint=endpoint, server_public_key=server_pub))
     return dst
 
 
