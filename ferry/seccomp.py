@@ -10,12 +10,16 @@ EPERM: creating sockets, running programs, creating processes (``clone`` without
 ``CLONE_THREAD``, ``fork``, ``vfork``; ``clone3`` fails with ENOSYS so that the C library falls
 back to ``clone`` for threads), signalling or tracing other processes, namespaces and mounts,
 kernel keyrings, BPF, io_uring, modules, changing ids or capabilities, clocks and reboot. A
-system call of another ABI (i386 through ``int 0x80``, x32) fails with EPERM too. Everything else
+system call of another ABI (i386 through ``int 0x80``, x32; 32-bit ARM on aarch64) fails with
+EPERM too. Everything else
 (files, memory, threads, the worker's pipes) works as before.
 
-Only x86-64 has a table here; elsewhere :func:`confine` installs nothing and says so, like a
-kernel without seccomp; the content pipeline then logs a warning (as for a worker that could
-not leave the network).
+Tables: x86-64, and the architectures on the kernel's generic system call table (asm-generic:
+aarch64 such as Kunpeng and Phytium servers, loongarch64, riscv64), which share one set of
+numbers. On an architecture with no table (ppc64le, s390x...) :func:`confine` installs nothing
+and says so, like a kernel without seccomp; the content pipeline then logs a warning (as for a
+worker that could not leave the network). The numbers are checked against libseccomp's own
+tables by tests/unit/test_seccomp.py.
 """
 
 from __future__ import annotations
@@ -75,7 +79,49 @@ _X86_64 = {
         "clock_adjtime": 305,
     },
 }  # fmt: skip
-TABLES: dict[str, dict[str, Any]] = {"x86_64": _X86_64}
+
+# The generic table (include/uapi/asm-generic/unistd.h) has no fork, vfork, mknod, iopl or
+# ioperm (the C library makes them from clone and mknodat), and no x32-like second ABI.
+_GENERIC_DENY = {
+    # processes and programs
+    "execve": 221, "execveat": 281,
+    # other processes
+    "kill": 129, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+    "kcmp": 272, "pidfd_open": 434, "pidfd_getfd": 438, "pidfd_send_signal": 424,
+    # the network
+    "socket": 198, "socketpair": 199,
+    # namespaces, mounts, file handles
+    "unshare": 97, "setns": 268, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+    "fspick": 433, "name_to_handle_at": 264, "open_by_handle_at": 265, "mknodat": 33,
+    # kernel interfaces an exploit reaches for
+    "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427, "keyctl": 219, "add_key": 217,
+    "request_key": 218, "personality": 92, "syslog": 116,
+    # ids and capabilities
+    "setuid": 146, "setgid": 144, "setreuid": 145, "setregid": 143, "setgroups": 159,
+    "setresuid": 147, "setresgid": 149, "capset": 91,
+    # the machine
+    "reboot": 142, "kexec_load": 104, "kexec_file_load": 294, "init_module": 105,
+    "finit_module": 273, "delete_module": 106, "swapon": 224, "swapoff": 225, "acct": 89,
+    "quotactl": 60, "sethostname": 161, "setdomainname": 162, "settimeofday": 170,
+    "clock_settime": 112, "adjtimex": 171, "clock_adjtime": 266,
+}  # fmt: skip
+
+
+def _generic(arch: int) -> dict[str, Any]:
+    return {"arch": arch, "x32_bit": None, "seccomp": 277, "clone": 220, "clone3": 435,
+            "deny": _GENERIC_DENY}  # fmt: skip
+
+
+# AUDIT_ARCH_* = EM_* | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE (all three little endian: the
+# low half of args[0] is at offset 16)
+TABLES: dict[str, dict[str, Any]] = {
+    "x86_64": _X86_64,
+    "aarch64": _generic(0xC00000B7),  # EM_AARCH64 183
+    "riscv64": _generic(0xC00000F3),  # EM_RISCV 243
+    "loongarch64": _generic(0xC0000102),  # EM_LOONGARCH 258
+}
 
 
 class _Prog(ctypes.Structure):
@@ -92,11 +138,16 @@ def program(table: dict[str, Any]) -> bytes:
     deny = sorted(set(table["deny"].values()))
     ops = [
         _op(_BPF_LD_W_ABS, _OFF_ARCH),
-        _op(_BPF_JMP_JEQ_K, table["arch"], jt=1),  # another ABI (i386): refused
+        _op(_BPF_JMP_JEQ_K, table["arch"], jt=1),  # another ABI (i386, 32-bit ARM): refused
         _op(_BPF_RET_K, eperm),
         _op(_BPF_LD_W_ABS, _OFF_NR),
-        _op(_BPF_JMP_JGE_K, table["x32_bit"], jf=1),  # x32 numbers: refused
-        _op(_BPF_RET_K, eperm),
+    ]
+    if table["x32_bit"] is not None:
+        ops += [
+            _op(_BPF_JMP_JGE_K, table["x32_bit"], jf=1),  # x32 numbers: refused
+            _op(_BPF_RET_K, eperm),
+        ]
+    ops += [
         _op(_BPF_JMP_JEQ_K, table["clone3"], jf=1),
         _op(_BPF_RET_K, _RET_ERRNO | errno.ENOSYS),
         _op(_BPF_JMP_JEQ_K, table["clone"], jf=4),
