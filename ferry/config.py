@@ -588,6 +588,31 @@ def _audit(doc: _Doc, side: str) -> AuditParams | None:
             raise doc.error(
                 ("audit",), "audit: mirror_dir and peer_public_key go together (both or neither)"
             )
+        earlier = raw.get("previous_peer_public_keys", ())
+        if earlier and "peer_public_key" not in raw:
+            raise doc.error(
+                ("audit", "previous_peer_public_keys"),
+                "audit.previous_peer_public_keys: needs audit.peer_public_key (the current key)",
+            )
+        seen = {kw.get("peer_public_key")}
+        peers: list[str] = []
+        for i, value in enumerate(earlier):
+            where: KeyPath = ("audit", "previous_peer_public_keys", i)
+            peer = _public_key(doc, where, value, ("ed25519",))
+            if peer in seen:
+                raise doc.error(where, f"{dotted(where)}: the same key as an earlier one")
+            seen.add(peer)
+            peers.append(peer)
+        kw["previous_peer_public_keys"] = tuple(peers)
+    previous: list[Path] = []
+    for i, value in enumerate(raw.get("previous_keys", ())):
+        where = ("audit", "previous_keys", i)
+        path = doc.path(value)
+        if path == kw["key"] or path in previous:
+            what = "audit.key" if path == kw["key"] else "an earlier entry"
+            raise doc.error(where, f"{dotted(where)}: the same file as {what}")
+        previous.append(path)
+    kw["previous_keys"] = tuple(previous)
     return AuditParams(**kw)
 
 

@@ -213,7 +213,8 @@ class AuditParams:
     key: Path
     """Secret Ed25519 audit key (role ``audit``); its ``.pub`` sits next to it."""
     origin: str | None = None
-    """Name of the log in its checkpoints (default: ``<host>/<side>/audit``)."""
+    """Name of the log in its checkpoints (default: the name an existing log has, else
+    ``ferry/<side>/<first 16 hex digits of the key id>``)."""
     checkpoint_every: int = 1000
     checkpoint_interval: float = 60.0
     mirror: bool = True
@@ -224,6 +225,12 @@ class AuditParams:
     """Inside: where the mirror of the outside's log is kept (None: no mirror)."""
     peer_public_key: str | None = None
     """Inside: the outside's audit public key (string or path) the mirror is checked with."""
+    previous_keys: tuple[Path, ...] = ()
+    """During an audit key rotation: earlier secret audit keys. Each also signs every
+    checkpoint (the handover verifiers follow), and the log resumes from one they signed."""
+    previous_peer_public_keys: tuple[str, ...] = ()
+    """Inside: earlier outside audit public keys the mirror's checkpoints may be signed by
+    (keep each while the mirror holds checkpoints it signed)."""
 
 
 @dataclass(frozen=True)

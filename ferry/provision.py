@@ -331,6 +331,8 @@ audit:
   # Folder of the log (created 0700); keep it for at least 6 months (GB/T 22239).
   dir: "audit"
   # Secret Ed25519 key that signs checkpoints; auditors verify with its .pub.
+  # To replace it: key names the new one, previous_keys: ["keys/audit.key"] the old one
+  # (docs/OPERATIONS.md, "Rotating the audit keys").
   key: "keys/audit.key"
   # Records between signed checkpoints (a checkpoint is also made every
   # checkpoint_interval seconds while records arrive).

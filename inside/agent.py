@@ -24,7 +24,7 @@ from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject
 from ferry.config_types import MAX_MESSAGE_SIZE, InsideConfig
 from ferry.content.scan import Scanner
-from ferry.crypto.keys import load_public_key, load_secret_key
+from ferry.crypto.keys import PublicKey, load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
 from ferry.jsondoc import SchemaRegistry
 from ferry.quarantine_release import ReleaseAuditor
@@ -194,11 +194,14 @@ class InsideAgent:
             self.scanner.self_test()  # YARA must see EICAR, or the agent refuses to run
         self.mirror: AuditMirror | None = None
         audit_cfg = cfg.audit
+        peer_audit_keys: list[PublicKey] = []
         if audit_cfg is not None and audit_cfg.mirror_dir and audit_cfg.peer_public_key:
+            peer_audit_keys = [
+                load_public_key(k, cfg.source.parent)
+                for k in (audit_cfg.peer_public_key, *audit_cfg.previous_peer_public_keys)
+            ]
             self.mirror = AuditMirror(
-                audit_cfg.mirror_dir,
-                load_public_key(audit_cfg.peer_public_key, cfg.source.parent),
-                self.audit,
+                audit_cfg.mirror_dir, peer_audit_keys[0], self.audit, peer_audit_keys[1:]
             )
         self.outbox: Outbox | None = None
         self.consumers: ConsumerServer | None = None
@@ -209,6 +212,8 @@ class InsideAgent:
             [("inside-kem", k.public, i == 0) for i, k in enumerate(self.kem_keys)]
             + [("outside-signing", k, i == 0) for i, k in enumerate(self.sender_keys)]
             + ([] if self.consumers is None else self.consumers.keys.in_use("consumer-server"))
+            + self.audit.own_keys()
+            + [("outside-audit", k, i == 0) for i, k in enumerate(peer_audit_keys)]
         )
         self._fds: dict[bytes, int] = {}
         self._mem: dict[bytes, bytes] = {}

@@ -20,6 +20,7 @@ auditor looks: ``ferry audit verify`` on the mirror names the first bad position
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +68,18 @@ class _Cursor:
 
 
 class AuditMirror:
-    def __init__(self, directory: Path, peer_key: PublicKey, audit: AgentAudit) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        peer_key: PublicKey,
+        audit: AgentAudit,
+        previous_peer_keys: Sequence[PublicKey] = (),
+    ) -> None:
         self.dir = directory
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.peer_key = peer_key
+        # the outside's audit key, then earlier ones (a rotation): a checkpoint signed by
+        # any of them is witnessed
+        self.peer_keys = (peer_key, *previous_peer_keys)
         self.audit = audit
         self._pending: dict[str, dict[int, bytes]] = {}
         self._pending_bytes = 0
@@ -175,7 +184,7 @@ class AuditMirror:
             cp = note.checkpoint
             if cp.size > self._records_available():
                 return  # its records have not all arrived yet: witness it later
-            problem = self._check(note.signature_status(self.peer_key), cp.origin, cp.size)
+            problem = self._check(note.signature_by_any(self.peer_keys), cp.origin, cp.size)
             if problem is None:
                 self._advance_to(cp.size)
                 if self._tree.root() != cp.root:

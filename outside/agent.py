@@ -145,6 +145,7 @@ class OutsideAgent:
             self.audit.keys_in_use(
                 [("outside-signing", self.key.public, True), ("inside-kem", self.recipient, True)]
                 + ([] if self.api is None else self.api.keys.in_use("api-server"))
+                + self.audit.own_keys()
             )
         except BaseException as exc:
             self.audit.try_record(

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ferry import __version__, log
 from ferry.audit.log import AuditLog, AuditSettings
+from ferry.audit.merkle import check_origin
 from ferry.audit.record import (
     AuditObject,
     AuditUnavailable,
@@ -37,6 +38,7 @@ from ferry.audit.record import (
     format_ts,
     item_batches,
 )
+from ferry.audit.verify import CHECKPOINTS_FILE
 from ferry.config_types import AuditParams
 from ferry.crypto.keys import PublicKey, SecretKey, load_secret_key
 from ferry.errors import ConfigError
@@ -58,13 +60,30 @@ def default_origin(side: str, key: SecretKey) -> str:
 def open_audit_log(params: AuditParams, side: str) -> AuditLog:
     """Open (or create, or resume) the audit log an agent config names."""
     key = load_secret_key(params.key, ("ed25519",))
+    previous = [load_secret_key(p, ("ed25519",)) for p in params.previous_keys]
     settings = AuditSettings(
-        origin=params.origin or default_origin(side, key),
+        origin=params.origin or existing_origin(params.dir) or default_origin(side, key),
         checkpoint_every=params.checkpoint_every,
         checkpoint_interval=params.checkpoint_interval,
         side=side,
     )
-    return AuditLog(params.dir, key, settings)
+    return AuditLog(params.dir, key, settings, previous_keys=previous)
+
+
+def existing_origin(directory: Path) -> str | None:
+    """The name an existing log gave itself (the first line of its ``checkpoints.log``), so
+    that a log whose origin comes from its first key keeps it after a key rotation."""
+    try:
+        with open(directory / CHECKPOINTS_FILE, "rb") as f:
+            first = f.readline(257)  # an origin is at most 255 bytes
+    except FileNotFoundError:
+        return None
+    try:
+        origin = first.rstrip(b"\n").decode("utf-8")
+        check_origin(origin)
+    except (UnicodeDecodeError, ValueError):
+        return None  # the log itself is then refused when it opens, with the reason
+    return origin
 
 
 def _sha256_file(path: Path) -> str:
@@ -193,6 +212,14 @@ class AgentAudit:
         _write_durably(
             self._marker, json.dumps({"pid": os.getpid(), "started": self.log_time()}) + "\n"
         )
+
+    def own_keys(self) -> list[tuple[str, PublicKey, bool]]:
+        """This side's audit keys, as :meth:`keys_in_use` takes them: the current one, and
+        earlier ones still signing alongside it during a rotation."""
+        log = self.log
+        return [("audit", log.public_key, True)] + [
+            ("audit", k, False) for k in log.previous_public_keys
+        ]
 
     def keys_in_use(self, keys: list[tuple[str, PublicKey, bool]]) -> None:
         """Record which keys this run uses, given as (role, public key, current): each one

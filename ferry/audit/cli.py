@@ -280,6 +280,11 @@ def render(report: VerifyReport) -> str:
         + (f"; audit key {report.key_id}" if report.key_id else "")
         + (f"; log {report.origin}" if report.origin else "")
     )
+    out.extend(
+        f"  earlier audit key {k['key_id']}: {k['trusted']} (a key rotation)"
+        for k in report.keys[1:]
+        if k["trusted"].startswith("handed over")
+    )
     out.extend(f"  warning: {_line(w)}" for w in report.warnings)
     out.append(f"  ({report.seconds:.2f} s)")
     return "\n".join(out)

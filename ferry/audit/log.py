@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,11 +186,19 @@ class AuditLog:
         *,
         clock: Callable[[], int] | None = None,
         files: FileOps | None = None,
+        previous_keys: Sequence[SecretKey] = (),
     ) -> None:
-        if key.alg != "ed25519":
-            raise AuditError(f"the audit key must be ed25519, not {key.alg}")
+        for k in (key, *previous_keys):
+            if k.alg != "ed25519":
+                raise AuditError(f"the audit key must be ed25519, not {k.alg}")
+        ids = [k.public.key_id for k in (key, *previous_keys)]
+        if len(set(ids)) != len(ids):
+            raise AuditError("an audit key is given twice (the current key and earlier ones)")
         self._dir = Path(directory)
         self._key = key
+        # Earlier audit keys during a rotation: each co-signs every checkpoint (a handover the
+        # verifier follows), and the log may resume from a checkpoint signed by one of them.
+        self._previous = tuple(previous_keys)
         self._settings = settings
         self._clock = clock or _now_us
         self._files = files or FileOps()
@@ -293,6 +301,11 @@ class AuditLog:
     def public_key(self) -> PublicKey:
         """The key that verifies this log's checkpoints."""
         return self._key.public
+
+    @property
+    def previous_public_keys(self) -> tuple[PublicKey, ...]:
+        """Earlier audit keys that also sign each checkpoint (during a key rotation)."""
+        return tuple(k.public for k in self._previous)
 
     def append(
         self,
@@ -485,6 +498,8 @@ class AuditLog:
         }
         if s.side is not None:
             detail["side"] = s.side
+        if self._previous:
+            detail["previous_checkpoint_keys"] = [k.public.to_string() for k in self._previous]
         return draft("audit.started", subject=SELF, result="success", detail=detail)
 
     # --- the writer thread -----------------------------------------------------------------
@@ -559,7 +574,7 @@ class AuditLog:
 
     def _write_note(self, note: _Note) -> None:
         cp = Checkpoint(self._settings.origin, note.size, note.root)
-        data = sign_checkpoint(cp, self._key) + b"\n"
+        data = sign_checkpoint(cp, self._key, *self._previous) + b"\n"
         self._write_all(self._ckpt_fd, data)
         self._files.fsync(self._ckpt_fd)
         self._ckpt_durable += len(data)
@@ -705,14 +720,18 @@ class AuditLog:
                 raise self._fail_open("checkpoints.log exists but there are no segments")
             return False, truncations
         last = notes[-1] if notes else None
-        if last is not None and last.signature_status(self._key.public) != "valid":
-            raise self._fail_open("the last checkpoint is not signed by this audit key")
+        publics = [k.public for k in (self._key, *self._previous)]
+        if last is not None and last.signature_by_any(publics) != "valid":
+            raise self._fail_open(
+                "the last checkpoint is not signed by this audit key (after a key change, "
+                "name the earlier key in audit.previous_keys: docs/OPERATIONS.md)"
+            )
         # Replay from the segment holding the last checkpoint's size: that checkpoint
         # then confirms the frontier saved in the segment's first record.
         start = len(segs) - 1
         while start > 0 and last is not None and _first_idx(segs[start][1]) > last.checkpoint.size:
             start -= 1
-        tail = scan_tail(self._dir, segs[start][0], self._key.public)
+        tail = scan_tail(self._dir, segs[start][0], publics)
         if tail.report.problems:
             p = tail.report.problems[0]
             raise self._fail_open(f"{p.code} at {p.location()}: {p.message}")

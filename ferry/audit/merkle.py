@@ -33,7 +33,7 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -311,13 +311,16 @@ def note_key_id(name: str, public: PublicKey) -> bytes:
     return hashlib.sha256(name.encode() + b"\n" + ED25519_SIG_TYPE + public.raw).digest()[:4]
 
 
-def sign_checkpoint(checkpoint: Checkpoint, key: SecretKey) -> bytes:
-    """The signed note of ``checkpoint``, named after its origin."""
+def sign_checkpoint(checkpoint: Checkpoint, key: SecretKey, *more: SecretKey) -> bytes:
+    """The signed note of ``checkpoint``, named after its origin: one signature line by
+    ``key``, then one by each of ``more`` (earlier audit keys during a rotation)."""
     check_origin(checkpoint.origin)
     text = checkpoint.text()
-    blob = note_key_id(checkpoint.origin, key.public) + key.sign(text)
-    line = SIG_PREFIX + checkpoint.origin.encode() + b" " + base64.b64encode(blob) + b"\n"
-    return text + b"\n" + line
+    lines = b""
+    for k in (key, *more):
+        blob = note_key_id(checkpoint.origin, k.public) + k.sign(text)
+        lines += SIG_PREFIX + checkpoint.origin.encode() + b" " + base64.b64encode(blob) + b"\n"
+    return text + b"\n" + lines
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,18 @@ class Note:
                 ok = len(sig.signature) == 64 and public.verify(sig.signature, self.text)
                 return "valid" if ok else "invalid"
         return "absent"
+
+    def signature_by_any(self, keys: Iterable[PublicKey]) -> Literal["valid", "invalid", "absent"]:
+        """ "valid" if one of ``keys`` signed the note (a rotation: the current audit key and
+        earlier ones); else "invalid" if one of them has a signature that does not verify."""
+        found: Literal["valid", "invalid", "absent"] = "absent"
+        for key in keys:
+            status = self.signature_status(key)
+            if status == "valid":
+                return status
+            if status == "invalid":
+                found = status
+        return found
 
 
 @dataclass(frozen=True)

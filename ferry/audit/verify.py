@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ _SEGMENT = re.compile(r"audit-([0-9]{6})\.jsonl")
 # Report at most this many problems of one kind (a log re-signed with another key
 # has every checkpoint wrong; the first few say it all).
 MAX_REPORTED_PER_CODE = 10
+MAX_HANDOVERS = 100  # audit.started records naming earlier keys that are followed
 DEFAULT_TS_TOLERANCE = 1.0  # seconds a timestamp may go back before it is reported
 
 
@@ -134,6 +135,9 @@ class VerifyReport:
     path: str
     authenticated: bool = False  # signatures checked against a key given by the caller
     key_id: str | None = None
+    # Every key checkpoints were checked with: {"key_id", "trusted": "given", "named by the
+    # log" or "handed over at record N"} (an earlier audit key named by a later start).
+    keys: list[dict[str, str]] = field(default_factory=list)
     origin: str | None = None
     segments: int = 0
     first_idx: int = 0  # 0 unless a single segment was verified
@@ -169,6 +173,7 @@ class VerifyReport:
             "ok": self.ok,
             "authenticated": self.authenticated,
             "key_id": self.key_id,
+            "keys": self.keys,
             "origin": self.origin,
             "segments": self.segments,
             "first_idx": self.first_idx,
@@ -201,15 +206,15 @@ class _Verifier:
     def __init__(
         self,
         path: Path,
-        key: PublicKey | None,
+        keys: tuple[PublicKey, ...],
         ts_tolerance: float,
         first_segment: int | None = None,
     ) -> None:
         self.path = path
-        self.key = key
+        self.keys = keys
         self.first_segment = first_segment
         self.tolerance_us = int(ts_tolerance * 1_000_000)
-        self.report = VerifyReport(str(path), authenticated=key is not None)
+        self.report = VerifyReport(str(path), authenticated=bool(keys))
         self.scan_problem: Problem | None = None
         self.other: list[Problem] = []
         self.counts: dict[str, int] = {}
@@ -222,7 +227,10 @@ class _Verifier:
         self.by_size: dict[int, list[Note]] = {}
         self.matched: set[int] = set()  # offsets of notes whose root matched
         self.announced: list[tuple[int, int, _Pos]] = []  # (idx, size, where)
-        self.log_key: str | None = None
+        self.log_keys: dict[str, None] = {}  # checkpoint_key of each audit.started, in order
+        # (idx, earlier keys) of each audit.started that names earlier audit keys (a rotation)
+        self.handovers: list[tuple[int, list[str]]] = []
+        self.status: dict[tuple[int, bytes], str] = {}  # (note offset, key id) -> signature
         self.log_origin: str | None = None
         self.end: _Pos | None = None  # just past the last complete record
         self.partial = False  # the scan starts from a segment's saved state, not from record 0
@@ -551,9 +559,14 @@ class _Verifier:
                 )
             self.announced.append((pos.idx, detail["size"], pos))
             self.log_origin = self.log_origin or detail["origin"]
-        elif event == "audit.started" and self.log_key is None:
-            self.log_key = rec["detail"]["checkpoint_key"]
-            self.log_origin = self.log_origin or rec["detail"]["origin"]
+        elif event == "audit.started":
+            detail = rec["detail"]
+            if len(self.log_keys) < MAX_HANDOVERS:
+                self.log_keys.setdefault(detail["checkpoint_key"], None)
+            earlier = detail.get("previous_checkpoint_keys")
+            if earlier and len(self.handovers) < MAX_HANDOVERS:
+                self.handovers.append((pos.idx, [str(k) for k in earlier][:MAX_HANDOVERS]))
+            self.log_origin = self.log_origin or detail["origin"]
 
     def _check_notes(self, pos: _Pos | None) -> None:
         size = self.tree.size
@@ -583,16 +596,14 @@ class _Verifier:
         report = self.report
         report.tree_size = self.tree.size
         report.root = self.tree.root().hex()
-        key = self._key()
-        self._check_note_signatures(key)
+        keys = self._keys()
+        self._check_note_signatures(keys)
         if self.complete:
             self._check_coverage()
         self._check_announcements()
         self._check_torn()
         verified = [
-            n
-            for n in self.notes
-            if n.offset in self.matched and key is not None and n.signature_status(key) == "valid"
+            n for n in self.notes if n.offset in self.matched and self._signed(n, keys) == "valid"
         ]
         report.checkpoints_verified = len(verified)
         report.last_checkpoint = max((n.checkpoint.size for n in verified), default=None)
@@ -619,28 +630,65 @@ class _Verifier:
                 more = count - MAX_REPORTED_PER_CODE
                 report.problems.append(Problem(code, f"... and {more} more {code}"))
 
-    def _key(self) -> PublicKey | None:
+    def _keys(self) -> list[PublicKey]:
+        """The keys checkpoints may be signed by: those given, and each earlier audit key a
+        later start names (``previous_checkpoint_keys``) in a record that a checkpoint signed
+        by a trusted key covers (the handover of a key rotation: the new key vouches for the
+        old one). Without a key given, the keys the log names itself, with a warning."""
         report = self.report
-        key = self.key
-        if key is None and self.log_key is not None:
-            try:
-                key = PublicKey.from_string(self.log_key)
-            except FerryError:
-                key = None
-            if key is not None and key.alg != "ed25519":
-                key = None
+        trusted: dict[bytes, tuple[PublicKey, str]] = {k.key_id: (k, "given") for k in self.keys}
+        if not trusted:
+            for text in self.log_keys:
+                key = _ed25519(text)
+                if key is not None:
+                    trusted.setdefault(key.key_id, (key, "named by the log"))
             self.warn(
                 "UNAUTHENTICATED",
-                "no key given: signatures were checked against the key the log names itself "
-                "(audit.started), which a forger controls; give the audit public key (--key)",
+                "no key given: signatures were checked against the keys the log names itself "
+                "(audit.started), which a forger controls; give the audit public key (--key)"
+                if trusted
+                else "no key given and none named in the log",
             )
-        elif key is None:
-            self.warn("UNAUTHENTICATED", "no key given and none named in the log")
-        if key is not None:
-            report.key_id = key.key_id.hex()
-        return key
+        grew = bool(trusted)
+        while grew:
+            grew = False
+            top = self._top_signed([k for k, _ in trusted.values()])
+            for idx, earlier in self.handovers:
+                if idx >= top:
+                    continue
+                for text in earlier:
+                    key = _ed25519(text)
+                    if key is not None and key.key_id not in trusted:
+                        trusted[key.key_id] = (key, f"handed over at record {idx}")
+                        grew = True
+        report.keys = [{"key_id": k.key_id.hex(), "trusted": how} for k, how in trusted.values()]
+        report.key_id = report.keys[0]["key_id"] if report.keys else None
+        return [k for k, _ in trusted.values()]
 
-    def _check_note_signatures(self, key: PublicKey | None) -> None:
+    def _signed(self, note: Note, keys: list[PublicKey]) -> str:
+        """ "valid" if one of ``keys`` signed ``note``; else "invalid" if one of them has a
+        signature line on it that does not verify; else "absent"."""
+        found = "absent"
+        for key in keys:
+            memo = (note.offset, key.key_id)
+            status = self.status.get(memo)
+            if status is None:
+                status = self.status[memo] = note.signature_status(key)
+            if status == "valid":
+                return status
+            if status == "invalid":
+                found = status
+        return found
+
+    def _top_signed(self, keys: list[PublicKey]) -> int:
+        """The largest size of a checkpoint that matches the records and one of ``keys``
+        signed (0 if none)."""
+        for note in sorted(self.notes, key=lambda n: n.checkpoint.size, reverse=True):
+            if note.offset in self.matched and self._signed(note, keys) == "valid":
+                return note.checkpoint.size
+        return 0
+
+    def _check_note_signatures(self, keys: list[PublicKey]) -> None:
         origin = self.log_origin or (self.notes[0].checkpoint.origin if self.notes else None)
         self.report.origin = origin
         previous: Note | None = None
@@ -653,7 +701,10 @@ class _Verifier:
                     f"checkpoint {cp.size} is for log {cp.origin!r}, not {origin!r}",
                     **loc,
                 )
-            status = note.signature_status(key) if key is not None else "absent"
+            # a scan from a later segment judges the signatures of the checkpoints that reach
+            # its records; earlier ones may be by a key handed over in a segment it skipped
+            before = self.partial and cp.size < self.report.first_idx
+            status = "valid" if before else self._signed(note, keys)
             if status == "invalid":
                 self.problem(
                     "CHECKPOINT_BAD_SIGNATURE",
@@ -662,10 +713,11 @@ class _Verifier:
                 )
             elif status == "absent":
                 signers = ", ".join(f"{s.name} ({s.key_id.hex()})" for s in note.signatures)
+                ids = " or ".join(k.key_id.hex() for k in keys)
                 self.problem(
                     "CHECKPOINT_UNSIGNED",
                     f"checkpoint {cp.size} is not signed by the audit key"
-                    + (f" {key.key_id.hex()}" if key else "")
+                    + (f" {ids}" if ids else "")
                     + f"; signed by: {signers}",
                     **loc,
                 )
@@ -762,20 +814,37 @@ class _Verifier:
 
 def verify(
     path: str | Path,
-    public_key: PublicKey | None = None,
+    public_key: PublicKey | Sequence[PublicKey] | None = None,
     *,
     ts_tolerance: float = DEFAULT_TS_TOLERANCE,
 ) -> VerifyReport:
     """Verify the audit log at ``path`` (a directory, or one segment file).
 
-    ``public_key`` is the audit key's public half; without it, signatures are
-    checked against the key the log names and the report is not
-    :attr:`~VerifyReport.authenticated`. Raises :class:`UsageError` if ``path``
-    is neither a log directory nor a segment file.
+    ``public_key`` is the audit key's public half (or several: each checkpoint must be
+    signed by one of them); earlier keys that the log hands over from (a key rotation, see
+    :meth:`_Verifier._keys`) are trusted too. Without it, signatures are checked against
+    the keys the log names and the report is not :attr:`~VerifyReport.authenticated`.
+    Raises :class:`UsageError` if ``path`` is neither a log directory nor a segment file.
     """
-    if public_key is not None and public_key.alg != "ed25519":
-        raise UsageError(f"the audit key is an ed25519 key, not {public_key.alg}")
-    return _Verifier(Path(path), public_key, ts_tolerance).run()
+    keys = _key_tuple(public_key)
+    for key in keys:
+        if key.alg != "ed25519":
+            raise UsageError(f"the audit key is an ed25519 key, not {key.alg}")
+    return _Verifier(Path(path), keys, ts_tolerance).run()
+
+
+def _key_tuple(keys: PublicKey | Sequence[PublicKey] | None) -> tuple[PublicKey, ...]:
+    if keys is None:
+        return ()
+    return (keys,) if isinstance(keys, PublicKey) else tuple(keys)
+
+
+def _ed25519(text: str) -> PublicKey | None:
+    try:
+        key = PublicKey.from_string(text)
+    except FerryError:
+        return None
+    return key if key.alg == "ed25519" else None
 
 
 @dataclass(frozen=True)
@@ -789,12 +858,14 @@ class TailState:
     unstored: list[tuple[int, bytes]]  # checkpoints announced but not in checkpoints.log
 
 
-def scan_tail(directory: Path, first_segment: int, key: PublicKey) -> TailState:
+def scan_tail(
+    directory: Path, first_segment: int, key: PublicKey | Sequence[PublicKey]
+) -> TailState:
     """Verify a log from segment ``first_segment`` to its end, as the writer does on reopening.
 
     The state at the start of that segment is taken from its segment_opened
     record and confirmed by the checkpoints whose sizes fall in the scanned part.
     """
-    v = _Verifier(directory, key, DEFAULT_TS_TOLERANCE, first_segment)
+    v = _Verifier(directory, _key_tuple(key), DEFAULT_TS_TOLERANCE, first_segment)
     report = v.run()
     return TailState(report, v.tree, v.prev_hex, v.torn, v.unstored)

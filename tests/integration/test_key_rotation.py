@@ -188,4 +188,5 @@ def test_a_damaged_keys_in_use_file_is_started_over(
     assert events[2:4] == events[0:2]
     if retired:
         assert events[4][1:3] == ("outside-signing", None)
-    assert len(json.loads(state.read_text())) == 3  # rewritten whole (with the consumer key)
+    # rewritten whole (with the consumer key, the audit key and the outside's audit key)
+    assert len(json.loads(state.read_text())) == 5

@@ -17,7 +17,7 @@ from ferry.audit.merkle import Checkpoint, sign_checkpoint
 from ferry.audit.record import Subject, decode
 from ferry.audit.verify import CHECKPOINTS_FILE, iter_lines, list_segments, segment_name, verify
 from ferry.config_types import AuditParams
-from ferry.crypto.keys import SecretKey, write_secret_key
+from ferry.crypto.keys import PublicKey, SecretKey, write_secret_key
 from ferry.errors import UsageError
 from ferry.wire import records as rec
 from inside.gaps import Gap, SequenceGaps
@@ -44,7 +44,9 @@ def _outside_log(tmp_path: Path, records: int, *, segment_bytes: int = 64 * 1024
     return log
 
 
-def _inside(tmp_path: Path, peer: SecretKey) -> tuple[AuditMirror, AgentAudit]:
+def _inside(
+    tmp_path: Path, peer: SecretKey, previous: list[PublicKey] | None = None
+) -> tuple[AuditMirror, AgentAudit]:
     key = SecretKey.generate("ed25519")
     write_secret_key(tmp_path / "inside-audit.key", key, "audit")
     config = tmp_path / "inside.yaml"
@@ -53,7 +55,7 @@ def _inside(tmp_path: Path, peer: SecretKey) -> tuple[AuditMirror, AgentAudit]:
     state.mkdir()
     params = AuditParams(dir=tmp_path / "inside-audit", key=tmp_path / "inside-audit.key")
     audit = AgentAudit(params, "inside", state, config)
-    return AuditMirror(tmp_path / "mirror", peer.public, audit), audit
+    return AuditMirror(tmp_path / "mirror", peer.public, audit, previous or ()), audit
 
 
 def _pieces(tmp_path: Path, log: AuditLog) -> list[tuple[str, bytes]]:

@@ -655,18 +655,121 @@ SERVER_KEYS_BAD: list[tuple[str, str, Edit, int, tuple[str, ...]]] = [
 ]
 
 
+# --- audit keys during a rotation --------------------------------------------------------
+
+AUDIT_OUT = """\
+audit:
+  dir: audit
+  key: keys/audit-2.key
+  previous_keys: [keys/audit.key]
+"""  # lines 26-29 after OUTSIDE
+
+AUDIT_IN = """\
+audit:
+  dir: audit
+  key: keys/audit-2.key
+  previous_keys: [keys/audit.key]
+  mirror_dir: mirror
+  peer_public_key: keys/outside-audit-2.pub
+  previous_peer_public_keys: [keys/outside-audit.pub]
+"""  # lines 16-22 after INSIDE
+
+
+def test_previous_audit_keys(tmp_path: Path) -> None:
+    out = load_outside_config(_write(tmp_path, OUTSIDE + AUDIT_OUT)).audit
+    assert out is not None
+    assert out.previous_keys == (tmp_path / "keys/audit.key",)
+    ins = load_inside_config(_write(tmp_path, INSIDE + AUDIT_IN, "inside.yaml")).audit
+    assert ins is not None
+    assert ins.previous_keys == (tmp_path / "keys/audit.key",)
+    assert ins.previous_peer_public_keys == (str(tmp_path / "keys/outside-audit.pub"),)
+    plain = INSIDE + AUDIT_IN.replace("  previous_peer_public_keys: [keys/outside-audit.pub]\n", "")
+    ins = load_inside_config(_write(tmp_path, plain, "inside.yaml")).audit
+    assert ins is not None
+    assert ins.previous_peer_public_keys == ()
+
+
+AUDIT_KEYS_BAD: list[tuple[str, str, Edit, int, tuple[str, ...]]] = [
+    (
+        "the current key again",
+        "outside",
+        _sub("[keys/audit.key]", "[keys/./audit-2.key]"),
+        29,
+        ("audit.previous_keys[0]", "same file as audit.key"),
+    ),
+    (
+        "one key file twice",
+        "outside",
+        _sub("[keys/audit.key]", "[keys/audit.key, keys/../keys/audit.key]"),
+        29,
+        ("audit.previous_keys[1]", "same file as an earlier entry"),
+    ),
+    (
+        "more than three",
+        "outside",
+        _sub("[keys/audit.key]", "[keys/a.key, keys/b.key, keys/c.key, keys/d.key]"),
+        29,
+        ("audit.previous_keys",),
+    ),
+    (
+        "not a list",
+        "outside",
+        _sub("[keys/audit.key]", "keys/audit.key"),
+        29,
+        ("audit.previous_keys",),
+    ),
+    (
+        "the current peer key again",
+        "inside",
+        _sub("[keys/outside-audit.pub]", "[keys/outside-audit-2.pub]"),
+        22,
+        ("audit.previous_peer_public_keys[0]", "same key as an earlier one"),
+    ),
+    (
+        "an earlier peer key that is not ed25519",
+        "inside",
+        _sub("[keys/outside-audit.pub]", "['ferry-pk:x25519:" + "A" * 43 + "=']"),
+        22,
+        ("audit.previous_peer_public_keys[0]",),
+    ),
+    (
+        "earlier peer keys without a current one",
+        "inside",
+        _sub("  mirror_dir: mirror\n  peer_public_key: keys/outside-audit-2.pub\n", ""),
+        20,
+        ("audit.previous_peer_public_keys: needs audit.peer_public_key",),
+    ),
+    (
+        "an earlier peer key on the outside",
+        "outside",
+        lambda t: t + "  previous_peer_public_keys: [keys/outside-audit.pub]\n",
+        30,
+        ("previous_peer_public_keys",),
+    ),
+]
+
+
+# the earlier keys of a rotation: (name, side, edit, line, needles) on each section's text
+ROTATION_BAD = [("server", *c) for c in SERVER_KEYS_BAD] + [("audit", *c) for c in AUDIT_KEYS_BAD]
+ROTATION_TEXTS = {
+    "server": {"outside": OUTSIDE + API, "inside": INSIDE + CONSUMERS},
+    "audit": {"outside": OUTSIDE + AUDIT_OUT, "inside": INSIDE + AUDIT_IN},
+}
+
+
 @pytest.mark.parametrize(
-    ("side", "edit", "line", "needles"),
-    [c[1:] for c in SERVER_KEYS_BAD],
-    ids=[c[0] for c in SERVER_KEYS_BAD],
+    ("keys", "side", "edit", "line", "needles"),
+    [(c[0], *c[2:]) for c in ROTATION_BAD],
+    ids=[f"{c[0]}: {c[1]}" for c in ROTATION_BAD],
 )
-def test_bad_previous_server_keys(
-    tmp_path: Path, side: str, edit: Edit, line: int, needles: tuple[str, ...]
+def test_bad_previous_keys(
+    tmp_path: Path, keys: str, side: str, edit: Edit, line: int, needles: tuple[str, ...]
 ) -> None:
+    text = edit(ROTATION_TEXTS[keys][side])
     if side == "outside":
-        path, load = _write(tmp_path, edit(OUTSIDE + API)), load_outside_config
+        path, load = _write(tmp_path, text), load_outside_config
     else:
-        path, load = _write(tmp_path, edit(INSIDE + CONSUMERS), "inside.yaml"), load_inside_config
+        path, load = _write(tmp_path, text, "inside.yaml"), load_inside_config
     message = _error(load, path)
     assert message.startswith(f"{path}:{line}: "), message
     for needle in needles:
