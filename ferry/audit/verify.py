@@ -649,7 +649,7 @@ class _Verifier:
                 if trusted
                 else "no key given and none named in the log",
             )
-        grew = bool(trusted)
+        grew = bool(trusted) and bool(self.handovers)
         while grew:
             grew = False
             top = self._top_signed([k for k, _ in trusted.values()])
