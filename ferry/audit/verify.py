@@ -230,7 +230,6 @@ class _Verifier:
         self.log_keys: dict[str, None] = {}  # checkpoint_key of each audit.started, in order
         # (idx, earlier keys) of each audit.started that names earlier audit keys (a rotation)
         self.handovers: list[tuple[int, list[str]]] = []
-        self.status: dict[tuple[int, bytes], str] = {}  # (note offset, key id) -> signature
         self.log_origin: str | None = None
         self.end: _Pos | None = None  # just past the last complete record
         self.partial = False  # the scan starts from a segment's saved state, not from record 0
@@ -565,7 +564,7 @@ class _Verifier:
                 self.log_keys.setdefault(detail["checkpoint_key"], None)
             earlier = detail.get("previous_checkpoint_keys")
             if earlier and len(self.handovers) < MAX_HANDOVERS:
-                self.handovers.append((pos.idx, [str(k) for k in earlier][:MAX_HANDOVERS]))
+                self.handovers.append((pos.idx, list(earlier)))  # (the schema bounds it)
             self.log_origin = self.log_origin or detail["origin"]
 
     def _check_notes(self, pos: _Pos | None) -> None:
@@ -603,7 +602,9 @@ class _Verifier:
         self._check_announcements()
         self._check_torn()
         verified = [
-            n for n in self.notes if n.offset in self.matched and self._signed(n, keys) == "valid"
+            n
+            for n in self.notes
+            if n.offset in self.matched and n.signature_by_any(keys) == "valid"
         ]
         report.checkpoints_verified = len(verified)
         report.last_checkpoint = max((n.checkpoint.size for n in verified), default=None)
@@ -665,26 +666,11 @@ class _Verifier:
         report.key_id = report.keys[0]["key_id"] if report.keys else None
         return [k for k, _ in trusted.values()]
 
-    def _signed(self, note: Note, keys: list[PublicKey]) -> str:
-        """ "valid" if one of ``keys`` signed ``note``; else "invalid" if one of them has a
-        signature line on it that does not verify; else "absent"."""
-        found = "absent"
-        for key in keys:
-            memo = (note.offset, key.key_id)
-            status = self.status.get(memo)
-            if status is None:
-                status = self.status[memo] = note.signature_status(key)
-            if status == "valid":
-                return status
-            if status == "invalid":
-                found = status
-        return found
-
     def _top_signed(self, keys: list[PublicKey]) -> int:
         """The largest size of a checkpoint that matches the records and one of ``keys``
         signed (0 if none)."""
         for note in sorted(self.notes, key=lambda n: n.checkpoint.size, reverse=True):
-            if note.offset in self.matched and self._signed(note, keys) == "valid":
+            if note.offset in self.matched and note.signature_by_any(keys) == "valid":
                 return note.checkpoint.size
         return 0
 
@@ -704,7 +690,7 @@ class _Verifier:
             # a scan from a later segment judges the signatures of the checkpoints that reach
             # its records; earlier ones may be by a key handed over in a segment it skipped
             before = self.partial and cp.size < self.report.first_idx
-            status = "valid" if before else self._signed(note, keys)
+            status = "valid" if before else note.signature_by_any(keys)
             if status == "invalid":
                 self.problem(
                     "CHECKPOINT_BAD_SIGNATURE",

@@ -16,7 +16,7 @@ from test_audit_mirror import _inside, _pieces
 
 from ferry.audit.log import AuditError, AuditLog, AuditSettings
 from ferry.audit.merkle import parse_notes
-from ferry.audit.record import Subject, decode
+from ferry.audit.record import AuditRecordInvalid, Subject, decode
 from ferry.audit.verify import CHECKPOINTS_FILE, iter_lines, list_segments, verify
 from ferry.crypto.keys import SecretKey
 
@@ -178,3 +178,29 @@ def test_a_log_reopens_when_the_handover_is_in_a_segment_it_does_not_rescan(
     assert handover["idx"] < last_first  # the last reopening did not read it
     assert verify(log, b.public).verified
     assert verify(segments[-1][1], b.public).ok  # one segment: its own checkpoints are b's
+
+
+def test_keys_a_log_names_that_are_not_audit_keys_are_ignored(tmp_path: Path) -> None:
+    """A start record naming strings that are not Ed25519 public keys hands over nothing;
+    a value the schema refuses is not written at all."""
+    log = tmp_path / "log"
+    a = SecretKey.generate("ed25519")
+    x25519 = SecretKey.generate("x25519").public.to_string()
+    with AuditLog(log, a, SETTINGS) as audit:
+        started = {"origin": "test/outside", "checkpoint_key": "x", "resumed": True}
+        earlier = ["not a key", x25519, "ferry-pk:ed25519:" + "A" * 10]
+        audit.append(
+            "audit.started",
+            subject=Subject.component("test"),
+            detail={**started, "previous_checkpoint_keys": earlier},
+        )
+        for bad in ("one string", ["k"] * 4, ["k" * 201]):
+            with pytest.raises(AuditRecordInvalid):
+                audit.append(
+                    "audit.started",
+                    subject=Subject.component("test"),
+                    detail={**started, "previous_checkpoint_keys": bad},
+                )
+    report = verify(log, a.public)
+    assert report.verified, [p.to_json() for p in report.problems]
+    assert report.keys == [{"key_id": a.public.key_id.hex(), "trusted": "given"}]
