@@ -48,28 +48,41 @@ def cmd_demo(args: list[str]) -> int:
     return subprocess.call([str(BIN / "ferry"), "demo", *args], cwd=ROOT)
 
 
-def ensure_chromium() -> None:
-    """Install Debian's chromium for the HTML report test, when missing and root (as in CI).
+DEBIAN_TOOLS = {
+    # package: (commands that show it is there, the tests that need it)
+    "chromium": (("chromium", "chromium-browser"), "the HTML report test"),
+    "systemd": (("systemd-analyze",), "the systemd unit checks"),
+}
 
-    Without it that one test is skipped; nothing else needs a browser.
+
+def ensure_debian_tools() -> None:
+    """Install the Debian packages a few tests use, when missing and root (as in CI).
+
+    Without them those tests are skipped; nothing else needs them.
     """
-    if shutil.which("chromium") or shutil.which("chromium-browser"):
+    missing = {
+        pkg: why
+        for pkg, (commands, why) in DEBIAN_TOOLS.items()
+        if not any(shutil.which(c) for c in commands)
+    }
+    if not missing:
         return
+    names, whys = " ".join(missing), " and ".join(missing.values())
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
         print(
-            "note: chromium is not installed; the HTML report test will be skipped "
-            "(as root on Debian: apt-get install chromium)",
+            f"note: {names} not installed; {whys} will be skipped "
+            f"(as root on Debian: apt-get install {names})",
             flush=True,
         )
         return
-    print("installing chromium (apt-get) for the HTML report test ...", flush=True)
+    print(f"installing {names} (apt-get) for {whys} ...", flush=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
             print(
-                f"warning: {' '.join(cmd)} failed; the HTML report test will be skipped:",
+                f"warning: {' '.join(cmd)} failed; {whys} will be skipped:",
                 *tail,
                 sep="\n  ",
                 flush=True,
@@ -79,7 +92,7 @@ def ensure_chromium() -> None:
 
 def cmd_test(args: list[str]) -> int:
     ensure_venv("dev")
-    ensure_chromium()
+    ensure_debian_tools()
     slow = "--slow" in args
     args = [a for a in args if a != "--slow"]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -121,6 +122,38 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if body.get("state") != "unknown" else 1
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    from ferry import health  # noqa: PLC0415
+    from ferry.config import load_config  # noqa: PLC0415
+
+    if not 0 <= args.critical_free <= args.warning_free <= 100:
+        print("ferry: error: need 0 <= --critical-free <= --warning-free <= 100", file=sys.stderr)
+        return health.State.UNKNOWN
+    try:
+        cfg = load_config(Path(args.config))
+    except FerryError as exc:  # the monitoring convention: a check that cannot run is UNKNOWN
+        print(f"FERRY UNKNOWN: {exc}")
+        return health.State.UNKNOWN
+    limits = health.Limits(
+        max_age=args.max_age, warn_free=args.warning_free, crit_free=args.critical_free
+    )
+    report = health.examine(cfg, limits)
+    if args.format == "json":
+        text = json.dumps(report.to_json(), ensure_ascii=False, indent=2) + "\n"
+    elif args.format == "prometheus":
+        text = report.prometheus()
+    else:
+        text = report.text() + "\n"
+    if args.output:
+        out = Path(args.output)  # atomically: a collector never reads half a file
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    else:
+        sys.stdout.write(text)
+    return report.exit_code
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ferry.demo import run_demo  # noqa: PLC0415
 
@@ -217,6 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("id", help="the submission id")
     ss.add_argument("--timeout", type=float)
     ss.set_defaults(func=_cmd_status)
+
+    hl = sub.add_parser(
+        "health",
+        help="is the agent running and able to move items (exit 0 OK, 1 WARNING, 2 CRITICAL, "
+        "3 UNKNOWN)",
+        description="Check a running agent from its own host: its process, its audit log, the "
+        "link (inside) or the backlog (outside), and the free space of every file system it "
+        "writes to. Exit codes follow the monitoring-plugin convention: 0 OK, 1 WARNING, "
+        "2 CRITICAL, 3 UNKNOWN.",
+    )
+    hl.add_argument("-c", "--config", required=True, help="the agent's config (either side)")
+    hl.add_argument(
+        "--format", choices=["text", "json", "prometheus"], default="text", help="default: text"
+    )
+    hl.add_argument("--json", dest="format", action="store_const", const="json")
+    hl.add_argument(
+        "-o", "--output", help="write to this file atomically (node_exporter's textfile collector)"
+    )
+    hl.add_argument(
+        "--max-age",
+        type=float,
+        default=5.0,
+        help="seconds since the agent last wrote its status before it counts as stuck (default 5)",
+    )
+    hl.add_argument(
+        "--warning-free", type=float, default=10.0, help="percent free space or inodes (default 10)"
+    )
+    hl.add_argument(
+        "--critical-free", type=float, default=5.0, help="percent free space or inodes (default 5)"
+    )
+    hl.set_defaults(func=_cmd_health)
 
     from ferry.audit.cli import add_parser as add_audit_parser  # noqa: PLC0415
 

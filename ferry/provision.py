@@ -43,6 +43,7 @@ from ferry.crypto.keys import (
     write_secret_key,
 )
 from ferry.errors import UsageError
+from ferry.systemd import service_unit, unit_name
 
 __all__ = ["KEY_ROLES", "init_deployment", "keygen"]
 
@@ -575,6 +576,13 @@ def init_deployment(
     _create_text(i["config"], _inside_yaml(link_in, channels, extra_in, bulk))
     _record_keys(o, i, api_info, consumer_info)
     _mkdir(i["audit_mirror_dir"], _PRIVATE_DIR)
+    devices = link_info.get("serial", {})
+    for role, folder, paths in (("outside", out, o), ("inside", ins, i)):
+        paths["service"] = folder / unit_name(role)
+        unit = service_unit(
+            role, folder, paths["config"], serial_device=devices.get(f"{role}_device")
+        )
+        _create_text(paths["service"], unit)
     result: dict[str, Any] = {
         "root": str(root),
         "outside": {k: str(v) for k, v in o.items()},

@@ -831,6 +831,7 @@ class InsideAgent:
             link_state=monitor.state.value,
         )
         next_tick = next_status = 0.0
+        started_at = time.time()
         try:
             while not self.stop.is_set():
                 batch = channel.recv_batch(0.05)
@@ -881,7 +882,15 @@ class InsideAgent:
                         {
                             "role": "inside",
                             "pid": os.getpid(),
+                            "written_at": now,
+                            "started_at": started_at,
+                            "audit_problem": self.audit.log.problem,
                             "link_state": monitor.state.value,
+                            "last_heartbeat_age": (
+                                round(now - monitor.last_heard, 3) if monitor.last_heard else None
+                            ),
+                            "link_params_mismatch": monitor.params_mismatch,
+                            "link_clock_skew": monitor.clock_skewed,
                             "datagrams": st.datagrams,
                             "symbols": st.symbols,
                             "blocks_decoded": st.blocks_decoded,

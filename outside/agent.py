@@ -423,6 +423,38 @@ class OutsideAgent:
             ),
         )
 
+    def _write_status(self, sender: Sender, epoch: int, started_at: float) -> None:
+        """Rewrite state/status.json (operators, ``ferry health``, the demo)."""
+        now = time.time()
+        write_status(
+            self.status_path,
+            {
+                "role": "outside",
+                "epoch": epoch,
+                "pid": os.getpid(),
+                "written_at": now,
+                "started_at": started_at,
+                "uptime": now - started_at,
+                "audit_problem": self.audit.log.problem,
+                "packets_sent": sender.packets_sent,
+                "bytes_sent": sender.bytes_sent,
+                "objects_sent": sender.objects_sent,
+                "bundles_sent": self.bundles_sent,
+                "queued": sender.objects_queued,
+                "backlog_items": self.spool.backlog_items,
+                "backlog_bytes": self.spool.backlog_bytes,
+                "busy_items": None if self.cfg.api is None else self.cfg.api.busy_items,
+                "busy_bytes": None if self.cfg.api is None else self.cfg.api.busy_bytes,
+                "taken": self.intake.taken,
+                "quarantined": self.intake.quarantined,
+                "intake_paused": self.intake.paused,
+                "api_accepted": 0 if self.api is None else self.api.accepted,
+                "api_rejected": 0 if self.api is None else self.api.rejected,
+                "api_busy": 0 if self.api is None else self.api.busy,
+                "api_previous_server_keys": [] if self.api is None else self.api.keys.status(),
+            },
+        )
+
     def run(self) -> int:
         cfg = self.cfg
         epoch = self.spool.next_epoch(int(time.time() * 1e6))
@@ -455,7 +487,7 @@ class OutsideAgent:
         intake.start()
         next_status = next_schedule = next_flush = 0.0
         pending_sent: list[ObjectSent] = []
-        started = time.monotonic()
+        started_at = time.time()
         halted = False
         try:
             while not self.stop.is_set():
@@ -463,6 +495,7 @@ class OutsideAgent:
                     if not halted:
                         halted = True
                         _log.error("transfers_halted", reason="audit log cannot be written")
+                    self._write_status(sender, epoch, started_at)  # (monitors see why)
                     self.stop.wait(0.2)
                     continue
                 if halted:
@@ -511,31 +544,7 @@ class OutsideAgent:
                     pending_sent = []
                 if mono >= next_status:
                     next_status = mono + STATUS_INTERVAL
-                    write_status(
-                        self.status_path,
-                        {
-                            "role": "outside",
-                            "epoch": epoch,
-                            "pid": os.getpid(),
-                            "packets_sent": sender.packets_sent,
-                            "bytes_sent": sender.bytes_sent,
-                            "objects_sent": sender.objects_sent,
-                            "bundles_sent": self.bundles_sent,
-                            "queued": sender.objects_queued,
-                            "backlog_items": self.spool.backlog_items,
-                            "backlog_bytes": self.spool.backlog_bytes,
-                            "taken": self.intake.taken,
-                            "quarantined": self.intake.quarantined,
-                            "intake_paused": self.intake.paused,
-                            "api_accepted": 0 if self.api is None else self.api.accepted,
-                            "api_rejected": 0 if self.api is None else self.api.rejected,
-                            "api_busy": 0 if self.api is None else self.api.busy,
-                            "api_previous_server_keys": (
-                                [] if self.api is None else self.api.keys.status()
-                            ),
-                            "uptime": mono - started,
-                        },
-                    )
+                    self._write_status(sender, epoch, started_at)
                 if not batch:
                     delay = min(sender.next_control_due() - time.time(), 0.05)
                     if delay > 0:

@@ -279,6 +279,14 @@ class AuditLog:
         return self._healthy and not self._writer_dead
 
     @property
+    def problem(self) -> str | None:
+        """Why records cannot be written now, or None while they can (for status and monitors)."""
+        with self._lock:
+            if self._healthy and not self._writer_dead:
+                return None
+            return self._unavailable_message_locked()
+
+    @property
     def size(self) -> int:
         """Records appended so far (the next record's index)."""
         return self._next_idx

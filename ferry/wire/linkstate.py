@@ -50,6 +50,16 @@ class LinkMonitor:
         self._mismatch_reported = False
         self._skew_reported = False
 
+    @property
+    def params_mismatch(self) -> bool:
+        """The last heartbeat carried another link-parameter digest than ours."""
+        return self._mismatch_reported
+
+    @property
+    def clock_skewed(self) -> bool:
+        """The last heartbeat's sender clock was further off than max_clock_skew."""
+        return self._skew_reported
+
     def _set(self, state: LinkState, why: str, out: list[LinkEvent]) -> None:
         if state != self.state:
             old, self.state = self.state, state

@@ -8,11 +8,22 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "messages"
+
+
+def application(n: int) -> bytes:
+    """The schema's example citizen application, with application id ``n + 1``."""
+    schema = json.loads((SCHEMAS / "citizen-application.schema.json").read_text())
+    doc = schema["examples"][0]
+    doc["application_id"] = str(uuid.UUID(int=n + 1))
+    return json.dumps(doc, ensure_ascii=False).encode()
 
 
 def ferry(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -116,3 +127,16 @@ def wait_files(folder: str | Path, names: set[str], timeout: float = 60.0) -> di
             return {n: (Path(folder) / n).read_bytes() for n in names}
         time.sleep(0.1)
     raise AssertionError(f"missing {names - {p.name for p in Path(folder).iterdir()}}")
+
+
+def fill_disk(folder: Path) -> Path:
+    """Fill the file system holding ``folder`` with one new file there; return that file."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,3 +23,27 @@ def agents(tmp_path: Path) -> Iterator[Callable[[str, str], Agent]]:
     yield start
     for a in started:
         a.stop()
+
+
+@pytest.fixture
+def small_audit_disk(tmp_path: Path):
+    """Mount a 2 MiB tmpfs; yield a function that moves a folder onto it."""
+    mounts: list[Path] = []
+
+    def mount(folder: str | Path) -> Path:
+        folder = Path(folder)
+        saved = tmp_path / f"saved-{len(mounts)}"
+        shutil.copytree(folder, saved)
+        for p in folder.iterdir():
+            p.unlink()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(folder)], check=True
+        )
+        mounts.append(folder)
+        for p in saved.iterdir():
+            shutil.copy2(p, folder / p.name)
+        return folder
+
+    yield mount
+    for m in mounts:
+        subprocess.run(["umount", "-l", str(m)], check=False)

@@ -8,17 +8,15 @@ read-only and filled up while the agents run.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import drop_file, edit_yaml, fast, ferry, init, wait_files
+from cli_helpers import application, drop_file, edit_yaml, fast, ferry, fill_disk, init, wait_files
 
 from ferry.audit.record import decode, per_item
 from ferry.audit.verify import iter_lines, list_segments, verify
@@ -45,16 +43,6 @@ def records(directory: str | Path) -> list[dict[str, Any]]:
 
 def events(directory: str | Path) -> Counter[str]:
     return Counter(r["event"] for r in records(directory))
-
-
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "messages"
-
-
-def application(n: int) -> bytes:
-    schema = json.loads((SCHEMAS / "citizen-application.schema.json").read_text())
-    doc = schema["examples"][0]
-    doc["application_id"] = str(uuid.UUID(int=n + 1))
-    return json.dumps(doc, ensure_ascii=False).encode()
 
 
 def wait_for(check, timeout: float = 30.0, what: str = "condition") -> Any:
@@ -176,30 +164,6 @@ def test_kill_and_config_change_are_recorded_at_the_next_start(tmp_path: Path, a
     verified(o["audit_dir"], o["audit_public_key"])
 
 
-@pytest.fixture
-def small_audit_disk(tmp_path: Path):
-    """Mount a 2 MiB tmpfs; yield a function that moves a folder onto it."""
-    mounts: list[Path] = []
-
-    def mount(folder: str | Path) -> Path:
-        folder = Path(folder)
-        saved = tmp_path / f"saved-{len(mounts)}"
-        shutil.copytree(folder, saved)
-        for p in folder.iterdir():
-            p.unlink()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(folder)], check=True
-        )
-        mounts.append(folder)
-        for p in saved.iterdir():
-            shutil.copy2(p, folder / p.name)
-        return folder
-
-    yield mount
-    for m in mounts:
-        subprocess.run(["umount", "-l", str(m)], check=False)
-
-
 def remount(folder: Path, mode: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{mode}", str(folder)], check=True)
 
@@ -237,14 +201,7 @@ def test_full_audit_disk_halts_the_api_and_recovers_when_space_is_freed(
     agents("inside", i["config"]).wait_event("inside_started")
     outside = agents("outside", o["config"])
     outside.wait_event("api_listening")
-    filler = audit_dir / "filler"
-    with open(filler, "wb") as f:  # fill the disk (the log's own files are untouched)
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    filler = fill_disk(audit_dir)  # (the log's own files are untouched)
     deliver = Path(dep["channels"]["messages"]["deliver"])
     acked = []
     with Client.from_config(dep["api"]["client_config"]) as client:

@@ -44,6 +44,7 @@ def test_init_creates_everything(tmp_path: Path) -> None:
         "audit_dir": str(out / "audit"),
         "audit_key": str(out / "keys/audit.key"),
         "audit_public_key": str(out / "keys/audit.pub"),
+        "service": str(out / "ferry-outside.service"),
     }
     assert info["inside"] == {
         "config": str(ins / "inside.yaml"),
@@ -56,6 +57,7 @@ def test_init_creates_everything(tmp_path: Path) -> None:
         "audit_public_key": str(ins / "keys/audit.pub"),
         "audit_mirror_dir": str(ins / "audit-outside-mirror"),
         "outside_audit_public_key": str(ins / "keys/outside-audit.pub"),
+        "service": str(ins / "ferry-inside.service"),
     }
     assert info["channels"]["photos"] == {
         "drop": str(out / "drop/photos"),

@@ -1,0 +1,139 @@
+"""systemd service units for the agents, written by ``ferry init`` next to each config.
+
+Each unit runs its agent as an unprivileged user under systemd's sandbox (systemd.exec(5)):
+read-only system, its own folder writable and nothing else, no capabilities, no devices but
+the serial line it uses (read-only inside, write-only outside), only the address families it
+needs, and namespaces limited to the user + network namespaces the content workers create to
+leave the network. The content workers then add their own seccomp filter and limits
+(docs/CONTENT.md). Exit codes that a restart cannot fix (usage, config, key file, self-test,
+state database) stop the restarts.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from ferry.errors import ConfigError, KeyFileError, SelfTestError, StateError, UsageError
+
+USER = "ferry"
+NO_RESTART_EXITS = tuple(
+    e.exit_code for e in (UsageError, ConfigError, KeyFileError, SelfTestError, StateError)
+)
+"""Exit codes a restart cannot fix (docs/OPERATIONS.md, "Exit codes"): a transport failure
+(11, e.g. a USB serial adapter unplugged) or a crash is restarted."""
+
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+
+
+def unit_name(side: str) -> str:
+    return f"ferry-{side}.service"
+
+
+def ferry_command() -> list[str]:
+    """How to start this ferry: the ``ferry`` script next to this Python if there is one
+    (a venv or a pip install), else this Python with ``-m ferry.cli``."""
+    script = Path(sys.executable).parent / "ferry"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-m", "ferry.cli"]
+
+
+def _escape(text: str) -> str:
+    """A unit-file value: ``%`` starts a specifier, so it is doubled."""
+    if any(c in text for c in "\n\r\0"):
+        raise ValueError(f"{text!r}: a path for a unit file cannot hold a line break or NUL")
+    return text.replace("%", "%%")
+
+
+def _word(text: str) -> str:
+    """One word of ExecStart= or a path list: quoted when it holds anything but safe
+    characters (systemd unquotes "..." with C-style escapes)."""
+    text = _escape(text)
+    if _SAFE_WORD.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def service_unit(
+    side: str,
+    folder: Path,
+    config: Path,
+    *,
+    command: list[str] | None = None,
+    serial_device: str | None = None,
+    user: str = USER,
+) -> str:
+    """The unit for ``side`` ("outside" or "inside") whose files all live under ``folder``."""
+    if side not in ("outside", "inside"):
+        raise ValueError(f"side must be outside or inside, not {side!r}")
+    argv = [*(command or ferry_command()), "--log-json", side, "run", "-c", str(config)]
+    low = side == "outside"
+    lines = [
+        f"# ferry {side} agent (written by `ferry init`; see docs/OPERATIONS.md, 'Services').",
+        "# The paths are where `ferry init` ran: edit them if the folder or ferry moved. Install:",
+        f"#   useradd --system --home-dir {folder} --shell /usr/sbin/nologin {user}",
+        f"#   chown -R {user}: {folder}",
+        f"#   cp {unit_name(side)} /etc/systemd/system/ && systemctl daemon-reload",
+        f"#   systemctl enable --now {unit_name(side)}",
+        f"# Then `ferry health -c {config}` says whether it runs and moves items.",
+        "",
+        "[Unit]",
+        f"Description=ferry {side} agent (one-way gateway, {'low' if low else 'high'} side)",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"User={_escape(user)}",
+        f"Group={_escape(user)}",
+        f"WorkingDirectory={_escape(str(folder))}",
+        "ExecStart=" + " ".join(_word(a) for a in argv),
+        "Restart=on-failure",
+        "RestartSec=5",
+        "RestartPreventExitStatus=" + " ".join(str(c) for c in NO_RESTART_EXITS),
+        "# SIGTERM: the agent finishes what it holds and stops (the content workers with it).",
+        "KillMode=mixed",
+        "TimeoutStopSec=60",
+        "UMask=0077",
+        "LimitNOFILE=65536",
+        "LimitCORE=0",
+        "",
+        "# Sandbox (systemd.exec(5)). Add ReadWritePaths= for folders you move out of",
+        f"# {folder} (a delivery folder on a share, the audit log on a disk of its own).",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "AmbientCapabilities=",
+        "ProtectSystem=strict",
+        f"ReadWritePaths={_word(str(folder))}",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "ProtectProc=invisible",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "# The content workers leave the network in a user + network namespace of their own.",
+        "RestrictNamespaces=user net",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "RemoveIPC=yes",
+        "SystemCallArchitectures=native",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+    ]
+    if serial_device is None:
+        lines += ["PrivateDevices=yes"]
+    else:
+        access = "w" if low else "r"  # the one-way property, enforced by the kernel as well
+        lines += [
+            f"# The serial line, {'write' if low else 'read'}-only: nothing else under /dev.",
+            "DevicePolicy=closed",
+            f"DeviceAllow={_word(serial_device)} {access}",
+            "SupplementaryGroups=dialout",
+        ]
+    lines += ["", "[Install]", "WantedBy=multi-user.target", ""]
+    return "\n".join(lines)
