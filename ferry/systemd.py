@@ -123,7 +123,8 @@ def service_unit(
         "LockPersonality=yes",
         "RemoveIPC=yes",
         "SystemCallArchitectures=native",
-        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "# AF_NETLINK: libzmq lists the network interfaces through it (it aborts without).",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     ]
     if serial_device is None:
         lines += ["PrivateDevices=yes"]

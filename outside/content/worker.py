@@ -107,8 +107,8 @@ def harden(memory_mb: int, file_bytes: int) -> tuple[str, str]:
     """Confine this process (see the module's docstring); returns how it left the network
     and whether the seccomp filter is on."""
     libc = _libc()
+    network = leave_network(libc)  # first: unshare(CLONE_NEWUSER) fails once a thread runs
     threading.Thread(target=_orphan_watch, args=(os.getppid(),), daemon=True).start()
-    network = leave_network(libc)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes fail with EFBIG instead
     limit = memory_mb * 1024 * 1024

@@ -127,6 +127,36 @@ def test_worker_has_no_network() -> None:
     assert int(errno) in (E.EPERM, E.ENETUNREACH, E.ECONNREFUSED, E.EADDRNOTAVAIL)
 
 
+UNSHARE = (
+    "import ctypes, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "print('ok' if libc.unshare(0x10000000 | 0x40000000) == 0 else 'refused')\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the worker as another user")
+def test_worker_leaves_the_network_when_not_root() -> None:
+    """As an unprivileged user the worker needs a user namespace for its network namespace,
+    which the kernel refuses to a process that already runs a second thread (EINVAL); under
+    the systemd units the agents never run as root."""
+    nobody = {"user": 65534, "group": 65534, "extra_groups": []}
+    control = subprocess.run(
+        [sys.executable, "-c", UNSHARE], capture_output=True, text=True, check=True, **nobody
+    )
+    if control.stdout.strip() != "ok":
+        pytest.skip("this kernel gives unprivileged users no namespaces")
+    code = "from outside.content.worker import harden\nprint(harden(450, 1 << 30)[0])\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+        **nobody,
+    )
+    assert out.stdout.strip() == "userns+netns"
+
+
 PROBE = """
 import ctypes, errno, json, os, socket, subprocess, threading
 from outside.content.worker import harden

@@ -73,6 +73,10 @@ def test_init_writes_a_unit_that_runs_the_agent_on_its_config(udp: dict, side: s
     assert unit["ProtectSystem"] == ["strict"]
     assert unit["PrivateDevices"] == ["yes"]
     assert "DeviceAllow" not in unit
+    # libzmq aborts when it cannot list the interfaces over netlink (found under systemd)
+    families = unit["RestrictAddressFamilies"][0].split()
+    assert sorted(families) == ["AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"]
+    assert unit["RestrictNamespaces"] == ["user net"]  # the content workers leave the network
 
 
 @pytest.mark.parametrize("side", ["outside", "inside"])
