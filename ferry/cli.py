@@ -147,8 +147,13 @@ def _cmd_health(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)  # atomically: a collector never reads half a file
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            print(f"FERRY UNKNOWN: cannot write {out}: {exc.strerror or exc}")
+            return health.State.UNKNOWN
     else:
         sys.stdout.write(text)
     return report.exit_code

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from ferry.channels.emulator import LossyUdpForwarder, PtyCable
 from ferry.provision import init_deployment
-from ferry.status import read_status
+from ferry.status import STATUS_FILE, read_status
 
 TIMEOUT = 180.0
 SERIAL_DEMO_BAUD = 4_000_000
@@ -284,10 +284,10 @@ def run_demo(
     consumer.close()
     time.sleep(1.2)  # let both agents write a final status
     out_status: dict[str, Any] = (
-        read_status(Path(deployment["outside"]["state_dir"]) / "status.json") or {}
+        read_status(Path(deployment["outside"]["state_dir"]) / STATUS_FILE) or {}
     )
     in_status: dict[str, Any] = (
-        read_status(Path(deployment["inside"]["state_dir"]) / "status.json") or {}
+        read_status(Path(deployment["inside"]["state_dir"]) / STATUS_FILE) or {}
     )
     rc_in, rc_out = _stop(inside), _stop(outside)
     if hop:

@@ -15,7 +15,6 @@ file-system figures come in as values, so every rule is tested without an agent.
 from __future__ import annotations
 
 import enum
-import json
 import math
 import os
 import time
@@ -25,10 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.config_types import InsideConfig, OutsideConfig
-
-STATUS_FILE = "status.json"
-MAX_STATUS_BYTES = 1024 * 1024
-"""A status file is a few kB; anything larger is not one (read no further)."""
+from ferry.status import STATUS_FILE, Observed, observe_status
 
 
 class State(enum.IntEnum):
@@ -103,16 +99,6 @@ class Space:
                 "total_inodes": self.total_inodes,
             }
         return out
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What was read from the status file: its data and age, or why it could not be used."""
-
-    path: str
-    data: dict[str, Any] | None = None
-    mtime: float | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -199,27 +185,6 @@ def _label(value: str) -> str:
 # --- reading (I/O) ---------------------------------------------------------------------------
 
 
-def read_status(path: Path) -> Observed:
-    """The status file as data, bounded; never raises."""
-    try:
-        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
-            st = os.fstat(fh.fileno())
-            raw = fh.read(MAX_STATUS_BYTES + 1)
-    except FileNotFoundError:
-        return Observed(str(path), error="missing")
-    except OSError as exc:
-        return Observed(str(path), error=f"unreadable: {exc.strerror or exc}")
-    if len(raw) > MAX_STATUS_BYTES:
-        return Observed(str(path), mtime=st.st_mtime, error="larger than 1 MiB: not a status file")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        return Observed(str(path), mtime=st.st_mtime, error=f"not valid JSON ({exc})")
-    if not isinstance(data, dict):
-        return Observed(str(path), mtime=st.st_mtime, error="not a JSON object")
-    return Observed(str(path), data=data, mtime=st.st_mtime)
-
-
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this host (signal 0 sends nothing)."""
     if pid <= 0:
@@ -282,7 +247,7 @@ def examine(
     role = "outside" if isinstance(cfg, OutsideConfig) else "inside"
     return assess(
         role,
-        read_status(cfg.state_dir / STATUS_FILE),
+        observe_status(cfg.state_dir / STATUS_FILE),
         measure(folders(cfg)),
         limits,
         now=time.time() if now is None else now,
@@ -304,7 +269,7 @@ def assess(
 ) -> Report:
     spaces = tuple(spaces)
     checks = [_agent(role, seen, limits, now, alive)]
-    data = seen.data if seen.error is None and seen.data is not None else {}
+    data = seen.data or {}
     running = checks[0].state is State.OK
     if running:
         checks.append(_audit(data))

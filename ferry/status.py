@@ -1,11 +1,17 @@
-"""A JSON status file each agent rewrites atomically (for `ferry demo`, operators, monitors)."""
+"""The JSON status file each agent rewrites atomically twice a second (``state/status.json``),
+for ``ferry health``, ``ferry demo``, operators and monitors."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+STATUS_FILE = "status.json"
+MAX_STATUS_BYTES = 1024 * 1024
+"""A status file is a few kB; anything larger is not one (read no further)."""
 
 
 def write_status(path: Path, data: dict[str, Any]) -> None:
@@ -14,9 +20,37 @@ def write_status(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_status(path: Path) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Observed:
+    """What was read from the status file: its data and age, or why it could not be used."""
+
+    path: str
+    data: dict[str, Any] | None = None
+    mtime: float | None = None
+    error: str | None = None
+
+
+def observe_status(path: Path) -> Observed:
+    """The status file as data, bounded; never raises."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+            st = os.fstat(fh.fileno())
+            raw = fh.read(MAX_STATUS_BYTES + 1)
+    except FileNotFoundError:
+        return Observed(str(path), error="missing")
+    except OSError as exc:
+        return Observed(str(path), error=f"unreadable: {exc.strerror or exc}")
+    if len(raw) > MAX_STATUS_BYTES:
+        return Observed(str(path), mtime=st.st_mtime, error="larger than 1 MiB: not a status file")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return Observed(str(path), mtime=st.st_mtime, error=f"not valid JSON ({exc})")
+    if not isinstance(data, dict):
+        return Observed(str(path), mtime=st.st_mtime, error="not a JSON object")
+    return Observed(str(path), data=data, mtime=st.st_mtime)
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The status as data, or None if there is no usable status file."""
+    return observe_status(path).data

@@ -30,7 +30,7 @@ from ferry.jsondoc import SchemaRegistry
 from ferry.quarantine_release import ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
 from ferry.state import Retention
-from ferry.status import write_status
+from ferry.status import STATUS_FILE, write_status
 from ferry.wire import records as rec
 from ferry.wire.linkstate import LinkMonitor
 from ferry.wire.receiver import (
@@ -230,7 +230,7 @@ class InsideAgent:
         self.delivered_bytes = 0
         self.rejected = 0
         self.lost = 0
-        self.status_path = cfg.state_dir / "status.json"
+        self.status_path = cfg.state_dir / STATUS_FILE
 
     # ------------------------------------------------------------ recovery
     def _recover(self) -> None:

@@ -30,7 +30,7 @@ from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError
 from ferry.runtime import open_sender, pacing_rate, settle_gc
 from ferry.state import Retention
-from ferry.status import write_status
+from ferry.status import STATUS_FILE, write_status
 from ferry.wire import records as rec
 from ferry.wire.pacing import TokenBucket
 from ferry.wire.sender import (
@@ -180,7 +180,7 @@ class OutsideAgent:
         self._awaiting: list[SpoolItem] = []  # new items whose intake records are not durable
         self._bundles_made = 0
         self.bundles_sent = 0
-        self.status_path = cfg.state_dir / "status.json"
+        self.status_path = cfg.state_dir / STATUS_FILE
 
     def _enqueue(self, items: list[SpoolItem]) -> None:
         for item in items:

@@ -91,6 +91,9 @@ def test_health_follows_the_agents_and_the_link(tmp_path: Path, agents) -> None:
     assert 'ferry_health{role="inside"} 0\n' in text
     assert 'ferry_health_check{role="inside",check="link"} 0\n' in text
     assert [p.name for p in prom.parent.iterdir()] == ["ferry_inside.prom"]  # no temp left
+    rc, printed = health(i, "--format", "prometheus", "-o", str(tmp_path / "no" / "x.prom"))
+    assert rc == 3
+    assert printed.startswith("FERRY UNKNOWN: cannot write ")
 
     assert outside.stop() == 0
     rc, found = checks(o)

@@ -12,17 +12,15 @@ from typing import Any
 import pytest
 
 from ferry.health import (
-    MAX_STATUS_BYTES,
     Limits,
-    Observed,
     Space,
     State,
     assess,
     measure,
     pid_alive,
-    read_status,
     worst,
 )
+from ferry.status import MAX_STATUS_BYTES, Observed, observe_status, read_status
 
 NOW = 1_800_000_000.0
 GIB = 1024**3
@@ -277,10 +275,11 @@ def test_prometheus_exposition_is_well_formed_and_escapes_labels() -> None:
 def test_read_status_takes_a_real_file(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     path.write_text(json.dumps(status()))
-    seen = read_status(path)
+    seen = observe_status(path)
     assert seen.error is None
     assert seen.data == status()
     assert seen.mtime == pytest.approx(path.stat().st_mtime)
+    assert read_status(path) == status()  # what the demo reads
 
 
 @pytest.mark.parametrize(
@@ -297,7 +296,7 @@ def test_read_status_refuses_what_is_not_a_status_file(
 ) -> None:
     path = tmp_path / "status.json"
     path.write_bytes(content)
-    seen = read_status(path)
+    seen = observe_status(path)
     assert seen.data is None
     assert seen.error is not None
     assert words in seen.error
@@ -308,11 +307,12 @@ def test_read_status_does_not_follow_a_symlink(tmp_path: Path) -> None:
     real = tmp_path / "elsewhere.json"
     real.write_text(json.dumps(status()))
     (tmp_path / "status.json").symlink_to(real)
-    seen = read_status(tmp_path / "status.json")
+    seen = observe_status(tmp_path / "status.json")
     assert seen.data is None
     assert seen.error is not None
     assert seen.error.startswith("unreadable")
-    assert read_status(tmp_path / "absent.json").error == "missing"
+    assert observe_status(tmp_path / "absent.json").error == "missing"
+    assert read_status(tmp_path / "absent.json") is None
 
 
 def test_measure_names_each_file_system_once(tmp_path: Path) -> None:
