@@ -2,11 +2,13 @@
 
 Each unit runs its agent as an unprivileged user under systemd's sandbox (systemd.exec(5)):
 read-only system, its own folder writable and nothing else, no capabilities, no devices but
-the serial line it uses (read-only inside, write-only outside), only the address families it
-needs, and namespaces limited to the user + network namespaces the content workers create to
-leave the network. The content workers then add their own seccomp filter and limits
+/dev/null, /dev/urandom and the serial line it uses (read-only inside, write-only outside),
+only the address families it needs, the system calls of a service less the privileged ones,
+and namespaces limited to the user + network namespaces the content workers create to leave
+the network. The content workers then add their own seccomp filter and limits
 (docs/CONTENT.md). Exit codes that a restart cannot fix (usage, config, key file, self-test,
-state database) stop the restarts.
+state database) stop the restarts. tests/integration/test_systemd_live.py runs the units
+under a real systemd.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ NO_RESTART_EXITS = tuple(
 """Exit codes a restart cannot fix (docs/OPERATIONS.md, "Exit codes"): a transport failure
 (11, e.g. a USB serial adapter unplugged) or a crash is restarted."""
 
+HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
+"""What ``ProtectHome=yes`` makes invisible to the service."""
+PACKAGE = Path(__file__).resolve().parent.parent
+"""Where this ferry's code is (a source checkout, an editable install or site-packages)."""
+
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
 
@@ -38,6 +45,11 @@ def ferry_command() -> list[str]:
     if script.is_file():
         return [str(script)]
     return [sys.executable, "-m", "ferry.cli"]
+
+
+def _under_a_home(paths: list[Path]) -> bool:
+    """Whether any of ``paths`` lies where ``ProtectHome=yes`` would hide it."""
+    return any(p.is_relative_to(home) for p in paths for home in HOMES)
 
 
 def _escape(text: str) -> str:
@@ -68,7 +80,11 @@ def service_unit(
     """The unit for ``side`` ("outside" or "inside") whose files all live under ``folder``."""
     if side not in ("outside", "inside"):
         raise ValueError(f"side must be outside or inside, not {side!r}")
-    argv = [*(command or ferry_command()), "--log-json", side, "run", "-c", str(config)]
+    program = command or ferry_command()
+    argv = [*program, "--log-json", side, "run", "-c", str(config)]
+    # ferry or its folder under a home directory: hidden by ProtectHome=yes, so read-only
+    # (the folder is writable again through ReadWritePaths=)
+    exposed = _under_a_home([Path(program[0]), PACKAGE, folder, config])
     low = side == "outside"
     lines = [
         f"# ferry {side} agent (written by `ferry init`; see docs/OPERATIONS.md, 'Services').",
@@ -107,7 +123,12 @@ def service_unit(
         "AmbientCapabilities=",
         "ProtectSystem=strict",
         f"ReadWritePaths={_word(str(folder))}",
-        "ProtectHome=yes",
+        *(
+            ["# ferry or its folder is under a home directory: read-only, not hidden."]
+            if exposed
+            else []
+        ),
+        f"ProtectHome={'read-only' if exposed else 'yes'}",
         "PrivateTmp=yes",
         "ProtectProc=invisible",
         "ProtectKernelTunables=yes",
@@ -123,6 +144,13 @@ def service_unit(
         "LockPersonality=yes",
         "RemoveIPC=yes",
         "SystemCallArchitectures=native",
+        "# System calls: what a service needs, plus seccomp (the content workers install their",
+        "# own filter), minus the privileged ones; a refused call fails with EPERM, it does not",
+        "# kill the agent.",
+        "SystemCallFilter=@system-service seccomp",
+        "SystemCallFilter=~@privileged",
+        "SystemCallErrorNumber=EPERM",
+        "PrivateMounts=yes",
         "# AF_NETLINK: libzmq lists the network interfaces through it (it aborts without).",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     ]
@@ -131,8 +159,11 @@ def service_unit(
     else:
         access = "w" if low else "r"  # the one-way property, enforced by the kernel as well
         lines += [
-            f"# The serial line, {'write' if low else 'read'}-only: nothing else under /dev.",
-            "DevicePolicy=closed",
+            f"# The serial line, {'write' if low else 'read'}-only, /dev/null and /dev/urandom:",
+            "# no other device (strict: `closed` would add every pty, read-write).",
+            "DevicePolicy=strict",
+            "DeviceAllow=/dev/null rw",
+            "DeviceAllow=/dev/urandom r",
             f"DeviceAllow={_word(serial_device)} {access}",
             "SupplementaryGroups=dialout",
         ]

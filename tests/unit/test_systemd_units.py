@@ -77,6 +77,10 @@ def test_init_writes_a_unit_that_runs_the_agent_on_its_config(udp: dict, side: s
     families = unit["RestrictAddressFamilies"][0].split()
     assert sorted(families) == ["AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"]
     assert unit["RestrictNamespaces"] == ["user net"]  # the content workers leave the network
+    # a service's system calls plus seccomp (the workers' own filter), less the privileged
+    assert unit["SystemCallFilter"] == ["@system-service seccomp", "~@privileged"]
+    assert unit["SystemCallErrorNumber"] == ["EPERM"]
+    assert unit["ProtectHome"] == ["yes"]  # ferry and its folder are not under /home here
 
 
 @pytest.mark.parametrize("side", ["outside", "inside"])
@@ -102,9 +106,31 @@ def test_restarts_stop_at_exit_codes_a_restart_cannot_fix(udp: dict) -> None:
 def test_a_serial_unit_opens_its_line_one_way_only(serial: dict) -> None:
     for side, device, access in (("outside", "/dev/ttyS0", "w"), ("inside", "/dev/ttyUSB1", "r")):
         unit = parse(Path(serial[side]["service"]).read_text())["Service"]
-        assert unit["DevicePolicy"] == ["closed"]
-        assert unit["DeviceAllow"] == [f"{device} {access}"]
+        assert unit["DevicePolicy"] == ["strict"]  # closed would add every pty, read-write
+        assert unit["DeviceAllow"] == ["/dev/null rw", "/dev/urandom r", f"{device} {access}"]
         assert "PrivateDevices" not in unit
+
+
+@pytest.mark.parametrize(
+    ("folder", "program", "protect"),
+    [
+        ("/srv/ferry", "/usr/bin/ferry", "yes"),
+        ("/home/clerk/ferry", "/usr/bin/ferry", "read-only"),
+        ("/srv/ferry", "/root/src/ferry/.venv/bin/ferry", "read-only"),
+        ("/run/user/1000/ferry", "/usr/bin/ferry", "read-only"),
+        ("/homework/ferry", "/usr/bin/ferry", "yes"),  # a path, not a prefix of a string
+    ],
+)
+def test_a_home_directory_is_made_read_only_not_hidden(
+    folder: str, program: str, protect: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ProtectHome=yes would hide a ferry or a folder under /home, /root or /run/user from
+    the agent: the unit would not start."""
+    monkeypatch.setattr("ferry.systemd.PACKAGE", Path("/usr/lib/python3/dist-packages"))
+    text = service_unit("inside", Path(folder), Path(folder) / "i.yaml", command=[program])
+    unit = parse(text)["Service"]
+    assert unit["ProtectHome"] == [protect]
+    assert unit["ReadWritePaths"] == [folder]  # writable again under read-only
 
 
 def test_odd_paths_are_escaped_for_systemd(tmp_path: Path) -> None:
@@ -158,9 +184,9 @@ def test_systemd_reads_escaped_paths_as_the_paths_they_are(tmp_path: Path) -> No
 @needs_systemd
 def test_the_sandbox_scores_ok_in_systemds_own_exposure_rating(udp: dict, tmp_path: Path) -> None:
     for side in ("outside", "inside"):
-        result = analyze("security", "--offline=yes", "--threshold=40", udp[side]["service"])
+        result = analyze("security", "--offline=yes", "--threshold=20", udp[side]["service"])
         assert result.returncode == 0, result.stdout[-2000:]
         assert "Overall exposure level" in result.stdout
     plain = tmp_path / "plain.service"  # control: an unsandboxed unit fails the same threshold
     plain.write_text(f"[Service]\nExecStart={shutil.which('true')}\n")
-    assert analyze("security", "--offline=yes", "--threshold=40", str(plain)).returncode != 0
+    assert analyze("security", "--offline=yes", "--threshold=20", str(plain)).returncode != 0
