@@ -140,6 +140,9 @@ def test_worker_leaves_the_network_when_not_root() -> None:
     which the kernel refuses to a process that already runs a second thread (EINVAL); under
     the systemd units the agents never run as root."""
     nobody = {"user": 65534, "group": 65534, "extra_groups": []}
+    here = Path(__file__).resolve()
+    if any(not d.stat().st_mode & 0o001 for d in here.parents):
+        pytest.skip(f"another user cannot reach {here.parents[2]} (a folder on the way is closed)")
     control = subprocess.run(
         [sys.executable, "-c", UNSHARE], capture_output=True, text=True, check=True, **nobody
     )

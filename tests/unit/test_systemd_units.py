@@ -18,7 +18,7 @@ from ferry.config import load_config
 from ferry.errors import ChannelError, ConfigError, KeyFileError, SelfTestError, StateError
 from ferry.health import folders
 from ferry.provision import init_deployment
-from ferry.systemd import ferry_command, service_unit
+from ferry.systemd import HOMES, PACKAGE, ferry_command, service_unit
 
 ANALYZE = shutil.which("systemd-analyze")
 needs_systemd = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -80,7 +80,10 @@ def test_init_writes_a_unit_that_runs_the_agent_on_its_config(udp: dict, side: s
     # a service's system calls plus seccomp (the workers' own filter), less the privileged
     assert unit["SystemCallFilter"] == ["@system-service seccomp", "~@privileged"]
     assert unit["SystemCallErrorNumber"] == ["EPERM"]
-    assert unit["ProtectHome"] == ["yes"]  # ferry and its folder are not under /home here
+    # hidden, unless ferry itself is under a home directory (then read-only: see below)
+    here = [Path(ferry_command()[0]), PACKAGE]
+    exposed = any(p.is_relative_to(home) for p in here for home in HOMES)
+    assert unit["ProtectHome"] == ["read-only" if exposed else "yes"]
 
 
 @pytest.mark.parametrize("side", ["outside", "inside"])
