@@ -52,6 +52,7 @@ DEBIAN_TOOLS = {
     # package: (commands that show it is there, the tests that need it)
     "chromium": (("chromium", "chromium-browser"), "the HTML report test"),
     "systemd": (("systemd-analyze",), "the systemd unit checks"),
+    "bindfs": (("bindfs",), "the drop folder on a network share tests (FUSE)"),
 }
 
 

@@ -458,8 +458,9 @@ def _outside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> OutsideChannel:
     for key in ("after_send", "subfolders", "max_items_per_minute", "priority"):
         if key in raw:
             kw[key] = raw[key]
-    if "settle_seconds" in raw:
-        kw["settle_seconds"] = float(raw["settle_seconds"])
+    for key in ("settle_seconds", "rescan_seconds"):
+        if key in raw:
+            kw[key] = float(raw[key])
     for key in ("max_size", "max_message_size"):
         if key in raw:
             kw[key] = _size(doc, (*where, key), raw[key])
@@ -473,7 +474,8 @@ def _outside_channel(doc: _Doc, i: int, raw: dict[str, Any]) -> OutsideChannel:
             raise doc.error((*where, "content"), f"channels[{i}].content: only for files channels")
         kw["content"] = _content(doc, (*where, "content"), raw["content"])
     if kind == "messages":
-        for key in ("drop", "sent", "quarantine", "subfolders", "after_send", "settle_seconds"):
+        folder_keys = ("drop", "sent", "quarantine", "subfolders", "after_send")
+        for key in (*folder_keys, "settle_seconds", "rescan_seconds"):
             if key in raw:
                 raise doc.error(
                     (*where, key),

@@ -113,6 +113,9 @@ class OutsideChannel:
     settle_seconds: float = 1.0
     """A file must keep the same size and mtime this long before it is taken
     (files closed after writing or renamed into place are taken sooner)."""
+    rescan_seconds: float | None = None
+    """How often the drop folder is scanned in full (None: every 30 s, or every 2 s on a
+    network share, where inotify does not see files other machines write)."""
     subfolders: bool = False
     """Take files from subfolders of the drop folder too (the relative path travels along)."""
     max_items_per_minute: int = 0

@@ -306,6 +306,9 @@ def _outside_yaml(
     # Seconds a file must keep the same size and mtime before it is taken
     # (files closed after writing or renamed into place are taken at once).
     settle_seconds: {ch.settle_seconds}
+    # A drop folder on a network share (SMB, NFS) is rescanned every 2 s, a local one every
+    # 30 s (inotify sees only this host's writes there); set how often here:
+    # rescan_seconds: 2
     # Take files from subfolders too (the relative path travels along).
     subfolders: false
 {_bulk_yaml() if name in bulk else _content_yaml()}"""

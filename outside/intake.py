@@ -11,6 +11,7 @@ channel's quarantine folder with ``<name>.reason.json`` and ``<name>.reason.txt`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mimetypes
@@ -247,7 +248,13 @@ class FolderIntake:
             assert c.drop is not None  # filtered above
             c.drop.mkdir(parents=True, exist_ok=True)
             specs.append(
-                WatchSpec(c.name, c.drop, recursive=c.subfolders, settle_seconds=c.settle_seconds)
+                WatchSpec(
+                    c.name,
+                    c.drop,
+                    recursive=c.subfolders,
+                    settle_seconds=c.settle_seconds,
+                    rescan_seconds=c.rescan_seconds,
+                )
             )
         self.watcher = DropWatcher(specs, rescan_interval=rescan_interval)
         self.paused = False
@@ -553,11 +560,44 @@ class FolderIntake:
             while target.exists():
                 n += 1
                 target = target.with_name(f"{Path(rel.name).stem} ({n}){Path(rel.name).suffix}")
-            os.rename(path, target)
+            try:
+                os.rename(path, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                _move_across(path, target)  # sent is on another file system (a share as drop)
         except FileNotFoundError:
             pass
         except OSError as exc:
             _log.error("cannot_move_original", channel=ch.name, name=rel.name, error=str(exc))
+
+
+def _move_across(path: Path, target: Path) -> None:
+    """``rename`` from one file system to another: the original is copied under a hidden
+    temp name, synced, linked to ``target`` (never over a file), and removed only then. Its
+    modification time is kept."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with open(src, "rb", closefd=False) as fin, open(dst, "wb", closefd=False) as fout:
+                shutil.copyfileobj(fin, fout, COPY_CHUNK)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    try:
+        os.link(tmp, target)
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(target.parent)
+    os.unlink(path)
 
 
 class ContentRefused(PolicyRejection):

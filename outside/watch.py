@@ -19,6 +19,12 @@ it changes. Symlinks, FIFOs, devices, sockets and folders nested deeper than
 every ``rescan_interval`` seconds is the safety net for lost events (inotify
 queue overflow) and for a drop folder that is deleted, moved away or replaced.
 
+On a network file system (an SMB/CIFS or NFS share, FUSE, 9p...) inotify reports only what
+this host writes there, not what the clerks' machines or the file server write, so the scan
+is what finds their files: such a folder is rescanned every ``NETWORK_RESCAN_SECONDS``
+unless its channel sets ``rescan_seconds`` (found from /proc/self/mountinfo when the folder
+is attached, and logged).
+
 Threads: watchdog calls the handler on its observer thread; the handler only
 records hints in a bounded inbox. All other state belongs to the thread that
 calls ``poll()``; ``done``, ``pause`` and ``resume`` post to the inbox and may
@@ -73,6 +79,21 @@ DEBOUNCE_SECONDS = 0.1
 FOLDER_RETRY_SECONDS = 1.0
 # Least time between two rescans forced by a full inbox, so a burst cannot become a scan loop.
 MIN_FORCED_RESCAN_GAP = 1.0
+# How often a drop folder on a network file system is rescanned by default (inotify does not
+# see other machines' writes there).
+NETWORK_RESCAN_SECONDS = 2.0
+# Past this, a network folder's files may wait long enough to surprise a clerk: logged.
+SLOW_NETWORK_RESCAN = 10.0
+# File system types where other machines write (as /proc/self/mountinfo names them; for FUSE,
+# "fuse.<program>" or "fuse"). fuseblk is a local disk through FUSE (ntfs-3g): not listed.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "virtiofs", "vboxsf", "ceph",
+        "glusterfs", "gfs2", "ocfs2", "lustre", "beegfs", "gpfs", "afs", "coda", "davfs",
+        "fuse",
+    }
+)  # fmt: skip
+MOUNTINFO = "/proc/self/mountinfo"
 # How long stop() waits for watchdog's threads.
 STOP_TIMEOUT = 5.0
 
@@ -101,12 +122,49 @@ def ignored(name: str) -> bool:
     return name.startswith(IGNORED_PREFIXES) or name.lower().endswith(IGNORED_SUFFIXES)
 
 
+def _unescape(field: str) -> str:
+    """A mountinfo path field: space, tab, newline and backslash are octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def filesystem_type(path: str | Path, mountinfo: str | None = None) -> str:
+    """The type of the file system ``path`` is on (``"ext4"``, ``"cifs"``, ``"fuse.sshfs"``),
+    from the mount whose point is its longest leading path; ``""`` when unknown."""
+    if mountinfo is None:
+        try:
+            with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+                mountinfo = f.read()
+        except OSError:
+            return ""
+    target = os.path.realpath(path)
+    best, found = -1, ""
+    for line in mountinfo.splitlines():
+        fields, sep, tail = line.partition(" - ")
+        parts = fields.split(" ")
+        if not sep or len(parts) < 5 or not tail:
+            continue
+        point = _unescape(parts[4])
+        inside = point in ("/", target) or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:  # a later mount on the same point hides the earlier
+            best, found = len(point), tail.split(" ")[0]
+    return found
+
+
+def is_network_filesystem(fstype: str) -> bool:
+    return fstype in NETWORK_FILESYSTEMS or fstype.partition(".")[0] in NETWORK_FILESYSTEMS
+
+
 @dataclass(frozen=True)
 class WatchSpec:
     channel: str
     folder: Path
     recursive: bool = False  # take files from subfolders (relpath kept)
     settle_seconds: float = 1.0
+    # Full scans of this folder (None: the watcher's interval, or NETWORK_RESCAN_SECONDS on a
+    # network file system).
+    rescan_seconds: float | None = None
     # Subfolders (relative to ``folder``) never entered, e.g. a ``sent`` folder kept inside it.
     exclude: tuple[PurePosixPath, ...] = ()
 
@@ -188,6 +246,8 @@ class _Channel:
     root_id: tuple[int, int] | None = None
     retry_at: float = math.inf
     unavailable_logged: bool = False
+    rescan_every: float = math.inf  # set when attached (depends on the file system)
+    rescan_at: float = math.inf
 
     def relative(self, path: str) -> PurePosixPath | None:
         """The path relative to the drop folder, or None when it is not to be looked at."""
@@ -260,6 +320,9 @@ class DropWatcher:
                     )
         if min(rescan_interval, max_tracked, folder_retry) <= 0:
             raise UsageError("rescan_interval, max_tracked and folder_retry must be positive")
+        for spec in specs:
+            if spec.rescan_seconds is not None and spec.rescan_seconds <= 0:
+                raise UsageError(f"channel {spec.channel!r}: rescan_seconds must be positive")
         self._channels = [
             _Channel(spec, root, _Handler(partial(self._on_event, i)))
             for i, (spec, root) in enumerate(zip(specs, roots, strict=True))
@@ -281,7 +344,6 @@ class DropWatcher:
         self._entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
-        self._rescan_at = math.inf
         self._last_forced_rescan = -math.inf
         self._full_logged = False
         self._ready: list[Ready] = []
@@ -296,8 +358,7 @@ class DropWatcher:
         self._observer.start()
         now = self._clock()
         for index in range(len(self._channels)):
-            self._attach(index, now, scan=False)
-        self._rescan_at = now  # the first poll() scans every folder
+            self._attach(index, now, scan=False)  # the first poll() scans every folder
 
     def stop(self) -> None:
         with self._cond:
@@ -426,10 +487,11 @@ class DropWatcher:
         if inbox.overflow:
             _log.warning("watch_events_dropped", pending=MAX_PENDING_HINTS)
             forced = max(now, self._last_forced_rescan + MIN_FORCED_RESCAN_GAP)
-            if forced < self._rescan_at:
-                self._rescan_at = forced
-                self._last_forced_rescan = forced
-        if now >= self._rescan_at:
+            for ch in self._channels:
+                if forced < ch.rescan_at:
+                    ch.rescan_at = forced
+                    self._last_forced_rescan = forced
+        if any(now >= ch.rescan_at for ch in self._channels):
             self._rescan(now)
         for index, ch in enumerate(self._channels):
             if ch.watch is None and now >= ch.retry_at:
@@ -437,7 +499,10 @@ class DropWatcher:
         self._run_due(now, paused)
 
     def _next_wakeup(self) -> float:
-        wake = min([self._rescan_at, *(c.retry_at for c in self._channels if c.watch is None)])
+        wake = min(
+            (c.rescan_at if c.watch is not None else c.retry_at for c in self._channels),
+            default=math.inf,
+        )
         if self._heap:
             wake = min(wake, self._heap[0][0])
         return wake
@@ -636,9 +701,11 @@ class DropWatcher:
                 pass
 
     def _rescan(self, now: float) -> None:
+        """Scan every folder that is due."""
         for index, ch in enumerate(self._channels):
-            if ch.watch is None:
+            if ch.watch is None or now < ch.rescan_at:
                 continue
+            ch.rescan_at = now + ch.rescan_every
             try:
                 st = os.lstat(ch.root)
                 ident: tuple[int, int] | None = (st.st_dev, st.st_ino)
@@ -651,7 +718,6 @@ class DropWatcher:
                 continue
             self._scan(index, ch.root, _ROOT, now)
         self._full_logged = self._full_logged and len(self._entries) >= self._max_tracked
-        self._rescan_at = now + self._rescan_interval
 
     def _attach(self, index: int, now: float, *, scan: bool) -> None:
         assert self._observer is not None
@@ -676,9 +742,34 @@ class DropWatcher:
             return
         ch.watch, ch.root_id = watch, (st.st_dev, st.st_ino)
         ch.retry_at, ch.unavailable_logged = math.inf, False
-        _log.info("drop_folder_watched", channel=ch.spec.channel, folder=ch.root)
+        fstype = filesystem_type(ch.root)
+        network = is_network_filesystem(fstype)
+        every = ch.spec.rescan_seconds
+        if every is None:
+            every = NETWORK_RESCAN_SECONDS if network else self._rescan_interval
+        ch.rescan_every = every
+        _log.info(
+            "drop_folder_watched",
+            channel=ch.spec.channel,
+            folder=ch.root,
+            filesystem=fstype or "unknown",
+            rescan_seconds=every,
+        )
+        if network and every > SLOW_NETWORK_RESCAN:
+            _log.warning(
+                "drop_folder_network_rescan_slow",
+                channel=ch.spec.channel,
+                folder=ch.root,
+                filesystem=fstype,
+                rescan_seconds=every,
+                detail="files other machines write to this share are found only by a scan; "
+                f"they may wait up to {every:g} s (lower the channel's rescan_seconds)",
+            )
         if scan:
             self._scan(index, ch.root, _ROOT, now)
+            ch.rescan_at = now + every
+        else:
+            ch.rescan_at = now
 
     def _lose(self, index: int, now: float, why: str) -> None:
         """The drop folder vanished or was replaced: drop its watch and state, retry soon."""
@@ -690,7 +781,7 @@ class DropWatcher:
         assert self._observer is not None
         with contextlib.suppress(KeyError):  # watchdog already dropped it
             self._observer.unschedule(ch.watch)
-        ch.watch, ch.root_id, ch.retry_at = None, None, now
+        ch.watch, ch.root_id, ch.retry_at, ch.rescan_at = None, None, now, math.inf
         for path in [p for p, e in self._entries.items() if e.chan == index]:
             del self._entries[path]
         _log.warning("drop_folder_lost", channel=ch.spec.channel, folder=ch.root, why=why)

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,12 @@ def fill_disk(folder: Path) -> Path:
         except OSError:
             pass
     return filler
+
+
+@dataclass(frozen=True)
+class Share:
+    """A folder seen through a FUSE mount, as a clerk's share is: ``server`` is the file
+    server's side (writes there are other machines' writes), ``mount`` the gateway's view."""
+
+    server: Path
+    mount: Path

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import Agent
+from cli_helpers import Agent, Share
 
 
 @pytest.fixture
@@ -47,3 +47,19 @@ def small_audit_disk(tmp_path: Path):
     yield mount
     for m in mounts:
         subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+@pytest.fixture
+def network_share(tmp_path: Path) -> Iterator[Share]:
+    """A real FUSE file system (bindfs) over a folder. Like an SMB or NFS share, inotify on
+    the mount reports only what is written through it, not what the server side writes."""
+    if shutil.which("bindfs") is None or not Path("/dev/fuse").exists():
+        pytest.skip("bindfs (FUSE) is not installed")  # tasks.py installs it when root
+    share = Share(tmp_path / "fileserver", tmp_path / "share")
+    share.server.mkdir()
+    share.mount.mkdir()
+    subprocess.run(["bindfs", str(share.server), str(share.mount)], check=True)
+    try:
+        yield share
+    finally:
+        subprocess.run(["umount", "-l", str(share.mount)], check=False)

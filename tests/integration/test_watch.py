@@ -10,10 +10,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
+from cli_helpers import Share
 from structlog.testing import capture_logs
 from watchdog.observers.api import BaseObserver, EventEmitter
 
-from outside.watch import MAX_DEPTH, DropWatcher, Ready, Refused, WatchSpec
+from ferry.errors import UsageError
+from outside.watch import (
+    MAX_DEPTH,
+    NETWORK_RESCAN_SECONDS,
+    DropWatcher,
+    Ready,
+    Refused,
+    WatchSpec,
+    is_network_filesystem,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -348,3 +358,61 @@ def test_tracking_is_bounded(tmp_path: Path, make: Make) -> None:
         second, _ = collect(w, 1.0, has(2))
     assert sorted(names(first) + names(second)) == ["0.txt", "1.txt", "2.txt", "3.txt"]
     assert "watch_tracking_full" in [e["event"] for e in logs]
+
+
+def test_each_channel_rescans_on_its_own_schedule(tmp_path: Path, make: Make) -> None:
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    fast.mkdir()
+    slow.mkdir()
+    w = make(
+        WatchSpec("fast", fast, settle_seconds=SETTLE, rescan_seconds=0.2),
+        WatchSpec("slow", slow, settle_seconds=SETTLE),  # the watcher's 60 s
+        rescan_interval=60,
+        observer_factory=DeafObserver,  # no events: only scans find files
+    )
+    collect(w, 0.1)  # the initial scan of both
+    (fast / "f.txt").write_bytes(b"f")
+    (slow / "s.txt").write_bytes(b"s")
+    ready, _ = collect(w, 1.5)
+    assert [(r.channel, str(r.relpath)) for r in ready] == [("fast", "f.txt")]
+
+
+def test_zero_rescan_seconds_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="rescan_seconds must be positive"):
+        DropWatcher([WatchSpec("c", tmp_path, rescan_seconds=0)])
+
+
+def test_a_share_is_found_and_rescanned_often_by_default(network_share: Share, make: Make) -> None:
+    """Files the file server writes raise no inotify event on the share's mount; the scan
+    every NETWORK_RESCAN_SECONDS finds them."""
+    with capture_logs() as logs:
+        w = make(WatchSpec("c", network_share.mount, settle_seconds=SETTLE))  # real inotify
+        collect(w, 0.3)  # attached and scanned once
+        (network_share.server / "from-a-clerk.txt").write_bytes(b"written on the server")
+        started = time.monotonic()
+        ready, _ = collect(w, NETWORK_RESCAN_SECONDS + 3, has(1))
+    took = time.monotonic() - started
+    assert names(ready) == ["from-a-clerk.txt"]
+    assert took < NETWORK_RESCAN_SECONDS + 2, took
+    (watched,) = [e for e in logs if e["event"] == "drop_folder_watched"]
+    assert is_network_filesystem(watched["filesystem"]), watched
+    assert watched["rescan_seconds"] == NETWORK_RESCAN_SECONDS
+    assert "drop_folder_network_rescan_slow" not in [e["event"] for e in logs]
+
+
+def test_inotify_alone_misses_what_the_server_writes(network_share: Share, make: Make) -> None:
+    """The control for the test above: with scans a minute apart, nothing is found, though
+    the file is there to list; and the slow setting is flagged in the log."""
+    with capture_logs() as logs:
+        w = make(WatchSpec("c", network_share.mount, settle_seconds=SETTLE, rescan_seconds=60))
+        collect(w, 0.3)
+        (network_share.server / "unseen.txt").write_bytes(b"x")
+        ready, _ = collect(w, NETWORK_RESCAN_SECONDS + 1.5)
+    assert ready == []
+    assert (network_share.mount / "unseen.txt").exists()
+    (slow,) = [e for e in logs if e["event"] == "drop_folder_network_rescan_slow"]
+    assert slow["rescan_seconds"] == 60
+    # written through the mount (this host), it is an event as usual
+    (network_share.mount / "local.txt").write_bytes(b"y")
+    ready, _ = collect(w, 2.0, has(1))
+    assert names(ready) == ["local.txt"]

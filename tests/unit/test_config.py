@@ -369,6 +369,18 @@ OUTSIDE_BAD: list[tuple[str, Edit, int, tuple[str, ...]]] = [
     ),
     ("zero size", _sub("max_size: 4G", "max_size: 0"), 21, ("channels[0].max_size",)),
     (
+        "zero rescan",
+        _sub("    max_size: 4G\n", "    max_size: 4G\n    rescan_seconds: 0\n"),
+        22,
+        ("channels[0].rescan_seconds", "from 0.1 to 86400, got 0"),
+    ),
+    (
+        "rescan not a number",
+        _sub("    max_size: 4G\n", "    max_size: 4G\n    rescan_seconds: often\n"),
+        22,
+        ("channels[0].rescan_seconds", "'often'"),
+    ),
+    (
         "fractional size",
         _sub("max_size: 4G", "max_size: 0.3k"),
         21,
@@ -517,6 +529,22 @@ def test_outside_loader_refuses_inside_config(tmp_path: Path) -> None:
     path = _write(tmp_path, INSIDE, "inside.yaml")
     message = _error(load_outside_config, path)
     assert f"{path}:2: role: expected 'outside', got 'inside'" in message
+
+
+def test_rescan_seconds_is_per_files_channel(tmp_path: Path) -> None:
+    text = OUTSIDE.replace("    max_size: 4G\n", "    max_size: 4G\n    rescan_seconds: 3\n")
+    docs, photos = load_outside_config(_write(tmp_path, text)).channels
+    assert docs.rescan_seconds == 3.0
+    assert type(docs.rescan_seconds) is float
+    assert photos.rescan_seconds is None  # the watcher's default (30 s, 2 s on a share)
+    info = init_deployment(tmp_path / "d", transport="udp", kem="x25519", port=47003)
+    path = Path(info["outside"]["config"])
+    data = yaml.safe_load(path.read_text())
+    (ch,) = [c for c in data["channels"] if c.get("kind") == "messages"]
+    ch["rescan_seconds"] = 2
+    path.write_text(yaml.safe_dump(data))
+    message = _error(load_outside_config, path)
+    assert "rescan_seconds: a messages channel has no folders" in message
 
 
 def test_unreadable_paths(tmp_path: Path) -> None:

@@ -1,0 +1,62 @@
+"""A drop folder on a network share: real agents, a real FUSE mount (bindfs) as the share.
+
+Clerks' machines write to the file server, not through the gateway's mount, so inotify on
+the mount hears nothing of their files: the outside finds them by rescanning the share.
+The originals are archived to a sent folder on the gateway's own disk, another file system.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import Share, drop_file, edit_yaml, fast_bulk, init, opaque, wait_files
+
+from outside.watch import is_network_filesystem
+
+pytestmark = pytest.mark.integration
+
+
+def test_files_clerks_save_on_a_share_cross_and_are_archived_off_it(
+    tmp_path: Path, agents: Any, network_share: Share
+) -> None:
+    dep = init(tmp_path / "d")
+    docs = dep["channels"]["documents"]
+
+    def on_share(data: dict[str, Any]) -> None:
+        fast_bulk(data)
+        (ch,) = [c for c in data["channels"] if c["name"] == "documents"]
+        ch["drop"] = str(network_share.mount)
+        ch["sent"] = docs["sent"]  # on the gateway's disk: another file system
+        ch["rescan_seconds"] = 0.5
+
+    edit_yaml(dep["outside"]["config"], on_share)
+    edit_yaml(dep["inside"]["config"], opaque)
+    agents("inside", dep["inside"]["config"])
+    outside = agents("outside", dep["outside"]["config"])
+    watched = outside.wait_event("drop_folder_watched", channel="documents")
+    assert is_network_filesystem(watched["filesystem"]), watched
+    assert watched["rescan_seconds"] == 0.5
+
+    files = {f"申请材料-{i}.pdf": os.urandom(1000 + 7919 * i) for i in range(5)}
+    mtime = time.time() - 3600
+    for name, data in files.items():  # as a clerk's machine saves to the file server
+        drop_file(network_share.server, name, data)
+        os.utime(network_share.server / name, (mtime, mtime))
+    assert wait_files(docs["deliver"], set(files), timeout=30) == files
+
+    deadline = time.monotonic() + 10
+    while os.listdir(network_share.server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.listdir(network_share.server) == []  # each original left the share...
+    sent = Path(docs["sent"])
+    assert {p.name: p.read_bytes() for p in sent.iterdir()} == files  # ...for the sent folder
+    assert all(abs(p.stat().st_mtime - mtime) < 1 for p in sent.iterdir())  # dated as saved
+    time.sleep(1.5)  # three more rescans: nothing is taken twice
+    assert sorted(os.listdir(docs["deliver"])) == sorted(files)
+    events = [e["event"] for e in outside.events()]
+    assert "cannot_move_original" not in events
+    assert events.count("taken") == len(files), [e for e in events if "take" in e]
