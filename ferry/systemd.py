@@ -28,6 +28,8 @@ NO_RESTART_EXITS = tuple(
 
 HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
 """What ``ProtectHome=yes`` makes invisible to the service."""
+TEMPS = (Path("/tmp"), Path("/var/tmp"))  # noqa: S108  # the folders, not files in them
+"""What ``PrivateTmp=yes`` replaces with empty folders of the service's own."""
 PACKAGE = Path(__file__).resolve().parent.parent
 """Where this ferry's code is (a source checkout, an editable install or site-packages)."""
 
@@ -47,9 +49,9 @@ def ferry_command() -> list[str]:
     return [sys.executable, "-m", "ferry.cli"]
 
 
-def _under_a_home(paths: list[Path]) -> bool:
-    """Whether any of ``paths`` lies where ``ProtectHome=yes`` would hide it."""
-    return any(p.is_relative_to(home) for p in paths for home in HOMES)
+def _under(places: tuple[Path, ...], paths: list[Path]) -> bool:
+    """Whether any of ``paths`` lies in one of ``places``."""
+    return any(p.is_relative_to(place) for p in paths for place in places)
 
 
 def _escape(text: str) -> str:
@@ -84,7 +86,10 @@ def service_unit(
     argv = [*program, "--log-json", side, "run", "-c", str(config)]
     # ferry or its folder under a home directory: hidden by ProtectHome=yes, so read-only
     # (the folder is writable again through ReadWritePaths=)
-    exposed = _under_a_home([Path(program[0]), PACKAGE, folder, config])
+    ours = [Path(program[0]), PACKAGE, folder, config]
+    exposed = _under(HOMES, ours)
+    # ferry or its folder under /tmp or /var/tmp (a trial install): a private /tmp hides them
+    in_tmp = _under(TEMPS, ours)
     low = side == "outside"
     lines = [
         f"# ferry {side} agent (written by `ferry init`; see docs/OPERATIONS.md, 'Services').",
@@ -129,7 +134,12 @@ def service_unit(
             else []
         ),
         f"ProtectHome={'read-only' if exposed else 'yes'}",
-        "PrivateTmp=yes",
+        *(
+            ["# ferry or its folder is under /tmp or /var/tmp: a private /tmp would hide it."]
+            if in_tmp
+            else []
+        ),
+        f"PrivateTmp={'no' if in_tmp else 'yes'}",
         "ProtectProc=invisible",
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",

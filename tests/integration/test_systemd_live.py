@@ -204,23 +204,39 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
 
 
 def active(booted: Booted, *units: str) -> bool:
+    """All of ``units`` active and never restarted; an AssertionError with the journal of
+    the first that failed or was restarted (Restart=on-failure hides a failure otherwise)."""
+    for unit in units:
+        props = booted.show(unit, "ActiveState", "NRestarts")
+        if props["ActiveState"] == "failed" or props["NRestarts"] != "0":
+            journal = booted.run("journalctl", "-u", unit, "--no-pager", check=False).stdout
+            raise AssertionError(f"{unit} failed ({props}):\n{journal[-3000:]}")
     states = booted.run("systemctl", "is-active", *units, check=False).stdout.split()
-    failed = [u for u, s in zip(units, states, strict=False) if s == "failed"]
-    if failed:
-        journal = booted.run("journalctl", "-u", failed[0], "--no-pager", check=False).stdout
-        raise AssertionError(f"{failed[0]} failed:\n{journal[-3000:]}")
     return states == ["active"] * len(units)
 
 
 UNITS = ("ferry-outside.service", "ferry-inside.service")
+_broken: list[str] = []  # why the agents did not start: the other tests fail at once
 
 
 @pytest.fixture(scope="module")
 def running(booted: Booted) -> Booted:
-    wait_for("both agents to be active", lambda: active(booted, *UNITS), 60)
-    for side in ("outside", "inside"):  # started and past their self-tests: status written
-        status = booted.inside(Path(booted.init[side]["config"]).parent / "state/status.json")
-        wait_for(f"the {side} agent's status file", status.exists, 60)
+    if _broken:
+        pytest.fail(f"the agents did not start (see the first error): {_broken[0]}")
+    try:
+        wait_for("both agents to be active", lambda: active(booted, *UNITS), 60)
+        statuses = [
+            booted.inside(Path(booted.init[side]["config"]).parent / "state/status.json")
+            for side in ("outside", "inside")
+        ]
+
+        def started() -> bool:  # past their self-tests: each has written its status
+            return active(booted, *UNITS) and all(s.exists() for s in statuses)
+
+        wait_for("both agents' status files", started, 60)
+    except AssertionError as exc:
+        _broken.append(str(exc)[:500])
+        raise
     return booted
 
 

@@ -18,7 +18,7 @@ from ferry.config import load_config
 from ferry.errors import ChannelError, ConfigError, KeyFileError, SelfTestError, StateError
 from ferry.health import folders
 from ferry.provision import init_deployment
-from ferry.systemd import HOMES, PACKAGE, ferry_command, service_unit
+from ferry.systemd import HOMES, PACKAGE, TEMPS, ferry_command, service_unit
 
 ANALYZE = shutil.which("systemd-analyze")
 needs_systemd = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -80,10 +80,12 @@ def test_init_writes_a_unit_that_runs_the_agent_on_its_config(udp: dict, side: s
     # a service's system calls plus seccomp (the workers' own filter), less the privileged
     assert unit["SystemCallFilter"] == ["@system-service seccomp", "~@privileged"]
     assert unit["SystemCallErrorNumber"] == ["EPERM"]
-    # hidden, unless ferry itself is under a home directory (then read-only: see below)
-    here = [Path(ferry_command()[0]), PACKAGE]
-    exposed = any(p.is_relative_to(home) for p in here for home in HOMES)
-    assert unit["ProtectHome"] == ["read-only" if exposed else "yes"]
+    # hidden, unless this ferry itself is there (then read-only, or no private /tmp: below)
+    here = [Path(ferry_command()[0]), PACKAGE, Path(config)]  # (pytest's folders are in /tmp)
+    in_home = any(p.is_relative_to(place) for p in here for place in HOMES)
+    in_tmp = any(p.is_relative_to(place) for p in here for place in TEMPS)
+    assert unit["ProtectHome"] == ["read-only" if in_home else "yes"]
+    assert unit["PrivateTmp"] == ["no" if in_tmp else "yes"]
 
 
 @pytest.mark.parametrize("side", ["outside", "inside"])
@@ -115,24 +117,29 @@ def test_a_serial_unit_opens_its_line_one_way_only(serial: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("folder", "program", "protect"),
+    ("folder", "program", "home", "tmp"),
     [
-        ("/srv/ferry", "/usr/bin/ferry", "yes"),
-        ("/home/clerk/ferry", "/usr/bin/ferry", "read-only"),
-        ("/srv/ferry", "/root/src/ferry/.venv/bin/ferry", "read-only"),
-        ("/run/user/1000/ferry", "/usr/bin/ferry", "read-only"),
-        ("/homework/ferry", "/usr/bin/ferry", "yes"),  # a path, not a prefix of a string
+        ("/srv/ferry", "/usr/bin/ferry", "yes", "yes"),
+        ("/home/clerk/ferry", "/usr/bin/ferry", "read-only", "yes"),
+        ("/srv/ferry", "/root/src/ferry/.venv/bin/ferry", "read-only", "yes"),
+        ("/run/user/1000/ferry", "/usr/bin/ferry", "read-only", "yes"),
+        ("/homework/ferry", "/usr/bin/ferry", "yes", "yes"),  # a path, not a string prefix
+        ("/srv/ferry", "/var/tmp/ferry/.venv/bin/ferry", "yes", "no"),
+        ("/tmp/trial", "/usr/bin/ferry", "yes", "no"),
+        ("/tmpfiles/ferry", "/usr/bin/ferry", "yes", "yes"),
     ],
 )
-def test_a_home_directory_is_made_read_only_not_hidden(
-    folder: str, program: str, protect: str, monkeypatch: pytest.MonkeyPatch
+def test_ferry_in_a_home_or_tmp_folder_is_not_hidden_from_itself(
+    folder: str, program: str, home: str, tmp: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ProtectHome=yes would hide a ferry or a folder under /home, /root or /run/user from
-    the agent: the unit would not start."""
+    """ProtectHome=yes hides /home, /root and /run/user, PrivateTmp=yes /tmp and /var/tmp:
+    a ferry or a folder there could not start (systemd says 203/EXEC, or the agent finds no
+    config). A home is made read-only instead; a private /tmp is left out."""
     monkeypatch.setattr("ferry.systemd.PACKAGE", Path("/usr/lib/python3/dist-packages"))
     text = service_unit("inside", Path(folder), Path(folder) / "i.yaml", command=[program])
     unit = parse(text)["Service"]
-    assert unit["ProtectHome"] == [protect]
+    assert unit["ProtectHome"] == [home]
+    assert unit["PrivateTmp"] == [tmp]
     assert unit["ReadWritePaths"] == [folder]  # writable again under read-only
 
 
