@@ -39,6 +39,10 @@ for unit in systemd-udevd.service systemd-udevd-control.socket systemd-udevd-ker
   ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
 
+# /tmp is emptied at boot (tmpfiles' "D /tmp"): in the copy too, which would take a checkout
+# of ferry in /tmp with it; keep its contents
+printf 'd /tmp 1777 root root -\n' > "$root/etc/tmpfiles.d/tmp.conf"
+
 # the ferry user may have to pass through directories the host keeps closed (/root):
 # the copy's modes change, not the host's
 dir=$(dirname "$ferry")
