@@ -273,6 +273,8 @@ def assess(
     running = checks[0].state is State.OK
     if running:
         checks.append(_audit(data))
+        if "audit_mirror_problem" in data:  # an inside that mirrors the outside's log
+            checks.append(_mirror(data["audit_mirror_problem"]))
         checks += _link(data) if role == "inside" else _backlog(data)
     checks += [_space(s, limits) for s in spaces]
     return Report(role, worst(c.state for c in checks), tuple(checks), spaces, data)
@@ -336,6 +338,18 @@ def _audit(data: Mapping[str, Any]) -> Check:
         "audit",
         State.CRITICAL,
         f"transfers stopped (fail closed): {str(problem)[:300]}",
+    )
+
+
+def _mirror(problem: object) -> Check:
+    if problem is None:
+        return Check("audit mirror", State.OK, "the outside's log and the copy held here agree")
+    return Check(
+        "audit mirror",
+        State.CRITICAL,
+        "the outside's audit log contradicts the copy held here: tampering, or the outside's "
+        "log was lost or replaced (docs/OPERATIONS.md, 'Rebuilding an agent'): "
+        f"{str(problem)[:300]}",
     )
 
 

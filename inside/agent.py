@@ -885,6 +885,11 @@ class InsideAgent:
                             "written_at": now,
                             "started_at": started_at,
                             "audit_problem": self.audit.log.problem,
+                            **(
+                                {}
+                                if self.mirror is None
+                                else {"audit_mirror_problem": self.mirror.broken}
+                            ),
                             "link_state": monitor.state.value,
                             "last_heartbeat_age": (
                                 round(now - monitor.last_heard, 3) if monitor.last_heard else None

@@ -235,7 +235,14 @@ class Receiver:
                 f"announce sealed to another inside key {unverified.recipient_kid.hex()}"
             )
         floor = self._floors[sender.key_id]
-        if (unverified.epoch, unverified.counter) <= floor:
+        announced = (unverified.epoch, unverified.counter)
+        # The current key's newest announcement may come again with its session not open
+        # here: this inside restarted while the outside kept sending. It rejoins that session
+        # (else it would hear nothing until the next rekey); packets replayed into it deliver
+        # nothing twice, the ledger knows each item delivered. Anything older stays refused,
+        # and so does a previous key's last session.
+        rejoin = announced == floor and sender.key_id == self._current_sender
+        if announced < floor or (announced == floor and not rejoin):
             raise ReplayRejected(
                 f"announce epoch {unverified.epoch}/{unverified.counter} is not newer than "
                 f"{floor[0]}/{floor[1]}"

@@ -131,6 +131,31 @@ def test_foreign_signing_key_is_rejected_and_logged(tmp_path: Path, agents) -> N
     assert os.listdir(dep["channels"]["documents"]["deliver"]) == []
 
 
+def test_an_inside_restarted_alone_rejoins_the_running_session(tmp_path: Path, agents) -> None:
+    """The outside keeps sending in its session (the next rekey is an hour away): a
+    restarted inside joins it again at the next announcement, a second later, instead of
+    refusing it as a replay and hearing nothing until the rekey."""
+    dep = init(tmp_path / "d")
+    edit_yaml(dep["outside"]["config"], fast_bulk)
+    edit_yaml(dep["inside"]["config"], opaque)
+    docs = dep["channels"]["documents"]
+    inside = agents("inside", dep["inside"]["config"])
+    agents("outside", dep["outside"]["config"])
+    first = _payloads(2, 4, 20_000)
+    for name, data in first.items():
+        drop_file(docs["drop"], name, data)
+    assert wait_files(docs["deliver"], set(first)) == first
+    assert inside.stop() == 0
+    again = agents("inside", dep["inside"]["config"])
+    up = again.wait_event("link_state", state="UP", timeout=15)
+    assert up["event"] == "link_state"
+    later = {f"later-{name}": data for name, data in _payloads(2, 5, 20_000).items()}
+    for name, data in later.items():
+        drop_file(docs["drop"], name, data)
+    assert wait_files(docs["deliver"], set(later), timeout=30) == later
+    assert not [r for r in _rejections(again) if "is not newer than" in r]
+
+
 class _Tap:
     """A UDP hop that records every datagram it forwards (a capture on the diode)."""
 
@@ -157,8 +182,8 @@ class _Tap:
             self.captured.append(d)
             self.tx.sendto(d, self.target)
 
-    def replay(self) -> None:
-        for d in list(self.captured):
+    def replay(self, datagrams: list[bytes]) -> None:
+        for d in datagrams:
             self.tx.sendto(d, self.target)
             time.sleep(0.0001)
 
@@ -186,11 +211,15 @@ def test_replayed_capture_is_rejected_and_logged(tmp_path: Path, agents) -> None
         deliver = dep["channels"]["documents"]["deliver"]
         assert wait_files(deliver, set(files)) == files
         assert outside.stop() == 0
+        captured = list(tap.captured)
+        # the outside starts again (a new epoch): the capture's session is an old one now
+        agents("outside", dep["outside"]["config"])
+        inside.wait_event("link_sender_restart")
         assert inside.stop() == 0
         # A later inside run (same state) sees the whole capture replayed.
         inside2 = agents("inside", dep["inside"]["config"])
         inside2.wait_event("inside_started")
-        tap.replay()
+        tap.replay(captured)
         _wait_rejection(inside2, "is not newer than")
         time.sleep(1.5)
         assert sorted(os.listdir(deliver)) == sorted(files), "a replay delivered something again"

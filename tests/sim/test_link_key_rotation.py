@@ -111,3 +111,37 @@ def test_after_the_overlap_the_old_key_is_refused(
 def test_a_bad_key_list_is_refused(senders: list[SecretKey], kems: list[SecretKey]) -> None:
     with pytest.raises(ValueError, match="key"):
         Receiver(ADEQUATE, [k.public for k in senders], kems)
+
+
+def test_a_restarted_inside_rejoins_the_session_the_outside_is_still_sending() -> None:
+    """The inside restarts (its replay floor comes back from its ledger) while the outside
+    goes on in the same session: the next periodic announcement lets it back in, and what
+    was sent meanwhile is kept until then. Older sessions stay refused."""
+    sender = _sender(NEW_SIGN, NEW_KEM, epoch=7, seed=4)
+    first = Receiver(ADEQUATE, [NEW_SIGN.public, OLD_SIGN.public], [NEW_KEM])
+    assert _completed(_send(sender, first, b"before the restart")) == 1
+    restarted = Receiver(
+        ADEQUATE,
+        [NEW_SIGN.public, OLD_SIGN.public],
+        [NEW_KEM],
+        replay_floor={NEW_SIGN.public.key_id: first.replay_floor},
+    )
+    oid = random.Random(5).randbytes(16)
+    payload = b"sent while the inside restarted"
+    sender.submit(OutgoingObject(oid, len(payload), BytesSource(payload)))
+    events: list[object] = []
+    held = 0
+    now = START + 0.5
+    while now < START + 4:  # past the next announcement (every second)
+        for datagram in sender.datagrams(now, 64):
+            try:
+                restarted.receive_datagram(datagram, now)
+            except EnvelopeRejected:
+                held += 1  # a packet of a session not (yet) announced: held
+            events += restarted.pop_events()
+        now += 0.05
+    assert held > 0  # the object went out before the announcement came round again
+    assert [e.epoch for e in events if isinstance(e, SessionStarted)] == [7]
+    assert [e.object_id for e in events if isinstance(e, ObjectCompleted)] == [oid]
+    with pytest.raises(ReplayRejected, match="not newer"):  # an older session of this key
+        restarted.receive_datagram(_sender(NEW_SIGN, NEW_KEM, epoch=6, seed=6).announcement(), now)

@@ -136,6 +136,19 @@ def test_an_audit_log_that_cannot_be_written_is_critical() -> None:
     assert by_name(older)["audit"].state is State.UNKNOWN
 
 
+def test_an_inside_mirror_that_contradicts_the_outside_log_is_critical() -> None:
+    ok = judge(status(audit_mirror_problem=None))
+    assert ok.state is State.OK
+    assert by_name(ok)["audit mirror"].message == ("the outside's log and the copy held here agree")
+    why = "piece audit-000001.jsonl@0 differs from the bytes already mirrored"
+    report = judge(status(audit_mirror_problem=why))
+    assert report.state is State.CRITICAL
+    message = by_name(report)["audit mirror"].message
+    assert message.startswith("the outside's audit log contradicts the copy held here")
+    assert message.endswith(why)
+    assert "audit mirror" not in by_name(judge(status()))  # no mirror: no such check
+
+
 def test_a_missing_status_file_means_not_running() -> None:
     report = judge(None, error="missing")
     assert report.state is State.CRITICAL

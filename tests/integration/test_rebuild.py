@@ -1,0 +1,123 @@
+"""docs/OPERATIONS.md, "Rebuilding an agent", followed step by step with real agents.
+
+The outside's disk is lost; it is rebuilt from its backed-up keys and config with an empty
+state and audit folder. Items flow again at once. The inside's copy of the outside's audit
+log now contradicts the new log, as it would after tampering: `ferry health` says so
+(CRITICAL). The documented steps set that copy aside (it still verifies on its own: the
+record of everything the lost outside did) and have the outside ship its new log from the
+start; the inside's health is OK again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import drop_file, edit_yaml, fast_bulk, ferry, init, opaque, wait_files
+
+pytestmark = pytest.mark.integration
+
+
+def health(config: str) -> dict[str, Any]:
+    out = ferry("health", "-c", config, "--json", check=False)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+def wait_health(config: str, done: Any, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        report = health(config)
+        if done(report) or time.monotonic() > deadline:
+            return report
+        time.sleep(0.3)
+
+
+def mirror_state(report: dict[str, Any]) -> str | None:
+    check = checks(report).get("audit mirror")
+    return None if check is None else str(check["state"])
+
+
+def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -> None:
+    dep = init(tmp_path / "d")
+    edit_yaml(dep["outside"]["config"], fast_bulk)
+    # a checkpoint each second while records come (60 s by default): the auditors' tools
+    # account only for records a signed checkpoint covers
+    edit_yaml(dep["outside"]["config"], lambda d: d["audit"].update(checkpoint_interval=1))
+    edit_yaml(dep["inside"]["config"], opaque)
+    docs = dep["channels"]["documents"]
+    inside_cfg, outside_cfg = dep["inside"]["config"], dep["outside"]["config"]
+    mirror = Path(dep["inside"]["audit_mirror_dir"])
+    inside = agents("inside", inside_cfg)
+    outside = agents("outside", outside_cfg)
+    before = {f"before-{i}.txt": os.urandom(300) for i in range(3)}
+    for name, data in before.items():
+        drop_file(docs["drop"], name, data)
+    wait_files(docs["deliver"], set(before))
+    report = wait_health(inside_cfg, lambda r: mirror_state(r) == "OK")
+    assert mirror_state(report) == "OK", report
+    keys = ["--outside-key", dep["inside"]["outside_audit_public_key"]]
+    keys += ["--inside-key", dep["inside"]["audit_public_key"]]
+    inside_log = ("--inside", dep["inside"]["audit_dir"])
+
+    def reconcile(outside_log: Path) -> tuple[int, str]:
+        out = ferry("audit", "reconcile", "--outside", str(outside_log), *inside_log, *keys,
+                    "--grace", "0", check=False)  # fmt: skip
+        return out.returncode, out.stdout + out.stderr
+
+    def wait_mirrored(items: int) -> None:
+        """Until the mirror holds the acceptance records (pieces ship every second)."""
+        deadline = time.monotonic() + 30
+        while f"items accepted outside: {items} " not in reconcile(mirror)[1]:
+            assert time.monotonic() < deadline, reconcile(mirror)
+            time.sleep(0.3)
+
+    wait_mirrored(3)
+
+    # the disk is lost: keys and config come back from the backup, nothing else
+    assert outside.stop() == 0
+    for folder in (dep["outside"]["state_dir"], dep["outside"]["audit_dir"]):
+        shutil.rmtree(folder)
+        os.mkdir(folder)
+    agents("outside", outside_cfg)
+    after = {f"after-{i}.txt": os.urandom(300) for i in range(3)}
+    for name, data in after.items():
+        drop_file(docs["drop"], name, data)
+    wait_files(docs["deliver"], set(after))  # transfers do not wait for the auditors
+
+    report = wait_health(inside_cfg, lambda r: mirror_state(r) == "CRITICAL")
+    assert report["state"] == "CRITICAL", report
+    assert "contradicts the copy held here" in checks(report)["audit mirror"]["message"]
+
+    # the documented steps: the copy set aside, the outside's new log shipped from the start
+    assert inside.stop() == 0
+    kept = mirror.with_name(mirror.name + ".before-rebuild")
+    mirror.rename(kept)
+    agents("inside", inside_cfg)
+    out = ferry("outside", "mirror", "resend", "-c", outside_cfg, "--from", "audit-000001.jsonl@0")
+    assert "resend requested" in out.stdout
+    wait_mirrored(3)  # the new outside's three, its log shipped again from the start
+    report = wait_health(
+        inside_cfg, lambda r: r["state"] == "OK" and mirror_state(r) == "OK", timeout=60
+    )
+    assert report["state"] == "OK", report
+
+    key = dep["inside"]["outside_audit_public_key"]
+    old = ferry("audit", "verify", str(kept), "--key", key, check=False)
+    assert old.returncode == 0, old.stdout + old.stderr  # the lost outside's record, intact
+    new = ferry("audit", "verify", str(mirror), "--key", key, check=False)
+    assert new.returncode == 0, new.stdout + new.stderr
+    assert sorted(os.listdir(docs["deliver"])) == sorted({**before, **after})  # each once
+    # the copy set aside accounts for what the lost outside accepted, the new one for the rest
+    for copy in (kept, mirror):
+        code, text = reconcile(copy)
+        assert code == 0, text  # every item each outside accepted was delivered
+        assert "items accepted outside: 3   delivered 3 " in text
