@@ -348,7 +348,7 @@ def _mirror(problem: object) -> Check:
         "audit mirror",
         State.CRITICAL,
         "the outside's audit log contradicts the copy held here: tampering, or the outside's "
-        "log was lost or replaced (docs/OPERATIONS.md, 'Rebuilding an agent'): "
+        "log was lost or replaced (docs/OPERATIONS.md, 'Backups, and rebuilding an agent'): "
         f"{str(problem)[:300]}",
     )
 

@@ -584,18 +584,18 @@ def _move_across(path: Path, target: Path) -> None:
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            with open(src, "rb", closefd=False) as fin, open(dst, "wb", closefd=False) as fout:
-                shutil.copyfileobj(fin, fout, COPY_CHUNK)
-            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.fsync(dst)
+            try:
+                with open(src, "rb", closefd=False) as fin, open(dst, "wb", closefd=False) as fo:
+                    shutil.copyfileobj(fin, fo, COPY_CHUNK)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+            os.link(tmp, target)
         finally:
-            os.close(dst)
+            os.unlink(tmp)  # a copy cut short (a full disk) leaves nothing behind
     finally:
         os.close(src)
-    try:
-        os.link(tmp, target)
-    finally:
-        os.unlink(tmp)
     _fsync_dir(target.parent)
     os.unlink(path)
 

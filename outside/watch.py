@@ -488,7 +488,7 @@ class DropWatcher:
             _log.warning("watch_events_dropped", pending=MAX_PENDING_HINTS)
             forced = max(now, self._last_forced_rescan + MIN_FORCED_RESCAN_GAP)
             for ch in self._channels:
-                if forced < ch.rescan_at:
+                if ch.watch is not None and forced < ch.rescan_at:
                     ch.rescan_at = forced
                     self._last_forced_rescan = forced
         if any(now >= ch.rescan_at for ch in self._channels):

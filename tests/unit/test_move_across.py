@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -56,3 +57,22 @@ def test_a_symlink_or_a_fifo_is_not_followed_or_read(tmp_path: Path) -> None:
     assert os.listdir(sent) == []
     assert (tmp_path / "link").is_symlink()
     assert (tmp_path / "pipe").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_copy_cut_short_by_a_full_disk_leaves_nothing_and_keeps_the_original(
+    tmp_path: Path,
+) -> None:
+    src, sent = tmp_path / "big.bin", tmp_path / "sent"
+    sent.mkdir()
+    data = os.urandom(3 * 1024 * 1024)
+    src.write_bytes(data)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(sent)], check=True)
+    try:
+        with pytest.raises(OSError) as info:  # the errno is checked below
+            _move_across(src, sent / "big.bin")
+        assert info.value.errno == errno.ENOSPC
+        assert os.listdir(sent) == []  # no partial copy, no temp file
+    finally:
+        subprocess.run(["umount", str(sent)], check=True)
+    assert src.read_bytes() == data
