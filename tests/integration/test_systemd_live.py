@@ -292,6 +292,16 @@ def test_health_says_ok(running: Booted, side: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"FERRY {side.upper()} OK")
+    # as the agent's user, as a monitoring system runs it (sudo -u ferry): the same
+    config = running.init[side]["config"]
+    as_ferry = running.run("runuser", "-u", "ferry", "--", *ferry_command(), "health", "-c",
+                           config, check=False)  # fmt: skip
+    assert as_ferry.returncode == 0, as_ferry.stdout + as_ferry.stderr
+    # any other user cannot read the agent's files (UMask=0077): UNKNOWN, with the reason
+    other = running.run("runuser", "-u", "nobody", "--", *ferry_command(), "health", "-c",
+                        config, check=False)  # fmt: skip
+    assert other.returncode == 3, other.stdout + other.stderr
+    assert "ermission denied" in other.stdout + other.stderr
 
 
 SERIAL_UNITS = ("ferry-serial-outside.service", "ferry-serial-inside.service")
