@@ -304,6 +304,33 @@ def test_health_says_ok(running: Booted, side: str) -> None:
     assert "ermission denied" in other.stdout + other.stderr
 
 
+@pytest.mark.parametrize("unit", UNITS)
+def test_an_agent_killed_is_restarted_and_transfers_go_on(running: Booted, unit: str) -> None:
+    """kill -9: systemd restarts the agent (Restart=on-failure, 5 s later) and files cross
+    again. A killed inside rejoins the outside's running session within a second of its
+    start (it used to wait for the next rekey, an hour)."""
+    restarts = int(running.show(unit, "NRestarts")["NRestarts"])
+    running.run("systemctl", "kill", "--signal=KILL", unit)
+
+    def back() -> bool:
+        props = running.show(unit, "NRestarts", "ActiveState")
+        return int(props["NRestarts"]) == restarts + 1 and props["ActiveState"] == "active"
+
+    wait_for(f"{unit} to be restarted", back, 30)
+    inside_cfg = running.init["inside"]["config"]
+
+    def healthy() -> bool:  # the new process runs and the inside hears the outside
+        result = running.run(*ferry_command(), "health", "-c", inside_cfg, check=False)
+        return result.returncode == 0
+
+    wait_for("the pair to be healthy again", healthy, 30)
+    documents = running.init["channels"]["documents"]
+    name = f"after-{unit}.txt"
+    (running.inside(documents["drop"]) / name).write_text(f"sent after {unit} was killed\n")
+    delivered = running.inside(documents["deliver"]) / name
+    wait_for(f"{name} inside", delivered.exists, 60)
+
+
 SERIAL_UNITS = ("ferry-serial-outside.service", "ferry-serial-inside.service")
 
 
