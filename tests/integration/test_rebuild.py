@@ -49,9 +49,6 @@ def mirror_state(report: dict[str, Any]) -> str | None:
 def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -> None:
     dep = init(tmp_path / "d")
     edit_yaml(dep["outside"]["config"], fast_bulk)
-    # a checkpoint each second while records come (60 s by default): the auditors' tools
-    # account only for records a signed checkpoint covers
-    edit_yaml(dep["outside"]["config"], lambda d: d["audit"].update(checkpoint_interval=1))
     edit_yaml(dep["inside"]["config"], opaque)
     docs = dep["channels"]["documents"]
     inside_cfg, outside_cfg = dep["inside"]["config"], dep["outside"]["config"]
@@ -129,7 +126,6 @@ def test_an_inside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) ->
     from the start makes the new mirror whole (docs/OPERATIONS.md, the inside's disk)."""
     dep = init(tmp_path / "d")
     edit_yaml(dep["outside"]["config"], fast_bulk)
-    edit_yaml(dep["outside"]["config"], lambda d: d["audit"].update(checkpoint_interval=1))
     edit_yaml(dep["inside"]["config"], opaque)
     docs = dep["channels"]["documents"]
     inside_cfg, outside_cfg = dep["inside"]["config"], dep["outside"]["config"]
