@@ -93,6 +93,8 @@ def bundle_fec(symbols: int) -> tuple[int, int] | None:
 # Source symbols of an audit-mirror piece (one FEC block; k + repair stays under 255).
 MAX_PIECE_SYMBOLS = 200
 SCHEDULE_INTERVAL = 0.5
+# How often the audit shipping thread looks whether its interval has passed.
+SHIP_POLL = 0.1
 # Seconds the send loop waits at most for new items' intake records to reach the disk.
 AUDIT_DURABLE_WAIT = 0.05
 ADMIN_PUBLIC_KEY = "keys/security-admin.pub"  # as ferry quarantine release looks for it
@@ -198,13 +200,24 @@ class OutsideAgent:
                     )
                     self.intake.pause(full)
                 items = self.intake.step(self.cfg.poll_interval)
-                if self.shipper is not None and not self.audit.failed:
-                    items += self.shipper.step()
                 if items:
                     self._enqueue(items)
             except Exception:  # noqa: BLE001  # the intake thread must never die silently
                 _log.exception("intake_error")
                 self.stop.wait(self.cfg.poll_interval)
+
+    def _ship_loop(self, shipper: AuditShipper) -> None:
+        """The audit log to the inside, on a thread of its own: a drop folder on a share that
+        stops answering holds up folder intake, not this."""
+        while not self.stop.is_set():
+            try:
+                if not self.audit.failed:
+                    items = shipper.step()
+                    if items:
+                        self._enqueue(items)
+            except Exception:  # noqa: BLE001  # the shipping thread must never die silently
+                _log.exception("audit_ship_error")
+            self.stop.wait(min(SHIP_POLL, shipper.interval))
 
     def _submit(self, sender: Sender, item: SpoolItem) -> None:
         if item.object_id in self._sources or item.object_id in self._in_bundles:
@@ -485,6 +498,12 @@ class OutsideAgent:
         settle_gc()
         intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
         intake.start()
+        ship = None
+        if self.shipper is not None:
+            ship = threading.Thread(
+                target=self._ship_loop, args=(self.shipper,), name="audit-ship", daemon=True
+            )
+            ship.start()
         next_status = next_schedule = next_flush = 0.0
         pending_sent: list[ObjectSent] = []
         started_at = time.time()
@@ -558,6 +577,8 @@ class OutsideAgent:
             self.stop.set()
             self._wake.set()
             intake.join(timeout=5)
+            if ship is not None:
+                ship.join(timeout=5)
             self.intake.stop()
             if self.api is not None:
                 self.api.close()

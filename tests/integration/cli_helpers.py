@@ -150,3 +150,13 @@ class Share:
 
     server: Path
     mount: Path
+
+    def daemon(self) -> int:
+        """The FUSE daemon's process: SIGSTOP it and the share stops answering, as a file
+        server that went away does (calls on the mount wait), SIGCONT and it is back."""
+        out = subprocess.run(
+            ["pgrep", "-f", f"^bindfs {self.server} {self.mount}$"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        (pid,) = out.stdout.split()
+        return int(pid)

@@ -7,13 +7,25 @@ The originals are archived to a sent folder on the gateway's own disk, another f
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import Share, drop_file, edit_yaml, fast_bulk, init, opaque, wait_files
+from cli_helpers import (
+    Share,
+    application,
+    drop_file,
+    edit_yaml,
+    fast_bulk,
+    ferry,
+    init,
+    opaque,
+    wait_files,
+)
 
 from outside.watch import is_network_filesystem
 
@@ -60,3 +72,54 @@ def test_files_clerks_save_on_a_share_cross_and_are_archived_off_it(
     events = [e["event"] for e in outside.events()]
     assert "cannot_move_original" not in events
     assert events.count("taken") == len(files), [e for e in events if "take" in e]
+
+
+def test_a_share_that_stops_answering_holds_up_only_folder_intake(
+    tmp_path: Path, agents: Any, network_share: Share
+) -> None:
+    """The file server goes away (its FUSE daemon stopped: calls on the mount wait). Folder
+    intake waits with it, but integrators' messages go on, and so does the shipping of the
+    outside's audit log to the inside; when the server is back, its files cross."""
+    dep = init(tmp_path / "d")
+    docs = dep["channels"]["documents"]
+
+    def on_share(data: dict[str, Any]) -> None:
+        fast_bulk(data)
+        (ch,) = [c for c in data["channels"] if c["name"] == "documents"]
+        ch["drop"] = str(network_share.mount)
+        ch["rescan_seconds"] = 0.5
+
+    edit_yaml(dep["outside"]["config"], on_share)
+    edit_yaml(dep["inside"]["config"], opaque)
+    agents("inside", dep["inside"]["config"])
+    outside = agents("outside", dep["outside"]["config"])
+    outside.wait_event("drop_folder_watched", channel="documents")
+    daemon = network_share.daemon()
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # a rescan or two: the intake thread now waits on the share
+        (network_share.server / "during.txt").write_bytes(b"saved while the server hung")
+        message = tmp_path / "application.json"
+        message.write_bytes(application(11))
+        sent = ferry(
+            "send", "-c", dep["api"]["client_config"], "--channel", "messages",
+            "--schema", "citizen-application", str(message), "--json",
+        )  # fmt: skip
+        assert json.loads(sent.stdout)["status"] == "ACCEPTED"
+        messages = Path(dep["channels"]["messages"]["deliver"])
+        deadline = time.monotonic() + 30
+        while not list(messages.glob("*.json")):
+            assert time.monotonic() < deadline, "the message did not cross"
+            time.sleep(0.1)
+        # the acceptance record reached the inside's copy of the outside's log
+        while True:
+            rec = ferry("audit", "reconcile", "-c", dep["inside"]["config"], check=False)
+            if "items accepted outside: 1 " in rec.stdout:
+                break
+            assert time.monotonic() < deadline, rec.stdout[-1500:]
+            time.sleep(0.3)
+        assert not Path(docs["deliver"], "during.txt").exists()  # (the share still hangs)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    got = wait_files(docs["deliver"], {"during.txt"}, timeout=30)
+    assert got == {"during.txt": b"saved while the server hung"}
