@@ -22,9 +22,7 @@ this check. ``sync; echo 3 > /proc/sys/vm/drop_caches`` (root) ends it at once.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +44,7 @@ from ferry.wire import records as rec  # noqa: E402
 from inside import agent as agent_mod  # noqa: E402
 from inside import deliver as deliver_mod  # noqa: E402
 from inside.agent import InsideAgent  # noqa: E402
+from outside.api import message_manifest  # noqa: E402
 
 SCHEMA = ROOT / "schemas" / "messages" / "citizen-application.schema.json"
 Message = tuple[bytes, rec.Manifest, bytes]
@@ -58,20 +57,8 @@ def _messages(count: int, sender: bytes) -> list[Message]:
     for seq in range(1, count + 1):
         doc["application_id"] = str(uuid.UUID(int=seq))
         _, canonical = registry.check("citizen-application", json.dumps(doc).encode())
-        manifest = rec.Manifest(
-            object_id=os.urandom(16),
-            kind="message",
-            channel="messages",
-            seq=seq,
-            name=f"citizen-application-{seq:08d}.json",
-            media_type="application/json",
-            size=len(canonical),
-            sha256=hashlib.sha256(canonical).digest(),
-            created_us=1,
-            mtime_us=1,
-            sender=sender,
-            schema="citizen-application",
-            subject="api:portal",
+        manifest = message_manifest(
+            "messages", seq, "citizen-application", canonical, sender=sender, client="portal"
         )
         out.append((manifest.object_id, manifest, canonical))
     return out

@@ -121,6 +121,29 @@ def _accepted(  # the reply's fields, in order
     return _reply(b"ACCEPTED", {**body, "duplicate": duplicate})
 
 
+def message_manifest(
+    channel: str, seq: int, schema: str, canonical: bytes, *, sender: bytes, client: str
+) -> rec.Manifest:
+    """The manifest of a message the API accepted: ``canonical`` (its canonical JSON) as
+    ``<schema>-<seq>.json`` on ``channel``, from API client ``client``, a new object id."""
+    created = now_us()
+    return rec.Manifest(
+        object_id=os.urandom(16),
+        kind="message",
+        channel=channel,
+        seq=seq,
+        name=f"{schema}-{seq:08d}.json",
+        media_type=MESSAGE_TYPE,
+        size=len(canonical),
+        sha256=hashlib.sha256(canonical).digest(),
+        created_us=created,
+        mtime_us=created,
+        sender=sender,
+        schema=schema,
+        subject=f"api:{client}",
+    )
+
+
 class ApiServer:
     """Owns the API socket and its thread; hands accepted items to ``on_items``."""
 
@@ -558,25 +581,10 @@ class ApiServer:
             )
 
     def _seal(self, req: MessageRequest, seq: int, canonical: bytes, schema: str) -> Sealed:
-        object_id = os.urandom(16)
-        created = now_us()
-        sha = hashlib.sha256(canonical).digest()
-        name = f"{schema}-{seq:08d}.json"
-        manifest = rec.Manifest(
-            object_id=object_id,
-            kind="message",
-            channel=req.channel,
-            seq=seq,
-            name=name,
-            media_type=MESSAGE_TYPE,
-            size=len(canonical),
-            sha256=sha,
-            created_us=created,
-            mtime_us=created,
-            sender=self.key.public.key_id,
-            schema=schema,
-            subject=f"api:{req.client}",
+        manifest = message_manifest(
+            req.channel, seq, schema, canonical, sender=self.key.public.key_id, client=req.client
         )
+        object_id, name, sha = manifest.object_id, manifest.name, manifest.sha256
         # unsigned: the sender signs the bundle it travels in (docs/PROTOCOL.md)
         stream = rec.encode_member(manifest, canonical)
         self._intake.setdefault((req.client, req.channel), []).append(

@@ -6,9 +6,7 @@ messages channel's folder); the messages are exactly what a bundle from the outs
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import threading
 import uuid
 from pathlib import Path
@@ -25,6 +23,7 @@ from ferry.jsondoc import SchemaRegistry
 from ferry.wire import records as rec
 from inside import agent as agent_mod
 from inside.agent import InsideAgent
+from outside.api import message_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -35,22 +34,10 @@ def _message(key_id: bytes, seq: int) -> tuple[bytes, rec.Manifest, bytes]:
     doc = json.loads((SCHEMA / "citizen-application.schema.json").read_text())["examples"][0]
     doc["application_id"] = str(uuid.UUID(int=seq))
     _, canonical = SchemaRegistry.load().check("citizen-application", json.dumps(doc).encode())
-    oid = os.urandom(16)
-    manifest = rec.Manifest(
-        object_id=oid,
-        kind="message",
-        channel="messages",
-        seq=seq,
-        name=f"citizen-application-{seq:08d}.json",
-        media_type="application/json",
-        size=len(canonical),
-        sha256=hashlib.sha256(canonical).digest(),
-        created_us=1,
-        mtime_us=1,
-        sender=key_id,
-        schema="citizen-application",
-        subject="api:portal",
+    manifest = message_manifest(
+        "messages", seq, "citizen-application", canonical, sender=key_id, client="portal"
     )
+    oid = manifest.object_id
     return oid, manifest, canonical
 
 
