@@ -262,7 +262,7 @@ def assert_same_pixels(out: bytes, im: Image.Image) -> None:
         assert back.tobytes() == im.tobytes()
 
 
-# The stdlib zlib always; zlib-ng too where the optional package is installed.
+# The stdlib zlib always; zlib-ng (a dependency) too, wherever it could be installed.
 DEFLATERS = ["zlib"] + (["zlib_ng"] if importlib.util.find_spec("zlib_ng") else [])
 
 
