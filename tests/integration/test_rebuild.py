@@ -1,4 +1,5 @@
-"""docs/OPERATIONS.md, "Rebuilding an agent", followed step by step with real agents.
+"""docs/OPERATIONS.md, "Backups, and rebuilding an agent", followed step by step with real
+agents.
 
 The outside's disk is lost; it is rebuilt from its backed-up keys and config with an empty
 state and audit folder. Items flow again at once. The inside's copy of the outside's audit
@@ -13,37 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_helpers import drop_file, edit_yaml, fast_bulk, ferry, init, opaque, wait_files
+from test_audit_agents import wait_for
+from test_health_cli import until, until_check
 
 pytestmark = pytest.mark.integration
-
-
-def health(config: str) -> dict[str, Any]:
-    out = ferry("health", "-c", config, "--json", check=False)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
-def checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["name"]: c for c in report["checks"]}
-
-
-def wait_health(config: str, done: Any, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        report = health(config)
-        if done(report) or time.monotonic() > deadline:
-            return report
-        time.sleep(0.3)
-
-
-def mirror_state(report: dict[str, Any]) -> str | None:
-    check = checks(report).get("audit mirror")
-    return None if check is None else str(check["state"])
 
 
 def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -> None:
@@ -59,8 +38,7 @@ def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -
     for name, data in before.items():
         drop_file(docs["drop"], name, data)
     wait_files(docs["deliver"], set(before))
-    report = wait_health(inside_cfg, lambda r: mirror_state(r) == "OK")
-    assert mirror_state(report) == "OK", report
+    until_check(inside_cfg, "audit mirror", "OK")
     keys = ["--outside-key", dep["inside"]["outside_audit_public_key"]]
     keys += ["--inside-key", dep["inside"]["audit_public_key"]]
     inside_log = ("--inside", dep["inside"]["audit_dir"])
@@ -72,10 +50,8 @@ def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -
 
     def wait_mirrored(items: int) -> None:
         """Until the mirror holds the acceptance records (pieces ship every second)."""
-        deadline = time.monotonic() + 30
-        while f"items accepted outside: {items} " not in reconcile(mirror)[1]:
-            assert time.monotonic() < deadline, reconcile(mirror)[1][:1500]
-            time.sleep(0.3)
+        text = f"items accepted outside: {items} "
+        wait_for(lambda: text in reconcile(mirror)[1], what=f"{items} items in the mirror")
 
     wait_mirrored(3)
 
@@ -90,9 +66,9 @@ def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -
         drop_file(docs["drop"], name, data)
     wait_files(docs["deliver"], set(after))  # transfers do not wait for the auditors
 
-    report = wait_health(inside_cfg, lambda r: mirror_state(r) == "CRITICAL")
-    assert report["state"] == "CRITICAL", report
-    assert "contradicts the copy held here" in checks(report)["audit mirror"]["message"]
+    found = until_check(inside_cfg, "audit mirror", "CRITICAL")
+    assert "contradicts the copy held here" in found["audit mirror"]["message"]
+    until(inside_cfg, 2)  # the whole check is CRITICAL
 
     # the documented steps: the copy set aside, the outside's new log shipped from the start
     assert inside.stop() == 0
@@ -102,10 +78,8 @@ def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -
     out = ferry("outside", "mirror", "resend", "-c", outside_cfg, "--from", "audit-000001.jsonl@0")
     assert "resend requested" in out.stdout
     wait_mirrored(3)  # the new outside's three, its log shipped again from the start
-    report = wait_health(
-        inside_cfg, lambda r: r["state"] == "OK" and mirror_state(r) == "OK", timeout=60
-    )
-    assert report["state"] == "OK", report
+    until(inside_cfg, 0, timeout=60)  # every check OK, the audit mirror's too
+    until_check(inside_cfg, "audit mirror", "OK")
 
     key = dep["inside"]["outside_audit_public_key"]
     old = ferry("audit", "verify", str(kept), "--key", key, check=False)
@@ -155,19 +129,17 @@ def test_an_inside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) ->
 
     out = ferry("outside", "mirror", "resend", "-c", outside_cfg, "--from", "audit-000001.jsonl@0")
     assert "resend requested" in out.stdout
-    deadline = time.monotonic() + 30
-    while True:  # the new mirror holds the outside's whole log again
+
+    def whole() -> Any:  # the new mirror holds the outside's whole log again
         rec = ferry("audit", "reconcile", "-c", inside_cfg, "--grace", "0", "--json", check=False)
         report = json.loads(rec.stdout) if rec.stdout.startswith("{") else {}
-        if report.get("accepted") == 6 or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    assert report["accepted"] == 6, rec.stdout[-2000:]
+        return (rec, report) if report.get("accepted") == 6 else None
+
+    rec, report = wait_for(whole, what="the outside's 6 items in the new mirror")
     # what was delivered before the loss has lost its delivery records with the inside's log:
     # reconcile says missing (exit 10), and that it was sent and a later item arrived
     assert rec.returncode == 10
     assert sorted(m["name"] for m in report["missing"]) == sorted(before)
     assert all("never received inside" in " ".join(m["evidence"]) for m in report["missing"])
     assert report["counts"]["delivered"] == 3
-    report = wait_health(inside_cfg, lambda r: r["state"] == "OK")
-    assert report["state"] == "OK", report
+    until(inside_cfg, 0)

@@ -26,27 +26,35 @@ from cli_helpers import (
     opaque,
     wait_files,
 )
+from test_audit_agents import wait_for
 
 from outside.watch import is_network_filesystem
 
 pytestmark = pytest.mark.integration
 
 
-def test_files_clerks_save_on_a_share_cross_and_are_archived_off_it(
-    tmp_path: Path, agents: Any, network_share: Share
-) -> None:
+def deploy_on_share(tmp_path: Path, share: Share) -> dict[str, Any]:
+    """A pair whose documents channel drops on ``share``, rescanned every 0.5 s, with its
+    ``sent`` folder on the gateway's disk (another file system)."""
     dep = init(tmp_path / "d")
-    docs = dep["channels"]["documents"]
 
     def on_share(data: dict[str, Any]) -> None:
         fast_bulk(data)
         (ch,) = [c for c in data["channels"] if c["name"] == "documents"]
-        ch["drop"] = str(network_share.mount)
-        ch["sent"] = docs["sent"]  # on the gateway's disk: another file system
+        ch["drop"] = str(share.mount)
+        ch["sent"] = dep["channels"]["documents"]["sent"]
         ch["rescan_seconds"] = 0.5
 
     edit_yaml(dep["outside"]["config"], on_share)
     edit_yaml(dep["inside"]["config"], opaque)
+    return dep
+
+
+def test_files_clerks_save_on_a_share_cross_and_are_archived_off_it(
+    tmp_path: Path, agents: Any, network_share: Share
+) -> None:
+    dep = deploy_on_share(tmp_path, network_share)
+    docs = dep["channels"]["documents"]
     agents("inside", dep["inside"]["config"])
     outside = agents("outside", dep["outside"]["config"])
     watched = outside.wait_event("drop_folder_watched", channel="documents")
@@ -80,17 +88,8 @@ def test_a_share_that_stops_answering_holds_up_only_folder_intake(
     """The file server goes away (its FUSE daemon stopped: calls on the mount wait). Folder
     intake waits with it, but integrators' messages go on, and so does the shipping of the
     outside's audit log to the inside; when the server is back, its files cross."""
-    dep = init(tmp_path / "d")
+    dep = deploy_on_share(tmp_path, network_share)
     docs = dep["channels"]["documents"]
-
-    def on_share(data: dict[str, Any]) -> None:
-        fast_bulk(data)
-        (ch,) = [c for c in data["channels"] if c["name"] == "documents"]
-        ch["drop"] = str(network_share.mount)
-        ch["rescan_seconds"] = 0.5
-
-    edit_yaml(dep["outside"]["config"], on_share)
-    edit_yaml(dep["inside"]["config"], opaque)
     agents("inside", dep["inside"]["config"])
     outside = agents("outside", dep["outside"]["config"])
     outside.wait_event("drop_folder_watched", channel="documents")
@@ -107,17 +106,13 @@ def test_a_share_that_stops_answering_holds_up_only_folder_intake(
         )  # fmt: skip
         assert json.loads(sent.stdout)["status"] == "ACCEPTED"
         messages = Path(dep["channels"]["messages"]["deliver"])
-        deadline = time.monotonic() + 30
-        while not list(messages.glob("*.json")):
-            assert time.monotonic() < deadline, "the message did not cross"
-            time.sleep(0.1)
-        # the acceptance record reached the inside's copy of the outside's log
-        while True:
+        wait_for(lambda: list(messages.glob("*.json")), what="the message inside")
+
+        def mirrored() -> bool:  # its acceptance record is in the inside's copy of the log
             rec = ferry("audit", "reconcile", "-c", dep["inside"]["config"], check=False)
-            if "items accepted outside: 1 " in rec.stdout:
-                break
-            assert time.monotonic() < deadline, rec.stdout[-1500:]
-            time.sleep(0.3)
+            return "items accepted outside: 1 " in rec.stdout
+
+        wait_for(mirrored, what="the message's acceptance record in the mirror")
         assert not Path(docs["deliver"], "during.txt").exists()  # (the share still hangs)
     finally:
         os.kill(daemon, signal.SIGCONT)

@@ -22,13 +22,14 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from cli_helpers import application
+from test_audit_agents import wait_for
 
 from ferry.systemd import ferry_command
 
@@ -41,7 +42,6 @@ pytestmark = [
     ),
 ]
 
-T = TypeVar("T")
 BOOT = Path(__file__).with_name("systemd_boot.sh")
 SERIAL_CABLE = """
 import os, sys, time, pwd
@@ -86,16 +86,6 @@ class Booted:
     def journal(self, unit: str) -> list[dict[str, Any]]:
         out = self.run("journalctl", "-u", unit, "-o", "cat", "--no-pager").stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _child_of(pid: int) -> int:
@@ -183,7 +173,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
         start_new_session=True,
     )
     try:
-        pid = wait_for("the namespace's PID 1", lambda: _child_of(unshare.pid), 10)
+        pid = wait_for(lambda: _child_of(unshare.pid), 10, what="the namespace's PID 1")
 
         def systemd_up() -> bool:
             if unshare.poll() is not None:
@@ -193,9 +183,16 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
             except OSError:
                 return False
 
-        wait_for("systemd to start", systemd_up, 30)
+        wait_for(systemd_up, 30, what="systemd to start")
         init = json.loads(Path(f"/proc/{pid}/root/root/init.json").read_text())
-        yield Booted(pid, init)
+        booted = Booted(pid, init)
+
+        def answers() -> bool:  # its control socket is up: systemctl can talk to it
+            result = booted.run("systemctl", "is-system-running", check=False)
+            return "Failed to connect" not in result.stderr
+
+        wait_for(answers, 30, what="systemd to answer systemctl")
+        yield booted
     finally:
         unshare.send_signal(signal.SIGKILL)  # --kill-child: the namespace's PID 1 goes too
         unshare.wait(timeout=10)
@@ -224,7 +221,7 @@ def running(booted: Booted) -> Booted:
     if _broken:
         pytest.fail(f"the agents did not start (see the first error): {_broken[0]}")
     try:
-        wait_for("both agents to be active", lambda: active(booted, *UNITS), 60)
+        wait_for(lambda: active(booted, *UNITS), 60, what="both agents to be active")
         statuses = [
             booted.inside(Path(booted.init[side]["config"]).parent / "state/status.json")
             for side in ("outside", "inside")
@@ -233,7 +230,7 @@ def running(booted: Booted) -> Booted:
         def started() -> bool:  # past their self-tests: each has written its status
             return active(booted, *UNITS) and all(s.exists() for s in statuses)
 
-        wait_for("both agents' status files", started, 60)
+        wait_for(started, 60, what="both agents' status files")
     except AssertionError as exc:
         _broken.append(str(exc)[:500])
         raise
@@ -264,7 +261,7 @@ def test_a_clerks_file_and_an_integrators_message_cross(running: Booted) -> None
     documents = running.init["channels"]["documents"]
     delivered = running.inside(documents["deliver"])
     (running.inside(documents["drop"]) / "letter.txt").write_text("a permit application\n")
-    got = wait_for("the file inside", lambda: list(delivered.glob("letter*.txt")), 60)
+    got = wait_for(lambda: list(delivered.glob("letter*.txt")), 60, what="the file inside")
     assert got[0].read_text() == "a permit application\n"
 
     running.inside("/root/message.json").write_bytes(application(7))
@@ -276,7 +273,7 @@ def test_a_clerks_file_and_an_integrators_message_cross(running: Booted) -> None
     answer = json.loads(sent.stdout)
     assert answer["status"] == "ACCEPTED", answer
     messages = running.inside(running.init["channels"]["messages"]["deliver"])
-    (message,) = wait_for("the message inside", lambda: list(messages.glob("*.json")), 60)
+    (message,) = wait_for(lambda: list(messages.glob("*.json")), 60, what="the message inside")
     assert json.loads(message.read_text())["application_id"] == str(uuid.UUID(int=8))
 
     started = [e for e in running.journal(UNITS[0]) if e.get("event") == "content_pipeline_started"]
@@ -316,19 +313,19 @@ def test_an_agent_killed_is_restarted_and_transfers_go_on(running: Booted, unit:
         props = running.show(unit, "NRestarts", "ActiveState")
         return int(props["NRestarts"]) == restarts + 1 and props["ActiveState"] == "active"
 
-    wait_for(f"{unit} to be restarted", back, 30)
+    wait_for(back, 30, what=f"{unit} to be restarted")
     inside_cfg = running.init["inside"]["config"]
 
     def healthy() -> bool:  # the new process runs and the inside hears the outside
         result = running.run(*ferry_command(), "health", "-c", inside_cfg, check=False)
         return result.returncode == 0
 
-    wait_for("the pair to be healthy again", healthy, 30)
+    wait_for(healthy, 30, what="the pair to be healthy again")
     documents = running.init["channels"]["documents"]
     name = f"after-{unit}.txt"
     (running.inside(documents["drop"]) / name).write_text(f"sent after {unit} was killed\n")
     delivered = running.inside(documents["deliver"]) / name
-    wait_for(f"{name} inside", delivered.exists, 60)
+    wait_for(delivered.exists, 60, what=f"{name} inside")
 
 
 SERIAL_UNITS = ("ferry-serial-outside.service", "ferry-serial-inside.service")
@@ -354,7 +351,7 @@ def serial(running: Booted) -> Iterator[dict[str, Any]]:
             running.inside(f"/etc/systemd/system/{unit}").write_text(text)
         running.run("systemctl", "daemon-reload")
         running.run("systemctl", "start", *SERIAL_UNITS)
-        wait_for("the serial pair to be active", lambda: active(running, *SERIAL_UNITS), 60)
+        wait_for(lambda: active(running, *SERIAL_UNITS), 60, what="the serial pair to be active")
         init["ttys"] = {"outside": outside_tty, "inside": inside_tty}
         yield init
     finally:
@@ -374,7 +371,7 @@ def test_a_serial_pair_moves_a_file_and_each_agent_may_use_its_line_one_way(
     documents = serial["channels"]["documents"]
     delivered = running.inside(documents["deliver"])
     (running.inside(documents["drop"]) / "form.txt").write_text("over the serial line\n")
-    got = wait_for("the file inside", lambda: list(delivered.glob("form*.txt")), 60)
+    got = wait_for(lambda: list(delivered.glob("form*.txt")), 60, what="the file inside")
     assert got[0].read_text() == "over the serial line\n"
 
     def rule(path: str, access: str) -> str:
