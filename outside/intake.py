@@ -576,7 +576,7 @@ def _move_across(path: Path, target: Path) -> None:
     """``rename`` from one file system to another: the original is copied under a hidden
     temp name, synced, linked to ``target`` (never over a file), and removed only then. Its
     modification time is kept."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    tmp = target.with_name(f".ferry-{os.urandom(8).hex()}.part")  # (any name length fits)
     src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
     try:
         st = os.fstat(src)

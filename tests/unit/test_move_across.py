@@ -28,6 +28,17 @@ def test_the_copy_is_whole_dated_and_the_original_gone(tmp_path: Path) -> None:
     assert os.listdir(sent) == ["report.pdf"]  # no temp file left
 
 
+def test_a_name_as_long_as_the_file_system_allows_is_moved(tmp_path: Path) -> None:
+    name = "申" * 80 + ".pdf"  # 244 bytes of UTF-8: a temp name built on it would not fit
+    assert len(name.encode()) <= 255
+    src, sent = tmp_path / name, tmp_path / "sent"
+    sent.mkdir()
+    src.write_bytes(b"long")
+    _move_across(src, sent / name)
+    assert os.listdir(sent) == [name]
+    assert not src.exists()
+
+
 def test_an_existing_file_in_sent_is_never_overwritten(tmp_path: Path) -> None:
     src, sent = tmp_path / "a.txt", tmp_path / "sent"
     sent.mkdir()
