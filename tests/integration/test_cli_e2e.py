@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import drop_file, edit_yaml, fast_bulk, ferry, init, opaque, wait_files
+from test_audit_agents import wait_for
 
 from ferry.audit.record import decode
 from ferry.audit.verify import iter_lines, list_segments
@@ -214,7 +215,11 @@ def test_replayed_capture_is_rejected_and_logged(tmp_path: Path, agents) -> None
         captured = list(tap.captured)
         # the outside starts again (a new epoch): the capture's session is an old one now
         agents("outside", dep["outside"]["config"])
-        inside.wait_event("link_sender_restart")
+
+        def epochs() -> set[object]:  # the inside took the new session: its floor moved on
+            return {e["epoch"] for e in inside.events() if e.get("event") == "session_started"}
+
+        wait_for(lambda: len(epochs()) >= 2, what="the outside's new epoch inside")
         assert inside.stop() == 0
         # A later inside run (same state) sees the whole capture replayed.
         inside2 = agents("inside", dep["inside"]["config"])
