@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterator
 from pathlib import PurePosixPath
+
+from ferry.names import MAX_COLLISIONS, candidate_names
+
+__all__ = ["MAX_COLLISIONS", "MAX_NAME_BYTES", "candidate_names", "contained", "safe_name"]
 
 # Most Linux filesystems limit a name to 255 bytes; keep room for " (NNNN)".
 MAX_NAME_BYTES = 200
-# Collisions tried before giving up (a folder with 10k copies of one name is an incident).
-MAX_COLLISIONS = 10_000
 RESERVED = {
     "CON", "PRN", "AUX", "NUL",
     *(f"COM{i}" for i in range(1, 10)),
@@ -59,16 +60,6 @@ def safe_name(untrusted: str) -> str:
         stem_b = p.name[: len(p.name) - len(suffix)].encode()[:budget]
         name = stem_b.decode("utf-8", "ignore").rstrip(" .") + suffix
     return name
-
-
-def candidate_names(name: str) -> Iterator[str]:
-    """``name``, then ``stem (2).ext``, ``stem (3).ext`` ... (bounded)."""
-    yield name
-    p = PurePosixPath(name)
-    suffix = p.suffix if p.suffix != name else ""
-    stem = name[: len(name) - len(suffix)] if suffix else name
-    for n in range(2, MAX_COLLISIONS + 1):
-        yield f"{stem} ({n}){suffix}"
 
 
 def contained(root: PurePosixPath, name: str) -> PurePosixPath:

@@ -32,6 +32,7 @@ from ferry.config_types import OutsideChannel
 from ferry.content.base import FEATURES, Verdict
 from ferry.crypto.keys import PublicKey, SecretKey
 from ferry.errors import PolicyRejection
+from ferry.names import candidate_names
 from ferry.quarantine_release import RELEASES, ReleaseAuditor
 from ferry.wire import records as rec
 from ferry.wire.records import MAX_REPORT_BYTES
@@ -550,26 +551,55 @@ class FolderIntake:
         self._record_rejection(ch, r.relpath.name, "NOT_REGULAR_FILE", r.reason, None)
 
     def _finish_original(self, ch: OutsideChannel, rel: PurePosixPath, path: Path) -> None:
+        """The clerk's original, once its item is committed: deleted, or moved to the
+        channel's ``sent`` folder under its own name or the first free numbered one
+        (``report (2).pdf``, kept within the 255-byte name limit), never over a file."""
         try:
             if ch.after_send == "delete" or ch.sent is None:
                 path.unlink()
                 return
-            target = ch.sent / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            n = 1
-            while target.exists():
-                n += 1
-                target = target.with_name(f"{Path(rel.name).stem} ({n}){Path(rel.name).suffix}")
-            try:
-                os.rename(path, target)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                _move_across(path, target)  # sent is on another file system (a share as drop)
+            folder = (ch.sent / rel).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in candidate_names(rel.name):
+                if _place_original(path, folder / name):
+                    return
+            _log.error(
+                "cannot_move_original",
+                channel=ch.name,
+                name=rel.name,
+                error="every numbered name in the sent folder is taken",
+            )
         except FileNotFoundError:
             pass
         except OSError as exc:
             _log.error("cannot_move_original", channel=ch.name, name=rel.name, error=str(exc))
+
+
+def _place_original(path: Path, target: Path) -> bool:
+    """Move ``path`` to ``target`` unless that name is taken (then False). A hard link
+    then an unlink never replaces a file; a link left by a crash between the two is
+    recognised (same inode) and finished. Another file system: :func:`_move_across`; one
+    without hard links: a rename after a check (a race there can replace a file)."""
+    try:
+        os.link(path, target, follow_symlinks=False)
+    except FileExistsError:
+        if not os.path.samestat(os.lstat(path), os.lstat(target)):
+            return False
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            try:
+                _move_across(path, target)
+            except FileExistsError:
+                return False
+            return True
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(target):
+            return False
+        os.rename(path, target)
+        return True
+    os.unlink(path)
+    return True
 
 
 def _move_across(path: Path, target: Path) -> None:

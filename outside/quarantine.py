@@ -23,7 +23,7 @@ import os
 import secrets
 import stat
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -31,14 +31,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ferry import log
+from ferry.names import candidate_names
 
 # Most Linux filesystems allow 255 bytes per name; keep room for " (NNNNN)", ".reason.json"
 # and the temp-file decoration around it.
 MAX_NAME_BYTES = 200
 # A longer "extension" is not one worth keeping.
 MAX_SUFFIX_BYTES = 16
-# Items of one name tried before giving up (10k rejected copies of one name is an incident).
-MAX_COLLISIONS = 10_000
 # What reason.txt quotes of the untrusted name and of the message.
 MAX_DISPLAY_CHARS = 300
 COPY_CHUNK = 1024 * 1024
@@ -222,16 +221,6 @@ def safe_name(untrusted: str) -> str:
         stem = name[: len(name) - len(suffix)].encode()[: MAX_NAME_BYTES - len(suffix.encode())]
         name = stem.decode("utf-8", "ignore").rstrip(" .") + suffix
     return name
-
-
-def candidate_names(name: str) -> Iterator[str]:
-    """``name``, then ``stem (2).ext``, ``stem (3).ext``... (bounded)."""
-    yield name
-    p = PurePosixPath(name)
-    suffix = p.suffix if len(p.suffix) < len(name) else ""
-    stem = name[: len(name) - len(suffix)]
-    for n in range(2, MAX_COLLISIONS + 1):
-        yield f"{stem} ({n}){suffix}"
 
 
 def _display(text: str, limit: int = MAX_DISPLAY_CHARS) -> str:

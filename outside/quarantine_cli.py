@@ -38,6 +38,7 @@ from typing import Any
 from ferry import log
 from ferry.crypto.keys import PublicKey, SecretKey, load_secret_key
 from ferry.errors import UsageError
+from ferry.names import candidate_names
 from ferry.quarantine_release import (
     EVENT,
     RELEASES,
@@ -61,7 +62,7 @@ from ferry.quarantine_release import (
     trusted_admin_key,
     verify_record,
 )
-from outside.quarantine import REASON_TXT, candidate_names, safe_name
+from outside.quarantine import REASON_TXT, safe_name
 
 __all__ = [
     "EVENT",

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from ferry.cli import main
 from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key, write_secret_key
@@ -22,12 +20,6 @@ from outside.quarantine_cli import (
     show_item,
     verify_record,
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()  # ferry.cli.main pointed logs at a captured stream
 
 
 @pytest.fixture
