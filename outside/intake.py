@@ -107,7 +107,6 @@ def spool_file_item(
     (the audit record); if it raises, nothing is spooled and the error propagates.
     """
     object_id = os.urandom(16)
-    seq = spool.next_seq(channel.name)
     final = spool.dir / f"{object_id.hex()}.obj"
     digest = hashlib.sha256()
     fd = os.open(owned, os.O_RDWR | os.O_NOFOLLOW)
@@ -116,59 +115,67 @@ def spool_file_item(
         while chunk := os.read(fd, COPY_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        created = now_us()
-        manifest = rec.Manifest(
-            object_id=object_id,
-            kind="file",
-            channel=channel.name,
-            seq=seq,
-            name=name,
-            media_type=media_type or mimetypes.guess_type(name)[0] or "application/octet-stream",
-            size=size,
-            sha256=digest.digest(),
-            created_us=created,
-            mtime_us=created if mtime_us is None else mtime_us,
-            sender=key.public.key_id,
-            path=relpath,
-            subject=subject,
-            report=report,
-        )
-        trailer = build_trailer(manifest, key)
-        os.lseek(fd, size, os.SEEK_SET)
-        os.write(fd, trailer)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(owned, final)
-    _fsync_dir(spool.dir)
-    media_type = manifest.media_type
-    item = SpoolItem(
-        object_id,
-        channel.name,
-        seq,
-        name,
-        size,
-        size + len(trailer),
-        final,
-        kind="file",
-        priority=channel.priority,
-        sends_total=channel.repeat.count,
-    )
-    try:
-        if record is not None:
-            record(item, digest.hexdigest(), media_type)
+        os.fsync(fd)  # the content: a large file's sync holds up no one waiting for a number
     except BaseException:
-        final.unlink(missing_ok=True)
+        os.close(fd)
         raise
-    spool.add(
-        item,
-        digest.digest(),
-        source_path,
-        source_key,
-        subject=subject,
-        spread_us=int(channel.repeat.spread * 1e6),
-        submission=submission,
-    )
+    with spool.numbering(channel.name) as seq:
+        try:
+            created = now_us()
+            manifest = rec.Manifest(
+                object_id=object_id,
+                kind="file",
+                channel=channel.name,
+                seq=seq,
+                name=name,
+                media_type=media_type
+                or mimetypes.guess_type(name)[0]
+                or "application/octet-stream",
+                size=size,
+                sha256=digest.digest(),
+                created_us=created,
+                mtime_us=created if mtime_us is None else mtime_us,
+                sender=key.public.key_id,
+                path=relpath,
+                subject=subject,
+                report=report,
+            )
+            trailer = build_trailer(manifest, key)
+            os.lseek(fd, size, os.SEEK_SET)
+            os.write(fd, trailer)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(owned, final)
+        _fsync_dir(spool.dir)
+        media_type = manifest.media_type
+        item = SpoolItem(
+            object_id,
+            channel.name,
+            seq,
+            name,
+            size,
+            size + len(trailer),
+            final,
+            kind="file",
+            priority=channel.priority,
+            sends_total=channel.repeat.count,
+        )
+        try:
+            if record is not None:
+                record(item, digest.hexdigest(), media_type)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        spool.add(
+            item,
+            digest.digest(),
+            source_path,
+            source_key,
+            subject=subject,
+            spread_us=int(channel.repeat.spread * 1e6),
+            submission=submission,
+        )
     _log.info(
         "taken",
         channel=channel.name,

@@ -14,10 +14,11 @@ is when the next copy is due.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,7 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._db = open_db(state_dir / "outside.db", SCHEMA)
         self._lock = threading.Lock()
+        self._numbering: dict[str, threading.Lock] = {}  # per channel: see numbering()
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
@@ -218,6 +220,17 @@ class Spool:
     def next_seq(self, channel: str) -> int:
         with self._lock:
             return self._next_seq(channel)
+
+    @contextlib.contextmanager
+    def numbering(self, channel: str) -> Iterator[int]:
+        """The channel's next sequence number, held for the caller until it has added its
+        item (or given up: the next caller then gets the same number). Two threads that
+        spool files on one channel (the folder intake and an API upload) never share a
+        number, and none is skipped (the inside would report a sequence gap)."""
+        with self._lock:
+            lock = self._numbering.setdefault(channel, threading.Lock())
+        with lock:
+            yield self.next_seq(channel)
 
     def _next_seq(self, channel: str) -> int:
         row = self._db.execute(
