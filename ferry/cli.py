@@ -135,7 +135,10 @@ def _cmd_health(args: argparse.Namespace) -> int:
         print(f"FERRY UNKNOWN: {exc}")
         return health.State.UNKNOWN
     limits = health.Limits(
-        max_age=args.max_age, warn_free=args.warning_free, crit_free=args.critical_free
+        max_age=args.max_age,
+        warn_free=args.warning_free,
+        crit_free=args.critical_free,
+        max_stall=args.max_stall,
     )
     report = health.examine(cfg, limits)
     if args.format == "json":
@@ -284,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hl.add_argument(
         "--critical-free", type=float, default=5.0, help="percent free space or inodes (default 5)"
+    )
+    hl.add_argument(
+        "--max-stall",
+        type=float,
+        default=60.0,
+        help="seconds a channel's folder intake may make no progress before it is CRITICAL "
+        "(outside; default 60)",
     )
     hl.set_defaults(func=_cmd_health)
 

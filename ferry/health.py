@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from typing import Any
 
 from ferry.config_types import InsideConfig, OutsideConfig
 from ferry.status import STATUS_FILE, Observed, observe_status
+
+# Seconds to wait for a folder's file system to answer (statvfs) before it counts as hung.
+PROBE_TIMEOUT = 3.0
 
 
 class State(enum.IntEnum):
@@ -51,6 +55,9 @@ class Limits:
     """Percent of space or inodes free below which a file system is a WARNING."""
     crit_free: float = 5.0
     """... and below which it is CRITICAL (the gateway stops when it cannot write)."""
+    max_stall: float = 60.0
+    """Seconds a channel's folder intake may show no progress before it is CRITICAL (a
+    drop, sent or quarantine folder that stopped answering: a share whose server is gone)."""
 
 
 @dataclass(frozen=True)
@@ -213,19 +220,42 @@ def folders(cfg: OutsideConfig | InsideConfig) -> list[tuple[str, Path]]:
     return out
 
 
-def measure(places: Iterable[tuple[str, Path]]) -> tuple[Space, ...]:
-    """Free space and inodes per file system (each named once, with everything it holds)."""
+def measure(
+    places: Iterable[tuple[str, Path]], *, timeout: float = PROBE_TIMEOUT
+) -> tuple[Space, ...]:
+    """Free space and inodes per file system (each named once, with everything it holds).
+    Each folder is looked at on a thread of its own: one on a share that stopped answering
+    is reported as such after ``timeout`` seconds instead of holding up the check."""
+    places = list(places)
+    found: dict[int, tuple[int, os.statvfs_result] | OSError] = {}
+
+    def probe(i: int, folder: Path) -> None:
+        try:
+            found[i] = (os.stat(folder).st_dev, os.statvfs(folder))
+        except OSError as exc:
+            found[i] = exc
+
+    threads = [
+        threading.Thread(target=probe, args=(i, folder), name="health-probe", daemon=True)
+        for i, (_, folder) in enumerate(places)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
     by_dev: dict[int, tuple[list[str], Path, os.statvfs_result]] = {}
     failed: list[Space] = []
-    for use, folder in places:
-        try:
-            dev = os.stat(folder).st_dev
-            if dev not in by_dev:
-                by_dev[dev] = ([], folder, os.statvfs(folder))
-        except OSError as exc:
-            failed.append(Space((use,), str(folder), error=exc.strerror or str(exc)))
+    for i, (use, folder) in enumerate(places):
+        got = found.get(i)
+        if got is None:
+            failed.append(Space((use,), str(folder), error=f"not answering after {timeout:g} s"))
             continue
-        by_dev[dev][0].append(use)
+        if isinstance(got, OSError):
+            failed.append(Space((use,), str(folder), error=got.strerror or str(got)))
+            continue
+        dev, sv = got
+        by_dev.setdefault(dev, ([], folder, sv))[0].append(use)
     spaces = [
         Space(
             tuple(uses),
@@ -276,6 +306,8 @@ def assess(
         if "audit_mirror_problem" in data:  # an inside that mirrors the outside's log
             checks.append(_mirror(data["audit_mirror_problem"]))
         checks += _link(data) if role == "inside" else _backlog(data)
+        if "intake_stalled" in data:
+            checks.append(_intake(data["intake_stalled"], limits.max_stall))
     checks += [_space(s, limits) for s in spaces]
     return Report(role, worst(c.state for c in checks), tuple(checks), spaces, data)
 
@@ -400,6 +432,33 @@ def _backlog(data: Mapping[str, Any]) -> list[Check]:
     if items is not None and limit:
         waiting += f", BUSY at {limit:.0f}"
     return [Check("backlog", State.OK, waiting)]
+
+
+def _intake(stalled: object, max_stall: float) -> Check:
+    """``stalled``: channel → seconds its folder intake has shown no progress (the agent
+    lists those past a few seconds)."""
+    if not isinstance(stalled, Mapping):
+        return Check("intake", State.UNKNOWN, "the status file's intake_stalled is not a map")
+    waits = {
+        str(name)[:64]: float(v)
+        for name, v in stalled.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    late = sorted((n for n, v in waits.items() if v >= max_stall), key=lambda n: -waits[n])
+    if late:
+        named = ", ".join(f"{n} ({_duration(waits[n])})" for n in late[:5])
+        more = f" and {len(late) - 5} more" if len(late) > 5 else ""
+        return Check(
+            "intake",
+            State.CRITICAL,
+            f"folder intake of channel {named}{more} has not moved: a drop, sent or "
+            "quarantine folder is not answering (a share whose server is gone?); "
+            "other channels go on",
+        )
+    if waits:
+        named = ", ".join(f"{n} ({_duration(v)})" for n, v in sorted(waits.items()))
+        return Check("intake", State.OK, f"taking files; waiting on a folder: {named}")
+    return Check("intake", State.OK, "taking files")
 
 
 def _space(space: Space, limits: Limits) -> Check:

@@ -29,8 +29,10 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -333,12 +335,17 @@ class ReleaseAuditor:
         self._admin_key = admin_key
         self._clock = clock
         self._on_delivered = on_delivered
-        self._next_scan = 0.0
         self._state = state_dir / AUDITED_STATE
         try:
             self._offsets: dict[str, int] = json.loads(self._state.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self._offsets = {}
+        # Each channel's intake thread scans its own quarantine folder (one on a share that
+        # stops answering holds up that thread alone): what they share is under the lock,
+        # and no folder is read while it is held.
+        self._lock = threading.Lock()
+        self._next_scan: dict[str, float] = {}
+        self._scanning: set[str] = set()
 
     @classmethod
     def for_agent(
@@ -356,39 +363,50 @@ class ReleaseAuditor:
 
     def scan(self, folders: Mapping[Path, str | None]) -> None:
         """Record the new lines of each folder's releases.jsonl (``folders``: folder → its
-        channel, or None when the records name their channels); at most every
-        RELEASE_SCAN_INTERVAL seconds."""
+        channel, or None when the records name their channels); each folder at most every
+        RELEASE_SCAN_INTERVAL seconds, and by one thread at a time."""
         now = self._clock()
-        if now < self._next_scan:
-            return
-        self._next_scan = now + RELEASE_SCAN_INTERVAL
-        changed = False
         for folder, channel in folders.items():
             path = folder / RELEASES
             key = str(path)
-            done = self._offsets.get(key, 0)
+            with self._lock:
+                if now < self._next_scan.get(key, -math.inf) or key in self._scanning:
+                    continue
+                self._next_scan[key] = now + RELEASE_SCAN_INTERVAL
+                self._scanning.add(key)
+                done = self._offsets.get(key, 0)
             try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
-            if size <= done:
-                continue
-            with open(path, "rb") as f:
-                f.seek(done)
-                data = f.read(min(size - done, MAX_RELEASE_SCAN))
-            end = 0
-            while (nl := data.find(b"\n", end)) >= 0:
-                if not self._record(channel, data[end:nl]):
-                    break  # the audit log refused: this line again at the next scan
-                end = nl + 1
-            if end == 0 and len(data) == MAX_RELEASE_SCAN and self._record(channel, b""):
-                end = len(data)  # a line longer than that: recorded as bad, skipped
-            self._offsets[key] = done + end  # (a partial last line: at the next scan)
-            changed = changed or end > 0
-        if changed:
-            tmp = self._state.with_name(self._state.name + ".tmp")
-            tmp.write_text(json.dumps(self._offsets), encoding="utf-8")
-            os.replace(tmp, self._state)
+                end = self._scan_file(path, channel, done)
+                if end > 0:
+                    with self._lock:
+                        self._offsets[key] = done + end
+                        tmp = self._state.with_name(self._state.name + ".tmp")
+                        tmp.write_text(json.dumps(self._offsets), encoding="utf-8")
+                        os.replace(tmp, self._state)
+            finally:
+                with self._lock:
+                    self._scanning.discard(key)
+
+    def _scan_file(self, path: Path, channel: str | None, done: int) -> int:
+        """Record the lines of ``path`` past offset ``done``; return how many bytes of it
+        were recorded (a partial last line waits for the next scan)."""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if size <= done:
+            return 0
+        with open(path, "rb") as f:
+            f.seek(done)
+            data = f.read(min(size - done, MAX_RELEASE_SCAN))
+        end = 0
+        while (nl := data.find(b"\n", end)) >= 0:
+            if not self._record(channel, data[end:nl]):
+                return end  # the audit log refused: this line again at the next scan
+            end = nl + 1
+        if end == 0 and len(data) == MAX_RELEASE_SCAN and self._record(channel, b""):
+            end = len(data)  # a line longer than that: recorded as bad, skipped
+        return end
 
     def _record(self, channel: str | None, line: bytes) -> bool:
         """Record one line; False if the audit log refused it (the line is tried again)."""

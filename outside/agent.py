@@ -1,7 +1,8 @@
 """The outside (low-side) agent: take files and messages in, spool them, send them one way.
 
-``ferry outside run -c outside.yaml``. Threads: the intake thread takes
-completed files from the drop folders (watchdog); the API thread accepts
+``ferry outside run -c outside.yaml``. Threads: one intake thread per files
+channel takes completed files from its drop folder (watchdog; a folder that
+stops answering holds up its channel alone); the API thread accepts
 messages and uploads over ZeroMQ; the main thread schedules spooled items
 (messages before files, repeats when due), drives the sender machine, paces
 every byte through a token bucket and writes to the link. It never reads
@@ -95,6 +96,9 @@ MAX_PIECE_SYMBOLS = 200
 SCHEDULE_INTERVAL = 0.5
 # How often the audit shipping thread looks whether its interval has passed.
 SHIP_POLL = 0.1
+# A channel's folder intake without progress for this long is listed in status.json
+# (intake_stalled); `ferry health` turns it CRITICAL past --max-stall.
+STALL_REPORTED = 5.0
 # Seconds the send loop waits at most for new items' intake records to reach the disk.
 AUDIT_DURABLE_WAIT = 0.05
 ADMIN_PUBLIC_KEY = "keys/security-admin.pub"  # as ferry quarantine release looks for it
@@ -189,22 +193,20 @@ class OutsideAgent:
             self._incoming.put(item)
         self._wake.set()
 
-    def _intake_loop(self) -> None:
+    def _backpressure_loop(self) -> None:
+        """Pause folder intake while the spool is past the API's BUSY threshold (each
+        channel's intake runs on a thread of its own: FolderIntake.start)."""
         api = self.cfg.api
-        while not self.stop.is_set():
+        while api is not None and not self.stop.is_set():
             try:
-                if api is not None:
-                    full = (
-                        self.spool.backlog_items >= api.busy_items
-                        or self.spool.backlog_bytes >= api.busy_bytes
-                    )
-                    self.intake.pause(full)
-                items = self.intake.step(self.cfg.poll_interval)
-                if items:
-                    self._enqueue(items)
-            except Exception:  # noqa: BLE001  # the intake thread must never die silently
+                full = (
+                    self.spool.backlog_items >= api.busy_items
+                    or self.spool.backlog_bytes >= api.busy_bytes
+                )
+                self.intake.pause(full)
+            except Exception:  # noqa: BLE001  # this thread must never die silently
                 _log.exception("intake_error")
-                self.stop.wait(self.cfg.poll_interval)
+            self.stop.wait(self.cfg.poll_interval)
 
     def _ship_loop(self, shipper: AuditShipper) -> None:
         """The audit log to the inside, on a thread of its own: a drop folder on a share that
@@ -461,6 +463,7 @@ class OutsideAgent:
                 "taken": self.intake.taken,
                 "quarantined": self.intake.quarantined,
                 "intake_paused": self.intake.paused,
+                "intake_stalled": self.intake.stalled(STALL_REPORTED),
                 "api_accepted": 0 if self.api is None else self.api.accepted,
                 "api_rejected": 0 if self.api is None else self.api.rejected,
                 "api_busy": 0 if self.api is None else self.api.busy,
@@ -482,7 +485,7 @@ class OutsideAgent:
         for item in backlog:
             self._submit(sender, item)
         self._bundle_messages(sender)
-        self.intake.start()
+        self.intake.start(self._enqueue, cfg.poll_interval)
         if self.api is not None:
             self.api.start()
         _log.info(
@@ -496,7 +499,7 @@ class OutsideAgent:
             api=None if self.api is None else self.api.endpoint,
         )
         settle_gc()
-        intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
+        intake = threading.Thread(target=self._backpressure_loop, name="intake", daemon=True)
         intake.start()
         ship = None
         if self.shipper is not None:
@@ -579,7 +582,7 @@ class OutsideAgent:
             intake.join(timeout=5)
             if ship is not None:
                 ship.join(timeout=5)
-            self.intake.stop()
+            self.intake.stop(timeout=5)
             if self.api is not None:
                 self.api.close()
             channel.close()

@@ -11,6 +11,7 @@ channel's quarantine folder with ``<name>.reason.json`` and ``<name>.reason.txt`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -18,10 +19,11 @@ import mimetypes
 import os
 import shutil
 import stat
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -41,7 +43,7 @@ from outside.content.pipeline import ContentPipeline
 from outside.quarantine import Quarantine
 from outside.quarantine_cli import NOT_OVERRIDABLE, overrides_by_sha
 from outside.spool import Spool, SpoolItem, now_us
-from outside.watch import DropWatcher, Ready, Refused, WatchSpec
+from outside.watch import DropWatcher, Ready, Refused, WatchSpec, check_specs
 
 # Copy in 1 MiB pieces: large enough for throughput, small enough to keep memory flat.
 COPY_CHUNK = 1024 * 1024
@@ -209,8 +211,31 @@ class _Rate:
         return False
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One files channel's intake: its own watcher and thread, so that a drop, sent or
+    quarantine folder that stops answering (a share whose server went away) holds up this
+    channel alone."""
+
+    channel: OutsideChannel
+    watcher: DropWatcher
+    rate: _Rate
+    workdir: Path  # cleaned outputs of the content pipeline (fixed names: one per lane)
+    deferred: deque[Ready] = field(default_factory=deque)
+    taken: int = 0
+    quarantined: int = 0
+    thread: threading.Thread | None = None
+    # While a step is under way: when it last showed progress (monotonic); None between
+    # steps and while the content pipeline (which has its own time limit) has the file.
+    progress: float | None = None
+
+    def beat(self) -> None:
+        if self.progress is not None:
+            self.progress = time.monotonic()
+
+
 class FolderIntake:
-    """Takes completed files from every ``files`` channel's drop folder."""
+    """Takes completed files from every ``files`` channel's drop folder, a thread each."""
 
     def __init__(
         self,
@@ -233,28 +258,21 @@ class FolderIntake:
         self._quarantine = {
             c.name: Quarantine(c.quarantine) for c in self._channels.values() if c.quarantine
         }
-        now = time.monotonic()
-        self._rates = {
-            c.name: _Rate(c.max_items_per_minute, float(c.max_items_per_minute), now)
-            for c in self._channels.values()
-        }
-        self._deferred: deque[Ready] = deque()
         self._incoming = spool.dir.parent / "intake"
         self._incoming.mkdir(parents=True, exist_ok=True)
         for stale in self._incoming.glob("*.part"):
             stale.unlink()
-        self._workdir = self._incoming / "content"  # cleaned outputs (same file system)
+        content = self._incoming / "content"  # cleaned outputs (same file system)
+        shutil.rmtree(content, ignore_errors=True)
         self._admin_key = admin_key
         self._releases = (
             None if audit is None else ReleaseAuditor(audit, spool.dir.parent, admin_key)
         )
         # per quarantine folder: releases.jsonl's (size, mtime) and its verified overrides
         self._overrides: dict[Path, tuple[tuple[int, int], dict[str, frozenset[str]]]] = {}
-        shutil.rmtree(self._workdir, ignore_errors=True)
         specs = []
         for c in self._channels.values():
             assert c.drop is not None  # filtered above
-            c.drop.mkdir(parents=True, exist_ok=True)
             specs.append(
                 WatchSpec(
                     c.name,
@@ -264,60 +282,143 @@ class FolderIntake:
                     rescan_seconds=c.rescan_seconds,
                 )
             )
-        self.watcher = DropWatcher(specs, rescan_interval=rescan_interval)
+        check_specs(specs)
+        now = time.monotonic()
+        self._lanes = {
+            spec.channel: _Lane(
+                self._channels[spec.channel],
+                DropWatcher([spec], rescan_interval=rescan_interval),
+                _Rate(c.max_items_per_minute, float(c.max_items_per_minute), now),
+                content / str(i),
+            )
+            for i, spec in enumerate(specs)
+            for c in (self._channels[spec.channel],)
+        }
+        self._stop = threading.Event()
         self.paused = False
-        self.taken = 0
-        self.quarantined = 0
 
-    def start(self) -> None:
-        self.watcher.start()
+    @property
+    def taken(self) -> int:
+        return sum(lane.taken for lane in self._lanes.values())
 
-    def stop(self) -> None:
-        self.watcher.stop()
+    @property
+    def quarantined(self) -> int:
+        return sum(lane.quarantined for lane in self._lanes.values())
+
+    def start(self, deliver: Callable[[list[SpoolItem]], None], poll_interval: float) -> None:
+        """Start one thread per channel: it creates and watches the drop folder, then takes
+        what becomes ready and hands the new items to ``deliver`` (from that thread)."""
+        for lane in self._lanes.values():
+            lane.thread = threading.Thread(
+                target=self._run_lane,
+                args=(lane, deliver, poll_interval),
+                name=f"intake:{lane.channel.name}",
+                daemon=True,
+            )
+            lane.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every thread; one still held up by its folder after ``timeout`` is left
+        behind (a daemon thread: it ends with the process)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for lane in self._lanes.values():
+            if lane.thread is not None:
+                lane.thread.join(max(0.0, deadline - time.monotonic()))
+                if lane.thread.is_alive():
+                    _log.warning("intake_thread_not_stopped", channel=lane.channel.name)
+                    continue
+            lane.watcher.stop()
 
     def pause(self, paused: bool) -> None:
         """Backpressure: while paused, files wait in their drop folders."""
         if paused == self.paused:
             return
         self.paused = paused
-        for name in self._channels:
-            (self.watcher.pause if paused else self.watcher.resume)(name)
+        for name, lane in self._lanes.items():
+            (lane.watcher.pause if paused else lane.watcher.resume)(name)
         _log.warning("intake_paused" if paused else "intake_resumed")
 
-    def step(self, timeout: float) -> list[SpoolItem]:
-        """Wait up to ``timeout`` for files; take what is ready; return the new items."""
-        ready, refused = self.watcher.poll(timeout)
-        if self._releases is not None:
-            self._releases.scan({q.folder: name for name, q in self._quarantine.items()})
-        for bad in refused:
-            self._refused(bad)
-        taken: list[SpoolItem] = []
+    def stalled(self, at_least: float = 0.0) -> dict[str, float]:
+        """Channels whose intake has shown no progress for at least ``at_least`` seconds in
+        the step under way (a folder that stopped answering), with those seconds."""
         now = time.monotonic()
-        candidates = list(self._deferred) + ready
-        self._deferred.clear()
-        blocked = self._audit is not None and self._audit.failed
-        for r in candidates:
-            ch = self._channels.get(r.channel)
-            if ch is None:
-                continue
-            if self.paused or blocked:  # fail closed: nothing is taken unaudited
-                self._deferred.append(r)
-                continue
-            if not self._rates[ch.name].take(now):
-                self._deferred.append(r)  # stays in the drop folder until its turn
-                continue
+        out = {}
+        for name, lane in self._lanes.items():
+            since = lane.progress
+            if since is not None and now - since >= at_least:
+                out[name] = round(now - since, 1)
+        return out
+
+    def _run_lane(
+        self, lane: _Lane, deliver: Callable[[list[SpoolItem]], None], poll_interval: float
+    ) -> None:
+        ch = lane.channel
+        assert ch.drop is not None
+        watching = False
+        while not self._stop.is_set():
             try:
-                item = self._take(ch, r)
-            except OSError as exc:
-                _log.error("intake_failed", channel=ch.name, name=r.relpath.name, error=str(exc))
-                item = None
-            self.watcher.done(r.path)
-            if item is not None:
-                taken.append(item)
-        return taken
+                if not watching:  # (the folder may not answer: this thread waits, no other)
+                    lane.progress = time.monotonic()
+                    try:
+                        ch.drop.mkdir(parents=True, exist_ok=True)
+                    except OSError as exc:  # the watcher reports it and retries the folder
+                        _log.error("drop_folder_not_created", channel=ch.name, error=str(exc))
+                    lane.watcher.start()
+                    watching = True
+                    lane.progress = None
+                items = self.step(ch.name, poll_interval)
+                if items:
+                    deliver(items)
+            except Exception:  # noqa: BLE001  # an intake thread must never die silently
+                lane.progress = None
+                _log.exception("intake_error", channel=ch.name)
+                self._stop.wait(max(poll_interval, 1.0))
+
+    def step(self, channel: str, timeout: float) -> list[SpoolItem]:
+        """Wait up to ``timeout`` for the channel's files; take what is ready; return the
+        new items."""
+        lane = self._lanes[channel]
+        ch = lane.channel
+        lane.progress = time.monotonic()
+        try:
+            ready, refused = lane.watcher.poll(timeout)
+            lane.beat()
+            q = self._quarantine.get(ch.name)
+            if self._releases is not None and q is not None:
+                self._releases.scan({q.folder: ch.name})
+            for bad in refused:
+                self._refused(bad)
+            taken: list[SpoolItem] = []
+            now = time.monotonic()
+            candidates = list(lane.deferred) + ready
+            lane.deferred.clear()
+            blocked = self._audit is not None and self._audit.failed
+            for r in candidates:
+                if self.paused or blocked:  # fail closed: nothing is taken unaudited
+                    lane.deferred.append(r)
+                    continue
+                if not lane.rate.take(now):
+                    lane.deferred.append(r)  # stays in the drop folder until its turn
+                    continue
+                try:
+                    item = self._take(ch, r)
+                except OSError as exc:
+                    _log.error(
+                        "intake_failed", channel=ch.name, name=r.relpath.name, error=str(exc)
+                    )
+                    item = None
+                lane.watcher.done(r.path)
+                lane.beat()
+                if item is not None:
+                    taken.append(item)
+            return taken
+        finally:
+            lane.progress = None
 
     # ------------------------------------------------------------------ take
     def _take(self, ch: OutsideChannel, r: Ready) -> SpoolItem | None:
+        lane = self._lanes[ch.name]
         path = r.path
         try:
             st = os.lstat(path)
@@ -355,6 +456,7 @@ class FolderIntake:
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
+                    lane.beat()
             if size != st.st_size or _source_key(os.fstat(src)) != key:
                 _log.info("file_changed_during_copy", channel=ch.name, name=name)
                 tmp.unlink()
@@ -372,15 +474,16 @@ class FolderIntake:
                         if exc.reason_code not in overrides:
                             raise
                         overridden.append(exc.reason_code)
-            content, verdict = check_content(
-                self._pipeline,
-                self._audit,
-                ch,
-                tmp,
-                name,
-                workdir=self._workdir,
-                overrides=overrides,
-            )
+            with self._excused(lane):  # (the pipeline's own time limit applies)
+                content, verdict = check_content(
+                    self._pipeline,
+                    self._audit,
+                    ch,
+                    tmp,
+                    name,
+                    workdir=lane.workdir,
+                    overrides=overrides,
+                )
         except ContentRefused as exc:
             tmp.unlink(missing_ok=True)
             self._reject(ch, path, name, exc.reason_code, _plain(exc), report=exc.report)
@@ -452,7 +555,7 @@ class FolderIntake:
             content.unlink(missing_ok=True)
             _log.error("intake_halted_audit_unavailable", channel=ch.name, error=str(exc))
             return None
-        self.taken += 1
+        lane.taken += 1
         if recorded:  # sent once its intake records are durable
             item = replace(item, audit_idx=recorded[-1])
         if self._audit is not None and recorded:
@@ -463,6 +566,19 @@ class FolderIntake:
                 return item
         self._finish_original(ch, r.relpath, path)
         return item
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _excused(lane: _Lane) -> Iterator[None]:
+        """No stall is counted while this runs (work with a time limit of its own)."""
+        if lane.progress is None:
+            yield
+            return
+        lane.progress = None
+        try:
+            yield
+        finally:
+            lane.progress = time.monotonic()
 
     def _subject(self, ch: OutsideChannel) -> Subject:
         return Subject.clerk_folder(str(ch.drop), ch.name)
@@ -494,7 +610,7 @@ class FolderIntake:
         *,
         report: Mapping[str, Any] | None = None,
     ) -> None:
-        self.quarantined += 1
+        self._lanes[ch.name].quarantined += 1
         q = self._quarantine.get(ch.name)
         _log.warning("quarantined", channel=ch.name, name=name, reason_code=code, message=message)
         kept: str | None = None
@@ -542,7 +658,7 @@ class FolderIntake:
         ch = self._channels.get(r.channel)
         if ch is None:
             return
-        self.quarantined += 1
+        self._lanes[ch.name].quarantined += 1
         _log.warning("refused_entry", channel=ch.name, name=str(r.relpath), reason=r.reason)
         q = self._quarantine.get(ch.name)
         if q is not None:

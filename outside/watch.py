@@ -295,6 +295,22 @@ def _default_observer() -> BaseObserver:
     return InotifyObserver(generate_full_events=True)
 
 
+def check_specs(specs: Sequence[WatchSpec]) -> list[str]:
+    """Raise UsageError for repeated channel names or drop folders that overlap (one inside
+    another: a file would belong to two channels); return the folders' absolute paths."""
+    names = [s.channel for s in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"duplicate channel names in {names}")
+    roots = [os.path.abspath(s.folder) for s in specs]
+    for a, ra in zip(specs, roots, strict=True):
+        for b, rb in zip(specs, roots, strict=True):
+            if a is not b and (ra == rb or rb.startswith(ra.rstrip("/") + "/")):
+                raise UsageError(
+                    f"drop folders of channels {a.channel!r} and {b.channel!r} overlap"
+                )
+    return roots
+
+
 class DropWatcher:
     """Watches drop folders; ``poll()`` returns what became ready or was refused."""
 
@@ -308,16 +324,7 @@ class DropWatcher:
         folder_retry: float = FOLDER_RETRY_SECONDS,
         observer_factory: Callable[[], BaseObserver] = _default_observer,
     ) -> None:
-        names = [s.channel for s in specs]
-        if len(set(names)) != len(names):
-            raise UsageError(f"duplicate channel names in {names}")
-        roots = [os.path.abspath(s.folder) for s in specs]
-        for a, ra in zip(specs, roots, strict=True):
-            for b, rb in zip(specs, roots, strict=True):
-                if a is not b and (ra == rb or rb.startswith(ra.rstrip("/") + "/")):
-                    raise UsageError(
-                        f"drop folders of channels {a.channel!r} and {b.channel!r} overlap"
-                    )
+        roots = check_specs(specs)
         if min(rescan_interval, max_tracked, folder_retry) <= 0:
             raise UsageError("rescan_interval, max_tracked and folder_retry must be positive")
         for spec in specs:
@@ -354,8 +361,9 @@ class DropWatcher:
     def start(self) -> None:
         if self._observer is not None:
             raise UsageError("DropWatcher already started")
-        self._observer = self._observer_factory()
-        self._observer.start()
+        observer = self._observer_factory()
+        observer.start()  # (may fail, e.g. at the inotify instance limit: start() again)
+        self._observer = observer
         now = self._clock()
         for index in range(len(self._channels)):
             self._attach(index, now, scan=False)  # the first poll() scans every folder

@@ -23,8 +23,8 @@ def health(config: str, *extra: str) -> tuple[int, str]:
     return out.returncode, out.stdout
 
 
-def checks(config: str) -> tuple[int, dict[str, dict[str, Any]]]:
-    rc, out = health(config, "--json")
+def checks(config: str, *extra: str) -> tuple[int, dict[str, dict[str, Any]]]:
+    rc, out = health(config, "--json", *extra)
     doc = json.loads(out)
     assert doc["exit_code"] == rc
     return rc, {c["name"]: c for c in doc["checks"]}
@@ -40,12 +40,14 @@ def until(config: str, code: int, *extra: str, timeout: float = 30.0) -> str:
     return out
 
 
-def until_check(config: str, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
+def until_check(
+    config: str, name: str, state: str, *extra: str, timeout: float = 30.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    _, found = checks(config)
+    _, found = checks(config, *extra)
     while found.get(name, {}).get("state") != state and time.monotonic() < deadline:
         time.sleep(0.2)
-        _, found = checks(config)
+        _, found = checks(config, *extra)
     assert found[name]["state"] == state, found
     return found
 

@@ -27,16 +27,17 @@ from cli_helpers import (
     wait_files,
 )
 from test_audit_agents import wait_for
+from test_health_cli import until_check
 
 from outside.watch import is_network_filesystem
 
 pytestmark = pytest.mark.integration
 
 
-def deploy_on_share(tmp_path: Path, share: Share) -> dict[str, Any]:
+def deploy_on_share(tmp_path: Path, share: Share, *extra: str) -> dict[str, Any]:
     """A pair whose documents channel drops on ``share``, rescanned every 0.5 s, with its
     ``sent`` folder on the gateway's disk (another file system)."""
-    dep = init(tmp_path / "d")
+    dep = init(tmp_path / "d", *extra)
 
     def on_share(data: dict[str, Any]) -> None:
         fast_bulk(data)
@@ -82,22 +83,30 @@ def test_files_clerks_save_on_a_share_cross_and_are_archived_off_it(
     assert events.count("taken") == len(files), [e for e in events if "take" in e]
 
 
-def test_a_share_that_stops_answering_holds_up_only_folder_intake(
+def test_a_share_that_stops_answering_holds_up_only_its_own_channel(
     tmp_path: Path, agents: Any, network_share: Share
 ) -> None:
-    """The file server goes away (its FUSE daemon stopped: calls on the mount wait). Folder
-    intake waits with it, but integrators' messages go on, and so does the shipping of the
-    outside's audit log to the inside; when the server is back, its files cross."""
-    dep = deploy_on_share(tmp_path, network_share)
-    docs = dep["channels"]["documents"]
+    """The file server goes away (its FUSE daemon stopped: calls on the mount wait). The
+    documents channel, whose drop folder is on the share, waits with it; the archive
+    channel's folder on the gateway's disk goes on, and so do integrators' messages and the
+    shipping of the outside's audit log. `ferry health` answers, and names the channel
+    that is held up; when the server is back, its files cross."""
+    dep = deploy_on_share(tmp_path, network_share, "--bulk", "archive")
+    docs, archive = dep["channels"]["documents"], dep["channels"]["archive"]
+    outside_cfg = dep["outside"]["config"]
     agents("inside", dep["inside"]["config"])
-    outside = agents("outside", dep["outside"]["config"])
+    outside = agents("outside", outside_cfg)
     outside.wait_event("drop_folder_watched", channel="documents")
+    outside.wait_event("drop_folder_watched", channel="archive")
     daemon = network_share.daemon()
     os.kill(daemon, signal.SIGSTOP)
     try:
-        time.sleep(1.5)  # a rescan or two: the intake thread now waits on the share
+        time.sleep(1.5)  # a rescan or two: the documents channel's thread now waits
         (network_share.server / "during.txt").write_bytes(b"saved while the server hung")
+        drop_file(Path(archive["drop"]), "local.bin", b"dropped on the gateway's own disk")
+        assert wait_files(archive["deliver"], {"local.bin"}, timeout=30) == {
+            "local.bin": b"dropped on the gateway's own disk"
+        }
         message = tmp_path / "application.json"
         message.write_bytes(application(11))
         sent = ferry(
@@ -110,11 +119,21 @@ def test_a_share_that_stops_answering_holds_up_only_folder_intake(
 
         def mirrored() -> bool:  # its acceptance record is in the inside's copy of the log
             rec = ferry("audit", "reconcile", "-c", dep["inside"]["config"], check=False)
-            return "items accepted outside: 1 " in rec.stdout
+            return "items accepted outside: 2 " in rec.stdout
 
-        wait_for(mirrored, what="the message's acceptance record in the mirror")
+        wait_for(mirrored, what="the acceptance records in the mirror")
         assert not Path(docs["deliver"], "during.txt").exists()  # (the share still hangs)
+
+        started = time.monotonic()
+        found = until_check(outside_cfg, "intake", "CRITICAL", "--max-stall", "2")
+        assert time.monotonic() - started < 30  # each look at the share gave up in time
+        assert "documents" in found["intake"]["message"]
+        assert "archive" not in found["intake"]["message"]
+        (share_space,) = [c for n, c in found.items() if n == "disk drop/documents"]
+        assert share_space["state"] == "CRITICAL"
+        assert "not answering" in share_space["message"]
     finally:
         os.kill(daemon, signal.SIGCONT)
     got = wait_files(docs["deliver"], {"during.txt"}, timeout=30)
     assert got == {"during.txt": b"saved while the server hung"}
+    until_check(outside_cfg, "intake", "OK", "--max-stall", "2")

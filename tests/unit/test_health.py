@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -356,3 +358,66 @@ def test_pid_alive_sees_real_processes() -> None:
         os._exit(0)
     os.waitpid(child, 0)
     assert not pid_alive(child)
+
+
+def test_a_folder_that_does_not_answer_is_reported_without_holding_up_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(The real thing, a share whose server stopped, is in test_share_drop.py.)"""
+    hung = tmp_path / "share"
+    hung.mkdir()
+    release = threading.Event()
+    real = os.statvfs
+
+    def statvfs(path: Any) -> os.statvfs_result:
+        if Path(path) == hung:
+            release.wait(10)
+        return real(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    started = time.monotonic()
+    try:
+        spaces = measure([("state", tmp_path), ("drop/documents", hung)], timeout=0.3)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2
+    ok, stuck = spaces
+    assert ok.uses == ("state",)
+    assert ok.error is None
+    assert stuck.uses == ("drop/documents",)
+    assert stuck.error == "not answering after 0.3 s"
+    check = by_name(judge(status("outside"), role="outside", spaces=spaces))
+    assert check["disk drop/documents"].state is State.CRITICAL
+
+
+@pytest.mark.parametrize(
+    ("stalled", "state", "words"),
+    [
+        ({}, State.OK, "taking files"),
+        ({"documents": 12.5}, State.OK, "waiting on a folder: documents (12.5 s)"),
+        ({"documents": 75.0, "archive": 6.0}, State.CRITICAL, "channel documents (75.0 s)"),
+        ({"documents": float("nan")}, State.OK, "taking files"),
+        ({"documents": True}, State.OK, "taking files"),
+        (["documents"], State.UNKNOWN, "not a map"),
+    ],
+)
+def test_a_channel_whose_intake_does_not_move_is_critical(
+    stalled: Any, state: State, words: str
+) -> None:
+    report = judge(status("outside", intake_stalled=stalled), role="outside")
+    check = by_name(report)["intake"]
+    assert check.state is state
+    assert words in check.message
+    if state is State.CRITICAL:
+        assert "archive" not in check.message  # below the limit: not named
+        assert report.state is State.CRITICAL
+
+
+def test_the_stall_limit_is_the_operators() -> None:
+    data = status("outside", intake_stalled={"documents": 75.0})
+    relaxed = by_name(judge(data, role="outside", limits=Limits(max_stall=300)))
+    assert relaxed["intake"].state is State.OK
+
+
+def test_an_older_outside_without_the_field_has_no_intake_check() -> None:
+    assert "intake" not in by_name(judge(status("outside"), role="outside"))

@@ -10,6 +10,7 @@ again at the next scan, not skipped.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 
 from ferry.crypto.keys import SecretKey
 from ferry.quarantine_release import (
+    AUDITED_STATE,
     MAX_DELIVERED_PATH,
     RELEASES,
     ReleaseAuditor,
@@ -183,3 +185,44 @@ def test_odd_bytes_never_stop_the_scan(rig: Rig, monkeypatch: pytest.MonkeyPatch
         f.write(b'"}\n')
     rig.scan()
     assert [kw["result"] for _, kw in rig.audit.records[4:]] == ["failure"]  # (no signature)
+
+
+def test_each_folder_has_its_own_turn_and_one_that_hangs_holds_up_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outside's intake threads each scan their own channel's quarantine folder: one
+    whose folder stopped answering (a share) must not stop another's releases."""
+    key = SecretKey.generate("ed25519")
+    audit = FakeAudit()
+    (tmp_path / "state").mkdir()
+    hung, local = tmp_path / "hung", tmp_path / "local"
+    for folder in (hung, local):
+        folder.mkdir()
+        append_release(folder, _release(key))
+    auditor = ReleaseAuditor(audit, tmp_path / "state", key.public, clock=lambda: 100.0)  # type: ignore[arg-type]
+    inside, release = threading.Event(), threading.Event()
+    read = auditor._scan_file
+
+    def scan_file(path: Path, channel: str | None, done: int) -> int:
+        if path.parent == hung:
+            inside.set()
+            release.wait(10)
+        return read(path, channel, done)
+
+    monkeypatch.setattr(auditor, "_scan_file", scan_file)
+    stuck = threading.Thread(target=auditor.scan, args=({hung: "documents"},))
+    stuck.start()
+    try:
+        assert inside.wait(5)
+        auditor.scan({local: "archive"})  # same instant, another folder: its turn
+        assert [kw["obj"].channel for _, kw in audit.records] == ["archive"]
+        kept = json.loads((tmp_path / "state" / AUDITED_STATE).read_text())
+        assert kept == {str(local / RELEASES): (local / RELEASES).stat().st_size}
+        auditor.scan({hung: "documents", local: "archive"})  # neither is due again
+        assert len(audit.records) == 1
+    finally:
+        release.set()
+        stuck.join(10)
+    assert [kw["obj"].channel for _, kw in audit.records] == ["archive", "documents"]
+    kept = json.loads((tmp_path / "state" / AUDITED_STATE).read_text())
+    assert set(kept) == {str(hung / RELEASES), str(local / RELEASES)}

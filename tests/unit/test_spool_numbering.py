@@ -6,8 +6,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import pytest
-
 from ferry.config_types import OutsideChannel
 from ferry.crypto.keys import SecretKey
 from outside.intake import spool_file_item
