@@ -10,8 +10,10 @@ The wire format is in docs/API.md: every frame list starts with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
 import re
 import shutil
 import threading
@@ -52,6 +54,9 @@ MAX_BATCH = 1024
 MAX_BODY = 16 * 1024
 MAX_UPLOADS_PER_CLIENT = 4
 UPLOAD_IDLE_TIMEOUT = 120.0
+# Seconds close() waits for an upload being checked (the content pipeline has a limit of its
+# own; an upload cut short is not acknowledged, and the client sends it again).
+FINISH_STOP_TIMEOUT = 10.0
 SUBMISSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
 BUSY_RETRY_AFTER = 1.0
 # Seconds a client is told to wait while the audit log cannot write (intake is halted).
@@ -108,6 +113,7 @@ class _Upload:
     received: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
     last: float = field(default_factory=time.monotonic)
+    finishing: bool = False  # every byte is in: checked and spooled on the finisher thread
 
 
 def _reply(verb: bytes, body: dict[str, Any]) -> list[bytes]:
@@ -220,9 +226,19 @@ class ApiServer:
         self.rejected = 0
         self.busy = 0
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+        # Complete uploads are checked (content pipeline) and spooled on a thread of their
+        # own, so that a large or slow file holds up no other client's messages; the API
+        # thread, which alone owns the socket, sends the answers (woken through _wake).
+        self._finish_queue: queue.SimpleQueue[_Upload | None] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[tuple[_Upload, list[bytes], str]] = queue.SimpleQueue()
+        self._wake_endpoint = f"inproc://ferry-api-finished-{id(self):x}"
+        self._wake_rx = self.ctx.socket(zmq.PULL)
+        self._wake_rx.bind(self._wake_endpoint)
+        self._finisher = threading.Thread(target=self._finish_loop, name="api-uploads", daemon=True)
 
     def start(self) -> None:
         self.keys.check_rejects_strangers()
+        self._finisher.start()
         self._thread.start()
         _log.info(
             "api_listening",
@@ -236,8 +252,13 @@ class ApiServer:
         self.stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self._finish_queue.put(None)
+        if self._finisher.is_alive():
+            self._finisher.join(timeout=FINISH_STOP_TIMEOUT)
         for up in list(self._uploads.values()):
-            self._drop_upload(up)
+            if not (up.finishing and self._finisher.is_alive()):  # (else it is in use)
+                self._drop_upload(up)
+        self._wake_rx.close(linger=0)
         self.sock.close(linger=500)
         self.auth.stop()
         self.ctx.term()
@@ -246,11 +267,18 @@ class ApiServer:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
         while not self.stop.is_set():
             try:
                 self.allow.maybe_reload()
                 self._expire_uploads()
-                if not poller.poll(100):
+                ready = dict(poller.poll(100))
+                if self._wake_rx in ready:
+                    with contextlib.suppress(zmq.Again):
+                        while True:
+                            self._wake_rx.recv(zmq.NOBLOCK)
+                    self._answer_finished()
+                if self.sock not in ready:
                     continue
                 batch: list[list[zmq.Frame]] = []
                 while len(batch) < MAX_BATCH:
@@ -660,6 +688,12 @@ class ApiServer:
         if prior is not None:
             self._send(identity, _accepted(sid, prior.object_id, prior.channel, prior.seq, True))
             return
+        for other in [u for u in self._uploads.values() if u.client == client.name]:
+            if other.submission_id != sid:
+                continue
+            if other.finishing:  # its answer comes soon; then a resubmit gets the same
+                raise Busy(BUSY_RETRY_AFTER, "this submission is being checked")
+            self._drop_upload(other)  # begun again (the client restarted): the new one counts
         mine = [u for u in self._uploads.values() if u.client == client.name]
         if len(mine) >= MAX_UPLOADS_PER_CLIENT:
             raise Busy(BUSY_RETRY_AFTER, "too many uploads in progress")
@@ -692,6 +726,8 @@ class ApiServer:
         up = self._uploads.get(token) if isinstance(token, str) else None
         if up is None or up.client != client.name:
             raise Refused("UNKNOWN_UPLOAD", "no such upload in progress (expired or finished)")
+        if up.finishing:
+            raise Refused("BAD_OFFSET", f"every byte of this upload is in ({up.size})")
         offset = body.get("offset")
         if offset != up.received:
             raise Refused("BAD_OFFSET", f"expected offset {up.received}, got {offset!r}")
@@ -717,13 +753,48 @@ class ApiServer:
         self._upload_finish(up)
 
     def _upload_finish(self, up: _Upload) -> None:
+        """Every byte is in: hand the upload to the finisher thread (the answer follows)."""
+        if up.digest.digest() != up.sha256:
+            self._drop_upload(up)
+            raise Refused("HASH_MISMATCH", "SHA-256 of the uploaded bytes differs")
+        up.finishing = True
+        self._finish_queue.put(up)
+
+    def _finish_loop(self) -> None:
+        """The finisher thread: check, spool and record each complete upload in turn."""
+        wake = self.ctx.socket(zmq.PUSH)
+        wake.connect(self._wake_endpoint)
+        try:
+            while (up := self._finish_queue.get()) is not None:
+                try:
+                    frames, outcome = self._finish(up)
+                except Exception as exc:  # noqa: BLE001  # fail closed for this upload only
+                    _log.exception("upload_finish_failed", id=up.submission_id)
+                    frames = _reply(
+                        b"REJECTED",
+                        {"id": up.submission_id, "code": "INTERNAL", "message": str(exc)},
+                    )
+                    outcome = "failed"
+                self._finished.put((up, frames, outcome))
+                with contextlib.suppress(zmq.ZMQError):
+                    wake.send(b"", zmq.NOBLOCK)
+        finally:
+            wake.close(linger=0)
+
+    def _finish(self, up: _Upload) -> tuple[list[bytes], str]:
+        """Check and spool one complete upload; return the answer and what it was
+        (``accepted``, ``rejected``, ``busy``, ``failed``: the upload is then dropped)."""
         from outside import intake  # noqa: PLC0415  # (import cycle)
 
         sid = up.submission_id
         content = up.path
+        recorded: list[int] = []
+
+        def record(item: SpoolItem, sha: str, media: str) -> None:
+            recorded.append(self._record_upload(up, item, sha, media, verdict))
+
+        verdict: Verdict | None = None
         try:
-            if up.digest.digest() != up.sha256:
-                raise Refused("HASH_MISMATCH", "SHA-256 of the uploaded bytes differs")
             os.fsync(up.fd)
             os.close(up.fd)
             up.fd = -1
@@ -736,42 +807,46 @@ class ApiServer:
                 name=verdict.name if verdict is not None else up.name,
                 subject=f"api:{up.client}",
                 submission=(up.client, sid, up.sha256),
-                record=lambda item, sha, media: self._record_upload(up, item, sha, media, verdict),
+                record=record,
                 report=intake.summary(up.channel, verdict),
                 media_type=intake.media_type_of(verdict),
             )
-            if self._batch_idx >= 0 and self.audit is not None:
-                self.on_items([replace(item, audit_idx=self._batch_idx)])
-                self._uploads.pop(up.token, None)
-                self.audit.log.wait_durable(self._batch_idx)
-        except AuditUnavailable as exc:
-            self._drop_upload(up)
+            idx = recorded[-1] if recorded else -1
+            self.on_items([replace(item, audit_idx=idx)])  # sent once the record is durable
+            if idx >= 0 and self.audit is not None:
+                self.audit.log.wait_durable(idx)  # ACCEPTED only once it is on disk
+        except AuditUnavailable as exc:  # (spooled already? a resubmit gets the same item)
             if content != up.path:
                 content.unlink(missing_ok=True)
             _log.error("upload_held_audit_unavailable", id=sid, error=str(exc))
-            self.busy += 1
-            self._send(up.identity, _reply(b"BUSY", {"id": sid, "retry_after": AUDIT_RETRY_AFTER}))
-            return
+            return _reply(b"BUSY", {"id": sid, "retry_after": AUDIT_RETRY_AFTER}), "busy"
         except Refused as exc:
-            self._drop_upload(up)
-            self.rejected += 1
-            self._send(up.identity, _reply(b"REJECTED", self._rejection(sid, exc)))
-            return
+            return _reply(b"REJECTED", self._rejection(sid, exc)), "rejected"
         except (OSError, FerryError) as exc:
-            self._drop_upload(up)
             if content != up.path:
                 content.unlink(missing_ok=True)
             _log.exception("upload_spool_failed", id=sid)
-            self._send(
-                up.identity,
-                _reply(b"REJECTED", {"id": sid, "code": "INTERNAL", "message": str(exc)}),
-            )
-            return
-        if self._uploads.pop(up.token, None) is not None:
-            self.on_items([item])
+            return _reply(
+                b"REJECTED", {"id": sid, "code": "INTERNAL", "message": str(exc)}
+            ), "failed"
         up.path.unlink(missing_ok=True)
-        self.accepted += 1
-        self._send(up.identity, _accepted(sid, item.object_id, item.channel, item.seq, False))
+        return _accepted(sid, item.object_id, item.channel, item.seq, False), "accepted"
+
+    def _answer_finished(self) -> None:
+        """On the API thread: send the finisher's answers and forget those uploads."""
+        while True:
+            try:
+                up, frames, outcome = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self._drop_upload(up)
+            if outcome == "accepted":
+                self.accepted += 1
+            elif outcome == "busy":
+                self.busy += 1
+            else:
+                self.rejected += 1
+            self._send(up.identity, frames)
 
     def _check_content(self, up: _Upload) -> tuple[Path, Verdict | None]:
         """The channel's content policy on an upload; a refusal becomes REJECTED (and is
@@ -804,15 +879,15 @@ class ApiServer:
         sha256: str,
         media_type: str,
         verdict: Verdict | None,
-    ) -> None:
+    ) -> int:
+        """The upload's intake.accepted record (on the finisher thread); its index, or -1."""
         from outside import intake  # noqa: PLC0415  # (import cycle)
 
-        self._batch_idx = -1
         if self.audit is None:
-            return
+            return -1
         if verdict is not None:
             intake.record_verdict(self.audit, up.channel, up.name, verdict, item)
-        self._batch_idx = self.audit.record(
+        return self.audit.record(
             "intake.accepted",
             subject=self._client_subject(up.client),
             obj=AuditObject(
@@ -838,6 +913,10 @@ class ApiServer:
 
     def _expire_uploads(self) -> None:
         now = time.monotonic()
-        for up in [u for u in self._uploads.values() if now - u.last > UPLOAD_IDLE_TIMEOUT]:
+        for up in [
+            u
+            for u in self._uploads.values()
+            if now - u.last > UPLOAD_IDLE_TIMEOUT and not u.finishing
+        ]:
             _log.warning("upload_expired", id=up.submission_id, client=up.client)
             self._drop_upload(up)
