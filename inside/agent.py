@@ -2,8 +2,11 @@
 
 ``ferry inside run -c inside.yaml``. The transport's own thread drains the
 link into memory; the main thread feeds the receiver machine and writes
-decoded blocks into per-object spool files; a delivery thread verifies
-completed objects and links them into their channel folders.
+decoded blocks into per-object spool files; two delivery threads verify
+completed objects, one for files (re-checked and linked into their channel
+folders) and one for messages (folders and inner consumers): each object goes
+to the thread of its kind, so a delivery folder that stops answering (a share
+whose server is gone) holds up files, never messages.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from inside.deliver import (
     deliver,
     fsync_dir,
     open_bundle,
+    remove_stale_temps,
     verify_stream,
     write_new_files,
 )
@@ -159,6 +163,8 @@ class InsideAgent:
         for ch in cfg.channels:
             if ch.deliver is not None:
                 ch.deliver.mkdir(parents=True, exist_ok=True)
+                if removed := remove_stale_temps(ch.deliver):  # (a crash while copying)
+                    _log.info("stale_temp_files_removed", channel=ch.name, count=removed)
         self.schemas = SchemaRegistry.load() if self.msg_channels else None
         for ch in self.msg_channels.values():
             for name in ch.schemas:
@@ -346,6 +352,10 @@ class InsideAgent:
                     except OSError as exc:
                         self._reject(oid, f"spooled object unreadable: {exc}")
                         continue
+                    if work is self._work:  # messages have a thread of their own (below)
+                        self._spool_path(oid).unlink(missing_ok=True)  # (held in memory now)
+                        self._mem_work.put((oid, length, data))
+                        continue
                 assert data is not None
                 try:
                     manifest, content = verify_stream(data, oid, self.sender_keys)
@@ -361,6 +371,9 @@ class InsideAgent:
                     if not on_disk:
                         with open(self._spool_path(oid), "wb") as f:
                             f.write(data)
+                    if work is self._mem_work:  # a small file: to the files' thread, so that
+                        self._work.put((oid, length, None))  # a folder that does not answer
+                        continue  # (a share whose server is gone) holds up no message
                     self._deliver_file(oid, length)
                     continue
                 if on_disk:  # held in memory from here; a repeat brings it again after a crash

@@ -6,11 +6,14 @@ content. Delivery: the verified spool file is truncated to the content, fsynced
 and hard-linked under a gateway-chosen safe name (``link`` never overwrites:
 a collision tries ``name (2).ext``...). Across filesystems the content is
 copied into an anonymous ``O_TMPFILE`` in the target folder, fsynced and
-linked in, so a partial file is never visible under any name.
+linked in, so a partial file is never visible under any name. Where the target's
+file system has no O_TMPFILE (a share: FUSE, SMB, NFS) the copy is written under
+a hidden temp name (``.ferry-<16 hex>.part``) first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -164,25 +167,30 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
     counts as delivered, so a repeat never makes a second copy.
     """
     root = PurePosixPath(folder)
-    tmps: list[int] = []
+    tmps: list[tuple[int, str | None]] = []
     out: list[Path] = []
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # one folder for the whole batch
     try:
         for _, content, _ in items:
-            tmp = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o640, dir_fd=dir_fd)
-            tmps.append(tmp)
+            tmps.append(_open_temp(dir_fd))
+            tmp = tmps[-1][0]
             view = memoryview(content)
             while view:
                 view = view[os.write(tmp, view) :]
-        _flush_all(tmps)
-        for tmp, (name, _, sha) in zip(tmps, items, strict=True):
+        _flush_all([fd for fd, _ in tmps])
+        for i, (fd, tmp_name) in enumerate(tmps):
+            if tmp_name is not None:  # (closed before it is named: a share may hide a file
+                os.close(fd)  # unlinked while open, .fuse_hidden..., .nfsXXXX)
+                tmps[i] = (-1, tmp_name)
+        for i, ((tmp, tmp_name), (name, _, sha)) in enumerate(zip(tmps, items, strict=True)):
             for candidate in candidate_names(safe_name(name)):
                 try:
                     target = contained(root, candidate)
                 except ValueError as exc:
                     raise UnsafePathError(str(exc)) from exc
                 try:
-                    _link_tmpfile(tmp, dir_fd, candidate)
+                    _link_temp(tmp, tmp_name, dir_fd, candidate)
+                    tmps[i] = (tmp, None)  # (named now)
                 except FileExistsError:
                     if _same_content(Path(target), sha):
                         break
@@ -192,10 +200,77 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
                 raise UnsafePathError(f"no free name for {name!r} after many collisions")
             out.append(Path(target))
     finally:
-        for tmp in tmps:
-            os.close(tmp)
+        for tmp, tmp_name in tmps:
+            if tmp >= 0:
+                os.close(tmp)
+            _drop_temp(tmp_name, dir_fd)
         os.close(dir_fd)
     return out
+
+
+# O_TMPFILE refused: a file system without it (FUSE, SMB/CIFS, NFS: a delivery folder on a
+# share) or a kernel before 3.11. A named temp file is used there instead.
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+# Hard links refused (some shares): a rename after a check stands in for link + unlink.
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
+# Named temp files: hidden, fixed length (any name fits), removed at start-up if a crash
+# left one behind (remove_stale_temps).
+TEMP_PREFIX = ".ferry-"
+TEMP_SUFFIX = ".part"
+
+
+def _open_temp(dir_fd: int) -> tuple[int, str | None]:
+    """A new file for writing in the folder open as ``dir_fd``: anonymous (O_TMPFILE) where
+    the file system allows, else under a hidden temp name (returned, or None)."""
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o640, dir_fd=dir_fd), None
+    except OSError as exc:
+        if exc.errno not in _NO_TMPFILE:
+            raise
+    name = f"{TEMP_PREFIX}{os.urandom(8).hex()}{TEMP_SUFFIX}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(name, flags, 0o640, dir_fd=dir_fd), name
+
+
+def _link_temp(tmp_fd: int, tmp_name: str | None, dir_fd: int, name: str) -> None:
+    """Give a file from :func:`_open_temp` the name ``name`` (FileExistsError if taken);
+    a named temp file (closed by then: ``tmp_fd`` is not used) then loses its temp name."""
+    if tmp_name is None:
+        _link_tmpfile(tmp_fd, dir_fd, name)
+        return
+    try:
+        os.link(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        try:  # no hard links here: never over a file, as far as a check before can tell
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        raise FileExistsError(errno.EEXIST, "name taken", name) from None
+    os.unlink(tmp_name, dir_fd=dir_fd)
+
+
+def _drop_temp(tmp_name: str | None, dir_fd: int) -> None:
+    if tmp_name is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name, dir_fd=dir_fd)
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Remove the named temp files a crash left in a delivery folder; how many."""
+    removed = 0
+    try:
+        for entry in os.scandir(folder):
+            name = entry.name
+            if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX) and len(name) == 28:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    except OSError:
+        pass  # (a folder that is not there: its delivery reports it)
+    return removed
 
 
 def _link_tmpfile(tmp_fd: int, dir_fd: int, name: str) -> None:
@@ -242,22 +317,29 @@ def subfolder(folder: Path, relpath: str, *, keep: bool) -> Path:
 
 
 def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
-    """Copy into an anonymous file in ``folder`` and link it as ``target`` (EEXIST on collision)."""
-    tmp = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o640)
+    """Copy into a new file in ``folder`` (anonymous where the file system allows) and link
+    it as ``target`` (EEXIST on collision)."""
+    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.lseek(src_fd, 0, os.SEEK_SET)
-        with os.fdopen(os.dup(src_fd), "rb") as src, os.fdopen(os.dup(tmp), "wb") as dst:
-            shutil.copyfileobj(src, dst, HASH_CHUNK)
-            dst.flush()
-        os.ftruncate(tmp, size)
-        os.fsync(tmp)
-        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        tmp, tmp_name = _open_temp(dir_fd)
         try:
-            _link_tmpfile(tmp, dir_fd, target.name)
+            os.lseek(src_fd, 0, os.SEEK_SET)
+            with os.fdopen(os.dup(src_fd), "rb") as src, os.fdopen(os.dup(tmp), "wb") as dst:
+                shutil.copyfileobj(src, dst, HASH_CHUNK)
+                dst.flush()
+            os.ftruncate(tmp, size)
+            os.fsync(tmp)
+            if tmp_name is not None:  # (closed before it is named, as in write_new_files)
+                os.close(tmp)
+                tmp = -1
+            _link_temp(tmp, tmp_name, dir_fd, target.name)
+            tmp_name = None
         finally:
-            os.close(dir_fd)
+            if tmp >= 0:
+                os.close(tmp)
+            _drop_temp(tmp_name, dir_fd)
     finally:
-        os.close(tmp)
+        os.close(dir_fd)
 
 
 def link_under_free_name(

@@ -137,3 +137,49 @@ def test_a_share_that_stops_answering_holds_up_only_its_own_channel(
     got = wait_files(docs["deliver"], {"during.txt"}, timeout=30)
     assert got == {"during.txt": b"saved while the server hung"}
     until_check(outside_cfg, "intake", "OK", "--max-stall", "2")
+
+
+def test_a_delivery_folder_share_that_stops_answering_holds_up_files_not_messages(
+    tmp_path: Path, agents: Any, network_share: Share
+) -> None:
+    """Inside, the documents channel delivers onto a share; its server goes away. Files wait
+    (one delivery thread serves every files channel), messages are still delivered (a thread
+    of their own, also when a small file, which arrives whole in memory as messages do, is
+    stuck before them), `ferry health` on the inside answers and names the share; when the
+    server is back, the file is delivered."""
+    dep = init(tmp_path / "d")
+    edit_yaml(dep["outside"]["config"], fast_bulk)
+    for side in ("outside", "inside"):
+        edit_yaml(dep[side]["config"], opaque)
+
+    def deliver_on_share(data: dict[str, Any]) -> None:
+        (ch,) = [c for c in data["channels"] if c["name"] == "documents"]
+        ch["deliver"] = str(network_share.mount)
+
+    edit_yaml(dep["inside"]["config"], deliver_on_share)
+    inside_cfg = dep["inside"]["config"]
+    inside = agents("inside", inside_cfg)
+    agents("outside", dep["outside"]["config"])
+    inside.wait_event("inside_started")  # (it made its folders, the share's among them)
+    daemon = network_share.daemon()
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        drop_file(Path(dep["channels"]["documents"]["drop"]), "report.bin", b"for the share")
+        time.sleep(2.0)  # it crosses; its delivery now waits on the share
+        message = tmp_path / "application.json"
+        message.write_bytes(application(12))
+        sent = ferry(
+            "send", "-c", dep["api"]["client_config"], "--channel", "messages",
+            "--schema", "citizen-application", str(message), "--json",
+        )  # fmt: skip
+        assert json.loads(sent.stdout)["status"] == "ACCEPTED"
+        messages = Path(dep["channels"]["messages"]["deliver"])
+        wait_for(lambda: list(messages.glob("*.json")), what="the message inside")
+        found = until_check(inside_cfg, "disk deliver/documents", "CRITICAL")
+        assert "not answering" in found["disk deliver/documents"]["message"]
+        assert not (network_share.server / "report.bin").exists()
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert wait_files(network_share.server, {"report.bin"}, timeout=30) == {
+        "report.bin": b"for the share"
+    }
