@@ -51,6 +51,19 @@ def deploy_on_share(tmp_path: Path, share: Share, *extra: str) -> dict[str, Any]
     return dep
 
 
+def message_crosses(dep: dict[str, Any], tmp_path: Path, n: int) -> None:
+    """An integrator's message, sent with `ferry send`, is accepted and delivered inside."""
+    message = tmp_path / "application.json"
+    message.write_bytes(application(n))
+    sent = ferry(
+        "send", "-c", dep["api"]["client_config"], "--channel", "messages",
+        "--schema", "citizen-application", str(message), "--json",
+    )  # fmt: skip
+    assert json.loads(sent.stdout)["status"] == "ACCEPTED"
+    messages = Path(dep["channels"]["messages"]["deliver"])
+    wait_for(lambda: list(messages.glob("*.json")), what="the message inside")
+
+
 def test_files_clerks_save_on_a_share_cross_and_are_archived_off_it(
     tmp_path: Path, agents: Any, network_share: Share
 ) -> None:
@@ -107,15 +120,7 @@ def test_a_share_that_stops_answering_holds_up_only_its_own_channel(
         assert wait_files(archive["deliver"], {"local.bin"}, timeout=30) == {
             "local.bin": b"dropped on the gateway's own disk"
         }
-        message = tmp_path / "application.json"
-        message.write_bytes(application(11))
-        sent = ferry(
-            "send", "-c", dep["api"]["client_config"], "--channel", "messages",
-            "--schema", "citizen-application", str(message), "--json",
-        )  # fmt: skip
-        assert json.loads(sent.stdout)["status"] == "ACCEPTED"
-        messages = Path(dep["channels"]["messages"]["deliver"])
-        wait_for(lambda: list(messages.glob("*.json")), what="the message inside")
+        message_crosses(dep, tmp_path, 11)
 
         def mirrored() -> bool:  # its acceptance record is in the inside's copy of the log
             rec = ferry("audit", "reconcile", "-c", dep["inside"]["config"], check=False)
@@ -166,15 +171,7 @@ def test_a_delivery_folder_share_that_stops_answering_holds_up_files_not_message
     try:
         drop_file(Path(dep["channels"]["documents"]["drop"]), "report.bin", b"for the share")
         time.sleep(2.0)  # it crosses; its delivery now waits on the share
-        message = tmp_path / "application.json"
-        message.write_bytes(application(12))
-        sent = ferry(
-            "send", "-c", dep["api"]["client_config"], "--channel", "messages",
-            "--schema", "citizen-application", str(message), "--json",
-        )  # fmt: skip
-        assert json.loads(sent.stdout)["status"] == "ACCEPTED"
-        messages = Path(dep["channels"]["messages"]["deliver"])
-        wait_for(lambda: list(messages.glob("*.json")), what="the message inside")
+        message_crosses(dep, tmp_path, 12)
         found = until_check(inside_cfg, "disk deliver/documents", "CRITICAL")
         assert "not answering" in found["disk deliver/documents"]["message"]
         assert not (network_share.server / "report.bin").exists()
