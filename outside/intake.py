@@ -228,6 +228,7 @@ class _Lane:
     # While a step is under way: when it last showed progress (monotonic); None between
     # steps and while the content pipeline (which has its own time limit) has the file.
     progress: float | None = None
+    allowance: float = 0.0  # seconds of the step that are waiting for files, not a stall
 
     def beat(self) -> None:
         if self.progress is not None:
@@ -346,8 +347,8 @@ class FolderIntake:
         out = {}
         for name, lane in self._lanes.items():
             since = lane.progress
-            if since is not None and now - since >= at_least:
-                out[name] = round(now - since, 1)
+            if since is not None and now - since - lane.allowance >= at_least:
+                out[name] = round(now - since - lane.allowance, 1)
         return out
 
     def _run_lane(
@@ -380,9 +381,10 @@ class FolderIntake:
         new items."""
         lane = self._lanes[channel]
         ch = lane.channel
-        lane.progress = time.monotonic()
+        lane.progress, lane.allowance = time.monotonic(), timeout
         try:
             ready, refused = lane.watcher.poll(timeout)
+            lane.allowance = 0.0
             lane.beat()
             q = self._quarantine.get(ch.name)
             if self._releases is not None and q is not None:
@@ -414,7 +416,7 @@ class FolderIntake:
                     taken.append(item)
             return taken
         finally:
-            lane.progress = None
+            lane.progress, lane.allowance = None, 0.0
 
     # ------------------------------------------------------------------ take
     def _take(self, ch: OutsideChannel, r: Ready) -> SpoolItem | None:
