@@ -30,6 +30,7 @@ from ferry.content.scan import Scanner
 from ferry.crypto.keys import PublicKey, load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
 from ferry.jsondoc import SchemaRegistry
+from ferry.place import remove_stale_temps
 from ferry.quarantine_release import ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
 from ferry.state import Retention
@@ -50,7 +51,6 @@ from inside.deliver import (
     deliver,
     fsync_dir,
     open_bundle,
-    remove_stale_temps,
     verify_stream,
     write_new_files,
 )

@@ -13,7 +13,6 @@ a hidden temp name (``.ferry-<16 hex>.part``) first.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import hashlib
@@ -27,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from ferry.crypto import suite
 from ferry.crypto.keys import PublicKey
 from ferry.errors import EnvelopeRejected, FerryError, UnsafePathError, WireError
+from ferry.place import drop_temp, link_new, temp_name
 from ferry.wire import records as rec
 from inside.ledger import Ledger
 from inside.paths import candidate_names, contained, safe_name
@@ -203,20 +203,14 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
         for tmp, tmp_name in tmps:
             if tmp >= 0:
                 os.close(tmp)
-            _drop_temp(tmp_name, dir_fd)
+            drop_temp(tmp_name, dir_fd)
         os.close(dir_fd)
     return out
 
 
 # O_TMPFILE refused: a file system without it (FUSE, SMB/CIFS, NFS: a delivery folder on a
-# share) or a kernel before 3.11. A named temp file is used there instead.
+# share) or a kernel before 3.11. A named temp file (ferry.place.temp_name) is used there.
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
-# Hard links refused (some shares): a rename after a check stands in for link + unlink.
-_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
-# Named temp files: hidden, fixed length (any name fits), removed at start-up if a crash
-# left one behind (remove_stale_temps).
-TEMP_PREFIX = ".ferry-"
-TEMP_SUFFIX = ".part"
 
 
 def _open_temp(dir_fd: int) -> tuple[int, str | None]:
@@ -227,7 +221,7 @@ def _open_temp(dir_fd: int) -> tuple[int, str | None]:
     except OSError as exc:
         if exc.errno not in _NO_TMPFILE:
             raise
-    name = f"{TEMP_PREFIX}{os.urandom(8).hex()}{TEMP_SUFFIX}"
+    name = temp_name()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     return os.open(name, flags, 0o640, dir_fd=dir_fd), name
 
@@ -237,40 +231,8 @@ def _link_temp(tmp_fd: int, tmp_name: str | None, dir_fd: int, name: str) -> Non
     a named temp file (closed by then: ``tmp_fd`` is not used) then loses its temp name."""
     if tmp_name is None:
         _link_tmpfile(tmp_fd, dir_fd, name)
-        return
-    try:
-        os.link(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno not in _NO_HARD_LINKS:
-            raise
-        try:  # no hard links here: never over a file, as far as a check before can tell
-            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            os.rename(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            return
-        raise FileExistsError(errno.EEXIST, "name taken", name) from None
-    os.unlink(tmp_name, dir_fd=dir_fd)
-
-
-def _drop_temp(tmp_name: str | None, dir_fd: int) -> None:
-    if tmp_name is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name, dir_fd=dir_fd)
-
-
-def remove_stale_temps(folder: Path) -> int:
-    """Remove the named temp files a crash left in a delivery folder; how many."""
-    removed = 0
-    try:
-        for entry in os.scandir(folder):
-            name = entry.name
-            if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX) and len(name) == 28:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed += 1
-    except OSError:
-        pass  # (a folder that is not there: its delivery reports it)
-    return removed
+    elif link_new(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd):
+        os.unlink(tmp_name, dir_fd=dir_fd)
 
 
 def _link_tmpfile(tmp_fd: int, dir_fd: int, name: str) -> None:
@@ -337,7 +299,7 @@ def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
         finally:
             if tmp >= 0:
                 os.close(tmp)
-            _drop_temp(tmp_name, dir_fd)
+            drop_temp(tmp_name, dir_fd)
     finally:
         os.close(dir_fd)
 

@@ -228,7 +228,7 @@ class ApiServer:
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
         # Complete uploads are checked (content pipeline) and spooled on a thread of their
         # own, so that a large or slow file holds up no other client's messages; the API
-        # thread, which alone owns the socket, sends the answers (woken through _wake).
+        # thread, which alone owns the socket, sends the answers (woken through _wake_rx).
         self._finish_queue: queue.SimpleQueue[_Upload | None] = queue.SimpleQueue()
         self._finished: queue.SimpleQueue[tuple[_Upload, list[bytes], str]] = queue.SimpleQueue()
         self._wake_endpoint = f"inproc://ferry-api-finished-{id(self):x}"
@@ -829,7 +829,6 @@ class ApiServer:
             return _reply(
                 b"REJECTED", {"id": sid, "code": "INTERNAL", "message": str(exc)}
             ), "failed"
-        up.path.unlink(missing_ok=True)
         return _accepted(sid, item.object_id, item.channel, item.seq, False), "accepted"
 
     def _answer_finished(self) -> None:

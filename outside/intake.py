@@ -35,6 +35,7 @@ from ferry.content.base import FEATURES, Verdict
 from ferry.crypto.keys import PublicKey, SecretKey
 from ferry.errors import PolicyRejection
 from ferry.names import candidate_names
+from ferry.place import drop_temp, link_new, remove_stale_temps, temp_name
 from ferry.quarantine_release import RELEASES, ReleaseAuditor
 from ferry.wire import records as rec
 from ferry.wire.records import MAX_REPORT_BYTES
@@ -271,29 +272,27 @@ class FolderIntake:
         )
         # per quarantine folder: releases.jsonl's (size, mtime) and its verified overrides
         self._overrides: dict[Path, tuple[tuple[int, int], dict[str, frozenset[str]]]] = {}
-        specs = []
-        for c in self._channels.values():
-            assert c.drop is not None  # filtered above
-            specs.append(
-                WatchSpec(
-                    c.name,
-                    c.drop,
-                    recursive=c.subfolders,
-                    settle_seconds=c.settle_seconds,
-                    rescan_seconds=c.rescan_seconds,
-                )
+        specs = {
+            c.name: WatchSpec(
+                c.name,
+                c.drop,
+                recursive=c.subfolders,
+                settle_seconds=c.settle_seconds,
+                rescan_seconds=c.rescan_seconds,
             )
-        check_specs(specs)
+            for c in self._channels.values()
+            if c.drop is not None  # (all: filtered above)
+        }
+        check_specs(list(specs.values()))
         now = time.monotonic()
         self._lanes = {
-            spec.channel: _Lane(
-                self._channels[spec.channel],
-                DropWatcher([spec], rescan_interval=rescan_interval),
+            c.name: _Lane(
+                c,
+                DropWatcher([specs[c.name]], rescan_interval=rescan_interval),
                 _Rate(c.max_items_per_minute, float(c.max_items_per_minute), now),
                 content / str(i),
             )
-            for i, spec in enumerate(specs)
-            for c in (self._channels[spec.channel],)
+            for i, c in enumerate(self._channels.values())
         }
         self._stop = threading.Event()
         self.paused = False
@@ -365,6 +364,8 @@ class FolderIntake:
                         ch.drop.mkdir(parents=True, exist_ok=True)
                     except OSError as exc:  # the watcher reports it and retries the folder
                         _log.error("drop_folder_not_created", channel=ch.name, error=str(exc))
+                    if ch.sent is not None and (removed := remove_stale_temps(ch.sent)):
+                        _log.info("stale_temp_files_removed", channel=ch.name, count=removed)
                     lane.watcher.start()
                     watching = True
                     lane.progress = None
@@ -701,37 +702,34 @@ class FolderIntake:
 
 
 def _place_original(path: Path, target: Path) -> bool:
-    """Move ``path`` to ``target`` unless that name is taken (then False). A hard link
-    then an unlink never replaces a file; a link left by a crash between the two is
-    recognised (same inode) and finished. Another file system: :func:`_move_across`; one
-    without hard links: a rename after a check (a race there can replace a file)."""
+    """Move ``path`` to ``target`` unless that name is taken (then False): a link then an
+    unlink (:func:`ferry.place.link_new`), so no file is replaced; a link left by a crash
+    between the two is recognised (same inode) and finished. Another file system:
+    :func:`_move_across`."""
     try:
-        os.link(path, target, follow_symlinks=False)
+        linked = link_new(path, target)
     except FileExistsError:
         if not os.path.samestat(os.lstat(path), os.lstat(target)):
             return False
+        linked = True
     except OSError as exc:
-        if exc.errno == errno.EXDEV:
-            try:
-                _move_across(path, target)
-            except FileExistsError:
-                return False
-            return True
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+        if exc.errno != errno.EXDEV:
             raise
-        if os.path.lexists(target):
+        try:
+            _move_across(path, target)
+        except FileExistsError:
             return False
-        os.rename(path, target)
         return True
-    os.unlink(path)
+    if linked:
+        os.unlink(path)
     return True
 
 
 def _move_across(path: Path, target: Path) -> None:
     """``rename`` from one file system to another: the original is copied under a hidden
-    temp name, synced, linked to ``target`` (never over a file), and removed only then. Its
-    modification time is kept."""
-    tmp = target.with_name(f".ferry-{os.urandom(8).hex()}.part")  # (any name length fits)
+    temp name, synced, given the name ``target`` (never over a file), and removed only
+    then. Its modification time is kept."""
+    tmp = target.with_name(temp_name())  # (fixed length: any name fits)
     src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
     try:
         st = os.fstat(src)
@@ -746,9 +744,9 @@ def _move_across(path: Path, target: Path) -> None:
                 os.fsync(dst)
             finally:
                 os.close(dst)
-            os.link(tmp, target)
+            link_new(tmp, target)  # (renamed where the file system has no hard links)
         finally:
-            os.unlink(tmp)  # a copy cut short (a full disk) leaves nothing behind
+            drop_temp(tmp)  # linked, or a copy cut short (a full disk): nothing left behind
     finally:
         os.close(src)
     _fsync_dir(target.parent)

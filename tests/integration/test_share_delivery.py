@@ -12,14 +12,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import Share
 
-from inside.deliver import (
-    TEMP_PREFIX,
-    _link_copy,
-    _link_temp,
-    _open_temp,
-    remove_stale_temps,
-    write_new_files,
-)
+from ferry.place import TEMP_PREFIX, remove_stale_temps
+from inside.deliver import _link_copy, _link_temp, _open_temp, write_new_files
 
 pytestmark = pytest.mark.integration
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
+from intake_helpers import Gateway
+
+from outside.content.pipeline import ContentPipeline
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +18,20 @@ def _restore_logging() -> Iterator[None]:
     stderr, closed after the test): later tests that log must not write there."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Iterator[ContentPipeline]:
+    """A real content pipeline (one worker process), shared by a module's tests."""
+    p = ContentPipeline(workers=1)
+    p.start()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, pipeline: ContentPipeline) -> Iterator[Gateway]:
+    """The outside's intake of a fresh deployment's ``documents`` channel, driven by hand."""
+    g = Gateway(tmp_path / "d", pipeline)
+    yield g
+    g.close()

@@ -8,111 +8,21 @@ The intake is a real FolderIntake on a `ferry init` deployment with a real conte
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 from content_helpers import policy
+from intake_helpers import Gateway
 
-from ferry.audit.agent import AgentAudit
-from ferry.audit.record import decode
-from ferry.audit.verify import iter_lines, list_segments
-from ferry.config import load_outside_config
 from ferry.content.base import Verdict
-from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import UsageError
-from ferry.provision import init_deployment
-from ferry.quarantine_release import append_release, list_items, new_record, now
-from outside.content.pipeline import ContentPipeline, override_inputs
-from outside.intake import FolderIntake
+from ferry.quarantine_release import list_items
+from outside.content.pipeline import override_inputs
 from outside.quarantine import Quarantine
 from outside.quarantine_cli import HONOURED_OVERRIDES, release_item
-from outside.spool import Spool
-from outside.watch import Ready
 
 TEXT = b"minutes of the meeting\n"
-
-
-@pytest.fixture(scope="module")
-def pipeline() -> Iterator[ContentPipeline]:
-    p = ContentPipeline(workers=1)
-    p.start()
-    yield p
-    p.close()
-
-
-class Gateway:
-    """The outside's intake of the ``documents`` channel, driven by hand."""
-
-    def __init__(self, root: Path, pipeline: ContentPipeline) -> None:
-        self.dep = init_deployment(root, port=47998)
-        cfg = load_outside_config(Path(self.dep["outside"]["config"]))
-        admin = self.dep["security_admin"]
-        self.key = load_secret_key(Path(admin["secret_key"]))
-        self.trusted = load_public_key(admin["public_key"])
-        self.channel = next(c for c in cfg.channels if c.name == "documents")
-        assert self.channel.drop is not None
-        assert self.channel.quarantine is not None
-        self.drop, self.quarantine = self.channel.drop, self.channel.quarantine
-        self.audit = AgentAudit(cfg.audit, "outside", cfg.state_dir, cfg.source)
-        self.intake = FolderIntake(
-            cfg.channels,
-            Spool(cfg.state_dir),
-            load_secret_key(cfg.signing_key),
-            audit=self.audit,
-            pipeline=pipeline,
-            admin_key=self.trusted,
-        )
-        self.audit_dir = cfg.audit.dir if cfg.audit is not None else Path()
-
-    def drop_file(self, name: str, data: bytes) -> bool:
-        """Drop a file and take it; True if it was spooled (to be sent)."""
-        path = self.drop / name
-        path.write_bytes(data)
-        return self.take(name)
-
-    def take(self, name: str) -> bool:
-        path = self.drop / name
-        st = os.stat(path)
-        ready = Ready(
-            "documents", path, PurePosixPath(name), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
-        )
-        return self.intake._take(self.channel, ready) is not None
-
-    def sign(self, sha: str, override: str, *, unsigned: bool = False, **change: Any) -> None:
-        """Append a release line as the administrator would sign it (then ``change`` it)."""
-        doc = {"original_name": "x", "reason_code": override}
-        record = new_record(
-            doc, "x", sha, channel="documents", key=self.key, override=override, note="",
-            clock=now,
-        )  # fmt: skip
-        record |= change
-        if unsigned:
-            del record["signature"]
-        append_release(self.quarantine, record)
-
-    def records(self) -> list[dict[str, Any]]:
-        self.audit.log.checkpoint()
-        return [
-            decode(line.data)
-            for _, seg in list_segments(self.audit_dir)
-            for line in iter_lines(seg)
-            if line.complete
-        ]
-
-    def close(self) -> None:
-        self.intake.stop()
-        self.audit.close()
-
-
-@pytest.fixture
-def gateway(tmp_path: Path, pipeline: ContentPipeline) -> Iterator[Gateway]:
-    g = Gateway(tmp_path / "d", pipeline)
-    yield g
-    g.close()
 
 
 def _sha(data: bytes) -> str:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_quarantine_override import Gateway, pipeline  # noqa: F401 (a fixture)
+from intake_helpers import Gateway
 
 from ferry.names import MAX_COLLISIONS, NAME_MAX, candidate_names
-from outside.content.pipeline import ContentPipeline
 from outside.intake import _place_original
 
 
@@ -76,20 +74,13 @@ def test_a_symlink_in_sent_is_a_taken_name(tmp_path: Path) -> None:
     assert src.exists()
 
 
-@pytest.fixture
-def gw(tmp_path: Path, pipeline: ContentPipeline) -> Iterator[Gateway]:  # noqa: F811
-    g = Gateway(tmp_path, pipeline)
-    yield g
-    g.close()
-
-
-def test_a_long_name_sent_twice_gets_a_numbered_name_that_fits(gw: Gateway) -> None:
+def test_a_long_name_sent_twice_gets_a_numbered_name_that_fits(gateway: Gateway) -> None:
     name = "申" * 83 + ".txt"  # 253 bytes: "<stem> (2).txt" would be 257
-    sent = gw.channel.sent
+    sent = gateway.channel.sent
     assert sent is not None
-    assert gw.drop_file(name, b"first version\n")
-    assert gw.drop_file(name, b"second version\n")
-    assert not (gw.drop / name).exists()  # both originals left the drop folder
+    assert gateway.drop_file(name, b"first version\n")
+    assert gateway.drop_file(name, b"second version\n")
+    assert not (gateway.drop / name).exists()  # both originals left the drop folder
     numbered = [n for n in os.listdir(sent) if n != name]
     assert (sent / name).read_bytes() == b"first version\n"
     assert len(numbered) == 1

@@ -1,0 +1,73 @@
+"""Giving a file its name without replacing another: what the inside's delivery folders and
+the outside's ``sent`` folder share, shares (FUSE, SMB, NFS) included.
+
+:func:`link_new` names a file with a hard link, which never replaces one; where the file
+system refuses hard links (some shares), a rename after a check stands in for it. A file
+written in place before it is named goes under a :func:`temp_name` (hidden, fixed length:
+any final name fits beside it); :func:`remove_stale_temps` removes those a crash left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+from pathlib import Path
+
+TEMP_PREFIX = ".ferry-"
+TEMP_SUFFIX = ".part"
+_TEMP = re.compile(r"\.ferry-[0-9a-f]{16}\.part")
+# Hard links refused by the file system: a rename after a check stands in for link.
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
+
+
+def temp_name() -> str:
+    """A new hidden temp name: ``.ferry-<16 hex>.part``."""
+    return f"{TEMP_PREFIX}{os.urandom(8).hex()}{TEMP_SUFFIX}"
+
+
+def link_new(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    src_dir_fd: int | None = None,
+    dst_dir_fd: int | None = None,
+) -> bool:
+    """Give the file ``src`` also the name ``dst`` (FileExistsError if ``dst`` is taken).
+    True: hard-linked, ``src`` still names it (the caller unlinks it when done). False: the
+    file system has no hard links, so it was renamed: ``src`` is gone (never over a file,
+    as far as a check just before can tell). Other errors (EXDEV...) are raised."""
+    try:
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+        return True
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+    try:
+        os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return False
+    raise FileExistsError(errno.EEXIST, "name taken", str(dst))
+
+
+def drop_temp(name: str | Path | None, dir_fd: int | None = None) -> None:
+    """Remove a temp file if it is still there (None: nothing to remove)."""
+    if name is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Remove the temp files (:func:`temp_name`) a crash left in ``folder``; how many."""
+    removed = 0
+    try:
+        for entry in os.scandir(folder):
+            if _TEMP.fullmatch(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    except OSError:
+        pass  # (a folder that is not there, or does not answer: its owner reports it)
+    return removed
