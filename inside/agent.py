@@ -2,11 +2,13 @@
 
 ``ferry inside run -c inside.yaml``. The transport's own thread drains the
 link into memory; the main thread feeds the receiver machine and writes
-decoded blocks into per-object spool files; two delivery threads verify
-completed objects, one for files (re-checked and linked into their channel
-folders) and one for messages (folders and inner consumers): each object goes
-to the thread of its kind, so a delivery folder that stops answering (a share
-whose server is gone) holds up files, never messages.
+decoded blocks into per-object spool files (``<id>.part``, named ``<id>.obj`` once
+complete). Delivery threads verify completed objects: one for messages (folders and
+inner consumers), one per files channel (re-checked and linked into its folder), and
+one that hands each object spooled to disk to the thread of its kind and channel. So a
+delivery folder that stops answering (a share whose server is gone) holds up the files
+of its own channel, never messages or other channels. A complete object waiting for its
+delivery is kept across a restart and delivered at the next start.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from ferry.content.scan import Scanner
 from ferry.crypto.keys import PublicKey, load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
 from ferry.jsondoc import SchemaRegistry
-from ferry.place import remove_stale_temps
+from ferry.place import link_new, remove_stale_temps
 from ferry.quarantine_release import ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
 from ferry.state import Retention
@@ -51,6 +53,7 @@ from inside.deliver import (
     deliver,
     fsync_dir,
     open_bundle,
+    restore_trailer,
     verify_stream,
     write_new_files,
 )
@@ -69,6 +72,7 @@ INLINE_OBJECT_MAX = MAX_MESSAGE_SIZE + 1024 * 1024
 DELIVERY_BATCH = 32
 
 Job = tuple[bytes, int, bytes | None]
+FileJob = tuple[bytes, int, bool]  # (object id, length, kept from before a restart)
 MirrorJob = tuple[bytes, rec.Manifest, bytes]
 
 TICK_INTERVAL = 0.25
@@ -79,6 +83,15 @@ MIRROR_GAP_GRACE = 90.0
 DUPLICATE_NOTE_INTERVAL = 60.0
 # Seconds the delivery thread waits between checks while the audit log cannot write.
 AUDIT_WAIT = 0.2
+OBJECT_ID_LEN = 16
+# Seconds the start waits for a delivery folder (a share) before going on without it: its
+# channel's thread makes it, waiting as long as it takes; nothing else waits for it.
+FOLDER_ANSWER = 3.0
+# Seconds the stop waits, in all, for the delivery threads to finish what they hold (a file
+# whose delivery is cut short stays in the spool and is delivered at the next start).
+STOP_WAIT = 10.0
+# Seconds on one file before status.json names its channel as held up (``delivery_held``).
+HELD_REPORTED = 5.0
 LINK_EVENTS = {
     "state": "link.state",
     "heartbeat_gap": "link.heartbeat_gap",
@@ -122,6 +135,52 @@ class _RateLimitedLog:
         return 0
 
 
+class _Lane:
+    """A files channel's delivery: its folder, its queue of complete spooled objects
+    (:data:`FileJob`), and the thread that delivers them one after the other."""
+
+    def __init__(self, channel: str, folder: Path) -> None:
+        self.channel = channel
+        self.folder = folder
+        self.work: queue.SimpleQueue[FileJob | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.busy_since: float | None = None  # (monotonic) since when on its current file
+
+    def waiting(self) -> int:
+        """Files queued or being delivered."""
+        return self.work.qsize() + (self.busy_since is not None)
+
+
+def _prepare_folders(folders: Mapping[str, Path], wait: float) -> list[str]:
+    """Make each channel's delivery folder and remove temp files a crash left there, each
+    on a thread of its own, waiting ``wait`` seconds in all; the channels whose folder did
+    not answer in time (a share whose server is gone). A folder that cannot be made raises
+    FerryError (a mistake in the configuration)."""
+    errors: dict[str, OSError] = {}
+
+    def prepare(channel: str, folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            errors[channel] = exc
+            return
+        if removed := remove_stale_temps(folder):  # (a crash while copying)
+            _log.info("stale_temp_files_removed", channel=channel, count=removed)
+
+    threads = {
+        ch: threading.Thread(target=prepare, args=(ch, f), name=f"folder-{ch}", daemon=True)
+        for ch, f in folders.items()
+    }
+    deadline = time.monotonic() + wait
+    for t in threads.values():
+        t.start()
+    for t in threads.values():
+        t.join(max(0.0, deadline - time.monotonic()))
+    for channel, exc in errors.items():
+        raise FerryError(f"channel {channel}: cannot make its delivery folder: {exc}")
+    return [ch for ch, t in threads.items() if t.is_alive()]
+
+
 class InsideAgent:
     def __init__(self, cfg: InsideConfig, stop: threading.Event) -> None:
         self.cfg = cfg
@@ -160,11 +219,15 @@ class InsideAgent:
             ch.name for ch in cfg.channels if ch.kind == "files" and ch.recheck
         }
         self.msg_channels = {ch.name: ch for ch in cfg.channels if ch.kind == "messages"}
-        for ch in cfg.channels:
-            if ch.deliver is not None:
-                ch.deliver.mkdir(parents=True, exist_ok=True)
-                if removed := remove_stale_temps(ch.deliver):  # (a crash while copying)
-                    _log.info("stale_temp_files_removed", channel=ch.name, count=removed)
+        self._lanes = {name: _Lane(name, folder) for name, folder in self.folders.items()}
+        deliver_folders = {ch.name: ch.deliver for ch in cfg.channels if ch.deliver is not None}
+        for channel in _prepare_folders(deliver_folders, FOLDER_ANSWER):
+            _log.warning(
+                "delivery_folder_not_answering",
+                channel=channel,
+                folder=str(deliver_folders[channel]),
+                effect="its deliveries wait for it; everything else goes on",
+            )
         self.schemas = SchemaRegistry.load() if self.msg_channels else None
         for ch in self.msg_channels.values():
             for name in ch.schemas:
@@ -182,8 +245,7 @@ class InsideAgent:
         self.peer = Subject("peer", self.sender_key.key_id.hex())
         self._delivery_subject = Subject.component("delivery")
         self._dup_noted: dict[bytes, float] = {}
-        # Message delivery runs on the messages thread, and on the files thread for a
-        # message too big for one FEC block: one batch at a time.
+        # Messages are delivered on the messages thread, one batch at a time.
         self._messages_lock = threading.Lock()
         self.gaps = SequenceGaps(
             grace=max(2 * cfg.object_timeout, 2.0),
@@ -223,10 +285,14 @@ class InsideAgent:
         )
         self._fds: dict[bytes, int] = {}
         self._mem: dict[bytes, bytes] = {}
-        # Two delivery threads: big files (hashed and fsynced from the spool) must not hold
-        # up messages and small objects, which arrive whole in memory.
-        self._work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # Objects spooled to disk go to _work, whose thread hands each file to its
+        # channel's lane and reads a big message back for the messages thread, whose queue
+        # (_mem_work) takes the objects that arrived whole in memory as well.
+        self._work: queue.SimpleQueue[FileJob | None] = queue.SimpleQueue()
         self._mem_work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # only one file is verified and re-checked at a time (memory: up to 256 MiB each)
+        self._checking = threading.Lock()
+        self._kept: list[tuple[bytes, int]] = []  # complete objects kept from before a start
         # pieces of the outside's audit log: witnessing one hashes up to a second of records,
         # so it has a thread of its own and never holds up message delivery
         self._mirror_work: queue.SimpleQueue[MirrorJob | None] = queue.SimpleQueue()
@@ -240,14 +306,33 @@ class InsideAgent:
 
     # ------------------------------------------------------------ recovery
     def _recover(self) -> None:
+        """Remove objects a stop cut off while they arrived; keep the complete ones for
+        delivery (those the ledger left at ``delivering`` are settled by their channel's
+        thread: :meth:`_confirm_interrupted`)."""
         for stale in self.spool_dir.glob("*.part"):
             stale.unlink()
-        self._confirm_interrupted()
+        settling = {bytes(r["object_id"]) for r in self.ledger.rows_in_state("delivering")}
+        for path in sorted(self.spool_dir.glob("*.obj"), key=lambda p: p.stat().st_mtime):
+            try:
+                oid = bytes.fromhex(path.stem)
+            except ValueError:
+                continue
+            if len(oid) == OBJECT_ID_LEN and oid not in settling:
+                self._kept.append((oid, path.stat().st_size))
+        if self._kept:
+            _log.info("kept_objects_to_deliver", count=len(self._kept))
 
-    def _confirm_interrupted(self) -> None:
-        """Settle deliveries the ledger left at ``delivering`` (a crash, or an audit outage)."""
+    def _confirm_interrupted(
+        self, channels: Callable[[str | None], bool], only: bytes | None = None
+    ) -> None:
+        """Settle deliveries the ledger left at ``delivering`` (a crash, or an audit outage)
+        on the ``channels`` given (``only``: that object's): delivered if the file is in its
+        folder, intact; else delivered again from the spool file if it is still there;
+        else lost."""
         for row in self.ledger.rows_in_state("delivering"):
             oid = bytes(row["object_id"])
+            if not channels(row["channel"]) or only not in (None, oid):
+                continue
             path, sha = row["path"], row["sha256"]
             ok = False
             if isinstance(path, str) and os.path.isfile(path) and isinstance(sha, bytes):
@@ -256,6 +341,17 @@ class InsideAgent:
                     while chunk := f.read(1 << 20):
                         h.update(chunk)
                 ok = h.digest() == sha
+            spooled = self._spool_path(oid)
+            if not ok and isinstance(row["size"], int) and spooled.is_file():
+                trailer = self.ledger.trailer_of(oid)
+                length = (
+                    spooled.stat().st_size
+                    if trailer is None
+                    else restore_trailer(spooled, row["size"], trailer)
+                )
+                _log.info("delivery_resumed", object_id=oid.hex(), channel=row["channel"])
+                self._deliver_file(oid, length, kept=True)
+                continue
             obj = AuditObject(
                 kind="file",
                 item=oid.hex(),
@@ -276,6 +372,7 @@ class InsideAgent:
                     durable=True,
                 )
                 self.ledger.record(oid, "delivered")
+                spooled.unlink(missing_ok=True)
                 _log.info("delivery_confirmed_after_restart", object_id=oid.hex(), path=path)
             else:
                 self.audit.record(
@@ -299,15 +396,34 @@ class InsideAgent:
             _log.info("released_item_delivered", object_id=item, path=path)
 
     def _spool_path(self, oid: bytes) -> Path:
+        """A complete object spooled to disk."""
+        return self.spool_dir / f"{oid.hex()}.obj"
+
+    def _part_path(self, oid: bytes) -> Path:
+        """An object spooled to disk as its blocks arrive."""
         return self.spool_dir / f"{oid.hex()}.part"
 
     def _spool_fd(self, oid: bytes) -> int:
         fd = self._fds.get(oid)
         if fd is None:
-            path = self._spool_path(oid)
+            path = self._part_path(oid)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             self._fds[oid] = fd
         return fd
+
+    def _spooled(self, oid: bytes) -> bool:
+        """An object spooled to disk is complete: ``<id>.part`` becomes ``<id>.obj`` (never
+        over one: False if the same object already waits for its delivery)."""
+        os.close(self._spool_fd(oid))  # (made here for an empty object)
+        del self._fds[oid]
+        part = self._part_path(oid)
+        try:
+            if link_new(part, self._spool_path(oid)):
+                part.unlink()
+        except FileExistsError:
+            part.unlink()
+            return False
+        return True
 
     def _wait_for_audit(self) -> bool:
         """Block while the audit log cannot write (fail closed); False if stopping."""
@@ -320,7 +436,61 @@ class InsideAgent:
         _log.warning("deliveries_resumed", reason="audit log writable again")
         return True
 
-    def _delivery_loop(self, work: queue.SimpleQueue[Job | None]) -> None:
+    def _dispatch_loop(self) -> None:
+        """Objects spooled to disk: each file to its channel's lane, each message (too big
+        for one FEC block) read back for the messages thread. What it reads is not yet
+        verified: the thread it goes to verifies everything."""
+        self._confirm_interrupted(lambda channel: channel not in self._lanes)
+        while (job := self._work.get()) is not None:
+            oid, length, kept = job
+            kind, channel = self._spooled_claim(oid, length)
+            lane = self._lanes.get(channel or "") if kind == "file" else None
+            if lane is not None:
+                lane.work.put(job)
+                continue
+            if kind == "file" or length > INLINE_OBJECT_MAX:
+                self._deliver_file(oid, length, kept=kept)  # refused: no folder for it here
+                continue
+            path = self._spool_path(oid)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                self._reject(oid, f"spooled object unreadable: {exc}")
+                continue
+            if kept:
+                try:
+                    verify_stream(data, oid, self.sender_keys)
+                except WireError as exc:
+                    self._drop_kept(oid, exc)
+                    continue
+            path.unlink(missing_ok=True)  # (held in memory now; a repeat brings it again)
+            self._mem_work.put((oid, length, data))
+
+    def _lane_loop(self, lane: _Lane) -> None:
+        """A files channel's thread: its folder, then its files, one after the other."""
+        try:
+            lane.folder.mkdir(parents=True, exist_ok=True)  # (waits while a share hangs)
+        except OSError as exc:
+            _log.error("delivery_folder_unusable", channel=lane.channel, error=str(exc))
+        if removed := remove_stale_temps(lane.folder):  # (a crash while copying)
+            _log.info("stale_temp_files_removed", channel=lane.channel, count=removed)
+        self._confirm_interrupted(lambda channel: channel == lane.channel)
+        while (job := lane.work.get()) is not None:
+            if not self._wait_for_audit():
+                return  # stopping: the spool file stays; the next start delivers it
+            oid, length, kept = job
+            lane.busy_since = time.monotonic()
+            try:
+                self._deliver_file(oid, length, kept=kept)
+            except Exception:  # noqa: BLE001  # keep the channel delivering; the file stays
+                _log.exception("file_delivery_failed", object_id=oid.hex(), channel=lane.channel)
+            finally:
+                lane.busy_since = None
+
+    def _messages_loop(self) -> None:
+        """The messages thread: objects that arrived whole in memory (and big messages read
+        back from the spool), checked and delivered in batches."""
+        work = self._mem_work
         last = False
         while not last:
             first = work.get()
@@ -339,23 +509,7 @@ class InsideAgent:
                     break
                 jobs.append(job)
             messages: list[tuple[bytes, rec.Manifest, bytes]] = []
-            for oid, length, held in jobs:
-                data = held
-                on_disk = data is None
-                if on_disk:  # a file, or a big message (several FEC blocks) spooled to disk
-                    # routed by its kind as yet unverified: both paths verify everything
-                    if length > INLINE_OBJECT_MAX or self._spooled_kind(oid, length) == "file":
-                        self._deliver_file(oid, length)
-                        continue
-                    try:
-                        data = self._spool_path(oid).read_bytes()
-                    except OSError as exc:
-                        self._reject(oid, f"spooled object unreadable: {exc}")
-                        continue
-                    if work is self._work:  # messages have a thread of their own (below)
-                        self._spool_path(oid).unlink(missing_ok=True)  # (held in memory now)
-                        self._mem_work.put((oid, length, data))
-                        continue
+            for oid, _, data in jobs:
                 assert data is not None
                 try:
                     manifest, content = verify_stream(data, oid, self.sender_keys)
@@ -365,19 +519,11 @@ class InsideAgent:
                         else None
                     )
                 except FerryError as exc:
-                    self._reject(oid, str(exc), None if on_disk else data)
+                    self._reject(oid, str(exc), data)
                     continue
-                if manifest.kind == "file":
-                    if not on_disk:
-                        with open(self._spool_path(oid), "wb") as f:
-                            f.write(data)
-                    if work is self._mem_work:  # a small file: to the files' thread, so that
-                        self._work.put((oid, length, None))  # a folder that does not answer
-                        continue  # (a share whose server is gone) holds up no message
-                    self._deliver_file(oid, length)
-                    continue
-                if on_disk:  # held in memory from here; a repeat brings it again after a crash
-                    self._spool_path(oid).unlink(missing_ok=True)
+                if manifest.kind == "file":  # a small file: to its channel's lane, so that a
+                    self._spool_small_file(oid, manifest.channel, data)  # folder that does
+                    continue  # not answer (a share whose server is gone) holds up no message
                 if members is not None:
                     messages.extend((m.object_id, m, body) for m, body in members)
                 elif manifest.kind == "message":  # signed alone (an outside before bundles)
@@ -393,8 +539,41 @@ class InsideAgent:
                         if self.ledger.state_of(oid) != "delivered":
                             self._reject(oid, f"delivery failed: {exc}", content)
 
-    def _spooled_kind(self, oid: bytes, length: int) -> str | None:
-        """The kind a spooled object's manifest claims, not yet verified (None if unreadable)."""
+    def _spool_small_file(self, oid: bytes, channel: str, data: bytes) -> None:
+        """Spool a (verified) file that arrived whole in memory, for its channel's lane."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self._spool_path(oid), flags, 0o600)
+        except FileExistsError:
+            return  # an earlier copy of it waits for its delivery already
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        lane = self._lanes.get(channel)
+        if lane is None:
+            self._deliver_file(oid, len(data))  # refused: no folder for its channel here
+        else:
+            lane.work.put((oid, len(data), False))
+
+    def _drop_kept(self, oid: bytes, exc: Exception) -> None:
+        """A spooled object kept from before the start is not intact (a power cut before
+        the disk had it all): removed, not refused, so that a repeat can still deliver it."""
+        self._spool_path(oid).unlink(missing_ok=True)
+        reason = f"LOST: the spooled object did not survive the restart intact: {exc}"
+        if self.ledger.state_of(oid) == "delivering":  # (not refused: a repeat delivers it)
+            self.ledger.record(oid, "lost", reason=reason)
+        self.audit.try_record(
+            "transfer.lost",
+            subject=self.peer,
+            result="failure",
+            reason=reason[:1024],
+            obj=AuditObject(item=oid.hex()),
+            corr=oid.hex(),
+        )
+        _log.error("kept_object_not_intact", object_id=oid.hex(), error=str(exc))
+
+    def _spooled_claim(self, oid: bytes, length: int) -> tuple[str | None, str | None]:
+        """The kind and channel a spooled object's manifest claims, not yet verified
+        (None, None if unreadable)."""
         try:
             with open(self._spool_path(oid), "rb") as f:
                 tail = min(length, rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size)
@@ -402,9 +581,10 @@ class InsideAgent:
                 data = f.read(tail)
             tlen = rec.trailer_length(data[-rec.TRAILER_TAIL.size :])
             manifest_bytes, _ = rec.split_trailer(data[-tlen:] if tlen <= len(data) else b"")
-            return rec.decode_manifest(manifest_bytes).kind
+            manifest = rec.decode_manifest(manifest_bytes)
         except (OSError, FerryError):
-            return None
+            return None, None
+        return manifest.kind, manifest.channel
 
     def _recheck(self, manifest: rec.Manifest, content: Path) -> None:
         """The independent inside re-check of a file the outside's pipeline passed."""
@@ -442,7 +622,7 @@ class InsideAgent:
                 manifest=manifest,
                 findings={"problems": [f"the outside's content report is unusable ({exc})"]},
             ) from exc
-        result = recheck(content, type_name, report, scan=self._scan)
+        result = recheck(content, type_name, report, scan=self._scan, size=manifest.size)
         detail = {
             "type": type_name,
             "outside_verdict": str(report.get("verdict")),
@@ -507,6 +687,8 @@ class InsideAgent:
             with open(target, "wb") as f:
                 f.write(data)
         elif path.exists():
+            if refused is not None and refused.manifest is not None:
+                os.truncate(path, refused.manifest.size)  # the content, for a release
             os.replace(path, target)
         self.audit.try_record(
             "delivery.rejected",
@@ -520,7 +702,8 @@ class InsideAgent:
         self.ledger.record(oid, "rejected", reason=reason)
         _log.error("object_rejected", object_id=oid.hex(), reason=reason, kept=str(target))
 
-    def _deliver_file(self, oid: bytes, length: int) -> None:
+    def _deliver_file(self, oid: bytes, length: int, *, kept: bool = False) -> None:
+        """Deliver a complete spooled file (``kept``: from before this start)."""
         path = self._spool_path(oid)
         try:
             result = deliver(
@@ -533,7 +716,14 @@ class InsideAgent:
                 subfolders=self.subfolders,
                 on_linked=self._record_delivered_file,
                 recheck=self._recheck,
+                checking=self._checking,
             )
+        except WireError as exc:
+            if kept:
+                self._drop_kept(oid, exc)
+            else:
+                self._reject(oid, str(exc))
+            return
         except RecheckFailed as exc:
             self._reject(oid, str(exc), quarantine=True, refused=exc)
             return
@@ -544,8 +734,7 @@ class InsideAgent:
             if self.ledger.state_of(oid) is None and path.exists():
                 self._deliver_file(oid, length)  # refused before anything was visible: again
                 return
-            self._confirm_interrupted()  # linked: confirm by hash and record
-            path.unlink(missing_ok=True)
+            self._confirm_interrupted(lambda _: True, only=oid)  # linked: confirm by hash
             return
         except (FerryError, OSError) as exc:
             self._reject(oid, str(exc))
@@ -816,6 +1005,8 @@ class InsideAgent:
         )
         for oid in self.ledger.finished_ids(50_000):
             machine.mark_finished(oid)
+        for oid, length in self._kept:  # (a repeat meanwhile finds it there: _spooled)
+            self._work.put((oid, length, True))
         monitor = LinkMonitor(
             cfg.link.digest(),
             degraded_after=cfg.degraded_after,
@@ -827,12 +1018,18 @@ class InsideAgent:
         if self.consumers is not None:
             self.consumers.start()
         workers = [
-            threading.Thread(target=self._delivery_loop, args=(q,), name=name, daemon=True)
-            for q, name in ((self._work, "deliver-files"), (self._mem_work, "deliver-messages"))
+            threading.Thread(target=self._dispatch_loop, name="deliver-spooled", daemon=True),
+            threading.Thread(target=self._messages_loop, name="deliver-messages", daemon=True),
         ]
+        lanes = []
+        for lane in self._lanes.values():
+            lane.thread = threading.Thread(
+                target=self._lane_loop, args=(lane,), name=f"deliver-{lane.channel}", daemon=True
+            )
+            lanes.append(lane.thread)
         settle_gc()
         mirror = threading.Thread(target=self._mirror_loop, name="audit-mirror", daemon=True)
-        for worker in (*workers, mirror):
+        for worker in (*workers, *lanes, mirror):
             worker.start()
         _log.info(
             "inside_started",
@@ -917,6 +1114,10 @@ class InsideAgent:
                             "objects_lost": self.lost,
                             "delivered": self.delivered,
                             "delivered_bytes": self.delivered_bytes,
+                            "files_waiting": {
+                                ch: n for ch, lane in self._lanes.items() if (n := lane.waiting())
+                            },
+                            "delivery_held": self._held_channels(time.monotonic()),
                             "rejected": self.rejected,
                             "rejections": dict(self._reject_log.counts),
                             "active_objects": machine.active_objects,
@@ -929,10 +1130,7 @@ class InsideAgent:
                         },
                     )
         finally:
-            self._work.put(None)
-            self._mem_work.put(None)
-            for worker in workers:
-                worker.join(timeout=30)
+            self._stop_delivery(workers)
             self._mirror_work.put(None)  # (after the delivery threads: every piece is placed)
             mirror.join(timeout=30)
             if self.consumers is not None:
@@ -948,6 +1146,36 @@ class InsideAgent:
                 "inside_stopped", delivered=self.delivered, rejected=self.rejected, lost=self.lost
             )
         return 0
+
+    def _held_channels(self, now: float) -> list[str]:
+        """Files channels whose thread has been on one file for HELD_REPORTED seconds."""
+        return sorted(
+            ch
+            for ch, lane in self._lanes.items()
+            if (since := lane.busy_since) is not None and now - since >= HELD_REPORTED
+        )
+
+    def _stop_delivery(self, workers: list[threading.Thread]) -> None:
+        """Let the delivery threads finish what they hold (STOP_WAIT seconds in all); one
+        still waiting on a folder that does not answer is left behind (its files stay in
+        the spool and are delivered at the next start)."""
+        deadline = time.monotonic() + STOP_WAIT
+        self._work.put(None)
+        self._mem_work.put(None)
+        for worker in workers:  # (first: they hand files on to the lanes)
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for lane in self._lanes.values():
+            lane.work.put(None)
+        for lane in self._lanes.values():
+            assert lane.thread is not None
+            lane.thread.join(max(0.0, deadline - time.monotonic()))
+            if lane.thread.is_alive():
+                _log.warning(
+                    "delivery_thread_left_waiting",
+                    channel=lane.channel,
+                    folder=str(lane.folder),
+                    effect="its files stay in the spool and are delivered at the next start",
+                )
 
     def _record_link(self, kind: str, message: str, state: str, detail: dict[str, Any]) -> None:
         event = LINK_EVENTS.get(kind)
@@ -973,19 +1201,17 @@ class InsideAgent:
             elif isinstance(ev, ObjectCompleted):
                 # (an empty object's only block still went through BlockDecoded)
                 data = self._mem.pop(ev.object_id, None)
-                if data is None:
-                    os.close(self._spool_fd(ev.object_id))
-                    del self._fds[ev.object_id]
-                (self._work if data is None else self._mem_work).put(
-                    (ev.object_id, ev.length, data)
-                )
+                if data is not None:
+                    self._mem_work.put((ev.object_id, ev.length, data))
+                elif self._spooled(ev.object_id):
+                    self._work.put((ev.object_id, ev.length, False))
             elif isinstance(ev, ObjectLost):
                 self.lost += 1
                 self._mem.pop(ev.object_id, None)
                 fd = self._fds.pop(ev.object_id, None)
                 if fd is not None:
                     os.close(fd)
-                self._spool_path(ev.object_id).unlink(missing_ok=True)
+                self._part_path(ev.object_id).unlink(missing_ok=True)
                 self.ledger.record(ev.object_id, "lost", reason=ev.reason)
                 self.audit.try_record(
                     "transfer.lost",

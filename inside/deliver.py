@@ -2,13 +2,13 @@
 
 Verification (before anything is visible): trailer bounds, manifest signature
 by the trusted outside key, object id and sizes consistent, SHA-256 of the
-content. Delivery: the verified spool file is truncated to the content, fsynced
-and hard-linked under a gateway-chosen safe name (``link`` never overwrites:
-a collision tries ``name (2).ext``...). Across filesystems the content is
-copied into an anonymous ``O_TMPFILE`` in the target folder, fsynced and
-linked in, so a partial file is never visible under any name. Where the target's
-file system has no O_TMPFILE (a share: FUSE, SMB, NFS) the copy is written under
-a hidden temp name (``.ferry-<16 hex>.part``) first.
+content. Delivery: once the ledger holds its signed trailer, the verified spool
+file is truncated to the content, fsynced and hard-linked under a gateway-chosen
+safe name (``link`` never overwrites: a collision tries ``name (2).ext``...).
+Across filesystems the content is copied into an anonymous ``O_TMPFILE`` in the
+target folder, fsynced and linked in, so a partial file is never visible under
+any name. Where the target's file system has no O_TMPFILE (a share: FUSE, SMB,
+NFS) the copy is written under a hidden temp name (``.ferry-<16 hex>.part``) first.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -377,14 +378,21 @@ def deliver(
     subfolders: dict[str, bool] | None = None,
     on_linked: Callable[[rec.Manifest, Path], None] | None = None,
     recheck: Callable[[rec.Manifest, Path], None] | None = None,
+    checking: AbstractContextManager[object] | None = None,
 ) -> Delivered | Duplicate:
     """Verify and deliver; raise FerryError (reason in the message) if the object is refused.
 
     ``on_linked(manifest, path)`` runs once the file is durably in its folder and before
     the ledger says delivered (the audit record); if it raises, the ledger keeps the
     item as ``delivering`` and start-up recovery (or the caller) confirms it later.
-    ``recheck(manifest, content file)`` is the inside's own content check, run on the
-    verified content before anything is visible; it raises to refuse the file.
+    ``recheck(manifest, spool file)`` is the inside's own content check of the verified
+    content (the file's first ``manifest.size`` bytes), before anything is visible; it raises
+    to refuse the file. ``checking`` is held while the object is verified and re-checked
+    (not while the delivery folder is written: a folder that hangs holds up nothing else).
+
+    The spool file keeps its signed trailer until the ledger says ``delivering`` and holds
+    that trailer (:meth:`Ledger.trailer_of`); only then is it cut to the content, for the
+    hard link. A start after a crash can so put the trailer back and deliver the file again.
     """
     subfolders = subfolders or {}
     if ledger.state_of(object_id) in {"delivered", "rejected"}:
@@ -392,20 +400,21 @@ def deliver(
         return Duplicate(object_id)
     fd = os.open(spool_file, os.O_RDWR | os.O_NOFOLLOW)
     try:
-        manifest = verify_object(fd, object_id, length, sender)
-        if manifest.kind != "file":
-            raise FerryError(f"a {manifest.kind} object cannot be delivered as a file")
-        folder = folders.get(manifest.channel)
-        if folder is None:
-            raise FerryError(f"channel {manifest.channel!r} has no file folder on this inside")
+        with checking if checking is not None else nullcontext():
+            manifest = verify_object(fd, object_id, length, sender)
+            if manifest.kind != "file":
+                raise FerryError(f"a {manifest.kind} object cannot be delivered as a file")
+            folder = folders.get(manifest.channel)
+            if folder is None:
+                raise FerryError(f"channel {manifest.channel!r} has no file folder on this inside")
+            if recheck is not None:
+                recheck(manifest, spool_file)
         if manifest.path:
             folder = subfolder(folder, manifest.path, keep=subfolders.get(manifest.channel, False))
-        os.ftruncate(fd, manifest.size)
-        if recheck is not None:
-            recheck(manifest, spool_file)
-        os.fsync(fd)
+        trailer: bytes | None = os.pread(fd, length - manifest.size, manifest.size)
 
         def delivering(target: Path) -> None:  # (where a crash would have left it)
+            nonlocal trailer
             ledger.record(
                 object_id,
                 "delivering",
@@ -415,7 +424,12 @@ def deliver(
                 path=str(target),
                 size=manifest.size,
                 sha256=manifest.sha256,
+                trailer=trailer,
             )
+            if trailer is not None:  # (the first attempt: the trailer is in the ledger now)
+                trailer = None
+                os.ftruncate(fd, manifest.size)
+                os.fsync(fd)
 
         target = link_under_free_name(
             spool_file, fd, manifest.size, folder, manifest.name, before_link=delivering
@@ -427,3 +441,20 @@ def deliver(
         os.close(fd)
     spool_file.unlink(missing_ok=True)
     return Delivered(manifest, target)
+
+
+def restore_trailer(spool_file: Path, size: int, trailer: bytes) -> int:
+    """Put a trailer :func:`deliver` cut off back on its spool file (cut to the content's
+    ``size`` first); the object's length. The object is then verified again like any other."""
+    fd = os.open(spool_file, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        os.ftruncate(fd, size)
+        view = memoryview(trailer)
+        offset = size
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size + len(trailer)

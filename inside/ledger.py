@@ -26,6 +26,10 @@ CREATE INDEX IF NOT EXISTS objects_updated ON objects (updated_us);
 -- per channel, the highest sequence number of the objects pruned (forgotten after the
 -- retention): every number up to it was seen, so a restart does not report them as gaps
 CREATE TABLE IF NOT EXISTS seq_floor (channel TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+-- the signed trailer of a file being delivered, cut off its spool file so that the content
+-- can be hard-linked into the delivery folder: kept until the delivery is settled, so that a
+-- start after a crash can put it back and deliver the spooled file again
+CREATE TABLE IF NOT EXISTS trailers (object_id BLOB PRIMARY KEY, trailer BLOB NOT NULL);
 """
 
 
@@ -93,8 +97,17 @@ class Ledger:
         size: int | None = None,
         sha256: bytes | None = None,
         reason: str | None = None,
+        trailer: bytes | None = None,
     ) -> None:
+        """Record ``object_id``'s state. ``trailer`` (with ``delivering``): the trailer cut off
+        its spool file (:meth:`trailer_of`); any other state forgets the trailer."""
         with self._lock, transaction(self._db):
+            if trailer is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO trailers VALUES (?,?)", (object_id, trailer)
+                )
+            elif state != "delivering":
+                self._db.execute("DELETE FROM trailers WHERE object_id=?", (object_id,))
             self._db.execute(
                 "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE"
                 " SET state=excluded.state, channel=coalesce(excluded.channel, channel),"
@@ -115,6 +128,14 @@ class Ledger:
                     int(time.time() * 1e6),
                 ),
             )
+
+    def trailer_of(self, object_id: bytes) -> bytes | None:
+        """The trailer recorded with ``delivering`` (see :meth:`record`), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT trailer FROM trailers WHERE object_id=?", (object_id,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
 
     @property
     def db(self) -> tuple[sqlite3.Connection, threading.Lock]:

@@ -107,17 +107,23 @@ def recheck(
     report: Mapping[str, Any] | None,
     *,
     scan: Scan | None = None,
+    size: int | None = None,
 ) -> RecheckResult:
-    """Independently verify the delivered file at ``path`` of (delivered) type ``type_name``.
+    """Independently verify the delivered file at ``path`` of (delivered) type ``type_name``
+    (``size``: only its first ``size`` bytes, the content of a spooled object).
 
     ``scan(data, where)`` is YARA (raising on a match); it is applied to the file and to every
     decoded object the checker sees (ZIP members, OOXML/OFD parts, PDF streams).
     """
     try:
-        size = path.stat().st_size
+        if size is None:
+            size = path.stat().st_size
         if size > MAX_RECHECK_BYTES:
             return RecheckResult(False, (), (f"file larger than {MAX_RECHECK_BYTES} bytes",))
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(size)
+        if len(data) != size:
+            return RecheckResult(False, (), ("the file is shorter than its content",))
     except OSError as exc:
         return RecheckResult(False, (), (f"cannot read delivered file: {exc}",))
     return recheck_bytes(data, type_name, report, scan=scan)

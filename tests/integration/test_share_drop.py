@@ -144,15 +144,17 @@ def test_a_share_that_stops_answering_holds_up_only_its_own_channel(
     until_check(outside_cfg, "intake", "OK", "--max-stall", "2")
 
 
-def test_a_delivery_folder_share_that_stops_answering_holds_up_files_not_messages(
+def test_a_delivery_folder_share_that_stops_answering_holds_up_only_its_channels_files(
     tmp_path: Path, agents: Any, network_share: Share
 ) -> None:
-    """Inside, the documents channel delivers onto a share; its server goes away. Files wait
-    (one delivery thread serves every files channel), messages are still delivered (a thread
-    of their own, also when a small file, which arrives whole in memory as messages do, is
-    stuck before them), `ferry health` on the inside answers and names the share; when the
-    server is back, the file is delivered."""
-    dep = init(tmp_path / "d")
+    """Inside, the documents channel delivers onto a share; its server goes away. Its files
+    wait; the archive channel's files (a folder on the gateway's disk) and messages are
+    still delivered (threads of their own, also when a small file, which arrives whole in
+    memory as messages do, is stuck before them). status.json and `ferry health` name what
+    waits. The inside stops and starts again while the share still hangs: the file it
+    holds is kept, the start does not wait for the share, and when the server is back the
+    file is delivered, once."""
+    dep = init(tmp_path / "d", "--bulk", "archive")
     edit_yaml(dep["outside"]["config"], fast_bulk)
     for side in ("outside", "inside"):
         edit_yaml(dep[side]["config"], opaque)
@@ -163,20 +165,51 @@ def test_a_delivery_folder_share_that_stops_answering_holds_up_files_not_message
 
     edit_yaml(dep["inside"]["config"], deliver_on_share)
     inside_cfg = dep["inside"]["config"]
+    status = Path(dep["inside"]["state_dir"]) / "status.json"
+    archive = dep["channels"]["archive"]
     inside = agents("inside", inside_cfg)
     agents("outside", dep["outside"]["config"])
-    inside.wait_event("inside_started")  # (it made its folders, the share's among them)
+    inside.wait_event("inside_started")
     daemon = network_share.daemon()
     os.kill(daemon, signal.SIGSTOP)
     try:
         drop_file(Path(dep["channels"]["documents"]["drop"]), "report.bin", b"for the share")
         time.sleep(2.0)  # it crosses; its delivery now waits on the share
+        drop_file(Path(archive["drop"]), "local-1.bin", b"to the gateway's own disk")
+        assert wait_files(archive["deliver"], {"local-1.bin"}, timeout=30)
         message_crosses(dep, tmp_path, 12)
+
+        def held() -> bool:
+            now = json.loads(status.read_text())
+            return now["delivery_held"] == ["documents"] and now["files_waiting"] == {
+                "documents": 1
+            }
+
+        wait_for(held, what="status.json naming the channel held up")
         found = until_check(inside_cfg, "disk deliver/documents", "CRITICAL")
         assert "not answering" in found["disk deliver/documents"]["message"]
+        assert not (network_share.server / "report.bin").exists()
+
+        started = time.monotonic()
+        assert inside.stop() == 0  # a restart while the share hangs
+        assert time.monotonic() - started < 20
+        assert inside.wait_event("delivery_thread_left_waiting")["channel"] == "documents"
+        inside = agents("inside", inside_cfg)
+        inside.wait_event("inside_started", timeout=15)  # without waiting for the share
+        assert inside.wait_event("delivery_folder_not_answering")["channel"] == "documents"
+        assert inside.wait_event("kept_objects_to_deliver")["count"] == 1
+        messages = Path(dep["channels"]["messages"]["deliver"])
+        before = len(list(messages.glob("*.json")))
+        message_crosses(dep, tmp_path, 13)
+        wait_for(lambda: len(list(messages.glob("*.json"))) > before, what="a second message")
+        drop_file(Path(archive["drop"]), "local-2.bin", b"after the restart")
+        assert wait_files(archive["deliver"], {"local-2.bin"}, timeout=30)
         assert not (network_share.server / "report.bin").exists()
     finally:
         os.kill(daemon, signal.SIGCONT)
     assert wait_files(network_share.server, {"report.bin"}, timeout=30) == {
         "report.bin": b"for the share"
     }
+    wait_for(lambda: json.loads(status.read_text())["files_waiting"] == {}, what="no file waits")
+    time.sleep(1.0)
+    assert sorted(os.listdir(network_share.server)) == ["report.bin"]  # once

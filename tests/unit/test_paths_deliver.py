@@ -17,7 +17,7 @@ from ferry.errors import EnvelopeRejected, FerryError, WireError
 from ferry.wire import records as rec
 from ferry.wire.sender import build_trailer
 from inside import paths
-from inside.deliver import Delivered, Duplicate, deliver, verify_object
+from inside.deliver import Delivered, Duplicate, deliver, restore_trailer, verify_object
 from inside.ledger import Ledger
 from inside.paths import MAX_COLLISIONS, MAX_NAME_BYTES, candidate_names, contained, safe_name
 
@@ -420,3 +420,96 @@ def test_a_rejected_id_is_not_delivered_later(box: Box) -> None:
     path, length = box.spool_object(OID_A, CONTENT)
     assert box.deliver(path, OID_A, length) == Duplicate(OID_A)
     assert box.delivered_files() == {}
+
+
+# ------------------------------------------------ the trailer, kept in the ledger meanwhile
+class Held:
+    """A ``checking`` context that says whether it is held."""
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def __enter__(self) -> None:
+        self.held = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.held = False
+
+
+def test_the_trailer_is_in_the_ledger_before_it_is_cut_off_and_forgotten_once_delivered(
+    box: Box,
+) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+    trailer = path.read_bytes()[len(CONTENT) :]
+    checking = Held()
+    seen: dict[str, object] = {}
+
+    def recheck(manifest: rec.Manifest, spooled: Path) -> None:
+        seen["held while re-checked"] = checking.held
+        seen["size re-checked"] = spooled.stat().st_size  # still the whole object
+        seen["trailer then"] = box.ledger.trailer_of(OID_A)
+
+    def on_linked(manifest: rec.Manifest, target: Path) -> None:
+        seen["held while linked"] = checking.held
+        seen["size linked"] = path.stat().st_size
+        seen["trailer linked"] = box.ledger.trailer_of(OID_A)
+        seen["state linked"] = box.ledger.state_of(OID_A)
+
+    result = deliver(
+        path, OID_A, length, sender=SIGN.public, folders=box.folders, ledger=box.ledger,
+        recheck=recheck, on_linked=on_linked, checking=checking,
+    )  # fmt: skip
+    assert isinstance(result, Delivered)
+    assert seen == {
+        "held while re-checked": True,
+        "size re-checked": length,
+        "trailer then": None,
+        "held while linked": False,
+        "size linked": len(CONTENT),
+        "trailer linked": trailer,
+        "state linked": "delivering",
+    }
+    assert box.ledger.trailer_of(OID_A) is None
+    assert box.delivered_files() == {"report.pdf": CONTENT}
+
+
+def test_a_refused_recheck_leaves_the_object_whole(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+
+    def refuse(manifest: rec.Manifest, spooled: Path) -> None:
+        raise FerryError("the re-check refuses it")
+
+    with pytest.raises(FerryError, match="refuses"):
+        deliver(
+            path, OID_A, length, sender=SIGN.public, folders=box.folders, ledger=box.ledger,
+            recheck=refuse,
+        )  # fmt: skip
+    assert path.stat().st_size == length
+    assert box.ledger.state_of(OID_A) is None
+    assert box.delivered_files() == {}
+
+
+def test_a_trailer_put_back_makes_the_object_verify_again(box: Box) -> None:
+    path, length = box.spool_object(OID_A, CONTENT)
+
+    def crash(manifest: rec.Manifest, target: Path) -> None:
+        raise RuntimeError("killed after the link")
+
+    with pytest.raises(RuntimeError):
+        deliver(
+            path, OID_A, length, sender=SIGN.public, folders=box.folders, ledger=box.ledger,
+            on_linked=crash,
+        )  # fmt: skip
+    assert path.stat().st_size == len(CONTENT)
+    trailer = box.ledger.trailer_of(OID_A)
+    assert trailer is not None
+    assert restore_trailer(path, len(CONTENT), trailer) == length
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert (
+            verify_object(fd, OID_A, length, SIGN.public).sha256 == hashlib.sha256(CONTENT).digest()
+        )
+    finally:
+        os.close(fd)
+    box.ledger.record(OID_A, "delivered")
+    assert box.ledger.trailer_of(OID_A) is None
