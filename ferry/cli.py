@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-stall",
         type=float,
         default=60.0,
-        help="seconds a channel's folder intake may make no progress before it is CRITICAL "
-        "(outside; default 60)",
+        help="seconds a channel's folder intake (outside) or file delivery (inside) may make "
+        "no progress before it is CRITICAL (default 60)",
     )
     hl.set_defaults(func=_cmd_health)
 

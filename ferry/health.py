@@ -308,6 +308,8 @@ def assess(
         checks += _link(data) if role == "inside" else _backlog(data)
         if "intake_stalled" in data:
             checks.append(_intake(data["intake_stalled"], limits.max_stall))
+        if isinstance(data.get("delivery_held"), Mapping):  # (a list before 2026-11-22)
+            checks.append(_delivery(data["delivery_held"], limits.max_stall))
     checks += [_space(s, limits) for s in spaces]
     return Report(role, worst(c.state for c in checks), tuple(checks), spaces, data)
 
@@ -437,28 +439,56 @@ def _backlog(data: Mapping[str, Any]) -> list[Check]:
 def _intake(stalled: object, max_stall: float) -> Check:
     """``stalled``: channel → seconds its folder intake has shown no progress (the agent
     lists those past a few seconds)."""
-    if not isinstance(stalled, Mapping):
-        return Check("intake", State.UNKNOWN, "the status file's intake_stalled is not a map")
+    return _held_up(
+        "intake",
+        stalled,
+        max_stall,
+        late="folder intake of channel {} has not moved: a drop, sent or quarantine folder is "
+        "not answering (a share whose server is gone?); other channels go on",
+        waiting="taking files; waiting on a folder: {}",
+        ok="taking files",
+    )
+
+
+def _delivery(held: object, max_stall: float) -> Check:
+    """``held``: files channel → seconds the inside has been on one file of it, its
+    verification and re-check not counted (the agent lists those past a few seconds)."""
+    return _held_up(
+        "delivery",
+        held,
+        max_stall,
+        late="file delivery of channel {} has not moved: its delivery folder does not answer "
+        "or refuses the file (a share whose server is gone? a full disk?); it is tried "
+        "again, other channels and messages go on",
+        waiting="delivering files; waiting on a folder: {}",
+        ok="delivering files",
+    )
+
+
+def _held_up(
+    name: str, held: object, max_stall: float, *, late: str, waiting: str, ok: str
+) -> Check:
+    """CRITICAL naming the channels held up for ``max_stall`` seconds or more (``held``:
+    channel → seconds, from the status file)."""
+    if not isinstance(held, Mapping):
+        return Check(name, State.UNKNOWN, f"the status file's {name} figures are not a map")
     waits = {
-        str(name)[:64]: float(v)
-        for name, v in stalled.items()
+        str(channel)[:64]: float(v)
+        for channel, v in held.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
-    late = sorted((n for n, v in waits.items() if v >= max_stall), key=lambda n: -waits[n])
-    if late:
-        named = ", ".join(f"{n} ({_duration(waits[n])})" for n in late[:5])
-        more = f" and {len(late) - 5} more" if len(late) > 5 else ""
-        return Check(
-            "intake",
-            State.CRITICAL,
-            f"folder intake of channel {named}{more} has not moved: a drop, sent or "
-            "quarantine folder is not answering (a share whose server is gone?); "
-            "other channels go on",
-        )
+    over = sorted((n for n, v in waits.items() if v >= max_stall), key=lambda n: -waits[n])
+    if over:
+        named = ", ".join(f"{n} ({_duration(waits[n])})" for n in over[:5])
+        more = f" and {len(over) - 5} more" if len(over) > 5 else ""
+        return Check(name, State.CRITICAL, late.format(named + more))
     if waits:
-        named = ", ".join(f"{n} ({_duration(v)})" for n, v in sorted(waits.items()))
-        return Check("intake", State.OK, f"taking files; waiting on a folder: {named}")
-    return Check("intake", State.OK, "taking files")
+        return Check(
+            name,
+            State.OK,
+            waiting.format(", ".join(f"{n} ({_duration(v)})" for n, v in sorted(waits.items()))),
+        )
+    return Check(name, State.OK, ok)
 
 
 def _space(space: Space, limits: Limits) -> Check:

@@ -13,6 +13,7 @@ delivery is kept across a restart and delivered at the next start.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,8 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,18 @@ FOLDER_ANSWER = 3.0
 STOP_WAIT = 10.0
 # Seconds on one file before status.json names its channel as held up (``delivery_held``).
 HELD_REPORTED = 5.0
+# A delivery folder failing with these is tried again, never refused for it: a share whose
+# server is gone or reconnecting, a full or read-only disk, a permission being fixed.
+RETRY_ERRNOS = frozenset(
+    {
+        errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ETIMEDOUT,
+        errno.ESTALE, errno.ENOTCONN, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTDOWN,
+        errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.EAGAIN, errno.EBUSY,
+        errno.EINTR,
+    }
+)  # fmt: skip
+RETRY_FIRST = 1.0  # seconds before the first try again; doubled each time...
+RETRY_MAX = 60.0  # ...up to this
 LINK_EVENTS = {
     "state": "link.state",
     "heartbeat_gap": "link.heartbeat_gap",
@@ -144,11 +158,24 @@ class _Lane:
         self.folder = folder
         self.work: queue.SimpleQueue[FileJob | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
-        self.busy_since: float | None = None  # (monotonic) since when on its current file
+        self.active = False  # on a file
+        # (monotonic) since when on its current file, its verification and re-check not counted
+        self.busy_since: float | None = None
 
     def waiting(self) -> int:
         """Files queued or being delivered."""
-        return self.work.qsize() + (self.busy_since is not None)
+        return self.work.qsize() + self.active
+
+    @contextmanager
+    def checking(self, lock: threading.Lock) -> Iterator[None]:
+        """Hold ``lock`` (one file verified and re-checked at a time) for this channel's
+        file; that time (waiting for the lock included) is not time held up by its folder."""
+        self.busy_since = None
+        try:
+            with lock:
+                yield
+        finally:
+            self.busy_since = time.monotonic()
 
 
 def _prepare_folders(folders: Mapping[str, Path], wait: float) -> list[str]:
@@ -322,70 +349,71 @@ class InsideAgent:
         if self._kept:
             _log.info("kept_objects_to_deliver", count=len(self._kept))
 
-    def _confirm_interrupted(
-        self, channels: Callable[[str | None], bool], only: bytes | None = None
-    ) -> None:
-        """Settle deliveries the ledger left at ``delivering`` (a crash, or an audit outage)
-        on the ``channels`` given (``only``: that object's): delivered if the file is in its
-        folder, intact; else delivered again from the spool file if it is still there;
-        else lost."""
+    def _confirm_interrupted(self, channels: Callable[[str | None], bool]) -> None:
+        """Settle the deliveries the ledger left at ``delivering`` (a crash, an audit outage)
+        on the ``channels`` given: see :meth:`_settle`."""
         for row in self.ledger.rows_in_state("delivering"):
-            oid = bytes(row["object_id"])
-            if not channels(row["channel"]) or only not in (None, oid):
-                continue
-            path, sha = row["path"], row["sha256"]
-            ok = False
-            if isinstance(path, str) and os.path.isfile(path) and isinstance(sha, bytes):
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-                ok = h.digest() == sha
-            spooled = self._spool_path(oid)
-            if not ok and isinstance(row["size"], int) and spooled.is_file():
-                trailer = self.ledger.trailer_of(oid)
-                length = (
-                    spooled.stat().st_size
-                    if trailer is None
-                    else restore_trailer(spooled, row["size"], trailer)
-                )
-                _log.info("delivery_resumed", object_id=oid.hex(), channel=row["channel"])
-                self._deliver_file(oid, length, kept=True)
-                continue
-            obj = AuditObject(
-                kind="file",
-                item=oid.hex(),
-                channel=row["channel"] if isinstance(row["channel"], str) else None,
-                seq=row["seq"] if isinstance(row["seq"], int) else None,
-                name=row["name"] if isinstance(row["name"], str) else None,
-                size=row["size"] if isinstance(row["size"], int) else None,
-                sha256=sha.hex() if isinstance(sha, bytes) else None,
-                path=path if isinstance(path, str) else None,
+            if channels(row["channel"]):
+                self._deliver_file(bytes(row["object_id"]), 0, settle=True)
+
+    def _settle(self, oid: bytes) -> int | None:
+        """A delivery the ledger left at ``delivering``: delivered if the file is in its folder,
+        intact (None); else, if its spool file is still there, its trailer put back and its
+        length returned, to deliver it again; else lost (None). OSError: the folder did not
+        answer (try again later)."""
+        row = self.ledger.row_of(oid)
+        if row is None or row["state"] != "delivering":
+            return None
+        path, sha = row["path"], row["sha256"]
+        ok = False
+        if isinstance(path, str) and os.path.isfile(path) and isinstance(sha, bytes):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            ok = h.digest() == sha
+        spooled = self._spool_path(oid)
+        if not ok and isinstance(row["size"], int) and spooled.is_file():
+            trailer = self.ledger.trailer_of(oid)
+            _log.info("delivery_resumed", object_id=oid.hex(), channel=row["channel"])
+            if trailer is None:
+                return spooled.stat().st_size
+            return restore_trailer(spooled, row["size"], trailer)
+        obj = AuditObject(
+            kind="file",
+            item=oid.hex(),
+            channel=row["channel"] if isinstance(row["channel"], str) else None,
+            seq=row["seq"] if isinstance(row["seq"], int) else None,
+            name=row["name"] if isinstance(row["name"], str) else None,
+            size=row["size"] if isinstance(row["size"], int) else None,
+            sha256=sha.hex() if isinstance(sha, bytes) else None,
+            path=path if isinstance(path, str) else None,
+        )
+        if ok:
+            self.audit.record(
+                "delivery.delivered",
+                subject=self._delivery_subject,
+                obj=obj,
+                detail={"recovered": True},
+                corr=oid.hex(),
+                durable=True,
             )
-            if ok:
-                self.audit.record(
-                    "delivery.delivered",
-                    subject=self._delivery_subject,
-                    obj=obj,
-                    detail={"recovered": True},
-                    corr=oid.hex(),
-                    durable=True,
-                )
-                self.ledger.record(oid, "delivered")
-                spooled.unlink(missing_ok=True)
-                _log.info("delivery_confirmed_after_restart", object_id=oid.hex(), path=path)
-            else:
-                self.audit.record(
-                    "delivery.rejected",
-                    subject=self._delivery_subject,
-                    result="failure",
-                    reason="INTERRUPTED: delivery was interrupted and the file is not intact",
-                    obj=obj,
-                    corr=oid.hex(),
-                    durable=True,
-                )
-                self.ledger.record(oid, "lost", reason="interrupted delivery")
-                _log.warning("delivery_interrupted", object_id=oid.hex())
+            self.ledger.record(oid, "delivered")
+            spooled.unlink(missing_ok=True)
+            _log.info("delivery_confirmed_after_restart", object_id=oid.hex(), path=path)
+        else:
+            self.audit.record(
+                "delivery.rejected",
+                subject=self._delivery_subject,
+                result="failure",
+                reason="INTERRUPTED: delivery was interrupted and the file is not intact",
+                obj=obj,
+                corr=oid.hex(),
+                durable=True,
+            )
+            self.ledger.record(oid, "lost", reason="interrupted delivery")
+            _log.warning("delivery_interrupted", object_id=oid.hex())
+        return None
 
     # ------------------------------------------------------------ delivery
     def _released(self, item: str, path: str) -> None:
@@ -474,18 +502,20 @@ class InsideAgent:
             _log.error("delivery_folder_unusable", channel=lane.channel, error=str(exc))
         if removed := remove_stale_temps(lane.folder):  # (a crash while copying)
             _log.info("stale_temp_files_removed", channel=lane.channel, count=removed)
+        lane.busy_since = time.monotonic()
         self._confirm_interrupted(lambda channel: channel == lane.channel)
+        lane.busy_since = None
         while (job := lane.work.get()) is not None:
-            if not self._wait_for_audit():
-                return  # stopping: the spool file stays; the next start delivers it
+            if self.stop.is_set() or not self._wait_for_audit():
+                return  # stopping: the spool files stay; the next start delivers them
             oid, length, kept = job
-            lane.busy_since = time.monotonic()
+            lane.active, lane.busy_since = True, time.monotonic()
             try:
-                self._deliver_file(oid, length, kept=kept)
+                self._deliver_file(oid, length, kept=kept, lane=lane)
             except Exception:  # noqa: BLE001  # keep the channel delivering; the file stays
                 _log.exception("file_delivery_failed", object_id=oid.hex(), channel=lane.channel)
             finally:
-                lane.busy_since = None
+                lane.active, lane.busy_since = False, None
 
     def _messages_loop(self) -> None:
         """The messages thread: objects that arrived whole in memory (and big messages read
@@ -702,8 +732,50 @@ class InsideAgent:
         self.ledger.record(oid, "rejected", reason=reason)
         _log.error("object_rejected", object_id=oid.hex(), reason=reason, kept=str(target))
 
-    def _deliver_file(self, oid: bytes, length: int, *, kept: bool = False) -> None:
-        """Deliver a complete spooled file (``kept``: from before this start)."""
+    def _deliver_file(
+        self,
+        oid: bytes,
+        length: int,
+        *,
+        kept: bool = False,
+        settle: bool = False,
+        lane: _Lane | None = None,
+    ) -> None:
+        """Deliver a complete spooled file (``kept``: from before this start; ``settle``: one
+        the ledger left at ``delivering``, see :meth:`_settle`). While its folder fails in a
+        way that passes (a share that does not answer, a full disk: RETRY_ERRNOS), it is
+        tried again, waiting longer each time up to RETRY_MAX seconds: never refused for it."""
+        wait = RETRY_FIRST
+        again = settle
+        while True:
+            try:
+                if again and (settle or self.ledger.state_of(oid) == "delivering"):
+                    settled = self._settle(oid)
+                    if settled is None:
+                        return
+                    length, kept = settled, True
+                settle = False
+                if self._deliver_once(oid, length, kept=kept, lane=lane):
+                    return
+            except OSError as exc:
+                if exc.errno not in RETRY_ERRNOS:
+                    raise
+                _log.warning(
+                    "delivery_waiting_for_folder",
+                    object_id=oid.hex(),
+                    channel=None if lane is None else lane.channel,
+                    error=str(exc),
+                    retry_in=wait,
+                )
+                if self.stop.wait(wait):
+                    return  # stopping: the spool file stays; the next start delivers it
+                wait = min(2 * wait, RETRY_MAX)
+            again = True
+
+    def _deliver_once(self, oid: bytes, length: int, *, kept: bool, lane: _Lane | None) -> bool:
+        """One try of :meth:`_deliver_file`: True once settled (delivered, a duplicate,
+        refused), False to try again at once (the audit log is writable again). Raises an
+        OSError of RETRY_ERRNOS."""
         path = self._spool_path(oid)
         try:
             result = deliver(
@@ -716,29 +788,29 @@ class InsideAgent:
                 subfolders=self.subfolders,
                 on_linked=self._record_delivered_file,
                 recheck=self._recheck,
-                checking=self._checking,
+                checking=self._checking if lane is None else lane.checking(self._checking),
             )
         except WireError as exc:
             if kept:
                 self._drop_kept(oid, exc)
             else:
                 self._reject(oid, str(exc))
-            return
+            return True
         except RecheckFailed as exc:
             self._reject(oid, str(exc), quarantine=True, refused=exc)
-            return
+            return True
         except AuditUnavailable as exc:  # not recorded: settle it once the log recovers
             _log.error("delivery_not_recorded", object_id=oid.hex(), error=str(exc))
-            if not self._wait_for_audit():
-                return  # stopping: the spool file stays; the next start handles repeats
-            if self.ledger.state_of(oid) is None and path.exists():
-                self._deliver_file(oid, length)  # refused before anything was visible: again
-                return
-            self._confirm_interrupted(lambda _: True, only=oid)  # linked: confirm by hash
-            return
-        except (FerryError, OSError) as exc:
+            # stopping: the spool file stays, the next start settles it; else again, at once
+            return not self._wait_for_audit()
+        except OSError as exc:
+            if exc.errno in RETRY_ERRNOS:
+                raise
             self._reject(oid, str(exc))
-            return
+            return True
+        except FerryError as exc:
+            self._reject(oid, str(exc))
+            return True
         if isinstance(result, Delivered):
             with self._count_lock:
                 self.delivered += 1
@@ -756,6 +828,7 @@ class InsideAgent:
         else:
             _log.info("duplicate_ignored", object_id=oid.hex())
             self._note_duplicate(oid)
+        return True
 
     def _mirror_loop(self) -> None:
         while (job := self._mirror_work.get()) is not None:
@@ -1147,13 +1220,14 @@ class InsideAgent:
             )
         return 0
 
-    def _held_channels(self, now: float) -> list[str]:
-        """Files channels whose thread has been on one file for HELD_REPORTED seconds."""
-        return sorted(
-            ch
-            for ch, lane in self._lanes.items()
+    def _held_channels(self, now: float) -> dict[str, float]:
+        """Files channels whose thread has been on one file (its verification and re-check
+        not counted) for HELD_REPORTED seconds or more: for how long."""
+        return {
+            ch: round(now - since, 1)
+            for ch, lane in sorted(self._lanes.items())
             if (since := lane.busy_since) is not None and now - since >= HELD_REPORTED
-        )
+        }
 
     def _stop_delivery(self, workers: list[threading.Thread]) -> None:
         """Let the delivery threads finish what they hold (STOP_WAIT seconds in all); one

@@ -129,6 +129,14 @@ class Ledger:
                 ),
             )
 
+    def row_of(self, object_id: bytes) -> dict[str, Any] | None:
+        """Every column of ``object_id``'s row, or None."""
+        with self._lock:
+            cur = self._db.execute("SELECT * FROM objects WHERE object_id=?", (object_id,))
+            row = cur.fetchone()
+            names = [d[0] for d in cur.description]
+        return None if row is None else dict(zip(names, row, strict=True))
+
     def trailer_of(self, object_id: bytes) -> bytes | None:
         """The trailer recorded with ``delivering`` (see :meth:`record`), or None."""
         with self._lock:

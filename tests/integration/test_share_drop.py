@@ -181,13 +181,16 @@ def test_a_delivery_folder_share_that_stops_answering_holds_up_only_its_channels
 
         def held() -> bool:
             now = json.loads(status.read_text())
-            return now["delivery_held"] == ["documents"] and now["files_waiting"] == {
+            return list(now["delivery_held"]) == ["documents"] and now["files_waiting"] == {
                 "documents": 1
             }
 
         wait_for(held, what="status.json naming the channel held up")
         found = until_check(inside_cfg, "disk deliver/documents", "CRITICAL")
         assert "not answering" in found["disk deliver/documents"]["message"]
+        found = until_check(inside_cfg, "delivery", "CRITICAL", "--max-stall", "5")
+        assert "channel documents" in found["delivery"]["message"]
+        assert "archive" not in found["delivery"]["message"]
         assert not (network_share.server / "report.bin").exists()
 
         started = time.monotonic()

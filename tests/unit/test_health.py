@@ -413,6 +413,33 @@ def test_a_channel_whose_intake_does_not_move_is_critical(
         assert report.state is State.CRITICAL
 
 
+@pytest.mark.parametrize(
+    ("held", "state", "words"),
+    [
+        ({}, State.OK, "delivering files"),
+        ({"documents": 8.0}, State.OK, "waiting on a folder: documents (8.0 s)"),
+        ({"documents": 61.0, "archive": 6.0}, State.CRITICAL, "channel documents (61.0 s)"),
+        ({"documents": "61"}, State.OK, "delivering files"),
+    ],
+)
+def test_an_inside_channel_whose_file_delivery_does_not_move_is_critical(
+    held: Any, state: State, words: str
+) -> None:
+    report = judge(status("inside", link_state="UP", delivery_held=held), role="inside")
+    check = by_name(report)["delivery"]
+    assert check.state is state, check
+    assert words in check.message, check.message
+    if state is State.CRITICAL:
+        assert "archive" not in check.message
+        assert "tried again" in check.message
+        assert report.state is State.CRITICAL
+
+
+def test_an_older_insides_list_of_held_channels_is_not_judged() -> None:
+    report = judge(status("inside", link_state="UP", delivery_held=["documents"]), role="inside")
+    assert "delivery" not in by_name(report)
+
+
 def test_the_stall_limit_is_the_operators() -> None:
     data = status("outside", intake_stalled={"documents": 75.0})
     relaxed = by_name(judge(data, role="outside", limits=Limits(max_stall=300)))
