@@ -451,17 +451,18 @@ def _intake(stalled: object, max_stall: float) -> Check:
 
 
 def _delivery(held: object, max_stall: float) -> Check:
-    """``held``: files channel → seconds the inside has been on one file of it, its
-    verification and re-check not counted (the agent lists those past a few seconds)."""
+    """``held``: channel → seconds the inside has been on one file of it (verification and
+    re-check not counted), or on a batch of messages (the agent lists those past a few
+    seconds)."""
     return _held_up(
         "delivery",
         held,
         max_stall,
-        late="file delivery of channel {} has not moved: its delivery folder does not answer "
-        "or refuses the file (a share whose server is gone? a full disk?); it is tried "
-        "again, other channels and messages go on",
-        waiting="delivering files; waiting on a folder: {}",
-        ok="delivering files",
+        late="delivery of channel {} has not moved: its delivery folder does not answer or "
+        "cannot be written (a share whose server is gone? a full disk?); it is tried again, "
+        "the other channels go on",
+        waiting="delivering; waiting on a folder: {}",
+        ok="delivering",
     )
 
 

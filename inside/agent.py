@@ -73,7 +73,8 @@ MEMORY_OBJECT_MAX = 256 * 1024
 INLINE_OBJECT_MAX = MAX_MESSAGE_SIZE + 1024 * 1024
 DELIVERY_BATCH = 32
 
-Job = tuple[bytes, int, bytes | None]
+# (object id, length, its bytes or None: in the spool as <id>.obj, kept from before a start)
+Job = tuple[bytes, int, bytes | None, bool]
 FileJob = tuple[bytes, int, bool]  # (object id, length, kept from before a restart)
 MirrorJob = tuple[bytes, rec.Manifest, bytes]
 
@@ -94,6 +95,9 @@ FOLDER_ANSWER = 3.0
 STOP_WAIT = 10.0
 # Seconds on one file before status.json names its channel as held up (``delivery_held``).
 HELD_REPORTED = 5.0
+# Bytes of objects the messages thread's queue holds in memory; beyond, they wait in the
+# spool (a messages folder that does not take them: the queue grows, memory does not).
+MESSAGES_IN_MEMORY = 64 * 1024 * 1024
 # A delivery folder failing with these is tried again, never refused for it: a share whose
 # server is gone or reconnecting, a full or read-only disk, a permission being fixed.
 RETRY_ERRNOS = frozenset(
@@ -147,6 +151,22 @@ class _RateLimitedLog:
             _log.warning(event, reason=reason, count=n, **kw)
             return n
         return 0
+
+
+_CLAIM_TAIL = rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size
+
+
+def _claim(data: bytes) -> tuple[str | None, str | None]:
+    """The kind and channel the manifest at the end of an object stream (or of its last
+    _CLAIM_TAIL bytes) claims, not yet verified: for routing only (None, None if
+    unreadable). The thread it is routed to verifies everything."""
+    try:
+        tlen = rec.trailer_length(data[-rec.TRAILER_TAIL.size :])
+        manifest_bytes, _ = rec.split_trailer(data[-tlen:] if tlen <= len(data) else b"")
+        manifest = rec.decode_manifest(manifest_bytes)
+    except FerryError:
+        return None, None
+    return manifest.kind, manifest.channel
 
 
 class _Lane:
@@ -324,6 +344,8 @@ class InsideAgent:
         # so it has a thread of its own and never holds up message delivery
         self._mirror_work: queue.SimpleQueue[MirrorJob | None] = queue.SimpleQueue()
         self._count_lock = threading.Lock()
+        self._mem_bytes = 0  # of the objects in _mem_work
+        self._messages_held_since: float | None = None  # (monotonic) folder not taking them
         self._reject_log = _RateLimitedLog()
         self.delivered = 0
         self.delivered_bytes = 0
@@ -466,7 +488,7 @@ class InsideAgent:
 
     def _dispatch_loop(self) -> None:
         """Objects spooled to disk: each file to its channel's lane, each message (too big
-        for one FEC block) read back for the messages thread. What it reads is not yet
+        for one FEC block) to the messages thread. What it reads of them is not yet
         verified: the thread it goes to verifies everything."""
         self._confirm_interrupted(lambda channel: channel not in self._lanes)
         while (job := self._work.get()) is not None:
@@ -479,20 +501,7 @@ class InsideAgent:
             if kind == "file" or length > INLINE_OBJECT_MAX:
                 self._deliver_file(oid, length, kept=kept)  # refused: no folder for it here
                 continue
-            path = self._spool_path(oid)
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                self._reject(oid, f"spooled object unreadable: {exc}")
-                continue
-            if kept:
-                try:
-                    verify_stream(data, oid, self.sender_keys)
-                except WireError as exc:
-                    self._drop_kept(oid, exc)
-                    continue
-            path.unlink(missing_ok=True)  # (held in memory now; a repeat brings it again)
-            self._mem_work.put((oid, length, data))
+            self._mem_work.put((oid, length, None, kept))  # (read from the spool there)
 
     def _lane_loop(self, lane: _Lane) -> None:
         """A files channel's thread: its folder, then its files, one after the other."""
@@ -539,8 +548,20 @@ class InsideAgent:
                     break
                 jobs.append(job)
             messages: list[tuple[bytes, rec.Manifest, bytes]] = []
-            for oid, _, data in jobs:
-                assert data is not None
+            spooled: list[bytes] = []  # read from the spool: removed once settled
+            carried: set[bytes] = set()  # the objects whose messages are in this batch
+            for oid, _, held, kept in jobs:
+                if held is None:
+                    try:
+                        data = self._spool_path(oid).read_bytes()
+                    except OSError as exc:
+                        self._reject(oid, f"spooled object unreadable: {exc}")
+                        continue
+                    spooled.append(oid)
+                else:
+                    data = held
+                    with self._count_lock:
+                        self._mem_bytes -= len(data)
                 try:
                     manifest, content = verify_stream(data, oid, self.sender_keys)
                     members = (
@@ -548,41 +569,80 @@ class InsideAgent:
                         if manifest.kind == "bundle"
                         else None
                     )
+                except WireError as exc:
+                    if kept:
+                        self._drop_kept(oid, exc)
+                    else:
+                        self._reject(oid, str(exc), data)
+                    continue
                 except FerryError as exc:
                     self._reject(oid, str(exc), data)
                     continue
                 if manifest.kind == "file":  # a small file: to its channel's lane, so that a
-                    self._spool_small_file(oid, manifest.channel, data)  # folder that does
-                    continue  # not answer (a share whose server is gone) holds up no message
+                    if held is None:  # folder that does not answer (a share whose server is
+                        spooled.remove(oid)  # gone) holds up no message
+                    self._spool_small_file(oid, manifest.channel, data, on_disk=held is None)
+                    continue
                 if members is not None:
                     messages.extend((m.object_id, m, body) for m, body in members)
+                    carried.add(oid)
                 elif manifest.kind == "message":  # signed alone (an outside before bundles)
                     messages.append((oid, manifest, content))
+                    carried.add(oid)
                 elif manifest.kind == "audit":
                     self._mirror_work.put((oid, manifest, content))
+            settled = True
             if messages:
                 try:
-                    self._deliver_messages_audited(messages)
+                    settled = self._deliver_messages_audited(messages)
                 except Exception as exc:  # noqa: BLE001  # keep the agent delivering
                     _log.exception("message_delivery_failed", count=len(messages))
                     for oid, _, content in messages:  # kept in rejected/, never dropped
                         if self.ledger.state_of(oid) != "delivered":
                             self._reject(oid, f"delivery failed: {exc}", content)
+            if not settled:  # stopping before its folder took it: kept for the next start
+                for oid, _, held, _ in jobs:
+                    if oid in carried and held is not None:
+                        self._spool_new(oid, held)
+                _log.warning("messages_kept_for_next_start", objects=len(carried))
+            for oid in spooled:
+                if settled or oid not in carried:
+                    self._spool_path(oid).unlink(missing_ok=True)
 
-    def _spool_small_file(self, oid: bytes, channel: str, data: bytes) -> None:
-        """Spool a (verified) file that arrived whole in memory, for its channel's lane."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(self._spool_path(oid), flags, 0o600)
-        except FileExistsError:
+    def _spool_small_file(self, oid: bytes, channel: str, data: bytes, *, on_disk: bool) -> None:
+        """A (verified) small file, for its channel's lane: spooled first unless it is there
+        already (``on_disk``)."""
+        if not on_disk and not self._spool_new(oid, data):
             return  # an earlier copy of it waits for its delivery already
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
         lane = self._lanes.get(channel)
         if lane is None:
             self._deliver_file(oid, len(data))  # refused: no folder for its channel here
         else:
             lane.work.put((oid, len(data), False))
+
+    def _spool_new(self, oid: bytes, data: bytes) -> bool:
+        """Write a complete object into the spool (``<id>.obj``); False if one is there (an
+        earlier copy waiting for its delivery: never written over)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self._spool_path(oid), flags, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def _to_messages(self, oid: bytes, length: int, data: bytes) -> None:
+        """Queue an object that arrived whole in memory for the messages thread: held in
+        memory while the queue holds under MESSAGES_IN_MEMORY bytes, else spooled."""
+        with self._count_lock:
+            in_memory = self._mem_bytes + len(data) <= MESSAGES_IN_MEMORY
+            if in_memory:
+                self._mem_bytes += len(data)
+        if in_memory:
+            self._mem_work.put((oid, length, data, False))
+        elif self._spool_new(oid, data):
+            self._mem_work.put((oid, length, None, False))
 
     def _drop_kept(self, oid: bytes, exc: Exception) -> None:
         """A spooled object kept from before the start is not intact (a power cut before
@@ -606,15 +666,11 @@ class InsideAgent:
         (None, None if unreadable)."""
         try:
             with open(self._spool_path(oid), "rb") as f:
-                tail = min(length, rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size)
+                tail = min(length, _CLAIM_TAIL)
                 f.seek(length - tail)
-                data = f.read(tail)
-            tlen = rec.trailer_length(data[-rec.TRAILER_TAIL.size :])
-            manifest_bytes, _ = rec.split_trailer(data[-tlen:] if tlen <= len(data) else b"")
-            manifest = rec.decode_manifest(manifest_bytes)
-        except (OSError, FerryError):
+                return _claim(f.read(tail))
+        except OSError:
             return None, None
-        return manifest.kind, manifest.channel
 
     def _recheck(self, manifest: rec.Manifest, content: Path) -> None:
         """The independent inside re-check of a file the outside's pipeline passed."""
@@ -953,18 +1009,39 @@ class InsideAgent:
         if canonical != content:
             raise FerryError("message is not in canonical form")
 
-    def _deliver_messages_audited(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> None:
-        """Deliver a batch; while the audit log cannot write, wait and try again."""
+    def _deliver_messages_audited(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> bool:
+        """Deliver a batch; while the audit log cannot write, or a messages folder fails in
+        a way that passes (RETRY_ERRNOS: full disk...), wait and try again (the later
+        messages wait in the queue, in the spool beyond MESSAGES_IN_MEMORY bytes). False:
+        stopping, the batch not delivered."""
         recorded: set[tuple[str, str]] = set()  # (event, item) in the log: not twice on retry
-        while True:
-            try:
-                with self._messages_lock:
-                    self._deliver_messages(batch, recorded)
-                return
-            except AuditUnavailable as exc:
-                _log.error("message_batch_held", count=len(batch), error=str(exc))
-                if not self._wait_for_audit():
-                    return  # stopping: not recorded as delivered; repeats bring them again
+        wait = RETRY_FIRST
+        try:
+            while True:
+                try:
+                    with self._messages_lock:
+                        self._deliver_messages(batch, recorded)
+                    return True
+                except AuditUnavailable as exc:
+                    _log.error("message_batch_held", count=len(batch), error=str(exc))
+                    if not self._wait_for_audit():
+                        return False
+                except OSError as exc:
+                    if exc.errno not in RETRY_ERRNOS:
+                        raise
+                    if self._messages_held_since is None:
+                        self._messages_held_since = time.monotonic()
+                    _log.warning(
+                        "messages_waiting_for_folder",
+                        count=len(batch),
+                        error=str(exc),
+                        retry_in=wait,
+                    )
+                    if self.stop.wait(wait):
+                        return False
+                    wait = min(2 * wait, RETRY_MAX)
+        finally:
+            self._messages_held_since = None
 
     def _deliver_messages(
         self,
@@ -1187,6 +1264,7 @@ class InsideAgent:
                             "objects_lost": self.lost,
                             "delivered": self.delivered,
                             "delivered_bytes": self.delivered_bytes,
+                            "messages_waiting": self._mem_work.qsize(),
                             "files_waiting": {
                                 ch: n for ch, lane in self._lanes.items() if (n := lane.waiting())
                             },
@@ -1222,12 +1300,17 @@ class InsideAgent:
 
     def _held_channels(self, now: float) -> dict[str, float]:
         """Files channels whose thread has been on one file (its verification and re-check
-        not counted) for HELD_REPORTED seconds or more: for how long."""
-        return {
+        not counted), and messages channels whose folder has not taken a batch, for
+        HELD_REPORTED seconds or more: for how long."""
+        held = {
             ch: round(now - since, 1)
             for ch, lane in sorted(self._lanes.items())
             if (since := lane.busy_since) is not None and now - since >= HELD_REPORTED
         }
+        since = self._messages_held_since  # (one thread delivers every messages channel)
+        if since is not None and now - since >= HELD_REPORTED:
+            held.update((ch, round(now - since, 1)) for ch in sorted(self.msg_channels))
+        return held
 
     def _stop_delivery(self, workers: list[threading.Thread]) -> None:
         """Let the delivery threads finish what they hold (STOP_WAIT seconds in all); one
@@ -1276,7 +1359,13 @@ class InsideAgent:
                 # (an empty object's only block still went through BlockDecoded)
                 data = self._mem.pop(ev.object_id, None)
                 if data is not None:
-                    self._mem_work.put((ev.object_id, ev.length, data))
+                    kind, channel = _claim(data)
+                    lane = self._lanes.get(channel or "") if kind == "file" else None
+                    if lane is None:
+                        self._to_messages(ev.object_id, ev.length, data)
+                    elif self._spool_new(ev.object_id, data):  # a small file: to its channel
+                        lane.work.put((ev.object_id, ev.length, False))  # (never behind a
+                        # batch of messages whose folder does not take it)
                 elif self._spooled(ev.object_id):
                     self._work.put((ev.object_id, ev.length, False))
             elif isinstance(ev, ObjectLost):

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from cli_helpers import Agent, drop_file, edit_yaml, fast, init, opaque
+from test_health_cli import checks, until_check
 
 from ferry.client import Client
 
@@ -235,17 +236,13 @@ def started() -> Iterator[list[Agent]]:
         a.stop()
 
 
-@pytest.mark.parametrize("how", ["readonly", "file"])
-def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
-    tmp_path: Path, started: list[Agent], how: str
-) -> None:
-    if how == "readonly" and not _can_unshare():
-        pytest.skip("needs unshare/nsenter and CAP_SYS_ADMIN")
+def _broken_pair(tmp_path: Path, started: list[Agent], how: str) -> tuple[Any, ...]:
+    """A pair whose inside's messages and documents folders ``Breakage(how)`` can break."""
 
     def out(data: dict[str, Any]) -> None:
         fast(data)
         for ch in data["channels"]:
-            ch.pop("content", None)  # about the reject path, not content checks
+            ch.pop("content", None)  # about the delivery path, not content checks
             if ch["name"] == "messages":
                 ch["repeat"] = {"count": 1, "spread": 0}
 
@@ -254,7 +251,6 @@ def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
     edit_yaml(dep["inside"]["config"], opaque)
     messages = Path(dep["channels"]["messages"]["deliver"])
     documents = Path(dep["channels"]["documents"]["deliver"])
-    rejected_dir = Path(dep["inside"]["state_dir"]) / "rejected"
     breakage = Breakage(how, [messages, documents])
     inside = NsAgent(breakage.command(), "inside", dep["inside"]["config"], tmp_path / "in.log")
     started.append(inside)
@@ -263,7 +259,16 @@ def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
     outside = NsAgent([], "outside", dep["outside"]["config"], tmp_path / "out.log")
     started.append(outside)
     outside.wait_event("api_listening")
+    return dep, messages, documents, breakage, inside, outside
 
+
+def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
+    tmp_path: Path, started: list[Agent]
+) -> None:
+    """The delivery folders are replaced by plain files: a mistake no retry mends. Messages
+    and the file are refused, kept in rejected/ and recorded; later ones are delivered."""
+    dep, messages, documents, breakage, inside, outside = _broken_pair(tmp_path, started, "file")
+    rejected_dir = Path(dep["inside"]["state_dir"]) / "rejected"
     breakage.on()
     with Client.from_config(dep["api"]["client_config"]) as client:
         lost = [
@@ -272,19 +277,11 @@ def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
         ]
         drop_file(dep["channels"]["documents"]["drop"], "scan.bin", b"scan content " * 1000)
 
-        # A read-only folder may be made writable again: the file waits for it (tried again,
-        # never refused for it). A folder that is not one at all refuses the file.
-        waits = how == "readonly"
-
         def all_rejected() -> bool:
-            events = [e.get("event") for e in inside.events()]
-            if waits:
-                return events.count("object_rejected") >= 5 and (
-                    "delivery_waiting_for_folder" in events
-                )
-            return events.count("object_rejected") >= 6
+            events = [e for e in inside.events() if e.get("event") == "object_rejected"]
+            return len(events) >= 6
 
-        _wait(all_rejected, "the rejections", inside, outside)
+        _wait(all_rejected, "6 rejections", inside, outside)
         time.sleep(0.5)
         events = inside.events()
         assert any(e.get("event") == "message_delivery_failed" for e in events)
@@ -302,13 +299,8 @@ def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
             for e in events
             if e.get("event") == "object_rejected" and e["object_id"] not in {a.item for a in lost}
         ]
-        if waits:
-            assert file_rejects == []
-            assert not (rejected_dir / "scan.bin").exists()
-        else:
-            assert len(file_rejects) == 1
-            kept_file = Path(file_rejects[0]["kept"])
-            assert kept_file.read_bytes().startswith(b"scan content " * 1000)
+        assert len(file_rejects) == 1
+        assert Path(file_rejects[0]["kept"]).read_bytes().startswith(b"scan content " * 1000)
         assert inside.proc.poll() is None  # it keeps running
 
         breakage.off()
@@ -329,16 +321,66 @@ def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
     assert {d["application_id"] for d in delivered.values()} == {
         str(uuid.UUID(int=n + 1)) for n in range(5, 10)
     }
-    if waits:  # the first scan too, once the folder took it
-        _wait((documents / "scan.bin").exists, "the waiting file", inside, outside)
-        time.sleep(0.5)
-    assert sorted(os.listdir(documents)) == (["scan.bin", "scan2.bin"] if waits else ["scan2.bin"])
-    if waits:
-        assert (documents / "scan.bin").read_bytes() == b"scan content " * 1000
+    assert sorted(os.listdir(documents)) == ["scan2.bin"]
     assert _ledger(dep, "SELECT count(*) FROM outbox") == [(5,)]
     counts = dict(_ledger(dep, "SELECT state, count(*) FROM objects GROUP BY state"))
-    refused, delivered = (5, 7) if waits else (6, 6)
-    assert counts == {"rejected": refused, "delivered": delivered}
+    assert counts == {"rejected": 6, "delivered": 6}
     status = json.loads((Path(dep["inside"]["state_dir"]) / "status.json").read_text())
-    assert status["rejected"] == refused
-    assert status["delivered"] == delivered
+    assert status["rejected"] == 6
+    assert status["delivered"] == 6
+
+
+def test_read_only_delivery_folders_hold_messages_and_files_until_they_are_writable(
+    tmp_path: Path, started: list[Agent]
+) -> None:
+    """The delivery folders turn read-only (EROFS), as a file system remounted after an
+    error does: nothing is refused; messages and the file wait (health names the
+    channels) and are all delivered, once, when the folders are writable again."""
+    if not _can_unshare():
+        pytest.skip("needs unshare/nsenter and CAP_SYS_ADMIN")
+    dep, messages, documents, breakage, inside, outside = _broken_pair(
+        tmp_path, started, "readonly"
+    )
+    state = Path(dep["inside"]["state_dir"])
+    breakage.on()
+    with Client.from_config(dep["api"]["client_config"]) as client:
+        first = [
+            client.submit("messages", _application(n), schema="citizen-application")
+            for n in range(5)
+        ]
+        drop_file(dep["channels"]["documents"]["drop"], "scan.bin", b"scan content " * 1000)
+        inside.wait_event("messages_waiting_for_folder")
+        inside.wait_event("delivery_waiting_for_folder")
+
+        def both_named() -> bool:
+            _, found = checks(dep["inside"]["config"], "--max-stall", "6")
+            said = found["delivery"]
+            return said["state"] == "CRITICAL" and all(
+                f"{ch} (" in said["message"] for ch in ("documents", "messages")
+            )
+
+        _wait(both_named, "health naming both channels", inside, outside)
+        assert list((state / "rejected").iterdir()) == []
+        assert _ledger(dep, "SELECT count(*) FROM outbox") == [(0,)]
+        later = [  # queued behind the batch that waits
+            client.submit("messages", _application(n), schema="citizen-application")
+            for n in range(5, 10)
+        ]
+        time.sleep(1.0)
+        breakage.off()
+    _wait(
+        lambda: len(list(messages.glob("*.json"))) >= 10 and (documents / "scan.bin").exists(),
+        "every delivery",
+        inside,
+        outside,
+    )
+    time.sleep(0.5)
+    delivered = {p.name: json.loads(p.read_bytes()) for p in messages.glob("*.json")}
+    assert sorted(delivered) == [f"citizen-application-{a.seq:08d}.json" for a in first + later]
+    assert sorted(os.listdir(documents)) == ["scan.bin"]
+    assert (documents / "scan.bin").read_bytes() == b"scan content " * 1000
+    assert _ledger(dep, "SELECT count(*) FROM outbox") == [(10,)]
+    counts = dict(_ledger(dep, "SELECT state, count(*) FROM objects GROUP BY state"))
+    assert counts == {"delivered": 11}
+    assert list((state / "rejected").iterdir()) == []
+    until_check(dep["inside"]["config"], "delivery", "OK", "--max-stall", "6")

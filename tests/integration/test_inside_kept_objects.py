@@ -10,9 +10,12 @@ sends them (signed with its key), then a real inside agent process is started.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sqlite3
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,16 @@ from test_recheck_inside import close_agent, png, stage
 from ferry.audit.record import decode
 from ferry.audit.verify import iter_lines, list_segments
 from ferry.config import load_inside_config
+from ferry.crypto.keys import load_secret_key
+from ferry.jsondoc import SchemaRegistry
+from ferry.wire import records as rec
+from ferry.wire.sender import build_trailer
+from inside import agent as agent_module
 from inside import deliver as deliver_module
 from inside.agent import InsideAgent, _prepare_folders
 
 pytestmark = pytest.mark.integration
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "messages"
 
 
 def records(dep: dict[str, Any], item: bytes) -> list[dict[str, Any]]:
@@ -168,3 +177,61 @@ def test_a_copy_completed_while_the_same_object_waits_is_dropped(tmp_path: Path)
         assert not agent._part_path(other).exists()
     finally:
         close_agent(agent)
+
+
+def signed_message(key_path: str, n: int) -> tuple[bytes, bytes]:
+    """(object id, stream) of a citizen-application message signed alone, as the outside
+    signs one (canonical JSON, schema named)."""
+    schema = "citizen-application"
+    registry = SchemaRegistry.load()
+    example = json.loads((SCHEMAS / f"{schema}.schema.json").read_text())["examples"][0]
+    example["application_id"] = str(uuid.UUID(int=n))
+    _, content = registry.check(schema, json.dumps(example).encode())
+    key = load_secret_key(Path(key_path), ("ed25519",))
+    oid = os.urandom(16)
+    manifest = rec.Manifest(
+        object_id=oid, kind="message", channel="messages", seq=n, name=f"application-{n}.json",
+        media_type="application/json", size=len(content),
+        sha256=hashlib.sha256(content).digest(), created_us=1, mtime_us=1,
+        sender=key.public.key_id, schema=schema, subject="api:portal",
+    )  # fmt: skip
+    return oid, content + build_trailer(manifest, key)
+
+
+def test_messages_beyond_the_memory_bound_wait_in_the_spool_and_are_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the messages thread is held (a messages folder that does not take them), what
+    arrives beyond MESSAGES_IN_MEMORY bytes waits in the spool, not in memory; all of it is
+    delivered in order of arrival, and the spool is empty after."""
+    dep = init(tmp_path / "d")
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    agent = InsideAgent(cfg, threading.Event())
+    try:
+        objects = [signed_message(dep["outside"]["signing_key"], n) for n in range(1, 7)]
+        monkeypatch.setattr(agent_module, "MESSAGES_IN_MEMORY", 2 * len(objects[0][1]) + 10)
+        for oid, stream in objects:
+            agent._to_messages(oid, len(stream), stream)
+        jobs = []
+        while not agent._mem_work.empty():
+            job = agent._mem_work.get()
+            assert job is not None
+            jobs.append(job)
+        held = [job[2] is not None for job in jobs]
+        assert held == [True, True, False, False, False, False]
+        spooled = sorted(p.name for p in (cfg.state_dir / "incoming").iterdir())
+        assert spooled == sorted(f"{oid.hex()}.obj" for oid, _ in objects[2:])
+        for job in jobs:
+            agent._mem_work.put(job)
+        agent._mem_work.put(None)
+        agent._messages_loop()
+        assert agent._mem_bytes == 0
+    finally:
+        close_agent(agent)
+    folder = Path(dep["channels"]["messages"]["deliver"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"application-{n}.json" for n in range(1, 7)
+    )
+    assert list((cfg.state_dir / "incoming").iterdir()) == []
+    for oid, _ in objects:
+        assert ledger_state(dep, oid) == "delivered"

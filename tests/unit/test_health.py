@@ -416,10 +416,10 @@ def test_a_channel_whose_intake_does_not_move_is_critical(
 @pytest.mark.parametrize(
     ("held", "state", "words"),
     [
-        ({}, State.OK, "delivering files"),
+        ({}, State.OK, "delivering"),
         ({"documents": 8.0}, State.OK, "waiting on a folder: documents (8.0 s)"),
         ({"documents": 61.0, "archive": 6.0}, State.CRITICAL, "channel documents (61.0 s)"),
-        ({"documents": "61"}, State.OK, "delivering files"),
+        ({"documents": "61"}, State.OK, "delivering"),
     ],
 )
 def test_an_inside_channel_whose_file_delivery_does_not_move_is_critical(
