@@ -31,6 +31,13 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
     return db
 
 
+def rollback(db: sqlite3.Connection) -> None:
+    """Roll back the transaction under way, if SQLite has not already: after some errors (a
+    full disk) it has, and a ROLLBACK then fails and would hide the error that counts."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
 @contextmanager
 def transaction(db: sqlite3.Connection, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
     """One explicit write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, rollback on error).
@@ -47,10 +54,10 @@ def transaction(db: sqlite3.Connection, *, durable: bool = True) -> Iterator[sql
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            rollback(db)
             raise
-        db.execute("COMMIT")
     finally:
         if not durable:
             db.execute("PRAGMA synchronous=FULL")

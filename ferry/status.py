@@ -3,21 +3,41 @@ for ``ferry health``, ``ferry demo``, operators and monitors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry import log
+
 STATUS_FILE = "status.json"
+FAILURE_LOG_INTERVAL = 60.0
+_last_failure_logged = [-FAILURE_LOG_INTERVAL]
+_log = log.get("status")
 MAX_STATUS_BYTES = 1024 * 1024
 """A status file is a few kB; anything larger is not one (read no further)."""
 
 
-def write_status(path: Path, data: dict[str, Any]) -> None:
+def write_status(path: Path, data: dict[str, Any]) -> str | None:
+    """Replace the status file atomically. Never raises: a disk that cannot take it (full,
+    read-only) leaves the previous one, whose age `ferry health` then reports; the error is
+    returned (None when written) and logged now and then."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        now = time.monotonic()
+        if now - _last_failure_logged[0] >= FAILURE_LOG_INTERVAL:
+            _last_failure_logged[0] = now
+            _log.error("status_not_written", path=str(path), error=str(exc))
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,13 @@ delivery is kept across a restart and delivered at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import queue
+import sqlite3
 import sys
 import threading
 import time
@@ -151,6 +153,14 @@ class _RateLimitedLog:
             _log.warning(event, reason=reason, count=n, **kw)
             return n
         return 0
+
+
+def _passes(exc: BaseException) -> bool:
+    """A delivery failure worth trying again: a folder's RETRY_ERRNOS, or the inside's own
+    disk full (SQLite's SQLITE_FULL, ledger or outbox)."""
+    if isinstance(exc, OSError):
+        return exc.errno in RETRY_ERRNOS
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 _CLAIM_TAIL = rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size
@@ -331,6 +341,8 @@ class InsideAgent:
             + [("outside-audit", k, i == 0) for i, k in enumerate(peer_audit_keys)]
         )
         self._fds: dict[bytes, int] = {}
+        self._unspooled: dict[bytes, str] = {}  # objects a write to the spool failed for
+        self._floors_to_save: dict[bytes, tuple[int, int]] = {}  # (a full disk refused them)
         self._mem: dict[bytes, bytes] = {}
         # Objects spooled to disk go to _work, whose thread hands each file to its
         # channel's lane and reads a big message back for the messages thread, whose queue
@@ -347,6 +359,7 @@ class InsideAgent:
         self._mem_bytes = 0  # of the objects in _mem_work
         self._messages_held_since: float | None = None  # (monotonic) folder not taking them
         self._reject_log = _RateLimitedLog()
+        self._disk_log = _RateLimitedLog()  # (the inside's own disk: full, failing)
         self.delivered = 0
         self.delivered_bytes = 0
         self.rejected = 0
@@ -460,6 +473,45 @@ class InsideAgent:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             self._fds[oid] = fd
         return fd
+
+    def _completed(self, oid: bytes, length: int) -> None:
+        """A complete object: to the thread of its kind (OSError: it could not be kept)."""
+        data = self._mem.pop(oid, None)
+        if data is not None:
+            kind, channel = _claim(data)
+            lane = self._lanes.get(channel or "") if kind == "file" else None
+            if lane is None:
+                self._to_messages(oid, length, data)
+            elif self._spool_new(oid, data):  # a small file: to its channel's thread (never
+                lane.work.put((oid, length, False))  # behind messages that wait for a folder)
+        elif oid in self._unspooled:
+            self._drop_part(oid)
+        elif self._spooled(oid):
+            self._work.put((oid, length, False))
+
+    def _drop_part(self, oid: bytes) -> None:
+        fd = self._fds.pop(oid, None)
+        if fd is not None:
+            os.close(fd)
+        self._part_path(oid).unlink(missing_ok=True)
+
+    def _not_spooled(self, machine: Receiver, oid: bytes, length: int, why: str) -> None:
+        """A complete object the inside's disk could not take (full): lost here, but not
+        refused: a later copy (a channel repeat) is taken again."""
+        with contextlib.suppress(OSError):
+            self._drop_part(oid)
+        machine.forget_finished(oid)
+        self.lost += 1
+        reason = f"NOT_SPOOLED: the inside could not keep it ({why})"
+        self.audit.try_record(
+            "transfer.lost",
+            subject=self.peer,
+            result="failure",
+            reason=reason[:1024],
+            obj=AuditObject(item=oid.hex(), size=length),
+            corr=oid.hex(),
+        )
+        self._disk_log("object_not_spooled", reason, object_id=oid.hex())
 
     def _spooled(self, oid: bytes) -> bool:
         """An object spooled to disk is complete: ``<id>.part`` becomes ``<id>.obj`` (never
@@ -624,12 +676,17 @@ class InsideAgent:
         """Write a complete object into the spool (``<id>.obj``); False if one is there (an
         earlier copy waiting for its delivery: never written over)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        path = self._spool_path(oid)
         try:
-            fd = os.open(self._spool_path(oid), flags, 0o600)
+            fd = os.open(path, flags, 0o600)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except BaseException:
+            path.unlink(missing_ok=True)  # (a full disk: no part of it stays to be taken)
+            raise
         return True
 
     def _to_messages(self, oid: bytes, length: int, data: bytes) -> None:
@@ -769,13 +826,16 @@ class InsideAgent:
                 keep_reason(folder, oid, reason, manifest, findings)
             except OSError as exc:  # the item is still kept; only its record is missing
                 _log.error("quarantine_reason_not_written", object_id=oid.hex(), error=str(exc))
-        if data is not None:
-            with open(target, "wb") as f:
-                f.write(data)
-        elif path.exists():
-            if refused is not None and refused.manifest is not None:
-                os.truncate(path, refused.manifest.size)  # the content, for a release
-            os.replace(path, target)
+        try:
+            if data is not None:
+                with open(target, "wb") as f:
+                    f.write(data)
+            elif path.exists():
+                if refused is not None and refused.manifest is not None:
+                    os.truncate(path, refused.manifest.size)  # the content, for a release
+                os.replace(path, target)
+        except OSError as exc:  # (a full disk): refused all the same, recorded without it
+            _log.error("refused_copy_not_kept", object_id=oid.hex(), error=str(exc))
         self.audit.try_record(
             "delivery.rejected",
             subject=self._delivery_subject,
@@ -785,7 +845,10 @@ class InsideAgent:
             detail={"kept": str(target)},
             corr=oid.hex(),
         )
-        self.ledger.record(oid, "rejected", reason=reason)
+        try:
+            self.ledger.record(oid, "rejected", reason=reason)
+        except sqlite3.Error as exc:  # (a full disk: a repeat is refused again, by its check)
+            _log.error("refusal_not_in_ledger", object_id=oid.hex(), error=str(exc))
         _log.error("object_rejected", object_id=oid.hex(), reason=reason, kept=str(target))
 
     def _deliver_file(
@@ -813,8 +876,8 @@ class InsideAgent:
                 settle = False
                 if self._deliver_once(oid, length, kept=kept, lane=lane):
                     return
-            except OSError as exc:
-                if exc.errno not in RETRY_ERRNOS:
+            except (OSError, sqlite3.Error) as exc:
+                if not _passes(exc):
                     raise
                 _log.warning(
                     "delivery_waiting_for_folder",
@@ -1026,8 +1089,8 @@ class InsideAgent:
                     _log.error("message_batch_held", count=len(batch), error=str(exc))
                     if not self._wait_for_audit():
                         return False
-                except OSError as exc:
-                    if exc.errno not in RETRY_ERRNOS:
+                except (OSError, sqlite3.Error) as exc:
+                    if not _passes(exc):
                         raise
                     if self._messages_held_since is None:
                         self._messages_held_since = time.monotonic()
@@ -1216,6 +1279,8 @@ class InsideAgent:
                     next_tick = mono + TICK_INTERVAL
                     machine.tick(now)
                     self._handle(machine, monitor, now)
+                    if self._floors_to_save:
+                        self._save_floors()
                     self.releases.scan({self.quarantine_dir: None})  # (every 2 s at most)
                     self._retention.step(mono)  # (finished items past cfg.retention_days)
                     for ev in monitor.tick(now):
@@ -1334,6 +1399,19 @@ class InsideAgent:
                     effect="its files stay in the spool and are delivered at the next start",
                 )
 
+    def _save_floors(self) -> None:
+        """Persist the replay floors of the sessions started (a start after a crash refuses
+        older sessions). On a full disk they wait in memory and are saved at a later tick;
+        the running session is not affected."""
+        for signer, (epoch, counter) in list(self._floors_to_save.items()):
+            try:
+                self.ledger.set_replay_floor(signer, epoch, counter)
+            except sqlite3.Error as exc:
+                self._disk_log("replay_floor_not_saved", str(exc), signer=signer.hex())
+                return
+            if self._floors_to_save.get(signer) == (epoch, counter):
+                del self._floors_to_save[signer]
+
     def _record_link(self, kind: str, message: str, state: str, detail: dict[str, Any]) -> None:
         event = LINK_EVENTS.get(kind)
         if event is None:
@@ -1353,21 +1431,19 @@ class InsideAgent:
             if isinstance(ev, BlockDecoded):
                 if ev.offset == 0 and len(ev.data) == ev.object_length <= MEMORY_OBJECT_MAX:
                     self._mem[ev.object_id] = ev.data  # the whole object (a message)
-                else:
-                    os.pwrite(self._spool_fd(ev.object_id), ev.data, ev.offset)
+                elif ev.object_id not in self._unspooled:
+                    try:
+                        os.pwrite(self._spool_fd(ev.object_id), ev.data, ev.offset)
+                    except OSError as exc:  # (a full disk: the rest of it is not written)
+                        self._unspooled[ev.object_id] = str(exc)
             elif isinstance(ev, ObjectCompleted):
                 # (an empty object's only block still went through BlockDecoded)
-                data = self._mem.pop(ev.object_id, None)
-                if data is not None:
-                    kind, channel = _claim(data)
-                    lane = self._lanes.get(channel or "") if kind == "file" else None
-                    if lane is None:
-                        self._to_messages(ev.object_id, ev.length, data)
-                    elif self._spool_new(ev.object_id, data):  # a small file: to its channel
-                        lane.work.put((ev.object_id, ev.length, False))  # (never behind a
-                        # batch of messages whose folder does not take it)
-                elif self._spooled(ev.object_id):
-                    self._work.put((ev.object_id, ev.length, False))
+                try:
+                    self._completed(ev.object_id, ev.length)
+                except OSError as exc:
+                    self._unspooled[ev.object_id] = str(exc)
+                if (why := self._unspooled.pop(ev.object_id, None)) is not None:
+                    self._not_spooled(machine, ev.object_id, ev.length, why)
             elif isinstance(ev, ObjectLost):
                 self.lost += 1
                 self._mem.pop(ev.object_id, None)
@@ -1375,7 +1451,10 @@ class InsideAgent:
                 if fd is not None:
                     os.close(fd)
                 self._part_path(ev.object_id).unlink(missing_ok=True)
-                self.ledger.record(ev.object_id, "lost", reason=ev.reason)
+                try:
+                    self.ledger.record(ev.object_id, "lost", reason=ev.reason)
+                except sqlite3.Error as exc:  # (a full disk: the audit record below says it)
+                    _log.error("loss_not_in_ledger", object_id=ev.object_id.hex(), error=str(exc))
                 self.audit.try_record(
                     "transfer.lost",
                     subject=self.peer,
@@ -1394,7 +1473,8 @@ class InsideAgent:
                 )
             elif isinstance(ev, SessionStarted):
                 signer = ev.sender_kid or self.sender_key.key_id
-                self.ledger.set_replay_floor(signer, ev.epoch, ev.counter)
+                self._floors_to_save[signer] = (ev.epoch, ev.counter)
+                self._save_floors()
                 self.audit.try_record(
                     "link.session_started",
                     subject=Subject("peer", signer.hex()),

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import os
 import queue
+import sqlite3
 import sys
 import threading
 import time
@@ -178,6 +179,10 @@ class OutsideAgent:
             )
         # sends not yet audited: (item, copy, copies, id of the bundle it went in)
         self._unrecorded: deque[tuple[ObjectSent, int, int, str | None]] = deque()
+        # sends the spool could not record yet (a full disk): recorded at a later flush (a
+        # copy sent but not recorded is at worst sent once more; the inside drops repeats)
+        self._sent_unsaved: list[tuple[ObjectSent, str | None]] = []
+        self._sent_unsaved_logged = -60.0
         self._sources: dict[bytes, FileSource | BytesSource] = {}
         # due, not yet in a bundle, by (channel, priority)
         self._waiting_msgs: dict[tuple[str, int], list[SpoolItem]] = {}
@@ -349,7 +354,17 @@ class OutsideAgent:
                 done.append(
                     (ObjectSent(item.object_id, item.channel, item.seq), ev.object_id.hex())
                 )
-        copies = self.spool.mark_sent([ev.object_id for ev, _ in done])
+        self._sent_unsaved.extend(done)
+        done = self._sent_unsaved
+        try:
+            copies = self.spool.mark_sent([ev.object_id for ev, _ in done])
+        except sqlite3.Error as exc:  # (a full disk): kept, and recorded at a later flush
+            now = time.monotonic()
+            if now >= self._sent_unsaved_logged + 60:
+                self._sent_unsaved_logged = now
+                _log.error("sends_not_recorded", count=len(done), error=str(exc))
+            return
+        self._sent_unsaved = []
         by_id = {ev.object_id: (ev, bundle) for ev, bundle in done}
         self._unrecorded.extend(  # (mirror pieces are accounted for by the mirror itself)
             (by_id[c.object_id][0], c.sends_done, c.sends_total, by_id[c.object_id][1])

@@ -11,11 +11,13 @@ The wire format is in docs/API.md: every frame list starts with
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import queue
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -148,6 +150,13 @@ def message_manifest(
         schema=schema,
         subject=f"api:{client}",
     )
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A spool write that failed for want of room (SQLite's SQLITE_FULL, or ENOSPC)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 class ApiServer:
@@ -502,6 +511,9 @@ class ApiServer:
             self._hold(submits, exc)
             return
         except Exception as exc:  # noqa: BLE001  # fail closed: nothing acknowledged
+            if _disk_full(exc):  # rolled back: backpressure until there is room again
+                self._hold(submits, exc, why="the spool's disk is full")
+                return
             _log.exception("spool_commit_failed")
             for identity, req, _, _ in submits:
                 self._send(
@@ -547,10 +559,14 @@ class ApiServer:
         _log.debug("messages_committed", count=len(submits), new=len(new_items))
 
     def _hold(
-        self, submits: list[tuple[bytes, MessageRequest, bytes, str]], exc: Exception
+        self,
+        submits: list[tuple[bytes, MessageRequest, bytes, str]],
+        exc: Exception,
+        why: str = "the audit log cannot write",
     ) -> None:
-        """The audit log cannot write: answer BUSY (retry later), acknowledge nothing."""
-        _log.error("submissions_held_audit_unavailable", count=len(submits), error=str(exc))
+        """The audit log cannot write, or the spool's disk is full: answer BUSY (retry
+        later), acknowledge nothing."""
+        _log.error("submissions_held", count=len(submits), reason=why, error=str(exc))
         self.busy += len(submits)
         for identity, req, _, _ in submits:
             self._send(

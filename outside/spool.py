@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import StateError
-from ferry.state import PRUNE_BATCH, open_db, transaction
+from ferry.state import PRUNE_BATCH, open_db, rollback, transaction
 
 SCHEMA_VERSION = 4  # 4: a message row holds its bundle member record, unsigned
 SCHEMA = """
@@ -307,7 +307,7 @@ class Spool:
                     )
                 self._db.execute("COMMIT")
             except sqlite3.Error:
-                self._db.execute("ROLLBACK")
+                rollback(self._db)
                 raise
             self.backlog_items += 1
             self.backlog_bytes += item.length
@@ -473,7 +473,7 @@ class Spool:
                     self._set_seq(channel, seq)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                rollback(self._db)
                 raise
             self.backlog_items += sum(1 for _, item in out if item is not None)
             self.backlog_bytes += added_bytes

@@ -186,6 +186,10 @@ class Receiver:
         if obj is not None:
             self._drop_pending(obj)
 
+    def forget_finished(self, object_id: bytes) -> None:
+        """Take a later copy of a completed object again (the first could not be kept)."""
+        self._finished.pop(object_id, None)
+
     @property
     def active_objects(self) -> int:
         return len(self._objects)

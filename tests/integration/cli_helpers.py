@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -130,16 +131,32 @@ def wait_files(folder: str | Path, names: set[str], timeout: float = 60.0) -> di
     raise AssertionError(f"missing {names - {p.name for p in Path(folder).iterdir()}}")
 
 
+def empty_wal(db: Path) -> None:
+    """Checkpoint a running agent's SQLite database and truncate its write-ahead log, so that
+    its next commit needs new room on the disk (a log with free frames would take it)."""
+    with sqlite3.connect(db, timeout=30) as conn:
+        (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0, f"{db}: the checkpoint could not finish"
+
+
 def fill_disk(folder: Path) -> Path:
-    """Fill the file system holding ``folder`` with one new file there; return that file."""
+    """Fill the file system holding ``folder`` with one new file there; return that file.
+    (Unbuffered writes: a buffered file would raise ENOSPC again when closed.)"""
     filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        block = b"\0" * 65536
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError:
+                try:  # the last few blocks of the file system
+                    while os.write(fd, b"\0" * 512):
+                        pass
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
     return filler
 
 
