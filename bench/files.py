@@ -27,13 +27,16 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from messages import _cpu_s, _start  # noqa: E402
 
 
 def _deploy(tmp: Path, channels: list[str]) -> dict[str, Any]:
     bulk = [a for ch in channels for a in ("--bulk", ch)]
     out = subprocess.run(
         [sys.executable, "-m", "ferry.cli", "init", str(tmp / "d"), "--json", *bulk],
-        check=True, capture_output=True, text=True, cwd=ROOT,
+        check=True, capture_output=True, text=True,
     )  # fmt: skip
     dep: dict[str, Any] = json.loads(out.stdout)
     path = Path(dep["outside"]["config"])
@@ -44,20 +47,6 @@ def _deploy(tmp: Path, channels: list[str]) -> dict[str, Any]:
     data.setdefault("outside", {})["poll_interval"] = 0.1
     path.write_text(yaml.safe_dump(data))
     return dep
-
-
-def _start(side: str, config: str, log: Path) -> subprocess.Popen[bytes]:
-    fh = open(log, "wb")  # noqa: SIM115  # closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "ferry.cli", "--log-json", "--log-level", "warning", side, "run",
-         "-c", config],
-        stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
-    )  # fmt: skip
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_up(inside_state: Path, timeout: float = 60.0) -> None:

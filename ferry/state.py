@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,13 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StateError(f"{path}: cannot open state database: {exc}") from exc
     return db
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of room: SQLite's SQLITE_FULL, or ENOSPC/EDQUOT."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def rollback(db: sqlite3.Connection) -> None:

@@ -21,10 +21,10 @@ MAX_STATUS_BYTES = 1024 * 1024
 """A status file is a few kB; anything larger is not one (read no further)."""
 
 
-def write_status(path: Path, data: dict[str, Any]) -> str | None:
+def write_status(path: Path, data: dict[str, Any]) -> None:
     """Replace the status file atomically. Never raises: a disk that cannot take it (full,
     read-only) leaves the previous one, whose age `ferry health` then reports; the error is
-    returned (None when written) and logged now and then."""
+    logged now and then."""
     tmp = path.with_suffix(".tmp")
     try:
         tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
@@ -36,8 +36,6 @@ def write_status(path: Path, data: dict[str, Any]) -> str | None:
         if now - _last_failure_logged[0] >= FAILURE_LOG_INTERVAL:
             _last_failure_logged[0] = now
             _log.error("status_not_written", path=str(path), error=str(exc))
-        return str(exc)
-    return None
 
 
 @dataclass(frozen=True)

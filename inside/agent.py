@@ -39,7 +39,7 @@ from ferry.jsondoc import SchemaRegistry
 from ferry.place import link_new, remove_stale_temps
 from ferry.quarantine_release import ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
-from ferry.state import Retention
+from ferry.state import Retention, disk_full
 from ferry.status import STATUS_FILE, write_status
 from ferry.wire import records as rec
 from ferry.wire.linkstate import LinkMonitor
@@ -157,10 +157,8 @@ class _RateLimitedLog:
 
 def _passes(exc: BaseException) -> bool:
     """A delivery failure worth trying again: a folder's RETRY_ERRNOS, or the inside's own
-    disk full (SQLite's SQLITE_FULL, ledger or outbox)."""
-    if isinstance(exc, OSError):
-        return exc.errno in RETRY_ERRNOS
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    disk full (ledger or outbox)."""
+    return disk_full(exc) or (isinstance(exc, OSError) and exc.errno in RETRY_ERRNOS)
 
 
 _CLAIM_TAIL = rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size
@@ -208,6 +206,14 @@ class _Lane:
             self.busy_since = time.monotonic()
 
 
+def _prepare_folder(channel: str, folder: Path) -> None:
+    """Make a channel's delivery folder (OSError if it cannot be made) and remove the temp
+    files a crash left there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if removed := remove_stale_temps(folder):  # (a crash while copying)
+        _log.info("stale_temp_files_removed", channel=channel, count=removed)
+
+
 def _prepare_folders(folders: Mapping[str, Path], wait: float) -> list[str]:
     """Make each channel's delivery folder and remove temp files a crash left there, each
     on a thread of its own, waiting ``wait`` seconds in all; the channels whose folder did
@@ -217,12 +223,9 @@ def _prepare_folders(folders: Mapping[str, Path], wait: float) -> list[str]:
 
     def prepare(channel: str, folder: Path) -> None:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            _prepare_folder(channel, folder)
         except OSError as exc:
             errors[channel] = exc
-            return
-        if removed := remove_stale_temps(folder):  # (a crash while copying)
-            _log.info("stale_temp_files_removed", channel=channel, count=removed)
 
     threads = {
         ch: threading.Thread(target=prepare, args=(ch, f), name=f"folder-{ch}", daemon=True)
@@ -482,12 +485,31 @@ class InsideAgent:
             lane = self._lanes.get(channel or "") if kind == "file" else None
             if lane is None:
                 self._to_messages(oid, length, data)
-            elif self._spool_new(oid, data):  # a small file: to its channel's thread (never
-                lane.work.put((oid, length, False))  # behind messages that wait for a folder)
+            else:  # a small file: to its channel's thread (never behind messages waiting)
+                self._spool_small_file(oid, lane.channel, data, on_disk=False)
         elif oid in self._unspooled:
             self._drop_part(oid)
         elif self._spooled(oid):
             self._work.put((oid, length, False))
+
+    def _record_lost(
+        self,
+        oid: bytes,
+        reason: str,
+        *,
+        size: int | None = None,
+        detail: dict[str, object] | None = None,
+    ) -> None:
+        """The ``transfer.lost`` audit record of an object this inside could not deliver."""
+        self.audit.try_record(
+            "transfer.lost",
+            subject=self.peer,
+            result="failure",
+            reason=reason[:1024],
+            obj=AuditObject(item=oid.hex(), size=size),
+            detail=detail,
+            corr=oid.hex(),
+        )
 
     def _drop_part(self, oid: bytes) -> None:
         fd = self._fds.pop(oid, None)
@@ -503,14 +525,7 @@ class InsideAgent:
         machine.forget_finished(oid)
         self.lost += 1
         reason = f"NOT_SPOOLED: the inside could not keep it ({why})"
-        self.audit.try_record(
-            "transfer.lost",
-            subject=self.peer,
-            result="failure",
-            reason=reason[:1024],
-            obj=AuditObject(item=oid.hex(), size=length),
-            corr=oid.hex(),
-        )
+        self._record_lost(oid, reason, size=length)
         self._disk_log("object_not_spooled", reason, object_id=oid.hex())
 
     def _spooled(self, oid: bytes) -> bool:
@@ -558,11 +573,9 @@ class InsideAgent:
     def _lane_loop(self, lane: _Lane) -> None:
         """A files channel's thread: its folder, then its files, one after the other."""
         try:
-            lane.folder.mkdir(parents=True, exist_ok=True)  # (waits while a share hangs)
+            _prepare_folder(lane.channel, lane.folder)  # (waits while a share hangs)
         except OSError as exc:
             _log.error("delivery_folder_unusable", channel=lane.channel, error=str(exc))
-        if removed := remove_stale_temps(lane.folder):  # (a crash while copying)
-            _log.info("stale_temp_files_removed", channel=lane.channel, count=removed)
         lane.busy_since = time.monotonic()
         self._confirm_interrupted(lambda channel: channel == lane.channel)
         lane.busy_since = None
@@ -708,14 +721,7 @@ class InsideAgent:
         reason = f"LOST: the spooled object did not survive the restart intact: {exc}"
         if self.ledger.state_of(oid) == "delivering":  # (not refused: a repeat delivers it)
             self.ledger.record(oid, "lost", reason=reason)
-        self.audit.try_record(
-            "transfer.lost",
-            subject=self.peer,
-            result="failure",
-            reason=reason[:1024],
-            obj=AuditObject(item=oid.hex()),
-            corr=oid.hex(),
-        )
+        self._record_lost(oid, reason)
         _log.error("kept_object_not_intact", object_id=oid.hex(), error=str(exc))
 
     def _spooled_claim(self, oid: bytes, length: int) -> tuple[str | None, str | None]:
@@ -1447,22 +1453,16 @@ class InsideAgent:
             elif isinstance(ev, ObjectLost):
                 self.lost += 1
                 self._mem.pop(ev.object_id, None)
-                fd = self._fds.pop(ev.object_id, None)
-                if fd is not None:
-                    os.close(fd)
-                self._part_path(ev.object_id).unlink(missing_ok=True)
+                self._drop_part(ev.object_id)
                 try:
                     self.ledger.record(ev.object_id, "lost", reason=ev.reason)
                 except sqlite3.Error as exc:  # (a full disk: the audit record below says it)
                     _log.error("loss_not_in_ledger", object_id=ev.object_id.hex(), error=str(exc))
-                self.audit.try_record(
-                    "transfer.lost",
-                    subject=self.peer,
-                    result="failure",
-                    reason=f"LOST: {ev.reason}"[:1024],
-                    obj=AuditObject(item=ev.object_id.hex(), size=ev.length),
+                self._record_lost(
+                    ev.object_id,
+                    f"LOST: {ev.reason}",
+                    size=ev.length,
                     detail={"blocks_done": ev.blocks_done, "blocks_total": ev.blocks_total},
-                    corr=ev.object_id.hex(),
                 )
                 _log.error(
                     "object_lost",

@@ -11,13 +11,11 @@ The wire format is in docs/API.md: every frame list starts with
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import queue
 import re
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from ferry.content.base import Verdict
 from ferry.crypto.keys import SecretKey, load_secret_key
 from ferry.errors import FerryError, PolicyRejection
 from ferry.jsondoc import JsonLimits, SchemaRegistry
+from ferry.state import disk_full
 from ferry.wire import records as rec
 from ferry.zmqsec import Allowlist, ServedKey, ServerKeys, curve_server, start_authenticator
 from ferry.zmqsec import user_id as frame_user_id
@@ -150,13 +149,6 @@ def message_manifest(
         schema=schema,
         subject=f"api:{client}",
     )
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """A spool write that failed for want of room (SQLite's SQLITE_FULL, or ENOSPC)."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 class ApiServer:
@@ -511,7 +503,7 @@ class ApiServer:
             self._hold(submits, exc)
             return
         except Exception as exc:  # noqa: BLE001  # fail closed: nothing acknowledged
-            if _disk_full(exc):  # rolled back: backpressure until there is room again
+            if disk_full(exc):  # rolled back: backpressure until there is room again
                 self._hold(submits, exc, why="the spool's disk is full")
                 return
             _log.exception("spool_commit_failed")
