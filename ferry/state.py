@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,9 @@ from ferry.errors import StateError
 # (or a batch per call of Retention.step while a backlog of old rows remains).
 PRUNE_BATCH = 5000
 PRUNE_INTERVAL = 600.0
+# Less room than this where a state database lives: an error opening it is put down to
+# the full disk (SQLite reports a -shm or -wal file it cannot create as "disk I/O error").
+LOW_ROOM = 1 << 20
 
 
 def open_db(path: Path, schema: str) -> sqlite3.Connection:
@@ -28,8 +32,23 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(schema)
     except sqlite3.Error as exc:
+        room = free_bytes(path.parent)
+        if disk_full(exc) or (room is not None and room < LOW_ROOM):
+            raise StateError(
+                f"{path}: cannot open state database: its disk is full ({room} bytes free; "
+                f"SQLite said: {exc}); make room there and start again"
+            ) from exc
         raise StateError(f"{path}: cannot open state database: {exc}") from exc
     return db
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system of ``folder``."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def disk_full(exc: BaseException) -> bool:

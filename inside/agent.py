@@ -600,8 +600,9 @@ class InsideAgent:
             first = work.get()
             if first is None:
                 return
-            if not self._wait_for_audit():
-                return  # stopping: undelivered objects come again (repeats) or are reported
+            if not self._wait_for_audit():  # stopping while the audit log cannot write
+                self._keep_held([first, *self._until_stop(work)])
+                return
             jobs: list[Job] = [first]
             while len(jobs) < DELIVERY_BATCH:
                 try:
@@ -666,13 +667,33 @@ class InsideAgent:
                         if self.ledger.state_of(oid) != "delivered":
                             self._reject(oid, f"delivery failed: {exc}", content)
             if not settled:  # stopping before its folder took it: kept for the next start
-                for oid, _, held, _ in jobs:
-                    if oid in carried and held is not None:
-                        self._spool_new(oid, held)
-                _log.warning("messages_kept_for_next_start", objects=len(carried))
+                self._keep_held([job for job in jobs if job[0] in carried])
             for oid in spooled:
                 if settled or oid not in carried:
                     self._spool_path(oid).unlink(missing_ok=True)
+
+    @staticmethod
+    def _until_stop(work: queue.SimpleQueue[Job | None]) -> list[Job]:
+        """What is queued up to the stop's None (the receiver has stopped by then)."""
+        jobs: list[Job] = []
+        while (job := work.get()) is not None:
+            jobs.append(job)
+        return jobs
+
+    def _keep_held(self, jobs: Sequence[Job]) -> None:
+        """Stopping with messages not delivered: those held in memory are written to the
+        spool, so that the next start delivers them (those read from it are there)."""
+        kept = 0
+        for oid, _, held, _ in jobs:
+            if held is None:
+                continue
+            try:
+                self._spool_new(oid, held)
+            except OSError as exc:  # (a full disk): a repeat can still bring it
+                _log.error("message_not_kept", object_id=oid.hex(), error=str(exc))
+                continue
+            kept += 1
+        _log.warning("messages_kept_for_next_start", objects=len(jobs), written=kept)
 
     def _spool_small_file(self, oid: bytes, channel: str, data: bytes, *, on_disk: bool) -> None:
         """A (verified) small file, for its channel's lane: spooled first unless it is there

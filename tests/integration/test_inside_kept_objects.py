@@ -235,3 +235,47 @@ def test_messages_beyond_the_memory_bound_wait_in_the_spool_and_are_delivered(
     assert list((cfg.state_dir / "incoming").iterdir()) == []
     for oid, _ in objects:
         assert ledger_state(dep, oid) == "delivered"
+
+
+def test_messages_held_by_an_audit_outage_at_a_stop_are_delivered_at_the_next_start(
+    tmp_path: Path, agents: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit log cannot write (fail closed: nothing is delivered), messages wait in
+    memory, and the inside is stopped: they are written to the spool, not dropped, and a
+    real inside started next delivers each of them once."""
+    dep = init(tmp_path / "d")
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    folder = Path(dep["channels"]["messages"]["deliver"])
+    stop = threading.Event()
+    agent = InsideAgent(cfg, stop)
+    objects = [signed_message(dep["outside"]["signing_key"], n) for n in range(1, 4)]
+    monkeypatch.setattr(agent_module, "AUDIT_WAIT", 0.01)
+    try:
+        agent.audit.log.failed.set()
+        for oid, stream in objects:
+            agent._to_messages(oid, len(stream), stream)
+        worker = threading.Thread(target=agent._messages_loop)
+        worker.start()
+        wait_for(lambda: agent._mem_work.qsize() == 2, what="the messages thread to take one")
+        assert worker.is_alive()  # held by the audit log
+        late = signed_message(dep["outside"]["signing_key"], 4)  # arrives while held
+        agent._to_messages(late[0], len(late[1]), late[1])
+        objects.append(late)
+        stop.set()
+        agent._mem_work.put(None)
+        worker.join(10)
+        assert not worker.is_alive()
+    finally:
+        agent.audit.log.failed.clear()
+        close_agent(agent)
+    assert list(folder.iterdir()) == []
+    spool = cfg.state_dir / "incoming"
+    assert sorted(p.name for p in spool.iterdir()) == sorted(f"{o.hex()}.obj" for o, _ in objects)
+    inside = agents("inside", dep["inside"]["config"])
+    names = {f"application-{n}.json" for n in range(1, 5)}
+    assert set(wait_files(str(folder), names, timeout=30)) == names
+    assert inside.wait_event("kept_objects_to_deliver")["count"] == 4
+    for oid, _ in objects:
+        wait_for(lambda oid=oid: ledger_state(dep, oid) == "delivered", what="the ledger")
+        assert [r["event"] for r in records(dep, oid)].count("delivery.delivered") <= 1
+    wait_for(lambda: list(spool.iterdir()) == [], what="the spool to be emptied")
