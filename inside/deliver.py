@@ -13,7 +13,6 @@ NFS) the copy is written under a hidden temp name (``.ferry-<16 hex>.part``) fir
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import os
@@ -27,13 +26,12 @@ from pathlib import Path, PurePosixPath
 from ferry.crypto import suite
 from ferry.crypto.keys import PublicKey
 from ferry.errors import EnvelopeRejected, FerryError, UnsafePathError, WireError
-from ferry.place import drop_temp, link_new, temp_name
+from ferry.place import drop_temp, flush_all, link_new, temp_name
 from ferry.wire import records as rec
 from inside.ledger import Ledger
 from inside.paths import candidate_names, contained, safe_name
 
 HASH_CHUNK = 1024 * 1024
-_LIBC = ctypes.CDLL(None, use_errno=True)
 MAX_SUBFOLDER_DEPTH = 16
 
 
@@ -139,14 +137,6 @@ def open_bundle(
     return members
 
 
-def _flush_all(fds: list[int]) -> None:
-    """Make every file durable: one syncfs of their filesystem (one journal commit for
-    many files), or an fsync of each if syncfs fails."""
-    if fds and _LIBC.syncfs(fds[0]) != 0:
-        for fd in fds:
-            os.fsync(fd)
-
-
 def _same_content(path: Path, sha256: bytes) -> bool:
     try:
         with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
@@ -178,7 +168,7 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
             view = memoryview(content)
             while view:
                 view = view[os.write(tmp, view) :]
-        _flush_all([fd for fd, _ in tmps])
+        flush_all([fd for fd, _ in tmps])
         for i, (fd, tmp_name) in enumerate(tmps):
             if tmp_name is not None:  # (closed before it is named: a share may hide a file
                 os.close(fd)  # unlinked while open, .fuse_hidden..., .nfsXXXX)

@@ -22,7 +22,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,7 +35,7 @@ from ferry.content.base import FEATURES, Verdict
 from ferry.crypto.keys import PublicKey, SecretKey
 from ferry.errors import PolicyRejection
 from ferry.names import candidate_names
-from ferry.place import drop_temp, link_new, remove_stale_temps, temp_name
+from ferry.place import drop_temp, flush_all, link_new, remove_stale_temps, temp_name
 from ferry.quarantine_release import RELEASES, ReleaseAuditor
 from ferry.wire import records as rec
 from ferry.wire.records import MAX_REPORT_BYTES
@@ -46,6 +46,12 @@ from outside.quarantine_cli import NOT_OVERRIDABLE, overrides_by_sha
 from outside.spool import Spool, SpoolItem, now_us
 from outside.watch import DropWatcher, Ready, Refused, WatchSpec, check_specs
 
+# Small files ready together are spooled together (one flush of their contents, one
+# transaction, one wait for their intake records): up to this many files or bytes, each
+# of at most BATCH_FILE_MAX bytes (a larger one is spooled alone).
+INTAKE_BATCH = 64
+INTAKE_BATCH_BYTES = 8 * 1024 * 1024
+BATCH_FILE_MAX = 1024 * 1024
 # Copy in 1 MiB pieces: large enough for throughput, small enough to keep memory flat.
 COPY_CHUNK = 1024 * 1024
 # Sanitizer actions listed in a verdict record and in the report sent along (the full
@@ -85,6 +91,23 @@ def check_type(channel: OutsideChannel, _copy: Path, name: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A gateway-owned content file ready to be spooled, and what its manifest will say
+    (see :func:`spool_file_item` for the fields)."""
+
+    owned: Path
+    name: str
+    subject: str
+    relpath: str = ""
+    mtime_us: int | None = None
+    source_path: str = ""
+    source_key: str = ""
+    report: str = ""
+    media_type: str | None = None
+    record: Callable[[SpoolItem, str, str], object] | None = None
+
+
 def spool_file_item(
     spool: Spool,
     key: SecretKey,
@@ -109,88 +132,196 @@ def spool_file_item(
     ``record(item, sha256 hex, media type)`` is called just before the commit
     (the audit record); if it raises, nothing is spooled and the error propagates.
     """
-    object_id = os.urandom(16)
-    final = spool.dir / f"{object_id.hex()}.obj"
-    digest = hashlib.sha256()
-    fd = os.open(owned, os.O_RDWR | os.O_NOFOLLOW)
+    p = Pending(
+        owned, name, subject, relpath, mtime_us, source_path, source_key, report, media_type,
+        record,
+    )  # fmt: skip
+    return spool_pending(spool, key, channel, p, submission=submission)
+
+
+def spool_pending(
+    spool: Spool,
+    key: SecretKey,
+    channel: OutsideChannel,
+    p: Pending,
+    *,
+    submission: tuple[str, str, bytes] | None = None,
+) -> SpoolItem:
+    """:func:`spool_file_item` for a :class:`Pending` file."""
+    opened = _open_hashed(p.owned)
     try:
-        size = 0
+        os.fsync(opened.fd)  # the content: a large file's sync holds up no one waiting
+        with spool.numbering(channel.name) as seq:  # for a number
+            sealed = _seal(opened, p, key, channel, spool, seq=seq)
+            os.fsync(opened.fd)
+            opened.close()
+            _place([p], [sealed], spool, channel, submission=submission)
+    finally:
+        opened.close()
+    return sealed.item
+
+
+def spool_file_items(
+    spool: Spool, key: SecretKey, channel: OutsideChannel, batch: Sequence[Pending]
+) -> list[SpoolItem]:
+    """Spool several files of one channel at once (consumes each ``owned``): the steps of
+    :func:`spool_file_item`, with one flush of all their contents (syncfs), one fsync of
+    the spool folder and one transaction, not one of each per file. Each one's ``record``
+    is called before the commit; if any raises, or anything fails, none of them is
+    spooled and the error propagates. For small files: their contents are synced while
+    the channel's numbers are held."""
+    opened: list[_Opened] = []
+    try:
+        for p in batch:
+            opened.append(_open_hashed(p.owned))
+        with spool.numbering(channel.name) as seq:
+            sealed = [
+                _seal(o, p, key, channel, spool, seq=seq + i)
+                for i, (p, o) in enumerate(zip(batch, opened, strict=True))
+            ]
+            flush_all([o.fd for o in opened])
+            for o in opened:
+                o.close()
+            _place(batch, sealed, spool, channel)
+    finally:
+        for o in opened:
+            o.close()
+    return [s.item for s in sealed]
+
+
+@dataclass
+class _Opened:
+    """A content file open for its trailer, with its size and SHA-256."""
+
+    fd: int
+    size: int
+    digest: Any  # hashlib's sha256 object
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(frozen=True)
+class _Sealed:
+    item: SpoolItem
+    sha256: bytes
+    media_type: str
+
+
+def _open_hashed(owned: Path) -> _Opened:
+    fd = os.open(owned, os.O_RDWR | os.O_NOFOLLOW)
+    digest = hashlib.sha256()
+    size = 0
+    try:
         while chunk := os.read(fd, COPY_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        os.fsync(fd)  # the content: a large file's sync holds up no one waiting for a number
     except BaseException:
         os.close(fd)
         raise
-    with spool.numbering(channel.name) as seq:
-        try:
-            created = now_us()
-            manifest = rec.Manifest(
-                object_id=object_id,
-                kind="file",
-                channel=channel.name,
-                seq=seq,
-                name=name,
-                media_type=media_type
-                or mimetypes.guess_type(name)[0]
-                or "application/octet-stream",
-                size=size,
-                sha256=digest.digest(),
-                created_us=created,
-                mtime_us=created if mtime_us is None else mtime_us,
-                sender=key.public.key_id,
-                path=relpath,
-                subject=subject,
-                report=report,
-            )
-            trailer = build_trailer(manifest, key)
-            os.lseek(fd, size, os.SEEK_SET)
-            os.write(fd, trailer)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(owned, final)
+    return _Opened(fd, size, digest)
+
+
+def _seal(
+    opened: _Opened, p: Pending, key: SecretKey, channel: OutsideChannel, spool: Spool, *, seq: int
+) -> _Sealed:
+    """Sign the file's manifest (sequence number ``seq``) and append it as its trailer."""
+    object_id = os.urandom(16)
+    created = now_us()
+    manifest = rec.Manifest(
+        object_id=object_id,
+        kind="file",
+        channel=channel.name,
+        seq=seq,
+        name=p.name,
+        media_type=p.media_type or mimetypes.guess_type(p.name)[0] or "application/octet-stream",
+        size=opened.size,
+        sha256=opened.digest.digest(),
+        created_us=created,
+        mtime_us=created if p.mtime_us is None else p.mtime_us,
+        sender=key.public.key_id,
+        path=p.relpath,
+        subject=p.subject,
+        report=p.report,
+    )
+    trailer = build_trailer(manifest, key)
+    view = memoryview(trailer)
+    at = opened.size
+    while view:
+        done = os.pwrite(opened.fd, view, at)
+        view, at = view[done:], at + done
+    item = SpoolItem(
+        object_id,
+        channel.name,
+        seq,
+        p.name,
+        opened.size,
+        opened.size + len(trailer),
+        spool.dir / f"{object_id.hex()}.obj",
+        kind="file",
+        priority=channel.priority,
+        sends_total=channel.repeat.count,
+    )
+    return _Sealed(item, manifest.sha256, manifest.media_type)
+
+
+def _place(
+    batch: Sequence[Pending],
+    sealed: Sequence[_Sealed],
+    spool: Spool,
+    channel: OutsideChannel,
+    *,
+    submission: tuple[str, str, bytes] | None = None,
+) -> None:
+    """Durable contents into the spool: renamed, the spool folder synced, each ``record``
+    called, then one transaction; on any failure none of them stays in the spool."""
+    placed: list[Path] = []
+    try:
+        for p, s in zip(batch, sealed, strict=True):
+            assert s.item.spool_file is not None
+            os.rename(p.owned, s.item.spool_file)
+            placed.append(s.item.spool_file)
         _fsync_dir(spool.dir)
-        media_type = manifest.media_type
-        item = SpoolItem(
-            object_id,
-            channel.name,
-            seq,
-            name,
-            size,
-            size + len(trailer),
-            final,
-            kind="file",
-            priority=channel.priority,
-            sends_total=channel.repeat.count,
-        )
-        try:
-            if record is not None:
-                record(item, digest.hexdigest(), media_type)
-        except BaseException:
-            final.unlink(missing_ok=True)
-            raise
-        spool.add(
-            item,
-            digest.digest(),
-            source_path,
-            source_key,
-            subject=subject,
+        for p, s in zip(batch, sealed, strict=True):
+            if p.record is not None:
+                p.record(s.item, s.sha256.hex(), s.media_type)
+        spool.add_many(
+            [
+                (s.item, s.sha256, p.source_path, p.source_key)
+                for p, s in zip(batch, sealed, strict=True)
+            ],
+            subject=batch[0].subject,
             spread_us=int(channel.repeat.spread * 1e6),
             submission=submission,
         )
-    _log.info(
-        "taken",
-        channel=channel.name,
-        name=name,
-        path=relpath,
-        size=size,
-        seq=seq,
-        object_id=object_id.hex(),
-        sha256=digest.hexdigest(),
-        subject=subject,
-    )
-    return item
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        raise
+    for p, s in zip(batch, sealed, strict=True):
+        _log.info(
+            "taken",
+            channel=s.item.channel,
+            name=p.name,
+            path=p.relpath,
+            size=s.item.size,
+            seq=s.item.seq,
+            object_id=s.item.object_id.hex(),
+            sha256=s.sha256.hex(),
+            subject=p.subject,
+        )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A clerk's file copied, checked and ready to be spooled."""
+
+    ready: Ready
+    pending: Pending
+    size: int
+    recorded: list[int]  # its intake records' indexes (filled in when spooled)
 
 
 @dataclass
@@ -397,6 +528,16 @@ class FolderIntake:
             candidates = list(lane.deferred) + ready
             lane.deferred.clear()
             blocked = self._audit is not None and self._audit.failed
+            batch: list[_Prepared] = []  # small files, spooled together (one flush)
+
+            def commit() -> None:
+                if batch:
+                    taken.extend(self._commit(lane, batch))
+                    for x in batch:
+                        lane.watcher.done(x.ready.path)
+                    batch.clear()
+                    lane.beat()
+
             for r in candidates:
                 if self.paused or blocked:  # fail closed: nothing is taken unaudited
                     lane.deferred.append(r)
@@ -405,22 +546,34 @@ class FolderIntake:
                     lane.deferred.append(r)  # stays in the drop folder until its turn
                     continue
                 try:
-                    item = self._take(ch, r)
+                    ready_file = self._prepare(ch, r)
                 except OSError as exc:
                     _log.error(
                         "intake_failed", channel=ch.name, name=r.relpath.name, error=str(exc)
                     )
-                    item = None
-                lane.watcher.done(r.path)
+                    ready_file = None
                 lane.beat()
-                if item is not None:
-                    taken.append(item)
+                if ready_file is None:
+                    lane.watcher.done(r.path)
+                    continue
+                if ready_file.size > BATCH_FILE_MAX:
+                    commit()  # (in the order taken: sequence numbers follow it)
+                batch.append(ready_file)
+                if (
+                    ready_file.size > BATCH_FILE_MAX
+                    or len(batch) >= INTAKE_BATCH
+                    or sum(x.size for x in batch) >= INTAKE_BATCH_BYTES
+                ):
+                    commit()
+            commit()
             return taken
         finally:
             lane.progress, lane.allowance = None, 0.0
 
     # ------------------------------------------------------------------ take
-    def _take(self, ch: OutsideChannel, r: Ready) -> SpoolItem | None:
+    def _prepare(self, ch: OutsideChannel, r: Ready) -> _Prepared | None:
+        """Copy a ready file into the gateway's storage and check it: what is to be spooled
+        (None: taken care of otherwise: quarantined, gone, changed, or already spooled)."""
         lane = self._lanes[ch.name]
         path = r.path
         try:
@@ -500,8 +653,11 @@ class FolderIntake:
             _log.exception("filter_error", channel=ch.name, name=name)
             self._reject(ch, path, name, "FILTER_ERROR", f"a content check failed: {exc}")
             return None
-        if content != tmp:
-            tmp.unlink(missing_ok=True)
+        if content != tmp:  # the cleaned output, under a name of its own (the workdir's
+            tmp.unlink(missing_ok=True)  # are reused for the next file)
+            owned = self._incoming / f"{os.urandom(8).hex()}.part"
+            os.rename(content, owned)
+            content = owned
         delivered_name = verdict.name if verdict is not None else name
         if verdict is not None:
             overridden += applied_override(verdict)
@@ -538,37 +694,62 @@ class FolderIntake:
                 )
             )
 
+        pending = Pending(
+            content,
+            delivered_name,
+            f"folder:{ch.name}",
+            relpath=rel,
+            mtime_us=st.st_mtime_ns // 1000,
+            source_path=str(path),
+            source_key=key,
+            report=summary(ch, verdict),
+            media_type=media_type_of(verdict),
+            record=record,
+        )
+        return _Prepared(r, pending, os.stat(content).st_size, recorded)
+
+    def _commit(self, lane: _Lane, batch: list[_Prepared]) -> list[SpoolItem]:
+        """Spool prepared files (one flush, one transaction for a batch of several), then
+        move their originals once their intake records are on disk."""
+        ch = lane.channel
         try:
-            item = spool_file_item(
-                self._spool,
-                self._key,
-                ch,
-                content,
-                name=delivered_name,
-                subject=f"folder:{ch.name}",
-                relpath=rel,
-                mtime_us=st.st_mtime_ns // 1000,
-                source_path=str(path),
-                source_key=key,
-                record=record,
-                report=summary(ch, verdict),
-                media_type=media_type_of(verdict),
-            )
-        except AuditUnavailable as exc:  # not spooled: the file waits in its drop folder
-            content.unlink(missing_ok=True)
-            _log.error("intake_halted_audit_unavailable", channel=ch.name, error=str(exc))
-            return None
-        lane.taken += 1
-        if recorded:  # sent once its intake records are durable
-            item = replace(item, audit_idx=recorded[-1])
-        if self._audit is not None and recorded:
+            if len(batch) == 1:
+                items = [spool_pending(self._spool, self._key, ch, batch[0].pending)]
+            else:
+                items = spool_file_items(self._spool, self._key, ch, [x.pending for x in batch])
+        except (AuditUnavailable, OSError) as exc:  # not spooled: they wait in the drop folder
+            for x in batch:
+                x.pending.owned.unlink(missing_ok=True)
+            if isinstance(exc, AuditUnavailable):
+                _log.error("intake_halted_audit_unavailable", channel=ch.name, error=str(exc))
+            else:
+                for x in batch:
+                    _log.error(
+                        "intake_failed",
+                        channel=ch.name,
+                        name=x.ready.relpath.name,
+                        error=str(exc),
+                    )
+            return []
+        except BaseException:
+            for x in batch:
+                x.pending.owned.unlink(missing_ok=True)
+            raise
+        lane.taken += len(items)
+        items = [  # each is sent once its intake records are durable
+            replace(item, audit_idx=x.recorded[-1]) if x.recorded else item
+            for item, x in zip(items, batch, strict=True)
+        ]
+        last = max((x.recorded[-1] for x in batch if x.recorded), default=-1)
+        if self._audit is not None and last >= 0:
             try:  # the clerk's original leaves the drop folder only once the record is on disk
-                self._audit.log.wait_durable(recorded[-1])
+                self._audit.log.wait_durable(last)
             except AuditUnavailable as exc:  # spooled; the original is moved on a later turn
                 _log.error("intake_record_not_durable", channel=ch.name, error=str(exc))
-                return item
-        self._finish_original(ch, r.relpath, path)
-        return item
+                return items
+        for x in batch:
+            self._finish_original(ch, x.ready.relpath, x.ready.path)
+        return items
 
     @staticmethod
     @contextlib.contextmanager

@@ -269,48 +269,67 @@ class Spool:
 
         ``submission`` is ``(client, submission id, request SHA-256)`` for API uploads.
         """
-        if item.spool_file is None:
+        self.add_many(
+            [(item, sha256, source_path, source_key)],
+            subject=subject,
+            spread_us=spread_us,
+            submission=submission,
+        )
+
+    def add_many(
+        self,
+        entries: Sequence[tuple[SpoolItem, bytes, str, str]],
+        *,
+        subject: str = "",
+        spread_us: int = 0,
+        submission: tuple[str, str, bytes] | None = None,
+    ) -> None:
+        """Commit file items whose object files are already durable, in one transaction:
+        ``(item, sha256, source path, source key)`` each (a folder's batch: one channel)."""
+        if any(item.spool_file is None for item, _, _, _ in entries):
             raise ValueError("a file item needs its spool file")
         created = now_us()
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
-                    " sha256, length, spool_file, subject, source_path, source_key, state,"
-                    " sends_total, spread_us, next_send_us, created_us)"
-                    " VALUES (?,?,?,'file',?,?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
-                    (
-                        item.object_id,
-                        item.channel,
-                        item.seq,
-                        item.priority,
-                        item.name,
-                        item.size,
-                        sha256,
-                        item.length,
-                        item.spool_file.name,
-                        subject or f"folder:{item.channel}",
-                        source_path,
-                        source_key,
-                        item.sends_total,
-                        spread_us,
-                        created,
-                        created,
-                    ),
-                )
-                self._set_seq(item.channel, item.seq)
-                if submission is not None:
+                for item, sha256, source_path, source_key in entries:
+                    assert item.spool_file is not None
                     self._db.execute(
-                        "INSERT INTO submissions VALUES (?,?,?,?,?)",
-                        (*submission, item.object_id, created),
+                        "INSERT INTO items(object_id, channel, seq, kind, priority, name,"
+                        " size, sha256, length, spool_file, subject, source_path, source_key,"
+                        " state, sends_total, spread_us, next_send_us, created_us)"
+                        " VALUES (?,?,?,'file',?,?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
+                        (
+                            item.object_id,
+                            item.channel,
+                            item.seq,
+                            item.priority,
+                            item.name,
+                            item.size,
+                            sha256,
+                            item.length,
+                            item.spool_file.name,
+                            subject or f"folder:{item.channel}",
+                            source_path,
+                            source_key,
+                            item.sends_total,
+                            spread_us,
+                            created,
+                            created,
+                        ),
                     )
+                    self._set_seq(item.channel, item.seq)
+                    if submission is not None:
+                        self._db.execute(
+                            "INSERT INTO submissions VALUES (?,?,?,?,?)",
+                            (*submission, item.object_id, created),
+                        )
                 self._db.execute("COMMIT")
             except sqlite3.Error:
                 rollback(self._db)
                 raise
-            self.backlog_items += 1
-            self.backlog_bytes += item.length
+            self.backlog_items += len(entries)
+            self.backlog_bytes += sum(item.length for item, _, _, _ in entries)
 
     # --------------------------------------------------------------- messages
     def add_blob(self, item: SpoolItem, sha256: bytes, subject: str, spread_us: int = 0) -> None:

@@ -133,7 +133,7 @@ def test_kill_9_during_folder_intake_delivers_every_file_exactly_once(
     state = Path(dep["outside"]["state_dir"])
     files = _make_files(200, big={7: 3, 60: 6, 133: 4, 181: 8})
     names = sorted(files)
-    first, second = names[:120], names[120:]
+    first, second = names[:160], names[160:]
 
     inside = agents("inside", dep["inside"]["config"])
     inside.wait_event("inside_started")
@@ -142,10 +142,15 @@ def test_kill_9_during_folder_intake_delivers_every_file_exactly_once(
     watch = PartialWatch(deliver, files)
     watch.start()
 
-    for name in first:
-        drop_file(drop, name, files[name])
+    def clerk() -> None:  # drops files steadily (the intake takes several at a time, so a
+        for name in first:  # kill comes in the middle only while more keep coming)
+            drop_file(drop, name, files[name])
+            time.sleep(0.04)
+
+    dropping = threading.Thread(target=clerk)
+    dropping.start()
     kills: list[tuple[int, int]] = []  # (originals in sent/, files still in the drop folder)
-    for kill_at, late_drops in ((25, second), (95, []), (160, [])):
+    for kill_at, late_drops in ((20, second), (80, []), (130, [])):
         have = _wait_count(sent, kill_at, outside, timeout=60)
         _kill(outside)
         kills.append((have, len(_files_under(drop))))
@@ -153,6 +158,7 @@ def test_kill_9_during_folder_intake_delivers_every_file_exactly_once(
             drop_file(drop, name, files[name])
         outside = agents("outside", dep["outside"]["config"])
         outside.wait_event("outside_started")
+    dropping.join()
 
     deadline = time.monotonic() + 90
     while len(_files_under(deliver)) < len(files) and time.monotonic() < deadline:

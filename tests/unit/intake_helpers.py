@@ -56,7 +56,11 @@ class Gateway:
         ready = Ready(
             "documents", path, PurePosixPath(name), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
         )
-        return self.intake._take(self.channel, ready) is not None
+        prepared = self.intake._prepare(self.channel, ready)
+        if prepared is None:
+            return False
+        lane = self.intake._lanes[self.channel.name]
+        return self.intake._commit(lane, [prepared]) != []
 
     def sign(self, sha: str, override: str, *, unsigned: bool = False, **change: Any) -> None:
         """Append a release line as the administrator would sign it (then ``change`` it)."""
