@@ -227,12 +227,14 @@ def test_icmp_refusal_is_survived_counted_and_logged_once() -> None:
     port = holder.getsockname()[1]
     holder.close()  # nobody listens: loopback answers with ICMP port unreachable
     tx = UdpSender("127.0.0.1", port)
-    with capture_logs() as logs:
-        for _ in range(50):
-            tx.send(b"x")
+    sent = 0
+    with capture_logs() as logs:  # (the kernel limits ICMP messages per second for the whole
+        while sent < 50 or (tx.stats.refused == 0 and sent < 3000):  # host: other tests'
+            tx.send(b"x")  # refusals may have used this second's up; keep sending a while)
+            sent += 1
             time.sleep(0.001)
     assert tx.stats.refused > 0
-    assert tx.stats.datagrams + tx.stats.drops == 50
+    assert tx.stats.datagrams + tx.stats.drops == sent
     assert [e["event"] for e in logs].count("udp_icmp_port_unreachable") == 1
     tx.close()
 
