@@ -155,21 +155,24 @@ def spool_pending(
             sealed = _seal(opened, p, key, channel, spool, seq=seq)
             os.fsync(opened.fd)
             opened.close()
-            _place([p], [sealed], spool, channel, submission=submission)
+            _, refused = _place([p], [sealed], spool, channel, submission=submission)
     finally:
         opened.close()
+    if refused is not None:
+        raise refused
     return sealed.item
 
 
 def spool_file_items(
     spool: Spool, key: SecretKey, channel: OutsideChannel, batch: Sequence[Pending]
-) -> list[SpoolItem]:
+) -> tuple[list[SpoolItem], AuditUnavailable | None]:
     """Spool several files of one channel at once (consumes each ``owned``): the steps of
     :func:`spool_file_item`, with one flush of all their contents (syncfs), one fsync of
     the spool folder and one transaction, not one of each per file. Each one's ``record``
-    is called before the commit; if any raises, or anything fails, none of them is
-    spooled and the error propagates. For small files: their contents are synced while
-    the channel's numbers are held."""
+    is called in turn before the commit. Returns the items spooled: every one, or those
+    recorded before the audit log refused a record (with that refusal). On any other
+    failure none of them is spooled and the error propagates. For small files: their
+    contents are synced while the channel's numbers are held."""
     opened: list[_Opened] = []
     try:
         for p in batch:
@@ -182,11 +185,11 @@ def spool_file_items(
             flush_all([o.fd for o in opened])
             for o in opened:
                 o.close()
-            _place(batch, sealed, spool, channel)
+            kept, refused = _place(batch, sealed, spool, channel)
     finally:
         for o in opened:
             o.close()
-    return [s.item for s in sealed]
+    return [s.item for s in sealed[:kept]], refused
 
 
 @dataclass
@@ -274,28 +277,43 @@ def _place(
     channel: OutsideChannel,
     *,
     submission: tuple[str, str, bytes] | None = None,
-) -> None:
+) -> tuple[int, AuditUnavailable | None]:
     """Durable contents into the spool: renamed, the spool folder synced, each ``record``
-    called, then one transaction; on any failure none of them stays in the spool."""
+    called in turn, then one transaction. If the audit log refuses a record, the files
+    recorded before it are committed (no record without its item) and the others leave
+    the spool; all of them leave it on any other failure. Returns how many were
+    committed (the first ones) and the refusal, if any."""
     placed: list[Path] = []
+    refused: AuditUnavailable | None = None
     try:
         for p, s in zip(batch, sealed, strict=True):
             assert s.item.spool_file is not None
             os.rename(p.owned, s.item.spool_file)
             placed.append(s.item.spool_file)
         _fsync_dir(spool.dir)
+        kept = 0
         for p, s in zip(batch, sealed, strict=True):
             if p.record is not None:
-                p.record(s.item, s.sha256.hex(), s.media_type)
-        spool.add_many(
-            [
-                (s.item, s.sha256, p.source_path, p.source_key)
-                for p, s in zip(batch, sealed, strict=True)
-            ],
-            subject=batch[0].subject,
-            spread_us=int(channel.repeat.spread * 1e6),
-            submission=submission,
-        )
+                try:
+                    p.record(s.item, s.sha256.hex(), s.media_type)
+                except AuditUnavailable as exc:
+                    refused = exc
+                    break
+            kept += 1
+        for path in placed[kept:]:
+            path.unlink(missing_ok=True)
+        del placed[kept:]
+        batch, sealed = batch[:kept], sealed[:kept]
+        if batch:
+            spool.add_many(
+                [
+                    (s.item, s.sha256, p.source_path, p.source_key)
+                    for p, s in zip(batch, sealed, strict=True)
+                ],
+                subject=batch[0].subject,
+                spread_us=int(channel.repeat.spread * 1e6),
+                submission=submission,
+            )
     except BaseException:
         for path in placed:
             path.unlink(missing_ok=True)
@@ -312,6 +330,7 @@ def _place(
             sha256=s.sha256.hex(),
             subject=p.subject,
         )
+    return kept, refused
 
 
 @dataclass(frozen=True)
@@ -710,44 +729,47 @@ class FolderIntake:
 
     def _commit(self, lane: _Lane, batch: list[_Prepared]) -> list[SpoolItem]:
         """Spool prepared files (one flush, one transaction for a batch of several), then
-        move their originals once their intake records are on disk."""
+        move their originals once their intake records are on disk. Files not spooled
+        wait in the drop folder for a later turn."""
         ch = lane.channel
+        refused: AuditUnavailable | None = None
         try:
             if len(batch) == 1:
                 items = [spool_pending(self._spool, self._key, ch, batch[0].pending)]
             else:
-                items = spool_file_items(self._spool, self._key, ch, [x.pending for x in batch])
-        except (AuditUnavailable, OSError) as exc:  # not spooled: they wait in the drop folder
-            for x in batch:
-                x.pending.owned.unlink(missing_ok=True)
+                pending = [x.pending for x in batch]
+                items, refused = spool_file_items(self._spool, self._key, ch, pending)
+        except (AuditUnavailable, OSError) as exc:
+            items = []
             if isinstance(exc, AuditUnavailable):
-                _log.error("intake_halted_audit_unavailable", channel=ch.name, error=str(exc))
+                refused = exc
             else:
                 for x in batch:
                     _log.error(
-                        "intake_failed",
-                        channel=ch.name,
-                        name=x.ready.relpath.name,
-                        error=str(exc),
+                        "intake_failed", channel=ch.name, name=x.ready.relpath.name, error=str(exc)
                     )
-            return []
         except BaseException:
             for x in batch:
                 x.pending.owned.unlink(missing_ok=True)
             raise
+        for x in batch[len(items) :]:  # not spooled (their copies are taken again later)
+            x.pending.owned.unlink(missing_ok=True)
+        if refused is not None:
+            _log.error("intake_halted_audit_unavailable", channel=ch.name, error=str(refused))
+        done = batch[: len(items)]
         lane.taken += len(items)
         items = [  # each is sent once its intake records are durable
             replace(item, audit_idx=x.recorded[-1]) if x.recorded else item
-            for item, x in zip(items, batch, strict=True)
+            for item, x in zip(items, done, strict=True)
         ]
-        last = max((x.recorded[-1] for x in batch if x.recorded), default=-1)
+        last = max((x.recorded[-1] for x in done if x.recorded), default=-1)
         if self._audit is not None and last >= 0:
             try:  # the clerk's original leaves the drop folder only once the record is on disk
                 self._audit.log.wait_durable(last)
             except AuditUnavailable as exc:  # spooled; the original is moved on a later turn
                 _log.error("intake_record_not_durable", channel=ch.name, error=str(exc))
                 return items
-        for x in batch:
+        for x in done:
             self._finish_original(ch, x.ready.relpath, x.ready.path)
         return items
 

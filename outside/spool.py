@@ -288,6 +288,8 @@ class Spool:
         ``(item, sha256, source path, source key)`` each (a folder's batch: one channel)."""
         if any(item.spool_file is None for item, _, _, _ in entries):
             raise ValueError("a file item needs its spool file")
+        if submission is not None and len(entries) != 1:
+            raise ValueError("a submission names one item")
         created = now_us()
         with self._lock:
             try:

@@ -1,8 +1,8 @@
 """Small files ready together are spooled together: one flush of their contents, one
 transaction, one wait for their intake records. Each still gets its own item, sequence
 number (in the order taken), signed trailer and audit record; a larger file is spooled
-alone, in its turn. If the audit log refuses one record of a batch, no file of the batch
-is spooled and every original waits in the drop folder. A real deployment's intake (its
+alone, in its turn. If the audit log refuses one record of a batch, the files recorded
+before it are spooled and the others wait in the drop folder. A real deployment's intake (its
 content pipeline, spool and audit log), driven by hand."""
 
 from __future__ import annotations
@@ -88,9 +88,13 @@ def test_small_files_are_spooled_together_and_a_large_one_alone(
     assert list(gateway.intake._incoming.glob("*.part")) == []
 
 
-def test_a_batch_whose_audit_record_is_refused_is_not_spooled_at_all(
+def test_a_refused_audit_record_spools_the_files_recorded_before_it_and_no_other(
     gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The audit log refuses the third record of a batch of five: the two files recorded
+    before it are spooled and their originals moved (no record without its item, no item
+    without its record); the other three are not spooled and wait in the drop folder,
+    and are taken once the log writes again."""
     real = gateway.audit.record
     seen: list[str] = []
 
@@ -101,23 +105,38 @@ def test_a_batch_whose_audit_record_is_refused_is_not_spooled_at_all(
                 raise AuditUnavailable("disk full (test)")
         return real(event, **kw)
 
+    batches: list[tuple[int, int, bool]] = []  # (files, spooled, refused)
+    real_batch = intake_mod.spool_file_items
+
+    def spool_file_items(*args: Any) -> Any:
+        items, refused = real_batch(*args)
+        batches.append((len(args[3]), len(items), refused is not None))
+        return items, refused
+
     monkeypatch.setattr(gateway.audit, "record", record)
+    monkeypatch.setattr(intake_mod, "spool_file_items", spool_file_items)
     monkeypatch.setattr(gateway.intake._lanes["documents"].watcher, "_rescan_interval", 0.5)
     names = [f"letter-{i}.txt" for i in range(5)]
-    for name in names:
+    for name in names:  # (all there before the watcher starts: one batch)
         (gateway.drop / name).write_bytes(f"{name}\n".encode())
     gateway.intake._lanes["documents"].watcher.start()
+    first: list[SpoolItem] = []
     deadline = time.monotonic() + 10
     while len(seen) < 3 and time.monotonic() < deadline:
-        assert gateway.intake.step("documents", 0.5) == []
-    assert len(seen) >= 3
-    assert _rows(gateway) == []  # none of the batch: not even the two recorded first
-    assert list(gateway.intake._spool.dir.glob("*.obj")) == []
-    assert sorted(os.listdir(gateway.drop)) == names  # the originals wait
+        first += gateway.intake.step("documents", 0.5)
+    assert batches == [(5, 2, True)]
+    assert [i.seq for i in first] == [1, 2]
+    assert _rows(gateway) == [(i.seq, i.name) for i in first]
+    assert len(list(gateway.intake._spool.dir.glob("*.obj"))) == 2
+    accepted = [r for r in gateway.records() if r["event"] == "intake.accepted"]
+    assert sorted(r["corr"] for r in accepted) == sorted(i.object_id.hex() for i in first)
+    moved = sorted(i.name for i in first)
+    assert sorted(os.listdir(gateway.channel.sent)) == moved  # type: ignore[arg-type]
+    assert sorted(os.listdir(gateway.drop)) == sorted(set(names) - set(moved))  # they wait
     assert list(gateway.intake._incoming.glob("*.part")) == []
 
     monkeypatch.setattr(gateway.audit, "record", real)  # the log writes again
-    items = _take_all(gateway, len(names))
-    assert sorted(i.name for i in items) == names
-    assert [i.seq for i in items] == list(range(1, 6))
+    rest = _take_all(gateway, 3)
+    assert sorted(i.name for i in first + rest) == names
+    assert [i.seq for i in rest] == [3, 4, 5]
     assert os.listdir(gateway.drop) == []
