@@ -3,12 +3,12 @@
 ``ferry inside run -c inside.yaml``. The transport's own thread drains the
 link into memory; the main thread feeds the receiver machine and writes
 decoded blocks into per-object spool files (``<id>.part``, named ``<id>.obj`` once
-complete). Delivery threads verify completed objects: one for messages (folders and
-inner consumers), one per files channel (re-checked and linked into its folder), and
-one that hands each object spooled to disk to the thread of its kind and channel. So a
-delivery folder that stops answering (a share whose server is gone) holds up the files
-of its own channel, never messages or other channels. A complete object waiting for its
-delivery is kept across a restart and delivered at the next start.
+complete). Delivery threads verify completed objects: one per messages channel (its
+folder and the inner consumers), one per files channel (re-checked and linked into its
+folder), one for objects of no channel here, and one that hands each object spooled to
+disk to the thread of its kind and channel. So a delivery folder that stops answering
+(a share whose server is gone) or is full holds up its own channel only. A complete
+object waiting for its delivery is kept across a restart and delivered at the next start.
 """
 
 from __future__ import annotations
@@ -206,6 +206,22 @@ class _Lane:
             self.busy_since = time.monotonic()
 
 
+class _MessageLane:
+    """A messages channel's delivery (under the name "": every object that claims no
+    messages channel of this inside, such as pieces of the outside's audit log): its queue
+    of objects (:data:`Job`, whole in memory or read back from the spool) and the thread
+    that checks and delivers them in batches. A messages folder that does not take a batch
+    (full, on a share that stops answering) holds up only its own channel."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.held_since: float | None = None  # (monotonic) since when on its batch
+        # the batch on its way: kept by the stop if the thread is still on it by then
+        self.holding: Sequence[Job] = ()
+
+
 def _prepare_folder(channel: str, folder: Path) -> None:
     """Make a channel's delivery folder (OSError if it cannot be made) and remove the temp
     files a crash left there."""
@@ -305,8 +321,10 @@ class InsideAgent:
         self.peer = Subject("peer", self.sender_key.key_id.hex())
         self._delivery_subject = Subject.component("delivery")
         self._dup_noted: dict[bytes, float] = {}
-        # Messages are delivered on the messages thread, one batch at a time.
-        self._messages_lock = threading.Lock()
+        # Messages are delivered by one thread per messages channel (_MessageLane), each a
+        # batch at a time; an object id taken by one is not taken by another meanwhile.
+        self._msg_taken: set[bytes] = set()
+        self._msg_taken_lock = threading.Lock()
         self.gaps = SequenceGaps(
             grace=max(2 * cfg.object_timeout, 2.0),
             # mirror pieces come twice over 30 s (outside/mirror.py): give the copy its chance
@@ -348,10 +366,10 @@ class InsideAgent:
         self._floors_to_save: dict[bytes, tuple[int, int]] = {}  # (a full disk refused them)
         self._mem: dict[bytes, bytes] = {}
         # Objects spooled to disk go to _work, whose thread hands each file to its
-        # channel's lane and reads a big message back for the messages thread, whose queue
-        # (_mem_work) takes the objects that arrived whole in memory as well.
+        # channel's lane and each big message (read back there) to its channel's message
+        # lane, whose queue takes the objects that arrived whole in memory as well.
         self._work: queue.SimpleQueue[FileJob | None] = queue.SimpleQueue()
-        self._mem_work: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._msg_lanes = {ch: _MessageLane(ch) for ch in ["", *self.msg_channels]}
         # only one file is verified and re-checked at a time (memory: up to 256 MiB each)
         self._checking = threading.Lock()
         self._kept: list[tuple[bytes, int]] = []  # complete objects kept from before a start
@@ -359,8 +377,7 @@ class InsideAgent:
         # so it has a thread of its own and never holds up message delivery
         self._mirror_work: queue.SimpleQueue[MirrorJob | None] = queue.SimpleQueue()
         self._count_lock = threading.Lock()
-        self._mem_bytes = 0  # of the objects in _mem_work
-        self._messages_held_since: float | None = None  # (monotonic) folder not taking them
+        self._mem_bytes = 0  # of the objects held in memory by the message lanes' queues
         self._reject_log = _RateLimitedLog()
         self._disk_log = _RateLimitedLog()  # (the inside's own disk: full, failing)
         self.delivered = 0
@@ -484,7 +501,7 @@ class InsideAgent:
             kind, channel = _claim(data)
             lane = self._lanes.get(channel or "") if kind == "file" else None
             if lane is None:
-                self._to_messages(oid, length, data)
+                self._to_messages(oid, length, data, channel)
             else:  # a small file: to its channel's thread (never behind messages waiting)
                 self._spool_small_file(oid, lane.channel, data, on_disk=False)
         elif oid in self._unspooled:
@@ -568,7 +585,7 @@ class InsideAgent:
             if kind == "file" or length > INLINE_OBJECT_MAX:
                 self._deliver_file(oid, length, kept=kept)  # refused: no folder for it here
                 continue
-            self._mem_work.put((oid, length, None, kept))  # (read from the spool there)
+            self._msg_lane(channel).work.put((oid, length, None, kept))  # (read back there)
 
     def _lane_loop(self, lane: _Lane) -> None:
         """A files channel's thread: its folder, then its files, one after the other."""
@@ -591,10 +608,10 @@ class InsideAgent:
             finally:
                 lane.active, lane.busy_since = False, None
 
-    def _messages_loop(self) -> None:
-        """The messages thread: objects that arrived whole in memory (and big messages read
-        back from the spool), checked and delivered in batches."""
-        work = self._mem_work
+    def _messages_loop(self, lane: _MessageLane) -> None:
+        """A message lane's thread: objects that arrived whole in memory (and big messages
+        read back from the spool), checked and delivered in batches."""
+        work = lane.work
         last = False
         while not last:
             first = work.get()
@@ -659,13 +676,16 @@ class InsideAgent:
                     self._mirror_work.put((oid, manifest, content))
             settled = True
             if messages:
+                lane.holding = [job for job in jobs if job[0] in carried]
                 try:
-                    settled = self._deliver_messages_audited(messages)
+                    settled = self._deliver_messages_audited(messages, lane)
                 except Exception as exc:  # noqa: BLE001  # keep the agent delivering
                     _log.exception("message_delivery_failed", count=len(messages))
                     for oid, _, content in messages:  # kept in rejected/, never dropped
                         if self.ledger.state_of(oid) != "delivered":
                             self._reject(oid, f"delivery failed: {exc}", content)
+                finally:
+                    lane.holding = ()
             if not settled:  # stopping before its folder took it: kept for the next start
                 self._keep_held([job for job in jobs if job[0] in carried])
             for oid in spooled:
@@ -723,17 +743,24 @@ class InsideAgent:
             raise
         return True
 
-    def _to_messages(self, oid: bytes, length: int, data: bytes) -> None:
-        """Queue an object that arrived whole in memory for the messages thread: held in
-        memory while the queue holds under MESSAGES_IN_MEMORY bytes, else spooled."""
+    def _msg_lane(self, channel: str | None) -> _MessageLane:
+        """The message lane for an object claiming ``channel`` (not verified yet: the lane
+        verifies everything)."""
+        return self._msg_lanes.get(channel or "") or self._msg_lanes[""]
+
+    def _to_messages(self, oid: bytes, length: int, data: bytes, channel: str | None) -> None:
+        """Queue an object that arrived whole in memory for the message lane of the
+        channel it claims: held in memory while the lanes' queues hold under
+        MESSAGES_IN_MEMORY bytes in all, else spooled."""
+        work = self._msg_lane(channel).work
         with self._count_lock:
             in_memory = self._mem_bytes + len(data) <= MESSAGES_IN_MEMORY
             if in_memory:
                 self._mem_bytes += len(data)
         if in_memory:
-            self._mem_work.put((oid, length, data, False))
+            work.put((oid, length, data, False))
         elif self._spool_new(oid, data):
-            self._mem_work.put((oid, length, None, False))
+            work.put((oid, length, None, False))
 
     def _drop_kept(self, oid: bytes, exc: Exception) -> None:
         """A spooled object kept from before the start is not intact (a power cut before
@@ -1099,18 +1126,24 @@ class InsideAgent:
         if canonical != content:
             raise FerryError("message is not in canonical form")
 
-    def _deliver_messages_audited(self, batch: list[tuple[bytes, rec.Manifest, bytes]]) -> bool:
+    def _deliver_messages_audited(
+        self, batch: list[tuple[bytes, rec.Manifest, bytes]], lane: _MessageLane
+    ) -> bool:
         """Deliver a batch; while the audit log cannot write, or a messages folder fails in
         a way that passes (RETRY_ERRNOS: full disk...), wait and try again (the later
-        messages wait in the queue, in the spool beyond MESSAGES_IN_MEMORY bytes). False:
-        stopping, the batch not delivered."""
+        messages of the lane's channel wait in its queue, in the spool beyond
+        MESSAGES_IN_MEMORY bytes; other channels go on). False: stopping, the batch not
+        delivered."""
         recorded: set[tuple[str, str]] = set()  # (event, item) in the log: not twice on retry
         wait = RETRY_FIRST
+        with self._msg_taken_lock:  # (a copy on another lane meanwhile: a repeat there)
+            mine = [item for item in batch if item[0] not in self._msg_taken]
+            self._msg_taken.update(oid for oid, _, _ in mine)
+        lane.held_since = time.monotonic()  # (named held up after HELD_REPORTED seconds)
         try:
             while True:
                 try:
-                    with self._messages_lock:
-                        self._deliver_messages(batch, recorded)
+                    self._deliver_messages(mine, recorded)
                     return True
                 except AuditUnavailable as exc:
                     _log.error("message_batch_held", count=len(batch), error=str(exc))
@@ -1119,8 +1152,6 @@ class InsideAgent:
                 except (OSError, sqlite3.Error) as exc:
                     if not _passes(exc):
                         raise
-                    if self._messages_held_since is None:
-                        self._messages_held_since = time.monotonic()
                     _log.warning(
                         "messages_waiting_for_folder",
                         count=len(batch),
@@ -1131,7 +1162,9 @@ class InsideAgent:
                         return False
                     wait = min(2 * wait, RETRY_MAX)
         finally:
-            self._messages_held_since = None
+            lane.held_since = None
+            with self._msg_taken_lock:
+                self._msg_taken.difference_update(oid for oid, _, _ in mine)
 
     def _deliver_messages(
         self,
@@ -1258,9 +1291,16 @@ class InsideAgent:
         if self.consumers is not None:
             self.consumers.start()
         workers = [
-            threading.Thread(target=self._dispatch_loop, name="deliver-spooled", daemon=True),
-            threading.Thread(target=self._messages_loop, name="deliver-messages", daemon=True),
+            threading.Thread(target=self._dispatch_loop, name="deliver-spooled", daemon=True)
         ]
+        for mlane in self._msg_lanes.values():
+            mlane.thread = threading.Thread(
+                target=self._messages_loop,
+                args=(mlane,),
+                name=f"messages-{mlane.channel}" if mlane.channel else "messages",
+                daemon=True,
+            )
+            workers.append(mlane.thread)
         lanes = []
         for lane in self._lanes.values():
             lane.thread = threading.Thread(
@@ -1356,7 +1396,9 @@ class InsideAgent:
                             "objects_lost": self.lost,
                             "delivered": self.delivered,
                             "delivered_bytes": self.delivered_bytes,
-                            "messages_waiting": self._mem_work.qsize(),
+                            "messages_waiting": sum(
+                                lane.work.qsize() for lane in self._msg_lanes.values()
+                            ),
                             "files_waiting": {
                                 ch: n for ch, lane in self._lanes.items() if (n := lane.waiting())
                             },
@@ -1399,20 +1441,26 @@ class InsideAgent:
             for ch, lane in sorted(self._lanes.items())
             if (since := lane.busy_since) is not None and now - since >= HELD_REPORTED
         }
-        since = self._messages_held_since  # (one thread delivers every messages channel)
-        if since is not None and now - since >= HELD_REPORTED:
-            held.update((ch, round(now - since, 1)) for ch in sorted(self.msg_channels))
-        return held
+        held.update(
+            (ch, round(now - since, 1))
+            for ch, lane in sorted(self._msg_lanes.items())
+            if ch and (since := lane.held_since) is not None and now - since >= HELD_REPORTED
+        )
+        return dict(sorted(held.items()))
 
     def _stop_delivery(self, workers: list[threading.Thread]) -> None:
         """Let the delivery threads finish what they hold (STOP_WAIT seconds in all); one
         still waiting on a folder that does not answer is left behind (its files stay in
-        the spool and are delivered at the next start)."""
+        the spool, its messages are written there: all are delivered at the next start)."""
         deadline = time.monotonic() + STOP_WAIT
         self._work.put(None)
-        self._mem_work.put(None)
+        for mlane in self._msg_lanes.values():
+            mlane.work.put(None)
         for worker in workers:  # (first: they hand files on to the lanes)
             worker.join(max(0.0, deadline - time.monotonic()))
+        for mlane in self._msg_lanes.values():
+            if mlane.thread is not None and mlane.thread.is_alive():
+                self._keep_left_behind(mlane)
         for lane in self._lanes.values():
             lane.work.put(None)
         for lane in self._lanes.values():
@@ -1425,6 +1473,28 @@ class InsideAgent:
                     folder=str(lane.folder),
                     effect="its files stay in the spool and are delivered at the next start",
                 )
+
+    def _keep_left_behind(self, lane: _MessageLane) -> None:
+        """A message lane still on a batch at the end of the stop (its folder does not
+        answer): the messages it holds in memory, in that batch and in its queue, are
+        written to the spool for the next start. (Should the thread still deliver some
+        before the process ends, the ledger makes the next start drop those as repeats.)"""
+        queued: list[Job] = []
+        while True:
+            try:
+                job = lane.work.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                break
+            queued.append(job)
+        _log.warning(
+            "delivery_thread_left_waiting",
+            channel=lane.channel,
+            folder=str(self.msg_channels[lane.channel].deliver) if lane.channel else None,
+            effect="its messages are kept in the spool and delivered at the next start",
+        )
+        self._keep_held([*lane.holding, *queued])
 
     def _save_floors(self) -> None:
         """Persist the replay floors of the sessions started (a start after a crash refuses

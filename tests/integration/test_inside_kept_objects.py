@@ -209,12 +209,13 @@ def test_messages_beyond_the_memory_bound_wait_in_the_spool_and_are_delivered(
     agent = InsideAgent(cfg, threading.Event())
     try:
         objects = [signed_message(dep["outside"]["signing_key"], n) for n in range(1, 7)]
+        lane = agent._msg_lanes["messages"]
         monkeypatch.setattr(agent_module, "MESSAGES_IN_MEMORY", 2 * len(objects[0][1]) + 10)
         for oid, stream in objects:
-            agent._to_messages(oid, len(stream), stream)
+            agent._to_messages(oid, len(stream), stream, "messages")
         jobs = []
-        while not agent._mem_work.empty():
-            job = agent._mem_work.get()
+        while not lane.work.empty():
+            job = lane.work.get()
             assert job is not None
             jobs.append(job)
         held = [job[2] is not None for job in jobs]
@@ -222,9 +223,9 @@ def test_messages_beyond_the_memory_bound_wait_in_the_spool_and_are_delivered(
         spooled = sorted(p.name for p in (cfg.state_dir / "incoming").iterdir())
         assert spooled == sorted(f"{oid.hex()}.obj" for oid, _ in objects[2:])
         for job in jobs:
-            agent._mem_work.put(job)
-        agent._mem_work.put(None)
-        agent._messages_loop()
+            lane.work.put(job)
+        lane.work.put(None)
+        agent._messages_loop(lane)
         assert agent._mem_bytes == 0
     finally:
         close_agent(agent)
@@ -249,20 +250,21 @@ def test_messages_held_by_an_audit_outage_at_a_stop_are_delivered_at_the_next_st
     stop = threading.Event()
     agent = InsideAgent(cfg, stop)
     objects = [signed_message(dep["outside"]["signing_key"], n) for n in range(1, 4)]
+    lane = agent._msg_lanes["messages"]
     monkeypatch.setattr(agent_module, "AUDIT_WAIT", 0.01)
     try:
         agent.audit.log.failed.set()
         for oid, stream in objects:
-            agent._to_messages(oid, len(stream), stream)
-        worker = threading.Thread(target=agent._messages_loop)
+            agent._to_messages(oid, len(stream), stream, "messages")
+        worker = threading.Thread(target=agent._messages_loop, args=(lane,))
         worker.start()
-        wait_for(lambda: agent._mem_work.qsize() == 2, what="the messages thread to take one")
+        wait_for(lambda: lane.work.qsize() == 2, what="the messages thread to take one")
         assert worker.is_alive()  # held by the audit log
         late = signed_message(dep["outside"]["signing_key"], 4)  # arrives while held
-        agent._to_messages(late[0], len(late[1]), late[1])
+        agent._to_messages(late[0], len(late[1]), late[1], "messages")
         objects.append(late)
         stop.set()
-        agent._mem_work.put(None)
+        lane.work.put(None)
         worker.join(10)
         assert not worker.is_alive()
     finally:

@@ -74,7 +74,7 @@ def test_a_batch_is_on_disk_and_recorded_before_the_ledger_says_delivered(
     monkeypatch.setattr(agent.ledger, "record_many", record_many)
     try:
         before = agent.audit.log.size
-        agent._deliver_messages_audited(batch)
+        agent._deliver_messages_audited(batch, agent._msg_lanes["messages"])
         states = agent.ledger.states_of([oid for oid, _, _ in batch])
         assert agent.outbox is not None
         queued = {i.object_id for i in agent.outbox.pending()}
@@ -119,7 +119,7 @@ def test_a_batch_held_by_the_audit_log_is_recorded_once_when_it_recovers(
     monkeypatch.setattr(agent, "_wait_for_audit", lambda: waits.append(True) or True)
     try:
         before = agent.audit.log.size
-        agent._deliver_messages_audited(batch)
+        agent._deliver_messages_audited(batch, agent._msg_lanes["messages"])
         states = agent.ledger.states_of([oid for oid, _, _ in batch])
         audit_dir = agent.audit.log.directory
     finally:
