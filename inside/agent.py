@@ -1488,10 +1488,11 @@ class InsideAgent:
             if job is None:
                 break
             queued.append(job)
+        folder = self.msg_channels[lane.channel].deliver if lane.channel else None
         _log.warning(
             "delivery_thread_left_waiting",
             channel=lane.channel,
-            folder=str(self.msg_channels[lane.channel].deliver) if lane.channel else None,
+            folder=None if folder is None else str(folder),
             effect="its messages are kept in the spool and delivered at the next start",
         )
         self._keep_held([*lane.holding, *queued])
