@@ -675,8 +675,9 @@ class InsideAgent:
                 elif manifest.kind == "audit":
                     self._mirror_work.put((oid, manifest, content))
             settled = True
+            holding = [job for job in jobs if job[0] in carried]
             if messages:
-                lane.holding = [job for job in jobs if job[0] in carried]
+                lane.holding = holding
                 try:
                     settled = self._deliver_messages_audited(messages, lane)
                 except Exception as exc:  # noqa: BLE001  # keep the agent delivering
@@ -687,7 +688,7 @@ class InsideAgent:
                 finally:
                     lane.holding = ()
             if not settled:  # stopping before its folder took it: kept for the next start
-                self._keep_held([job for job in jobs if job[0] in carried])
+                self._keep_held(holding)
             for oid in spooled:
                 if settled or oid not in carried:
                     self._spool_path(oid).unlink(missing_ok=True)
