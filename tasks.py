@@ -53,6 +53,8 @@ DEBIAN_TOOLS = {
     "chromium": (("chromium", "chromium-browser"), "the HTML report test"),
     "systemd": (("systemd-analyze",), "the systemd unit checks"),
     "bindfs": (("bindfs",), "the drop folder on a network share tests (FUSE)"),
+    "exfat-fuse": (("mount.exfat-fuse",), "the delivery onto an exFAT volume tests"),
+    "exfatprogs": (("mkfs.exfat",), "the same tests (mkfs.exfat)"),
 }
 
 

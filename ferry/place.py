@@ -24,13 +24,42 @@ _TEMP = re.compile(r"\.ferry-[0-9a-f]{16}\.part")
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
 
 
+# File systems whose syncfs(2) writes every dirty file and then flushes the disk's cache
+# (statfs f_type, linux/magic.h). On the others it may do much less: on FUSE (bindfs,
+# sshfs, exfat-fuse, ...) the kernel does not pass it to the daemon at all (only virtiofs
+# asks for it), and NFS and SMB leave it to the server; there an fsync of each file is what
+# reaches the daemon or the server (FUSE_FSYNC, COMMIT, SMB2 FLUSH).
+SYNCFS_FLUSHES = {
+    0xEF53: "ext2/ext3/ext4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0xF2F52010: "f2fs",
+    0x01021994: "tmpfs",  # (nothing to flush)
+    0x858458F6: "ramfs",
+}
+
+
+def fs_type(fd: int) -> int:
+    """The file system type of the file open as ``fd`` (fstatfs f_type: 0x6573_5546 is
+    FUSE, 0xEF53 ext4...); OSError if fstatfs fails."""
+    buf = ctypes.create_string_buffer(256)  # (struct statfs is 120 bytes on 64-bit Linux)
+    if _LIBC.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # (f_type comes first)
+
+
 def flush_all(fds: list[int]) -> None:
-    """Make every file open as ``fds`` durable: one syncfs of their file system (one flush
-    for many small files, where an fsync each would wait for the disk once per file), or
-    an fsync of each if syncfs fails. The files must share one file system."""
-    if fds and _LIBC.syncfs(fds[0]) != 0:
-        for fd in fds:
-            os.fsync(fd)
+    """Make every file open as ``fds`` durable. On a local file system (SYNCFS_FLUSHES): one
+    syncfs (one flush for many small files, where an fsync each would wait for the disk
+    once per file), or an fsync of each if syncfs fails. Elsewhere (a share: FUSE, NFS,
+    SMB...), an fsync of each. The files must share one file system."""
+    if not fds:
+        return
+    if fs_type(fds[0]) in SYNCFS_FLUSHES and _LIBC.syncfs(fds[0]) == 0:
+        return
+    for fd in fds:
+        os.fsync(fd)
 
 
 def temp_name() -> str:
