@@ -53,8 +53,11 @@ from ferry.wire.receiver import (
 )
 from inside.consumers import ConsumerServer, Outbox, OutboxItem
 from inside.deliver import (
+    Alone,
     Delivered,
+    Duplicate,
     deliver,
+    deliver_batch,
     fsync_dir,
     open_bundle,
     restore_trailer,
@@ -74,6 +77,10 @@ MEMORY_OBJECT_MAX = 256 * 1024
 # message at MAX_MESSAGE_SIZE; its manifest and the bundle trailer add a few KiB.)
 INLINE_OBJECT_MAX = MAX_MESSAGE_SIZE + 1024 * 1024
 DELIVERY_BATCH = 32
+# A files channel's thread delivers up to this many files queued together (one wait for
+# the disk per step for them all), of up to FILE_BATCH_BYTES in all.
+FILE_BATCH = 32
+FILE_BATCH_BYTES = 16 * 1024 * 1024
 
 # (object id, length, its bytes or None: in the spool as <id>.obj, kept from before a start)
 Job = tuple[bytes, int, bytes | None, bool]
@@ -186,7 +193,7 @@ class _Lane:
         self.folder = folder
         self.work: queue.SimpleQueue[FileJob | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
-        self.active = False  # on a file
+        self.active = 0  # files being delivered (taken from the queue)
         # (monotonic) since when on its current file, its verification and re-check not counted
         self.busy_since: float | None = None
 
@@ -596,17 +603,69 @@ class InsideAgent:
         lane.busy_since = time.monotonic()
         self._confirm_interrupted(lambda channel: channel == lane.channel)
         lane.busy_since = None
-        while (job := lane.work.get()) is not None:
+        last = False
+        while not last and (job := lane.work.get()) is not None:
+            jobs = [job]
+            size = job[1]
+            while len(jobs) < FILE_BATCH and size < FILE_BATCH_BYTES:
+                try:
+                    job = lane.work.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    last = True
+                    break
+                jobs.append(job)
+                size += job[1]
             if self.stop.is_set() or not self._wait_for_audit():
                 return  # stopping: the spool files stay; the next start delivers them
-            oid, length, kept = job
-            lane.active, lane.busy_since = True, time.monotonic()
+            lane.active, lane.busy_since = len(jobs), time.monotonic()
             try:
-                self._deliver_file(oid, length, kept=kept, lane=lane)
-            except Exception:  # noqa: BLE001  # keep the channel delivering; the file stays
-                _log.exception("file_delivery_failed", object_id=oid.hex(), channel=lane.channel)
+                if len(jobs) == 1:
+                    self._deliver_one(jobs[0], lane)
+                else:
+                    self._deliver_files(jobs, lane)
             finally:
-                lane.active, lane.busy_since = False, None
+                lane.active, lane.busy_since = 0, None
+
+    def _deliver_one(self, job: FileJob, lane: _Lane, *, alone: bool = False) -> None:
+        """``alone``: left by :meth:`_deliver_files`, settled first if the ledger says
+        ``delivering`` (its trailer cut off, perhaps linked)."""
+        oid, length, kept = job
+        try:
+            settle = alone and self.ledger.state_of(oid) == "delivering"
+            self._deliver_file(oid, length, kept=kept, settle=settle, lane=lane)
+        except Exception:  # noqa: BLE001  # keep the channel delivering; the file stays
+            _log.exception("file_delivery_failed", object_id=oid.hex(), channel=lane.channel)
+
+    def _deliver_files(self, jobs: list[FileJob], lane: _Lane) -> None:
+        """Several files of a lane at once (:func:`deliver_batch`); those it leaves alone
+        are then delivered one by one, as any file is."""
+        try:
+            results = deliver_batch(
+                [(self._spool_path(oid), oid, length) for oid, length, _ in jobs],
+                sender=self.sender_keys,
+                folders=self.folders,
+                ledger=self.ledger,
+                subfolders=self.subfolders,
+                on_linked=self._record_delivered_files,
+                recheck=self._recheck,
+                checking=lambda: lane.checking(self._checking),
+            )
+        except Exception:  # noqa: BLE001  # (each is then settled or delivered alone)
+            _log.exception("file_batch_failed", count=len(jobs), channel=lane.channel)
+            results = [Alone(oid) for oid, _, _ in jobs]
+        for job, result in zip(jobs, results, strict=True):
+            if not isinstance(result, Alone):
+                self._delivered(result)
+            elif result.error is not None and self._refuse_file(
+                result.object_id, result.error, kept=job[2]
+            ):
+                continue
+            elif self.stop.is_set() or not self._wait_for_audit():
+                return  # stopping: the spool files stay; the next start delivers them
+            else:
+                self._deliver_one(job, lane, alone=True)
 
     def _messages_loop(self, lane: _MessageLane) -> None:
         """A message lane's thread: objects that arrived whole in memory (and big messages
@@ -964,45 +1023,54 @@ class InsideAgent:
                 recheck=self._recheck,
                 checking=self._checking if lane is None else lane.checking(self._checking),
             )
-        except WireError as exc:
-            if kept:
-                self._drop_kept(oid, exc)
-            else:
-                self._reject(oid, str(exc))
-            return True
-        except RecheckFailed as exc:
-            self._reject(oid, str(exc), quarantine=True, refused=exc)
-            return True
         except AuditUnavailable as exc:  # not recorded: settle it once the log recovers
             _log.error("delivery_not_recorded", object_id=oid.hex(), error=str(exc))
             # stopping: the spool file stays, the next start settles it; else again, at once
             return not self._wait_for_audit()
-        except OSError as exc:
-            if exc.errno in RETRY_ERRNOS:
+        except (OSError, FerryError) as exc:
+            if not self._refuse_file(oid, exc, kept=kept):
                 raise
-            self._reject(oid, str(exc))
             return True
-        except FerryError as exc:
-            self._reject(oid, str(exc))
-            return True
-        if isinstance(result, Delivered):
-            with self._count_lock:
-                self.delivered += 1
-                self.delivered_bytes += result.manifest.size
-            _log.info(
-                "delivered",
-                object_id=oid.hex(),
-                channel=result.manifest.channel,
-                seq=result.manifest.seq,
-                name=result.manifest.name,
-                path=str(result.path),
-                size=result.manifest.size,
-                sha256=result.manifest.sha256.hex(),
-            )
-        else:
-            _log.info("duplicate_ignored", object_id=oid.hex())
-            self._note_duplicate(oid)
+        self._delivered(result)
         return True
+
+    def _refuse_file(self, oid: bytes, exc: Exception, *, kept: bool) -> bool:
+        """Refuse a file for ``exc``, what its delivery raised (a check it failed; a kept one
+        that does not verify is dropped as not intact). False if ``exc`` refuses nothing:
+        the audit log cannot write, a folder error that passes (RETRY_ERRNOS), or any other
+        error."""
+        if isinstance(exc, AuditUnavailable):
+            return False
+        if isinstance(exc, WireError) and kept:
+            self._drop_kept(oid, exc)
+        elif isinstance(exc, RecheckFailed):
+            self._reject(oid, str(exc), quarantine=True, refused=exc)
+        elif isinstance(exc, FerryError) or (
+            isinstance(exc, OSError) and exc.errno not in RETRY_ERRNOS
+        ):
+            self._reject(oid, str(exc))
+        else:
+            return False
+        return True
+
+    def _delivered(self, result: Delivered | Duplicate) -> None:
+        if isinstance(result, Duplicate):
+            _log.info("duplicate_ignored", object_id=result.object_id.hex())
+            self._note_duplicate(result.object_id)
+            return
+        with self._count_lock:
+            self.delivered += 1
+            self.delivered_bytes += result.manifest.size
+        _log.info(
+            "delivered",
+            object_id=result.manifest.object_id.hex(),
+            channel=result.manifest.channel,
+            seq=result.manifest.seq,
+            name=result.manifest.name,
+            path=str(result.path),
+            size=result.manifest.size,
+            sha256=result.manifest.sha256.hex(),
+        )
 
     def _mirror_loop(self) -> None:
         while (job := self._mirror_work.get()) is not None:
@@ -1115,6 +1183,14 @@ class InsideAgent:
 
     def _record_delivered_file(self, m: rec.Manifest, path: Path) -> None:
         self.audit.log.wait_durable(self._record_delivered(m, path, consumers=False))
+
+    def _record_delivered_files(self, files: list[tuple[rec.Manifest, Path]]) -> None:
+        """A record each, on disk together (one wait)."""
+        last = -1
+        for m, path in files:
+            last = self._record_delivered(m, path, consumers=False)
+        if last >= 0:
+            self.audit.log.wait_durable(last)
 
     def _check_message(self, manifest: rec.Manifest, content: bytes) -> None:
         """The inside's own checks of a message: channel, schema, strict JSON, canonical."""

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import shutil
+import sqlite3
 import stat
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -357,6 +358,34 @@ def find_same_content(folder: Path, name: str, sha256: bytes) -> Path | None:
     return None
 
 
+def _checked(
+    spool_file: Path,
+    fd: int,
+    object_id: bytes,
+    length: int,
+    *,
+    sender: Senders,
+    folders: dict[str, Path],
+    subfolders: dict[str, bool],
+    recheck: Callable[[rec.Manifest, Path], None] | None,
+    checking: AbstractContextManager[object] | None,
+) -> tuple[rec.Manifest, Path]:
+    """The verified manifest of the spooled object open as ``fd`` and the folder (made) its
+    file goes to, once re-checked (``checking`` held meanwhile); raises what refuses it."""
+    with checking if checking is not None else nullcontext():
+        manifest = verify_object(fd, object_id, length, sender)
+        if manifest.kind != "file":
+            raise FerryError(f"a {manifest.kind} object cannot be delivered as a file")
+        folder = folders.get(manifest.channel)
+        if folder is None:
+            raise FerryError(f"channel {manifest.channel!r} has no file folder on this inside")
+        if recheck is not None:
+            recheck(manifest, spool_file)
+    if manifest.path:
+        folder = subfolder(folder, manifest.path, keep=subfolders.get(manifest.channel, False))
+    return manifest, folder
+
+
 def deliver(
     spool_file: Path,
     object_id: bytes,
@@ -390,17 +419,10 @@ def deliver(
         return Duplicate(object_id)
     fd = os.open(spool_file, os.O_RDWR | os.O_NOFOLLOW)
     try:
-        with checking if checking is not None else nullcontext():
-            manifest = verify_object(fd, object_id, length, sender)
-            if manifest.kind != "file":
-                raise FerryError(f"a {manifest.kind} object cannot be delivered as a file")
-            folder = folders.get(manifest.channel)
-            if folder is None:
-                raise FerryError(f"channel {manifest.channel!r} has no file folder on this inside")
-            if recheck is not None:
-                recheck(manifest, spool_file)
-        if manifest.path:
-            folder = subfolder(folder, manifest.path, keep=subfolders.get(manifest.channel, False))
+        manifest, folder = _checked(
+            spool_file, fd, object_id, length, sender=sender, folders=folders,
+            subfolders=subfolders, recheck=recheck, checking=checking,
+        )  # fmt: skip
         trailer: bytes | None = os.pread(fd, length - manifest.size, manifest.size)
 
         def delivering(target: Path) -> None:  # (where a crash would have left it)
@@ -448,3 +470,202 @@ def restore_trailer(spool_file: Path, size: int, trailer: bytes) -> int:
     finally:
         os.close(fd)
     return size + len(trailer)
+
+
+@dataclass(frozen=True)
+class Alone:
+    """Not delivered by :func:`deliver_batch`. ``error``: the check it failed (verification,
+    its channel, the re-check), to refuse it for, as :func:`deliver` would have raised it.
+    Otherwise it is to be delivered alone (:func:`deliver`), which retries it or copies it
+    across file systems as it does any file; first settled where the ledger says
+    ``delivering`` (its trailer cut off, perhaps linked), as start-up recovery does."""
+
+    object_id: bytes
+    error: Exception | None = None
+
+
+@dataclass
+class _Ready:
+    spool_file: Path
+    object_id: bytes
+    fd: int
+    manifest: rec.Manifest
+    folder: Path
+    trailer: bytes
+    target: Path | None = None
+
+
+def deliver_batch(
+    jobs: Sequence[tuple[Path, bytes, int]],
+    *,
+    sender: Senders,
+    folders: dict[str, Path],
+    ledger: Ledger,
+    subfolders: dict[str, bool] | None = None,
+    on_linked: Callable[[list[tuple[rec.Manifest, Path]]], None] | None = None,
+    recheck: Callable[[rec.Manifest, Path], None] | None = None,
+    checking: Callable[[], AbstractContextManager[object]] | None = None,
+) -> list[Delivered | Duplicate | Alone]:
+    """:func:`deliver` for several spooled files (``(spool file, object id, length)``) of one
+    channel at once, each step in the same order as there, with one wait for the disk per
+    step for them all: one ledger transaction for ``delivering`` (their trailers kept), one
+    flush of the cut spool files, a hard link each, one fsync per folder, ``on_linked`` with
+    all of them (the audit records, one wait), one ledger transaction for ``delivered``.
+
+    A result per job, in order. A file this path does not deliver comes back as
+    :class:`Alone`: one that fails a check (so that :func:`deliver` refuses it with its
+    reason), one whose folder is on another file system (a copy), one whose name was taken
+    meanwhile, or every file still on its way when a step fails (a full disk, an audit log
+    that cannot write). Raises nothing but what ``on_linked`` raises other than OSError
+    and FerryError (the files then as :class:`Alone` in the ledger's eyes: ``delivering``).
+    """
+    subfolders = subfolders or {}
+    results: dict[bytes, Delivered | Duplicate | Alone] = {}
+    ready: list[_Ready] = []
+    devices: dict[Path, int] = {}
+    try:
+        known = ledger.states_of([oid for _, oid, _ in jobs])
+        for spool_file, oid, length in jobs:
+            if oid in results or any(r.object_id == oid for r in ready):
+                results.setdefault(oid, Duplicate(oid))  # (twice in the batch: a repeat)
+                continue
+            if known.get(oid) in {"delivered", "rejected"}:
+                spool_file.unlink(missing_ok=True)
+                results[oid] = Duplicate(oid)
+                continue
+            if known.get(oid) is not None:  # (delivering: left by a crash or a failed step)
+                results[oid] = Alone(oid)
+                continue
+            item = _ready(
+                spool_file, oid, length, sender=sender, folders=folders,
+                subfolders=subfolders, recheck=recheck, checking=checking,
+            )  # fmt: skip
+            if isinstance(item, Exception):
+                results[oid] = Alone(oid, item)
+                continue
+            if item.folder not in devices:
+                devices[item.folder] = os.stat(item.folder).st_dev
+            if os.fstat(item.fd).st_dev != devices[item.folder]:
+                os.close(item.fd)  # (copied across by deliver)
+                results[oid] = Alone(oid)
+                continue
+            ready.append(item)
+        _deliver_ready(ready, ledger, on_linked, results)
+    finally:
+        for item in ready:
+            os.close(item.fd)
+    return [results[oid] for _, oid, _ in jobs]
+
+
+def _ready(
+    spool_file: Path,
+    oid: bytes,
+    length: int,
+    *,
+    sender: Senders,
+    folders: dict[str, Path],
+    subfolders: dict[str, bool],
+    recheck: Callable[[rec.Manifest, Path], None] | None,
+    checking: Callable[[], AbstractContextManager[object]] | None,
+) -> _Ready | Exception:
+    """A spooled file verified, re-checked and its folder made, open; else what
+    :func:`deliver` would have raised."""
+    try:
+        fd = os.open(spool_file, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as exc:
+        return exc
+    try:
+        manifest, folder = _checked(
+            spool_file, fd, oid, length, sender=sender, folders=folders, subfolders=subfolders,
+            recheck=recheck, checking=None if checking is None else checking(),
+        )  # fmt: skip
+        trailer = os.pread(fd, length - manifest.size, manifest.size)
+    except Exception as exc:  # noqa: BLE001  # (the caller refuses it, or tries it alone)
+        os.close(fd)
+        return exc
+    return _Ready(spool_file, oid, fd, manifest, folder, trailer)
+
+
+def _deliver_ready(
+    ready: list[_Ready],
+    ledger: Ledger,
+    on_linked: Callable[[list[tuple[rec.Manifest, Path]]], None] | None,
+    results: dict[bytes, Delivered | Duplicate | Alone],
+) -> None:
+    """The steps of :func:`deliver_batch` after the checks, each for every file still on
+    its way. A step that fails leaves its files (and those behind it) to deliver alone."""
+    taken: set[Path] = set()
+    for item in list(ready):  # the first free name of each, none twice in the batch
+        item.target = _free_name(item, taken)
+        if item.target is None:
+            ready.remove(item)
+            os.close(item.fd)
+            results[item.object_id] = Alone(item.object_id)
+            continue
+        taken.add(item.target)
+    if not ready:
+        return
+    rows: list[dict[str, object]] = [
+        {
+            "object_id": r.object_id,
+            "state": "delivering",
+            "channel": r.manifest.channel,
+            "seq": r.manifest.seq,
+            "name": r.manifest.name,
+            "path": str(r.target),
+            "size": r.manifest.size,
+            "sha256": r.manifest.sha256,
+        }
+        for r in ready
+    ]
+    try:
+        ledger.record_many(rows, trailers=[(r.object_id, r.trailer) for r in ready])
+    except Exception:  # noqa: BLE001  # (a full disk...): each alone, as if never tried
+        for r in ready:
+            results[r.object_id] = Alone(r.object_id)
+        return
+    linked: list[_Ready] = []
+    try:  # from here on, each is settled (the ledger says delivering) if not delivered
+        for r in ready:
+            os.ftruncate(r.fd, r.manifest.size)
+        flush_all([r.fd for r in ready])
+        for r in ready:
+            assert r.target is not None
+            try:
+                os.link(r.spool_file, r.target, follow_symlinks=False)
+            except OSError:  # (taken meanwhile, or refused: deliver tells which)
+                results[r.object_id] = Alone(r.object_id)
+                continue
+            linked.append(r)
+        for folder in {r.target.parent for r in linked if r.target is not None}:
+            fsync_dir(folder)
+        if on_linked is not None and linked:
+            on_linked([(r.manifest, r.target) for r in linked if r.target is not None])
+        ledger.record_many(
+            [
+                {"object_id": r.object_id, "state": "delivered", "path": str(r.target)}
+                for r in linked
+            ],
+            forget_trailers=True,
+        )
+    except (OSError, FerryError, sqlite3.Error):
+        for r in ready:
+            results.setdefault(r.object_id, Alone(r.object_id))
+        return
+    for r in linked:
+        r.spool_file.unlink(missing_ok=True)
+        assert r.target is not None
+        results[r.object_id] = Delivered(r.manifest, r.target)
+
+
+def _free_name(item: _Ready, taken: set[Path]) -> Path | None:
+    """The first candidate name for ``item`` free in its folder and not ``taken``."""
+    root = PurePosixPath(item.folder)
+    for candidate in candidate_names(safe_name(item.manifest.name)):
+        try:
+            target = Path(contained(root, candidate))
+        except ValueError:
+            return None
+        if target not in taken and not os.path.lexists(target):
+            return target
+    return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,16 +155,26 @@ class Ledger:
         rows: list[dict[str, object]],
         *,
         also: Callable[[sqlite3.Connection], None] | None = None,
+        trailers: Sequence[tuple[bytes, bytes]] = (),
+        forget_trailers: bool = False,
     ) -> None:
         """Several :meth:`record` calls in one durable transaction (group commit).
 
         ``also(db)`` runs inside the same transaction (e.g. queue for consumers).
+        ``trailers``: (object id, trailer) kept with ``delivering`` rows, as :meth:`record`
+        keeps them; ``forget_trailers``: those of ``rows`` are forgotten (files settled).
         """
         now = int(time.time() * 1e6)
         keys = ("channel", "seq", "name", "path", "size", "sha256", "reason")
         with self._lock, transaction(self._db):
             if also is not None:
                 also(self._db)
+            if trailers:
+                self._db.executemany("INSERT OR REPLACE INTO trailers VALUES (?,?)", trailers)
+            if forget_trailers:
+                self._db.executemany(
+                    "DELETE FROM trailers WHERE object_id=?", [(r["object_id"],) for r in rows]
+                )
             self._db.executemany(
                 "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE"
                 " SET state=excluded.state, channel=coalesce(excluded.channel, channel),"

@@ -6,6 +6,8 @@ import hashlib
 import itertools
 import os
 import re
+import shutil
+import tempfile
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -17,7 +19,15 @@ from ferry.errors import EnvelopeRejected, FerryError, WireError
 from ferry.wire import records as rec
 from ferry.wire.sender import build_trailer
 from inside import paths
-from inside.deliver import Delivered, Duplicate, deliver, restore_trailer, verify_object
+from inside.deliver import (
+    Alone,
+    Delivered,
+    Duplicate,
+    deliver,
+    deliver_batch,
+    restore_trailer,
+    verify_object,
+)
 from inside.ledger import Ledger
 from inside.paths import MAX_COLLISIONS, MAX_NAME_BYTES, candidate_names, contained, safe_name
 
@@ -513,3 +523,133 @@ def test_a_trailer_put_back_makes_the_object_verify_again(box: Box) -> None:
         os.close(fd)
     box.ledger.record(OID_A, "delivered")
     assert box.ledger.trailer_of(OID_A) is None
+
+
+# -------------------------------------------------------------------- deliver_batch
+def _batch(box: Box, jobs: list[tuple[Path, bytes, int]], **kw: object) -> list[object]:
+    return deliver_batch(  # type: ignore[arg-type]
+        jobs, sender=SIGN.public, folders=box.folders, ledger=box.ledger, **kw
+    )
+
+
+def _oid(n: int) -> bytes:
+    return bytes([n]) * 16
+
+
+def test_a_batch_is_delivered_in_one_go_each_under_a_name_of_its_own(box: Box) -> None:
+    (box.out / "report.pdf").write_bytes(b"somebody else's")
+    contents = [CONTENT + bytes([n]) for n in range(4)]
+    names = ["report.pdf", "report.pdf", "plan.pdf", "../etc/report.pdf"]
+    jobs = []
+    for n, (content, name) in enumerate(zip(contents, names, strict=True)):
+        path, length = box.spool_object(_oid(n), content, name=name, seq=n + 1)
+        jobs.append((path, _oid(n), length))
+    trailers = {
+        oid: path.read_bytes()[len(c) :] for (path, oid, _), c in zip(jobs, contents, strict=True)
+    }
+    seen: list[dict[str, object]] = []
+
+    def on_linked(files: list[tuple[rec.Manifest, Path]]) -> None:
+        seen.append(
+            {
+                "files": [(m.object_id, p.name) for m, p in files],
+                "states": {box.ledger.state_of(m.object_id) for m, _ in files},
+                "trailers kept": all(
+                    box.ledger.trailer_of(m.object_id) == trailers[m.object_id] for m, _ in files
+                ),
+                "in place": all(
+                    p.read_bytes() == c for (_, p), c in zip(files, contents, strict=True)
+                ),
+            }
+        )
+
+    results = _batch(box, jobs, on_linked=on_linked)
+    assert [type(r) for r in results] == [Delivered] * 4
+    wanted = ["report (2).pdf", "report (3).pdf", "plan.pdf", "report (4).pdf"]
+    assert [r.path.name for r in results] == wanted  # type: ignore[attr-defined]
+    assert seen == [
+        {
+            "files": [(_oid(n), wanted[n]) for n in range(4)],
+            "states": {"delivering"},
+            "trailers kept": True,
+            "in place": True,
+        }
+    ]
+    assert box.delivered_files() == {
+        "report.pdf": b"somebody else's",
+        **dict(zip(wanted, contents, strict=True)),
+    }
+    for n in range(4):
+        assert box.ledger.state_of(_oid(n)) == "delivered"
+        assert box.ledger.trailer_of(_oid(n)) is None
+        assert box.ledger.row_of(_oid(n))["path"] == str(box.out / wanted[n])  # type: ignore[index]
+    assert list(box.spool.iterdir()) == []
+
+
+def test_a_batch_leaves_each_file_it_cannot_deliver_to_be_delivered_alone(box: Box) -> None:
+    good, length_good = box.spool_object(_oid(1), CONTENT, name="good.pdf")
+    bad, length_bad = box.spool_object(_oid(2), CONTENT, name="bad.pdf")
+    data = bytearray(bad.read_bytes())
+    data[10] ^= 1  # (its SHA-256 differs)
+    bad.write_bytes(data)
+    stray, length_stray = box.spool_object(_oid(3), CONTENT, name="x.pdf", channel="other")
+    again, length_again = box.spool_object(_oid(4), CONTENT, name="again.pdf")
+    box.ledger.record(_oid(4), "delivered")  # (a repeat of one delivered before)
+    jobs = [
+        (good, _oid(1), length_good),
+        (bad, _oid(2), length_bad),
+        (stray, _oid(3), length_stray),
+        (again, _oid(4), length_again),
+    ]
+    results = _batch(box, jobs)
+    assert [type(r) for r in results] == [Delivered, Alone, Alone, Duplicate]
+    assert box.delivered_files() == {"good.pdf": CONTENT}
+    assert bad.read_bytes() == data  # untouched, for deliver() to refuse with its reason
+    assert stray.stat().st_size == length_stray
+    assert box.ledger.state_of(_oid(2)) is None
+    assert box.ledger.state_of(_oid(3)) is None
+    assert not again.exists()
+    with pytest.raises(WireError, match="SHA-256"):
+        box.deliver(bad, _oid(2), length_bad)
+
+
+def test_a_batch_whose_records_fail_is_left_delivering_and_settles_as_after_a_crash(
+    box: Box,
+) -> None:
+    jobs = []
+    for n in range(3):
+        path, length = box.spool_object(_oid(n), CONTENT + bytes([n]), name=f"f{n}.pdf")
+        jobs.append((path, _oid(n), length))
+
+    def audit_down(files: list[tuple[rec.Manifest, Path]]) -> None:
+        raise FerryError("the audit log cannot be written")
+
+    results = _batch(box, jobs, on_linked=audit_down)
+    assert [type(r) for r in results] == [Alone] * 3
+    for n, (path, oid, length) in enumerate(jobs):
+        assert box.ledger.state_of(oid) == "delivering"
+        assert (box.out / f"f{n}.pdf").read_bytes() == CONTENT + bytes([n])  # linked
+        trailer = box.ledger.trailer_of(oid)
+        assert trailer is not None
+        assert restore_trailer(path, len(CONTENT) + 1, trailer) == length
+
+
+def test_a_batch_for_a_folder_on_another_file_system_is_left_to_copy(box: Box) -> None:
+    shm = Path("/dev/shm")
+    if os.stat(shm).st_dev == os.stat(box.spool).st_dev:
+        pytest.skip("/dev/shm is on the spool's file system here")
+    folder = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        box.folders["documents"] = folder
+        jobs = []
+        for n in range(2):
+            path, length = box.spool_object(_oid(n), CONTENT, name=f"f{n}.pdf")
+            jobs.append((path, _oid(n), length))
+        assert [type(r) for r in _batch(box, jobs)] == [Alone, Alone]
+        assert list(folder.iterdir()) == []
+        assert box.ledger.state_of(_oid(0)) is None
+        result = box.deliver(*jobs[0])  # (copied across)
+        assert isinstance(result, Delivered)
+        assert (folder / "f0.pdf").read_bytes() == CONTENT
+    finally:
+        shutil.rmtree(folder)

@@ -1,0 +1,98 @@
+"""A files channel's thread delivers the files queued together as one batch (one wait for
+the disk per step for them all); what the batch cannot deliver is refused or delivered
+alone, as any file is. A real ``ferry init`` deployment's inside agent, in this process, its
+spool staged with objects signed as the outside signs them."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import init
+from test_inside_kept_objects import records
+from test_recheck_inside import close_agent, png, stage, text_chunk
+
+from ferry.audit.record import AuditUnavailable
+from ferry.config import load_inside_config
+from inside.agent import InsideAgent
+
+pytestmark = pytest.mark.integration
+
+
+def _agent(dep: dict[str, Any]) -> InsideAgent:
+    return InsideAgent(load_inside_config(Path(dep["inside"]["config"])), threading.Event())
+
+
+def test_a_batch_delivers_each_file_once_and_refuses_the_one_the_recheck_refuses(
+    tmp_path: Path,
+) -> None:
+    dep = init(tmp_path / "d")
+    agent = _agent(dep)
+    key = dep["outside"]["signing_key"]
+    deliver = Path(dep["channels"]["documents"]["deliver"])
+    try:
+        pngs = {f"scan-{n}.png": png() for n in range(5)}
+        jobs = [
+            (*stage(agent, key, name, data, n + 1), False)
+            for n, (name, data) in enumerate(pngs.items())
+        ]
+        bad = stage(agent, key, "hidden.png", png(text_chunk()), 9)
+        jobs.insert(2, (*bad, False))
+        agent._deliver_files(jobs, agent._lanes["documents"])
+        assert {p.name: p.read_bytes() for p in deliver.iterdir()} == pngs
+        for oid, _, _ in jobs:
+            assert not agent._spool_path(oid).exists()
+        states = {oid: agent.ledger.state_of(oid) for oid, _, _ in jobs}
+    finally:
+        close_agent(agent)
+    assert states == {oid: "rejected" if oid == bad[0] else "delivered" for oid, _, _ in jobs}
+    kept = Path(dep["inside"]["state_dir"]) / "quarantine" / f"{bad[0].hex()}.obj"
+    assert b"payload for the high side" in kept.read_bytes()
+    refused = [r["event"] for r in records(dep, bad[0])]
+    assert refused.count("recheck") == 1  # checked once, not again when refused
+    assert refused[-1] == "delivery.rejected"
+    for oid, _, _ in jobs:
+        if oid != bad[0]:
+            events = [r["event"] for r in records(dep, oid)]
+            assert events.count("recheck") == 1
+            assert events.count("delivery.delivered") == 1
+
+
+def test_a_batch_whose_audit_records_fail_is_settled_and_delivered_once_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit log refuses the batch's delivery records after its files are linked (the
+    ledger says delivering): each file is then settled alone, as after a crash: found
+    intact in its folder, recorded delivered (recovered), never a second copy."""
+    dep = init(tmp_path / "d")
+    agent = _agent(dep)
+    key = dep["outside"]["signing_key"]
+    deliver = Path(dep["channels"]["documents"]["deliver"])
+    failed: list[int] = []
+
+    def audit_down(files: list[Any]) -> None:
+        failed.append(len(files))
+        raise AuditUnavailable("the audit log cannot be written")
+
+    try:
+        pngs = {f"scan-{n}.png": png() for n in range(4)}
+        jobs = [
+            (*stage(agent, key, name, data, n + 1), False)
+            for n, (name, data) in enumerate(pngs.items())
+        ]
+        monkeypatch.setattr(agent, "_record_delivered_files", audit_down)
+        agent._deliver_files(jobs, agent._lanes["documents"])
+        states = [agent.ledger.state_of(oid) for oid, _, _ in jobs]
+        spooled = [agent._spool_path(oid).exists() for oid, _, _ in jobs]
+    finally:
+        close_agent(agent)
+    assert failed == [4]
+    assert states == ["delivered"] * 4
+    assert spooled == [False] * 4
+    assert {p.name: p.read_bytes() for p in deliver.iterdir()} == pngs
+    for oid, _, _ in jobs:
+        delivered = [r for r in records(dep, oid) if r["event"] == "delivery.delivered"]
+        assert len(delivered) == 1
+        assert delivered[0]["detail"]["recovered"] is True
