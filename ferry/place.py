@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 TEMP_PREFIX = ".ferry-"
@@ -56,10 +57,37 @@ def flush_all(fds: list[int]) -> None:
     SMB...), an fsync of each. The files must share one file system."""
     if not fds:
         return
-    if fs_type(fds[0]) in SYNCFS_FLUSHES and _LIBC.syncfs(fds[0]) == 0:
+    if on_local_disk(fds[0]) and _LIBC.syncfs(fds[0]) == 0:
         return
     for fd in fds:
         os.fsync(fd)
+
+
+def on_local_disk(fd: int) -> bool:
+    """Whether the file open as ``fd`` is on a file system of SYNCFS_FLUSHES (a local disk,
+    where syncfs and a folder's fsync do what they say), not a share."""
+    return fs_type(fd) in SYNCFS_FLUSHES
+
+
+def sync_names(folder: str | Path, names: Iterable[str]) -> None:
+    """Make the files just named ``names`` in ``folder`` durable under those names: an fsync
+    of the folder; on a share (not :func:`on_local_disk`), also an fsync of each of those
+    files. A FUSE daemon without fsyncdir (bindfs answers ENOSYS) gets no folder fsync at
+    all, the kernel taking it as done from then on, while a file's fsync reaches it, and on
+    the file server's own disk (ext4, xfs) commits the file's new name along with it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        if on_local_disk(fd):
+            return
+        for name in names:
+            f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                os.fsync(f)
+            finally:
+                os.close(f)
+    finally:
+        os.close(fd)
 
 
 def temp_name() -> str:

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from ferry.crypto import suite
 from ferry.crypto.keys import PublicKey
 from ferry.errors import EnvelopeRejected, FerryError, UnsafePathError, WireError
-from ferry.place import drop_temp, flush_all, link_new, temp_name
+from ferry.place import drop_temp, flush_all, link_new, on_local_disk, sync_names, temp_name
 from ferry.wire import records as rec
 from inside.ledger import Ledger
 from inside.paths import candidate_names, contained, safe_name
@@ -156,7 +156,8 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
     wait for that together with its other writes. Nothing is ever overwritten
     and no partial file is ever visible. Idempotent: a candidate that already
     holds the same content (a crash after linking, before the ledger said so)
-    counts as delivered, so a repeat never makes a second copy.
+    counts as delivered, so a repeat never makes a second copy. On a share each file is
+    fsynced instead of the syncfs, and again once named (see :func:`ferry.place.sync_names`).
     """
     root = PurePosixPath(folder)
     tmps: list[tuple[int, str | None]] = []
@@ -191,6 +192,13 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
             else:
                 raise UnsafePathError(f"no free name for {name!r} after many collisions")
             out.append(Path(target))
+        if out and not on_local_disk(dir_fd):  # (a share: see ferry.place.sync_names)
+            for path in out:
+                fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
     finally:
         for tmp, tmp_name in tmps:
             if tmp >= 0:
@@ -339,7 +347,7 @@ def link_under_free_name(
         break
     else:
         raise UnsafePathError(f"no free name for {safe!r} after many collisions")
-    fsync_dir(folder)
+    sync_names(folder, [target.name])
     return target
 
 
@@ -637,8 +645,12 @@ def _deliver_ready(
                 results[r.object_id] = Alone(r.object_id)
                 continue
             linked.append(r)
-        for folder in {r.target.parent for r in linked if r.target is not None}:
-            fsync_dir(folder)
+        names: dict[Path, list[str]] = {}
+        for r in linked:
+            assert r.target is not None
+            names.setdefault(r.target.parent, []).append(r.target.name)
+        for folder, named in names.items():
+            sync_names(folder, named)
         if on_linked is not None and linked:
             on_linked([(r.manifest, r.target) for r in linked if r.target is not None])
         ledger.record_many(

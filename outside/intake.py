@@ -35,7 +35,14 @@ from ferry.content.base import FEATURES, Verdict
 from ferry.crypto.keys import PublicKey, SecretKey
 from ferry.errors import PolicyRejection
 from ferry.names import candidate_names
-from ferry.place import drop_temp, flush_all, link_new, remove_stale_temps, temp_name
+from ferry.place import (
+    drop_temp,
+    flush_all,
+    link_new,
+    remove_stale_temps,
+    sync_names,
+    temp_name,
+)
 from ferry.quarantine_release import RELEASES, ReleaseAuditor
 from ferry.wire import records as rec
 from ferry.wire.records import MAX_REPORT_BYTES
@@ -952,7 +959,7 @@ def _move_across(path: Path, target: Path) -> None:
             drop_temp(tmp)  # linked, or a copy cut short (a full disk): nothing left behind
     finally:
         os.close(src)
-    _fsync_dir(target.parent)
+    sync_names(target.parent, [target.name])
     os.unlink(path)
 
 
