@@ -940,14 +940,23 @@ class InsideAgent:
                 keep_reason(folder, oid, reason, manifest, findings)
             except OSError as exc:  # the item is still kept; only its record is missing
                 _log.error("quarantine_reason_not_written", object_id=oid.hex(), error=str(exc))
-        try:
-            if data is not None:
+        try:  # on disk, under its name, before the ledger says rejected (a repeat is then
+            if data is not None:  # dropped as a duplicate, and a start removes the spool's)
                 with open(target, "wb") as f:
                     f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                fsync_dir(folder)
             elif path.exists():
-                if refused is not None and refused.manifest is not None:
-                    os.truncate(path, refused.manifest.size)  # the content, for a release
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    if refused is not None and refused.manifest is not None:
+                        os.ftruncate(fd, refused.manifest.size)  # the content, for a release
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.replace(path, target)
+                fsync_dir(folder)
         except OSError as exc:  # (a full disk): refused all the same, recorded without it
             _log.error("refused_copy_not_kept", object_id=oid.hex(), error=str(exc))
         self.audit.try_record(

@@ -16,6 +16,7 @@ import struct
 import threading
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import init
@@ -162,3 +163,45 @@ def test_a_file_without_the_outside_report_is_refused_on_a_rechecked_channel(
     [check] = [r for r in records if r["event"] == "recheck"]
     assert check["result"] == "rejected"
     assert "RECHECK_MISSING" in check["reason"]
+
+
+def test_a_refused_file_is_on_disk_in_quarantine_before_the_ledger_says_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the ledger says rejected, a repeat is dropped as a duplicate and a start removes
+    what the spool still holds of it: the quarantined copy must be on disk by then, its
+    content and its name (else a power cut could leave nothing, or an empty file a release
+    would call tampered)."""
+    dep = init(tmp_path / "d")
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    agent = InsideAgent(cfg, threading.Event())
+    events: list[str] = []
+    real_fsync, real_record = os.fsync, agent.ledger.record
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+
+    def record(oid: bytes, state: str, **kw: Any) -> None:
+        real_record(oid, state, **kw)
+        events.append(f"ledger {state}")
+
+    try:
+        oid, length = stage(agent, dep["outside"]["signing_key"], "scan.png", png(text_chunk()), 1)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(agent.ledger, "record", record)
+        agent._deliver_file(oid, length)
+    finally:
+        monkeypatch.undo()
+        close_agent(agent)
+    folder = cfg.state_dir / "quarantine"
+    kept = folder / f"{oid.hex()}.obj"
+    assert kept.read_bytes() == png(text_chunk())
+    rejected = events.index("ledger rejected")
+    synced = events[:rejected]
+    # (its fd still names the spool file when it is synced, just before it is moved)
+    assert f"fsync {cfg.state_dir / 'incoming' / kept.name}" in synced, events
+    assert (
+        f"fsync {folder}"
+        in synced[synced.index(f"fsync {cfg.state_dir / 'incoming' / kept.name}") :]
+    )
