@@ -176,6 +176,7 @@ class OutsideAgent:
                 cfg.state_dir,
                 max_piece=min(MAX_PIECE, MAX_PIECE_SYMBOLS * self._symbol_size - 2048),
                 on_resend=self._mirror_resend,
+                durable_bytes=self.audit.log.durable_bytes,
             )
         # sends not yet audited: (item, copy, copies, id of the bundle it went in)
         self._unrecorded: deque[tuple[ObjectSent, int, int, str | None]] = deque()

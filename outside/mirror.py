@@ -137,9 +137,14 @@ class AuditShipper:
         spread: float = 30.0,
         max_piece: int = MAX_PIECE,
         on_resend: Callable[[str, str | None], None] | None = None,
+        durable_bytes: Callable[[int | None], int | None] | None = None,
     ) -> None:
         """``on_resend(start, error)``: a resend request was taken from ``start``, or
-        refused (``error``)."""
+        refused (``error``). ``durable_bytes(segment number, or None for the checkpoints
+        file)``: how much of that file is on disk (:meth:`AuditLog.durable_bytes`, None:
+        all): nothing past it is shipped, so a power cut cannot take back bytes the mirror
+        already holds (the log would then go on with other bytes at those offsets)."""
+        self._durable_bytes = durable_bytes
         self.max_piece = max(16 * 1024 + 64, max_piece)  # a whole record always fits
         self.audit_dir = audit_dir
         self.spool = spool
@@ -218,14 +223,16 @@ class AuditShipper:
             for i, (number, path) in enumerate(segments):
                 name = segment_name(number)
                 last = i == len(segments) - 1
-                self._ship_file(path, name, b"\n", items, first_seq)
+                self._ship_file(path, name, b"\n", items, first_seq, segment=number)
                 if not last and self.shipped.get(name, 0) < path.stat().st_size:
                     break  # an older segment still has bytes to go: keep the order
                 if len(items) >= MAX_PIECES_PER_STEP:
                     break
             else:  # the checkpoints after the records they cover
                 checkpoints = self.audit_dir / CHECKPOINTS_FILE
-                self._ship_file(checkpoints, CHECKPOINTS_FILE, b"\n\n", items, first_seq)
+                self._ship_file(
+                    checkpoints, CHECKPOINTS_FILE, b"\n\n", items, first_seq, segment=None
+                )
             if items:  # one transaction for the whole step
                 self.spool.add_blobs(items, "component:audit-mirror", self.spread_us)
         except BaseException:
@@ -243,6 +250,8 @@ class AuditShipper:
         sep: bytes,
         items: list[tuple[SpoolItem, bytes]],
         first_seq: int,
+        *,
+        segment: int | None,
     ) -> None:
         offset = self.shipped.get(name, 0)
         try:
@@ -251,6 +260,9 @@ class AuditShipper:
             return
         try:
             size = os.fstat(fd).st_size
+            durable = None if self._durable_bytes is None else self._durable_bytes(segment)
+            if durable is not None:
+                size = min(size, durable)
             while offset < size and len(items) < MAX_PIECES_PER_STEP:
                 data = os.pread(fd, min(self.max_piece, size - offset), offset)
                 n = _cut_notes(data) if sep == b"\n\n" else _cut(data, sep)

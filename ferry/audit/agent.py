@@ -140,6 +140,7 @@ class AgentAudit:
             state_dir,
             origin=self.log.origin,
             on_exported=self._exported,
+            durable=lambda: self.log.durable_size,
         )
 
         def run() -> None:

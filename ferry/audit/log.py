@@ -296,6 +296,18 @@ class AuditLog:
         """Records known to be on disk (every index below this is durable)."""
         return self._durable_size
 
+    def durable_bytes(self, segment: int | None) -> int | None:
+        """How many bytes of one of this log's files are on disk, for a reader of the files
+        (the audit shipper) that must not take what a power cut could still undo: of
+        segment number ``segment``, or of the checkpoints file (None). None: all of it
+        (a segment before the one being written: synced before the writer left it)."""
+        with self._lock:
+            if segment is None:
+                return self._ckpt_durable
+            if segment < self._fd_seg:
+                return None
+            return self._fd_durable if segment == self._fd_seg else 0
+
     @property
     def origin(self) -> str:
         """The log's name in its checkpoints."""
@@ -567,10 +579,10 @@ class AuditLog:
             data = b"".join(run)
             self._write_all(self._fd, data)
             self._files.fsync(self._fd)
-            self._fd_durable += len(data)
             for _ in range(len(run)):
                 inflight.popleft()
             with self._lock:
+                self._fd_durable += len(data)
                 self._durable_size += len(run)
                 self._changed.notify_all()
 
@@ -585,8 +597,8 @@ class AuditLog:
         data = sign_checkpoint(cp, self._key, *self._previous) + b"\n"
         self._write_all(self._ckpt_fd, data)
         self._files.fsync(self._ckpt_fd)
-        self._ckpt_durable += len(data)
         with self._lock:
+            self._ckpt_durable += len(data)
             self._note_size = note.size
             self._changed.notify_all()
 
@@ -607,7 +619,8 @@ class AuditLog:
         if self._fd is not None:
             with contextlib.suppress(OSError):  # already fsynced
                 self._files.close(self._fd)
-        self._fd, self._fd_seg, self._fd_durable = fd, seg, 0
+        with self._lock:
+            self._fd, self._fd_seg, self._fd_durable = fd, seg, 0
 
     def _mark_failed_locked(self, error: str) -> None:
         if self._healthy:

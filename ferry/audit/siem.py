@@ -227,8 +227,14 @@ class Cursor:
 class Follower:
     """Complete record lines of a log directory from a position, following new segments."""
 
-    def __init__(self, directory: Path, pos: Position) -> None:
+    def __init__(
+        self, directory: Path, pos: Position, durable: Callable[[], int] | None = None
+    ) -> None:
+        """``durable()``: how many records of the log are on disk (the writer's
+        :attr:`AuditLog.durable_size`, when it runs in this process): none past them is
+        read, so none a power cut could still take back leaves the host."""
         self.dir = directory
+        self._durable = durable
         self.pos = Position(pos.idx, pos.segment, pos.offset, pos.prev)
         self._file: IO[bytes] | None = None
         self._file_seg = 0
@@ -257,6 +263,8 @@ class Follower:
     def read(self, limit: int) -> list[tuple[bytes, Position]]:
         """Up to ``limit`` new lines, each with the position after it."""
         out: list[tuple[bytes, Position]] = []
+        if self._durable is not None:
+            limit = min(limit, self._durable() - self.pos.idx)
         while len(out) < limit:
             f = self._open()
             if f is None:
@@ -345,7 +353,9 @@ class Exporter:
         origin: str | None = None,
         options: ExportOptions | None = None,
         on_exported: Callable[[int, int], None] | None = None,
+        durable: Callable[[], int] | None = None,
     ) -> None:
+        """``durable``: see :class:`Follower`."""
         self.log_dir = Path(log_dir)
         self.dest = destination
         self.opts = options or ExportOptions()
@@ -356,7 +366,7 @@ class Exporter:
         self.origin = origin or str(self.log_dir)
         self.cursor = Cursor(Path(state_dir) / destination.cursor_name(), self.log_dir, destination)
         self.committed = self.cursor.load()
-        self.follower = Follower(self.log_dir, self.committed)
+        self.follower = Follower(self.log_dir, self.committed, durable)
         #: Called with (first idx, last idx) of each range whose export is committed;
         #: the agent can record ``audit.exported`` with it (the exporter never writes the log).
         self.on_exported = on_exported
