@@ -43,7 +43,7 @@ from ferry.wire.sender import (
     build_trailer,
     symbol_size_for,
 )
-from outside.api import ApiServer
+from outside.api import MESSAGE_TYPE, ApiServer
 from outside.content.pipeline import ContentPipeline
 from outside.intake import FolderIntake
 from outside.mirror import CHANNEL as MIRROR_CHANNEL
@@ -487,6 +487,54 @@ class OutsideAgent:
             },
         )
 
+    def _record_lost_intake(self) -> None:
+        """Intake records a crash took back: appended, not yet on disk, when the agent died
+        (a power cut; kill -9 before the writer wrote them) while the spool had already
+        committed their items. Each such item (its record's index, kept with its row, at
+        or past the size the log had when it opened) is recorded accepted again from its
+        row, marked ``recovered``, and on disk before anything is sent: no item crosses
+        without its intake record (docs/AUDIT.md). Its content verdict record, if it had
+        one, is not written again."""
+        lost = self.spool.unrecorded(self.audit.log.resumed_size)
+        if not lost:
+            return
+        drops = {ch.name: str(ch.drop) for ch in self.cfg.channels if ch.drop is not None}
+        done: list[tuple[bytes, int]] = []
+        for row in lost:
+            kind, who = str(row["subject"]).partition(":")[::2]
+            if kind == "api":
+                subject = Subject.api_client(who)
+            elif kind == "folder" and who in drops:
+                subject = Subject.clerk_folder(drops[who], who)
+            else:
+                subject = self.audit.subject
+            oid = bytes(row["object_id"])
+            idx = self.audit.record(
+                "intake.accepted",
+                subject=subject,
+                obj=AuditObject(
+                    kind=row["kind"],
+                    item=oid.hex(),
+                    channel=row["channel"],
+                    name=row["name"],
+                    size=row["size"],
+                    sha256=bytes(row["sha256"]).hex(),
+                    seq=row["seq"],
+                    media_type=MESSAGE_TYPE if row["kind"] == "message" else None,
+                ),
+                detail={"recovered": True},
+                corr=oid.hex(),
+            )
+            done.append((oid, idx))
+        self.audit.log.wait_durable(done[-1][1])
+        self.spool.set_intake_idx(done)
+        _log.warning(
+            "intake_records_recovered",
+            count=len(done),
+            effect="their intake records had not reached the disk before the agent stopped; "
+            "written again from the spool (detail.recovered) before any of them is sent",
+        )
+
     def run(self) -> int:
         cfg = self.cfg
         epoch = self.spool.next_epoch(int(time.time() * 1e6))
@@ -497,6 +545,7 @@ class OutsideAgent:
         bucket = TokenBucket(pacing_rate(cfg), PACING_BURST)
         send_many = getattr(channel, "send_many", None) if cfg.link.rate_bps >= 50e6 else None
         sys.setswitchinterval(SWITCH_INTERVAL)
+        self._record_lost_intake()
         backlog = self.spool.due(now_us())
         for item in backlog:
             self._submit(sender, item)

@@ -636,22 +636,22 @@ class ApiServer:
         )
         return Sealed(object_id, stream, name, len(canonical), sha)
 
-    def _record_intake(self) -> int:
+    def _record_intake(self) -> dict[tuple[str, str], int]:
         """The batch's intake.accepted records, one per client and channel (docs/AUDIT.md
-        §2). Called inside the spool transaction: raising rolls it back. The last index
-        (also kept as ``_batch_idx``), or -1."""
-        last = -1
+        §2). Called inside the spool transaction: raising rolls it back. The index of each
+        by (client, channel); the last is kept as ``_batch_idx`` (or -1)."""
+        out: dict[tuple[str, str], int] = {}
         if self.audit is not None:
             for (client, channel), entries in self._intake.items():
-                last = self.audit.record_items(
+                out[client, channel] = self.audit.record_items(
                     "intake.accepted",
                     subject=self._client_subject(client),
                     shared={"channel": channel, "kind": "message", "media_type": MESSAGE_TYPE},
                     entries=entries,
                 )
         self._intake.clear()
-        self._batch_idx = last
-        return last
+        self._batch_idx = max(out.values(), default=-1)
+        return out
 
     # ---------------------------------------------------------------- status
     def _status(self, identity: bytes, client: ApiClient, body: dict[str, Any]) -> None:
@@ -798,8 +798,9 @@ class ApiServer:
         content = up.path
         recorded: list[int] = []
 
-        def record(item: SpoolItem, sha: str, media: str) -> None:
+        def record(item: SpoolItem, sha: str, media: str) -> int:
             recorded.append(self._record_upload(up, item, sha, media, verdict))
+            return recorded[-1]
 
         verdict: Verdict | None = None
         try:

@@ -112,7 +112,7 @@ class Pending:
     source_key: str = ""
     report: str = ""
     media_type: str | None = None
-    record: Callable[[SpoolItem, str, str], object] | None = None
+    record: Callable[[SpoolItem, str, str], int | None] | None = None
 
 
 def spool_file_item(
@@ -128,7 +128,7 @@ def spool_file_item(
     source_path: str = "",
     source_key: str = "",
     submission: tuple[str, str, bytes] | None = None,
-    record: Callable[[SpoolItem, str, str], object] | None = None,
+    record: Callable[[SpoolItem, str, str], int | None] | None = None,
     report: str = "",
     media_type: str | None = None,
 ) -> SpoolItem:
@@ -299,13 +299,16 @@ def _place(
             placed.append(s.item.spool_file)
         _fsync_dir(spool.dir)
         kept = 0
+        idxs: list[int] = []  # (kept with each row: see OutsideAgent._record_lost_intake)
         for p, s in zip(batch, sealed, strict=True):
+            idx = None
             if p.record is not None:
                 try:
-                    p.record(s.item, s.sha256.hex(), s.media_type)
+                    idx = p.record(s.item, s.sha256.hex(), s.media_type)
                 except AuditUnavailable as exc:
                     refused = exc
                     break
+            idxs.append(-1 if idx is None else idx)
             kept += 1
         for path in placed[kept:]:
             path.unlink(missing_ok=True)
@@ -314,8 +317,8 @@ def _place(
         if batch:
             spool.add_many(
                 [
-                    (s.item, s.sha256, p.source_path, p.source_key)
-                    for p, s in zip(batch, sealed, strict=True)
+                    (replace(s.item, audit_idx=idx), s.sha256, p.source_path, p.source_key)
+                    for p, s, idx in zip(batch, sealed, idxs, strict=True)
                 ],
                 subject=batch[0].subject,
                 spread_us=int(channel.repeat.spread * 1e6),
@@ -694,9 +697,9 @@ class FolderIntake:
         subject = self._subject(ch)
         recorded: list[int] = []
 
-        def record(item: SpoolItem, sha256: str, media_type: str) -> None:
+        def record(item: SpoolItem, sha256: str, media_type: str) -> int | None:
             if self._audit is None:
-                return
+                return None
             if verdict is not None:
                 record_verdict(self._audit, ch, name, verdict, item)
             obj = AuditObject(
@@ -719,6 +722,7 @@ class FolderIntake:
                     detail=accepted or None,
                 )
             )
+            return recorded[-1]
 
         pending = Pending(
             content,

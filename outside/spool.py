@@ -18,7 +18,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS items (
     created_us INTEGER NOT NULL,
     first_sent_us INTEGER,
     sent_us INTEGER,
+    intake_idx INTEGER,               -- index of its intake.accepted record in the audit log
     UNIQUE (channel, seq)
 );
 CREATE INDEX IF NOT EXISTS items_due ON items (state, next_send_us);
@@ -177,6 +178,9 @@ class Spool:
                 f"{state_dir / 'outside.db'}: spool schema version {row[0]}, this ferry "
                 f"needs {SCHEMA_VERSION}; drain the spool with the old version first"
             )
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
+        if "intake_idx" not in columns:  # (a spool from before it: additive, same version)
+            self._db.execute("ALTER TABLE items ADD COLUMN intake_idx INTEGER")
         # backlog_items counts what clerks and integrators queued (the API's BUSY
         # threshold); audit-mirror pieces are ferry's own and count only in bytes.
         count, total = self._db.execute(
@@ -299,8 +303,8 @@ class Spool:
                     self._db.execute(
                         "INSERT INTO items(object_id, channel, seq, kind, priority, name,"
                         " size, sha256, length, spool_file, subject, source_path, source_key,"
-                        " state, sends_total, spread_us, next_send_us, created_us)"
-                        " VALUES (?,?,?,'file',?,?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
+                        " state, sends_total, spread_us, next_send_us, created_us, intake_idx)"
+                        " VALUES (?,?,?,'file',?,?,?,?,?,?,?,?,?,'queued',?,?,?,?,?)",
                         (
                             item.object_id,
                             item.channel,
@@ -318,6 +322,7 @@ class Spool:
                             spread_us,
                             created,
                             created,
+                            item.audit_idx if item.audit_idx >= 0 else None,
                         ),
                     )
                     self._set_seq(item.channel, item.seq)
@@ -388,14 +393,14 @@ class Spool:
         self,
         requests: Sequence[MessageRequest],
         seal: Callable[[MessageRequest, int], Sealed],
-        audit_idx: Callable[[], int] = lambda: -1,
+        audit_idx: Callable[[], Mapping[tuple[str, str], int]] = dict,
     ) -> list[tuple[Accepted | Conflict, SpoolItem | None]]:
         """Commit a batch of messages in one durable transaction (group commit).
 
         ``seal(request, seq)`` builds the signed object stream once the
         channel sequence number is known; ``audit_idx()``, asked once every request
-        is sealed, is the new items' :attr:`SpoolItem.audit_idx` (the last intake
-        record the seals wrote). A submission id already used by the
+        is sealed, gives by (client, channel) the index of the intake record the seals
+        wrote: each new item's :attr:`SpoolItem.audit_idx`. A submission id already used by the
         same client gets the earlier answer (no second item); with different
         content it is a :class:`Conflict`. The new items are returned for sending.
         """
@@ -465,8 +470,13 @@ class Spool:
                     added_bytes += len(sealed.stream)
                     made.append((len(out), acc, req, seq, sealed))
                     out.append((acc, None))
-                last_record = audit_idx()  # (the seals above wrote the intake records)
-                for pos, acc, req, seq, sealed in made:
+                records = audit_idx()  # (the seals above wrote the intake records)
+                idxs = [records.get((req.client, req.channel), -1) for _, _, req, _, _ in made]
+                item_rows = [
+                    (*row, idx if idx >= 0 else None)
+                    for row, idx in zip(item_rows, idxs, strict=True)
+                ]
+                for (pos, acc, req, seq, sealed), idx in zip(made, idxs, strict=True):
                     item = SpoolItem(
                         sealed.object_id,
                         req.channel,
@@ -479,14 +489,14 @@ class Spool:
                         priority=req.priority,
                         data=sealed.stream,
                         sends_total=req.sends_total,
-                        audit_idx=last_record,
+                        audit_idx=idx,
                     )
                     out[pos] = (acc, item)
                 self._db.executemany(
                     "INSERT INTO items(object_id, channel, seq, kind, priority, name, size,"
                     " sha256, length, data, subject, state, sends_total, spread_us,"
-                    " next_send_us, created_us)"
-                    " VALUES (?,?,?,'message',?,?,?,?,?,?,?,'queued',?,?,?,?)",
+                    " next_send_us, created_us, intake_idx)"
+                    " VALUES (?,?,?,'message',?,?,?,?,?,?,?,'queued',?,?,?,?,?)",
                     item_rows,
                 )
                 self._db.executemany("INSERT INTO submissions VALUES (?,?,?,?,?)", submission_rows)
@@ -515,6 +525,26 @@ class Spool:
         )
 
     # ------------------------------------------------------------- scheduling
+    def unrecorded(self, size: int) -> list[dict[str, Any]]:
+        """Items whose intake record has an index at or past ``size``, the audit log's size
+        as found when it was opened: records a crash took back (appended, not yet on
+        disk) while the spool had committed their items. By record index."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT object_id, channel, seq, kind, name, size, sha256, subject, intake_idx"
+                " FROM items WHERE intake_idx >= ? ORDER BY intake_idx",
+                (size,),
+            )
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def set_intake_idx(self, pairs: Sequence[tuple[bytes, int]]) -> None:
+        """(object id, index of its intake record) for items recorded again."""
+        with self._lock, transaction(self._db):
+            self._db.executemany(
+                "UPDATE items SET intake_idx=? WHERE object_id=?", [(i, o) for o, i in pairs]
+            )
+
     def due(
         self,
         now: int,

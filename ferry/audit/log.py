@@ -246,6 +246,9 @@ class AuditLog:
             self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._take_lock()
             resumed, truncations = self._resume()
+            #: records the log held when it was opened (the next index then): a record
+            #: appended before a crash at or past this index did not reach the disk
+            self.resumed_size = self._next_idx
         except BaseException as exc:
             self._release_files()
             if isinstance(exc, OSError):

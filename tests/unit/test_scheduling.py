@@ -8,6 +8,7 @@ import hashlib
 import os
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -347,3 +348,34 @@ def test_new_items_reach_the_sender_only_once_their_intake_records_are_durable(
         files.gate.set()
         with contextlib.suppress(AuditUnavailable):
             log.close()
+
+
+def test_each_item_keeps_the_index_of_its_own_intake_record(tmp_path: Path) -> None:
+    """(What a start checks against the audit log: OutsideAgent._record_lost_intake.)"""
+    spool = Spool(tmp_path)
+    other = replace(_req("x"), client="registry")
+    results = spool.accept_messages(
+        [_req("a"), other, _req("b")],
+        _seal,
+        lambda: {("portal", "messages"): 7, ("registry", "messages"): 9},
+    )
+    assert [item.audit_idx for _, item in results if item is not None] == [7, 9, 7]
+    assert [r["intake_idx"] for r in spool.unrecorded(8)] == [9]
+    assert [r["intake_idx"] for r in spool.unrecorded(0)] == [7, 7, 9]
+    (nine,) = spool.unrecorded(9)
+    spool.set_intake_idx([(bytes(nine["object_id"]), 3)])
+    assert spool.unrecorded(8) == []
+    spool.close()
+
+
+def test_a_spool_from_before_intake_indexes_gets_the_column(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.accept_messages([_req("old")], _seal)
+    spool.close()
+    with sqlite3.connect(tmp_path / "outside.db") as db:
+        db.execute("ALTER TABLE items DROP COLUMN intake_idx")
+    spool = Spool(tmp_path)  # (what an upgrade finds)
+    spool.accept_messages([_req("new")], _seal, lambda: {("portal", "messages"): 4})
+    assert [r["intake_idx"] for r in spool.unrecorded(0)] == [4]
+    assert spool.counts() == {"queued": 2}  # the old item is still there
+    spool.close()
