@@ -376,20 +376,51 @@ class ReleaseAuditor:
                 self._scanning.add(key)
                 done = self._offsets.get(key, 0)
             try:
-                end = self._scan_file(path, channel, done)
-                if end > 0:
+                recorded: list[int] = []
+                end = self._scan_file(path, channel, done, recorded)
+                if end > 0 and self._on_disk(recorded):
                     with self._lock:
                         self._offsets[key] = done + end
-                        tmp = self._state.with_name(self._state.name + ".tmp")
-                        tmp.write_text(json.dumps(self._offsets), encoding="utf-8")
-                        os.replace(tmp, self._state)
+                        self._save_offsets()
             finally:
                 with self._lock:
                     self._scanning.discard(key)
 
-    def _scan_file(self, path: Path, channel: str | None, done: int) -> int:
-        """Record the lines of ``path`` past offset ``done``; return how many bytes of it
-        were recorded (a partial last line waits for the next scan)."""
+    def _on_disk(self, recorded: list[int]) -> bool:
+        """Wait for the records of a scan on disk: only then may the read position move past
+        their lines (else a power cut could keep the position and lose the records). False
+        if the log cannot write: the position stays, the lines are recorded again later
+        (twice, perhaps, rather than never)."""
+        from ferry import log  # noqa: PLC0415  # (slow imports: see TYPE_CHECKING above)
+        from ferry.audit.record import AuditUnavailable  # noqa: PLC0415
+
+        if not recorded:
+            return True
+        try:
+            self._audit.log.wait_durable(max(recorded))
+        except AuditUnavailable as exc:
+            log.get("quarantine").error("release_records_not_on_disk", error=str(exc))
+            return False
+        return True
+
+    def _save_offsets(self) -> None:
+        """The read positions, durably (a temp file synced, renamed, the folder synced)."""
+        tmp = self._state.with_name(self._state.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self._offsets))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state)
+        fd = os.open(self._state.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _scan_file(self, path: Path, channel: str | None, done: int, recorded: list[int]) -> int:
+        """Record the lines of ``path`` past offset ``done`` (each record's index added to
+        ``recorded``); return how many bytes of it were recorded (a partial last line waits
+        for the next scan)."""
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -401,15 +432,16 @@ class ReleaseAuditor:
             data = f.read(min(size - done, MAX_RELEASE_SCAN))
         end = 0
         while (nl := data.find(b"\n", end)) >= 0:
-            if not self._record(channel, data[end:nl]):
+            if not self._record(channel, data[end:nl], recorded):
                 return end  # the audit log refused: this line again at the next scan
             end = nl + 1
-        if end == 0 and len(data) == MAX_RELEASE_SCAN and self._record(channel, b""):
+        if end == 0 and len(data) == MAX_RELEASE_SCAN and self._record(channel, b"", recorded):
             end = len(data)  # a line longer than that: recorded as bad, skipped
         return end
 
-    def _record(self, channel: str | None, line: bytes) -> bool:
-        """Record one line; False if the audit log refused it (the line is tried again)."""
+    def _record(self, channel: str | None, line: bytes, recorded: list[int]) -> bool:
+        """Record one line (its index added to ``recorded``); False if the audit log refused
+        it (the line is tried again)."""
         from ferry.audit.record import AuditObject, Subject  # noqa: PLC0415
 
         try:
@@ -441,27 +473,30 @@ class ReleaseAuditor:
                 and size >= 0
                 and isinstance(stored, str)
             ):
-                return self._delivered(dataclasses.replace(obj, path=path, size=size), who, stored)
+                return self._delivered(
+                    dataclasses.replace(obj, path=path, size=size), who, stored, recorded
+                )
             good = False  # signed, yet not a delivered line this code writes: never trusted
             why = "BAD_RECORD: a signed delivered line without a usable path, size or name"
-        return (
-            self._audit.try_record(
-                EVENT,
-                subject=Subject.user(f"security-admin:{who}"),
-                result="success" if good else "failure",
-                reason=None if good else why,
-                obj=obj,
-                detail={
-                    k: str(record[k])[:256]
-                    for k in ("stored_name", "reason_code", "override", "released_at", "note")
-                    if record.get(k)
-                },
-                corr=item,
-            )
-            is not None
+        idx = self._audit.try_record(
+            EVENT,
+            subject=Subject.user(f"security-admin:{who}"),
+            result="success" if good else "failure",
+            reason=None if good else why,
+            obj=obj,
+            detail={
+                k: str(record[k])[:256]
+                for k in ("stored_name", "reason_code", "override", "released_at", "note")
+                if record.get(k)
+            },
+            corr=item,
         )
+        if idx is None:
+            return False
+        recorded.append(idx)
+        return True
 
-    def _delivered(self, obj: AuditObject, who: str, stored_name: str) -> bool:
+    def _delivered(self, obj: AuditObject, who: str, stored_name: str, recorded: list[int]) -> bool:
         """Record a signed delivered line (``obj`` has its path and size); then tell the
         agent. False if the audit log refused it."""
         from ferry.audit.record import Subject  # noqa: PLC0415
@@ -475,6 +510,7 @@ class ReleaseAuditor:
         )
         if idx is None:
             return False
+        recorded.append(idx)
         if self._on_delivered is not None and obj.item is not None and obj.path is not None:
             self._on_delivered(obj.item, obj.path)
         return True

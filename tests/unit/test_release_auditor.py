@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from ferry.audit.record import AuditUnavailable
 from ferry.crypto.keys import SecretKey
 from ferry.quarantine_release import (
     AUDITED_STATE,
@@ -32,10 +33,26 @@ from ferry.quarantine_release import (
 ITEM = "ab" * 16
 
 
+class FakeLog:
+    """The audit log's durability, as the auditor sees it: ``wait_durable`` records the
+    index it waited for (and whether the position file existed then), or fails."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.waits: list[tuple[int, bool]] = []
+        self.down = False
+
+    def wait_durable(self, idx: int) -> None:
+        if self.down:
+            raise AuditUnavailable("the audit disk is gone")
+        self.waits.append((idx, self.state.exists()))
+
+
 class FakeAudit:
-    def __init__(self) -> None:
+    def __init__(self, state: Path | None = None) -> None:
         self.records: list[tuple[str, dict[str, Any]]] = []
         self.refuse = False
+        self.log = FakeLog(state or Path("/nonexistent"))
 
     def try_record(self, event: str, **kw: Any) -> int | None:
         if self.refuse:
@@ -63,6 +80,7 @@ class Rig:
     seen: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.audit = FakeAudit(self.tmp / "state" / AUDITED_STATE)
         self.folder = self.tmp / "q"
         self.folder.mkdir()
         (self.tmp / "state").mkdir()
@@ -203,11 +221,11 @@ def test_each_folder_has_its_own_turn_and_one_that_hangs_holds_up_no_other(
     inside, release = threading.Event(), threading.Event()
     read = auditor._scan_file
 
-    def scan_file(path: Path, channel: str | None, done: int) -> int:
+    def scan_file(path: Path, channel: str | None, done: int, recorded: list[int]) -> int:
         if path.parent == hung:
             inside.set()
             release.wait(10)
-        return read(path, channel, done)
+        return read(path, channel, done, recorded)
 
     monkeypatch.setattr(auditor, "_scan_file", scan_file)
     stuck = threading.Thread(target=auditor.scan, args=({hung: "documents"},))
@@ -226,3 +244,20 @@ def test_each_folder_has_its_own_turn_and_one_that_hangs_holds_up_no_other(
     assert [kw["obj"].channel for _, kw in audit.records] == ["archive", "documents"]
     kept = json.loads((tmp_path / "state" / AUDITED_STATE).read_text())
     assert set(kept) == {str(hung / RELEASES), str(local / RELEASES)}
+
+
+def test_the_read_position_moves_only_once_the_records_are_on_disk(rig: Rig) -> None:
+    """Else a power cut could keep the position past lines whose records it took back."""
+    state = rig.tmp / "state" / AUDITED_STATE
+    rig.released_and_delivered("scan.png", 5)
+    rig.audit.log.down = True  # recorded, but the log cannot say they are on disk
+    rig.scan()
+    assert len(rig.audit.records) == 2
+    assert not state.exists()  # the position stays: the lines are read again
+    rig.audit.log.down = False
+    rig.scan()
+    assert len(rig.audit.records) == 4  # twice rather than never
+    assert rig.audit.log.waits == [(3, False)]  # waited for the last, before the position
+    assert json.loads(state.read_text()) == {
+        str(rig.folder / RELEASES): (rig.folder / RELEASES).stat().st_size
+    }
