@@ -120,6 +120,31 @@ def link_new(
     raise FileExistsError(errno.EEXIST, "name taken", str(dst))
 
 
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_new(src: str | Path, dst: str | Path) -> None:
+    """Rename ``src`` to ``dst`` on one file system, never over a file (FileExistsError):
+    renameat2(2) with RENAME_NOREPLACE, in one step (no moment with both names, none with
+    neither). Where the file system or the C library has no such rename, :func:`link_new`
+    and an unlink of ``src`` stand in (two steps)."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is not None:
+        if (
+            renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+            == 0
+        ):
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}:
+            raise OSError(err, os.strerror(err), str(src))
+    if link_new(src, dst):
+        os.unlink(src)
+
+
 def drop_temp(name: str | Path | None, dir_fd: int | None = None) -> None:
     """Remove a temp file if it is still there (None: nothing to remove)."""
     if name is not None:

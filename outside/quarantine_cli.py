@@ -29,8 +29,8 @@ agent follows ``releases.jsonl`` and records each line in its audit log
 from __future__ import annotations
 
 import argparse
+import errno
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from ferry import log
 from ferry.crypto.keys import PublicKey, SecretKey, load_secret_key
 from ferry.errors import UsageError
 from ferry.names import candidate_names
+from ferry.place import drop_temp, rename_new, sync_names, temp_name
 from ferry.quarantine_release import (
     EVENT,
     RELEASES,
@@ -120,29 +121,48 @@ def overrides_by_sha(folder: Path, trusted: PublicKey) -> dict[str, frozenset[st
 
 # ----------------------------------------------------------------------------- release
 def _move_back(folder: Path, stored_name: str, original: str, drop: Path) -> str | None:
-    """Move the item into the drop folder (temp name, then rename: the watcher takes it at
-    once); None if it is no longer in the quarantine folder."""
+    """Move the item into the drop folder under a free name, whole (the watcher takes it at
+    once); None if it is no longer in the quarantine folder. It leaves the quarantine folder
+    only once it is in the drop folder under that name: a crash before leaves it where it
+    was, for the release to be run again."""
     src = folder / stored_name
     if not src.is_file():
         return None
     drop.mkdir(parents=True, exist_ok=True)
     for candidate in candidate_names(safe_name(original)):
-        if not (drop / candidate).exists():
-            break
-    else:
-        raise UsageError(f"{drop}: too many files named {safe_name(original)!r}")
-    tmp = drop / f".ferry-release-{secrets.token_hex(6)}.part"
+        if (drop / candidate).exists():
+            continue
+        try:
+            _place_in(src, drop, candidate)
+        except FileExistsError:  # (taken meanwhile)
+            continue
+        return candidate
+    raise UsageError(f"{drop}: too many files named {safe_name(original)!r}")
+
+
+def _place_in(src: Path, drop: Path, name: str) -> None:
+    """``src`` renamed to ``drop/name`` in one step, never over a file; on another file
+    system copied under a temp name, synced, given the name, and only then removed."""
     try:
-        os.rename(src, tmp)
-    except OSError:  # another filesystem: copy, fsync, then let the original go
+        rename_new(src, drop / name)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    else:
+        sync_names(drop, [name])
+        return
+    tmp = drop / temp_name()
+    try:
         with src.open("rb") as fin, tmp.open("xb") as fout:
             while chunk := fin.read(1 << 20):
                 fout.write(chunk)
             fout.flush()
             os.fsync(fout.fileno())
-        src.unlink()
-    os.rename(tmp, drop / candidate)
-    return candidate
+        rename_new(tmp, drop / name)
+    finally:
+        drop_temp(tmp)
+    sync_names(drop, [name])
+    src.unlink()
 
 
 def release_item(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,9 @@ import pytest
 from ferry.cli import main
 from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key, write_secret_key
 from ferry.errors import KeyFileError, UsageError
+from ferry.place import rename_new
 from ferry.provision import init_deployment
+from outside import quarantine_cli
 from outside.quarantine import Quarantine
 from outside.quarantine_cli import (
     RELEASES,
@@ -186,3 +192,61 @@ def test_cli(deployment: dict[str, object], capsys: pytest.CaptureFixture[str]) 
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "already released"
     assert len(list(drop.iterdir())) == 1
+
+
+@pytest.mark.parametrize("across", [False, True], ids=["same file system", "another"])
+def test_a_release_cut_short_leaves_the_item_in_quarantine_and_a_rerun_resubmits_it(
+    deployment: dict[str, object], monkeypatch: pytest.MonkeyPatch, across: bool
+) -> None:
+    """A crash in the middle of the move: the file is in the quarantine folder still (not
+    stranded under a hidden temp name in the drop folder, which the watcher ignores), and
+    running the release again puts it in the drop folder."""
+    folder, drop, secret, public = _paths(deployment)
+    if across:
+        if os.stat("/dev/shm").st_dev == os.stat(folder).st_dev:
+            pytest.skip("/dev/shm is on the quarantine folder's file system here")
+        drop = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    key, trusted = load_secret_key(secret), load_public_key(str(public))
+    [item] = list_items(folder, trusted)
+    real = quarantine_cli.rename_new
+    calls: list[Path] = []
+
+    def crash_on_the_name(src: Path, dst: Path) -> None:
+        calls.append(Path(src))
+        if not across or Path(src).parent == drop:  # (across: the copy's rename to its name)
+            raise OSError(errno.EIO, "the machine went down here")
+        real(src, dst)  # (across: EXDEV, so it is copied)
+
+    monkeypatch.setattr(quarantine_cli, "rename_new", crash_on_the_name)
+    try:
+        with pytest.raises(OSError, match="went down"):
+            release_item(
+                folder, item["stored_name"], channel="documents", drop=drop, key=key,
+                trusted=trusted,
+            )  # fmt: skip
+        assert (folder / item["stored_name"]).read_bytes() == b"report\n"
+        assert list(drop.iterdir()) == []  # nothing stranded there, no temp either
+        monkeypatch.setattr(quarantine_cli, "rename_new", real)
+        again = release_item(
+            folder, item["stored_name"], channel="documents", drop=drop, key=key, trusted=trusted
+        )
+        assert again["status"] == "already released"
+        assert again["resubmitted_as"] == "报告 2024.txt"
+        assert [p.name for p in drop.iterdir()] == ["报告 2024.txt"]
+        assert (drop / "报告 2024.txt").read_bytes() == b"report\n"
+        assert not (folder / item["stored_name"]).exists()
+    finally:
+        if across:
+            shutil.rmtree(drop)
+    assert [p.parent for p in calls] == ([folder, drop] if across else [folder])
+
+
+def test_rename_new_never_replaces_a_file(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    with pytest.raises(FileExistsError):
+        rename_new(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b").read_bytes() == b"b"
+    rename_new(tmp_path / "a", tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c"]
+    assert (tmp_path / "c").read_bytes() == b"a"
