@@ -163,10 +163,13 @@ def _skip_stream(data: bytes, pos: int, recent: list[bytes], found: Findings) ->
         found.scan(raw, "stream")
         if b"/FlateDecode" in recent and b"/DecodeParms" not in recent:
             dec = zlib.decompressobj()
-            try:
+            try:  # (the outside refuses both: here they are a disagreement, never unscanned)
                 plain = dec.decompress(raw, MAX_DECODED)
-            except zlib.error:
+            except zlib.error as exc:
+                found.problem(f"a FlateDecode stream that does not decode ({exc})")
                 plain = b""
+            if dec.unconsumed_tail:
+                found.problem(f"a stream decodes to more than {MAX_DECODED} bytes")
             found.scan(plain, "stream (decoded)")
     return end
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from inside.recheck import RecheckResult, recheck, recheck_bytes
-from tests.corpus.build_docs import simple_pdf, zip_bytes
+from tests.corpus.build_docs import simple_pdf, stream_obj, zip_bytes
 
 
 def test_result_shape(tmp_path: Path) -> None:
@@ -110,3 +110,19 @@ def test_zip_members_rechecked_by_type() -> None:
 @pytest.mark.parametrize("kind", ["pdf", "png", "jpeg", "docx", "ofd", "zip"])
 def test_garbage_fails_every_checker(kind: str) -> None:
     assert not recheck_bytes(b"\x00garbage" * 10, kind).ok
+
+
+def test_a_pdf_stream_that_does_not_decode_is_a_problem_not_left_unscanned() -> None:
+    """(The outside refuses a corrupt FlateDecode stream: one inside is a disagreement.)"""
+    scanned: list[str] = []
+
+    def scan(data: bytes, where: str) -> None:
+        scanned.append(where)
+
+    good = simple_pdf([["hello"]])
+    assert recheck_bytes(good, "pdf", scan=scan).ok
+    assert "stream (decoded)" in scanned
+    corrupt = stream_obj(b"this is not zlib data", b"/Filter /FlateDecode ")
+    result = recheck_bytes(simple_pdf([["hello"]], extra_objects=[corrupt]), "pdf", scan=scan)
+    assert not result.ok
+    assert any("does not decode" in p for p in result.problems), result.problems
