@@ -77,17 +77,22 @@ def sync_names(folder: str | Path, names: Iterable[str]) -> None:
     the file server's own disk (ext4, xfs) commits the file's new name along with it."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
-        if on_local_disk(fd):
-            return
-        for name in names:
-            f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            try:
-                os.fsync(f)
-            finally:
-                os.close(f)
+        sync_names_at(fd, names)
     finally:
         os.close(fd)
+
+
+def sync_names_at(dir_fd: int, names: Iterable[str]) -> None:
+    """:func:`sync_names` for the folder open as ``dir_fd``."""
+    os.fsync(dir_fd)
+    if on_local_disk(dir_fd):
+        return
+    for name in names:
+        f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.fsync(f)
+        finally:
+            os.close(f)
 
 
 def temp_name() -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 from ferry import log
 from ferry.names import candidate_names
+from ferry.place import sync_names_at
 
 # Most Linux filesystems allow 255 bytes per name; keep room for " (NNNNN)", ".reason.json"
 # and the temp-file decoration around it.
@@ -457,7 +458,7 @@ class Quarantine:
                 ):
                     _write_atomic(dfd, reason_name, partial(_write_all, data=content))
                     written.append(reason_name)
-                _fsync_fd(dfd)
+                sync_names_at(dfd, written)  # (on a share: see ferry.place.sync_names)
                 if place is not None:
                     place(dfd, name)
             except OSError as exc:
@@ -504,15 +505,15 @@ class Quarantine:
                 if exc.errno != errno.EXDEV:
                     raise
             else:
-                _fsync_fd(dfd)
-                _fsync_dir(src.parent)
                 moved = os.lstat(name, dir_fd=dfd)
+                sync_names_at(dfd, [name] if stat.S_ISREG(moved.st_mode) else [])
+                _fsync_dir(src.parent)
                 if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
                     # Replaced between our check and the rename: what came in is not followed.
                     _log.warning("quarantine_source_replaced", name=name)
                 return
         _write_atomic(dfd, name, _copy_from(src_fd))
-        _fsync_fd(dfd)
+        sync_names_at(dfd, [name])  # (on a share: see ferry.place.sync_names)
         if move:
             os.unlink(src)  # the copy is durable: only now let the original go
             _fsync_dir(src.parent)

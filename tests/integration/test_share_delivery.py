@@ -30,6 +30,7 @@ from cli_helpers import (
 from ferry.client import Client
 from ferry.place import NO_HARD_LINKS, SYNCFS_FLUSHES, TEMP_PREFIX, fs_type, remove_stale_temps
 from inside.deliver import _link_copy, fsync_dir, link_under_free_name, write_new_files
+from outside.quarantine import Quarantine
 
 pytestmark = pytest.mark.integration
 
@@ -257,3 +258,30 @@ def test_agents_deliver_files_and_messages_onto_an_exfat_volume(
         "申请材料.docx",
     ]
     assert sorted(os.listdir(folders["messages"])) == sorted(names)
+
+
+def test_a_file_quarantined_on_a_share_and_its_reasons_are_fsynced_there_once_named(
+    logged_share: tuple[Share, Path],
+) -> None:
+    """The outside's quarantine folder sits next to the drop folder: on a share, the clerk's
+    file is moved into it there; the original's name goes, so the new one must be on the
+    file server's disk (bindfs has no fsyncdir: each file's own fsync)."""
+    share, log = logged_share
+    drop, folder = share.mount / "drop", share.mount / "quarantine"
+    drop.mkdir()
+    (drop / "报告.docm").write_bytes(b"a macro-enabled document")
+    record = Quarantine(folder).put_file(
+        drop / "报告.docm", channel="documents", original_name="报告.docm",
+        reason_code="TYPE_NOT_ALLOWED", message="not an allowed type",
+    )  # fmt: skip
+    assert not (share.server / "drop" / "报告.docm").exists()
+    assert (
+        share.server / "quarantine" / record.path.name
+    ).read_bytes() == b"a macro-enabled document"
+    requests = fuse_requests(log)
+    renames = [u for u, op, _ in requests if op in {"RENAME", "RENAME2"}]
+    assert len(renames) == 3  # the two reason files (from temps), then the file itself
+    synced_after = {node for u, op, node in requests if op == "FSYNC" and u > renames[-1]}
+    assert synced_after  # the moved file, under its new name
+    between = {node for u, op, node in requests if op == "FSYNC" and renames[1] < u < renames[2]}
+    assert len(between) == 2  # both reason files, once named, before the file is moved
