@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import sqlite3
 import sys
 import threading
@@ -146,16 +147,30 @@ class RecheckFailed(FerryError):
         self.findings = findings
 
 
+# Numbers and key ids in a rejection's text come from the sender, who may be anyone on the
+# link: rejections are counted by their text with those left out, so that varying them
+# makes no new entry (and no new log line, audit record or status.json key).
+_VARYING = re.compile(r"[0-9a-fA-F]{8,}|\d+")
+MAX_REJECTION_KINDS = 64  # then counted under OTHER_REJECTIONS
+
+
 class _RateLimitedLog:
-    """Log a recurring rejection the 1st, 2nd, 4th, 8th... time, with its running count."""
+    """Log a recurring rejection the 1st, 2nd, 4th, 8th... time, with its running count;
+    rejections are counted by kind (their text without its numbers and ids), at most
+    MAX_REJECTION_KINDS kinds."""
+
+    OTHER = "(other rejections)"
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
 
     def __call__(self, event: str, reason: str, **kw: object) -> int:
         """Count one; return the running count when it was logged (a power of two), else 0."""
-        n = self.counts.get(reason, 0) + 1
-        self.counts[reason] = n
+        kind = _VARYING.sub("#", reason)
+        if kind not in self.counts and len(self.counts) >= MAX_REJECTION_KINDS:
+            kind = self.OTHER
+        n = self.counts.get(kind, 0) + 1
+        self.counts[kind] = n
         if n & (n - 1) == 0:
             _log.warning(event, reason=reason, count=n, **kw)
             return n
@@ -552,6 +567,15 @@ class InsideAgent:
         self._record_lost(oid, reason, size=length)
         self._disk_log("object_not_spooled", reason, object_id=oid.hex())
 
+    def _lost_here(self, oid: bytes, length: int, why: str) -> None:
+        """A verified object a delivery thread could not keep (the inside's disk is full):
+        recorded lost, not refused."""
+        with self._count_lock:
+            self.lost += 1
+        reason = f"NOT_SPOOLED: the inside could not keep it ({why})"
+        self._record_lost(oid, reason, size=length)
+        self._disk_log("object_not_spooled", reason, object_id=oid.hex())
+
     def _spooled(self, oid: bytes) -> bool:
         """An object spooled to disk is complete: ``<id>.part`` becomes ``<id>.obj`` (never
         over one: False if the same object already waits for its delivery)."""
@@ -723,7 +747,10 @@ class InsideAgent:
                 if manifest.kind == "file":  # a small file: to its channel's lane, so that a
                     if held is None:  # folder that does not answer (a share whose server is
                         spooled.remove(oid)  # gone) holds up no message
-                    self._spool_small_file(oid, manifest.channel, data, on_disk=held is None)
+                    try:
+                        self._spool_small_file(oid, manifest.channel, data, on_disk=held is None)
+                    except OSError as exc:  # (the inside's disk full): lost here, the lane goes on
+                        self._lost_here(oid, len(data), str(exc))
                     continue
                 if members is not None:
                     messages.extend((m.object_id, m, body) for m, body in members)
@@ -750,7 +777,8 @@ class InsideAgent:
                 self._keep_held(holding)
             for oid in spooled:
                 if settled or oid not in carried:
-                    self._spool_path(oid).unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # (a start removes what stays)
+                        self._spool_path(oid).unlink(missing_ok=True)
 
     @staticmethod
     def _until_stop(work: queue.SimpleQueue[Job | None]) -> list[Job]:

@@ -87,6 +87,11 @@ class ObjectLost:
 Event = SessionStarted | HeartbeatReceived | BlockDecoded | ObjectCompleted | ObjectLost
 
 
+# New announcements whose signature the receiver checks, at most (see _check_allowed).
+ANNOUNCE_CHECKS_PER_SECOND = 20
+ANNOUNCE_CHECKS_BURST = 40
+
+
 @dataclass
 class ReceiverStats:
     datagrams: int = 0
@@ -100,6 +105,8 @@ class ReceiverStats:
     """Blocks that needed repair symbols (some source symbol was lost)."""
     objects_completed: int = 0
     objects_lost: int = 0
+    announces_unchecked: int = 0
+    """New announcements refused unchecked: past ANNOUNCE_CHECKS_PER_SECOND (a flood)."""
 
 
 class _Session:
@@ -170,6 +177,9 @@ class Receiver:
         self._pending_bytes = 0
         self._events: deque[Event] = deque()
         self.stats = ReceiverStats()
+        # (a token bucket of signature checks for new announcements: see _check_allowed)
+        self._checks = float(ANNOUNCE_CHECKS_BURST)
+        self._checks_at: float | None = None
 
     # -------------------------------------------------------------------- API
     def pop_events(self) -> list[Event]:
@@ -221,6 +231,25 @@ class Receiver:
             self._lose(oid, "timeout")
 
     # --------------------------------------------------------------- announce
+    def _check_allowed(self, now: float) -> bool:
+        """Whether a new announcement's signature may be checked now. An outside sends a
+        new one at a start, a rekey or a key change (its repeats cost nothing: they match
+        the session they opened); anyone able to put datagrams on the link can forge new
+        ones by the thousand, each costing a signature check on the receiving thread. Past
+        ANNOUNCE_CHECKS_PER_SECOND (a burst of ANNOUNCE_CHECKS_BURST), they are refused
+        unchecked: the sessions already open go on, and a genuine new announcement is
+        taken at one of its repeats (every announce_interval) once the flood eases."""
+        if self._checks_at is not None:
+            elapsed = max(0.0, now - self._checks_at)
+            self._checks = min(
+                float(ANNOUNCE_CHECKS_BURST), self._checks + elapsed * ANNOUNCE_CHECKS_PER_SECOND
+            )
+        self._checks_at = now
+        if self._checks < 1.0:
+            return False
+        self._checks -= 1.0
+        return True
+
     def _announce(self, datagram: bytes, now: float) -> None:
         unverified, signed, signature = rec.decode_announce(datagram)
         known = self._sessions.get(unverified.session_id)
@@ -256,6 +285,14 @@ class Receiver:
             or unverified.aead_id != suite.AEAD_AES256GCM
         ):
             raise EnvelopeRejected("announce uses a suite this inside is not configured for")
+        if len(unverified.wrapped_key) != suite.WRAPPED_LEN[unverified.kem_id]:
+            raise EnvelopeRejected("announce wrapped key has the wrong length for its KEM")
+        if not self._check_allowed(now):
+            self.stats.announces_unchecked += 1
+            raise EnvelopeRejected(
+                f"announce not checked: over {ANNOUNCE_CHECKS_PER_SECOND} new announcements "
+                "a second (a flood of forged ones?)"
+            )
         suite.verify(sender, rec.ANNOUNCE_LABEL, signed, signature)
         announce = unverified  # authenticated from here on
         key = suite.unwrap_session_key(announce.wrapped_key, kem, rec.hpke_info(announce.head()))

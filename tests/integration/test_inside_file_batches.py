@@ -5,13 +5,14 @@ spool staged with objects signed as the outside signs them."""
 
 from __future__ import annotations
 
+import errno
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_helpers import init
-from test_inside_kept_objects import records
+from test_inside_kept_objects import records, signed_message
 from test_recheck_inside import close_agent, png, stage, text_chunk
 
 from ferry.audit.record import AuditUnavailable
@@ -96,3 +97,35 @@ def test_a_batch_whose_audit_records_fail_is_settled_and_delivered_once_each(
         delivered = [r for r in records(dep, oid) if r["event"] == "delivery.delivered"]
         assert len(delivered) == 1
         assert delivered[0]["detail"]["recovered"] is True
+
+
+def test_a_message_lane_whose_disk_will_not_take_a_small_file_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file arrives whole in memory on a message lane, to be spooled for its
+    channel's files lane; the inside's disk refuses it (full). It is recorded lost, not
+    refused (a repeat can still bring it), and the lane delivers the message behind it."""
+    dep = init(tmp_path / "d")
+    agent = _agent(dep)
+    key = dep["outside"]["signing_key"]
+    try:
+        oid, _ = stage(agent, key, "scan.png", png(), 1)
+        data = agent._spool_path(oid).read_bytes()
+        agent._spool_path(oid).unlink()  # (held in memory instead)
+        message, stream = signed_message(key, 1)
+
+        def disk_full(*_a: object) -> bool:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(agent, "_spool_new", disk_full)
+        lane = agent._msg_lanes[""]
+        for job in ((oid, len(data), data, False), (message, len(stream), stream, False), None):
+            lane.work.put(job)
+        agent._messages_loop(lane)  # (returns at the None, having gone on)
+        states = (agent.ledger.state_of(oid), agent.ledger.state_of(message))
+    finally:
+        close_agent(agent)
+    assert states == (None, "delivered")
+    assert len(list(Path(dep["channels"]["messages"]["deliver"]).iterdir())) == 1
+    (lost,) = [r for r in records(dep, oid) if r["event"] == "transfer.lost"]
+    assert lost["reason"].startswith("NOT_SPOOLED")
