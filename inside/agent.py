@@ -351,6 +351,7 @@ class InsideAgent:
             grace=max(2 * cfg.object_timeout, 2.0),
             # mirror pieces come twice over 30 s (outside/mirror.py): give the copy its chance
             per_channel={rec.AUDIT_CHANNEL: max(2 * cfg.object_timeout, MIRROR_GAP_GRACE)},
+            channels={ch.name for ch in cfg.channels} | {rec.AUDIT_CHANNEL},
         )
         for channel, seq in self.ledger.seq_floors():  # (pruned: seen long ago)
             self.gaps.seen_up_to(channel, seq)

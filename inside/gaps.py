@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 # Claims remembered per channel while their grace runs (older ones merge; bounds memory).
@@ -26,9 +27,17 @@ class Gap:
 
 
 class SequenceGaps:
-    def __init__(self, grace: float, per_channel: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        grace: float,
+        per_channel: dict[str, float] | None = None,
+        channels: Collection[str] | None = None,
+    ) -> None:
+        """``channels``: the only ones tracked (None: any). Heartbeats name channels as the
+        sender likes: state for each name they carry would grow with every heartbeat."""
         self.grace = grace
         self.per_channel = per_channel or {}  # channels whose copies come later (repeats)
+        self.channels = None if channels is None else frozenset(channels)
         self._floor: dict[str, int] = {}  # every seq <= floor is seen or reported
         self._above: dict[str, set[int]] = {}  # seen seqs above the floor
         self._marks: dict[str, deque[tuple[int, float]]] = {}  # (claimed last_seq, first heard)
@@ -40,6 +49,8 @@ class SequenceGaps:
 
     def seen_up_to(self, channel: str, seq: int) -> None:
         """Every number of ``channel`` up to ``seq`` counts as seen (the ledger forgot them)."""
+        if self.channels is not None and channel not in self.channels:
+            return
         with self._lock:
             floor = max(self._floor.get(channel, 0), seq)
             above = self._above.get(channel, set())
@@ -47,6 +58,8 @@ class SequenceGaps:
             self._advance(channel, floor)
 
     def _seen(self, channel: str, seq: int) -> None:
+        if self.channels is not None and channel not in self.channels:
+            return
         floor = self._floor.get(channel, 0)
         if seq <= floor:
             return
@@ -66,6 +79,8 @@ class SequenceGaps:
 
     def _heartbeat(self, last_seq: dict[str, int], now: float) -> None:
         for channel, last in last_seq.items():
+            if self.channels is not None and channel not in self.channels:
+                continue
             marks = self._marks.setdefault(channel, deque())
             top = marks[-1][0] if marks else self._floor.get(channel, 0)
             if last > top:

@@ -214,6 +214,18 @@ def test_sequence_gaps_are_reported_once_after_the_grace() -> None:
     assert gaps.due(100.0) == [Gap("slow", 1, 3)]
 
 
+def test_gaps_are_tracked_only_for_the_channels_configured() -> None:
+    """A heartbeat names channels as its sender likes (up to a few hundred each): state for
+    every name would grow with each one."""
+    gaps = SequenceGaps(grace=10.0, channels={"documents", "messages"})
+    for n in range(1000):
+        gaps.heartbeat({f"made-up-{n}-{i}": 5 for i in range(200)} | {"documents": 2}, now=0.0)
+        gaps.seen(f"made-up-{n}", 3)
+    assert set(gaps._marks) | set(gaps._floor) | set(gaps._above) <= {"documents", "messages"}
+    gaps.seen("documents", 1)
+    assert gaps.due(10.0) == [Gap("documents", 2, 2)]
+
+
 def _shipper(tmp_path: Path, log: AuditLog, seen: list[tuple[str, str | None]]) -> AuditShipper:
     state = tmp_path / "outside-state"
     state.mkdir(exist_ok=True)
