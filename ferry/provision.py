@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 import socket
 from pathlib import Path
@@ -98,12 +99,38 @@ def _size(n: int) -> str:
     return _q(_si(n, (("T", 2**40), ("G", 2**30), ("M", 2**20), ("k", 2**10))))
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (and to a bind to port 0)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # (Linux's default)
+
+
+def _free_port(kind: socket.SocketKind, host: str) -> int:
+    """A port nobody is bound to right now, outside the ephemeral range where one can be:
+    a port from that range (what a bind to port 0 gives) may be taken by any outgoing
+    connection before the agent binds it (a start failing with "address in use")."""
+    low, high = _ephemeral_range()
+    rng = random.SystemRandom()
+    candidates = [rng.randrange(10_000, low) for _ in range(64)] if low > 10_000 else []
+    if high < 65_000:
+        candidates += [rng.randrange(high + 1, 65_536) for _ in range(64)]
+    for port in [*candidates, 0]:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            found: int = sock.getsockname()[1]
+            return found
+    raise OSError("no free port")  # (port 0 failing: the machine is out of ports)
+
+
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port nobody is bound to right now (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A UDP port nobody is bound to right now (see :func:`_free_port`)."""
+    return _free_port(socket.SOCK_DGRAM, host)
 
 
 def _mkdir(path: Path, mode: int | None = None) -> None:
@@ -209,11 +236,8 @@ CONSUMER = "inner-app"
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A TCP port nobody listens on right now (see :func:`_free_port`)."""
+    return _free_port(socket.SOCK_STREAM, host)
 
 
 def _messages_outside_yaml(name: str, api_port: int) -> str:

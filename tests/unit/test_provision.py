@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,14 @@ import pytest
 from ferry.config import load_inside_config, load_outside_config
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import KeyFileError, UsageError
-from ferry.provision import KEY_ROLES, free_udp_port, init_deployment, keygen
+from ferry.provision import (
+    KEY_ROLES,
+    _ephemeral_range,
+    free_tcp_port,
+    free_udp_port,
+    init_deployment,
+    keygen,
+)
 
 
 def _mode(path: str | Path) -> int:
@@ -259,3 +267,14 @@ def test_keygen_half_pair_is_cleaned_up(tmp_path: Path, monkeypatch: pytest.Monk
 def test_keygen_bad_arguments(tmp_path: Path, role: str, name: str | None) -> None:
     with pytest.raises(UsageError):
         keygen(role, tmp_path, name=name)
+
+
+def test_ports_chosen_for_a_deployment_are_outside_the_ephemeral_range() -> None:
+    """A port from that range (what a bind to port 0 gives) can be taken by any outgoing
+    connection before the agent binds it: the agent then fails to start (a CI flake)."""
+    low, high = _ephemeral_range()
+    ports = [free_tcp_port() for _ in range(20)] + [free_udp_port() for _ in range(20)]
+    assert not [p for p in ports if low <= p <= high]
+    for port in ports[:3]:  # free indeed
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
