@@ -31,6 +31,12 @@ MAX_ACTIVE_OBJECTS = 1024
 # Bytes of undecoded symbols held in memory across all blocks (normal use needs a few MB:
 # interleave x (k + r) x symbol size).
 MAX_PENDING_BYTES = 256 * 1024 * 1024
+# What the memory bound counts besides the symbols' bytes (measured with tracemalloc): the
+# Python objects that hold a pending symbol, and a decoded block's entry in its object's
+# set. A sender choosing tiny symbols or blocks would otherwise fill memory many times
+# over before the bound saw it.
+SYMBOL_COST = 320
+BLOCK_DONE_COST = 80
 # Finished object ids remembered to ignore late symbols and repeats cheaply.
 MAX_FINISHED = 65_536
 # Datagrams of a not-yet-announced session kept until its announcement arrives
@@ -126,6 +132,11 @@ class _Object:
     last_seen: float
     done: set[int] = field(default_factory=set)
     pending: dict[int, dict[int, bytes]] = field(default_factory=dict)
+
+
+def _held(syms: dict[int, bytes]) -> int:
+    """What the memory bound counts for a block's pending symbols."""
+    return sum(map(len, syms.values())) + len(syms) * SYMBOL_COST
 
 
 class Receiver:
@@ -377,7 +388,7 @@ class Receiver:
             self.stats.duplicates += 1
             return
         syms[s] = payload
-        self._pending_bytes += len(payload)
+        self._pending_bytes += len(payload) + SYMBOL_COST
         if len(syms) >= k_b:
             # Decode before dropping the symbols: if decoding fails, later symbols of the
             # block can still complete it.
@@ -385,7 +396,7 @@ class Receiver:
             if len(data) < length:
                 raise WireError("decoded block shorter than announced")
             del obj.pending[b]
-            self._pending_bytes -= sum(map(len, syms.values()))
+            self._pending_bytes -= _held(syms) - BLOCK_DONE_COST
             obj.done.add(b)
             self.stats.blocks_decoded += 1
             if any(i not in syms for i in range(k_b)):
@@ -394,10 +405,11 @@ class Receiver:
             self._events.append(BlockDecoded(oid, params.length, offset, data[:length]))
             if len(obj.done) == obj.nblocks:
                 del self._objects[oid]
+                self._pending_bytes -= len(obj.done) * BLOCK_DONE_COST
                 self._finish(oid)
                 self.stats.objects_completed += 1
                 self._events.append(ObjectCompleted(oid, params.length))
-        elif self._pending_bytes > MAX_PENDING_BYTES:
+        if self._pending_bytes > MAX_PENDING_BYTES and self._objects:
             self._lose(next(iter(self._objects)), "memory bound exceeded")
 
     def _new_object(self, params: rec.ObjectParams, now: float) -> _Object:
@@ -418,9 +430,13 @@ class Receiver:
             self._finished.popitem(last=False)
 
     def _drop_pending(self, obj: _Object) -> None:
+        """Forget what ``obj`` holds (it leaves ``_objects``): its pending symbols, and
+        what its decoded blocks count."""
         for syms in obj.pending.values():
-            self._pending_bytes -= sum(map(len, syms.values()))
+            self._pending_bytes -= _held(syms)
         obj.pending.clear()
+        self._pending_bytes -= len(obj.done) * BLOCK_DONE_COST
+        obj.done.clear()
 
     def _lose(self, oid: bytes, reason: str) -> None:
         # Not marked finished: a later copy (the channel's repeat schedule) may still complete it.

@@ -109,3 +109,33 @@ def test_rejections_are_counted_by_kind_not_by_the_numbers_a_forger_chooses() ->
         log("packet_rejected", f"unknown record type x{'y' * n}")
     assert len(log.counts) == MAX_REJECTION_KINDS + 1
     assert log.counts[_RateLimitedLog.OTHER] > 0
+
+
+def test_tiny_symbols_count_what_they_hold_toward_the_memory_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sender (with the key: a compromised outside) choosing 16-byte symbols and sending
+    one of each block's two: each pending symbol holds some 300 bytes of Python objects,
+    so the bound counts those, not the 16 bytes alone (else 20 times the bound in memory)."""
+    bound = 256 * 1024
+    monkeypatch.setattr(receiver_module, "MAX_PENDING_BYTES", bound)
+    link = LinkParams(
+        fec=FecParams(codec="zfec", source=2, repair=0, interleave=1), kem="x25519", packet_size=87
+    )
+    rng = random.Random(5)
+    sender = Sender(link, SIGN, KEM.public, epoch=5, rng=rng.randbytes, now=NOW)
+    data = rng.randbytes(16 * 2 * 20_000)  # 20,000 blocks of two 16-byte symbols
+    sender.submit(OutgoingObject(b"\x07" * 16, len(data), BytesSource(data)))
+    out = sender.datagrams(NOW, 50_000)
+    receiver = Receiver(link, SIGN.public, KEM)
+    receiver.receive_datagram(out[0], NOW)  # the announcement
+    fed = 0
+    for datagram in out[1::2]:  # one symbol of each block
+        fed += 1
+        receiver.receive_datagram(datagram, NOW)
+        if any(isinstance(e, receiver_module.ObjectLost) for e in receiver.pop_events()):
+            break
+    else:
+        pytest.fail("never lost: the memory bound did not hold")
+    assert fed <= bound // (16 + receiver_module.SYMBOL_COST) + 10  # (a few are not symbols)
+    assert receiver._pending_bytes == 0  # (all it held, given back)
