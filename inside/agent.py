@@ -1660,6 +1660,7 @@ class InsideAgent:
             elif isinstance(ev, ObjectLost):
                 self.lost += 1
                 self._mem.pop(ev.object_id, None)
+                self._unspooled.pop(ev.object_id, None)  # (a later copy is written afresh)
                 self._drop_part(ev.object_id)
                 try:
                     self.ledger.record(ev.object_id, "lost", reason=ev.reason)

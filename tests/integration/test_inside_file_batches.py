@@ -17,7 +17,8 @@ from test_recheck_inside import close_agent, png, stage, text_chunk
 
 from ferry.audit.record import AuditUnavailable
 from ferry.config import load_inside_config
-from inside.agent import InsideAgent
+from ferry.wire.receiver import BlockDecoded, ObjectCompleted, ObjectLost
+from inside.agent import MEMORY_OBJECT_MAX, InsideAgent
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +130,45 @@ def test_a_message_lane_whose_disk_will_not_take_a_small_file_goes_on(
     assert len(list(Path(dep["channels"]["messages"]["deliver"]).iterdir())) == 1
     (lost,) = [r for r in records(dep, oid) if r["event"] == "transfer.lost"]
     assert lost["reason"].startswith("NOT_SPOOLED")
+
+
+def test_a_copy_after_one_lost_to_a_full_disk_is_written_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk refuses a block of an object (full); the object is then lost (timed out).
+    A later copy (the channel's repeat), once there is room, is spooled and queued for
+    delivery (it used to be dropped too: the failed write was still remembered)."""
+    dep = init(tmp_path / "d")
+    agent = _agent(dep)
+    oid, size = b"\x31" * 16, MEMORY_OBJECT_MAX + 10  # (spooled, not held in memory)
+    block = bytes(size)
+
+    class Machine:
+        def __init__(self, events: list[object]) -> None:
+            self.events = events
+
+        def pop_events(self) -> list[object]:
+            out, self.events = self.events, []
+            return out
+
+        def forget_finished(self, _oid: bytes) -> None:
+            pass
+
+    real_fd = agent._spool_fd
+    try:
+
+        def full(_oid: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(agent, "_spool_fd", full)
+        first = [BlockDecoded(oid, size, 0, block), ObjectLost(oid, size, 0, 2, "timeout")]
+        agent._handle(Machine(first), None, 0.0)  # type: ignore[arg-type]
+        monkeypatch.setattr(agent, "_spool_fd", real_fd)  # room again
+        again = [BlockDecoded(oid, size, 0, block), ObjectCompleted(oid, size)]
+        agent._handle(Machine(again), None, 1.0)  # type: ignore[arg-type]
+        queued = agent._work.get_nowait()
+        spooled = agent._spool_path(oid).read_bytes()
+    finally:
+        close_agent(agent)
+    assert queued == (oid, size, False)
+    assert spooled == block
