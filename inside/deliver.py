@@ -81,8 +81,16 @@ def _manifest(trailer: bytes, object_id: bytes, content_len: int, sender: Sender
     return manifest
 
 
-def verify_object(fd: int, object_id: bytes, length: int, sender: Senders) -> rec.Manifest:
-    """Check an object file; return its authenticated manifest or raise WireError."""
+def verify_object(
+    fd: int,
+    object_id: bytes,
+    length: int,
+    sender: Senders,
+    accept: Callable[[rec.Manifest], object] | None = None,
+) -> rec.Manifest:
+    """Check an object file; return its authenticated manifest or raise WireError.
+    ``accept(manifest)`` runs once the manifest is authenticated, before the content is
+    read (it raises to refuse the object, without reading gigabytes first)."""
     if os.fstat(fd).st_size != length:
         raise WireError("object file size differs from the object length")
     if length < rec.TRAILER_TAIL.size:
@@ -91,6 +99,8 @@ def verify_object(fd: int, object_id: bytes, length: int, sender: Senders) -> re
     if tlen > length:
         raise WireError("object trailer longer than the object")
     manifest = _manifest(os.pread(fd, tlen, length - tlen), object_id, length - tlen, sender)
+    if accept is not None:
+        accept(manifest)
     digest = hashlib.sha256()
     offset = 0
     while offset < manifest.size:
@@ -380,13 +390,18 @@ def _checked(
 ) -> tuple[rec.Manifest, Path]:
     """The verified manifest of the spooled object open as ``fd`` and the folder (made) its
     file goes to, once re-checked (``checking`` held meanwhile); raises what refuses it."""
-    with checking if checking is not None else nullcontext():
-        manifest = verify_object(fd, object_id, length, sender)
+
+    def accept(manifest: rec.Manifest) -> Path:  # (before its content is read)
         if manifest.kind != "file":
             raise FerryError(f"a {manifest.kind} object cannot be delivered as a file")
         folder = folders.get(manifest.channel)
         if folder is None:
             raise FerryError(f"channel {manifest.channel!r} has no file folder on this inside")
+        return folder
+
+    with checking if checking is not None else nullcontext():
+        manifest = verify_object(fd, object_id, length, sender, accept)
+        folder = accept(manifest)
         if recheck is not None:
             recheck(manifest, spool_file)
     if manifest.path:

@@ -653,3 +653,24 @@ def test_a_batch_for_a_folder_on_another_file_system_is_left_to_copy(box: Box) -
         assert (folder / "f0.pdf").read_bytes() == CONTENT
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_file_for_a_channel_with_no_folder_is_refused_before_its_content_is_read(
+    box: Box, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Hashing gigabytes first would hold up every channel's checks meanwhile.)"""
+    content = CONTENT * 50
+    path, length = box.spool_object(OID_A, content, channel="elsewhere")
+    reads: list[int] = []
+    real = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(offset)
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    with pytest.raises(FerryError, match="no file folder"):
+        box.deliver(path, OID_A, length)
+    assert reads  # (the trailer)
+    assert min(reads) >= len(content)  # never the content
+    _refused(box, path)
