@@ -78,6 +78,11 @@ MEMORY_OBJECT_MAX = 256 * 1024
 # message at MAX_MESSAGE_SIZE; its manifest and the bundle trailer add a few KiB.)
 INLINE_OBJECT_MAX = MAX_MESSAGE_SIZE + 1024 * 1024
 DELIVERY_BATCH = 32
+# Refused objects kept (state/rejected/ and state/quarantine/ together), at most: past it a
+# refused object is still refused and recorded, but not kept (a compromised outside, with
+# the key, could otherwise fill the inside's disk with refusals, the audit log's with it).
+MAX_KEPT_REFUSED = 4 * 1024**3
+KEPT_RESCAN = 60.0  # seconds: while over it, the folders are measured again at most this often
 # A files channel's thread delivers up to this many files queued together (one wait for
 # the disk per step for them all), of up to FILE_BATCH_BYTES in all.
 FILE_BATCH = 32
@@ -307,8 +312,12 @@ class InsideAgent:
         self.spool_dir = cfg.state_dir / "incoming"
         self.rejected_dir = cfg.state_dir / "rejected"
         self.quarantine_dir = cfg.state_dir / "quarantine"  # the re-check disagreed
+        self._kept_lock = threading.Lock()
+        self._kept_bytes = 0  # (measured below, once the folders exist)
+        self._kept_measured = 0.0
         for d in (self.spool_dir, self.rejected_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._kept_bytes, self._kept_measured = self._kept_size(), time.monotonic()
         self.folders = {
             ch.name: ch.deliver for ch in cfg.channels if ch.kind == "files" and ch.deliver
         }
@@ -945,6 +954,33 @@ class InsideAgent:
         if self.scanner is not None and self.scanner.scan(data):
             raise RecheckFailed(f"MALWARE_SIGNATURE: a YARA rule matched {where or 'the file'}")
 
+    def _kept_size(self) -> int:
+        """What the refused objects kept take now (their files in both folders)."""
+        total = 0
+        for folder in (self.rejected_dir, self.quarantine_dir):
+            with contextlib.suppress(OSError), os.scandir(folder) as it:
+                for entry in it:
+                    with contextlib.suppress(OSError):
+                        if entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def _room_to_keep(self, size: int) -> bool:
+        """Whether a refused object of ``size`` bytes may be kept (MAX_KEPT_REFUSED); if so
+        its bytes are counted. Over the limit, the folders are measured again (an operator
+        may have removed or released some) at most every KEPT_RESCAN seconds."""
+        with self._kept_lock:
+            now = time.monotonic()
+            if (
+                self._kept_bytes + size > MAX_KEPT_REFUSED
+                and now - self._kept_measured >= KEPT_RESCAN
+            ):
+                self._kept_bytes, self._kept_measured = self._kept_size(), now
+            if self._kept_bytes + size > MAX_KEPT_REFUSED:
+                return False
+            self._kept_bytes += size
+            return True
+
     def _reject(
         self,
         oid: bytes,
@@ -969,8 +1005,25 @@ class InsideAgent:
                 keep_reason(folder, oid, reason, manifest, findings)
             except OSError as exc:  # the item is still kept; only its record is missing
                 _log.error("quarantine_reason_not_written", object_id=oid.hex(), error=str(exc))
+        size = len(data) if data is not None else 0
+        if data is None:
+            with contextlib.suppress(OSError):
+                size = path.stat().st_size
+        kept: str | None = str(target)
+        if not self._room_to_keep(size):
+            kept = None
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            self._disk_log(
+                "refused_copy_not_kept",
+                f"the refused objects kept take {MAX_KEPT_REFUSED} bytes already "
+                f"({self.rejected_dir}, {self.quarantine_dir}): remove or release some",
+                object_id=oid.hex(),
+            )
         try:  # on disk, under its name, before the ledger says rejected (a repeat is then
-            if data is not None:  # dropped as a duplicate, and a start removes the spool's)
+            if kept is None:  # dropped as a duplicate, and a start removes the spool's)
+                pass
+            elif data is not None:
                 with open(target, "wb") as f:
                     f.write(data)
                     f.flush()
@@ -988,20 +1041,23 @@ class InsideAgent:
                 fsync_dir(folder)
         except OSError as exc:  # (a full disk): refused all the same, recorded without it
             _log.error("refused_copy_not_kept", object_id=oid.hex(), error=str(exc))
+            with self._kept_lock:
+                self._kept_bytes -= size
+            kept = None
         self.audit.try_record(
             "delivery.rejected",
             subject=self._delivery_subject,
             result="rejected",
             reason=reason[:1024],
             obj=AuditObject(item=oid.hex()),
-            detail={"kept": str(target)},
+            detail={"kept": kept},
             corr=oid.hex(),
         )
         try:
             self.ledger.record(oid, "rejected", reason=reason)
         except sqlite3.Error as exc:  # (a full disk: a repeat is refused again, by its check)
             _log.error("refusal_not_in_ledger", object_id=oid.hex(), error=str(exc))
-        _log.error("object_rejected", object_id=oid.hex(), reason=reason, kept=str(target))
+        _log.error("object_rejected", object_id=oid.hex(), reason=reason, kept=kept)
 
     def _deliver_file(
         self,

@@ -18,6 +18,7 @@ from test_recheck_inside import close_agent, png, stage, text_chunk
 from ferry.audit.record import AuditUnavailable
 from ferry.config import load_inside_config
 from ferry.wire.receiver import BlockDecoded, ObjectCompleted, ObjectLost
+from inside import agent as agent_module
 from inside.agent import MEMORY_OBJECT_MAX, InsideAgent
 
 pytestmark = pytest.mark.integration
@@ -172,3 +173,34 @@ def test_a_copy_after_one_lost_to_a_full_disk_is_written_afresh(
         close_agent(agent)
     assert queued == (oid, size, False)
     assert spooled == block
+
+
+def test_refused_objects_are_kept_up_to_a_limit_then_refused_without_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compromised outside (with the key) could fill the inside's disk with objects it
+    knows will be refused, and with it the audit log's: copies are kept up to
+    MAX_KEPT_REFUSED; past it each is still refused and recorded, without its copy. Room
+    made by an operator is found again (KEPT_RESCAN)."""
+    monkeypatch.setattr(agent_module, "MAX_KEPT_REFUSED", 100_000)
+    monkeypatch.setattr(agent_module, "KEPT_RESCAN", 0.0)
+    dep = init(tmp_path / "d")
+    agent = _agent(dep)
+    rejected = Path(dep["inside"]["state_dir"]) / "rejected"
+    oids = [bytes([n]) * 16 for n in range(1, 6)]
+    try:
+        for oid in oids:
+            agent._reject(oid, "WIRE: not signed by the outside", bytes(40_000))
+        kept = sorted(p.name for p in rejected.iterdir())
+        states = {agent.ledger.state_of(oid) for oid in oids}
+        (rejected / f"{oids[0].hex()}.obj").unlink()  # an operator makes room
+        extra = b"\x09" * 16
+        agent._reject(extra, "WIRE: not signed by the outside", bytes(40_000))
+    finally:
+        close_agent(agent)
+    assert kept == [f"{oid.hex()}.obj" for oid in oids[:2]]  # 80,000 bytes; a third: over
+    assert states == {"rejected"}  # every one refused all the same
+    assert (rejected / f"{extra.hex()}.obj").exists()
+    for oid, was_kept in zip(oids, [True, True, False, False, False], strict=True):
+        (record,) = [r for r in records(dep, oid) if r["event"] == "delivery.rejected"]
+        assert (record["detail"]["kept"] is not None) is was_kept
