@@ -35,6 +35,7 @@ _log = log.get("inside.mirror")
 
 # Bytes of out-of-order pieces held while a gap is filled (a repeat copy usually fills it).
 MAX_PENDING_BYTES = 64 * 1024 * 1024
+PIECE_COST = 256  # counted for each piece held besides its bytes (its objects, its entry)
 SUBJECT = Subject.component("audit-mirror")
 # Bytes read at a time while hashing mirrored records (a record is at most 16 KiB).
 READ_CHUNK = 1024 * 1024
@@ -101,6 +102,8 @@ class AuditMirror:
         if m is None:
             raise MirrorRejected(f"not an audit piece name: {name[:80]!r}")
         file, offset = m.group(1), int(m.group(2))
+        if not content:  # (the shipper never cuts one; held, it would cost and fill nothing)
+            raise MirrorRejected(f"an empty audit piece: {name[:80]!r}")
         self.pieces += 1
         self._place(file, offset, content)
         self._drain_pending(file)
@@ -116,9 +119,10 @@ class AuditMirror:
         size = self._size(file)
         if offset > size:
             held = self._pending.setdefault(file, {})
-            if offset not in held and self._pending_bytes + len(content) <= MAX_PENDING_BYTES:
+            cost = len(content) + PIECE_COST
+            if offset not in held and self._pending_bytes + cost <= MAX_PENDING_BYTES:
                 held[offset] = content
-                self._pending_bytes += len(content)
+                self._pending_bytes += cost
             return
         overlap = min(size - offset, len(content))
         if overlap:
@@ -159,7 +163,7 @@ class AuditMirror:
                 return
             for o in sorted(ready):
                 content = held.pop(o)
-                self._pending_bytes -= len(content)
+                self._pending_bytes -= len(content) + PIECE_COST
                 if o + len(content) > self._size(file):
                     self._place(file, o, content)
 

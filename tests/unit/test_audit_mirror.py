@@ -20,6 +20,7 @@ from ferry.config_types import AuditParams
 from ferry.crypto.keys import PublicKey, SecretKey, write_secret_key
 from ferry.errors import UsageError
 from ferry.wire import records as rec
+from inside import mirror as mirror_module
 from inside.gaps import Gap, SequenceGaps
 from inside.mirror import AuditMirror, MirrorRejected
 from inside.mirror_cli import status as mirror_status
@@ -326,3 +327,21 @@ def test_a_waiting_request_is_read_only_so_far(tmp_path: Path) -> None:
     assert pending_resend(tmp_path)["from"] == "checkpoints.log@0"  # type: ignore[index]
     (tmp_path / RESEND_FILE).write_bytes(b'{"from": "' + b"x" * (8 * 1024 * 1024) + b'"}')
     assert pending_resend(tmp_path) is None
+
+
+def test_empty_and_tiny_out_of_order_pieces_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces come from the outside (a compromised one has the key): an empty piece is
+    refused, and out-of-order pieces held for a gap count what holding them costs, not
+    only their bytes (a million one-byte pieces would otherwise all be held)."""
+    monkeypatch.setattr(mirror_module, "MAX_PENDING_BYTES", 10_000)
+    mirror, audit = _inside(tmp_path, SecretKey.generate("ed25519"))
+    with pytest.raises(MirrorRejected, match="empty"):
+        mirror.receive("audit-000001.jsonl@5", b"")
+    for offset in range(1000, 2000):
+        mirror.receive(f"audit-000001.jsonl@{offset}", b"x")
+    held = mirror._pending["audit-000001.jsonl"]
+    assert len(held) == 10_000 // (1 + mirror_module.PIECE_COST)
+    assert mirror._pending_bytes <= 10_000
+    audit.close()
