@@ -50,14 +50,17 @@ def fs_type(fd: int) -> int:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # (f_type comes first)
 
 
-def flush_all(fds: list[int]) -> None:
+def flush_all(fds: list[int], *, local: bool | None = None) -> None:
     """Make every file open as ``fds`` durable. On a local file system (SYNCFS_FLUSHES): one
     syncfs (one flush for many small files, where an fsync each would wait for the disk
     once per file), or an fsync of each if syncfs fails. Elsewhere (a share: FUSE, NFS,
-    SMB...), an fsync of each. The files must share one file system."""
+    SMB...), an fsync of each. The files must share one file system; ``local``: what
+    :func:`on_local_disk` says of it, when the caller knows already."""
     if not fds:
         return
-    if on_local_disk(fds[0]) and _LIBC.syncfs(fds[0]) == 0:
+    if local is None:
+        local = on_local_disk(fds[0])
+    if local and _LIBC.syncfs(fds[0]) == 0:
         return
     for fd in fds:
         os.fsync(fd)
@@ -85,8 +88,13 @@ def sync_names(folder: str | Path, names: Iterable[str]) -> None:
 def sync_names_at(dir_fd: int, names: Iterable[str]) -> None:
     """:func:`sync_names` for the folder open as ``dir_fd``."""
     os.fsync(dir_fd)
-    if on_local_disk(dir_fd):
-        return
+    if not on_local_disk(dir_fd):
+        fsync_named(dir_fd, names)
+
+
+def fsync_named(dir_fd: int, names: Iterable[str]) -> None:
+    """An fsync of each file ``names`` in the folder open as ``dir_fd`` (on a share, what
+    commits a new name on the file server: see :func:`sync_names`)."""
     for name in names:
         f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:

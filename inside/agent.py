@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
@@ -180,6 +180,27 @@ class _RateLimitedLog:
             _log.warning(event, reason=reason, count=n, **kw)
             return n
         return 0
+
+
+_J = TypeVar("_J", Job, FileJob)
+
+
+def _queued_with(
+    first: _J, work: queue.SimpleQueue[_J | None], count: int, size: int | None = None
+) -> tuple[list[_J], bool]:
+    """``first`` and the jobs queued behind it, up to ``count`` of them (and, with
+    ``size``, until their lengths reach it); True with them if the stop's None was met."""
+    jobs, total = [first], first[1]
+    while len(jobs) < count and (size is None or total < size):
+        try:
+            job = work.get_nowait()
+        except queue.Empty:
+            break
+        if job is None:
+            return jobs, True
+        jobs.append(job)
+        total += job[1]
+    return jobs, False
 
 
 def _passes(exc: BaseException) -> bool:
@@ -639,18 +660,7 @@ class InsideAgent:
         lane.busy_since = None
         last = False
         while not last and (job := lane.work.get()) is not None:
-            jobs = [job]
-            size = job[1]
-            while len(jobs) < FILE_BATCH and size < FILE_BATCH_BYTES:
-                try:
-                    job = lane.work.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    last = True
-                    break
-                jobs.append(job)
-                size += job[1]
+            jobs, last = _queued_with(job, lane.work, FILE_BATCH, FILE_BATCH_BYTES)
             if self.stop.is_set() or not self._wait_for_audit():
                 return  # stopping: the spool files stay; the next start delivers them
             lane.active, lane.busy_since = len(jobs), time.monotonic()
@@ -713,16 +723,7 @@ class InsideAgent:
             if not self._wait_for_audit():  # stopping while the audit log cannot write
                 self._keep_held([first, *self._until_stop(work)])
                 return
-            jobs: list[Job] = [first]
-            while len(jobs) < DELIVERY_BATCH:
-                try:
-                    job = work.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    last = True
-                    break
-                jobs.append(job)
+            jobs, last = _queued_with(first, work, DELIVERY_BATCH)
             messages: list[tuple[bytes, rec.Manifest, bytes]] = []
             spooled: list[bytes] = []  # read from the spool: removed once settled
             carried: set[bytes] = set()  # the objects whose messages are in this batch
@@ -1020,16 +1021,16 @@ class InsideAgent:
                 f"({self.rejected_dir}, {self.quarantine_dir}): remove or release some",
                 object_id=oid.hex(),
             )
-        try:  # on disk, under its name, before the ledger says rejected (a repeat is then
-            if kept is None:  # dropped as a duplicate, and a start removes the spool's)
-                pass
-            elif data is not None:
+        # On disk, under its name, before the ledger says rejected (a repeat is then dropped
+        # as a duplicate, and a start removes the spool's copy).
+        try:
+            if kept is not None and data is not None:
                 with open(target, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
                 fsync_dir(folder)
-            elif path.exists():
+            elif kept is not None and path.exists():
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
                 try:
                     if refused is not None and refused.manifest is not None:

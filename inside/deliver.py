@@ -27,7 +27,15 @@ from pathlib import Path, PurePosixPath
 from ferry.crypto import suite
 from ferry.crypto.keys import PublicKey
 from ferry.errors import EnvelopeRejected, FerryError, UnsafePathError, WireError
-from ferry.place import drop_temp, flush_all, link_new, on_local_disk, sync_names, temp_name
+from ferry.place import (
+    drop_temp,
+    flush_all,
+    fsync_named,
+    link_new,
+    on_local_disk,
+    sync_names,
+    temp_name,
+)
 from ferry.wire import records as rec
 from inside.ledger import Ledger
 from inside.paths import candidate_names, contained, safe_name
@@ -180,7 +188,8 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
             view = memoryview(content)
             while view:
                 view = view[os.write(tmp, view) :]
-        flush_all([fd for fd, _ in tmps])
+        local = on_local_disk(dir_fd)
+        flush_all([fd for fd, _ in tmps], local=local)
         for i, (fd, tmp_name) in enumerate(tmps):
             if tmp_name is not None:  # (closed before it is named: a share may hide a file
                 os.close(fd)  # unlinked while open, .fuse_hidden..., .nfsXXXX)
@@ -202,13 +211,8 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
             else:
                 raise UnsafePathError(f"no free name for {name!r} after many collisions")
             out.append(Path(target))
-        if out and not on_local_disk(dir_fd):  # (a share: see ferry.place.sync_names)
-            for path in out:
-                fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        if not local:  # (a share: see ferry.place.sync_names)
+            fsync_named(dir_fd, [path.name for path in out])
     finally:
         for tmp, tmp_name in tmps:
             if tmp >= 0:
