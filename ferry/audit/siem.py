@@ -224,6 +224,11 @@ class Cursor:
         os.replace(tmp, self.path)
 
 
+# fsync(2) errors that mean there is nothing this reader could flush: a file system that
+# does not sync (EINVAL) or is read-only.
+_NOTHING_TO_SYNC = frozenset({errno.EINVAL, errno.EROFS})
+
+
 class Follower:
     """Complete record lines of a log directory from a position, following new segments."""
 
@@ -232,12 +237,17 @@ class Follower:
     ) -> None:
         """``durable()``: how many records of the log are on disk (the writer's
         :attr:`AuditLog.durable_size`, when it runs in this process): none past them is
-        read, so none a power cut could still take back leaves the host."""
+        read, so none a power cut could still take back leaves the host. Without it (a
+        reader in a process of its own cannot ask the writer), the follower makes the
+        lines durable itself before it returns them: one fsync of the segment it reads
+        covers every byte written before it, so a line read before that fsync is on disk
+        after it."""
         self.dir = directory
         self._durable = durable
         self.pos = Position(pos.idx, pos.segment, pos.offset, pos.prev)
         self._file: IO[bytes] | None = None
         self._file_seg = 0
+        self._file_synced = 0  # (the open segment's bytes known to be on disk)
         self._checked = False  # the first line read after a seek matches pos.prev
 
     def seek(self, pos: Position) -> None:
@@ -258,7 +268,22 @@ class Follower:
         except FileNotFoundError:
             return None
         self._file_seg = self.pos.segment
+        self._file_synced = 0
         return self._file
+
+    def _on_disk(self, f: IO[bytes], end: int) -> bool:
+        """Are the open segment's first ``end`` bytes on disk? Synced here when not known
+        to be (an error, e.g. EIO, is raised: nothing unsynced is exported)."""
+        if self._durable is not None or end <= self._file_synced:
+            return True
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno not in _NOTHING_TO_SYNC:
+                raise
+        self._file_synced = size
+        return end <= size
 
     def read(self, limit: int) -> list[tuple[bytes, Position]]:
         """Up to ``limit`` new lines, each with the position after it."""
@@ -274,6 +299,8 @@ class Follower:
             f.seek(self.pos.offset)
             raw = f.readline(MAX_RECORD_BYTES + 2)
             if raw.endswith(b"\n"):
+                if not self._on_disk(f, self.pos.offset + len(raw)):
+                    break  # (cut back by the writer meanwhile: read again next time)
                 self._take(raw, out)
                 continue
             if len(raw) > MAX_RECORD_BYTES:

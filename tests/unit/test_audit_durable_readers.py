@@ -1,12 +1,17 @@
 """Readers of an audit log in the writer's process (the audit shipper to the inside's mirror,
 the SIEM export) take only what the writer has synced: bytes a power cut could still take
-back never leave the host. Real audit logs and files; the disk's fsync is held back."""
+back never leave the host. Real audit logs and files; the disk's fsync is held back. A reader
+in a process of its own (``ferry audit export --log``) syncs what it reads itself."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from pathlib import Path
+
+import pytest
 
 from ferry.audit.log import AuditLog, AuditSettings, FileOps
 from ferry.audit.record import Subject
@@ -113,6 +118,50 @@ def test_an_agent_exports_only_records_on_disk(tmp_path: Path) -> None:
         [(line, pos)] = follower.read(100)
         assert json.loads(line)["object"]["item"] == f"{10:032x}"
         assert pos.idx == synced + 1
+    finally:
+        files.release.set()
+        log.close()
+
+
+def test_a_standalone_export_syncs_what_it_reads_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ferry audit export`` run as its own process cannot ask the writer what is on disk:
+    each line it returns was covered by an fsync of its segment made after the line was
+    read, and when that fsync fails, nothing is returned and the position stays (the
+    exporter then retries as after a failure to send)."""
+    files = _HeldSync()
+    settings = AuditSettings(origin="outside.test/audit", checkpoint_every=1000)
+    log = AuditLog(tmp_path / "audit", KEY, settings, files=files)
+    synced: dict[int, int] = {}  # inode -> size when an fsync of it began
+    failing = threading.Event()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        if failing.is_set():
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+        synced[st.st_ino] = max(synced.get(st.st_ino, 0), st.st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        files.hold.set()  # the writer's own fsync waits: its lines are written, not synced
+        _append(log, 5)
+        assert files.waiting.wait(10)  # (the first records are written, their sync waits)
+        follower = Follower(tmp_path / "audit", Position())
+        first = follower.read(100)
+        assert first
+        assert [line for line, _ in first] == _lines(tmp_path / "audit")[: len(first)]
+        segment = tmp_path / "audit" / "audit-000001.jsonl"
+        assert synced[segment.stat().st_ino] >= first[-1][1].offset
+        again = Follower(tmp_path / "audit", Position())  # (knows nothing synced yet)
+        failing.set()
+        with pytest.raises(OSError):
+            again.read(100)
+        assert again.pos == Position()
+        failing.clear()
+        assert [line for line, _ in again.read(100)] == [line for line, _ in first]
     finally:
         files.release.set()
         log.close()
