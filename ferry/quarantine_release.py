@@ -231,11 +231,12 @@ def trusted_admin_key(config: Path, given: str | None = None) -> PublicKey:
 
 
 @contextlib.contextmanager
-def locked(folder: Path) -> Iterator[int]:
-    """The folder, opened without following links and exclusively locked."""
+def locked(folder: Path, *, wait: bool = True) -> Iterator[int]:
+    """The folder, opened without following links and exclusively locked (a release holds
+    it); ``wait=False``: BlockingIOError at once if someone else holds it."""
     dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fcntl.flock(dfd, fcntl.LOCK_EX)
+        fcntl.flock(dfd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield dfd
     finally:
         os.close(dfd)

@@ -43,7 +43,7 @@ from ferry.place import (
     sync_names,
     temp_name,
 )
-from ferry.quarantine_release import RELEASES, ReleaseAuditor
+from ferry.quarantine_release import RELEASES, ReleaseAuditor, locked
 from ferry.wire import records as rec
 from ferry.wire.records import MAX_REPORT_BYTES
 from ferry.wire.sender import build_trailer
@@ -526,6 +526,13 @@ class FolderIntake:
                         _log.error("drop_folder_not_created", channel=ch.name, error=str(exc))
                     if ch.sent is not None and (removed := remove_stale_temps(ch.sent)):
                         _log.info("stale_temp_files_removed", channel=ch.name, count=removed)
+                    if removed := _remove_release_temps(ch):
+                        _log.info(
+                            "stale_temp_files_removed",
+                            channel=ch.name,
+                            folder="drop",
+                            count=removed,
+                        )
                     lane.watcher.start()
                     watching = True
                     lane.progress = None
@@ -965,6 +972,20 @@ def _move_across(path: Path, target: Path) -> None:
         os.close(src)
     sync_names(target.parent, [target.name])
     os.unlink(path)
+
+
+def _remove_release_temps(ch: OutsideChannel) -> int:
+    """Remove the temp files a release copy cut short left in the channel's drop folder.
+    Only ``ferry quarantine release`` writes there (across file systems, a copy under a temp
+    name), holding the quarantine folder's lock: taken here without waiting, so a release
+    under way keeps its temp (it is removed at the next start)."""
+    if ch.drop is None or ch.quarantine is None:
+        return 0
+    try:
+        with locked(ch.quarantine, wait=False):
+            return remove_stale_temps(ch.drop)
+    except OSError:  # (a release holds it right now, or no quarantine folder yet)
+        return 0
 
 
 class ContentRefused(PolicyRejection):

@@ -10,6 +10,10 @@ import time
 import pytest
 from intake_helpers import Gateway
 
+from ferry.place import TEMP_PREFIX
+from ferry.quarantine_release import locked
+from outside.intake import _remove_release_temps
+
 
 def test_a_channel_waiting_for_files_is_not_stalled(gateway: Gateway) -> None:
     gateway.intake._lanes["documents"].watcher.start()
@@ -43,3 +47,27 @@ def test_a_channel_held_up_by_its_folder_is_named_with_its_wait(
         release.set()
         stuck.join(5)
     assert gateway.intake.stalled() == {}
+
+
+def test_a_release_copy_cut_short_leaves_no_temp_in_the_drop_folder(gateway: Gateway) -> None:
+    """A release across file systems copies under a hidden temp name in the drop folder; one
+    cut short (a crash, a full disk) leaves it there. The channel's thread removes such
+    temps when it starts, but never one a release under way still holds (the quarantine
+    folder's lock), and nothing else that only looks similar."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    stale = gateway.drop / f"{TEMP_PREFIX}{'cd' * 8}.part"
+    other = gateway.drop / ".ferry-notes.part"  # (a clerk's, not ours)
+    for path in (stale, other):
+        path.write_bytes(b"half a copy")
+    with locked(gateway.quarantine):  # a release at work
+        assert _remove_release_temps(gateway.channel) == 0
+        assert stale.exists()
+    gateway.intake.start(lambda items: None, poll_interval=0.1)
+    try:
+        deadline = time.monotonic() + 10
+        while stale.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not stale.exists()
+        assert other.read_bytes() == b"half a copy"
+    finally:
+        gateway.intake.stop()
