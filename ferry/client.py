@@ -309,6 +309,11 @@ class Consumer:
     Delivery is at least once: a message not acknowledged in time is offered
     again, so use ``item`` to drop repeats. ``credit`` bounds how many
     unacknowledged messages this consumer holds.
+
+    The inside knows a consumer by its connection only. When the connection is made
+    again (the inside restarted, or the network dropped it), the consumer says READY
+    once more, with the credit it has left, the next time :meth:`receive` runs; without
+    that, a consumer that outlives a restart of the inside would wait for ever.
     """
 
     def __init__(
@@ -319,11 +324,37 @@ class Consumer:
         server = load_public_key(cfg.server_public_key, cfg.source.parent)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self.sock = curve_client(self._ctx, zmq.DEALER, key, server)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._connections = 0
+        self._channels = channels
+        self._credit = credit  # what the consumer asked for in all, less what it holds:
+        self._held: set[str] = set()  # (received, not yet acknowledged)
+        self.reconnects = 0
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self.sock.connect(cfg.endpoint)
+        self._ready(credit)  # (queued: sent once the first connection is made)
+
+    def _ready(self, credit: int) -> None:
         body: dict[str, Any] = {"credit": credit}
-        if channels is not None:
-            body["channels"] = channels
+        if self._channels is not None:
+            body["channels"] = self._channels
         self.sock.send_multipart([PROTOCOL, b"READY", msgpack.packb(body)])
+
+    def _check_connection(self) -> None:
+        """Say READY again on each new connection after the first (see the class)."""
+        while True:
+            try:
+                event = monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                continue
+            self._connections += 1
+            if self._connections > 1:
+                self.reconnects += 1
+                self._ready(max(0, self._credit - len(self._held)))
 
     @classmethod
     def from_config(cls, path: str | Path, **kw: Any) -> Consumer:
@@ -332,8 +363,17 @@ class Consumer:
     def receive(self, timeout: float = 1.0, limit: int = 1024) -> list[Delivery]:
         """Messages that arrived, waiting up to ``timeout`` seconds for the first."""
         out: list[Delivery] = []
-        if not self.sock.poll(int(timeout * 1000)):
-            return out
+        poller = self._poller
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_connection()
+            left = deadline - time.monotonic()
+            ready = dict(poller.poll(max(0, int(left * 1000))))
+            if self.sock in ready:
+                break
+            if self._monitor not in ready and time.monotonic() >= deadline:
+                self._check_connection()
+                return out
         while len(out) < limit:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -353,14 +393,20 @@ class Consumer:
                     frames[3],
                 )
             )
+        self._held.update(d.item for d in out)
         return out
 
     def ack(self, items: list[str], credit: int | None = None) -> None:
         """Acknowledge processed messages and grant as much new credit (by default)."""
-        body = {"items": items, "credit": len(items) if credit is None else credit}
+        grant = len(items) if credit is None else credit
+        self._held.difference_update(items)
+        self._credit = max(0, self._credit + grant - len(items))
+        body = {"items": items, "credit": grant}
         self.sock.send_multipart([PROTOCOL, b"ACK", msgpack.packb(body)])
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(0)
         self.sock.close(0)
         self._ctx.term()
 

@@ -8,6 +8,13 @@ clients, with the channels they may read) and speak::
     consumer -> READY  {"credit": n, "channels": [...]}   ask for up to n messages
     inside   -> DELIVER {"item", "channel", "seq", "schema", "subject", "created_us"} + body
     consumer -> ACK    {"items": [...], "credit": n}        done with these; n more please
+    inside   -> PING   {}                                    still there? (nothing to answer)
+
+The inside knows a consumer by its connection. A connection made again (the inside restarted,
+the network dropped) is a new consumer with no credit: the client says READY again
+(:class:`ferry.client.Consumer` does). A consumer silent for ``PROBE_AFTER`` seconds is sent a
+PING; ROUTER_MANDATORY refuses it when the connection is gone, and the consumer is forgotten
+(its messages in flight are offered again after ``redeliver_after``).
 
 A message not acknowledged within ``redeliver_after`` seconds is offered
 again (to any consumer of its channel), so delivery is at least once; the
@@ -40,6 +47,9 @@ ZAP_DOMAIN = "ferry-consumers"
 MAX_CREDIT = 10_000
 MAX_BODY = 64 * 1024
 ACK_FLUSH_INTERVAL = 0.2
+# A consumer silent this long is sent a PING (see above); a connection that is gone is then
+# forgotten, so reconnections do not pile up consumers that will never be heard from.
+PROBE_AFTER = 60.0
 # Acknowledged outbox rows (without their bodies) are kept this long for operators, then
 # deleted (ferry.state.Retention): the outbox stays bounded.
 ACKED_RETENTION = 7 * 24 * 3600.0
@@ -217,6 +227,7 @@ class ConsumerServer:
         self._inflight: dict[bytes, tuple[OutboxItem, float, bytes]] = {}
         self._last_holder: dict[bytes, bytes] = {}  # requeued: who had it last
         self.stray_acks = 0  # acks from connections that were not given the item
+        self.forgotten = 0  # consumers whose connection was found gone (see _probe)
         self._consumers: dict[bytes, _Consumer] = {}
         self.delivered = 0
         self.acked = 0
@@ -282,6 +293,7 @@ class ConsumerServer:
                     self._read_router()
                 self._redeliver()
                 self._dispatch()
+                self._probe()
                 self._flush_acks()
                 self._retention.step(time.monotonic())
             except Exception:  # noqa: BLE001  # keep serving consumers
@@ -401,6 +413,25 @@ class ConsumerServer:
             self._last_holder[oid] = who  # its late ack still counts
             self._waiting[oid] = item
             self._waiting.move_to_end(oid, last=False)
+
+    def _probe(self) -> None:
+        """PING each consumer silent for ``PROBE_AFTER`` s; forget those whose connection
+        is gone (ROUTER_MANDATORY refuses the PING)."""
+        if self.router is None:
+            return
+        now = time.monotonic()
+        for con in [c for c in self._consumers.values() if now - c.last_seen >= PROBE_AFTER]:
+            try:
+                self.router.send_multipart(
+                    [con.identity, PROTOCOL, b"PING", msgpack.packb({})], zmq.NOBLOCK
+                )
+            except zmq.Again:  # (there, but its queue is full: still there)
+                con.last_seen = now
+            except zmq.ZMQError:
+                del self._consumers[con.identity]
+                self.forgotten += 1
+            else:
+                con.last_seen = now  # (the next PING in PROBE_AFTER s)
 
     def _dispatch(self) -> None:
         if self.router is None or not self._waiting:
