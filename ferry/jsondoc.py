@@ -27,6 +27,7 @@ import importlib
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -61,6 +62,7 @@ REASONS = (
 MAX_DEPTH_LIMIT = 256
 # Python refuses int() of more than 4300 digits (CVE-2020-10735); stay below it.
 MAX_NUMBER_CHARS_LIMIT = 4000
+_FLOAT_MAX = int(sys.float_info.max)
 # RFC 8785 numbers are IEEE doubles: integers beyond 2**53 are written as the nearest double.
 MAX_SAFE_INTEGER = 2**53
 # Error messages quote at most this many characters of an offending value or key.
@@ -188,7 +190,10 @@ def _strict_decoder(limits: JsonLimits) -> json.JSONDecoder:
     def integer(text: str) -> int:
         if len(text) > max_chars:
             raise _Problem("NUMBER_TOO_LONG")
-        return int(text)
+        value = int(text)
+        if len(text) > 308 and abs(value) > _FLOAT_MAX:  # (as 1e309: no double holds it)
+            raise _Problem("NON_FINITE_NUMBER")
+        return value
 
     def constant(text: str) -> Any:
         raise _Problem("NON_FINITE_NUMBER")
@@ -269,9 +274,11 @@ def _locate(text: str, reason: str, limits: JsonLimits) -> MessageRejected:
         node, path = stack.pop()
         if isinstance(node, _Number):
             long = len(node) > limits.max_number_chars
-            integer = node.lstrip("-").isdigit()  # a huge integer is long, never non-finite
+            integer = node.lstrip("-").isdigit()
             if (reason == "NUMBER_TOO_LONG" and long) or (
-                reason == "NON_FINITE_NUMBER" and not integer and not math.isfinite(float(node))
+                reason == "NON_FINITE_NUMBER"
+                and not long
+                and (abs(int(node)) > _FLOAT_MAX if integer else not math.isfinite(float(node)))
             ):
                 return MessageRejected(
                     reason, f"{messages[reason]}: {_show(str(node))}", json_path(path)
@@ -528,7 +535,7 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _EMAIL = re.compile(rf"({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*\.[A-Za-z]{{2,63}})\Z")
 _RESIDENT_ID = re.compile(
-    r"[1-8][0-9]{5}((?:19|20)[0-9]{2})(0[1-9]|1[0-2])([0-3][0-9])[0-9]{3}[0-9X]\Z"
+    r"[1-8][0-9]{5}((?:19|20)[0-9]{2})(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])[0-9]{3}[0-9X]\Z"
 )
 # The ISO 7064 MOD 11-2 weights of the first 17 digits are 2**17 .. 2**1 modulo 11; as 13 is 2
 # modulo 11, int(digits, 13) * 2 is the weighted sum modulo 11 (one C call, no Python loop).

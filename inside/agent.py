@@ -36,7 +36,7 @@ from ferry.config_types import MAX_MESSAGE_SIZE, InsideConfig
 from ferry.content.scan import Scanner
 from ferry.crypto.keys import PublicKey, load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
-from ferry.jsondoc import SchemaRegistry
+from ferry.jsondoc import JsonLimits, SchemaRegistry
 from ferry.place import link_new, remove_stale_temps
 from ferry.quarantine_release import ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
@@ -77,6 +77,9 @@ MEMORY_OBJECT_MAX = 256 * 1024
 # are read back and verified in memory; larger ones can only be files. (Configs cap a
 # message at MAX_MESSAGE_SIZE; its manifest and the bundle trailer add a few KiB.)
 INLINE_OBJECT_MAX = MAX_MESSAGE_SIZE + 1024 * 1024
+# The inside's bounds on a message: the size any outside config may allow (the outside
+# refuses a message whose canonical form is longer than its own limit); the rest as outside.
+INSIDE_MESSAGE_LIMITS = JsonLimits(max_bytes=MAX_MESSAGE_SIZE)
 DELIVERY_BATCH = 32
 # Refused objects kept (state/rejected/ and state/quarantine/ together), at most: past it a
 # refused object is still refused and recorded, but not kept (a compromised outside, with
@@ -1294,7 +1297,7 @@ class InsideAgent:
             raise FerryError(f"channel {manifest.channel!r} takes no messages on this inside")
         if manifest.schema not in ch.schemas:
             raise FerryError(f"schema {manifest.schema!r} is not accepted on {ch.name}")
-        _, canonical = self.schemas.check(manifest.schema, content)
+        _, canonical = self.schemas.check(manifest.schema, content, INSIDE_MESSAGE_LIMITS)
         if canonical != content:
             raise FerryError("message is not in canonical form")
 

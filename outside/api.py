@@ -476,6 +476,12 @@ class ApiServer:
         except PolicyRejection as exc:
             message = getattr(exc, "message", None) or str(exc)
             raise Refused(exc.reason_code, message, getattr(exc, "json_path", None)) from exc
+        if len(canonical) > limit:  # (numbers may grow: 1e20 is 100000000000000000000)
+            raise Refused(
+                "TOO_LARGE",
+                f"message of {len(canonical)} bytes in canonical form (RFC 8785, what is "
+                f"delivered); the limit is {limit}",
+            )
         request_sha = hashlib.sha256(b"%s\x00%s\x00" % (ch.name.encode(), schema.encode()) + data)
         req = MessageRequest(
             client=client.name,

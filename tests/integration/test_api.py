@@ -267,6 +267,44 @@ def test_schema_failures_name_the_json_path(
     assert err.value.path == json_path, err.value
 
 
+def _grown_application(raw_bytes: int) -> bytes:
+    """A valid application of exactly ``raw_bytes`` bytes whose canonical form is 100 bytes
+    longer: its 20 attachment sizes are written ``5e7`` (RFC 8785 writes 50000000)."""
+    doc = example("citizen-application")
+    att = doc["attachments"][0]
+    doc["attachments"] = [dict(att, size=50_000_000) for _ in range(20)]
+    doc["content"]["form"] = [
+        {"field": f"f{i}", "label": "x", "value": "\u0001" * 2000} for i in range(100)
+    ]
+    doc["content"]["description"] = ""
+
+    def raw() -> bytes:
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        return text.replace('"size":50000000', '"size":5e7').encode()
+
+    keep = 100 * 2000 - (len(raw()) - raw_bytes + 5) // 6  # (escapes of 6 bytes to keep)
+    for i, field in enumerate(doc["content"]["form"]):
+        field["value"] = "\u0001" * min(2000, max(0, keep - 2000 * i))
+    doc["content"]["description"] = "x" * (raw_bytes - len(raw()))
+    data = raw()
+    assert len(data) == raw_bytes, (len(data), raw_bytes)
+    return data
+
+
+def test_a_message_whose_canonical_form_is_over_the_limit_is_refused(api_deployment) -> None:
+    """The limit is on what is delivered: numbers may grow in canonical form (5e7 is
+    50000000), and a message the outside acknowledged must never be refused inside as too
+    large. 1 MiB is the default limit of the messages channel and the API."""
+    client: Client = api_deployment
+    app = "citizen-application"
+    with pytest.raises(ApiRejected) as err:
+        client.submit("messages", _grown_application(1024 * 1024 - 50), schema=app)
+    assert err.value.reason_code == "TOO_LARGE"
+    assert "canonical" in err.value.message
+    ack = client.submit("messages", _grown_application(1024 * 1024 - 100), schema=app)
+    assert ack.item
+
+
 def test_request_errors(api_deployment) -> None:
     client: Client = api_deployment
     with pytest.raises(ApiRejected) as err:

@@ -14,6 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
 from ferry import jsondoc
+from ferry.config_types import MAX_MESSAGE_SIZE
 from ferry.errors import ConfigError, PolicyRejection, UsageError
 from ferry.jsondoc import (
     REASONS,
@@ -24,6 +25,7 @@ from ferry.jsondoc import (
     json_path,
     parse_strict,
 )
+from inside.agent import INSIDE_MESSAGE_LIMITS
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGED = ROOT / "ferry" / "schemas" / "messages"
@@ -105,6 +107,19 @@ def test_parse_accepts_and_returns_exact_values(data: bytes, value: Any) -> None
         (b'{"v":[Infinity]}', JsonLimits(), "NON_FINITE_NUMBER", "$.v[0]"),
         (b'{"v":-Infinity}', JsonLimits(), "NON_FINITE_NUMBER", "$.v"),
         (b'{"v":1e400}', JsonLimits(), "NON_FINITE_NUMBER", "$.v"),
+        # an integer no double holds (as 1e309): canonical form could not write it
+        (
+            b'{"v":1' + b"0" * 309 + b"}",
+            JsonLimits(max_number_chars=400),
+            "NON_FINITE_NUMBER",
+            "$.v",
+        ),  # noqa: E501
+        (
+            b'{"v":-2' + b"0" * 308 + b"}",
+            JsonLimits(max_number_chars=400),
+            "NON_FINITE_NUMBER",
+            "$.v",
+        ),  # noqa: E501
         (b"[" * 33 + b"]" * 33, JsonLimits(), "TOO_DEEP", "$"),
         (b'{"a":' * 33 + b"1" + b"}" * 33, JsonLimits(), "TOO_DEEP", "$"),
         (b'{"a":"12345678901"}', JsonLimits(max_string_bytes=10), "STRING_TOO_LONG", "$.a"),
@@ -129,6 +144,12 @@ def test_parse_rejects(data: bytes, limits: JsonLimits, reason: str, path: str) 
     assert exc.reason_code == reason
     assert exc.json_path == path
     assert str(exc).startswith(f"{reason}: {path}: ")
+
+
+def test_the_largest_integers_a_double_holds_are_taken() -> None:
+    limits = JsonLimits(max_number_chars=400)
+    assert parse_strict(b"1" + b"0" * 308, limits) == 10**308
+    assert jsondoc.canonical({"n": 10**308}) == b'{"n":1e+308}'
 
 
 def test_parse_limits_allow_exactly_the_bound() -> None:
@@ -367,6 +388,8 @@ def test_canonical_refuses_too_deep() -> None:
         ("cn-resident-id", "110105194912310021", False),  # wrong check character
         ("cn-resident-id", "11010519491231002x", False),  # lower-case x
         ("cn-resident-id", "11010519490231002X", False),  # 31 February
+        ("cn-resident-id", "110105199001001237", False),  # day 00 (check character right)
+        ("cn-resident-id", "110105199001011232", True),
         ("cn-resident-id", "01010519491231002X", False),  # no region starts with 0
         ("cn-resident-id", "1101051949123100", False),
         ("cn-resident-id", "11010518491231002X", False),  # born in 1849
@@ -846,3 +869,19 @@ def test_check_with_astral_member_names_sorts_them_as_utf16(tmp_path: Path) -> N
     value, canon = registry.check("astral", '{"\ufb01":"a","\U0001f600":"b"}'.encode())
     assert canon == '{"\U0001f600":"b","\ufb01":"a"}'.encode()  # U+D83D sorts before U+FB01
     assert canon == canonical(value)
+
+
+def test_the_inside_takes_every_message_an_outside_may_accept(registry: SchemaRegistry) -> None:
+    """An outside config may allow messages up to 16 MiB (channel and API max_message_size);
+    the inside's re-check must not refuse as too large what the outside acknowledged."""
+    assert INSIDE_MESSAGE_LIMITS.max_bytes >= MAX_MESSAGE_SIZE
+    doc = example(registry)
+    doc["content"]["form"] = [
+        {"field": f"f{i}", "label": "x", "value": "\u0001" * 2000} for i in range(100)
+    ]
+    data = json.dumps(doc, ensure_ascii=False).encode()
+    _, canonical = registry.check(APP, data, JsonLimits(max_bytes=2 * 1024 * 1024))
+    assert len(canonical) > 1024 * 1024  # (over the default limit)
+    assert registry.check(APP, canonical, INSIDE_MESSAGE_LIMITS)[1] == canonical
+    with pytest.raises(MessageRejected):  # (what the inside did before)
+        registry.check(APP, canonical, JsonLimits())
