@@ -283,8 +283,10 @@ def curve_server(
     *,
     max_message: int,
     hwm: int = 10_000,
+    rcvhwm: int | None = None,
 ) -> zmq.Socket[Any]:
-    """A socket that only accepts CURVE clients the ``domain`` ZAP handler allows."""
+    """A socket that only accepts CURVE clients the ``domain`` ZAP handler allows.
+    ``rcvhwm``: messages queued per connection on the way in, when not ``hwm``."""
     sock: zmq.Socket[Any] = ctx.socket(kind)
     _set_key(sock, secret, domain)
     sock.curve_server = True
@@ -292,7 +294,7 @@ def curve_server(
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
-    sock.rcvhwm = hwm
+    sock.rcvhwm = hwm if rcvhwm is None else rcvhwm
     sock.sndhwm = hwm
     sock.sndtimeo = 100
     sock.linger = 1000

@@ -52,8 +52,15 @@ PROTOCOL = b"FERRY/1"
 ZAP_DOMAIN = "ferry-api"
 # Requests read per turn before the group commit: bounds latency and memory.
 MAX_BATCH = 1024
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+# Requests queued per connection in the socket (ZeroMQ counts messages, not bytes): at most
+# about this many bytes of the largest requests per connection.
+RECEIVE_QUEUE_BYTES = 64 * 1024 * 1024
 MAX_BODY = 16 * 1024
 MAX_UPLOADS_PER_CLIENT = 4
+# A request's id is echoed in its reply (the client matches replies by it) up to this length;
+# a longer one, never a valid submission id, is answered with an empty id.
+MAX_ECHOED_ID = 256
 UPLOAD_IDLE_TIMEOUT = 120.0
 # Seconds close() waits for an upload being checked (the content pipeline has a limit of its
 # own; an upload cut short is not acknowledged, and the client sends it again).
@@ -65,6 +72,23 @@ AUDIT_RETRY_AFTER = 2.0
 MESSAGE_TYPE = "application/json"
 # Seconds between audit records of the same repeated event (rate limit hits, bad handshakes).
 NOTE_INTERVAL = 60.0
+# Records of one such event per NOTE_INTERVAL across all senders (fresh keys cost nothing);
+# the rest are counted, and the count recorded once the interval is over.
+NOTES_PER_INTERVAL = 20
+# Refusals of requests that are not charged to the client's rate (they come before it):
+# recorded like the events above, so that a client repeating one cannot flood the audit log.
+UNCHARGED_REFUSALS = frozenset(
+    {
+        "BAD_REQUEST",
+        "CHANNEL_NOT_ALLOWED",
+        "UNKNOWN_CHANNEL",
+        "WRONG_CHANNEL_KIND",
+        "SCHEMA_NOT_ALLOWED",
+        "SUBMISSION_ID_REUSED",
+        "UNKNOWN_UPLOAD",
+        "BAD_OFFSET",
+    }
+)
 
 _log = log.get("outside.api")
 
@@ -83,6 +107,12 @@ class Busy(Exception):  # control flow: becomes a BUSY reply
         self.retry_after = retry_after
 
 
+class Answered(Exception):  # control flow: the reply is ready (an earlier answer)
+    def __init__(self, frames: list[bytes]) -> None:
+        super().__init__("answered")
+        self.frames = frames
+
+
 @dataclass
 class _Bucket:
     rate: float
@@ -91,7 +121,8 @@ class _Bucket:
 
     def take(self, now: float) -> float:
         """0 if a token was taken, else seconds until one is available."""
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        # (at least one token fits: a rate under 1/s still admits one now and then)
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.last) * self.rate)
         self.last = now
         if self.tokens >= 1:
             self.tokens -= 1
@@ -191,6 +222,10 @@ class ApiServer:
         # the batch's new messages (intake.accepted entries) by (client, channel)
         self._intake: dict[tuple[str, str], list[dict[str, object]]] = {}
         self._noted: dict[tuple[str, str], float] = {}  # (event, who) -> last recorded
+        # event -> (interval start, records in it, suppressed): see NOTES_PER_INTERVAL
+        self._note_window: dict[str, tuple[float, int, int]] = {}
+        self._note_lock = threading.Lock()
+        self._batch_sids: set[tuple[str, str]] = set()  # (client, id) of this batch's SUBMITs
         self._spool_full = False
         if audit is not None:
             self.allow.on_refused = self._auth_failed
@@ -215,7 +250,12 @@ class ApiServer:
         overhead = 64 * 1024
         max_msg = max(self.params.max_message_size, self.params.chunk_size) + overhead
         self.sock = curve_server(
-            self.ctx, zmq.ROUTER, self.server_key, ZAP_DOMAIN, max_message=max_msg
+            self.ctx,
+            zmq.ROUTER,
+            self.server_key,
+            ZAP_DOMAIN,
+            max_message=max_msg,
+            rcvhwm=max(64, min(10_000, RECEIVE_QUEUE_BYTES // max_msg)),
         )
         self.keys.bind(
             self.sock,
@@ -226,6 +266,7 @@ class ApiServer:
         self.accepted = 0
         self.rejected = 0
         self.busy = 0
+        self.undeliverable = 0  # replies dropped: the client was gone or not reading
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
         # Complete uploads are checked (content pipeline) and spooled on a thread of their
         # own, so that a large or slow file holds up no other client's messages; the API
@@ -253,6 +294,9 @@ class ApiServer:
         self.stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if self._thread.is_alive():  # (closing a socket another thread uses aborts libzmq)
+            _log.error("api_thread_left_running", waited_s=5)
+            return
         self._finish_queue.put(None)
         if self._finisher.is_alive():
             self._finisher.join(timeout=FINISH_STOP_TIMEOUT)
@@ -273,6 +317,7 @@ class ApiServer:
             try:
                 self.allow.maybe_reload()
                 self._expire_uploads()
+                self._note_suppressed()
                 ready = dict(poller.poll(100))
                 if self._wake_rx in ready:
                     with contextlib.suppress(zmq.Again):
@@ -282,66 +327,85 @@ class ApiServer:
                 if self.sock not in ready:
                     continue
                 batch: list[list[zmq.Frame]] = []
-                while len(batch) < MAX_BATCH:
+                size = 0
+                while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
                     try:
                         batch.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
+                    size += sum(len(f) for f in batch[-1])
                 self._handle_batch(batch)
             except Exception:  # noqa: BLE001  # the API thread must keep serving
                 _log.exception("api_loop_error")
                 time.sleep(0.1)
 
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        """Never waits: a client that does not read its replies loses them (it asks again;
+        submissions are idempotent) rather than holding up every other client."""
         try:
-            self.sock.send_multipart([identity, *frames])
+            self.sock.send_multipart([identity, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (its queue is full)
-            _log.warning("reply_undeliverable", error=str(exc))
+            self.undeliverable += 1
+            if self._first_in_a_while("reply_undeliverable", identity.hex()):
+                _log.warning("reply_undeliverable", error=str(exc), dropped=self.undeliverable)
 
     def _handle_batch(self, batch: list[list[zmq.Frame]]) -> None:
         submits: list[tuple[bytes, MessageRequest, bytes, str]] = []
+        self._batch_sids.clear()
         for frames in batch:
-            identity = frames[0].bytes
-            sid = ""
             try:
-                if len(frames) < 4 or frames[1].bytes != PROTOCOL:
-                    self._authenticate(frames)
-                    raise Refused("BAD_REQUEST", "expected [FERRY/1, verb, body, data?]")
-                body = self._body(frames[3].bytes)
-                sid = body.get("id", "") if isinstance(body.get("id", ""), str) else ""
-                client = self._authenticate(frames)  # every message: revocation is immediate
-                verb = frames[2].bytes
-                data = frames[4].bytes if len(frames) > 4 else b""
-                if len(frames) > 5:
-                    raise Refused("BAD_REQUEST", "too many frames")
-                if verb == b"SUBMIT":
-                    submits.append((identity, *self._check_submit(client, body, data)))
-                elif verb == b"STATUS":
-                    self._status(identity, client, body)
-                elif verb == b"UPLOAD":
-                    self._upload_begin(identity, client, body)
-                elif verb == b"CHUNK":
-                    self._upload_chunk(identity, client, body, data)
-                elif verb == b"PING":
-                    self._send(identity, _reply(b"PONG", {"id": sid}))
-                else:
-                    raise Refused("BAD_REQUEST", f"unknown verb {verb[:32]!r}")
-            except Refused as exc:
-                self.rejected += 1
-                self._send(identity, _reply(b"REJECTED", self._rejection(sid, exc)))
-                _log.info("request_rejected", id=sid, code=exc.code, message=exc.message)
-                self._record_refused(frames, sid, exc)
-            except Busy as exc:
-                self.busy += 1
-                self._send(identity, _reply(b"BUSY", {"id": sid, "retry_after": exc.retry_after}))
-            except Exception as exc:  # noqa: BLE001  # fail closed for this request only
-                _log.exception("request_failed", id=sid)
-                self._send(
-                    identity,
-                    _reply(b"REJECTED", {"id": sid, "code": "INTERNAL", "message": str(exc)}),
-                )
+                self._handle_one(frames, submits)
+            except Exception:  # noqa: BLE001  # one request's failure is its own
+                _log.exception("request_failed")
         if submits:
             self._commit(submits)
+
+    def _handle_one(
+        self, frames: list[zmq.Frame], submits: list[tuple[bytes, MessageRequest, bytes, str]]
+    ) -> None:
+        identity = frames[0].bytes
+        sid = ""  # (echoed in replies only if short enough, so a client can match them)
+        try:
+            if len(frames) < 4 or frames[1].bytes != PROTOCOL:
+                self._authenticate(frames)
+                raise Refused("BAD_REQUEST", "expected [FERRY/1, verb, body, data?]")
+            body = self._body(frames[3].bytes)
+            given = body.get("id")
+            sid = given if isinstance(given, str) and len(given) <= MAX_ECHOED_ID else ""
+            client = self._authenticate(frames)  # every message: revocation is immediate
+            verb = frames[2].bytes
+            data = frames[4].bytes if len(frames) > 4 else b""
+            if len(frames) > 5:
+                raise Refused("BAD_REQUEST", "too many frames")
+            if verb == b"SUBMIT":
+                submits.append((identity, *self._check_submit(client, body, data)))
+                self._batch_sids.add((client.name, sid))
+            elif verb == b"STATUS":
+                self._status(identity, client, body)
+            elif verb == b"UPLOAD":
+                self._upload_begin(identity, client, body)
+            elif verb == b"CHUNK":
+                self._upload_chunk(identity, client, body, data)
+            elif verb == b"PING":
+                self._send(identity, _reply(b"PONG", {"id": sid}))
+            else:
+                raise Refused("BAD_REQUEST", f"unknown verb {verb[:32]!r}")
+        except Refused as exc:
+            self.rejected += 1
+            self._send(identity, _reply(b"REJECTED", self._rejection(sid, exc)))
+            _log.info("request_rejected", id=sid, code=exc.code, message=exc.message[:1024])
+            self._record_refused(frames, sid, exc)
+        except Busy as exc:
+            self.busy += 1
+            self._send(identity, _reply(b"BUSY", {"id": sid, "retry_after": exc.retry_after}))
+        except Answered as exc:
+            self._send(identity, exc.frames)
+        except Exception as exc:  # noqa: BLE001  # fail closed for this request only
+            _log.exception("request_failed", id=sid)
+            self._send(
+                identity,
+                _reply(b"REJECTED", {"id": sid, "code": "INTERNAL", "message": str(exc)}),
+            )
 
     def _record_refused(self, frames: list[zmq.Frame], sid: str, exc: Refused) -> None:
         """intake.rejected for a refused request; api.auth_failed for a revoked key.
@@ -358,12 +422,14 @@ class ApiServer:
                     reason=f"{exc.code}: {exc.message}",
                 )
             return
-        if exc.code == "BAD_REQUEST" and not self._first_in_a_while("bad_request", who):
+        if exc.code in UNCHARGED_REFUSALS and not self._first_in_a_while(
+            "intake.rejected", f"{who}/{exc.code}"
+        ):
             return
         client = self.allow.lookup(who)
         detail: dict[str, Any] = {"reason_code": exc.code}
         if sid:
-            detail["submission"] = sid
+            detail["submission"] = sid[:128]  # (well-formed ids are no longer)
         if exc.path is not None:
             detail["json_path"] = str(exc.path)[:512]
         self._note(
@@ -427,7 +493,7 @@ class ApiServer:
         now = time.monotonic()
         bucket = self._buckets.get(client.name)
         if bucket is None or bucket.rate != client.rate:
-            bucket = self._buckets[client.name] = _Bucket(client.rate, client.rate, now)
+            bucket = self._buckets[client.name] = _Bucket(client.rate, max(1.0, client.rate), now)
         if self.audit is not None and self.audit.failed:
             raise Busy(AUDIT_RETRY_AFTER, "audit log unavailable")  # fail closed
         wait = bucket.take(now)
@@ -467,10 +533,17 @@ class ApiServer:
             raise Refused("BAD_REQUEST", f"'schema' is required on {ch.name}: {list(ch.schemas)}")
         if schema not in ch.schemas:
             raise Refused("SCHEMA_NOT_ALLOWED", f"{ch.name} takes {', '.join(ch.schemas)}")
+        if any(u.client == client.name and u.submission_id == sid for u in self._uploads.values()):
+            raise Refused("SUBMISSION_ID_REUSED", "an upload with this id is in progress")
+        request_sha = hashlib.sha256(b"%s\x00%s\x00" % (ch.name.encode(), schema.encode()) + data)
+        try:
+            self._admit(client)
+        except Busy:  # (an id answered before gets its answer all the same)
+            self._answer_earlier(client, sid, request_sha.digest())
+            raise
         limit = min(ch.max_message_size, self.params.max_message_size)
         if len(data) > limit:
             raise Refused("TOO_LARGE", f"message of {len(data)} bytes; the limit is {limit}")
-        self._admit(client)
         try:
             _, canonical = self.schemas.check(schema, data, JsonLimits(max_bytes=limit))
         except PolicyRejection as exc:
@@ -482,7 +555,6 @@ class ApiServer:
                 f"message of {len(canonical)} bytes in canonical form (RFC 8785, what is "
                 f"delivered); the limit is {limit}",
             )
-        request_sha = hashlib.sha256(b"%s\x00%s\x00" % (ch.name.encode(), schema.encode()) + data)
         req = MessageRequest(
             client=client.name,
             submission_id=sid,
@@ -493,6 +565,19 @@ class ApiServer:
             priority=ch.priority,
         )
         return req, canonical, schema
+
+    def _answer_earlier(self, client: ApiClient, sid: str, request_sha: bytes) -> None:
+        """Raise :class:`Answered` with the answer given before to this submission id, if any:
+        ACCEPTED (duplicate) for the same content, SUBMISSION_ID_REUSED for other content."""
+        prior = self.spool.submission(client.name, sid)
+        if prior is None:
+            return
+        if prior.request_sha256 != request_sha:
+            raise Refused(
+                "SUBMISSION_ID_REUSED",
+                f"this id was used before for other content (item {prior.object_id.hex()})",
+            )
+        raise Answered(_accepted(sid, prior.object_id, prior.channel, prior.seq, True))
 
     def _commit(self, submits: list[tuple[bytes, MessageRequest, bytes, str]]) -> None:
         payloads = {id(req): (canonical, schema) for _, req, canonical, schema in submits}
@@ -576,15 +661,44 @@ class ApiServer:
         return Subject.api_client(client)
 
     def _first_in_a_while(self, event: str, who: str) -> bool:
-        """At most one record per event and client per NOTE_INTERVAL (floods stay bounded)."""
+        """At most one record per event and client per NOTE_INTERVAL, and at most
+        NOTES_PER_INTERVAL per event from all clients together (a flood of fresh keys costs
+        nothing to make): floods stay bounded. What is held back is counted, and the count
+        recorded (:meth:`_note_suppressed`)."""
+        with self._note_lock:  # (the authenticator's thread notes refused keys)
+            now = time.monotonic()
+            start, count, held = self._note_window.get(event, (now, 0, 0))
+            if now - start >= NOTE_INTERVAL:
+                self._flush_suppressed(event, held)
+                start, count, held = now, 0, 0
+            last = self._noted.get((event, who))
+            if (last is not None and now - last < NOTE_INTERVAL) or count >= NOTES_PER_INTERVAL:
+                self._note_window[event] = (start, count, held + 1)
+                return False
+            self._note_window[event] = (start, count + 1, held)
+            if len(self._noted) > 10_000:
+                self._noted.clear()
+            self._noted[(event, who)] = now
+            return True
+
+    def _note_suppressed(self) -> None:
+        """Record how many records of each event were held back in an interval now over."""
         now = time.monotonic()
-        last = self._noted.get((event, who))
-        if last is not None and now - last < NOTE_INTERVAL:
-            return False
-        if len(self._noted) > 10_000:
-            self._noted.clear()
-        self._noted[(event, who)] = now
-        return True
+        with self._note_lock:
+            for event, (start, _, held) in list(self._note_window.items()):
+                if now - start >= NOTE_INTERVAL:
+                    del self._note_window[event]
+                    self._flush_suppressed(event, held)
+
+    def _flush_suppressed(self, event: str, held: int) -> None:
+        if held and event in {"api.auth_failed", "api.rate_limited", "intake.rejected"}:
+            self._note(
+                event,
+                subject=Subject.component("api"),
+                result="rejected",
+                reason=f"SUPPRESSED: {held} more in {NOTE_INTERVAL:.0f} s, not recorded one by one",
+                detail={"suppressed": held},
+            )
 
     def _note(self, event: str, **kw: Any) -> None:
         if self.audit is not None:
@@ -696,12 +810,16 @@ class ApiServer:
             raise Refused("BAD_REQUEST", "'size' must be a non-negative integer")
         if not isinstance(sha, bytes) or len(sha) != 32:
             raise Refused("BAD_REQUEST", "'sha256' must be 32 bytes")
+        if (client.name, sid) in self._batch_sids:  # (a SUBMIT of this id, being committed)
+            raise Busy(BUSY_RETRY_AFTER, "a submission with this id is being committed")
+        try:
+            self._admit(client)
+        except Busy:
+            self._answer_earlier(client, sid, sha)
+            raise
         if size > ch.max_size:
             raise Refused("TOO_LARGE", f"{size} bytes; {ch.name} takes at most {ch.max_size}")
-        prior = self.spool.submission(client.name, sid)
-        if prior is not None:
-            self._send(identity, _accepted(sid, prior.object_id, prior.channel, prior.seq, True))
-            return
+        self._answer_earlier(client, sid, sha)  # (a message's hash never equals a file's)
         for other in [u for u in self._uploads.values() if u.client == client.name]:
             if other.submission_id != sid:
                 continue
@@ -711,7 +829,6 @@ class ApiServer:
         mine = [u for u in self._uploads.values() if u.client == client.name]
         if len(mine) >= MAX_UPLOADS_PER_CLIENT:
             raise Busy(BUSY_RETRY_AFTER, "too many uploads in progress")
-        self._admit(client)
         token = os.urandom(12).hex()
         path = self._upload_dir / f"{token}.part"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -750,7 +867,9 @@ class ApiServer:
             raise Refused("TOO_LARGE", "chunk beyond the announced size; upload cancelled")
         if not data:
             raise Refused("BAD_REQUEST", "empty chunk")
-        os.write(up.fd, data)
+        view = memoryview(data)
+        while view:  # (a short write is not the end: every byte, or an error)
+            view = view[os.write(up.fd, view) :]
         up.digest.update(data)
         up.received += len(data)
         up.last = time.monotonic()

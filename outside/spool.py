@@ -150,6 +150,9 @@ class SubmissionStatus:
     sends_total: int
     created_us: int
     sent_us: int | None
+    request_sha256: bytes = b""
+    """What the submission was (a message: its channel, schema and bytes; an upload: the
+    file's SHA-256): a resubmission with other content is a conflict, never a duplicate."""
 
 
 _SELECT_ITEMS = (
@@ -514,14 +517,14 @@ class Spool:
         with self._lock:
             row = self._db.execute(
                 "SELECT i.object_id, i.channel, i.seq, i.state, i.sends_done, i.sends_total,"
-                " i.created_us, i.sent_us FROM submissions s JOIN items i USING (object_id)"
-                " WHERE s.client=? AND s.submission_id=?",
+                " i.created_us, i.sent_us, s.request_sha256 FROM submissions s"
+                " JOIN items i USING (object_id) WHERE s.client=? AND s.submission_id=?",
                 (client, submission_id),
             ).fetchone()
         if row is None:
             return None
         return SubmissionStatus(
-            bytes(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7]
+            bytes(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], bytes(row[8])
         )
 
     # ------------------------------------------------------------- scheduling

@@ -113,13 +113,13 @@ def test_parse_accepts_and_returns_exact_values(data: bytes, value: Any) -> None
             JsonLimits(max_number_chars=400),
             "NON_FINITE_NUMBER",
             "$.v",
-        ),  # noqa: E501
+        ),
         (
             b'{"v":-2' + b"0" * 308 + b"}",
             JsonLimits(max_number_chars=400),
             "NON_FINITE_NUMBER",
             "$.v",
-        ),  # noqa: E501
+        ),
         (b"[" * 33 + b"]" * 33, JsonLimits(), "TOO_DEEP", "$"),
         (b'{"a":' * 33 + b"1" + b"}" * 33, JsonLimits(), "TOO_DEEP", "$"),
         (b'{"a":"12345678901"}', JsonLimits(max_string_bytes=10), "STRING_TOO_LONG", "$.a"),
