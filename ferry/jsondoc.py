@@ -750,6 +750,33 @@ def _refused_printables(pattern: str) -> str | None:
     return refused if len(refused) <= 3 else None
 
 
+def _differs_from_ecma(pattern: str) -> str | None:
+    """What in ``pattern`` Python would match differently from ECMA-262 (which JSON Schema
+    patterns follow, and integrators test with): ``.`` outside a class (Python takes ``\\r``
+    and U+2028), ``\\s``/``\\S`` (ECMA's include U+00A0, U+2028, U+FEFF...) and a class
+    opening with ``]``; None if nothing. Refused rather than translated: a schema says
+    ``[^\\n]`` or ``[ \\t]`` instead."""
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if pattern[i + 1 : i + 2] in {"s", "S"}:
+                return f"\\{pattern[i + 1]}"
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+            if pattern[i + 1 : i + 2] == "]" or pattern[i + 1 : i + 3] == "^]":
+                return "[]"  # (ECMA: an empty class; Python: a class holding ']')
+        elif c == "]" and in_class:
+            in_class = False
+        elif c == "." and not in_class:
+            return "."
+        i += 1
+    return None
+
+
 def _ecma_pattern(pattern: str) -> re.Pattern[str]:
     """Compile an ECMA-262 style pattern: ``\\d``/``\\w`` are ASCII and a final ``$`` is the end
     of the string (Python's ``$`` would also match before a trailing newline)."""
@@ -889,6 +916,11 @@ class _Compiler:
         self.sizes(schema, at, ("minLength", "maxLength"), "characters")
         if "pattern" in schema:
             pattern, v = schema["pattern"], at.v
+            if (what := _differs_from_ecma(pattern)) is not None:
+                raise _SchemaProblem(
+                    f"{at.where}: pattern {pattern!r}: {what!r} matches differently in ECMA-262 "
+                    "and here; spell out the characters meant (e.g. [^\\n], [ \\t])"
+                )
             search = self.const(_ecma_pattern(pattern).search)
             what = schema.get("description") or f"a string matching {pattern}"
             test = f"{search}({v}) is None"

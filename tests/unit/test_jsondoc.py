@@ -632,6 +632,10 @@ def test_registry_loads_a_custom_folder(tmp_path: Path) -> None:
         ({"properties": {"a": {"type": "object"}}}, "additionalProperties: false"),
         ({"properties": {"a": {"type": "array"}}}, "arrays need items"),
         ({"properties": {"a": {"type": "string", "pattern": "("}}}, "not a schema at $.properties"),
+        ({"properties": {"a": {"type": "string", "pattern": "^a.c$"}}}, "'.' matches differently"),
+        ({"properties": {"a": {"type": "string", "pattern": "^\\s+$"}}}, "ECMA-262"),
+        ({"properties": {"a": {"type": "string", "pattern": "[^\\S]"}}}, "ECMA-262"),
+        ({"properties": {"a": {"type": "string", "pattern": "^[]a]$"}}}, "'[]'"),
     ],
 )  # fmt: skip
 def test_registry_refuses_what_it_cannot_enforce(
@@ -642,6 +646,23 @@ def test_registry_refuses_what_it_cannot_enforce(
         SchemaRegistry.load(tmp_path)
     assert str(path) in str(info.value)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "example"),
+    [(r"^a\.c$", "a.c"), (r"^[.]+$", ".."), (r"^[a.]$", "."), (r"^\\s$", "\\s"),
+     (r"^[^\n]*$", "x y"), (r"^[ \t]+$", " ")],
+)  # fmt: skip
+def test_patterns_that_mean_the_same_in_ecma_are_taken(
+    tmp_path: Path, pattern: str, example: str
+) -> None:
+    _write_schema(
+        tmp_path,
+        "ok",
+        properties={"a": {"type": "string", "pattern": pattern}},
+        examples=[{"a": example}],
+    )
+    assert SchemaRegistry.load(tmp_path)
 
 
 def test_registry_refuses_an_empty_folder_and_bad_json(tmp_path: Path) -> None:
