@@ -177,6 +177,7 @@ class _Consumer:
     identity: bytes
     name: str
     channels: frozenset[str]
+    key: str  # (z85: looked up again before each hand-out, so a revocation takes effect)
     credit: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -345,8 +346,11 @@ class ConsumerServer:
             verb = frames[2].bytes
             con = self._consumers.get(identity)
             if con is None:
+                if verb != b"READY":  # (a consumer starts with READY, naming its channels:
+                    continue  # one forgotten is not made anew with all it may read)
+                assert key is not None  # (client was found by it)
                 con = self._consumers[identity] = _Consumer(
-                    identity, client.name, frozenset(client.channels)
+                    identity, client.name, frozenset(client.channels), key
                 )
             con.last_seen = time.monotonic()
             credit = body.get("credit", 0)
@@ -433,10 +437,23 @@ class ConsumerServer:
             else:
                 con.last_seen = now  # (the next PING in PROBE_AFTER s)
 
+    def _still_allowed(self, con: _Consumer) -> bool:
+        """Is the consumer's key still on the allow-list (not removed, revoked or expired)?
+        Its channels are narrowed to what the key may read now."""
+        client = self.allow.lookup(con.key)
+        if client is None or client.name != con.name:
+            return False
+        con.channels &= frozenset(client.channels)
+        return True
+
     def _dispatch(self) -> None:
         if self.router is None or not self._waiting:
             return
         ready = [c for c in self._consumers.values() if c.credit > 0]
+        for gone in [c for c in ready if not self._still_allowed(c)]:
+            del self._consumers[gone.identity]  # (what it holds is offered again in time)
+            ready.remove(gone)
+            _log.info("consumer_no_longer_allowed", consumer=gone.name)
         if not ready:
             return
         sent: list[bytes] = []
@@ -457,7 +474,10 @@ class ConsumerServer:
                     ],
                     zmq.NOBLOCK,
                 )
-            except zmq.ZMQError:  # gone, or its queue is full: forget it, keep the item
+            except zmq.Again:  # its queue is full: nothing more for it this turn
+                ready = [c for c in ready if c is not con]
+                continue
+            except zmq.ZMQError:  # gone: forget it (a READY on a new connection comes back)
                 self._consumers.pop(con.identity, None)
                 ready = [c for c in ready if c is not con]
                 continue

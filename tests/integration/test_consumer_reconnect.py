@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 import time
 import uuid
@@ -25,7 +26,7 @@ from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.provision import init_deployment
 from ferry.zmqsec import curve_client
 from inside import consumers
-from inside.consumers import ConsumerServer, Outbox
+from inside.consumers import ConsumerServer, Outbox, OutboxItem
 from inside.ledger import Ledger
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "messages"
@@ -137,5 +138,73 @@ def test_a_consumer_whose_connection_is_gone_is_forgotten(
         assert srv.forgotten == 1
         assert len(srv._consumers) == 1
         live.close(0)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _offer(srv: ConsumerServer, channel: str, n: int) -> list[bytes]:
+    items = [
+        OutboxItem(os.urandom(16), channel, i + 1, "s", "api:x", 0, b'{"n":%d}' % i)
+        for i in range(n)
+    ]
+    srv.outbox.add_many(items)
+    srv.notify(items)
+    return [i.object_id for i in items]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("change", ["removed", "narrowed"])
+def test_a_consumer_whose_key_is_taken_off_gets_nothing_more(
+    server: tuple[ConsumerServer, Any], change: str
+) -> None:
+    """The allow-list file says a removal takes effect within a second, also for connected
+    clients; the consumer server kept serving what a connection was allowed at READY."""
+    srv, dep = server
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        sock = _dealer(ctx, dep)
+        _offer(srv, "messages", 1)
+        assert sock.poll(5000)
+        assert sock.recv_multipart()[1] == b"DELIVER"
+        entry = Path(dep["consumers"]["allowlist_entry"])
+        if change == "removed":
+            entry.unlink()
+        else:
+            entry.write_text(entry.read_text().replace("channels: [messages]", "channels: [x]"))
+        time.sleep(2.5)  # (the allow-list is read again within a second or two)
+        _offer(srv, "messages", 3)
+        verbs = []
+        deadline = time.monotonic() + 3
+        while (left := deadline - time.monotonic()) > 0:  # (PINGs come: it is silent)
+            if sock.poll(int(left * 1000)):
+                verbs.append(sock.recv_multipart()[1])
+        assert b"DELIVER" not in verbs  # (before: all three)
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.integration
+def test_only_ready_makes_a_consumer(server: tuple[ConsumerServer, Any]) -> None:
+    """An ACK from a connection the server does not know (forgotten) made a consumer of it
+    with every channel its key may read, not those it asked for."""
+    srv, dep = server
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        ccfg = load_client_config(Path(dep["consumers"]["client_config"]))
+        sock = curve_client(
+            ctx,
+            zmq.DEALER,
+            load_secret_key(ccfg.client_key, ("x25519",)),
+            load_public_key(ccfg.server_public_key, ccfg.source.parent),
+        )
+        sock.connect(ccfg.endpoint)
+        sock.send_multipart([P, b"ACK", msgpack.packb({"items": [], "credit": 5})])
+        time.sleep(1)
+        assert srv._consumers == {}
+        _offer(srv, "messages", 1)
+        assert not sock.poll(1500)  # (not a consumer: not even a PING)
+        sock.send_multipart([P, b"READY", msgpack.packb({"credit": 5})])
+        assert sock.poll(5000)
+        assert sock.recv_multipart()[1] == b"DELIVER"
     finally:
         ctx.destroy(linger=0)
