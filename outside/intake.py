@@ -77,6 +77,36 @@ def _source_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _beneath(fd: int, folder: Path | None) -> bool:
+    """Is the file open as ``fd`` inside ``folder``? Asked of the kernel (what was opened, not
+    the path again), so a folder on the way swapped for a symlink cannot bring in a file from
+    elsewhere."""
+    if folder is None:
+        return False
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+    root = os.path.realpath(folder)
+    return real.startswith(root.rstrip("/") + "/")
+
+
+def _folder_problem(relpath: PurePosixPath) -> str | None:
+    """Why the subfolders a file was found in cannot travel with it (None: they can): each
+    must be valid UTF-8 without control characters, and the path fit the manifest."""
+    parts = relpath.parent.parts
+    for part in parts:
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"a folder name is not valid UTF-8: {part.encode('utf-8', 'replace')!r}"
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
+            return f"a folder name holds a control character: {part!r}"
+    if len("/".join(parts).encode("utf-8")) > rec.MAX_PATH_BYTES:
+        return f"the folder path is longer than {rec.MAX_PATH_BYTES} bytes"
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -616,11 +646,17 @@ class FolderIntake:
             st = os.lstat(path)
         except FileNotFoundError:
             return None
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (r.dev, r.ino, r.size, r.mtime_ns):
+            _log.info("file_changed_since_ready", channel=ch.name, name=r.relpath.name)
+            return None  # (written again while it waited its turn: reported once stable)
         key = _source_key(st)
         if self._spool.known_source(key) is not None:
             self._finish_original(ch, r.relpath, path)  # crashed after commit, before the move
             return None
         name = r.relpath.name
+        if (problem := _folder_problem(r.relpath)) is not None:
+            self._reject(ch, path, name, "FILENAME_POLICY", problem)
+            return None
         if st.st_size > ch.max_size:
             self._reject(
                 ch,
@@ -641,15 +677,30 @@ class FolderIntake:
             if not stat.S_ISREG(fst.st_mode) or _source_key(fst) != key:
                 _log.info("file_changed_before_copy", channel=ch.name, name=name)
                 return None
+            if not _beneath(src, ch.drop):  # (a folder on the way swapped for a symlink)
+                _log.warning("refused_outside_drop_folder", channel=ch.name, name=name)
+                self._record_rejection(
+                    ch, name, "NOT_REGULAR_FILE", "the path led out of the drop folder", None
+                )
+                return None  # (nothing read, nothing moved)
             size = 0
             digest = hashlib.sha256()
-            with open(tmp, "xb") as out:
-                while chunk := os.read(src, COPY_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-                    lane.beat()
-            if size != st.st_size or _source_key(os.fstat(src)) != key:
+            try:
+                with open(tmp, "xb") as out:
+                    while chunk := os.read(src, COPY_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                        lane.beat()
+            except BaseException:  # (a full disk: no partial copy is left to fill it more)
+                tmp.unlink(missing_ok=True)
+                raise
+            after = os.fstat(src)
+            if (
+                size != st.st_size
+                or _source_key(after) != key
+                or after.st_ctime_ns != fst.st_ctime_ns  # (rewritten, its mtime set back)
+            ):
                 _log.info("file_changed_during_copy", channel=ch.name, name=name)
                 tmp.unlink()
                 return None  # reported again once it is stable
@@ -788,7 +839,7 @@ class FolderIntake:
                 _log.error("intake_record_not_durable", channel=ch.name, error=str(exc))
                 return items
         for x in done:
-            self._finish_original(ch, x.ready.relpath, x.ready.path)
+            self._finish_original(ch, x.ready.relpath, x.ready.path, x.pending.source_key)
         return items
 
     @staticmethod
@@ -897,11 +948,18 @@ class FolderIntake:
                 _log.error("quarantine_failed", channel=ch.name, error=str(exc))
         self._record_rejection(ch, r.relpath.name, "NOT_REGULAR_FILE", r.reason, None)
 
-    def _finish_original(self, ch: OutsideChannel, rel: PurePosixPath, path: Path) -> None:
+    def _finish_original(
+        self, ch: OutsideChannel, rel: PurePosixPath, path: Path, copied: str = ""
+    ) -> None:
         """The clerk's original, once its item is committed: deleted, or moved to the
         channel's ``sent`` folder under its own name or the first free numbered one
-        (``report (2).pdf``, kept within the 255-byte name limit), never over a file."""
+        (``report (2).pdf``, kept within the 255-byte name limit), never over a file.
+        ``copied``: the source key of what was copied; a file at ``path`` that is no longer
+        that one (saved again meanwhile) is left where it is, to be taken in its turn."""
         try:
+            if copied and _source_key(os.lstat(path)) != copied:
+                _log.info("original_changed_after_copy", channel=ch.name, name=rel.name)
+                return
             if ch.after_send == "delete" or ch.sent is None:
                 path.unlink()
                 return
