@@ -157,11 +157,22 @@ def open_bundle(
 
 
 def _same_content(path: Path, sha256: bytes) -> bool:
+    """Does ``path`` hold a regular file with this content? Never waits: a FIFO planted under
+    the name (opened without O_NONBLOCK, it would hold the delivery thread for ever) or any
+    other kind of file is not the same content."""
     try:
-        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        with open(fd, "rb", closefd=False) as f:
             return hashlib.file_digest(f, "sha256").digest() == sha256
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list[Path]:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -25,8 +26,10 @@ from inside.deliver import (
     Duplicate,
     deliver,
     deliver_batch,
+    find_same_content,
     restore_trailer,
     verify_object,
+    write_new_files,
 )
 from inside.ledger import Ledger
 from inside.paths import MAX_COLLISIONS, MAX_NAME_BYTES, candidate_names, contained, safe_name
@@ -674,3 +677,25 @@ def test_a_file_for_a_channel_with_no_folder_is_refused_before_its_content_is_re
     assert reads  # (the trailer)
     assert min(reads) >= len(content)  # never the content
     _refused(box, path)
+
+
+def test_a_fifo_planted_under_the_next_name_holds_nothing_up(tmp_path: Path) -> None:
+    """Message names are predictable (<schema>-<seq>.json): an inner user who plants a FIFO
+    there made the check for an earlier copy open it and wait for ever (the channel with it)."""
+    folder = tmp_path / "messages"
+    folder.mkdir()
+    os.mkfifo(folder / "notice-00000042.json")
+    body = b'{"a":1}'
+    out: list[object] = []
+    work = threading.Thread(
+        target=lambda: out.append(
+            write_new_files(folder, [("notice-00000042.json", body, hashlib.sha256(body).digest())])
+        ),
+        daemon=True,
+    )
+    work.start()
+    work.join(10)
+    assert not work.is_alive()
+    assert out == [[folder / "notice-00000042 (2).json"]]
+    assert (folder / "notice-00000042 (2).json").read_bytes() == body
+    assert find_same_content(folder, "notice-00000042.json", b"x" * 32) is None
