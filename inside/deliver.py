@@ -19,8 +19,8 @@ import os
 import shutil
 import sqlite3
 import stat
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -278,17 +278,56 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def subfolder_parts(relpath: str) -> list[str]:
+    """The sender's relative folder as safe names (UnsafePathError if empty or too deep)."""
+    parts = [safe_name(p) for p in PurePosixPath(relpath).parts if p not in ("", ".", "/")]
+    if not parts or len(parts) > MAX_SUBFOLDER_DEPTH:
+        raise UnsafePathError(f"subfolder path {relpath!r} is empty or too deep")
+    return parts
+
+
+@contextmanager
+def pinned_subfolder(folder: Path, relpath: str, *, keep: bool) -> Iterator[tuple[Path, Path]]:
+    """The sender's relative folder under ``folder`` (when kept and given), made safe and
+    created: ``(path, pinned)``. ``path`` is where it is (for the ledger, the audit log and
+    people); ``pinned`` names the very folder opened, whatever happens to the path meanwhile
+    (``/proc/self/fd/N``, valid inside the ``with``): links, checks and syncs go through it.
+
+    Each folder on the way is opened from the one before without following a symlink, so a
+    folder an inner user swaps for a symlink while a file is on its way (the path is checked
+    some milliseconds before the link) cannot make the file land outside ``folder``.
+    """
+    if not keep or not relpath:
+        yield folder, folder
+        return
+    parts = subfolder_parts(relpath)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            with suppress(FileExistsError):
+                os.mkdir(part, 0o750, dir_fd=fd)
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:  # ELOOP (a symlink), ENOTDIR (a file)
+                where = folder.joinpath(*parts[: parts.index(part) + 1])
+                raise UnsafePathError(f"{where} exists and is not a folder") from exc
+            os.close(fd)
+            fd = inner
+        yield folder.joinpath(*parts), Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def subfolder(folder: Path, relpath: str, *, keep: bool) -> Path:
     """The sender's relative folder under ``folder`` (when kept), made safe and created.
 
     Each component goes through safe_name; an existing component must be a real
-    folder (a symlink planted there is refused), so the result is always inside.
+    folder (a symlink planted there is refused), so the result is always inside (when it
+    is made; use :func:`pinned_subfolder` to write into it).
     """
     if not keep:
         return folder
-    parts = [safe_name(p) for p in PurePosixPath(relpath).parts if p not in ("", ".", "/")]
-    if not parts or len(parts) > MAX_SUBFOLDER_DEPTH:
-        raise UnsafePathError(f"subfolder path {relpath!r} is empty or too deep")
+    parts = subfolder_parts(relpath)
     current = PurePosixPath(folder)
     for part in parts:
         try:
@@ -419,8 +458,8 @@ def _checked(
         folder = accept(manifest)
         if recheck is not None:
             recheck(manifest, spool_file)
-    if manifest.path:
-        folder = subfolder(folder, manifest.path, keep=subfolders.get(manifest.channel, False))
+    if manifest.path and subfolders.get(manifest.channel, False):
+        subfolder_parts(manifest.path)  # (refused here, before anything is written)
     return manifest, folder
 
 
@@ -462,28 +501,31 @@ def deliver(
             subfolders=subfolders, recheck=recheck, checking=checking,
         )  # fmt: skip
         trailer: bytes | None = os.pread(fd, length - manifest.size, manifest.size)
+        keep = subfolders.get(manifest.channel, False)
+        with pinned_subfolder(folder, manifest.path, keep=keep) as (where, pinned):
 
-        def delivering(target: Path) -> None:  # (where a crash would have left it)
-            nonlocal trailer
-            ledger.record(
-                object_id,
-                "delivering",
-                channel=manifest.channel,
-                seq=manifest.seq,
-                name=manifest.name,
-                path=str(target),
-                size=manifest.size,
-                sha256=manifest.sha256,
-                trailer=trailer,
+            def delivering(target: Path) -> None:  # (where a crash would have left it)
+                nonlocal trailer
+                ledger.record(
+                    object_id,
+                    "delivering",
+                    channel=manifest.channel,
+                    seq=manifest.seq,
+                    name=manifest.name,
+                    path=str(where / target.name),
+                    size=manifest.size,
+                    sha256=manifest.sha256,
+                    trailer=trailer,
+                )
+                if trailer is not None:  # (the first attempt: the trailer is in the ledger)
+                    trailer = None
+                    os.ftruncate(fd, manifest.size)
+                    os.fsync(fd)
+
+            linked = link_under_free_name(
+                spool_file, fd, manifest.size, pinned, manifest.name, before_link=delivering
             )
-            if trailer is not None:  # (the first attempt: the trailer is in the ledger now)
-                trailer = None
-                os.ftruncate(fd, manifest.size)
-                os.fsync(fd)
-
-        target = link_under_free_name(
-            spool_file, fd, manifest.size, folder, manifest.name, before_link=delivering
-        )
+            target = where / linked.name
         if on_linked is not None:
             on_linked(manifest, target)
         ledger.record(object_id, "delivered", path=str(target))
@@ -580,6 +622,10 @@ def deliver_batch(
             )  # fmt: skip
             if isinstance(item, Exception):
                 results[oid] = Alone(oid, item)
+                continue
+            if item.manifest.path and subfolders.get(item.manifest.channel, False):
+                os.close(item.fd)  # (a kept subfolder: deliver pins it, folder by folder)
+                results[oid] = Alone(oid)
                 continue
             if item.folder not in devices:
                 devices[item.folder] = os.stat(item.folder).st_dev

@@ -54,7 +54,13 @@ from ferry.quarantine_release import (
     show_item,
 )
 from ferry.wire import records as rec
-from inside.deliver import find_same_content, fsync_dir, link_under_free_name, subfolder
+from inside.deliver import (
+    find_same_content,
+    fsync_dir,
+    link_under_free_name,
+    pinned_subfolder,
+    subfolder_parts,
+)
 
 SUFFIX = ".obj"
 # Reasons a release may never wave through (the file matched a malware signature inside).
@@ -144,39 +150,48 @@ def keep_reason(
     return target
 
 
+# Where a released item goes: the channel's folder, the sender's subfolder, whether it is kept.
+_Target = tuple[Path, str, bool]
+
+
 def _target_folder(
     doc: Mapping[str, Any], folders: Mapping[str, Path], subfolders: Mapping[str, bool]
-) -> Path:
+) -> _Target:
     channel = str(doc.get("channel"))
     root = folders.get(channel)
     if root is None:
         raise UsageError(f"channel {channel!r} has no delivery folder on this inside")
-    if doc.get("path"):
-        return subfolder(root, str(doc["path"]), keep=subfolders.get(channel, False))
-    return root
+    relpath, keep = str(doc.get("path") or ""), subfolders.get(channel, False)
+    if relpath and keep:
+        subfolder_parts(relpath)  # (refused before anything is written)
+    return root, relpath, keep
 
 
-def _link(folder: Path, stored: str, doc: Mapping[str, Any], target_folder: Path) -> Path | None:
-    """Link the quarantined file into ``target_folder`` under the first free safe name (a
+def _link(folder: Path, stored: str, doc: Mapping[str, Any], target: _Target) -> Path | None:
+    """Link the quarantined file into the target folder under the first free safe name (a
     name already holding this content is the file an interrupted release linked); if the
     file has already left the quarantine (a release interrupted by an older ferry, which
     removed it before writing the delivered line), find the copy it delivered. None if
-    there is neither."""
+    there is neither. The subfolder is pinned (:func:`inside.deliver.pinned_subfolder`)."""
+    root, relpath, keep = target
     src = folder / stored
-    if not src.is_file():
-        return find_same_content(target_folder, str(doc.get("original_name")), _sha(doc))
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        return link_under_free_name(
-            src,
-            fd,
-            os.fstat(fd).st_size,
-            target_folder,
-            str(doc.get("original_name")),
-            same_sha256=_sha(doc),
-        )
-    finally:
-        os.close(fd)
+    with pinned_subfolder(root, relpath, keep=keep) as (where, pinned):
+        if not src.is_file():
+            found = find_same_content(pinned, str(doc.get("original_name")), _sha(doc))
+            return None if found is None else where / found.name
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            linked = link_under_free_name(
+                src,
+                fd,
+                os.fstat(fd).st_size,
+                pinned,
+                str(doc.get("original_name")),
+                same_sha256=_sha(doc),
+            )
+        finally:
+            os.close(fd)
+        return where / linked.name
 
 
 def _leave(folder: Path, stored: str) -> None:
@@ -303,7 +318,7 @@ def _deliver(
     doc: Mapping[str, Any],
     release: dict[str, Any],
     *,
-    target_folder: Path,
+    target_folder: _Target,
     key: SecretKey,
     clock: Callable[[], str],
 ) -> Path | None:

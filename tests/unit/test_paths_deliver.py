@@ -19,6 +19,7 @@ from ferry.crypto.keys import SecretKey
 from ferry.errors import EnvelopeRejected, FerryError, WireError
 from ferry.wire import records as rec
 from ferry.wire.sender import build_trailer
+from inside import deliver as deliver_mod
 from inside import paths
 from inside.deliver import (
     Alone,
@@ -699,3 +700,31 @@ def test_a_fifo_planted_under_the_next_name_holds_nothing_up(tmp_path: Path) -> 
     assert out == [[folder / "notice-00000042 (2).json"]]
     assert (folder / "notice-00000042 (2).json").read_bytes() == body
     assert find_same_content(folder, "notice-00000042.json", b"x" * 32) is None
+
+
+def test_a_kept_subfolder_swapped_for_a_symlink_meanwhile_gets_nothing(
+    box: Box, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The subfolder was checked, then the file linked by its path some milliseconds later:
+    an inner user who swapped the folder for a symlink in between had the file land wherever
+    the symlink pointed (another channel's folder, the agent's state). The folder is now
+    pinned when it is checked, and the file goes into that very folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real = deliver_mod.link_under_free_name
+
+    def swapped(*args: object, **kw: object) -> Path:
+        os.rename(box.out / "inbox", box.out / "inbox-moved")  # (as the inner user does)
+        os.symlink(elsewhere, box.out / "inbox")
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deliver_mod, "link_under_free_name", swapped)
+    path, length = box.spool_object(OID_A, CONTENT, path="inbox")
+    result = deliver(
+        path, OID_A, length, sender=SIGN.public, folders=box.folders, ledger=box.ledger,
+        subfolders={"documents": True},
+    )  # fmt: skip
+    assert isinstance(result, Delivered)
+    assert list(elsewhere.iterdir()) == []
+    assert (box.out / "inbox-moved" / "report.pdf").read_bytes() == CONTENT
+    assert result.path == box.out / "inbox" / "report.pdf"  # (where it was made)
