@@ -484,6 +484,14 @@ class InsideAgent:
                     h.update(chunk)
             ok = h.digest() == sha
         spooled = self._spool_path(oid)
+        if not ok and spooled.is_file() and os.stat(spooled).st_nlink > 1:
+            # Linked, and the link is still somewhere on this file system: a reader moved (or
+            # changed) the delivered file before the ledger could say so. It was delivered;
+            # delivering it again would hand it out twice, and putting the trailer back would
+            # write into the reader's file (the same inode).
+            ok, taken = True, True
+        else:
+            taken = False
         if not ok and isinstance(row["size"], int) and spooled.is_file():
             trailer = self.ledger.trailer_of(oid)
             _log.info("delivery_resumed", object_id=oid.hex(), channel=row["channel"])
@@ -505,7 +513,7 @@ class InsideAgent:
                 "delivery.delivered",
                 subject=self._delivery_subject,
                 obj=obj,
-                detail={"recovered": True},
+                detail={"recovered": True, "taken": True} if taken else {"recovered": True},
                 corr=oid.hex(),
                 durable=True,
             )

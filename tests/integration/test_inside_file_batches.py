@@ -204,3 +204,37 @@ def test_refused_objects_are_kept_up_to_a_limit_then_refused_without_a_copy(
     for oid, was_kept in zip(oids, [True, True, False, False, False], strict=True):
         (record,) = [r for r in records(dep, oid) if r["event"] == "delivery.rejected"]
         assert (record["detail"]["kept"] is not None) is was_kept
+
+
+def test_a_file_its_reader_took_while_the_audit_log_was_down_is_not_delivered_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is linked (visible), its audit record fails, and a reader moves it away
+    before the ledger can say delivered. Settling found the name empty and delivered it a
+    second time, after putting the trailer back on the spool file: the very inode the reader
+    had, so the reader's file grew by the trailer."""
+    dep = init(tmp_path / "d")
+    agent = _agent(dep)
+    key = dep["outside"]["signing_key"]
+    deliver = Path(dep["channels"]["documents"]["deliver"])
+    reader = tmp_path / "d" / "reader-took.png"
+    data = png()
+
+    def audit_down_and_taken(files: list[Any]) -> None:
+        (linked,) = files
+        Path(linked[1]).rename(reader)  # (the reader takes it during the outage)
+        raise AuditUnavailable("the audit log cannot be written")
+
+    try:
+        oid, length = stage(agent, key, "scan.png", data, 1)
+        monkeypatch.setattr(agent, "_record_delivered_files", audit_down_and_taken)
+        agent._deliver_files([(oid, length, False)], agent._lanes["documents"])
+        state = agent.ledger.state_of(oid)
+        spooled = agent._spool_path(oid).exists()
+    finally:
+        close_agent(agent)
+    assert reader.read_bytes() == data  # (before: the trailer appended)
+    assert list(deliver.iterdir()) == []  # (before: a second copy)
+    assert (state, spooled) == ("delivered", False)
+    (delivered,) = [r for r in records(dep, oid) if r["event"] == "delivery.delivered"]
+    assert delivered["detail"] == {"recovered": True, "taken": True}
