@@ -18,6 +18,92 @@ MAX_COLLISIONS = 10_000
 # A longer "extension" is not one worth keeping apart from the stem.
 MAX_SUFFIX_BYTES = 16
 
+# Device names Windows reserves, with or without an extension (the outside refuses them;
+# the inside, which re-checks what it delivers, renames them).
+_SUPERSCRIPT_DIGITS = "\u00b9\u00b2\u00b3"
+RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"}
+    | {f"{p}{d}" for p in ("COM", "LPT") for d in "0123456789" + _SUPERSCRIPT_DIGITS}
+)
+
+# Extensions that run code when opened on a common desktop (Windows, Linux, macOS).
+EXECUTABLE_EXTENSIONS = frozenset(
+    [
+        "exe",
+        "com",
+        "scr",
+        "pif",
+        "cpl",
+        "dll",
+        "ocx",
+        "sys",
+        "drv",
+        "msi",
+        "msp",
+        "mst",
+        "msc",
+        "bat",
+        "cmd",
+        "ps1",
+        "ps1xml",
+        "ps2",
+        "psc1",
+        "psm1",
+        "psd1",
+        "vbs",
+        "vbe",
+        "js",
+        "jse",
+        "wsf",
+        "wsh",
+        "ws",
+        "wsc",
+        "sct",
+        "hta",
+        "jar",
+        "class",
+        "lnk",
+        "url",
+        "reg",
+        "inf",
+        "scf",
+        "gadget",
+        "application",
+        "appref-ms",
+        "chm",
+        "hlp",
+        "vhd",
+        "vhdx",
+        "sh",
+        "bash",
+        "zsh",
+        "csh",
+        "ksh",
+        "run",
+        "bin",
+        "elf",
+        "so",
+        "dylib",
+        "app",
+        "command",
+        "py",
+        "pyc",
+        "pyw",
+        "pl",
+        "rb",
+        "php",
+        "lua",
+        "apk",
+        "deb",
+        "rpm",
+        "dmg",
+        "pkg",
+        "xll",
+        "xlam",
+        "ppam",
+    ]
+)
+
 
 def candidate_names(
     name: str, *, max_bytes: int = NAME_MAX, limit: int = MAX_COLLISIONS

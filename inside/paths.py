@@ -11,17 +11,12 @@ import re
 import unicodedata
 from pathlib import PurePosixPath
 
-from ferry.names import MAX_COLLISIONS, candidate_names
+from ferry.names import EXECUTABLE_EXTENSIONS, MAX_COLLISIONS, RESERVED, candidate_names
 
 __all__ = ["MAX_COLLISIONS", "MAX_NAME_BYTES", "candidate_names", "contained", "safe_name"]
 
 # Most Linux filesystems limit a name to 255 bytes; keep room for " (NNNN)".
 MAX_NAME_BYTES = 200
-RESERVED = {
-    "CON", "PRN", "AUX", "NUL",
-    *(f"COM{i}" for i in range(1, 10)),
-    *(f"LPT{i}" for i in range(1, 10)),
-}  # fmt: skip
 _BIDI_AND_INVISIBLE = {
     "\u200b", "\u200c", "\u200d", "\u200e", "\u200f", "\u202a", "\u202b", "\u202c",
     "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\ufeff",
@@ -34,7 +29,7 @@ _PLAIN = re.compile(r"[\w .()+,=@#&~'\-]*", re.ASCII)
 def _clean_char(c: str) -> str:
     if c in _BIDI_AND_INVISIBLE:
         return ""
-    if unicodedata.category(c) in {"Cc", "Cf", "Cs", "Co", "Cn"}:
+    if unicodedata.category(c) in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}:
         return "_"
     if c in '/\\:*?"<>|':
         return "_"
@@ -48,8 +43,14 @@ def safe_name(untrusted: str) -> str:
     if not _PLAIN.fullmatch(name):
         name = unicodedata.normalize("NFC", "".join(_clean_char(c) for c in name))
     name = name.strip(" .")
-    stem = name.split(".", 1)[0].upper()
-    if stem in RESERVED:
+    # The outside refuses these; a name that still comes (a compromised outside) is made
+    # harmless here: a double extension hiding a program loses its last dot
+    # (``readme.txt.bat`` -> ``readme.txt_bat``), a device name (``COM1``, ``CON .txt``,
+    # ``CONIN$``) or a leading ``-`` (read as an option by command-line tools) gets a ``_``.
+    pieces = name.split(".")
+    if len(pieces) > 2 and pieces[0] and pieces[-1].strip().lower() in EXECUTABLE_EXTENSIONS:
+        name = ".".join(pieces[:-1]) + "_" + pieces[-1]
+    if pieces[0].rstrip(" ").upper() in RESERVED or name.startswith("-"):
         name = "_" + name
     if not name:
         name = "unnamed"

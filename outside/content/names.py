@@ -22,6 +22,7 @@ import re
 import unicodedata
 
 from ferry.content.base import Reject
+from ferry.names import EXECUTABLE_EXTENSIONS, RESERVED
 
 # POSIX and Windows both allow 255 bytes per path component.
 MAX_NAME_BYTES = 255
@@ -34,89 +35,6 @@ BIDI_AND_INVISIBLE = frozenset(
     "\ufeff\ufff9\ufffa\ufffb\u180e\u00ad"
 )
 WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
-_SUPERSCRIPT_DIGITS = "\u00b9\u00b2\u00b3"
-RESERVED = frozenset(
-    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"}
-    | {f"{p}{d}" for p in ("COM", "LPT") for d in "0123456789" + _SUPERSCRIPT_DIGITS}
-)
-
-# Extensions that run code when opened on a common desktop (Windows, Linux, macOS).
-EXECUTABLE_EXTENSIONS = frozenset(
-    [
-        "exe",
-        "com",
-        "scr",
-        "pif",
-        "cpl",
-        "dll",
-        "ocx",
-        "sys",
-        "drv",
-        "msi",
-        "msp",
-        "mst",
-        "msc",
-        "bat",
-        "cmd",
-        "ps1",
-        "ps1xml",
-        "ps2",
-        "psc1",
-        "psm1",
-        "psd1",
-        "vbs",
-        "vbe",
-        "js",
-        "jse",
-        "wsf",
-        "wsh",
-        "ws",
-        "wsc",
-        "sct",
-        "hta",
-        "jar",
-        "class",
-        "lnk",
-        "url",
-        "reg",
-        "inf",
-        "scf",
-        "gadget",
-        "application",
-        "appref-ms",
-        "chm",
-        "hlp",
-        "vhd",
-        "vhdx",
-        "sh",
-        "bash",
-        "zsh",
-        "csh",
-        "ksh",
-        "run",
-        "bin",
-        "elf",
-        "so",
-        "dylib",
-        "app",
-        "command",
-        "py",
-        "pyc",
-        "pyw",
-        "pl",
-        "rb",
-        "php",
-        "lua",
-        "apk",
-        "deb",
-        "rpm",
-        "dmg",
-        "pkg",
-        "xll",
-        "xlam",
-        "ppam",
-    ]
-)
 
 CANONICAL_EXTENSIONS = {
     "pdf": "pdf",

@@ -78,6 +78,24 @@ OTHER_SIGN = SecretKey("ed25519", bytes(range(1, 33)))
         ("e\u0301t\u00e9.txt", "\u00e9t\u00e9.txt"),  # NFC: decomposed e + acute is composed
         ("Cafe\u0301.txt", "Caf\u00e9.txt"),
         ("\u6587\u4ef6.txt", "\u6587\u4ef6.txt"),
+        # what the outside's name policy refuses, made harmless should it come all the same
+        ("COM0", "_COM0"),
+        ("LPT0.log", "_LPT0.log"),
+        ("COM\u00b9.txt", "_COM\u00b9.txt"),
+        ("CONIN$", "_CONIN$"),
+        ("clock$.txt", "_clock$.txt"),
+        ("CON .txt", "_CON .txt"),
+        ("readme.txt.bat", "readme.txt_bat"),
+        ("photo.jpg .js", "photo.jpg _js"),
+        ("invoice.pdf.EXE", "invoice.pdf_EXE"),
+        ("setup.exe", "setup.exe"),  # (one extension: as the outside allows on opaque channels)
+        ("-rf", "_-rf"),
+        ("--help.txt", "_--help.txt"),
+        ("line\u2028sep\u2029.txt", "line_sep_.txt"),
+        (
+            "\u7533\u8bf7\u3000\u6750\u6599.pdf",
+            "\u7533\u8bf7\u3000\u6750\u6599.pdf",
+        ),  # (ideographic space kept)
     ],
 )
 def test_safe_name(untrusted: str, expected: str) -> None:
