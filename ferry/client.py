@@ -363,16 +363,14 @@ class Consumer:
     def receive(self, timeout: float = 1.0, limit: int = 1024) -> list[Delivery]:
         """Messages that arrived, waiting up to ``timeout`` seconds for the first."""
         out: list[Delivery] = []
-        poller = self._poller
         deadline = time.monotonic() + timeout
         while True:
-            self._check_connection()
-            left = deadline - time.monotonic()
-            ready = dict(poller.poll(max(0, int(left * 1000))))
+            ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            if self._monitor in ready:
+                self._check_connection()
             if self.sock in ready:
                 break
-            if self._monitor not in ready and time.monotonic() >= deadline:
-                self._check_connection()
+            if time.monotonic() >= deadline:
                 return out
         while len(out) < limit:
             try:

@@ -484,14 +484,12 @@ class InsideAgent:
                     h.update(chunk)
             ok = h.digest() == sha
         spooled = self._spool_path(oid)
-        if not ok and spooled.is_file() and os.stat(spooled).st_nlink > 1:
-            # Linked, and the link is still somewhere on this file system: a reader moved (or
-            # changed) the delivered file before the ledger could say so. It was delivered;
-            # delivering it again would hand it out twice, and putting the trailer back would
-            # write into the reader's file (the same inode).
-            ok, taken = True, True
-        else:
-            taken = False
+        # Linked, and the link still somewhere on this file system: a reader moved (or
+        # changed) the delivered file before the ledger could say so. It was delivered;
+        # delivering it again would hand it out twice, and putting the trailer back would
+        # write into the reader's file (the same inode).
+        taken = not ok and spooled.is_file() and os.stat(spooled).st_nlink > 1
+        ok = ok or taken
         if not ok and isinstance(row["size"], int) and spooled.is_file():
             trailer = self.ledger.trailer_of(oid)
             _log.info("delivery_resumed", object_id=oid.hex(), channel=row["channel"])

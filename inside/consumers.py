@@ -229,6 +229,7 @@ class ConsumerServer:
         self._last_holder: dict[bytes, bytes] = {}  # requeued: who had it last
         self.stray_acks = 0  # acks from connections that were not given the item
         self.forgotten = 0  # consumers whose connection was found gone (see _probe)
+        self._next_probe = 0.0
         self._consumers: dict[bytes, _Consumer] = {}
         self.delivered = 0
         self.acked = 0
@@ -421,9 +422,10 @@ class ConsumerServer:
     def _probe(self) -> None:
         """PING each consumer silent for ``PROBE_AFTER`` s; forget those whose connection
         is gone (ROUTER_MANDATORY refuses the PING)."""
-        if self.router is None:
-            return
         now = time.monotonic()
+        if self.router is None or now < self._next_probe:
+            return
+        self._next_probe = now + 1.0  # (looked at once a second, not on every turn)
         for con in [c for c in self._consumers.values() if now - c.last_seen >= PROBE_AFTER]:
             try:
                 self.router.send_multipart(

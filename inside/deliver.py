@@ -303,43 +303,19 @@ def pinned_subfolder(folder: Path, relpath: str, *, keep: bool) -> Iterator[tupl
     parts = subfolder_parts(relpath)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for part in parts:
+        for depth, part in enumerate(parts, 1):
             with suppress(FileExistsError):
                 os.mkdir(part, 0o750, dir_fd=fd)
             try:
                 inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as exc:  # ELOOP (a symlink), ENOTDIR (a file)
-                where = folder.joinpath(*parts[: parts.index(part) + 1])
+                where = folder.joinpath(*parts[:depth])
                 raise UnsafePathError(f"{where} exists and is not a folder") from exc
             os.close(fd)
             fd = inner
         yield folder.joinpath(*parts), Path(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
-
-
-def subfolder(folder: Path, relpath: str, *, keep: bool) -> Path:
-    """The sender's relative folder under ``folder`` (when kept), made safe and created.
-
-    Each component goes through safe_name; an existing component must be a real
-    folder (a symlink planted there is refused), so the result is always inside (when it
-    is made; use :func:`pinned_subfolder` to write into it).
-    """
-    if not keep:
-        return folder
-    parts = subfolder_parts(relpath)
-    current = PurePosixPath(folder)
-    for part in parts:
-        try:
-            current = contained(current, part)
-        except ValueError as exc:
-            raise UnsafePathError(str(exc)) from exc
-        try:
-            os.mkdir(current, 0o750)
-        except FileExistsError:
-            if not stat.S_ISDIR(os.lstat(current).st_mode):
-                raise UnsafePathError(f"{current} exists and is not a folder") from None
-    return Path(current)
 
 
 def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
@@ -442,8 +418,10 @@ def _checked(
     recheck: Callable[[rec.Manifest, Path], None] | None,
     checking: AbstractContextManager[object] | None,
 ) -> tuple[rec.Manifest, Path]:
-    """The verified manifest of the spooled object open as ``fd`` and the folder (made) its
-    file goes to, once re-checked (``checking`` held meanwhile); raises what refuses it."""
+    """The verified manifest of the spooled object open as ``fd`` and its channel's folder,
+    once re-checked (``checking`` held meanwhile); raises what refuses it, an unusable
+    subfolder path included (the subfolder itself is made when the file is linked:
+    :func:`pinned_subfolder`)."""
 
     def accept(manifest: rec.Manifest) -> Path:  # (before its content is read)
         if manifest.kind != "file":
@@ -652,7 +630,7 @@ def _ready(
     recheck: Callable[[rec.Manifest, Path], None] | None,
     checking: Callable[[], AbstractContextManager[object]] | None,
 ) -> _Ready | Exception:
-    """A spooled file verified, re-checked and its folder made, open; else what
+    """A spooled file verified and re-checked, open, with its channel's folder; else what
     :func:`deliver` would have raised."""
     try:
         fd = os.open(spool_file, os.O_RDWR | os.O_NOFOLLOW)

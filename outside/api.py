@@ -537,11 +537,7 @@ class ApiServer:
         if any(u.client == client.name and u.submission_id == sid for u in self._uploads.values()):
             raise Refused("SUBMISSION_ID_REUSED", "an upload with this id is in progress")
         request_sha = hashlib.sha256(b"%s\x00%s\x00" % (ch.name.encode(), schema.encode()) + data)
-        try:
-            self._admit(client)
-        except Busy:  # (an id answered before gets its answer all the same)
-            self._answer_earlier(client, sid, request_sha.digest())
-            raise
+        self._admit_or_answer(client, sid, request_sha.digest())
         limit = min(ch.max_message_size, self.params.max_message_size)
         if len(data) > limit:
             raise Refused("TOO_LARGE", f"message of {len(data)} bytes; the limit is {limit}")
@@ -566,6 +562,14 @@ class ApiServer:
             priority=ch.priority,
         )
         return req, canonical, schema
+
+    def _admit_or_answer(self, client: ApiClient, sid: str, request_sha: bytes) -> None:
+        """:meth:`_admit`; when it says BUSY, an id answered before gets that answer instead."""
+        try:
+            self._admit(client)
+        except Busy:
+            self._answer_earlier(client, sid, request_sha)
+            raise
 
     def _answer_earlier(self, client: ApiClient, sid: str, request_sha: bytes) -> None:
         """Raise :class:`Answered` with the answer given before to this submission id, if any:
@@ -813,11 +817,7 @@ class ApiServer:
             raise Refused("BAD_REQUEST", "'sha256' must be 32 bytes")
         if (client.name, sid) in self._batch_sids:  # (a SUBMIT of this id, being committed)
             raise Busy(BUSY_RETRY_AFTER, "a submission with this id is being committed")
-        try:
-            self._admit(client)
-        except Busy:
-            self._answer_earlier(client, sid, sha)
-            raise
+        self._admit_or_answer(client, sid, sha)
         if size > ch.max_size:
             raise Refused("TOO_LARGE", f"{size} bytes; {ch.name} takes at most {ch.max_size}")
         self._answer_earlier(client, sid, sha)  # (a message's hash never equals a file's)

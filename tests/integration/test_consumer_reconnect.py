@@ -98,7 +98,8 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Co
     ledger.close()
 
 
-def _dealer(ctx: zmq.Context[Any], dep: dict[str, Any]) -> zmq.Socket[Any]:
+def _dealer(ctx: zmq.Context[Any], dep: dict[str, Any], *, ready: bool = True) -> zmq.Socket[Any]:
+    """A consumer's DEALER, connected; it says READY (credit 10) if ``ready``."""
     ccfg = load_client_config(Path(dep["consumers"]["client_config"]))
     sock = curve_client(
         ctx,
@@ -107,7 +108,8 @@ def _dealer(ctx: zmq.Context[Any], dep: dict[str, Any]) -> zmq.Socket[Any]:
         load_public_key(ccfg.server_public_key, ccfg.source.parent),
     )
     sock.connect(ccfg.endpoint)
-    sock.send_multipart([P, b"READY", msgpack.packb({"credit": 10})])
+    if ready:
+        sock.send_multipart([P, b"READY", msgpack.packb({"credit": 10})])
     return sock
 
 
@@ -190,14 +192,7 @@ def test_only_ready_makes_a_consumer(server: tuple[ConsumerServer, Any]) -> None
     srv, dep = server
     ctx: zmq.Context[Any] = zmq.Context()
     try:
-        ccfg = load_client_config(Path(dep["consumers"]["client_config"]))
-        sock = curve_client(
-            ctx,
-            zmq.DEALER,
-            load_secret_key(ccfg.client_key, ("x25519",)),
-            load_public_key(ccfg.server_public_key, ccfg.source.parent),
-        )
-        sock.connect(ccfg.endpoint)
+        sock = _dealer(ctx, dep, ready=False)
         sock.send_multipart([P, b"ACK", msgpack.packb({"items": [], "credit": 5})])
         time.sleep(1)
         assert srv._consumers == {}
