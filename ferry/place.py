@@ -14,8 +14,10 @@ import ctypes
 import errno
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+from ferry.errors import UnsafePathError
 
 TEMP_PREFIX = ".ferry-"
 TEMP_SUFFIX = ".part"
@@ -101,6 +103,37 @@ def fsync_named(dir_fd: int, names: Iterable[str]) -> None:
             os.fsync(f)
         finally:
             os.close(f)
+
+
+@contextlib.contextmanager
+def pinned_folder(
+    folder: Path, parts: Sequence[str], *, create: bool = True
+) -> Iterator[tuple[Path, int]]:
+    """``folder / parts``, opened one folder at a time from ``folder`` without following a
+    symlink (and made where missing, if ``create``): ``(path, fd)``, the descriptor open
+    for the ``with``. Names given relative to ``fd`` (``dir_fd=``, or ``/proc/self/fd/N``)
+    stay in that very folder whatever is done to the path meanwhile, so a folder swapped for
+    a symlink by someone who can write under ``folder`` cannot send a file elsewhere.
+    UnsafePathError if something on the way is not a folder; FileNotFoundError if it is
+    missing (``create`` false)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for depth, part in enumerate(parts, 1):
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o750, dir_fd=fd)
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:  # ELOOP (a symlink), ENOTDIR (a file)
+                if exc.errno == errno.ENOENT:
+                    raise  # (not made: gone)
+                where = folder.joinpath(*parts[:depth])
+                raise UnsafePathError(f"{where} is not a folder") from exc
+            os.close(fd)
+            fd = inner
+        yield folder.joinpath(*parts), fd
+    finally:
+        os.close(fd)
 
 
 def temp_name() -> str:

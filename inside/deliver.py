@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import stat
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -33,6 +33,7 @@ from ferry.place import (
     fsync_named,
     link_new,
     on_local_disk,
+    pinned_folder,
     sync_names,
     temp_name,
 )
@@ -300,22 +301,8 @@ def pinned_subfolder(folder: Path, relpath: str, *, keep: bool) -> Iterator[tupl
     if not keep or not relpath:
         yield folder, folder
         return
-    parts = subfolder_parts(relpath)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for depth, part in enumerate(parts, 1):
-            with suppress(FileExistsError):
-                os.mkdir(part, 0o750, dir_fd=fd)
-            try:
-                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:  # ELOOP (a symlink), ENOTDIR (a file)
-                where = folder.joinpath(*parts[:depth])
-                raise UnsafePathError(f"{where} exists and is not a folder") from exc
-            os.close(fd)
-            fd = inner
-        yield folder.joinpath(*parts), Path(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
+    with pinned_folder(folder, subfolder_parts(relpath)) as (path, fd):
+        yield path, Path(f"/proc/self/fd/{fd}")
 
 
 def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:

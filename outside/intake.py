@@ -33,12 +33,13 @@ from ferry.audit.record import AuditObject, AuditUnavailable, Subject
 from ferry.config_types import OutsideChannel
 from ferry.content.base import FEATURES, Verdict
 from ferry.crypto.keys import PublicKey, SecretKey
-from ferry.errors import PolicyRejection
+from ferry.errors import PolicyRejection, UnsafePathError
 from ferry.names import candidate_names
 from ferry.place import (
     drop_temp,
     flush_all,
     link_new,
+    pinned_folder,
     remove_stale_temps,
     sync_names,
     temp_name,
@@ -650,8 +651,9 @@ class FolderIntake:
             _log.info("file_changed_since_ready", channel=ch.name, name=r.relpath.name)
             return None  # (written again while it waited its turn: reported once stable)
         key = _source_key(st)
-        if self._spool.known_source(key) is not None:
-            self._finish_original(ch, r.relpath, path)  # crashed after commit, before the move
+        if self._spool.known_source(key) is not None:  # crashed after commit, before the move
+            if self._finish_original(ch, r.relpath, path):
+                self._spool.forget_sources([key])
             return None
         name = r.relpath.name
         if (problem := _folder_problem(r.relpath)) is not None:
@@ -838,8 +840,13 @@ class FolderIntake:
             except AuditUnavailable as exc:  # spooled; the original is moved on a later turn
                 _log.error("intake_record_not_durable", channel=ch.name, error=str(exc))
                 return items
-        for x in done:
-            self._finish_original(ch, x.ready.relpath, x.ready.path, x.pending.source_key)
+        self._spool.forget_sources(
+            [
+                x.pending.source_key
+                for x in done
+                if self._finish_original(ch, x.ready.relpath, x.ready.path, x.pending.source_key)
+            ]
+        )
         return items
 
     @staticmethod
@@ -950,57 +957,71 @@ class FolderIntake:
 
     def _finish_original(
         self, ch: OutsideChannel, rel: PurePosixPath, path: Path, copied: str = ""
-    ) -> None:
+    ) -> bool:
         """The clerk's original, once its item is committed: deleted, or moved to the
         channel's ``sent`` folder under its own name or the first free numbered one
         (``report (2).pdf``, kept within the 255-byte name limit), never over a file.
         ``copied``: the source key of what was copied; a file at ``path`` that is no longer
-        that one (saved again meanwhile) is left where it is, to be taken in its turn."""
+        that one (saved again meanwhile) is left where it is, to be taken in its turn.
+        True once the copied file has left ``path`` (moved, deleted, replaced or gone);
+        False if it is still there, to be finished on a later turn.
+
+        Both folders are reached one level at a time without following a symlink
+        (:func:`ferry.place.pinned_folder`): a subfolder of the drop or ``sent`` folder
+        swapped for a symlink cannot make the gateway move or delete a file elsewhere, or
+        put one where clerks may not write."""
+        drop = path.parents[len(rel.parts) - 1]
+        name = rel.name
         try:
-            if copied and _source_key(os.lstat(path)) != copied:
-                _log.info("original_changed_after_copy", channel=ch.name, name=rel.name)
-                return
-            if ch.after_send == "delete" or ch.sent is None:
-                path.unlink()
-                return
-            folder = (ch.sent / rel).parent
-            folder.mkdir(parents=True, exist_ok=True)
-            for name in candidate_names(rel.name):
-                if _place_original(path, folder / name):
-                    return
+            with pinned_folder(drop, rel.parent.parts, create=False) as (_, src):
+                try:
+                    here = os.lstat(name, dir_fd=src)
+                except FileNotFoundError:
+                    return True
+                if copied and _source_key(here) != copied:
+                    _log.info("original_changed_after_copy", channel=ch.name, name=name)
+                    return True
+                if ch.after_send == "delete" or ch.sent is None:
+                    os.unlink(name, dir_fd=src)
+                    return True
+                with pinned_folder(ch.sent, rel.parent.parts) as (_, dst):
+                    for candidate in candidate_names(name):
+                        if _place_original(src, name, dst, candidate):
+                            return True
             _log.error(
                 "cannot_move_original",
                 channel=ch.name,
-                name=rel.name,
+                name=name,
                 error="every numbered name in the sent folder is taken",
             )
         except FileNotFoundError:
-            pass
-        except OSError as exc:
-            _log.error("cannot_move_original", channel=ch.name, name=rel.name, error=str(exc))
+            return not os.path.lexists(path)
+        except (OSError, UnsafePathError) as exc:
+            _log.error("cannot_move_original", channel=ch.name, name=name, error=str(exc))
+        return False
 
 
-def _place_original(path: Path, target: Path) -> bool:
-    """Move ``path`` to ``target`` unless that name is taken (then False): a link then an
-    unlink (:func:`ferry.place.link_new`), so no file is replaced; a link left by a crash
-    between the two is recognised (same inode) and finished. Another file system:
-    :func:`_move_across`."""
+def _place_original(src: int, name: str, dst: int, target: str) -> bool:
+    """Move ``name`` in folder ``src`` to ``target`` in folder ``dst`` (descriptors) unless
+    that name is taken (then False): a link then an unlink (:func:`ferry.place.link_new`),
+    so no file is replaced; a link left by a crash between the two is recognised (same
+    inode) and finished. Another file system: :func:`_move_across`."""
     try:
-        linked = link_new(path, target)
+        linked = link_new(name, target, src_dir_fd=src, dst_dir_fd=dst)
     except FileExistsError:
-        if not os.path.samestat(os.lstat(path), os.lstat(target)):
+        if not os.path.samestat(os.lstat(name, dir_fd=src), os.lstat(target, dir_fd=dst)):
             return False
         linked = True
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
         try:
-            _move_across(path, target)
+            _move_across(Path(f"/proc/self/fd/{src}", name), Path(f"/proc/self/fd/{dst}", target))
         except FileExistsError:
             return False
         return True
     if linked:
-        os.unlink(path)
+        os.unlink(name, dir_fd=src)
     return True
 
 

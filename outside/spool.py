@@ -260,6 +260,19 @@ class Spool:
             ).fetchone()
         return None if row is None else str(row[0])
 
+    def forget_sources(self, source_keys: Collection[str]) -> None:
+        """The clerk's originals of these items have left the drop folder: a file found
+        there later with the same identity (moved back from ``sent/`` to be sent again) is a
+        new drop, not one the agent crashed before finishing. Not waited onto the disk: lost
+        in a power cut, such a file is only moved to ``sent/`` unsent, as before."""
+        if not source_keys:
+            return
+        with self._lock, transaction(self._db, durable=False):
+            self._db.executemany(
+                "UPDATE items SET source_key=NULL WHERE source_key=?",
+                [(k,) for k in dict.fromkeys(source_keys)],
+            )
+
     # ------------------------------------------------------------------ files
     def add(
         self,

@@ -186,13 +186,14 @@ def test_kill_9_during_folder_intake_delivers_every_file_exactly_once(
     assert originals == files
     assert list((state / "intake").glob("*.part")) == []
 
-    # The spool took each file once; the inside delivered each object once.
+    # The spool took each file once; the inside delivered each object once. Every original
+    # is in sent/, so no item still names its source (a file moved back is a new drop).
     rows = _db_rows(
         state / "outside.db",
-        "SELECT count(*), count(DISTINCT source_key), count(DISTINCT sha256), count(DISTINCT seq),"
+        "SELECT count(*), count(source_key), count(DISTINCT sha256), count(DISTINCT seq),"
         " sum(state='sent') FROM items WHERE channel='documents'",
     )
-    assert rows == [(200, 200, 200, 200, 200)]
+    assert rows == [(200, 0, 200, 200, 200)]
     ledger = _db_rows(
         Path(dep["inside"]["state_dir"]) / "inside.db",
         "SELECT state, count(*) FROM objects WHERE channel='documents' GROUP BY state",

@@ -146,3 +146,94 @@ def test_folder_names_that_cannot_travel_are_refused_with_a_reason(
     assert rejected[0]["reason"].startswith("FILENAME_POLICY")
     assert why in rejected[0]["reason"]
     assert not (gateway.drop / folder / "f.txt").exists()  # (quarantined, with its reason)
+
+
+def _spooled(gateway: Gateway) -> int:
+    return int(gateway.intake._spool._db.execute("SELECT count(*) FROM items").fetchone()[0])
+
+
+def test_a_file_moved_back_from_sent_is_sent_again(gateway: Gateway) -> None:
+    """A clerk who moves a file back from sent/ to send it again drops it again: the same
+    inode, size and mtime must not pass for a file the agent crashed before moving."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    assert gateway.drop_file("permit.txt", b"application 2026-118\n")
+    sent = gateway.channel.sent
+    assert sent is not None
+    assert (sent / "permit.txt").exists()
+    os.rename(sent / "permit.txt", gateway.drop / "permit.txt")
+    assert gateway.take("permit.txt")  # spooled a second time
+    assert _spooled(gateway) == 2
+    assert not (gateway.drop / "permit.txt").exists()
+    assert (sent / "permit.txt").exists()  # (its name there was free again)
+
+
+def test_a_second_hard_link_to_a_file_sent_is_sent(gateway: Gateway) -> None:
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    (gateway.drop / "a.txt").write_bytes(b"the same bytes under two names\n")
+    os.link(gateway.drop / "a.txt", gateway.drop / "b.txt")
+    assert gateway.take("a.txt")
+    assert gateway.take("b.txt")
+    assert _spooled(gateway) == 2
+
+
+def test_an_original_left_by_a_crash_after_its_commit_is_moved_not_sent_again(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spooled, then the agent died before moving the original: found again at start-up,
+    it is moved to sent/ and not sent twice; moved back afterwards, it is a new drop."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    with monkeypatch.context() as m:
+        m.setattr(intake_mod.FolderIntake, "_finish_original", lambda *a, **k: False)
+        assert gateway.drop_file("notice.txt", b"notice 7\n")
+    assert (gateway.drop / "notice.txt").exists()  # (the crash: still in the drop folder)
+    assert not gateway.take("notice.txt")  # recognised: moved, not spooled again
+    assert _spooled(gateway) == 1
+    sent = gateway.channel.sent
+    assert sent is not None
+    assert (sent / "notice.txt").exists()
+    assert not (gateway.drop / "notice.txt").exists()
+    os.rename(sent / "notice.txt", gateway.drop / "notice.txt")
+    assert gateway.take("notice.txt")
+    assert _spooled(gateway) == 2
+
+
+def test_a_symlink_planted_in_sent_does_not_redirect_the_original(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """Clerks who may write in sent/ (to move files back) must not be able to have the
+    gateway put a file where they may not write, by a subfolder there made a symlink."""
+    sent = gateway.channel.sent
+    assert sent is not None
+    elsewhere = tmp_path / "agent-only"  # (say, the API's allow-list folder)
+    elsewhere.mkdir()
+    sent.mkdir(parents=True, exist_ok=True)
+    os.symlink(elsewhere, sent / "sub")
+    (gateway.drop / "sub").mkdir(parents=True)
+    assert gateway.drop_file("sub/key.txt", b"a planted public key\n")  # spooled: it is sent
+    assert list(elsewhere.iterdir()) == []
+    assert (gateway.drop / "sub" / "key.txt").exists()  # (not moved: left, and logged)
+    os.unlink(sent / "sub")  # the planted link removed: the next turn moves it, unsent
+    assert not gateway.take("sub/key.txt")
+    assert (sent / "sub" / "key.txt").read_bytes() == b"a planted public key\n"
+    assert _spooled(gateway) == 1
+
+
+def test_a_drop_subfolder_swapped_after_the_copy_moves_nothing_elsewhere(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """The original is reached again after its commit; a subfolder swapped for a symlink
+    to a folder holding another link to the same file must not have that one moved."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (gateway.drop / "sub").mkdir(parents=True)
+    (gateway.drop / "sub" / "a.txt").write_text("mine\n")
+    os.link(gateway.drop / "sub" / "a.txt", elsewhere / "a.txt")
+    prepared = gateway.intake._prepare(gateway.channel, _ready(gateway, "sub/a.txt"))
+    assert prepared is not None
+    os.rename(gateway.drop / "sub", gateway.drop / "sub.old")
+    os.symlink(elsewhere, gateway.drop / "sub")
+    lane = gateway.intake._lanes["documents"]
+    assert gateway.intake._commit(lane, [prepared]) != []
+    assert (elsewhere / "a.txt").read_text() == "mine\n"
+    sent = gateway.channel.sent
+    assert sent is None or not any(sent.rglob("a.txt"))
