@@ -53,6 +53,11 @@ PROBE_AFTER = 60.0
 # Acknowledged outbox rows (without their bodies) are kept this long for operators, then
 # deleted (ferry.state.Retention): the outbox stays bounded.
 ACKED_RETENTION = 7 * 24 * 3600.0
+# Messages of a channel waiting for a consumer held in memory, at most: the rest wait in the
+# outbox only, and are read in, in order, as these go out (below half of either bound). So
+# the inside's memory stays bounded however long its consumers are away.
+WINDOW_ITEMS = 10_000
+WINDOW_BYTES = 64 * 1024 * 1024
 
 OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -67,6 +72,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     acked_by TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (acked_us, channel, seq);
+CREATE INDEX IF NOT EXISTS outbox_waiting ON outbox (channel) WHERE acked_us IS NULL;
 """
 
 _log = log.get("inside.consumers")
@@ -129,6 +135,54 @@ class Outbox:
                 " WHERE acked_us IS NULL ORDER BY channel, seq"
             ).fetchall()
         return [OutboxItem(bytes(r[0]), r[1], r[2], r[3], r[4], r[5], bytes(r[6])) for r in rows]
+
+    def waiting_channels(self) -> list[str]:
+        """Channels with messages not acknowledged yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT channel FROM outbox WHERE acked_us IS NULL"
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def waiting(
+        self, channel: str, after: int, items: int, size: int
+    ) -> tuple[list[tuple[int, OutboxItem]], bool]:
+        """The channel's messages not acknowledged, in the order they were queued, after
+        row ``after``: at most ``items`` of them and ``size`` bytes of bodies (one at least),
+        each with its row; and whether those were all. Sizes are read first, so a page of
+        large messages is never read in whole."""
+        with self._lock:
+            sizes = self._db.execute(
+                "SELECT rowid, length(body) FROM outbox WHERE acked_us IS NULL AND channel=?"
+                " AND rowid>? ORDER BY rowid LIMIT ?",
+                (channel, after, items + 1),
+            ).fetchall()
+            last, total, n = after, 0, 0
+            for rowid, length in sizes:
+                if n >= items or (n and total + length > size):
+                    break
+                last, total, n = rowid, total + length, n + 1
+            rows = (
+                self._db.execute(
+                    "SELECT rowid, object_id, channel, seq, schema, subject, created_us, body"
+                    " FROM outbox WHERE acked_us IS NULL AND channel=? AND rowid>? AND rowid<=?"
+                    " ORDER BY rowid",
+                    (channel, after, last),
+                ).fetchall()
+                if n
+                else []
+            )
+        page = [
+            (r[0], OutboxItem(bytes(r[1]), r[2], r[3], r[4], r[5], r[6], bytes(r[7]))) for r in rows
+        ]
+        return page, n == len(sizes)
+
+    def row_of(self, object_id: bytes) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT rowid FROM outbox WHERE object_id=?", (object_id,)
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     def ack_many(self, object_ids: list[bytes], who: str) -> None:
         """Record who acknowledged what. The body is dropped at once (the delivery folder
@@ -227,6 +281,10 @@ class ConsumerServer:
         self._waiting: OrderedDict[bytes, OutboxItem] = OrderedDict()
         self._inflight: dict[bytes, tuple[OutboxItem, float, bytes]] = {}
         self._last_holder: dict[bytes, bytes] = {}  # requeued: who had it last
+        self._held: dict[str, tuple[int, int]] = {}  # channel -> (items, bytes) in _waiting
+        # Channels with messages in the outbox not read into _waiting yet: the row after
+        # which to read on (see WINDOW_ITEMS).
+        self._unread: dict[str, int] = {}
         self.stray_acks = 0  # acks from connections that were not given the item
         self.forgotten = 0  # consumers whose connection was found gone (see _probe)
         self._next_probe = 0.0
@@ -240,14 +298,15 @@ class ConsumerServer:
 
     def start(self) -> None:
         self.keys.check_rejects_strangers()
-        for item in self.outbox.pending():
-            self._waiting[item.object_id] = item
+        for channel in self.outbox.waiting_channels():
+            self._unread[channel] = 0
+        self._read_in()
         self._thread.start()
         _log.info(
             "consumers_listening",
             endpoint=self.endpoint or None,
             publish=self.pub_endpoint or None,
-            pending=len(self._waiting),
+            pending=self.outbox.counts()[0],
             previous_server_keys=self.keys.status() or None,
         )
 
@@ -289,8 +348,9 @@ class ConsumerServer:
                     fresh = list(self._new)
                     self._new.clear()
                 for item in fresh:
-                    self._waiting[item.object_id] = item
                     self._publish(item)
+                    self._fresh(item)
+                self._read_in()
                 if self.router is not None and self.router in events:
                     self._read_router()
                 self._redeliver()
@@ -301,6 +361,53 @@ class ConsumerServer:
             except Exception:  # noqa: BLE001  # keep serving consumers
                 _log.exception("consumer_loop_error")
                 time.sleep(0.1)
+
+    def _hold(self, item: OutboxItem, *, first: bool = False) -> None:
+        """Into _waiting (at its end, or first)."""
+        self._waiting[item.object_id] = item
+        if first:
+            self._waiting.move_to_end(item.object_id, last=False)
+        n, size = self._held.get(item.channel, (0, 0))
+        self._held[item.channel] = (n + 1, size + len(item.body))
+
+    def _unhold(self, oid: bytes) -> None:
+        item = self._waiting.pop(oid, None)
+        if item is not None:
+            n, size = self._held[item.channel]
+            self._held[item.channel] = (n - 1, size - len(item.body))
+
+    def _full(self, channel: str, part: int = 1) -> bool:
+        n, size = self._held.get(channel, (0, 0))
+        return n >= WINDOW_ITEMS // part or size >= WINDOW_BYTES // part
+
+    def _fresh(self, item: OutboxItem) -> None:
+        """A message just queued: held, unless its channel has messages still in the outbox
+        only (it comes after them) or its window is full (then it waits there too)."""
+        oid = item.object_id
+        if oid in self._waiting or oid in self._inflight or item.channel in self._unread:
+            return  # (read in already, or to be read in its turn)
+        if self._full(item.channel):
+            self._unread[item.channel] = max(0, (self.outbox.row_of(oid) or 1) - 1)
+            return  # (every earlier row of the channel is held, in flight or acknowledged)
+        self._hold(item)
+
+    def _read_in(self) -> None:
+        """Read messages waiting in the outbox only into channels' windows below half."""
+        for channel, after in list(self._unread.items()):
+            if self._full(channel, 2):
+                continue
+            self._flush_acks(force=True)  # (an acknowledged message is not read in again)
+            n, size = self._held.get(channel, (0, 0))
+            page, whole = self.outbox.waiting(
+                channel, after, WINDOW_ITEMS - n, max(1, WINDOW_BYTES - size)
+            )
+            for _, item in page:
+                if item.object_id not in self._waiting and item.object_id not in self._inflight:
+                    self._hold(item)
+            if whole:
+                del self._unread[channel]
+            elif page:
+                self._unread[channel] = page[-1][0]
 
     def _publish(self, item: OutboxItem) -> None:
         if self.pub is None:
@@ -389,7 +496,7 @@ class ConsumerServer:
                 self.stray_acks += 1
                 continue
             self._inflight.pop(oid, None)
-            self._waiting.pop(oid, None)
+            self._unhold(oid)
             self._last_holder.pop(oid, None)
             done.append(oid)
         if done:
@@ -416,8 +523,7 @@ class ConsumerServer:
         for oid in late:
             item, _, who = self._inflight.pop(oid)
             self._last_holder[oid] = who  # its late ack still counts
-            self._waiting[oid] = item
-            self._waiting.move_to_end(oid, last=False)
+            self._hold(item, first=True)
 
     def _probe(self) -> None:
         """PING each consumer silent for ``PROBE_AFTER`` s; forget those whose connection
@@ -488,5 +594,5 @@ class ConsumerServer:
             self._last_holder.pop(oid, None)
             sent.append(oid)
         for oid in sent:
-            del self._waiting[oid]
+            self._unhold(oid)
         self.delivered += len(sent)
