@@ -106,16 +106,19 @@ EXECUTABLE_EXTENSIONS = frozenset(
 
 
 def candidate_names(
-    name: str, *, max_bytes: int = NAME_MAX, limit: int = MAX_COLLISIONS
+    name: str, *, max_bytes: int = NAME_MAX, limit: int = MAX_COLLISIONS, tag: str = ""
 ) -> Iterator[str]:
-    """``name``, then ``stem (2).ext`` ... ``stem (limit).ext``, each at most ``max_bytes``
-    bytes (UTF-8; lone surrogates, as os.fsdecode gives them, count as their bytes)."""
+    """``name``, then ``stem (2).ext`` ... ``stem (limit).ext``, then ``stem (tag).ext`` if
+    a ``tag`` is given, each at most ``max_bytes`` bytes (UTF-8; lone surrogates, as
+    os.fsdecode gives them, count as their bytes). The tag (a few hex digits of the item's
+    id) is what no one can have taken in advance: someone who may write in the folder and
+    plants every numbered name cannot make an item undeliverable."""
     yield name
     suffix = PurePosixPath(name).suffix
     if suffix == name or len(_encode(suffix)) > MAX_SUFFIX_BYTES:
         suffix = ""
     stem = name[: len(name) - len(suffix)]
-    for n in range(2, limit + 1):
+    for n in [*range(2, limit + 1), *([tag] if tag else [])]:
         tail = f" ({n}){suffix}"
         yield _fit(stem, max_bytes - len(_encode(tail))) + tail
 

@@ -60,6 +60,7 @@ from inside.deliver import (
     deliver,
     deliver_batch,
     fsync_dir,
+    name_tag,
     open_bundle,
     restore_trailer,
     verify_stream,
@@ -1383,7 +1384,11 @@ class InsideAgent:
             if folder is not None:
                 by_folder.setdefault(folder, []).append(item)
         for folder, items in by_folder.items():
-            written = write_new_files(folder, [(m.name, c, m.sha256) for _, m, c in items])
+            written = write_new_files(
+                folder,
+                [(m.name, c, m.sha256) for _, m, c in items],
+                [name_tag(oid) for oid, _, _ in items],
+            )
             paths.update((oid, p) for (oid, _, _), p in zip(items, written, strict=True))
         queued = [
             OutboxItem(oid, m.channel, m.seq, m.schema, m.subject, m.created_us, c)

@@ -176,8 +176,17 @@ def _same_content(path: Path, sha256: bytes) -> bool:
         os.close(fd)
 
 
-def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list[Path]:
-    """Write ``(name, content, sha256)`` items under free safe names in ``folder``.
+def name_tag(object_id: bytes) -> str:
+    """The last-resort name tag of an item (:func:`ferry.names.candidate_names`): 48 bits
+    of its random id, which no one in the delivery folder knows before it arrives."""
+    return object_id[:6].hex()
+
+
+def write_new_files(
+    folder: Path, items: list[tuple[str, bytes, bytes]], tags: Sequence[str] = ()
+) -> list[Path]:
+    """Write ``(name, content, sha256)`` items under free safe names in ``folder``
+    (``tags``: one per item, see :func:`ferry.names.candidate_names`).
 
     Group commit: every file is written into an anonymous O_TMPFILE, the
     filesystem is flushed once (syncfs), then each file is linked under the
@@ -207,7 +216,7 @@ def write_new_files(folder: Path, items: list[tuple[str, bytes, bytes]]) -> list
                 os.close(fd)  # unlinked while open, .fuse_hidden..., .nfsXXXX)
                 tmps[i] = (-1, tmp_name)
         for i, ((tmp, tmp_name), (name, _, sha)) in enumerate(zip(tmps, items, strict=True)):
-            for candidate in candidate_names(safe_name(name)):
+            for candidate in candidate_names(safe_name(name), tag=tags[i] if tags else ""):
                 try:
                     target = contained(root, candidate)
                 except ValueError as exc:
@@ -340,16 +349,18 @@ def link_under_free_name(
     *,
     before_link: Callable[[Path], None] | None = None,
     same_sha256: bytes | None = None,
+    tag: str = "",
 ) -> Path:
     """Give the durable file ``src`` (open as ``src_fd``) a name in ``folder``: the first free
     candidate of ``safe_name(name)`` (``report (2).pdf``...), never overwriting, hard-linked
     (copied into an anonymous file and linked when ``folder`` is on another filesystem); then
     fsync the folder. ``before_link(target)`` runs before each attempt. With
     ``same_sha256``, a candidate already holding that content counts as the file delivered
-    (an interrupted earlier attempt) and is returned."""
+    (an interrupted earlier attempt) and is returned. ``tag``: see
+    :func:`ferry.names.candidate_names`."""
     safe = safe_name(name)
     root = PurePosixPath(folder)
-    for candidate in candidate_names(safe):
+    for candidate in candidate_names(safe, tag=tag):
         try:
             target = Path(contained(root, candidate))
         except ValueError as exc:
@@ -378,12 +389,12 @@ def link_under_free_name(
     return target
 
 
-def find_same_content(folder: Path, name: str, sha256: bytes) -> Path | None:
+def find_same_content(folder: Path, name: str, sha256: bytes, tag: str = "") -> Path | None:
     """The first of ``safe_name(name)``'s candidate names in ``folder`` that holds content
     with this SHA-256 (what :func:`link_under_free_name` would have given an earlier
     attempt), or None."""
     root = PurePosixPath(folder)
-    for candidate in candidate_names(safe_name(name)):
+    for candidate in candidate_names(safe_name(name), tag=tag):
         try:
             target = Path(contained(root, candidate))
         except ValueError as exc:
@@ -488,7 +499,13 @@ def deliver(
                     os.fsync(fd)
 
             linked = link_under_free_name(
-                spool_file, fd, manifest.size, pinned, manifest.name, before_link=delivering
+                spool_file,
+                fd,
+                manifest.size,
+                pinned,
+                manifest.name,
+                before_link=delivering,
+                tag=name_tag(object_id),
             )
             target = where / linked.name
         if on_linked is not None:
@@ -714,7 +731,7 @@ def _deliver_ready(
 def _free_name(item: _Ready, taken: set[Path]) -> Path | None:
     """The first candidate name for ``item`` free in its folder and not ``taken``."""
     root = PurePosixPath(item.folder)
-    for candidate in candidate_names(safe_name(item.manifest.name)):
+    for candidate in candidate_names(safe_name(item.manifest.name), tag=name_tag(item.object_id)):
         try:
             target = Path(contained(root, candidate))
         except ValueError:

@@ -177,7 +177,9 @@ def _link(folder: Path, stored: str, doc: Mapping[str, Any], target: _Target) ->
     src = folder / stored
     with pinned_subfolder(root, relpath, keep=keep) as (where, pinned):
         if not src.is_file():
-            found = find_same_content(pinned, str(doc.get("original_name")), _sha(doc))
+            found = find_same_content(
+                pinned, str(doc.get("original_name")), _sha(doc), _sha(doc)[:6].hex()
+            )
             return None if found is None else where / found.name
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
         try:
@@ -188,6 +190,7 @@ def _link(folder: Path, stored: str, doc: Mapping[str, Any], target: _Target) ->
                 pinned,
                 str(doc.get("original_name")),
                 same_sha256=_sha(doc),
+                tag=_sha(doc)[:6].hex(),  # (quarantined: not seen by the folder's users)
             )
         finally:
             os.close(fd)

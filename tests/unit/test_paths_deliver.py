@@ -17,6 +17,7 @@ import pytest
 
 from ferry.crypto.keys import SecretKey
 from ferry.errors import EnvelopeRejected, FerryError, WireError
+from ferry.names import NAME_MAX
 from ferry.wire import records as rec
 from ferry.wire.sender import build_trailer
 from inside import deliver as deliver_mod
@@ -28,6 +29,8 @@ from inside.deliver import (
     deliver,
     deliver_batch,
     find_same_content,
+    link_under_free_name,
+    name_tag,
     restore_trailer,
     verify_object,
     write_new_files,
@@ -746,3 +749,65 @@ def test_a_kept_subfolder_swapped_for_a_symlink_meanwhile_gets_nothing(
     assert list(elsewhere.iterdir()) == []
     assert (box.out / "inbox-moved" / "report.pdf").read_bytes() == CONTENT
     assert result.path == box.out / "inbox" / "report.pdf"  # (where it was made)
+
+
+def _plant_every_numbered_name(folder: Path, name: str) -> None:
+    for candidate in candidate_names(name):
+        os.close(os.open(folder / candidate, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def test_every_numbered_name_planted_still_leaves_the_item_a_name(tmp_path: Path) -> None:
+    """An inner user who may write in the delivery folder plants report.pdf, report (2).pdf
+    ... report (10000).pdf: the message still gets a name, tagged with its random id."""
+    folder = tmp_path / "messages"
+    folder.mkdir()
+    _plant_every_numbered_name(folder, "notice-00000042.json")
+    body = b'{"a":1}'
+    sha = hashlib.sha256(body).digest()
+    oid = bytes.fromhex("a1b2c3d4e5f6") + os.urandom(10)
+    out = write_new_files(folder, [("notice-00000042.json", body, sha)], [name_tag(oid)])
+    assert out == [folder / "notice-00000042 (a1b2c3d4e5f6).json"]
+    assert out[0].read_bytes() == body
+    # a repeat (a crash before the ledger said so) finds it there: no second copy
+    again = write_new_files(folder, [("notice-00000042.json", body, sha)], [name_tag(oid)])
+    assert again == out
+    assert len(os.listdir(folder)) == MAX_COLLISIONS + 1
+    assert find_same_content(folder, "notice-00000042.json", sha, name_tag(oid)) == out[0]
+    with pytest.raises(FerryError, match="no free name"):  # (without a tag, as before)
+        write_new_files(folder, [("notice-00000042.json", b"{}", hashlib.sha256(b"{}").digest())])
+
+
+def test_a_file_gets_its_tagged_name_when_every_numbered_one_is_planted(tmp_path: Path) -> None:
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    _plant_every_numbered_name(folder, "report.pdf")
+    src = tmp_path / "spooled"
+    src.write_bytes(b"%PDF-1.7 the report")
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        target = link_under_free_name(src, fd, 19, folder, "report.pdf", tag="0123456789ab")
+    finally:
+        os.close(fd)
+    assert target == folder / "report (0123456789ab).pdf"
+    assert target.read_bytes() == b"%PDF-1.7 the report"
+
+
+def test_the_tag_comes_after_every_numbered_name_and_fits() -> None:
+    names = list(candidate_names("x" * 251 + ".pdf", tag="0123456789ab"))
+    assert len(names) == MAX_COLLISIONS + 1
+    assert names[-1].endswith(" (0123456789ab).pdf")
+    assert len(names[-1].encode()) <= NAME_MAX
+    assert names[:-1] == list(candidate_names("x" * 251 + ".pdf"))
+
+
+def test_deliver_and_deliver_batch_use_the_item_tag_past_the_numbered_names(box: Box) -> None:
+    _plant_every_numbered_name(box.out, "report.pdf")
+    path, length = box.spool_object(OID_A, CONTENT)
+    result = box.deliver(path, OID_A, length)
+    assert isinstance(result, Delivered)
+    assert result.path == box.out / f"report ({OID_A[:6].hex()}).pdf"
+    assert result.path.read_bytes() == CONTENT
+    path, length = box.spool_object(OID_B, CONTENT + b"2", seq=2)
+    [done] = _batch(box, [(path, OID_B, length)])
+    assert isinstance(done, Delivered)
+    assert done.path == box.out / f"report ({OID_B[:6].hex()}).pdf"
