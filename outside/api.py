@@ -68,6 +68,15 @@ UPLOAD_IDLE_TIMEOUT = 120.0
 FINISH_STOP_TIMEOUT = 10.0
 SUBMISSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
 BUSY_RETRY_AFTER = 1.0
+# A client's slow requests are charged to a budget of the API thread's time: a crafted JSON
+# document within the size limit (hundreds of thousands of numbers, deep nesting) can take
+# the single API thread a tenth to half a second to check. Each check taking SLOW_REQUEST or
+# more is charged whole; a client may spend SLOW_SHARE of the thread's time so (SLOW_BURST
+# seconds at once), and past it gets BUSY before its next message is read. Ordinary
+# messages (well under a millisecond) are never charged.
+SLOW_REQUEST = 0.002
+SLOW_SHARE = 0.5
+SLOW_BURST = 1.0
 # Seconds a client is told to wait while the audit log cannot write (intake is halted).
 AUDIT_RETRY_AFTER = 2.0
 MESSAGE_TYPE = "application/json"
@@ -129,6 +138,19 @@ class _Bucket:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class _TimeBudget:
+    """Seconds of the API thread a client may still spend on slow checks (see SLOW_SHARE)."""
+
+    left: float
+    last: float
+
+    def refill(self, now: float) -> float:
+        self.left = min(SLOW_BURST, self.left + (now - self.last) * SLOW_SHARE)
+        self.last = now
+        return self.left
 
 
 @dataclass
@@ -227,6 +249,7 @@ class ApiServer:
         self._note_window: dict[str, tuple[float, int, int]] = {}
         self._note_lock = threading.Lock()
         self._batch_sids: set[tuple[str, str]] = set()  # (client, id) of this batch's SUBMITs
+        self._slow: dict[str, _TimeBudget] = {}  # clients whose checks were slow
         self._spool_full = False
         if audit is not None:
             self.allow.on_refused = self._auth_failed
@@ -497,6 +520,21 @@ class ApiServer:
             bucket = self._buckets[client.name] = _Bucket(client.rate, max(1.0, client.rate), now)
         if self.audit is not None and self.audit.failed:
             raise Busy(AUDIT_RETRY_AFTER, "audit log unavailable")  # fail closed
+        budget = self._slow.get(client.name)
+        if budget is not None and budget.refill(now) < 0:
+            wait = -budget.left / SLOW_SHARE
+            if self._first_in_a_while("api.rate_limited", f"{client.name}/slow"):
+                self._note(
+                    "api.rate_limited",
+                    subject=self._client_subject(client.name),
+                    result="rejected",
+                    reason=(
+                        f"SLOW_REQUESTS: checking this client's messages took more than "
+                        f"{SLOW_SHARE:.0%} of the API's time"
+                    ),
+                    detail={"retry_after": round(wait, 3)},
+                )
+            raise Busy(round(wait, 3), "slow requests")
         wait = bucket.take(now)
         if wait > 0:
             if self._first_in_a_while("api.rate_limited", client.name):
@@ -541,11 +579,14 @@ class ApiServer:
         limit = min(ch.max_message_size, self.params.max_message_size)
         if len(data) > limit:
             raise Refused("TOO_LARGE", f"message of {len(data)} bytes; the limit is {limit}")
+        started = time.monotonic()
         try:
             _, canonical = self.schemas.check(schema, data, JsonLimits(max_bytes=limit))
         except PolicyRejection as exc:
             message = getattr(exc, "message", None) or str(exc)
             raise Refused(exc.reason_code, message, getattr(exc, "json_path", None)) from exc
+        finally:
+            self._charge(client, started)
         if len(canonical) > limit:  # (numbers may grow: 1e20 is 100000000000000000000)
             raise Refused(
                 "TOO_LARGE",
@@ -562,6 +603,17 @@ class ApiServer:
             priority=ch.priority,
         )
         return req, canonical, schema
+
+    def _charge(self, client: ApiClient, started: float) -> None:
+        """Charge a slow check to the client's time budget (see SLOW_SHARE)."""
+        now = time.monotonic()
+        if now - started < SLOW_REQUEST:
+            return
+        budget = self._slow.get(client.name)
+        if budget is None:
+            budget = self._slow[client.name] = _TimeBudget(SLOW_BURST, now)
+        budget.refill(now)
+        budget.left -= now - started
 
     def _admit_or_answer(self, client: ApiClient, sid: str, request_sha: bytes) -> None:
         """:meth:`_admit`; when it says BUSY, an id answered before gets that answer instead."""

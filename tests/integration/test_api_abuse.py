@@ -291,3 +291,31 @@ def test_a_short_write_does_not_spool_a_short_file(
     assert short["left"] == 0
     (item,) = rig.items
     assert item.size == len(data)
+
+
+def test_slow_documents_cost_their_sender_not_everyone(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A document within the size limit made of a few hundred thousand numbers takes the
+    single API thread a tenth of a second or more to refuse; sent in a loop, it held up every
+    other client. Such checks are charged to their sender, who gets BUSY past its share."""
+    monkeypatch.setattr(api_mod, "SLOW_SHARE", 0.05)
+    monkeypatch.setattr(api_mod, "SLOW_BURST", 0.02)
+    mallory, portal = rig.sock("mallory"), rig.sock()
+    crafted = b'{"applicant":[' + b"0," * 150_000 + b"0]}"
+    head = {"channel": "messages", "schema": APP}
+    for n in range(4):
+        mallory.send_multipart([P, b"SUBMIT", msgpack.packb(head | {"id": f"m-{n}"}), crafted])
+    answers = []
+    while len(answers) < 4 and mallory.poll(30_000):
+        frames = mallory.recv_multipart()
+        answers.append((frames[1], msgpack.unpackb(frames[2])))
+    verbs = [v for v, _ in answers]
+    assert verbs[0] == b"REJECTED"  # (checked, and charged)
+    assert verbs[1:] == [b"BUSY"] * 3  # (not read: the share is spent)
+    assert all(b["retry_after"] > 0 for v, b in answers if v == b"BUSY")
+    assert submit(portal, "p-1")[0] == b"ACCEPTED"  # (others are not charged)
+    deadline = time.monotonic() + 10
+    while not (limited := rig.records("api.rate_limited")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["reason"].split(":")[0] for r in limited] == ["SLOW_REQUESTS"]
