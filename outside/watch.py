@@ -349,6 +349,10 @@ class DropWatcher:
 
         self._poll_lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
+        # While hints are handled: channel -> (folders scanned, paths seen, folders unreadable),
+        # pruned once together afterwards (see _scan).
+        self._deferred: dict[int, tuple[set[PurePosixPath], set[str], set[PurePosixPath]]] | None
+        self._deferred = None
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._last_forced_rescan = -math.inf
@@ -487,9 +491,17 @@ class DropWatcher:
         for name in inbox.resumed - paused:
             self._unpark(self._by_name[name], now)
         gone: dict[int, set[PurePosixPath]] = {}
-        for path, (index, rel, hint) in inbox.hints.items():
-            if self._channels[index].watch is not None and self._hint(index, path, rel, hint, now):
-                gone.setdefault(index, set()).add(rel)
+        self._deferred = {}  # (new subfolders' scans: pruned together below, one pass)
+        try:
+            for path, (index, rel, hint) in inbox.hints.items():
+                if self._channels[index].watch is not None and self._hint(
+                    index, path, rel, hint, now
+                ):
+                    gone.setdefault(index, set()).add(rel)
+        finally:
+            deferred, self._deferred = self._deferred, None
+        for index, (under, seen, unreadable) in deferred.items():
+            self._prune(index, under, seen, unreadable)
         for index, dirs in gone.items():
             self._prune(index, dirs, set())
         if inbox.overflow:
@@ -682,7 +694,13 @@ class DropWatcher:
                         self._refuse(index, entry.path, rel, _sig(st), _TOO_DEEP)
                 else:
                     stack.append((entry.path, rel))
-        self._prune(index, {start_rel}, seen, unreadable)
+        if self._deferred is None:
+            self._prune(index, {start_rel}, seen, unreadable)
+            return
+        under, seen_all, unreadable_all = self._deferred.setdefault(index, (set(), set(), set()))
+        under.add(start_rel)
+        seen_all |= seen
+        unreadable_all |= unreadable
 
     def _prune(
         self,
@@ -691,15 +709,23 @@ class DropWatcher:
         keep: Collection[str],
         unreadable: Collection[PurePosixPath] = (),
     ) -> None:
-        """Forget the entries below ``under`` (except ``keep``) that no longer exist."""
+        """Forget the entries below ``under`` (except ``keep``) that no longer exist. (Paths
+        are compared as strings, a prefix test in C per entry: each new subfolder is scanned
+        and pruned, and tens of thousands of entries may be tracked.)"""
+        root = self._channels[index].root
 
-        def below(rel: PurePosixPath, folders: Collection[PurePosixPath]) -> bool:
-            return rel in folders or any(p in folders for p in rel.parents)
+        def folders(rels: Collection[PurePosixPath]) -> tuple[frozenset[str], tuple[str, ...]]:
+            paths = [root if r == _ROOT else f"{root}/{r}" for r in rels]
+            return frozenset(paths), tuple(f"{p}/" for p in paths)
 
+        exact, prefixes = folders(under)
+        skip_exact, skip_prefixes = folders(unreadable)
         for path, e in list(self._entries.items()):
-            if e.chan != index or path in keep or not below(e.rel, under):
+            if e.chan != index or path in keep:
                 continue
-            if unreadable and below(e.rel, unreadable):
+            if not (path in exact or path.startswith(prefixes)):
+                continue
+            if path in skip_exact or path.startswith(skip_prefixes):
                 continue
             try:
                 os.lstat(path)
