@@ -65,6 +65,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from ferry import log
 from ferry.errors import UsageError
+from ferry.wire.records import MAX_PATH_BYTES
 
 # Entries tracked at once (candidates, reported and refused files), and hints waiting in the
 # inbox: ~100 bytes each, so a flood of files costs tens of MB at most. Past the cap the
@@ -212,6 +213,15 @@ def _refusal(mode: int) -> str:
 
 
 _TOO_DEEP = f"folder nested deeper than {MAX_DEPTH} levels"
+# A folder whose path below the drop folder is longer than a manifest carries: its files
+# could not travel (the intake refuses them), and far below it paths pass the system's
+# PATH_MAX, where nothing can be opened by name. Refused once, with a note for the clerk.
+MAX_FOLDER_BYTES = MAX_PATH_BYTES
+_TOO_LONG = f"folder path longer than {MAX_FOLDER_BYTES} bytes"
+
+
+def _too_long(rel: PurePosixPath) -> bool:
+    return len(os.fsencode(str(rel))) > MAX_FOLDER_BYTES
 
 
 class _Hint(enum.IntEnum):
@@ -543,6 +553,8 @@ class DropWatcher:
         if stat.S_ISDIR(st.st_mode):
             if hint is _Hint.TREE and len(rel.parts) > MAX_DEPTH:
                 self._refuse_too_deep(index, rel)
+            elif hint is _Hint.TREE and _too_long(rel):
+                self._refuse_once(index, path, rel, st, _TOO_LONG)
             elif hint is _Hint.TREE:
                 self._scan(index, path, rel, now)
             return False
@@ -604,9 +616,15 @@ class DropWatcher:
             st = os.lstat(path)
         except OSError:
             return
+        self._refuse_once(index, path, top, st, _TOO_DEEP)
+
+    def _refuse_once(
+        self, index: int, path: str, rel: PurePosixPath, st: os.stat_result, reason: str
+    ) -> None:
+        """Refuse a folder, unless it was refused already (the same one: device and inode)."""
         e = self._entries.get(path)
         if e is None or e.state is not _State.REFUSED or e.sig[:2] != _sig(st)[:2]:
-            self._refuse(index, path, top, _sig(st), _TOO_DEEP)
+            self._refuse(index, path, rel, _sig(st), reason)
 
     def _note_full(self) -> None:
         if not self._full_logged:
@@ -689,9 +707,9 @@ class DropWatcher:
                 elif not ch.spec.recursive:
                     continue
                 elif len(rel.parts) > MAX_DEPTH:
-                    e = self._entries.get(entry.path)
-                    if e is None or e.state is not _State.REFUSED or e.sig[:2] != _sig(st)[:2]:
-                        self._refuse(index, entry.path, rel, _sig(st), _TOO_DEEP)
+                    self._refuse_once(index, entry.path, rel, st, _TOO_DEEP)
+                elif _too_long(rel):
+                    self._refuse_once(index, entry.path, rel, st, _TOO_LONG)
                 else:
                     stack.append((entry.path, rel))
         if self._deferred is None:

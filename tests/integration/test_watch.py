@@ -241,6 +241,29 @@ def test_depth_limit(tmp_path: Path, make: Make) -> None:
     assert ready == [] == refused
 
 
+def test_a_folder_path_too_long_to_travel_is_refused_once(tmp_path: Path, make: Make) -> None:
+    """Folders of 255-byte names nested 16 deep make paths longer than PATH_MAX, where no
+    file can be opened by name: the files there were neither taken nor refused, and no one
+    was told. The first folder whose path below the drop folder passes what a manifest
+    carries (1,024 bytes) is refused, once, so the clerk gets a note."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    for _ in range(MAX_DEPTH):
+        os.mkdir("d" * 255, dir_fd=fd)
+        inner = os.open("d" * 255, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(os.open("report.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    (tmp_path / "ok.txt").write_bytes(b"ok")
+    w = make(WatchSpec("c", tmp_path, recursive=True, settle_seconds=SETTLE))
+    ready, refused = collect(w, 1.0, lambda r, f: bool(r and f))
+    assert names(ready) == ["ok.txt"]
+    assert [len(r.relpath.parts) for r in refused] == [5]  # (4 x 256 bytes = 1,024: fits)
+    assert refused[0].reason == "folder path longer than 1024 bytes"
+    ready, refused = collect(w, 0.4)
+    assert ready == [] == refused  # (once)
+
+
 def test_pause_and_resume(tmp_path: Path, make: Make) -> None:
     w = make(WatchSpec("c", tmp_path, settle_seconds=SETTLE))
     collect(w, 0.1)
