@@ -777,6 +777,7 @@ def test_every_numbered_name_planted_still_leaves_the_item_a_name(tmp_path: Path
         write_new_files(folder, [("notice-00000042.json", b"{}", hashlib.sha256(b"{}").digest())])
 
 
+@pytest.mark.slow  # (10,000 files planted: seconds)
 def test_a_file_gets_its_tagged_name_when_every_numbered_one_is_planted(tmp_path: Path) -> None:
     folder = tmp_path / "documents"
     folder.mkdir()
@@ -800,6 +801,7 @@ def test_the_tag_comes_after_every_numbered_name_and_fits() -> None:
     assert names[:-1] == list(candidate_names("x" * 251 + ".pdf"))
 
 
+@pytest.mark.slow  # (10,000 files planted: seconds)
 def test_deliver_and_deliver_batch_use_the_item_tag_past_the_numbered_names(box: Box) -> None:
     _plant_every_numbered_name(box.out, "report.pdf")
     path, length = box.spool_object(OID_A, CONTENT)
