@@ -107,10 +107,11 @@ def fsync_named(dir_fd: int, names: Iterable[str]) -> None:
 
 @contextlib.contextmanager
 def pinned_folder(
-    folder: Path, parts: Sequence[str], *, create: bool = True
+    folder: Path, parts: Sequence[str], *, create: bool = True, mode: int = 0o750
 ) -> Iterator[tuple[Path, int]]:
     """``folder / parts``, opened one folder at a time from ``folder`` without following a
-    symlink (and made where missing, if ``create``): ``(path, fd)``, the descriptor open
+    symlink (and made where missing, if ``create``, with ``mode`` less the umask):
+    ``(path, fd)``, the descriptor open
     for the ``with``. Names given relative to ``fd`` (``dir_fd=``, or ``/proc/self/fd/N``)
     stay in that very folder whatever is done to the path meanwhile, so a folder swapped for
     a symlink by someone who can write under ``folder`` cannot send a file elsewhere.
@@ -121,7 +122,7 @@ def pinned_folder(
         for depth, part in enumerate(parts, 1):
             if create:
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o750, dir_fd=fd)
+                    os.mkdir(part, mode, dir_fd=fd)
             try:
                 inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as exc:  # ELOOP (a symlink), ENOTDIR (a file)

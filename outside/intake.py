@@ -12,12 +12,14 @@ channel's quarantine folder with ``<name>.reason.json`` and ``<name>.reason.txt`
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import hashlib
 import json
 import mimetypes
 import os
 import shutil
+import sqlite3
 import stat
 import threading
 import time
@@ -564,6 +566,8 @@ class FolderIntake:
                             folder="drop",
                             count=removed,
                         )
+                    if forgotten := self.forget_finished_sources(ch.name):
+                        _log.info("finished_sources_forgotten", channel=ch.name, count=forgotten)
                     lane.watcher.start()
                     watching = True
                     lane.progress = None
@@ -653,7 +657,7 @@ class FolderIntake:
         key = _source_key(st)
         if self._spool.known_source(key) is not None:  # crashed after commit, before the move
             if self._finish_original(ch, r.relpath, path):
-                self._spool.forget_sources([key])
+                self._forget_sources([key])
             return None
         name = r.relpath.name
         if (problem := _folder_problem(r.relpath)) is not None:
@@ -840,7 +844,7 @@ class FolderIntake:
             except AuditUnavailable as exc:  # spooled; the original is moved on a later turn
                 _log.error("intake_record_not_durable", channel=ch.name, error=str(exc))
                 return items
-        self._spool.forget_sources(
+        self._forget_sources(
             [
                 x.pending.source_key
                 for x in done
@@ -963,8 +967,11 @@ class FolderIntake:
         (``report (2).pdf``, kept within the 255-byte name limit), never over a file.
         ``copied``: the source key of what was copied; a file at ``path`` that is no longer
         that one (saved again meanwhile) is left where it is, to be taken in its turn.
-        True once the copied file has left ``path`` (moved, deleted, replaced or gone);
-        False if it is still there, to be finished on a later turn.
+
+        True only when this call moved or deleted the copied file: its source key may then
+        be forgotten (a file moved back from ``sent`` is a new drop). Gone, renamed or
+        replaced by the clerk meanwhile, or not moved: False, and the key stays, so the file
+        found again under another name is recognised as sent.
 
         Both folders are reached one level at a time without following a symlink
         (:func:`ferry.place.pinned_folder`): a subfolder of the drop or ``sent`` folder
@@ -974,20 +981,22 @@ class FolderIntake:
         name = rel.name
         try:
             with pinned_folder(drop, rel.parent.parts, create=False) as (_, src):
-                try:
-                    here = os.lstat(name, dir_fd=src)
-                except FileNotFoundError:
-                    return True
+                here = os.lstat(name, dir_fd=src)
                 if copied and _source_key(here) != copied:
                     _log.info("original_changed_after_copy", channel=ch.name, name=name)
-                    return True
+                    return False
                 if ch.after_send == "delete" or ch.sent is None:
                     os.unlink(name, dir_fd=src)
                     return True
-                with pinned_folder(ch.sent, rel.parent.parts) as (_, dst):
+                ch.sent.mkdir(parents=True, exist_ok=True)  # (the operator's: may be a link)
+                with pinned_folder(ch.sent, rel.parent.parts, mode=0o777) as (_, dst):
                     for candidate in candidate_names(name):
-                        if _place_original(src, name, dst, candidate):
+                        placed = _place_original(src, name, dst, candidate)
+                        if placed is _Placed.MOVED:
                             return True
+                        if placed is _Placed.LEFT:
+                            _log.info("original_changed_while_moved", channel=ch.name, name=name)
+                            return False
             _log.error(
                 "cannot_move_original",
                 channel=ch.name,
@@ -995,40 +1004,108 @@ class FolderIntake:
                 error="every numbered name in the sent folder is taken",
             )
         except FileNotFoundError:
-            return not os.path.lexists(path)
+            _log.info("original_gone", channel=ch.name, name=name)
         except (OSError, UnsafePathError) as exc:
             _log.error("cannot_move_original", channel=ch.name, name=name, error=str(exc))
         return False
 
+    def _forget_sources(self, keys: list[str]) -> None:
+        try:
+            self._spool.forget_sources(keys)
+        except sqlite3.Error as exc:  # (bookkeeping only: the items are spooled and go out)
+            _log.error("source_keys_not_forgotten", count=len(keys), error=str(exc))
 
-def _place_original(src: int, name: str, dst: int, target: str) -> bool:
-    """Move ``name`` in folder ``src`` to ``target`` in folder ``dst`` (descriptors) unless
-    that name is taken (then False): a link then an unlink (:func:`ferry.place.link_new`),
-    so no file is replaced; a link left by a crash between the two is recognised (same
-    inode) and finished. Another file system: :func:`_move_across`."""
+    def forget_finished_sources(self, channel: str) -> int:
+        """At a lane's start: forget the source keys of the channel's items whose original
+        is no longer where it was dropped, or no longer that file (the agent stopped between
+        moving an original and forgetting its key, or a power cut took that back); how
+        many. An original still there, the same file, is one the agent stopped before
+        moving: kept, it is moved at its turn, not sent again."""
+        stale = []
+        for source_path, key in self._spool.unforgotten_sources(channel):
+            try:
+                if _source_key(os.lstat(source_path)) == key:
+                    continue
+            except OSError:
+                pass
+            stale.append(key)
+        self._forget_sources(stale)
+        return len(stale)
+
+
+class _Placed(enum.Enum):
+    TAKEN = "taken"  # the name in sent/ is taken: try the next
+    MOVED = "moved"  # the original is in sent/ and gone from the drop folder
+    LEFT = "left"  # the name in the drop folder was given to another file meanwhile: left
+
+
+def _place_original(src: int, name: str, dst: int, target: str) -> _Placed:
+    """Move ``name`` in folder ``src`` to ``target`` in folder ``dst`` (descriptors), never
+    over a file: a link then an unlink (:func:`ferry.place.link_new`); a link left by a
+    crash between the two is recognised (same inode) and finished. Another file system:
+    :func:`_move_across` (a copy left by a crash there is recognised by its content).
+    The name is unlinked only while it still names the file linked (an editor's save may
+    have put another file there since: that one is left, to be taken in its turn)."""
     try:
         linked = link_new(name, target, src_dir_fd=src, dst_dir_fd=dst)
     except FileExistsError:
-        if not os.path.samestat(os.lstat(name, dir_fd=src), os.lstat(target, dir_fd=dst)):
-            return False
-        linked = True
+        here, there = os.lstat(name, dir_fd=src), os.lstat(target, dir_fd=dst)
+        if os.path.samestat(here, there):
+            linked = True
+        elif here.st_dev != there.st_dev and _copied_across((src, name), (dst, target)):
+            os.unlink(name, dir_fd=src)  # (copied across before a crash: finished now)
+            return _Placed.MOVED
+        else:
+            return _Placed.TAKEN
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
         try:
-            _move_across(Path(f"/proc/self/fd/{src}", name), Path(f"/proc/self/fd/{dst}", target))
+            moved = _move_across(
+                Path(f"/proc/self/fd/{src}", name), Path(f"/proc/self/fd/{dst}", target)
+            )
         except FileExistsError:
-            return False
-        return True
+            return _Placed.TAKEN
+        return _Placed.MOVED if moved else _Placed.LEFT
     if linked:
+        if not os.path.samestat(os.lstat(name, dir_fd=src), os.lstat(target, dir_fd=dst)):
+            return _Placed.LEFT
         os.unlink(name, dir_fd=src)
-    return True
+    return _Placed.MOVED
 
 
-def _move_across(path: Path, target: Path) -> None:
+def _copied_across(original: tuple[int, str], copy: tuple[int, str]) -> bool:
+    """Is ``copy`` (folder descriptor, name; on another file system) a copy of
+    ``original``, as :func:`_move_across` makes (same size, modification time and bytes)?"""
+    (src, name), (dst, target) = original, copy
+    here, there = os.lstat(name, dir_fd=src), os.lstat(target, dir_fd=dst)
+    if not (stat.S_ISREG(here.st_mode) and stat.S_ISREG(there.st_mode)):
+        return False
+    if (here.st_size, here.st_mtime_ns) != (there.st_size, there.st_mtime_ns):
+        return False
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+    a = os.open(name, flags, dir_fd=src)
+    try:
+        b = os.open(target, flags, dir_fd=dst)
+        try:
+            while True:
+                x, y = os.read(a, COPY_CHUNK), os.read(b, COPY_CHUNK)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+        finally:
+            os.close(b)
+    finally:
+        os.close(a)
+
+
+def _move_across(path: Path, target: Path) -> bool:
     """``rename`` from one file system to another: the original is copied under a hidden
     temp name, synced, given the name ``target`` (never over a file), and removed only
-    then. Its modification time is kept."""
+    then; its modification time and permissions are kept. False if the original changed
+    during the copy (written to, or another file renamed over its name): then it is not
+    removed, and a copy of a file written to meanwhile is removed again."""
     tmp = target.with_name(temp_name())  # (fixed length: any name fits)
     src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
     try:
@@ -1041,16 +1118,31 @@ def _move_across(path: Path, target: Path) -> None:
                 with open(src, "rb", closefd=False) as fin, open(dst, "wb", closefd=False) as fo:
                     shutil.copyfileobj(fin, fo, COPY_CHUNK)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.fchmod(dst, stat.S_IMODE(st.st_mode))  # (readable by whom it was before)
                 os.fsync(dst)
             finally:
                 os.close(dst)
+            written = os.fstat(src)
+            if (written.st_size, written.st_mtime_ns, written.st_ctime_ns) != (
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            ):
+                return False  # (written to during the copy: the copy is mixed; dropped below)
             link_new(tmp, target)  # (renamed where the file system has no hard links)
         finally:
             drop_temp(tmp)  # linked, or a copy cut short (a full disk): nothing left behind
+        sync_names(target.parent, [target.name])
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return True  # (renamed away by the clerk: the copy is in sent/, as meant)
+        if not os.path.samestat(now, st):
+            return False  # (another file saved under its name meanwhile: left for its turn)
+        os.unlink(path)
+        return True
     finally:
         os.close(src)
-    sync_names(target.parent, [target.name])
-    os.unlink(path)
 
 
 def _remove_release_temps(ch: OutsideChannel) -> int:

@@ -260,11 +260,23 @@ class Spool:
             ).fetchone()
         return None if row is None else str(row[0])
 
+    def unforgotten_sources(self, channel: str) -> list[tuple[str, str]]:
+        """``(source_path, source_key)`` of the channel's items whose key is not forgotten
+        (see :meth:`forget_sources`)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT source_path, source_key FROM items WHERE channel=?"
+                " AND source_key IS NOT NULL AND source_path IS NOT NULL",
+                (channel,),
+            ).fetchall()
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     def forget_sources(self, source_keys: Collection[str]) -> None:
         """The clerk's originals of these items have left the drop folder: a file found
         there later with the same identity (moved back from ``sent/`` to be sent again) is a
-        new drop, not one the agent crashed before finishing. Not waited onto the disk: lost
-        in a power cut, such a file is only moved to ``sent/`` unsent, as before."""
+        new drop, not one the agent crashed before finishing. Not waited onto the disk: what a
+        power cut takes back is forgotten again at the next start (see
+        ``FolderIntake.forget_finished_sources``)."""
         if not source_keys:
             return
         with self._lock, transaction(self._db, durable=False):

@@ -224,6 +224,18 @@ def _too_long(rel: PurePosixPath) -> bool:
     return len(os.fsencode(str(rel))) > MAX_FOLDER_BYTES
 
 
+def _first_too_long(folder: PurePosixPath) -> PurePosixPath | None:
+    """The outermost folder on the way to ``folder`` (itself included) whose path is too
+    long (see MAX_FOLDER_BYTES), if any."""
+    if not _too_long(folder):
+        return None
+    return next(
+        top
+        for n in range(1, len(folder.parts) + 1)
+        if _too_long(top := PurePosixPath(*folder.parts[:n]))
+    )
+
+
 class _Hint(enum.IntEnum):
     LOOK = 0  # something happened to this file: lstat it
     FAST = 1  # closed after writing, or moved into place
@@ -542,6 +554,9 @@ class DropWatcher:
         if len(rel.parts) - 1 > MAX_DEPTH:
             self._refuse_too_deep(index, rel)
             return False
+        if (top := _first_too_long(rel.parent)) is not None:
+            self._refuse_top(index, top, _TOO_LONG)  # (everything below it: refused once)
+            return False
         try:
             st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -610,13 +625,16 @@ class DropWatcher:
         self._refused.append(Refused(name, Path(path), rel, reason))
 
     def _refuse_too_deep(self, index: int, rel: PurePosixPath) -> None:
-        top = PurePosixPath(*rel.parts[: MAX_DEPTH + 1])
+        self._refuse_top(index, PurePosixPath(*rel.parts[: MAX_DEPTH + 1]), _TOO_DEEP)
+
+    def _refuse_top(self, index: int, top: PurePosixPath, reason: str) -> None:
+        """Refuse the folder ``top`` once, for what was seen below it."""
         path = os.path.join(self._channels[index].root, top)
         try:
             st = os.lstat(path)
         except OSError:
             return
-        self._refuse_once(index, path, top, st, _TOO_DEEP)
+        self._refuse_once(index, path, top, st, reason)
 
     def _refuse_once(
         self, index: int, path: str, rel: PurePosixPath, st: os.stat_result, reason: str

@@ -262,6 +262,12 @@ def test_a_folder_path_too_long_to_travel_is_refused_once(tmp_path: Path, make: 
     assert refused[0].reason == "folder path longer than 1024 bytes"
     ready, refused = collect(w, 0.4)
     assert ready == [] == refused  # (once)
+    inside = tmp_path.joinpath(*["d" * 255] * 5)  # what comes later below it: nothing new
+    (inside / "late.txt").write_bytes(b"late")
+    (inside / "more").mkdir()
+    (inside / "more" / "deeper.txt").write_bytes(b"deeper")
+    ready, refused = collect(w, 0.6)
+    assert ready == [] == refused
 
 
 def test_pause_and_resume(tmp_path: Path, make: Make) -> None:

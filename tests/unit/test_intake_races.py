@@ -237,3 +237,59 @@ def test_a_drop_subfolder_swapped_after_the_copy_moves_nothing_elsewhere(
     assert (elsewhere / "a.txt").read_text() == "mine\n"
     sent = gateway.channel.sent
     assert sent is None or not any(sent.rglob("a.txt"))
+
+
+def test_a_file_renamed_after_its_copy_is_not_sent_again(gateway: Gateway) -> None:
+    """Copied and checked, then renamed by the clerk before the move: the file found under
+    its new name is the one already sent (moved to sent/, not a second item)."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    (gateway.drop / "report.txt").write_text("the report\n")
+    prepared = gateway.intake._prepare(gateway.channel, _ready(gateway, "report.txt"))
+    assert prepared is not None
+    os.rename(gateway.drop / "report.txt", gateway.drop / "report-final.txt")
+    lane = gateway.intake._lanes["documents"]
+    assert gateway.intake._commit(lane, [prepared]) != []
+    assert not gateway.take("report-final.txt")
+    assert _spooled(gateway) == 1
+    sent = gateway.channel.sent
+    assert sent is not None
+    assert (sent / "report-final.txt").read_text() == "the report\n"
+
+
+def test_a_key_not_forgotten_before_a_crash_is_forgotten_at_the_next_start(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    with monkeypatch.context() as m:  # (the agent died between the move and the forget)
+        m.setattr(gateway.intake._spool, "forget_sources", lambda keys: None)
+        assert gateway.drop_file("form.txt", b"form 12\n")
+    sent = gateway.channel.sent
+    assert sent is not None
+    assert (sent / "form.txt").exists()
+    (gateway.drop / "kept.txt").write_bytes(b"crashed before its move\n")  # (and one still
+    with monkeypatch.context() as m:  # there, spooled, not moved: its key must stay)
+        m.setattr(intake_mod.FolderIntake, "_finish_original", lambda *a, **k: False)
+        assert gateway.take("kept.txt")
+    assert gateway.intake.forget_finished_sources("documents") == 1  # (at the lane's start)
+    os.rename(sent / "form.txt", gateway.drop / "form.txt")
+    assert gateway.take("form.txt")  # a new drop
+    assert not gateway.take("kept.txt")  # recognised: moved, not sent again
+    assert _spooled(gateway) == 3
+
+
+def test_a_missing_sent_folder_is_made_again_and_its_subfolders_follow_the_umask(
+    gateway: Gateway,
+) -> None:
+    sent = gateway.channel.sent
+    assert sent is not None
+    if sent.exists():
+        sent.rmdir()
+    (gateway.drop / "team").mkdir(parents=True)
+    old = os.umask(0o002)  # (a folder shared by a group of clerks)
+    try:
+        assert gateway.drop_file("team/minutes.txt", b"minutes\n")
+    finally:
+        os.umask(old)
+    assert (sent / "team" / "minutes.txt").read_bytes() == b"minutes\n"
+    assert (sent / "team").stat().st_mode & 0o777 == 0o775
+    assert not (gateway.drop / "team" / "minutes.txt").exists()

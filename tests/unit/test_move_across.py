@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil as shutil_mod
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from outside.intake import _move_across
+from outside.intake import _move_across, _place_original, _Placed
 
 
 def test_the_copy_is_whole_dated_and_the_original_gone(tmp_path: Path) -> None:
@@ -87,3 +88,88 @@ def test_a_copy_cut_short_by_a_full_disk_leaves_nothing_and_keeps_the_original(
     finally:
         subprocess.run(["umount", str(sent)], check=True)
     assert src.read_bytes() == data
+
+
+def _dirs(a: Path, b: Path) -> tuple[int, int]:
+    return os.open(a, os.O_RDONLY | os.O_DIRECTORY), os.open(b, os.O_RDONLY | os.O_DIRECTORY)
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Path:
+    """A folder on another file system than tmp_path (tmpfs)."""
+    folder = Path("/dev/shm") / f"ferry-test-{os.getpid()}-{tmp_path.name}"
+    folder.mkdir()
+    assert os.stat(folder).st_dev != os.stat(tmp_path).st_dev
+    yield folder  # type: ignore[misc]
+    subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+def test_a_copy_a_crash_left_in_sent_is_recognised_not_made_twice(
+    tmp_path: Path, other_fs: Path
+) -> None:
+    """Copied across and named in sent/, then the agent died before removing the original:
+    found again, it is removed, and sent/ holds one copy (not 'c.txt' and 'c (2).txt')."""
+    src = tmp_path / "c.txt"
+    src.write_bytes(b"the clerk's file\n")
+    (other_fs / "c.txt").write_bytes(b"the clerk's file\n")
+    st = src.stat()
+    os.utime(other_fs / "c.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    a, b = _dirs(tmp_path, other_fs)
+    try:
+        assert _place_original(a, "c.txt", b, "c.txt") is _Placed.MOVED
+        assert not src.exists()
+        assert os.listdir(other_fs) == ["c.txt"]
+        (tmp_path / "d.txt").write_bytes(b"mine\n")
+        (other_fs / "d.txt").write_bytes(b"someone else's\n")
+        assert _place_original(a, "d.txt", b, "d.txt") is _Placed.TAKEN
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def test_an_original_saved_again_during_the_copy_is_left(
+    tmp_path: Path, other_fs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editor's save (a new file renamed over the name) while the original is copied
+    across: the new version stays to be taken; the copy in sent/ is the version sent."""
+    src = tmp_path / "memo.txt"
+    src.write_bytes(b"version 1\n")
+    real = shutil_mod.copyfileobj
+
+    def copy_then_save(fin: object, fo: object, n: int = 0) -> None:
+        real(fin, fo, n)  # type: ignore[arg-type]
+        (tmp_path / ".memo.tmp").write_bytes(b"version 2\n")
+        os.rename(tmp_path / ".memo.tmp", src)
+
+    monkeypatch.setattr(shutil_mod, "copyfileobj", copy_then_save)
+    assert _move_across(src, other_fs / "memo.txt") is False
+    assert src.read_bytes() == b"version 2\n"
+    # (version 1 lost its last name: its ctime changed, so its copy counts as made from a
+    # file changed meanwhile and is not kept; it was sent all the same)
+    assert os.listdir(other_fs) == []
+
+
+def test_an_original_written_to_during_the_copy_is_left_and_no_mixed_copy_kept(
+    tmp_path: Path, other_fs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "log.txt"
+    src.write_bytes(b"line 1\n")
+    real = shutil_mod.copyfileobj
+
+    def copy_then_append(fin: object, fo: object, n: int = 0) -> None:
+        real(fin, fo, n)  # type: ignore[arg-type]
+        with open(src, "ab") as f:
+            f.write(b"line 2\n")
+
+    monkeypatch.setattr(shutil_mod, "copyfileobj", copy_then_append)
+    assert _move_across(src, other_fs / "log.txt") is False
+    assert src.read_bytes() == b"line 1\nline 2\n"
+    assert os.listdir(other_fs) == []
+
+
+def test_the_copy_keeps_the_original_permissions(tmp_path: Path, other_fs: Path) -> None:
+    src = tmp_path / "shared.txt"
+    src.write_bytes(b"for the whole office\n")
+    src.chmod(0o644)
+    assert _move_across(src, other_fs / "shared.txt") is True
+    assert (other_fs / "shared.txt").stat().st_mode & 0o777 == 0o644

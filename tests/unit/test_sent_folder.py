@@ -12,7 +12,7 @@ import pytest
 from intake_helpers import Gateway
 
 from ferry.names import MAX_COLLISIONS, NAME_MAX, candidate_names
-from outside.intake import _place_original
+from outside.intake import _place_original, _Placed
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def test_short_names_keep_their_stem_and_extension() -> None:
     assert list(itertools.islice(candidate_names("archive.tar.gz"), 2))[1] == "archive.tar (2).gz"
 
 
-def _place(src: Path, target: Path) -> bool:
+def _place(src: Path, target: Path) -> _Placed:
     """_place_original by the two folders' descriptors, as the intake calls it."""
     a = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY)
     b = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -62,7 +62,7 @@ def test_a_taken_name_is_never_replaced(tmp_path: Path) -> None:
     src, taken = tmp_path / "a.txt", tmp_path / "sent.txt"
     src.write_bytes(b"new")
     taken.write_bytes(b"somebody else's")
-    assert _place(src, taken) is False
+    assert _place(src, taken) is _Placed.TAKEN
     assert taken.read_bytes() == b"somebody else's"
     assert src.read_bytes() == b"new"
 
@@ -71,7 +71,7 @@ def test_a_move_cut_short_after_the_link_is_finished(tmp_path: Path) -> None:
     src, target = tmp_path / "a.txt", tmp_path / "sent.txt"
     src.write_bytes(b"original")
     os.link(src, target)  # a crash between the link and the unlink
-    assert _place(src, target) is True
+    assert _place(src, target) is _Placed.MOVED
     assert not src.exists()
     assert target.read_bytes() == b"original"
 
@@ -80,7 +80,7 @@ def test_a_symlink_in_sent_is_a_taken_name(tmp_path: Path) -> None:
     src, target = tmp_path / "a.txt", tmp_path / "sent.txt"
     src.write_bytes(b"original")
     target.symlink_to(tmp_path / "nowhere")
-    assert _place(src, target) is False
+    assert _place(src, target) is _Placed.TAKEN
     assert target.is_symlink()
     assert src.exists()
 
