@@ -177,12 +177,16 @@ class Outbox:
         ]
         return page, n == len(sizes)
 
-    def row_of(self, object_id: bytes) -> int | None:
+    def rows_of(self, object_ids: list[bytes]) -> dict[bytes, int]:
+        """The outbox rows of these messages."""
+        out: dict[bytes, int] = {}
         with self._lock:
-            row = self._db.execute(
-                "SELECT rowid FROM outbox WHERE object_id=?", (object_id,)
-            ).fetchone()
-        return None if row is None else int(row[0])
+            for start in range(0, len(object_ids), 500):
+                chunk = object_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))  # placeholders only
+                query = f"SELECT object_id, rowid FROM outbox WHERE object_id IN ({marks})"  # noqa: S608
+                out.update((bytes(r[0]), int(r[1])) for r in self._db.execute(query, chunk))
+        return out
 
     def ack_many(self, object_ids: list[bytes], who: str) -> None:
         """Record who acknowledged what. The body is dropped at once (the delivery folder
@@ -233,6 +237,7 @@ class _Consumer:
     channels: frozenset[str]
     key: str  # (z85: looked up again before each hand-out, so a revocation takes effect)
     credit: int = 0
+    holding: int = 0  # given and not acknowledged (credit + holding <= MAX_CREDIT)
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -285,6 +290,10 @@ class ConsumerServer:
         # Channels with messages in the outbox not read into _waiting yet: the row after
         # which to read on (see WINDOW_ITEMS).
         self._unread: dict[str, int] = {}
+        # Channels paged up to the end, and the last row read: a notice of a message at or
+        # before it comes late (see _fresh).
+        self._read_to: dict[str, int] = {}
+        self._unflushed: set[bytes] = set()  # acknowledged, not yet written (_flush_acks)
         self.stray_acks = 0  # acks from connections that were not given the item
         self.forgotten = 0  # consumers whose connection was found gone (see _probe)
         self._next_probe = 0.0
@@ -349,7 +358,7 @@ class ConsumerServer:
                     self._new.clear()
                 for item in fresh:
                     self._publish(item)
-                    self._fresh(item)
+                self._fresh(fresh)
                 self._read_in()
                 if self.router is not None and self.router in events:
                     self._read_router()
@@ -380,34 +389,65 @@ class ConsumerServer:
         n, size = self._held.get(channel, (0, 0))
         return n >= WINDOW_ITEMS // part or size >= WINDOW_BYTES // part
 
-    def _fresh(self, item: OutboxItem) -> None:
-        """A message just queued: held, unless its channel has messages still in the outbox
-        only (it comes after them) or its window is full (then it waits there too)."""
-        oid = item.object_id
-        if oid in self._waiting or oid in self._inflight or item.channel in self._unread:
-            return  # (read in already, or to be read in its turn)
-        if self._full(item.channel):
-            self._unread[item.channel] = max(0, (self.outbox.row_of(oid) or 1) - 1)
-            return  # (every earlier row of the channel is held, in flight or acknowledged)
-        self._hold(item)
+    def _fresh(self, items: list[OutboxItem]) -> None:
+        """Messages just queued, in the order the delivery threads said so: held, unless
+        their channel has messages still in the outbox only (they come after those) or its
+        window is full (then they wait there too). Their rows are looked up only while a
+        channel is paged, or just was: a page may already have read a message in whose
+        notice comes later (it is not held twice), and two delivery threads may give
+        notice out of commit order (the page mark then moves back)."""
+        rows: dict[bytes, int] | None = None
+
+        def row(oid: bytes) -> int:
+            nonlocal rows
+            if rows is None:
+                rows = self.outbox.rows_of([i.object_id for i in items])
+            return rows.get(oid, 0)
+
+        for item in items:
+            oid, channel = item.object_id, item.channel
+            if oid in self._waiting or oid in self._inflight or oid in self._unflushed:
+                continue  # (read in already, or done with)
+            if channel in self._unread:  # (read in its turn; before the mark, it moves back)
+                if 0 < row(oid) <= self._unread[channel]:
+                    self._unread[channel] = row(oid) - 1
+                continue
+            if channel in self._read_to:
+                if row(oid) <= self._read_to[channel]:
+                    continue  # (a page read it in: held, given out or acknowledged)
+                del self._read_to[channel]  # (notices have caught up with the pages)
+            if self._full(channel):
+                self._unread[channel] = max(0, row(oid) - 1)
+                continue  # (every earlier row of the channel is held, in flight or done)
+            self._hold(item)
 
     def _read_in(self) -> None:
-        """Read messages waiting in the outbox only into channels' windows below half."""
+        """Read messages waiting in the outbox only into channels' windows below half.
+        Acknowledgements not yet written are skipped (not read in again); a database error
+        (a full disk) skips the paging for this turn, and consumers are served meanwhile
+        from what is held."""
         for channel, after in list(self._unread.items()):
             if self._full(channel, 2):
                 continue
-            self._flush_acks(force=True)  # (an acknowledged message is not read in again)
             n, size = self._held.get(channel, (0, 0))
-            page, whole = self.outbox.waiting(
-                channel, after, WINDOW_ITEMS - n, max(1, WINDOW_BYTES - size)
-            )
+            try:
+                page, whole = self.outbox.waiting(
+                    channel, after, WINDOW_ITEMS - n, max(1, WINDOW_BYTES - size)
+                )
+            except sqlite3.Error as exc:
+                _log.warning("outbox_read_failed", channel=channel, error=str(exc))
+                return
             for _, item in page:
-                if item.object_id not in self._waiting and item.object_id not in self._inflight:
+                oid = item.object_id
+                held = oid in self._waiting or oid in self._inflight
+                if not held and oid not in self._unflushed:
                     self._hold(item)
+            last = page[-1][0] if page else after
             if whole:
                 del self._unread[channel]
-            elif page:
-                self._unread[channel] = page[-1][0]
+                self._read_to[channel] = last
+            else:
+                self._unread[channel] = last
 
     def _publish(self, item: OutboxItem) -> None:
         if self.pub is None:
@@ -462,8 +502,9 @@ class ConsumerServer:
                 )
             con.last_seen = time.monotonic()
             credit = body.get("credit", 0)
-            if type(credit) is int and credit > 0:
-                con.credit = min(MAX_CREDIT, con.credit + credit)
+            if type(credit) is int and credit > 0:  # (what it holds counts: credit granted
+                # without acknowledging does not make it hold more than MAX_CREDIT)
+                con.credit = max(0, min(MAX_CREDIT - con.holding, con.credit + credit))
             wanted = body.get("channels")
             if verb == b"READY" and isinstance(wanted, list):
                 con.channels = frozenset(c for c in wanted if c in client.channels)
@@ -495,12 +536,14 @@ class ConsumerServer:
             if holder != con.identity:
                 self.stray_acks += 1
                 continue
-            self._inflight.pop(oid, None)
+            if self._inflight.pop(oid, None) is not None:
+                con.holding -= 1
             self._unhold(oid)
             self._last_holder.pop(oid, None)
             done.append(oid)
         if done:
             self._acks.setdefault(con.name, []).extend(done)
+            self._unflushed.update(done)
             self.acked += len(done)
 
     def _flush_acks(self, force: bool = False) -> None:
@@ -509,9 +552,10 @@ class ConsumerServer:
         if not self._acks or (not force and now < self._next_ack_flush):
             return
         self._next_ack_flush = now + ACK_FLUSH_INTERVAL
-        for who, ids in self._acks.items():
+        for who, ids in list(self._acks.items()):
             self.outbox.ack_many(ids, who)
-        self._acks.clear()
+            del self._acks[who]
+            self._unflushed.difference_update(ids)
 
     def _redeliver(self) -> None:
         now = time.monotonic()
@@ -522,6 +566,8 @@ class ConsumerServer:
         ]
         for oid in late:
             item, _, who = self._inflight.pop(oid)
+            if (holder := self._consumers.get(who)) is not None:
+                holder.holding -= 1
             self._last_holder[oid] = who  # its late ack still counts
             self._hold(item, first=True)
 
@@ -590,6 +636,7 @@ class ConsumerServer:
                 ready = [c for c in ready if c is not con]
                 continue
             con.credit -= 1
+            con.holding += 1
             self._inflight[oid] = (item, time.monotonic(), con.identity)
             self._last_holder.pop(oid, None)
             sent.append(oid)

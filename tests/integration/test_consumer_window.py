@@ -143,3 +143,42 @@ def test_the_window_is_bounded_in_bytes_too(
     with deployment.consumer(credit=4) as consumer:
         got = _drain(consumer, 30)
     assert got == list(range(30))
+
+
+@pytest.mark.integration
+def test_a_late_notice_of_a_message_a_page_read_in_does_not_offer_it_twice(
+    deployment: _Deployment,
+) -> None:
+    """The delivery thread commits, then gives notice. While the channel is paged, a page
+    may read a message in, hand it out and see it acknowledged before its notice comes."""
+    deployment.outbox.add_many(_items(100))
+    srv = deployment.start()
+    late = _items(5, 100)
+    with deployment.consumer(credit=64) as consumer:
+        got = _drain(consumer, 60)
+        deployment.outbox.add_many(late)  # (committed ...)
+        got += _drain(consumer, 105 - len(got))  # (... read in by a page, handed out, acked ...)
+        deadline = time.monotonic() + 5
+        while (srv._unread or srv._inflight) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # (the acknowledgements written)
+        srv.notify(late)  # (... then the notice)
+        got += _drain(consumer, 1, timeout=1.0)
+    assert got == list(range(105))  # once each
+
+
+@pytest.mark.integration
+def test_credit_granted_without_acknowledging_does_not_hold_more_than_max_credit(
+    deployment: _Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumers, "MAX_CREDIT", 50)
+    deployment.outbox.add_many(_items(200))
+    srv = deployment.start()
+    with deployment.consumer(credit=20) as consumer:
+        got: list[object] = []
+        for _ in range(10):  # (asks for more, acknowledges nothing)
+            got += consumer.receive(timeout=0.2)
+            consumer.ack([], credit=20)
+        got += consumer.receive(timeout=0.5)
+        assert len(got) == 50
+        assert len(srv._inflight) == 50
