@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,6 +295,7 @@ class ConsumerServer:
         # before it comes late (see _fresh).
         self._read_to: dict[str, int] = {}
         self._unflushed: set[bytes] = set()  # acknowledged, not yet written (_flush_acks)
+        self._queues: dict[str, OrderedDict[bytes, OutboxItem]] = {}  # _waiting by channel
         self.stray_acks = 0  # acks from connections that were not given the item
         self.forgotten = 0  # consumers whose connection was found gone (see _probe)
         self._next_probe = 0.0
@@ -372,16 +374,19 @@ class ConsumerServer:
                 time.sleep(0.1)
 
     def _hold(self, item: OutboxItem, *, first: bool = False) -> None:
-        """Into _waiting (at its end, or first)."""
+        """Into _waiting and its channel's queue (at its end, or first)."""
         self._waiting[item.object_id] = item
+        queue = self._queues.setdefault(item.channel, OrderedDict())
+        queue[item.object_id] = item
         if first:
-            self._waiting.move_to_end(item.object_id, last=False)
+            queue.move_to_end(item.object_id, last=False)
         n, size = self._held.get(item.channel, (0, 0))
         self._held[item.channel] = (n + 1, size + len(item.body))
 
     def _unhold(self, oid: bytes) -> None:
         item = self._waiting.pop(oid, None)
         if item is not None:
+            del self._queues[item.channel][oid]
             n, size = self._held[item.channel]
             self._held[item.channel] = (n - 1, size - len(item.body))
 
@@ -600,6 +605,17 @@ class ConsumerServer:
         con.channels &= frozenset(client.channels)
         return True
 
+    def _next_for(
+        self, channels: set[str], ready: list[_Consumer]
+    ) -> Iterator[tuple[str, bytes, OutboxItem]]:
+        """The waiting messages of ``channels``, each channel's in order, until no consumer
+        of that channel has credit left (``ready`` is read as it changes)."""
+        for channel in channels:
+            for oid, item in self._queues.get(channel, {}).items():  # (changed after the loop)
+                if not any(c.credit > 0 and channel in c.channels for c in ready):
+                    break
+                yield channel, oid, item
+
     def _dispatch(self) -> None:
         if self.router is None or not self._waiting:
             return
@@ -611,11 +627,12 @@ class ConsumerServer:
         if not ready:
             return
         sent: list[bytes] = []
-        for oid, item in self._waiting.items():
-            con = next((c for c in ready if c.credit > 0 and item.channel in c.channels), None)
+        # Channel by channel, only those a consumer with credit reads: a channel whose
+        # consumers are away holds a full window, not walked on every turn.
+        wanted = {ch for c in ready for ch in c.channels}
+        for channel, oid, item in self._next_for(wanted, ready):
+            con = next((c for c in ready if c.credit > 0 and channel in c.channels), None)
             if con is None:
-                if not any(c.credit > 0 for c in ready):
-                    break
                 continue
             try:
                 self.router.send_multipart(
@@ -629,11 +646,11 @@ class ConsumerServer:
                     zmq.NOBLOCK,
                 )
             except zmq.Again:  # its queue is full: nothing more for it this turn
-                ready = [c for c in ready if c is not con]
+                ready.remove(con)
                 continue
             except zmq.ZMQError:  # gone: forget it (a READY on a new connection comes back)
                 self._consumers.pop(con.identity, None)
-                ready = [c for c in ready if c is not con]
+                ready.remove(con)
                 continue
             con.credit -= 1
             con.holding += 1
