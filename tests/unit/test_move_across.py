@@ -7,11 +7,13 @@ import errno
 import os
 import shutil as shutil_mod
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from ferry.place import fsync_named
 from outside.intake import _move_across, _place_original, _Placed
 
 
@@ -173,3 +175,19 @@ def test_the_copy_keeps_the_original_permissions(tmp_path: Path, other_fs: Path)
     src.chmod(0o644)
     assert _move_across(src, other_fs / "shared.txt") is True
     assert (other_fs / "shared.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_fifo_put_under_a_name_just_synced_holds_nothing_up(tmp_path: Path) -> None:
+    """On a share each new name is synced by opening its file: a FIFO swapped in under it
+    meanwhile must not make the intake (or delivery) thread wait for a writer for ever."""
+    os.mkfifo(tmp_path / "report.pdf")
+    (tmp_path / "plain.txt").write_bytes(b"x")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        work = threading.Thread(target=fsync_named, args=(fd, ["report.pdf", "plain.txt"]))
+        work.daemon = True
+        work.start()
+        work.join(5)
+        assert not work.is_alive()
+    finally:
+        os.close(fd)
