@@ -99,9 +99,7 @@ def fsync_named(dir_fd: int, names: Iterable[str]) -> None:
     """An fsync of each file ``names`` in the folder open as ``dir_fd`` (on a share, what
     commits a new name on the file server: see :func:`sync_names`)."""
     for name in names:  # (never waits on a FIFO someone put under the name meanwhile)
-        f = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd
-        )
+        f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
         try:
             if stat.S_ISREG(os.fstat(f).st_mode):
                 os.fsync(f)
