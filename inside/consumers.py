@@ -608,13 +608,21 @@ class ConsumerServer:
     def _next_for(
         self, channels: set[str], ready: list[_Consumer]
     ) -> Iterator[tuple[str, bytes, OutboxItem]]:
-        """The waiting messages of ``channels``, each channel's in order, until no consumer
-        of that channel has credit left (``ready`` is read as it changes)."""
-        for channel in channels:
-            for oid, item in self._queues.get(channel, {}).items():  # (changed after the loop)
+        """The waiting messages of ``channels``, each channel's in order, the channels taking
+        turns (a consumer of several gets from each, not all of one first), each until no
+        consumer of it has credit left (``ready`` is read as it changes)."""
+        queues = {  # (the queues change only after the hand-out)
+            ch: iter(self._queues[ch].items()) for ch in sorted(channels) if ch in self._queues
+        }
+        while queues:
+            for channel, queue in list(queues.items()):
                 if not any(c.credit > 0 and channel in c.channels for c in ready):
-                    break
-                yield channel, oid, item
+                    del queues[channel]
+                    continue
+                if (nxt := next(queue, None)) is None:
+                    del queues[channel]
+                    continue
+                yield channel, *nxt
 
     def _dispatch(self) -> None:
         if self.router is None or not self._waiting:

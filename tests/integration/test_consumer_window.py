@@ -23,10 +23,10 @@ from inside.ledger import Ledger
 WINDOW = 40
 
 
-def _items(n: int, start: int = 0, size: int = 0) -> list[OutboxItem]:
+def _items(n: int, start: int = 0, size: int = 0, channel: str = "messages") -> list[OutboxItem]:
     return [
         OutboxItem(
-            os.urandom(16), "messages", start + i + 1, "s", "api:x", 0,
+            os.urandom(16), channel, start + i + 1, "s", "api:x", 0,
             b'{"n":%d,"pad":"%s"}' % (start + i, b"x" * size),
         )
         for i in range(n)
@@ -182,3 +182,19 @@ def test_credit_granted_without_acknowledging_does_not_hold_more_than_max_credit
         got += consumer.receive(timeout=0.5)
         assert len(got) == 50
         assert len(srv._inflight) == 50
+
+
+@pytest.mark.integration
+def test_a_consumer_of_two_channels_gets_from_both_not_all_of_one_first(
+    deployment: _Deployment,
+) -> None:
+    entry = Path(deployment.dep["consumers"]["allowlist_entry"])
+    entry.write_text(entry.read_text().replace("channels: [messages]", "channels: [messages, b]"))
+    deployment.outbox.add_many(_items(30, channel="messages") + _items(30, channel="b"))
+    deployment.start()
+    with deployment.consumer(credit=6) as consumer:
+        first: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(first) < 6 and time.monotonic() < deadline:
+            first += [d.channel for d in consumer.receive(timeout=0.2)]
+    assert sorted(first) == ["b"] * 3 + ["messages"] * 3
