@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import os
 import queue
 import sqlite3
@@ -21,15 +22,17 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Subject
-from ferry.audit.verify import CHECKPOINTS_FILE
+from ferry.audit.verify import CHECKPOINTS_FILE, iter_lines, list_segments
 from ferry.config_types import OutsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
-from ferry.errors import ChannelError
+from ferry.errors import ChannelError, FerryError
 from ferry.runtime import open_sender, pacing_rate, settle_gc
 from ferry.state import Retention
 from ferry.status import STATUS_FILE, write_status
@@ -45,7 +48,7 @@ from ferry.wire.sender import (
 )
 from outside.api import MESSAGE_TYPE, ApiServer
 from outside.content.pipeline import ContentPipeline
-from outside.intake import FolderIntake
+from outside.intake import CONTENT_SUBJECT, FolderIntake
 from outside.mirror import CHANNEL as MIRROR_CHANNEL
 from outside.mirror import MAX_PIECE, AuditShipper
 from outside.spool import Spool, SpoolItem, now_us
@@ -493,14 +496,20 @@ class OutsideAgent:
         committed their items. Each such item (its record's index, kept with its row, at
         or past the size the log had when it opened) is recorded accepted again from its
         row, marked ``recovered``, and on disk before anything is sent: no item crosses
-        without its intake record (docs/AUDIT.md). Its content verdict record, if it had
-        one, is not written again."""
+        without its intake record (docs/AUDIT.md). A file's content verdict record, written
+        just before, is written again too when it was lost with it (from the report the
+        file's signed manifest carries; also marked ``recovered``)."""
         lost = self.spool.unrecorded(self.audit.log.resumed_size)
         if not lost:
             return
         drops = {ch.name: str(ch.drop) for ch in self.cfg.channels if ch.drop is not None}
+        have_verdict = self._verdicts_on_record(
+            {bytes(r["object_id"]).hex() for r in lost if r["kind"] == "file"}
+        )
         done: list[tuple[bytes, int]] = []
         for row in lost:
+            if row["kind"] == "file" and bytes(row["object_id"]).hex() not in have_verdict:
+                self._record_lost_verdict(row)
             kind, who = str(row["subject"]).partition(":")[::2]
             if kind == "api":
                 subject = Subject.api_client(who)
@@ -533,6 +542,65 @@ class OutsideAgent:
             count=len(done),
             effect="their intake records had not reached the disk before the agent stopped; "
             "written again from the spool (detail.recovered) before any of them is sent",
+        )
+
+    def _verdicts_on_record(self, items: set[str]) -> set[str]:
+        """Which of these items have a ``verdict`` record on disk: looked for in the log's
+        last two segments (a verdict is recorded just before its item's intake record)."""
+        found: set[str] = set()
+        if not items or self.cfg.audit is None:
+            return found
+        for _, seg in list_segments(self.cfg.audit.dir)[-2:]:
+            for line in iter_lines(seg):
+                if not line.complete or b'"verdict"' not in line.data:
+                    continue
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line.data)
+                    if record.get("event") == "verdict" and record.get("corr") in items:
+                        found.add(record["corr"])
+        return found
+
+    def _record_lost_verdict(self, row: Mapping[str, Any]) -> None:
+        """Record again the content verdict of a spooled file whose record a crash took
+        back, from the report in the file's own signed manifest (the original name is not
+        kept there: the name given is the one it is delivered under)."""
+        oid = bytes(row["object_id"])
+        try:
+            with open(self.spool.dir / str(row["spool_file"]), "rb") as f:
+                f.seek(-rec.TRAILER_TAIL.size, os.SEEK_END)
+                length = rec.trailer_length(f.read(rec.TRAILER_TAIL.size))
+                f.seek(-length, os.SEEK_END)
+                manifest = rec.decode_manifest(rec.split_trailer(f.read(length))[0])
+            report = json.loads(manifest.report) if manifest.report else None
+        except (OSError, ValueError, FerryError) as exc:
+            _log.error("verdict_not_recovered", item=oid.hex(), error=str(exc))
+            return
+        if not isinstance(report, dict):
+            return  # (no content check on its channel: no verdict to record)
+        sha_in = report.get("sha256_in")
+        detail: dict[str, Any] = {
+            "verdict": report.get("verdict"),
+            "detected_type": report.get("type") or "unknown",
+            "delivered_name": manifest.name,
+            "actions": report.get("actions") if isinstance(report.get("actions"), list) else [],
+            "recovered": True,
+        }
+        if "override" in report:
+            detail["override"] = report["override"]
+        self.audit.record(
+            "verdict",
+            subject=CONTENT_SUBJECT,
+            result="success",
+            obj=AuditObject(
+                kind="file",
+                item=oid.hex(),
+                channel=row["channel"],
+                name=manifest.name,
+                sha256=sha_in if isinstance(sha_in, str) and len(sha_in) == 64 else None,
+                seq=row["seq"],
+            ),
+            detail=detail,
+            corr=oid.hex(),
         )
 
     def run(self) -> int:

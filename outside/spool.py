@@ -559,8 +559,8 @@ class Spool:
         disk) while the spool had committed their items. By record index."""
         with self._lock:
             cur = self._db.execute(
-                "SELECT object_id, channel, seq, kind, name, size, sha256, subject, intake_idx"
-                " FROM items WHERE intake_idx >= ? ORDER BY intake_idx",
+                "SELECT object_id, channel, seq, kind, name, size, sha256, subject, intake_idx,"
+                " spool_file FROM items WHERE intake_idx >= ? ORDER BY intake_idx",
                 (size,),
             )
             names = [d[0] for d in cur.description]

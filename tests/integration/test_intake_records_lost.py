@@ -81,6 +81,7 @@ def test_items_whose_intake_records_a_crash_took_back_are_recorded_before_they_a
     rows = spooled()
     assert all(sends == 0 for _, _, sends in rows)  # nothing was sent
     items = {oid.lower() for oid, _, _ in rows}
+    files = {oid.lower() for oid, kind, _ in rows if kind == "file"}
     subprocess.run(["umount", str(network_share.mount)], check=True)
     audit_dir = network_share.server  # (the same files, now on the gateway's own disk)
     assert not any(i in line for _, line in _records(audit_dir) for i in items)
@@ -108,6 +109,15 @@ def test_items_whose_intake_records_a_crash_took_back_are_recorded_before_they_a
         sent = [r["idx"] for r in about if r["event"] == "transfer.sent"]
         assert sent, item
         assert accepted[0]["idx"] < min(sent)  # on record before it crossed
+        verdicts = [r for r in about if r["event"] == "verdict"]
+        if item in files:  # (the documents channel checks content: its verdict was lost too)
+            assert len(verdicts) == 1, item
+            assert verdicts[0]["detail"]["recovered"] is True
+            assert verdicts[0]["detail"]["verdict"] in {"deliver_as_is", "deliver_cleaned"}
+            assert verdicts[0]["detail"]["delivered_name"].startswith("note-")
+            assert verdicts[0]["idx"] < accepted[0]["idx"]
+        else:
+            assert verdicts == []
     assert _db_rows(db, "SELECT count(*) FROM items WHERE intake_idx IS NULL") == [(0,)]
     again = agents("outside", config)  # a later start has nothing more to do
     again.wait_event("outside_started")
