@@ -9,11 +9,13 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import pytest
 from intake_helpers import Gateway
 
 from outside import intake as intake_mod
+from outside.agent import OutsideAgent
 from outside.watch import Ready
 
 
@@ -293,3 +295,17 @@ def test_a_missing_sent_folder_is_made_again_and_its_subfolders_follow_the_umask
     assert (sent / "team" / "minutes.txt").read_bytes() == b"minutes\n"
     assert (sent / "team").stat().st_mode & 0o777 == 0o775
     assert not (gateway.drop / "team" / "minutes.txt").exists()
+
+
+def test_a_verdict_on_record_is_found_so_a_recovery_does_not_write_it_twice(
+    gateway: Gateway,
+) -> None:
+    """At a start after a crash, a file whose intake record was lost gets its verdict record
+    written again only if the log does not hold it (outside.agent._verdicts_on_record)."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    assert gateway.drop_file("letter.txt", b"a letter\n")
+    [verdict] = [r for r in gateway.records() if r["event"] == "verdict"]
+    item = verdict["corr"]
+    agent = SimpleNamespace(cfg=SimpleNamespace(audit=SimpleNamespace(dir=gateway.audit_dir)))
+    found = OutsideAgent._verdicts_on_record(agent, {item, "0" * 32})  # type: ignore[arg-type]
+    assert found == {item}
