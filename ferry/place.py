@@ -201,8 +201,9 @@ def drop_temp(name: str | Path | None, dir_fd: int | None = None) -> None:
             os.unlink(name, dir_fd=dir_fd)
 
 
-def remove_stale_temps(folder: Path) -> int:
-    """Remove the temp files (:func:`temp_name`) a crash left in ``folder``; how many."""
+def remove_stale_temps(folder: Path, *, below: bool = False) -> int:
+    """Remove the temp files (:func:`temp_name`) a crash left in ``folder`` (and in its
+    subfolders, if ``below``; symlinks are not followed); how many."""
     removed = 0
     try:
         for entry in os.scandir(folder):
@@ -210,6 +211,8 @@ def remove_stale_temps(folder: Path) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1
+            elif below and entry.is_dir(follow_symlinks=False):
+                removed += remove_stale_temps(Path(entry.path), below=True)
     except OSError:
         pass  # (a folder that is not there, or does not answer: its owner reports it)
     return removed

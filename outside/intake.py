@@ -557,7 +557,7 @@ class FolderIntake:
                         ch.drop.mkdir(parents=True, exist_ok=True)
                     except OSError as exc:  # the watcher reports it and retries the folder
                         _log.error("drop_folder_not_created", channel=ch.name, error=str(exc))
-                    if ch.sent is not None and (removed := remove_stale_temps(ch.sent)):
+                    if ch.sent is not None and (removed := remove_stale_temps(ch.sent, below=True)):
                         _log.info("stale_temp_files_removed", channel=ch.name, count=removed)
                     if removed := _remove_release_temps(ch):
                         _log.info(
@@ -968,10 +968,13 @@ class FolderIntake:
         ``copied``: the source key of what was copied; a file at ``path`` that is no longer
         that one (saved again meanwhile) is left where it is, to be taken in its turn.
 
-        True only when this call moved or deleted the copied file: its source key may then
-        be forgotten (a file moved back from ``sent`` is a new drop). Gone, renamed or
-        replaced by the clerk meanwhile, or not moved: False, and the key stays, so the file
-        found again under another name is recognised as sent.
+        True once the copied file is no longer at ``path`` (moved or deleted here; renamed,
+        deleted or replaced by the clerk meanwhile): its source key may then be forgotten,
+        so a file moved back from ``sent`` is a new drop. A key kept for a file that is gone
+        could pass an unrelated file for it later (ext4 reuses a deleted file's inode at
+        once, and ``cp -p`` keeps size and time), which would then go to ``sent`` unsent: a
+        file renamed after its copy is sent again instead. False: the original is still
+        there, not moved (no free name, a folder that does not answer): tried again later.
 
         Both folders are reached one level at a time without following a symlink
         (:func:`ferry.place.pinned_folder`): a subfolder of the drop or ``sent`` folder
@@ -982,21 +985,26 @@ class FolderIntake:
         try:
             with pinned_folder(drop, rel.parent.parts, create=False) as (_, src):
                 here = os.lstat(name, dir_fd=src)
-                if copied and _source_key(here) != copied:
+                copied = copied or _source_key(here)
+                if _source_key(here) != copied:
                     _log.info("original_changed_after_copy", channel=ch.name, name=name)
-                    return False
+                    return True
                 if ch.after_send == "delete" or ch.sent is None:
                     os.unlink(name, dir_fd=src)
                     return True
-                ch.sent.mkdir(parents=True, exist_ok=True)  # (the operator's: may be a link)
+                try:  # (only the last folder: a share not mounted has no parent to make)
+                    ch.sent.mkdir(exist_ok=True)
+                except OSError as exc:
+                    _log.error("cannot_move_original", channel=ch.name, name=name, error=str(exc))
+                    return False
                 with pinned_folder(ch.sent, rel.parent.parts, mode=0o777) as (_, dst):
                     for candidate in candidate_names(name):
-                        placed = _place_original(src, name, dst, candidate)
+                        placed = _place_original(src, name, dst, candidate, copied)
                         if placed is _Placed.MOVED:
                             return True
                         if placed is _Placed.LEFT:
                             _log.info("original_changed_while_moved", channel=ch.name, name=name)
-                            return False
+                            return True
             _log.error(
                 "cannot_move_original",
                 channel=ch.name,
@@ -1005,6 +1013,7 @@ class FolderIntake:
             )
         except FileNotFoundError:
             _log.info("original_gone", channel=ch.name, name=name)
+            return True
         except (OSError, UnsafePathError) as exc:
             _log.error("cannot_move_original", channel=ch.name, name=name, error=str(exc))
         return False
@@ -1021,14 +1030,27 @@ class FolderIntake:
         moving an original and forgetting its key, or a power cut took that back); how
         many. An original still there, the same file, is one the agent stopped before
         moving: kept, it is moved at its turn, not sent again."""
+        ch = self._lanes[channel].channel
+        if ch.drop is None:
+            return 0
+        try:  # (a drop folder not there, or a share not mounted: nothing is decided)
+            device = os.stat(ch.drop).st_dev
+        except OSError:
+            return 0
+        under = f"{ch.drop}/"
         stale = []
         for source_path, key in self._spool.unforgotten_sources(channel):
+            if not source_path.startswith(under) or key.split(":")[0] != str(device):
+                continue  # (dropped elsewhere: another folder, another mount)
             try:
                 if _source_key(os.lstat(source_path)) == key:
                     continue
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
                 pass
+            except OSError:
+                continue  # (not answering, not readable: not known to be gone)
             stale.append(key)
+            self._lanes[channel].beat()
         self._forget_sources(stale)
         return len(stale)
 
@@ -1039,13 +1061,14 @@ class _Placed(enum.Enum):
     LEFT = "left"  # the name in the drop folder was given to another file meanwhile: left
 
 
-def _place_original(src: int, name: str, dst: int, target: str) -> _Placed:
+def _place_original(src: int, name: str, dst: int, target: str, copied: str = "") -> _Placed:
     """Move ``name`` in folder ``src`` to ``target`` in folder ``dst`` (descriptors), never
     over a file: a link then an unlink (:func:`ferry.place.link_new`); a link left by a
     crash between the two is recognised (same inode) and finished. Another file system:
     :func:`_move_across` (a copy left by a crash there is recognised by its content).
-    The name is unlinked only while it still names the file linked (an editor's save may
-    have put another file there since: that one is left, to be taken in its turn)."""
+    The name is unlinked only while it still names the file linked, and that file is the
+    one copied (``copied``, its source key): an editor's save may have put another file
+    there since; that one is left, to be taken in its turn."""
     try:
         linked = link_new(name, target, src_dir_fd=src, dst_dir_fd=dst)
     except FileExistsError:
@@ -1062,13 +1085,17 @@ def _place_original(src: int, name: str, dst: int, target: str) -> _Placed:
             raise
         try:
             moved = _move_across(
-                Path(f"/proc/self/fd/{src}", name), Path(f"/proc/self/fd/{dst}", target)
+                Path(f"/proc/self/fd/{src}", name), Path(f"/proc/self/fd/{dst}", target), copied
             )
         except FileExistsError:
             return _Placed.TAKEN
         return _Placed.MOVED if moved else _Placed.LEFT
     if linked:
-        if not os.path.samestat(os.lstat(name, dir_fd=src), os.lstat(target, dir_fd=dst)):
+        there = os.lstat(target, dir_fd=dst)
+        if copied and _source_key(there) != copied:  # (linked another file: taken back)
+            os.unlink(target, dir_fd=dst)
+            return _Placed.LEFT
+        if not os.path.samestat(os.lstat(name, dir_fd=src), there):
             return _Placed.LEFT
         os.unlink(name, dir_fd=src)
     return _Placed.MOVED
@@ -1100,25 +1127,28 @@ def _copied_across(original: tuple[int, str], copy: tuple[int, str]) -> bool:
         os.close(a)
 
 
-def _move_across(path: Path, target: Path) -> bool:
+def _move_across(path: Path, target: Path, copied: str = "") -> bool:
     """``rename`` from one file system to another: the original is copied under a hidden
     temp name, synced, given the name ``target`` (never over a file), and removed only
     then; its modification time and permissions are kept. False if the original changed
     during the copy (written to, or another file renamed over its name): then it is not
-    removed, and a copy of a file written to meanwhile is removed again."""
+    removed, and a copy of a file written to meanwhile is removed again. ``copied``: the
+    source key of the file meant; another one found under the name is left, not copied."""
     tmp = target.with_name(temp_name())  # (fixed length: any name fits)
     src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK)
     try:
         st = os.fstat(src)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if copied and _source_key(st) != copied:
+            return False  # (another file saved under the name since it was copied)
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             try:
                 with open(src, "rb", closefd=False) as fin, open(dst, "wb", closefd=False) as fo:
                     shutil.copyfileobj(fin, fo, COPY_CHUNK)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-                os.fchmod(dst, stat.S_IMODE(st.st_mode))  # (readable by whom it was before)
+                os.fchmod(dst, st.st_mode & 0o777)  # (readable by whom it was; no set-id bits)
                 os.fsync(dst)
             finally:
                 os.close(dst)

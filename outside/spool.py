@@ -266,7 +266,7 @@ class Spool:
         with self._lock:
             rows = self._db.execute(
                 "SELECT source_path, source_key FROM items WHERE channel=?"
-                " AND source_key IS NOT NULL AND source_path IS NOT NULL",
+                " AND source_key IS NOT NULL AND source_key != '' AND source_path != ''",
                 (channel,),
             ).fetchall()
         return [(str(r[0]), str(r[1])) for r in rows]

@@ -10,6 +10,7 @@ import errno
 import os
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from intake_helpers import Gateway
@@ -241,9 +242,13 @@ def test_a_drop_subfolder_swapped_after_the_copy_moves_nothing_elsewhere(
     assert sent is None or not any(sent.rglob("a.txt"))
 
 
-def test_a_file_renamed_after_its_copy_is_not_sent_again(gateway: Gateway) -> None:
-    """Copied and checked, then renamed by the clerk before the move: the file found under
-    its new name is the one already sent (moved to sent/, not a second item)."""
+def test_a_file_renamed_after_its_copy_is_sent_again_rather_than_risk_a_loss(
+    gateway: Gateway,
+) -> None:
+    """Copied and checked, then renamed by the clerk before the move: the key of a file no
+    longer where it was is forgotten, because a key kept for a file that is gone could pass
+    an unrelated file for it later (a reused inode, same size and time) and send that one
+    to sent/ unsent. The renamed file is sent again: a second copy, nothing lost."""
     gateway.drop.mkdir(parents=True, exist_ok=True)
     (gateway.drop / "report.txt").write_text("the report\n")
     prepared = gateway.intake._prepare(gateway.channel, _ready(gateway, "report.txt"))
@@ -251,11 +256,65 @@ def test_a_file_renamed_after_its_copy_is_not_sent_again(gateway: Gateway) -> No
     os.rename(gateway.drop / "report.txt", gateway.drop / "report-final.txt")
     lane = gateway.intake._lanes["documents"]
     assert gateway.intake._commit(lane, [prepared]) != []
-    assert not gateway.take("report-final.txt")
-    assert _spooled(gateway) == 1
+    assert gateway.take("report-final.txt")
+    assert _spooled(gateway) == 2
+
+
+def test_a_save_between_the_check_and_the_move_is_left_to_be_taken(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editor's save (a new file renamed over the name) just before the original is
+    linked into sent/: the new version must stay, not go to sent/ unsent."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    path = gateway.drop / "memo.txt"
+    path.write_text("version 1\n")
+    prepared = gateway.intake._prepare(gateway.channel, _ready(gateway, "memo.txt"))
+    assert prepared is not None
+    real = intake_mod.link_new
+
+    def save_then_link(*args: Any, **kw: Any) -> bool:
+        (gateway.drop / ".memo.tmp").write_text("version 2\n")
+        os.rename(gateway.drop / ".memo.tmp", path)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(intake_mod, "link_new", save_then_link)
+    lane = gateway.intake._lanes["documents"]
+    assert gateway.intake._commit(lane, [prepared]) != []
+    assert path.read_text() == "version 2\n"
     sent = gateway.channel.sent
     assert sent is not None
-    assert (sent / "report-final.txt").read_text() == "the report\n"
+    assert [p.read_text() for p in sent.rglob("memo*")] == []
+
+
+def test_a_sent_folder_whose_parent_is_missing_is_not_made(gateway: Gateway) -> None:
+    """A sent folder on a share that is not mounted: nothing is made under the mount point
+    (the original would be hidden there once the share is back); the original stays."""
+    sent = gateway.channel.sent
+    assert sent is not None
+    if sent.exists():
+        sent.rmdir()
+    sent.parent.rename(sent.parent.with_name("sent-share"))  # (the share's mount point gone)
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    assert gateway.drop_file("c.txt", b"c\n")
+    assert not sent.parent.exists()
+    assert (gateway.drop / "c.txt").read_bytes() == b"c\n"
+
+
+def test_no_key_is_forgotten_while_the_drop_folder_is_not_there(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a start with the drop share not mounted, an original a crash left there (spooled,
+    not moved) must keep its key: forgotten, it would be sent again once the share is back."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    with monkeypatch.context() as m:
+        m.setattr(intake_mod.FolderIntake, "_finish_original", lambda *a, **k: False)
+        assert gateway.drop_file("left.txt", b"left by a crash\n")
+    away = gateway.drop.with_name("drop-share")
+    gateway.drop.rename(away)
+    assert gateway.intake.forget_finished_sources("documents") == 0
+    away.rename(gateway.drop)
+    assert not gateway.take("left.txt")  # recognised: moved, not sent again
+    assert _spooled(gateway) == 1
 
 
 def test_a_key_not_forgotten_before_a_crash_is_forgotten_at_the_next_start(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.place import fsync_named
+from ferry.place import fsync_named, remove_stale_temps, temp_name
 from outside.intake import _move_across, _place_original, _Placed
 
 
@@ -191,3 +191,23 @@ def test_a_fifo_put_under_a_name_just_synced_holds_nothing_up(tmp_path: Path) ->
         assert not work.is_alive()
     finally:
         os.close(fd)
+
+
+def test_set_id_bits_are_not_copied_onto_the_agents_copy(tmp_path: Path, other_fs: Path) -> None:
+    """The copy is the agent's: a clerk's setuid or setgid file must not become a program
+    that runs as the gateway's user."""
+    src = tmp_path / "tool"
+    src.write_bytes(b"#!/bin/sh\n")
+    src.chmod(0o6755)
+    assert _move_across(src, other_fs / "tool") is True
+    assert (other_fs / "tool").stat().st_mode & 0o7777 == 0o755
+
+
+def test_stale_temps_are_removed_below_too(tmp_path: Path) -> None:
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for folder in (tmp_path, tmp_path / "sub", tmp_path / "sub" / "deeper"):
+        (folder / temp_name()).write_bytes(b"cut short")
+        (folder / "kept.txt").write_bytes(b"a clerk's")
+    assert remove_stale_temps(tmp_path) == 1
+    assert remove_stale_temps(tmp_path, below=True) == 2
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["kept.txt"] * 3
