@@ -696,8 +696,10 @@ class Spool:
                 (r[0],)
                 for r in self._db.execute(
                     # (on items_due: a finished item's next_send_us <= its last sent_us)
+                    # (and never one whose original still sits in a drop folder, its source
+                    # key kept: forgotten, that file would be sent again)
                     "SELECT object_id FROM items WHERE state='sent' AND next_send_us<?"
-                    " AND sent_us<? LIMIT ?",
+                    " AND sent_us<? AND (source_key IS NULL OR source_key='') LIMIT ?",
                     (before_us, before_us, limit),
                 )
             ]

@@ -161,3 +161,21 @@ def test_retention_prunes_a_batch_per_step_while_behind_then_waits_and_survives_
     fail[0] = False
     retention.step(100.2 + 2 * PRUNE_INTERVAL)
     assert len(calls) == 4
+
+
+def test_an_item_whose_original_is_still_in_its_drop_folder_is_not_forgotten(
+    tmp_path: Path,
+) -> None:
+    """Its original could not be moved (it still has its source key): forgotten, the file
+    still in the drop folder would be taken again as a new drop, and sent twice."""
+    spool = Spool(tmp_path)
+    ids = [_accept(spool, f"s{i}").object_id for i in range(2)]
+    spool.mark_sent(ids)
+    with sqlite3.connect(tmp_path / "outside.db") as db:
+        db.execute("UPDATE items SET source_key='1:2:3:4' WHERE object_id=?", (ids[0],))
+    later = now_us() + 1
+    assert spool.prune(later) == 1
+    assert spool.prune(later) == 0
+    spool.forget_sources(["1:2:3:4"])  # (once the original has left the drop folder)
+    assert spool.prune(later) == 1
+    spool.close()
