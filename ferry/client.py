@@ -303,6 +303,9 @@ class Delivery:
     body: bytes
 
 
+ACK_PIECE = 1_000  # item ids per ACK (see Consumer.ack)
+
+
 class Consumer:
     """Inner consumer of ferry's messages (DEALER with CURVE to the inside agent).
 
@@ -399,8 +402,12 @@ class Consumer:
         grant = len(items) if credit is None else credit
         self._held.difference_update(items)
         self._credit = max(0, self._credit + grant - len(items))
-        body = {"items": items, "credit": grant}
-        self.sock.send_multipart([PROTOCOL, b"ACK", msgpack.packb(body)])
+        # In pieces the inside takes (a request is at most 64 KiB: some 1,900 ids); the
+        # credit goes with the last.
+        pieces = [items[i : i + ACK_PIECE] for i in range(0, len(items), ACK_PIECE)] or [[]]
+        for n, piece in enumerate(pieces, 1):
+            body = {"items": piece, "credit": grant if n == len(pieces) else 0}
+            self.sock.send_multipart([PROTOCOL, b"ACK", msgpack.packb(body)])
 
     def close(self) -> None:
         self.sock.disable_monitor()

@@ -48,6 +48,7 @@ ZAP_DOMAIN = "ferry-consumers"
 MAX_CREDIT = 10_000
 MAX_BODY = 64 * 1024
 ACK_FLUSH_INTERVAL = 0.2
+ACK_RETRY_INTERVAL = 5.0  # (after a failed write of acknowledgements: a full disk)
 # A consumer silent this long is sent a PING (see above); a connection that is gone is then
 # forgotten, so reconnections do not pile up consumers that will never be heard from.
 PROBE_AFTER = 60.0
@@ -178,15 +179,20 @@ class Outbox:
         ]
         return page, n == len(sizes)
 
-    def rows_of(self, object_ids: list[bytes]) -> dict[bytes, int]:
-        """The outbox rows of these messages."""
-        out: dict[bytes, int] = {}
+    def rows_of(self, object_ids: list[bytes]) -> dict[bytes, tuple[int, bool]]:
+        """The outbox rows of these messages, and whether each is acknowledged."""
+        out: dict[bytes, tuple[int, bool]] = {}
         with self._lock:
             for start in range(0, len(object_ids), 500):
                 chunk = object_ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))  # placeholders only
-                query = f"SELECT object_id, rowid FROM outbox WHERE object_id IN ({marks})"  # noqa: S608
-                out.update((bytes(r[0]), int(r[1])) for r in self._db.execute(query, chunk))
+                query = (
+                    "SELECT object_id, rowid, acked_us IS NOT NULL FROM outbox"  # noqa: S608
+                    f" WHERE object_id IN ({marks})"
+                )
+                out.update(
+                    (bytes(r[0]), (int(r[1]), bool(r[2]))) for r in self._db.execute(query, chunk)
+                )
         return out
 
     def ack_many(self, object_ids: list[bytes], who: str) -> None:
@@ -296,6 +302,7 @@ class ConsumerServer:
         self._read_to: dict[str, int] = {}
         self._unflushed: set[bytes] = set()  # acknowledged, not yet written (_flush_acks)
         self._queues: dict[str, OrderedDict[bytes, OutboxItem]] = {}  # _waiting by channel
+        self._turn = 0  # (which channel hands out first: see _next_for)
         self.stray_acks = 0  # acks from connections that were not given the item
         self.forgotten = 0  # consumers whose connection was found gone (see _probe)
         self._next_probe = 0.0
@@ -397,33 +404,43 @@ class ConsumerServer:
     def _fresh(self, items: list[OutboxItem]) -> None:
         """Messages just queued, in the order the delivery threads said so: held, unless
         their channel has messages still in the outbox only (they come after those) or its
-        window is full (then they wait there too). Their rows are looked up only while a
-        channel is paged, or just was: a page may already have read a message in whose
-        notice comes later (it is not held twice), and two delivery threads may give
-        notice out of commit order (the page mark then moves back)."""
-        rows: dict[bytes, int] | None = None
+        window is full (then they wait there too). While a channel is paged, or was, a
+        notice may come after a page already read its message in, handed it out, even saw
+        it acknowledged; and two delivery threads may give notice out of commit order. So
+        then each message's row is looked up, and what the outbox says decides: done with
+        (acknowledged, or gone) is dropped; before the page mark, the mark moves back."""
+        rows: dict[bytes, tuple[int, bool]] | None = None
 
-        def row(oid: bytes) -> int:
+        def row(oid: bytes) -> tuple[int, bool] | None:
             nonlocal rows
             if rows is None:
-                rows = self.outbox.rows_of([i.object_id for i in items])
-            return rows.get(oid, 0)
+                try:
+                    rows = self.outbox.rows_of([i.object_id for i in items])
+                except sqlite3.Error as exc:  # (unknown: held; at worst offered twice)
+                    _log.warning("outbox_rows_not_read", error=str(exc))
+                    rows = {i.object_id: (0, False) for i in items}
+            return rows.get(oid)
 
         for item in items:
             oid, channel = item.object_id, item.channel
             if oid in self._waiting or oid in self._inflight or oid in self._unflushed:
                 continue  # (read in already, or done with)
-            if channel in self._unread:  # (read in its turn; before the mark, it moves back)
-                if 0 < row(oid) <= self._unread[channel]:
-                    self._unread[channel] = row(oid) - 1
-                continue
-            if channel in self._read_to:
-                if row(oid) <= self._read_to[channel]:
-                    continue  # (a page read it in: held, given out or acknowledged)
-                del self._read_to[channel]  # (notices have caught up with the pages)
+            looked_up = channel in self._unread or channel in self._read_to
+            if looked_up:
+                found = row(oid)
+                if found is None or found[1]:
+                    continue  # (acknowledged already, or gone)
+                rowid = found[0]
+                if channel in self._unread:  # (read in its turn; before the mark, it moves
+                    if 0 < rowid <= self._unread[channel]:  # back)
+                        self._unread[channel] = rowid - 1
+                    continue
+                if rowid > self._read_to[channel]:
+                    del self._read_to[channel]  # (notices have caught up with the pages)
             if self._full(channel):
-                self._unread[channel] = max(0, row(oid) - 1)
-                continue  # (every earlier row of the channel is held, in flight or done)
+                found = row(oid)
+                self._unread[channel] = max(0, (found[0] if found else 1) - 1)
+                continue  # (every earlier row is held, in flight, done, or noticed later)
             self._hold(item)
 
     def _read_in(self) -> None:
@@ -506,6 +523,8 @@ class ConsumerServer:
                     identity, client.name, frozenset(client.channels), key
                 )
             con.last_seen = time.monotonic()
+            if verb == b"ACK":  # (first: what it acknowledges no longer counts as held)
+                self._ack(con, body.get("items"))
             credit = body.get("credit", 0)
             if type(credit) is int and credit > 0:  # (what it holds counts: credit granted
                 # without acknowledging does not make it hold more than MAX_CREDIT)
@@ -513,8 +532,6 @@ class ConsumerServer:
             wanted = body.get("channels")
             if verb == b"READY" and isinstance(wanted, list):
                 con.channels = frozenset(c for c in wanted if c in client.channels)
-            if verb == b"ACK":
-                self._ack(con, body.get("items"))
 
     def _ack(self, con: _Consumer, items: object) -> None:
         if not isinstance(items, list):
@@ -558,7 +575,12 @@ class ConsumerServer:
             return
         self._next_ack_flush = now + ACK_FLUSH_INTERVAL
         for who, ids in list(self._acks.items()):
-            self.outbox.ack_many(ids, who)
+            try:
+                self.outbox.ack_many(ids, who)
+            except sqlite3.Error as exc:  # (a full disk: kept, tried again a little later)
+                self._next_ack_flush = now + ACK_RETRY_INTERVAL
+                _log.warning("acks_not_written", pending=len(self._unflushed), error=str(exc))
+                return
             del self._acks[who]
             self._unflushed.difference_update(ids)
 
@@ -611,9 +633,11 @@ class ConsumerServer:
         """The waiting messages of ``channels``, each channel's in order, the channels taking
         turns (a consumer of several gets from each, not all of one first), each until no
         consumer of it has credit left (``ready`` is read as it changes)."""
-        queues = {  # (the queues change only after the hand-out)
-            ch: iter(self._queues[ch].items()) for ch in sorted(channels) if ch in self._queues
-        }
+        order = sorted(ch for ch in channels if ch in self._queues)
+        if order:  # (each turn starts one channel further: none waits behind the others)
+            self._turn = (self._turn + 1) % len(order)
+            order = order[self._turn :] + order[: self._turn]
+        queues = {ch: iter(self._queues[ch].items()) for ch in order}  # (changed after)
         while queues:
             for channel, queue in list(queues.items()):
                 if not any(c.credit > 0 and channel in c.channels for c in ready):

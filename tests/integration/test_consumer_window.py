@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,3 +199,40 @@ def test_a_consumer_of_two_channels_gets_from_both_not_all_of_one_first(
         while len(first) < 6 and time.monotonic() < deadline:
             first += [d.channel for d in consumer.receive(timeout=0.2)]
     assert sorted(first) == ["b"] * 3 + ["messages"] * 3
+
+
+@pytest.mark.integration
+def test_a_consumer_at_max_credit_that_acknowledges_gets_its_credit_back(
+    deployment: _Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acknowledgement lowers what it holds before its credit is counted: else credit
+    asked for at the cap was cut, and a consumer at MAX_CREDIT got nothing more, ever."""
+    monkeypatch.setattr(consumers, "MAX_CREDIT", 50)
+    deployment.outbox.add_many(_items(200))
+    deployment.start()
+    with deployment.consumer(credit=50) as consumer:
+        held: list[Any] = []
+        deadline = time.monotonic() + 10
+        while len(held) < 50 and time.monotonic() < deadline:
+            held += consumer.receive(timeout=0.2)  # (all 50 held, none acknowledged yet)
+        assert len(held) == 50
+        consumer.ack([d.item for d in held])  # (and 50 more asked for)
+        assert _drain(consumer, 150, timeout=10) == list(range(50, 200))
+
+
+@pytest.mark.integration
+def test_channels_take_turns_also_one_message_at_a_time(deployment: _Deployment) -> None:
+    entry = Path(deployment.dep["consumers"]["allowlist_entry"])
+    entry.write_text(entry.read_text().replace("channels: [messages]", "channels: [messages, b]"))
+    deployment.outbox.add_many(_items(30, channel="messages") + _items(30, channel="b"))
+    deployment.start()
+    seen: list[str] = []
+    with deployment.consumer(credit=1) as consumer:
+        deadline = time.monotonic() + 20
+        while len(seen) < 20 and time.monotonic() < deadline:
+            batch = consumer.receive(timeout=0.2)
+            seen += [d.channel for d in batch]
+            if batch:
+                consumer.ack([d.item for d in batch])
+    assert len(seen) == 20
+    assert 8 <= seen.count("b") <= 12
