@@ -293,7 +293,7 @@ class ConsumerServer:
         self._waiting: OrderedDict[bytes, OutboxItem] = OrderedDict()
         self._inflight: dict[bytes, tuple[OutboxItem, float, bytes]] = {}
         self._last_holder: dict[bytes, bytes] = {}  # requeued: who had it last
-        self._held: dict[str, tuple[int, int]] = {}  # channel -> (items, bytes) in _waiting
+        self._held_bytes: dict[str, int] = {}  # channel -> bytes of its bodies in _waiting
         # Channels with messages in the outbox not read into _waiting yet: the row after
         # which to read on (see WINDOW_ITEMS).
         self._unread: dict[str, int] = {}
@@ -387,19 +387,21 @@ class ConsumerServer:
         queue[item.object_id] = item
         if first:
             queue.move_to_end(item.object_id, last=False)
-        n, size = self._held.get(item.channel, (0, 0))
-        self._held[item.channel] = (n + 1, size + len(item.body))
+        self._held_bytes[item.channel] = self._held_bytes.get(item.channel, 0) + len(item.body)
 
     def _unhold(self, oid: bytes) -> None:
         item = self._waiting.pop(oid, None)
         if item is not None:
             del self._queues[item.channel][oid]
-            n, size = self._held[item.channel]
-            self._held[item.channel] = (n - 1, size - len(item.body))
+            self._held_bytes[item.channel] -= len(item.body)
 
     def _full(self, channel: str, part: int = 1) -> bool:
-        n, size = self._held.get(channel, (0, 0))
+        n, size = self._held(channel)
         return n >= WINDOW_ITEMS // part or size >= WINDOW_BYTES // part
+
+    def _held(self, channel: str) -> tuple[int, int]:
+        """How many of the channel's messages are in _waiting, and their bytes."""
+        return len(self._queues.get(channel, ())), self._held_bytes.get(channel, 0)
 
     def _fresh(self, items: list[OutboxItem]) -> None:
         """Messages just queued, in the order the delivery threads said so: held, unless
@@ -451,7 +453,7 @@ class ConsumerServer:
         for channel, after in list(self._unread.items()):
             if self._full(channel, 2):
                 continue
-            n, size = self._held.get(channel, (0, 0))
+            n, size = self._held(channel)
             try:
                 page, whole = self.outbox.waiting(
                     channel, after, WINDOW_ITEMS - n, max(1, WINDOW_BYTES - size)

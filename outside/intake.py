@@ -984,9 +984,9 @@ class FolderIntake:
         name = rel.name
         try:
             with pinned_folder(drop, rel.parent.parts, create=False) as (_, src):
-                here = os.lstat(name, dir_fd=src)
-                copied = copied or _source_key(here)
-                if _source_key(here) != copied:
+                here = _source_key(os.lstat(name, dir_fd=src))
+                copied = copied or here  # (a crash left it: whatever is there was copied)
+                if here != copied:
                     _log.info("original_changed_after_copy", channel=ch.name, name=name)
                     return True
                 if ch.after_send == "delete" or ch.sent is None:
@@ -1040,6 +1040,7 @@ class FolderIntake:
         under = f"{ch.drop}/"
         stale = []
         for source_path, key in self._spool.unforgotten_sources(channel):
+            self._lanes[channel].beat()  # (each lstat may wait on a share)
             if not source_path.startswith(under) or key.split(":")[0] != str(device):
                 continue  # (dropped elsewhere: another folder, another mount)
             try:
@@ -1050,7 +1051,6 @@ class FolderIntake:
             except OSError:
                 continue  # (not answering, not readable: not known to be gone)
             stale.append(key)
-            self._lanes[channel].beat()
         self._forget_sources(stale)
         return len(stale)
 

@@ -169,12 +169,21 @@ def test_an_original_written_to_during_the_copy_is_left_and_no_mixed_copy_kept(
     assert os.listdir(other_fs) == []
 
 
-def test_the_copy_keeps_the_original_permissions(tmp_path: Path, other_fs: Path) -> None:
-    src = tmp_path / "shared.txt"
-    src.write_bytes(b"for the whole office\n")
-    src.chmod(0o644)
-    assert _move_across(src, other_fs / "shared.txt") is True
-    assert (other_fs / "shared.txt").stat().st_mode & 0o777 == 0o644
+@pytest.mark.parametrize(
+    ("mode", "kept"),
+    [
+        (0o644, 0o644),  # readable by whom the original was (not the agent's 0600)
+        (0o6755, 0o755),  # no set-uid/gid bits: the copy is the agent's, not a program as it
+    ],
+)
+def test_the_copy_keeps_the_original_permissions_without_set_id_bits(
+    tmp_path: Path, other_fs: Path, mode: int, kept: int
+) -> None:
+    src = tmp_path / "shared"
+    src.write_bytes(b"#!/bin/sh\n")
+    src.chmod(mode)
+    assert _move_across(src, other_fs / "shared") is True
+    assert (other_fs / "shared").stat().st_mode & 0o7777 == kept
 
 
 def test_a_fifo_put_under_a_name_just_synced_holds_nothing_up(tmp_path: Path) -> None:
@@ -191,16 +200,6 @@ def test_a_fifo_put_under_a_name_just_synced_holds_nothing_up(tmp_path: Path) ->
         assert not work.is_alive()
     finally:
         os.close(fd)
-
-
-def test_set_id_bits_are_not_copied_onto_the_agents_copy(tmp_path: Path, other_fs: Path) -> None:
-    """The copy is the agent's: a clerk's setuid or setgid file must not become a program
-    that runs as the gateway's user."""
-    src = tmp_path / "tool"
-    src.write_bytes(b"#!/bin/sh\n")
-    src.chmod(0o6755)
-    assert _move_across(src, other_fs / "tool") is True
-    assert (other_fs / "tool").stat().st_mode & 0o7777 == 0o755
 
 
 def test_stale_temps_are_removed_below_too(tmp_path: Path) -> None:
