@@ -18,8 +18,16 @@ PING; ROUTER_MANDATORY refuses it when the connection is gone, and the consumer 
 
 A message not acknowledged within ``redeliver_after`` seconds is offered
 again (to any consumer of its channel), so delivery is at least once; the
-item id lets consumers drop repeats. A PUB endpoint, if configured, also
-publishes each message once, best effort, with the channel as topic.
+item id lets consumers drop repeats. Messages in flight are not kept in memory (their
+bodies are read from the outbox again when one is offered again), so what consumers hold
+does not grow the inside's memory, whatever their sizes.
+
+A key taken off the allow-list (or narrowed) stops its connections' deliveries at once; put
+back, they go on without a new READY. A connection is known by its routing id *and* its key:
+another key presenting a routing id already in use is another consumer.
+
+A PUB endpoint, if configured, also publishes each message once, best effort, with the
+channel as topic.
 """
 
 from __future__ import annotations
@@ -195,6 +203,22 @@ class Outbox:
                 )
         return out
 
+    def items_of(self, object_ids: list[bytes]) -> dict[bytes, tuple[int, OutboxItem]]:
+        """These messages, those not acknowledged, each with its row."""
+        out: dict[bytes, tuple[int, OutboxItem]] = {}
+        with self._lock:
+            for start in range(0, len(object_ids), 500):
+                chunk = object_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))  # placeholders only
+                query = (
+                    "SELECT rowid, object_id, channel, seq, schema, subject, created_us, body"  # noqa: S608
+                    f" FROM outbox WHERE acked_us IS NULL AND object_id IN ({marks})"
+                )
+                for r in self._db.execute(query, chunk):
+                    item = OutboxItem(bytes(r[1]), r[2], r[3], r[4], r[5], r[6], bytes(r[7]))
+                    out[item.object_id] = (int(r[0]), item)
+        return out
+
     def ack_many(self, object_ids: list[bytes], who: str) -> None:
         """Record who acknowledged what. The body is dropped at once (the delivery folder
         and the audit log keep what was delivered); the row itself stays for
@@ -237,15 +261,17 @@ def _connected(served: ServedKey, client: ApiClient, first: bool) -> None:
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class _Consumer:
     identity: bytes
     name: str
-    channels: frozenset[str]
+    wanted: frozenset[str]  # (the channels it asked for at READY)
     key: str  # (z85: looked up again before each hand-out, so a revocation takes effect)
     credit: int = 0
     holding: int = 0  # given and not acknowledged (credit + holding <= MAX_CREDIT)
     last_seen: float = field(default_factory=time.monotonic)
+    allowed: bool = True  # (False while its key is off the allow-list: nothing handed out)
+    channels: frozenset[str] = frozenset()  # (what it asked for and its key may read now)
 
 
 class ConsumerServer:
@@ -289,10 +315,12 @@ class ConsumerServer:
         self._wake_r, self._wake_w = self.ctx.socket(zmq.PAIR), self.ctx.socket(zmq.PAIR)
         self._wake_r.bind("inproc://ferry-consumers-wake")
         self._wake_w.connect("inproc://ferry-consumers-wake")
-        # item id -> item, in order, waiting for a consumer; and in flight: id -> (item, sent at)
+        # item id -> item, in order, waiting for a consumer; and in flight, in the order
+        # handed out: id -> (channel, when, to whom); the body stays in the outbox only
         self._waiting: OrderedDict[bytes, OutboxItem] = OrderedDict()
-        self._inflight: dict[bytes, tuple[OutboxItem, float, bytes]] = {}
-        self._last_holder: dict[bytes, bytes] = {}  # requeued: who had it last
+        self._inflight: dict[bytes, tuple[str, float, _Consumer]] = {}
+        self._last_holder: dict[bytes, _Consumer] = {}  # offered again: who had it last
+        self._redeliver_after_error = 0.0  # (the outbox could not be read: not before)
         self._held_bytes: dict[str, int] = {}  # channel -> bytes of its bodies in _waiting
         # Channels with messages in the outbox not read into _waiting yet: the row after
         # which to read on (see WINDOW_ITEMS).
@@ -504,9 +532,8 @@ class ConsumerServer:
             identity = frames[0].bytes
             key = frame_user_id(frames[-1])
             client = None if key is None else self.allow.lookup(key)
-            if client is None:
-                self._consumers.pop(identity, None)
-                continue
+            if client is None:  # (off the allow-list: a consumer it had is held back, not
+                continue  # forgotten, so it goes on if the key is put back; see _dispatch)
             if len(frames) != 4 or frames[1].bytes != PROTOCOL:
                 continue
             try:
@@ -517,12 +544,16 @@ class ConsumerServer:
                 continue
             verb = frames[2].bytes
             con = self._consumers.get(identity)
+            if con is not None and con.key != key:  # (another key on that routing id: not
+                del self._consumers[identity]  # the same consumer; what the first holds
+                con = None  # is offered again in time, and only it may acknowledge it)
             if con is None:
                 if verb != b"READY":  # (a consumer starts with READY, naming its channels:
                     continue  # one forgotten is not made anew with all it may read)
                 assert key is not None  # (client was found by it)
+                everything = frozenset(client.channels)
                 con = self._consumers[identity] = _Consumer(
-                    identity, client.name, frozenset(client.channels), key
+                    identity, client.name, everything, key, channels=everything
                 )
             con.last_seen = time.monotonic()
             if verb == b"ACK":  # (first: what it acknowledges no longer counts as held)
@@ -533,7 +564,8 @@ class ConsumerServer:
                 con.credit = max(0, min(MAX_CREDIT - con.holding, con.credit + credit))
             wanted = body.get("channels")
             if verb == b"READY" and isinstance(wanted, list):
-                con.channels = frozenset(c for c in wanted if c in client.channels)
+                con.wanted = frozenset(c for c in wanted if isinstance(c, str))
+                con.channels = con.wanted & frozenset(client.channels)
 
     def _ack(self, con: _Consumer, items: object) -> None:
         if not isinstance(items, list):
@@ -550,14 +582,14 @@ class ConsumerServer:
             # after it was queued again): item ids are no secret, so an ack from anyone else
             # could make a message vanish before its consumer ever saw it.
             entry = self._inflight.get(oid)
-            holder: bytes | None
+            holder: _Consumer | None
             if entry is not None:
                 holder = entry[2]
             elif oid in self._waiting:
                 holder = self._last_holder.get(oid)
             else:
                 continue
-            if holder != con.identity:
+            if holder is not con:
                 self.stray_acks += 1
                 continue
             if self._inflight.pop(oid, None) is not None:
@@ -586,18 +618,38 @@ class ConsumerServer:
             del self._acks[who]
             self._unflushed.difference_update(ids)
 
-    def _redeliver(self) -> None:
+    def _redeliver(self, limit: int = 1000) -> None:
+        """Offer again the messages not acknowledged within ``redeliver_after`` (at most
+        ``limit`` a turn), first in their channels' queues. Their bodies are read from the
+        outbox; a channel whose window is full has them paged in again, in order, like a
+        backlog. The outbox unreadable (a database error): tried again in a second."""
         now = time.monotonic()
-        late = [
-            oid
-            for oid, (_, sent, _who) in self._inflight.items()
-            if now - sent > self.params.redeliver_after
-        ]
-        for oid in late:
-            item, _, who = self._inflight.pop(oid)
-            if (holder := self._consumers.get(who)) is not None:
-                holder.holding -= 1
-            self._last_holder[oid] = who  # its late ack still counts
+        if now < self._redeliver_after_error:
+            return
+        due = now - self.params.redeliver_after
+        late: list[bytes] = []
+        for oid, (_, sent, _who) in self._inflight.items():  # (in the order handed out)
+            if sent >= due or len(late) >= limit:
+                break
+            late.append(oid)
+        if not late:
+            return
+        try:
+            rows = self.outbox.items_of(late)
+        except sqlite3.Error as exc:
+            self._redeliver_after_error = now + 1.0
+            _log.warning("outbox_read_failed", late=len(late), error=str(exc))
+            return
+        for oid in reversed(late):  # (each to the front: in the end, in their order)
+            channel, _, holder = self._inflight.pop(oid)
+            holder.holding -= 1
+            if (found := rows.get(oid)) is None:
+                continue  # (acknowledged, or gone)
+            rowid, item = found
+            if self._full(channel):  # (read in again in its turn)
+                self._unread[channel] = min(self._unread.get(channel, rowid), rowid - 1)
+                continue
+            self._last_holder[oid] = holder  # its late ack still counts
             self._hold(item, first=True)
 
     def _probe(self) -> None:
@@ -622,12 +674,17 @@ class ConsumerServer:
 
     def _still_allowed(self, con: _Consumer) -> bool:
         """Is the consumer's key still on the allow-list (not removed, revoked or expired)?
-        Its channels are narrowed to what the key may read now."""
+        Its channels are those it asked for that the key may read now. A change either way
+        is logged."""
         client = self.allow.lookup(con.key)
-        if client is None or client.name != con.name:
-            return False
-        con.channels &= frozenset(client.channels)
-        return True
+        allowed = client is not None and client.name == con.name
+        if allowed != con.allowed:
+            con.allowed = allowed
+            event = "consumer_allowed_again" if allowed else "consumer_no_longer_allowed"
+            _log.info(event, consumer=con.name)
+        if client is not None and allowed:
+            con.channels = con.wanted & frozenset(client.channels)
+        return allowed
 
     def _next_for(
         self, channels: set[str], ready: list[_Consumer]
@@ -653,11 +710,9 @@ class ConsumerServer:
     def _dispatch(self) -> None:
         if self.router is None or not self._waiting:
             return
-        ready = [c for c in self._consumers.values() if c.credit > 0]
-        for gone in [c for c in ready if not self._still_allowed(c)]:
-            del self._consumers[gone.identity]  # (what it holds is offered again in time)
-            ready.remove(gone)
-            _log.info("consumer_no_longer_allowed", consumer=gone.name)
+        # (a consumer whose key is off the allow-list gets nothing; what it holds is offered
+        # again in time; put back, it goes on)
+        ready = [c for c in self._consumers.values() if c.credit > 0 and self._still_allowed(c)]
         if not ready:
             return
         sent: list[bytes] = []
@@ -688,7 +743,7 @@ class ConsumerServer:
                 continue
             con.credit -= 1
             con.holding += 1
-            self._inflight[oid] = (item, time.monotonic(), con.identity)
+            self._inflight[oid] = (channel, time.monotonic(), con)
             self._last_holder.pop(oid, None)
             sent.append(oid)
         for oid in sent:

@@ -1,0 +1,212 @@
+"""Messages handed to inner consumers and not acknowledged yet: what the inside keeps of
+them, how they are offered again, and who may acknowledge them. The inside's consumer
+server alone, in this process, with real CURVE sockets and a real SQLite outbox."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from ferry.config import load_client_config, load_inside_config
+from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key
+from ferry.provision import init_deployment
+from ferry.zmqsec import curve_client
+from inside import consumers
+from inside.consumers import ConsumerServer, Outbox, OutboxItem
+from inside.ledger import Ledger
+
+P = b"FERRY/1"
+WINDOW = 40
+REDELIVER = 0.5
+
+
+class _Server:
+    def __init__(self, root: Path) -> None:
+        self.dep = init_deployment(root, port=47987)
+        cfg = load_inside_config(Path(self.dep["inside"]["config"]))
+        assert cfg.consumers is not None
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        ccfg = load_client_config(Path(self.dep["consumers"]["client_config"]))
+        self.server_public = load_public_key(ccfg.server_public_key, ccfg.source.parent)
+        self.endpoint = ccfg.endpoint
+        self.key = load_secret_key(ccfg.client_key, ("x25519",))
+        # a second consumer key, allowed on another channel only
+        self.other = SecretKey.generate("x25519")
+        self.entry = Path(self.dep["consumers"]["allowlist_entry"])
+        (self.entry.parent / "other-app.yaml").write_text(
+            "version: 1\nname: other-app\n"
+            f"public_key: {self.other.public.to_string()}\nchannels: [other]\n"
+        )
+        self.ledger = Ledger(cfg.state_dir)
+        self.outbox = Outbox(self.ledger)
+        params = dataclasses.replace(cfg.consumers, redeliver_after=REDELIVER)
+        self.srv = ConsumerServer(params, self.outbox, threading.Event())
+        self.srv.start()
+        self.ctx: zmq.Context[Any] = zmq.Context()
+
+    def dealer(
+        self, *, key: SecretKey | None = None, routing_id: bytes | None = None, credit: int = 10
+    ) -> zmq.Socket[Any]:
+        """A consumer's DEALER, connected; it says READY with ``credit`` unless 0."""
+        sock = curve_client(self.ctx, zmq.DEALER, key or self.key, self.server_public)
+        if routing_id is not None:
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        sock.connect(self.endpoint)
+        if credit:
+            sock.send_multipart([P, b"READY", msgpack.packb({"credit": credit})])
+        return sock
+
+    def offer(self, n: int, *, size: int = 0, channel: str = "messages") -> list[OutboxItem]:
+        items = [
+            OutboxItem(
+                os.urandom(16), channel, i + 1, "s", "api:x", 0,
+                b'{"n":%d,"pad":"%s"}' % (i, os.urandom(size // 2).hex().encode()),
+            )
+            for i in range(n)
+        ]  # fmt: skip
+        self.outbox.add_many(items)
+        self.srv.notify(items)
+        return items
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+        self.srv.close()
+        self.outbox.close()
+        self.ledger.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]:
+    monkeypatch.setattr(consumers, "WINDOW_ITEMS", WINDOW)
+    s = _Server(tmp_path / "d")
+    yield s
+    s.close()
+
+
+def _delivered(sock: zmq.Socket[Any], n: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
+    """The next ``n`` DELIVERs on ``sock`` (fewer if the time is up): (item id, body)."""
+    out: list[tuple[str, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000) + 1):
+            break
+        frames = sock.recv_multipart()
+        if frames[1] == b"DELIVER":
+            out.append((msgpack.unpackb(frames[2])["item"], frames[3]))
+    return out
+
+
+def _wait(cond: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(cond())
+
+
+@pytest.mark.integration
+def test_messages_in_flight_are_not_kept_in_memory_and_come_again_from_the_outbox(
+    server: _Server,
+) -> None:
+    """A consumer that takes messages and never acknowledges them held them in the inside's
+    memory (up to 10,000 a consumer, whatever their sizes); the outbox has them."""
+    items = server.offer(5, size=200_000)
+    first = server.dealer(credit=5)  # (none left for when they are offered again)
+    got = _delivered(first, 5)
+    assert sorted(i for i, _ in got) == sorted(i.object_id.hex() for i in items)
+    assert len(server.srv._inflight) == 5
+    kept = [part for entry in server.srv._inflight.values() for part in entry]
+    assert not any(isinstance(part, (OutboxItem, bytes)) for part in kept)
+    assert server.srv._waiting == {}
+    # not acknowledged in time: offered again, bodies read back from the outbox
+    second = server.dealer(credit=10)
+    again = dict(_delivered(second, 5))
+    assert again == {i.object_id.hex(): i.body for i in items}
+    holders = {entry[2] for entry in server.srv._inflight.values()}
+    assert len(holders) == 1
+    assert next(iter(holders)).holding == 5
+    assert sum(c.holding for c in server.srv._consumers.values()) == 5  # (the first: none)
+
+
+@pytest.mark.integration
+def test_messages_offered_again_into_a_full_window_are_paged_in_again(
+    server: _Server,
+) -> None:
+    """Offered again while their channel's window is full: they wait in the outbox and are
+    read in again in their turn, so the window stays bounded and none is lost."""
+    early = server.offer(WINDOW)
+    first = server.dealer(credit=WINDOW)
+    assert len(_delivered(first, WINDOW)) == WINDOW
+    late = server.offer(WINDOW)  # (the window full again)
+    assert _wait(lambda: len(server.srv._waiting) == WINDOW)
+    assert _wait(lambda: server.srv._inflight == {}, timeout=5)  # (given up on)
+    assert server.srv._unread.get("messages") == 0  # (read again from the first row)
+    assert len(server.srv._waiting) == WINDOW
+    second = server.dealer(credit=2 * WINDOW)
+    seen: list[str] = []
+    deadline = time.monotonic() + 20
+    while len(seen) < 2 * WINDOW and time.monotonic() < deadline:
+        batch = _delivered(second, 1, timeout=1)
+        assert len(server.srv._waiting) <= WINDOW
+        for item, _ in batch:
+            seen.append(item)
+            second.send_multipart([P, b"ACK", msgpack.packb({"items": [item], "credit": 1})])
+    assert sorted(seen) == sorted(i.object_id.hex() for i in early + late)  # each once
+    assert _wait(lambda: server.outbox.counts()[0] == 0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("change", ["removed", "narrowed"])
+def test_a_key_put_back_on_the_allow_list_is_served_again_without_a_new_ready(
+    server: _Server, change: str
+) -> None:
+    """A consumer whose key was briefly off the allow-list (an operator's edit saved half
+    done) was forgotten, or kept its narrowed channels: unserved until it reconnected,
+    though ferry.client says READY only on a new connection."""
+    sock = server.dealer(credit=10)
+    server.offer(1)
+    ((item, _),) = _delivered(sock, 1)
+    sock.send_multipart([P, b"ACK", msgpack.packb({"items": [item]})])
+    assert _wait(lambda: server.srv.acked == 1)
+    text = server.entry.read_text()
+    if change == "removed":
+        server.entry.unlink()
+    else:
+        server.entry.write_text(text.replace("channels: [messages]", "channels: [x]"))
+    time.sleep(2.5)  # (the allow-list is read again within a second or two)
+    server.offer(2)
+    assert _delivered(sock, 1, timeout=2) == []  # (off the list: nothing)
+    server.entry.write_text(text)
+    assert len(_delivered(sock, 2, timeout=10)) == 2  # (back on it: served, no READY)
+
+
+@pytest.mark.integration
+def test_another_key_on_a_routing_id_in_use_is_another_consumer(server: _Server) -> None:
+    """A client picks its routing id. Another allowed key presenting the id of a consumer
+    the inside still knew was taken for that consumer: its channels and what it held."""
+    first = server.dealer(routing_id=b"consumer-1", credit=1)  # (so none is sent to it
+    # once gone, which would have it forgotten at once)
+    server.offer(1)
+    ((item, _),) = _delivered(first, 1)
+    first.close(linger=0)
+    time.sleep(0.5)  # (the ROUTER drops the first connection; the server still knows it)
+    assert b"consumer-1" in server.srv._consumers
+    other = server.dealer(key=server.other, routing_id=b"consumer-1", credit=0)
+    other.send_multipart([P, b"ACK", msgpack.packb({"items": [item], "credit": 10})])
+    assert _wait(lambda: b"consumer-1" not in server.srv._consumers)  # (not the first)
+    time.sleep(0.3)
+    assert server.srv.acked == 0  # (before: acknowledged, by a key never given it)
+    server.offer(3)  # (the first key's channel)
+    assert _delivered(other, 1, timeout=2) == []  # (not a consumer until READY)
+    other.send_multipart([P, b"READY", msgpack.packb({"credit": 10})])
+    assert _delivered(other, 1, timeout=2) == []  # (a consumer now, of its own channel)
+    mine = server.offer(1, channel="other")
+    assert _delivered(other, 1) == [(mine[0].object_id.hex(), mine[0].body)]
