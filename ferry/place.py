@@ -18,6 +18,7 @@ import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from ferry import log
 from ferry.errors import UnsafePathError
 
 TEMP_PREFIX = ".ferry-"
@@ -26,6 +27,53 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 _TEMP = re.compile(r"\.ferry-[0-9a-f]{16}\.part")
 # Hard links refused by the file system: a rename after a check stands in for link.
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
+
+_log = log.get("ferry.place")
+_share_refused: set[tuple[int, int]] = set()  # (folder device and inode: logged once each)
+
+
+def shared_mode(folder_mode: int, *, directory: bool = False) -> int:
+    """The mode :func:`share_like_folder` gives a file (or folder) in a folder of this mode."""
+    if directory:
+        return (stat.S_IMODE(folder_mode) & ~stat.S_IRWXO) | stat.S_IRWXU
+    return (folder_mode & 0o660) | stat.S_IRUSR | stat.S_IWUSR
+
+
+def share_like_folder(fd: int, folder: os.stat_result, *, directory: bool = False) -> None:
+    """Give the file (or, with ``directory``, the folder) open as ``fd``, which ferry is
+    placing in the folder whose stat is ``folder``, that folder's permissions, whatever the
+    agent's umask (the systemd unit's is 0077): a file gets its owner's and group's read and
+    write bits (never execute), a folder its owner's and group's bits and its setgid and
+    sticky bits; never anything for others (a folder open to everyone does not make
+    citizens' documents readable by every account on the host). The owner keeps read and
+    write (and search). Where the folder has the setgid bit, the file is given
+    its group too (files made in it have it already; one linked from the agent's own storage
+    does not). The agent's user must be a member of that group. Refused (not a member; a
+    share that keeps no Unix permissions), the file keeps what it has (the agent's group,
+    or the umask's mode: never more open) and this is logged once per folder
+    (``shared_permissions_refused``): the item is delivered all the same.
+
+    So the people who read a delivery, ``sent`` or quarantine folder read what ferry puts
+    there as the operator set up the folder (docs/OPERATIONS.md, "Who may read what")."""
+    try:
+        os.fchmod(fd, shared_mode(folder.st_mode, directory=directory))
+        if folder.st_mode & stat.S_ISGID and os.fstat(fd).st_gid != folder.st_gid:
+            os.fchown(fd, -1, folder.st_gid)
+    except OSError as exc:
+        key = (folder.st_dev, folder.st_ino)
+        if key not in _share_refused:
+            _share_refused.add(key)
+            try:  # (where the file is: the folder's path, for the operator)
+                where = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                where = f"inode {folder.st_ino}"
+            _log.warning(
+                "shared_permissions_refused",
+                folder=where,
+                mode=oct(shared_mode(folder.st_mode, directory=directory)),
+                group=folder.st_gid,
+                error=str(exc),
+            )
 
 
 # File systems whose syncfs(2) writes every dirty file and then flushes the disk's cache
@@ -109,11 +157,11 @@ def fsync_named(dir_fd: int, names: Iterable[str]) -> None:
 
 @contextlib.contextmanager
 def pinned_folder(
-    folder: Path, parts: Sequence[str], *, create: bool = True, mode: int = 0o750
+    folder: Path, parts: Sequence[str], *, create: bool = True
 ) -> Iterator[tuple[Path, int]]:
     """``folder / parts``, opened one folder at a time from ``folder`` without following a
-    symlink (and made where missing, if ``create``, with ``mode`` less the umask):
-    ``(path, fd)``, the descriptor open
+    symlink (and made where missing, if ``create``, with the mode and group of the folder it
+    is made in: :func:`share_like_folder`): ``(path, fd)``, the descriptor open
     for the ``with``. Names given relative to ``fd`` (``dir_fd=``, or ``/proc/self/fd/N``)
     stay in that very folder whatever is done to the path meanwhile, so a folder swapped for
     a symlink by someone who can write under ``folder`` cannot send a file elsewhere.
@@ -122,9 +170,12 @@ def pinned_folder(
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for depth, part in enumerate(parts, 1):
+            made: os.stat_result | None = None
             if create:
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, mode, dir_fd=fd)
+                    parent = os.fstat(fd)
+                    os.mkdir(part, shared_mode(parent.st_mode, directory=True), dir_fd=fd)
+                    made = parent  # (the umask took its share: given its parent's mode below)
             try:
                 inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as exc:  # ELOOP (a symlink), ENOTDIR (a file)
@@ -132,6 +183,12 @@ def pinned_folder(
                     raise  # (not made: gone)
                 where = folder.joinpath(*parts[:depth])
                 raise UnsafePathError(f"{where} is not a folder") from exc
+            try:
+                if made is not None:
+                    share_like_folder(inner, made, directory=True)
+            except BaseException:
+                os.close(inner)
+                raise
             os.close(fd)
             fd = inner
         yield folder.joinpath(*parts), fd

@@ -34,6 +34,7 @@ from ferry.place import (
     link_new,
     on_local_disk,
     pinned_folder,
+    share_like_folder,
     sync_names,
     temp_name,
 )
@@ -203,8 +204,9 @@ def write_new_files(
     out: list[Path] = []
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # one folder for the whole batch
     try:
+        shared = os.fstat(dir_fd)
         for _, content, _ in items:
-            tmps.append(_open_temp(dir_fd))
+            tmps.append(_open_temp(dir_fd, shared))
             tmp = tmps[-1][0]
             view = memoryview(content)
             while view:
@@ -248,17 +250,26 @@ def write_new_files(
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
 
 
-def _open_temp(dir_fd: int) -> tuple[int, str | None]:
-    """A new file for writing in the folder open as ``dir_fd``: anonymous (O_TMPFILE) where
-    the file system allows, else under a hidden temp name (returned, or None)."""
+def _open_temp(dir_fd: int, folder: os.stat_result) -> tuple[int, str | None]:
+    """A new file for writing in the folder open as ``dir_fd`` (``folder``: its stat), with
+    the folder's permissions (:func:`ferry.place.share_like_folder`): anonymous (O_TMPFILE)
+    where the file system allows, else under a hidden temp name (returned, or None)."""
+    name: str | None = None
     try:
-        return os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o640, dir_fd=dir_fd), None
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o600, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno not in _NO_TMPFILE:
             raise
-    name = temp_name()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(name, flags, 0o640, dir_fd=dir_fd), name
+        name = temp_name()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    try:
+        share_like_folder(fd, folder)
+    except BaseException:
+        os.close(fd)
+        drop_temp(name, dir_fd)
+        raise
+    return fd, name
 
 
 def _link_temp(tmp_fd: int, tmp_name: str | None, dir_fd: int, name: str) -> None:
@@ -319,7 +330,7 @@ def _link_copy(src_fd: int, size: int, folder: Path, target: Path) -> None:
     it as ``target`` (EEXIST on collision)."""
     dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        tmp, tmp_name = _open_temp(dir_fd)
+        tmp, tmp_name = _open_temp(dir_fd, os.fstat(dir_fd))
         try:
             os.lseek(src_fd, 0, os.SEEK_SET)
             with os.fdopen(os.dup(src_fd), "rb") as src, os.fdopen(os.dup(tmp), "wb") as dst:
@@ -354,12 +365,14 @@ def link_under_free_name(
     """Give the durable file ``src`` (open as ``src_fd``) a name in ``folder``: the first free
     candidate of ``safe_name(name)`` (``report (2).pdf``...), never overwriting, hard-linked
     (copied into an anonymous file and linked when ``folder`` is on another filesystem); then
-    fsync the folder. ``before_link(target)`` runs before each attempt. With
+    fsync the folder. The file is given the folder's permissions first
+    (:func:`ferry.place.share_like_folder`). ``before_link(target)`` runs before each attempt. With
     ``same_sha256``, a candidate already holding that content counts as the file delivered
     (an interrupted earlier attempt) and is returned. ``tag``: see
     :func:`ferry.names.candidate_names`."""
     safe = safe_name(name)
     root = PurePosixPath(folder)
+    share_like_folder(src_fd, os.stat(folder))
     for candidate in candidate_names(safe, tag=tag):
         try:
             target = Path(contained(root, candidate))
@@ -692,8 +705,13 @@ def _deliver_ready(
         return
     linked: list[_Ready] = []
     try:  # from here on, each is settled (the ledger says delivering) if not delivered
+        shared: dict[Path, os.stat_result] = {}
         for r in ready:
+            assert r.target is not None
             os.ftruncate(r.fd, r.manifest.size)
+            if (where := r.target.parent) not in shared:
+                shared[where] = os.stat(where)
+            share_like_folder(r.fd, shared[where])
         flush_all([r.fd for r in ready])
         for r in ready:
             assert r.target is not None

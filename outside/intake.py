@@ -997,7 +997,7 @@ class FolderIntake:
                 except OSError as exc:
                     _log.error("cannot_move_original", channel=ch.name, name=name, error=str(exc))
                     return False
-                with pinned_folder(ch.sent, rel.parent.parts, mode=0o777) as (_, dst):
+                with pinned_folder(ch.sent, rel.parent.parts) as (_, dst):
                     for candidate in candidate_names(name):
                         placed = _place_original(src, name, dst, candidate, copied)
                         if placed is _Placed.MOVED:

@@ -32,7 +32,7 @@ from typing import Any
 
 from ferry import log
 from ferry.names import candidate_names
-from ferry.place import sync_names_at
+from ferry.place import share_like_folder, sync_names_at
 
 # Most Linux filesystems allow 255 bytes per name; keep room for " (NNNNN)", ".reason.json"
 # and the temp-file decoration around it.
@@ -264,12 +264,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(dfd: int, name: str, fill: Callable[[int], None]) -> None:
-    """Create ``name`` in the folder: temp file, ``fill(fd)``, fsync, rename (not the folder)."""
+    """Create ``name`` in the folder: temp file, ``fill(fd)``, fsync, rename (not the folder).
+    The file has the folder's permissions (:func:`ferry.place.share_like_folder`): clerks
+    allowed to read the quarantine folder read the reasons."""
     tmp = f".{name}.{secrets.token_hex(4)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
     try:
         try:
+            share_like_folder(fd, os.fstat(dfd))
             fill(fd)
             _fsync_fd(fd)
         finally:

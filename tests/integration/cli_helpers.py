@@ -72,13 +72,14 @@ def fast_bulk(data: dict[str, Any]) -> None:
 
 
 class Agent:
-    def __init__(self, side: str, config: str, log: Path) -> None:
+    def __init__(self, side: str, config: str, log: Path, *, umask: int = -1) -> None:
         self.log = log
         self._fh = open(log, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ferry.cli", "--log-json", side, "run", "-c", config],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
+            umask=umask,  # (-1: this process's)
         )
 
     def stop(self) -> int:

@@ -338,9 +338,10 @@ def test_a_key_not_forgotten_before_a_crash_is_forgotten_at_the_next_start(
     assert _spooled(gateway) == 3
 
 
-def test_a_missing_sent_folder_is_made_again_and_its_subfolders_follow_the_umask(
+def test_a_missing_sent_folder_is_made_again_and_its_subfolders_take_its_permissions(
     gateway: Gateway,
 ) -> None:
+    """(Subfolders used to follow the agent's umask: 0700 under the systemd unit's 0077.)"""
     sent = gateway.channel.sent
     assert sent is not None
     if sent.exists():
@@ -352,7 +353,8 @@ def test_a_missing_sent_folder_is_made_again_and_its_subfolders_follow_the_umask
     finally:
         os.umask(old)
     assert (sent / "team" / "minutes.txt").read_bytes() == b"minutes\n"
-    assert (sent / "team").stat().st_mode & 0o777 == 0o775
+    assert (sent).stat().st_mode & 0o777 == 0o775  # (made again, under the umask)
+    assert (sent / "team").stat().st_mode & 0o777 == 0o770  # (its bits, none for others)
     assert not (gateway.drop / "team" / "minutes.txt").exists()
 
 
