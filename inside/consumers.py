@@ -203,6 +203,22 @@ class Outbox:
                 )
         return out
 
+    def sizes_of(self, object_ids: list[bytes]) -> dict[bytes, tuple[int, int]]:
+        """These messages, those not acknowledged: each one's row and body size."""
+        out: dict[bytes, tuple[int, int]] = {}
+        with self._lock:
+            for start in range(0, len(object_ids), 500):
+                chunk = object_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))  # placeholders only
+                query = (
+                    "SELECT object_id, rowid, length(body) FROM outbox"  # noqa: S608
+                    f" WHERE acked_us IS NULL AND object_id IN ({marks})"
+                )
+                out.update(
+                    (bytes(r[0]), (int(r[1]), int(r[2]))) for r in self._db.execute(query, chunk)
+                )
+        return out
+
     def items_of(self, object_ids: list[bytes]) -> dict[bytes, tuple[int, OutboxItem]]:
         """These messages, those not acknowledged, each with its row."""
         out: dict[bytes, tuple[int, OutboxItem]] = {}
@@ -333,7 +349,7 @@ class ConsumerServer:
         self._turn = 0  # (which channel hands out first: see _next_for)
         self.stray_acks = 0  # acks from connections that were not given the item
         self.forgotten = 0  # consumers whose connection was found gone (see _probe)
-        self._next_probe = 0.0
+        self._next_probe = self._next_recheck = 0.0
         self._consumers: dict[bytes, _Consumer] = {}
         self.delivered = 0
         self.acked = 0
@@ -402,6 +418,7 @@ class ConsumerServer:
                 self._redeliver()
                 self._dispatch()
                 self._probe()
+                self._recheck_keys()
                 self._flush_acks()
                 self._retention.step(time.monotonic())
             except Exception:  # noqa: BLE001  # keep serving consumers
@@ -531,10 +548,7 @@ class ConsumerServer:
                 return
             identity = frames[0].bytes
             key = frame_user_id(frames[-1])
-            client = None if key is None else self.allow.lookup(key)
-            if client is None:  # (off the allow-list: a consumer it had is held back, not
-                continue  # forgotten, so it goes on if the key is put back; see _dispatch)
-            if len(frames) != 4 or frames[1].bytes != PROTOCOL:
+            if key is None or len(frames) != 4 or frames[1].bytes != PROTOCOL:
                 continue
             try:
                 body = msgpack.unpackb(frames[3].bytes, raw=False)
@@ -543,20 +557,25 @@ class ConsumerServer:
             if not isinstance(body, dict):
                 continue
             verb = frames[2].bytes
+            client = self.allow.lookup(key)
             con = self._consumers.get(identity)
             if con is not None and con.key != key:  # (another key on that routing id: not
                 del self._consumers[identity]  # the same consumer; what the first holds
-                con = None  # is offered again in time, and only it may acknowledge it)
+                con = None  # is offered again in time, and only that key may acknowledge it)
             if con is None:
-                if verb != b"READY":  # (a consumer starts with READY, naming its channels:
-                    continue  # one forgotten is not made anew with all it may read)
-                assert key is not None  # (client was found by it)
-                everything = frozenset(client.channels)
+                if client is None or verb != b"READY":  # (a consumer starts with READY,
+                    continue  # naming its channels: one forgotten is not made anew with all
+                everything = frozenset(client.channels)  # it may read)
                 con = self._consumers[identity] = _Consumer(
                     identity, client.name, everything, key, channels=everything
                 )
             con.last_seen = time.monotonic()
-            if verb == b"ACK":  # (first: what it acknowledges no longer counts as held)
+            if client is None or client.name != con.name:
+                # Off the allow-list: held back, not forgotten, so that it goes on if the key
+                # is put back. What it acknowledges now is not taken (offered again in time);
+                # the credit it grants is, or it would have less than it thinks once back.
+                self._set_allowed(con, False)
+            elif verb == b"ACK":  # (first: what it acknowledges no longer counts as held)
                 self._ack(con, body.get("items"))
             credit = body.get("credit", 0)
             if type(credit) is int and credit > 0:  # (what it holds counts: credit granted
@@ -565,7 +584,7 @@ class ConsumerServer:
             wanted = body.get("channels")
             if verb == b"READY" and isinstance(wanted, list):
                 con.wanted = frozenset(c for c in wanted if isinstance(c, str))
-                con.channels = con.wanted & frozenset(client.channels)
+                con.channels = con.wanted & frozenset(client.channels if client else ())
 
     def _ack(self, con: _Consumer, items: object) -> None:
         if not isinstance(items, list):
@@ -581,19 +600,23 @@ class ConsumerServer:
             # Only the connection the message was given to may acknowledge it (also late,
             # after it was queued again): item ids are no secret, so an ack from anyone else
             # could make a message vanish before its consumer ever saw it.
+            # (A connection made again with the same routing id and key may acknowledge
+            # what the first was given.)
             entry = self._inflight.get(oid)
             holder: _Consumer | None
             if entry is not None:
                 holder = entry[2]
-            elif oid in self._waiting:
+            else:  # (offered again: waiting, or back in the outbox only)
                 holder = self._last_holder.get(oid)
-            else:
-                continue
-            if holder is not con:
+                if holder is None:
+                    if oid in self._waiting:  # (never given: not its to acknowledge)
+                        self.stray_acks += 1
+                    continue
+            if holder.identity != con.identity or holder.key != con.key:
                 self.stray_acks += 1
                 continue
             if self._inflight.pop(oid, None) is not None:
-                con.holding -= 1
+                holder.holding -= 1
             self._unhold(oid)
             self._last_holder.pop(oid, None)
             done.append(oid)
@@ -620,9 +643,11 @@ class ConsumerServer:
 
     def _redeliver(self, limit: int = 1000) -> None:
         """Offer again the messages not acknowledged within ``redeliver_after`` (at most
-        ``limit`` a turn), first in their channels' queues. Their bodies are read from the
-        outbox; a channel whose window is full has them paged in again, in order, like a
-        backlog. The outbox unreadable (a database error): tried again in a second."""
+        ``limit`` a turn, the oldest first), first in their channels' queues, in the order
+        they were handed out. Only those that fit their channel's window are read from the
+        outbox (their sizes first, as in paging); the others wait there and are paged in
+        again in their turn. The outbox unreadable (a database error): tried again in a
+        second, the messages kept in flight meanwhile."""
         now = time.monotonic()
         if now < self._redeliver_after_error:
             return
@@ -635,7 +660,18 @@ class ConsumerServer:
         if not late:
             return
         try:
-            rows = self.outbox.items_of(late)
+            sizes = self.outbox.sizes_of(late)
+            room = {ch: self._held(ch) for ch in {self._inflight[oid][0] for oid in late}}
+            fits: list[bytes] = []
+            for oid in late:  # (the oldest take the room first)
+                if (found := sizes.get(oid)) is None:
+                    continue
+                channel = self._inflight[oid][0]
+                n, size = room[channel]
+                if n < WINDOW_ITEMS and (n == 0 or size + found[1] <= WINDOW_BYTES):
+                    room[channel] = (n + 1, size + found[1])
+                    fits.append(oid)
+            items = self.outbox.items_of(fits) if fits else {}
         except sqlite3.Error as exc:
             self._redeliver_after_error = now + 1.0
             _log.warning("outbox_read_failed", late=len(late), error=str(exc))
@@ -643,14 +679,14 @@ class ConsumerServer:
         for oid in reversed(late):  # (each to the front: in the end, in their order)
             channel, _, holder = self._inflight.pop(oid)
             holder.holding -= 1
-            if (found := rows.get(oid)) is None:
+            if (found := sizes.get(oid)) is None:
                 continue  # (acknowledged, or gone)
-            rowid, item = found
-            if self._full(channel):  # (read in again in its turn)
+            self._last_holder[oid] = holder  # (its late ack still counts)
+            if (got := items.get(oid)) is None:  # (no room: read in again in its turn)
+                rowid = found[0]
                 self._unread[channel] = min(self._unread.get(channel, rowid), rowid - 1)
                 continue
-            self._last_holder[oid] = holder  # its late ack still counts
-            self._hold(item, first=True)
+            self._hold(got[1], first=True)
 
     def _probe(self) -> None:
         """PING each consumer silent for ``PROBE_AFTER`` s; forget those whose connection
@@ -678,13 +714,27 @@ class ConsumerServer:
         is logged."""
         client = self.allow.lookup(con.key)
         allowed = client is not None and client.name == con.name
+        self._set_allowed(con, allowed)
+        if client is not None and allowed:
+            con.channels = con.wanted & frozenset(client.channels)
+        return allowed
+
+    @staticmethod
+    def _set_allowed(con: _Consumer, allowed: bool) -> None:
         if allowed != con.allowed:
             con.allowed = allowed
             event = "consumer_allowed_again" if allowed else "consumer_no_longer_allowed"
             _log.info(event, consumer=con.name)
-        if client is not None and allowed:
-            con.channels = con.wanted & frozenset(client.channels)
-        return allowed
+
+    def _recheck_keys(self) -> None:
+        """Every consumer's key looked up again once a second (also those with no credit,
+        or nothing to hand out), so a change either way is logged when it happens."""
+        now = time.monotonic()
+        if now < self._next_recheck:
+            return
+        self._next_recheck = now + 1.0
+        for con in self._consumers.values():
+            self._still_allowed(con)
 
     def _next_for(
         self, channels: set[str], ready: list[_Consumer]

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,13 @@ import msgpack
 import pytest
 import zmq
 
+from ferry.client import Consumer
 from ferry.config import load_client_config, load_inside_config
 from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key
 from ferry.provision import init_deployment
 from ferry.zmqsec import curve_client
 from inside import consumers
-from inside.consumers import ConsumerServer, Outbox, OutboxItem
+from inside.consumers import ConsumerServer, Outbox, OutboxItem, _Consumer
 from inside.ledger import Ledger
 
 P = b"FERRY/1"
@@ -210,3 +212,165 @@ def test_another_key_on_a_routing_id_in_use_is_another_consumer(server: _Server)
     assert _delivered(other, 1, timeout=2) == []  # (a consumer now, of its own channel)
     mine = server.offer(1, channel="other")
     assert _delivered(other, 1) == [(mine[0].object_id.hex(), mine[0].body)]
+
+
+@pytest.mark.integration
+def test_credit_granted_while_off_the_allow_list_is_kept_for_when_the_key_is_back(
+    server: _Server,
+) -> None:
+    """ferry.client.Consumer acknowledges (granting credit) while its key is briefly off the
+    list: the whole message was dropped, the credit with it, and the consumer, which says
+    READY only on a new connection, was never served again."""
+    consumer = Consumer.from_config(server.dep["consumers"]["client_config"], credit=2)
+    try:
+        server.offer(2)
+        got: list[Any] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += consumer.receive(timeout=0.5)
+        assert len(got) == 2
+        text = server.entry.read_text()
+        server.entry.unlink()
+        assert _wait(lambda: not next(iter(server.srv._consumers.values())).allowed)
+        consumer.ack([d.item for d in got])  # (not taken: offered again in time)
+        time.sleep(0.3)
+        assert server.srv.acked == 0
+        server.entry.write_text(text)
+        assert _wait(lambda: next(iter(server.srv._consumers.values())).allowed)
+        fresh = {i.object_id.hex() for i in server.offer(2)}
+        seen: set[str] = set()
+        deadline = time.monotonic() + 15
+        while not fresh <= seen and time.monotonic() < deadline:
+            batch = consumer.receive(timeout=0.5)
+            seen.update(d.item for d in batch)
+            if batch:
+                consumer.ack([d.item for d in batch])
+        assert fresh <= seen  # (before: nothing, for ever)
+    finally:
+        consumer.close()
+
+
+class _Bare:
+    """A consumer server over a real SQLite outbox, its thread not started: its steps are
+    driven one by one."""
+
+    def __init__(self, root: Path) -> None:
+        dep = init_deployment(root, port=47989)
+        cfg = load_inside_config(Path(dep["inside"]["config"]))
+        assert cfg.consumers is not None
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(cfg.state_dir)
+        self.outbox = Outbox(self.ledger)
+        params = dataclasses.replace(cfg.consumers, redeliver_after=REDELIVER, endpoint="")
+        self.srv = ConsumerServer(params, self.outbox, threading.Event())
+        self.seq = 0
+
+    def add(self, n: int, size: int = 10) -> list[OutboxItem]:
+        items = []
+        for _ in range(n):
+            self.seq += 1
+            body = b'{"n":%d,"pad":"%s"}' % (self.seq, b"x" * size)
+            items.append(OutboxItem(os.urandom(16), "messages", self.seq, "s", "x", 0, body))
+        self.outbox.add_many(items)
+        return items
+
+    def hand_out(self, items: list[OutboxItem], con: _Consumer, ago: float = 10.0) -> None:
+        """As _dispatch does, ``ago`` seconds ago."""
+        for item in items:
+            con.holding += 1
+            self.srv._inflight[item.object_id] = (item.channel, time.monotonic() - ago, con)
+
+    def close(self) -> None:
+        self.srv.close()
+        self.outbox.close()
+        self.ledger.close()
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> Iterator[_Bare]:
+    b = _Bare(tmp_path / "bare")
+    yield b
+    b.close()
+
+
+def _con(identity: bytes = b"c1", key: str = "k") -> _Consumer:
+    channels = frozenset({"messages"})
+    return _Consumer(identity, "inner-app", channels, key, channels=channels)
+
+
+def test_messages_offered_again_are_read_back_only_as_far_as_the_window_has_room(
+    bare: _Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Late messages were read from the outbox a thousand at a time, bodies and all, even
+    into a full window (150 MiB at once for 150 messages of 1 MiB)."""
+    monkeypatch.setattr(consumers, "WINDOW_BYTES", 4 << 20)
+    late = bare.add(40, size=1 << 20)
+    bare.hand_out(late, _con())
+    tracemalloc.start()
+    try:
+        bare.srv._redeliver()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # (the window's 4 MiB and a message's worth, not 40 MiB)
+    assert list(bare.srv._queues["messages"]) == [i.object_id for i in late[:3]]
+    assert bare.srv._unread["messages"] == late[3].seq - 1  # (the rest: paged in their turn)
+    assert bare.srv._inflight == {}
+
+
+def test_the_oldest_late_messages_take_the_room_and_come_first(
+    bare: _Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumers, "WINDOW_ITEMS", 4)
+    late = bare.add(3)  # (handed out in this order)
+    waiting = bare.add(2)
+    for item in waiting:
+        bare.srv._hold(item)
+    bare.srv._read_to["messages"] = 0
+    bare.hand_out(late, _con())
+    bare.srv._redeliver()
+    order = list(bare.srv._queues["messages"])
+    assert order == [late[0].object_id, late[1].object_id] + [i.object_id for i in waiting]
+    assert bare.srv._unread["messages"] == late[2].seq - 1  # (the newest: no room)
+
+
+def test_the_holders_late_ack_counts_also_for_a_message_sent_back_to_the_outbox(
+    bare: _Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumers, "WINDOW_ITEMS", 2)
+    holder = _con()
+    for item in bare.add(2):
+        bare.srv._hold(item)  # (the window full)
+    (late,) = bare.add(1)
+    bare.hand_out([late], holder)
+    bare.srv._redeliver()
+    assert late.object_id not in bare.srv._waiting  # (in the outbox only)
+    bare.srv._ack(_con(b"c2"), [late.object_id.hex()])  # (another: not its to acknowledge)
+    assert bare.srv.acked == 0
+    bare.srv._ack(holder, [late.object_id.hex()])
+    assert bare.srv.acked == 1  # (before: dropped, and the message offered again)
+    bare.srv._flush_acks(force=True)
+    for oid in list(bare.srv._waiting):
+        bare.srv._unhold(oid)
+    bare.srv._read_in()
+    assert late.object_id not in bare.srv._waiting  # (not read in again)
+    assert holder.holding == 0
+
+
+def test_the_same_key_on_a_new_connection_with_the_same_routing_id_may_acknowledge(
+    bare: _Bare,
+) -> None:
+    first = _con(b"fixed", "K")
+    (item,) = bare.add(1)
+    bare.hand_out([item], first, ago=0.0)
+    again = _con(b"fixed", "K")  # (the first forgotten; its READY on the new connection)
+    bare.srv._ack(again, [item.object_id.hex()])
+    assert bare.srv.acked == 1
+    assert item.object_id not in bare.srv._inflight
+    assert first.holding == 0
+    other = _con(b"fixed", "L")
+    (item2,) = bare.add(1)
+    bare.hand_out([item2], first, ago=0.0)
+    bare.srv._ack(other, [item2.object_id.hex()])  # (another key: no)
+    assert bare.srv.stray_acks == 1
+    assert item2.object_id in bare.srv._inflight
