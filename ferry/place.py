@@ -39,7 +39,9 @@ def shared_mode(folder_mode: int, *, directory: bool = False) -> int:
     return (folder_mode & 0o660) | stat.S_IRUSR | stat.S_IWUSR
 
 
-def share_like_folder(fd: int, folder: os.stat_result, *, directory: bool = False) -> None:
+def share_like_folder(
+    fd: int, folder: os.stat_result, *, directory: bool = False, where: str | Path | None = None
+) -> None:
     """Give the file (or, with ``directory``, the folder) open as ``fd``, which ferry is
     placing in the folder whose stat is ``folder``, that folder's permissions, whatever the
     agent's umask (the systemd unit's is 0077): a file gets its owner's and group's read and
@@ -48,29 +50,35 @@ def share_like_folder(fd: int, folder: os.stat_result, *, directory: bool = Fals
     citizens' documents readable by every account on the host). The owner keeps read and
     write (and search). Where the folder has the setgid bit, the file is given
     its group too (files made in it have it already; one linked from the agent's own storage
-    does not). The agent's user must be a member of that group. Refused (not a member; a
-    share that keeps no Unix permissions), the file keeps what it has (the agent's group,
-    or the umask's mode: never more open) and this is logged once per folder
-    (``shared_permissions_refused``): the item is delivered all the same.
+    does not). The agent's user must be a member of that group (and the systemd unit lets
+    it call ``fchown``). Refused (not a member; a share that keeps no Unix permissions; the
+    kernel dropping a folder's setgid bit for an owner outside its group), the file keeps
+    what it has (the agent's group, or the umask's mode: never more open) and this is
+    logged once per folder (``shared_permissions_refused``, naming ``where``, the folder,
+    if given): the item is delivered all the same.
 
     So the people who read a delivery, ``sent`` or quarantine folder read what ferry puts
     there as the operator set up the folder (docs/OPERATIONS.md, "Who may read what")."""
+    mode = shared_mode(folder.st_mode, directory=directory)
     try:
-        os.fchmod(fd, shared_mode(folder.st_mode, directory=directory))
+        os.fchmod(fd, mode)
         if folder.st_mode & stat.S_ISGID and os.fstat(fd).st_gid != folder.st_gid:
             os.fchown(fd, -1, folder.st_gid)
+        if directory and stat.S_IMODE(os.fstat(fd).st_mode) != mode:  # (setgid dropped)
+            raise PermissionError(errno.EPERM, "the setgid bit was not kept")
     except OSError as exc:
         key = (folder.st_dev, folder.st_ino)
         if key not in _share_refused:
             _share_refused.add(key)
-            try:  # (where the file is: the folder's path, for the operator)
-                where = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
-            except OSError:
-                where = f"inode {folder.st_ino}"
+            if where is None:
+                try:  # (a file made in place, or a folder: the folder it is in)
+                    where = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+                except OSError:
+                    where = f"inode {folder.st_ino}"
             _log.warning(
                 "shared_permissions_refused",
-                folder=where,
-                mode=oct(shared_mode(folder.st_mode, directory=directory)),
+                folder=str(where),
+                mode=oct(mode),
                 group=folder.st_gid,
                 error=str(exc),
             )
@@ -184,7 +192,9 @@ def pinned_folder(
                 where = folder.joinpath(*parts[:depth])
                 raise UnsafePathError(f"{where} is not a folder") from exc
             try:
-                if made is not None:
+                # (only a folder of the agent's own: not one a person renamed into its place
+                # meanwhile, which a root agent would otherwise open up)
+                if made is not None and os.fstat(inner).st_uid == os.geteuid():
                     share_like_folder(inner, made, directory=True)
             except BaseException:
                 os.close(inner)

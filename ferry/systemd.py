@@ -159,6 +159,15 @@ def service_unit(
         "# kill the agent.",
         "SystemCallFilter=@system-service seccomp",
         "SystemCallFilter=~@privileged",
+        *(
+            []
+            if low
+            else [
+                "# Back: fchown, which gives a delivered file its folder's group (the kernel",
+                "# allows only a group the agent's user is in; docs/OPERATIONS.md).",
+                "SystemCallFilter=fchown",
+            ]
+        ),
         "SystemCallErrorNumber=EPERM",
         "PrivateMounts=yes",
         "# AF_NETLINK: libzmq lists the network interfaces through it (it aborts without).",

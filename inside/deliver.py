@@ -372,7 +372,7 @@ def link_under_free_name(
     :func:`ferry.names.candidate_names`."""
     safe = safe_name(name)
     root = PurePosixPath(folder)
-    share_like_folder(src_fd, os.stat(folder))
+    share_like_folder(src_fd, os.stat(folder), where=folder)
     for candidate in candidate_names(safe, tag=tag):
         try:
             target = Path(contained(root, candidate))
@@ -711,7 +711,7 @@ def _deliver_ready(
             os.ftruncate(r.fd, r.manifest.size)
             if (where := r.target.parent) not in shared:
                 shared[where] = os.stat(where)
-            share_like_folder(r.fd, shared[where])
+            share_like_folder(r.fd, shared[where], where=where)
         flush_all([r.fd for r in ready])
         for r in ready:
             assert r.target is not None

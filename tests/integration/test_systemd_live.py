@@ -258,8 +258,12 @@ def test_each_agent_runs_unprivileged_under_the_units_sandbox(running: Booted, u
     assert int(status["CapBnd"], 16) == 0  # CapabilityBoundingSet= is empty
     assert status["NoNewPrivs"].strip() == "1"
     assert status["Seccomp"].strip() == "2"  # SystemCallFilter= is on
-    # systemd's own score of the live unit (lower is better; 2.0 is the offline test's bar)
-    result = running.run("systemd-analyze", "security", "--threshold=20", unit, check=False)
+    # systemd's own score of the live unit (lower is better; the offline test's bars: 2.0,
+    # 2.2 for the inside, whose filter lets fchown back for delivered files' group)
+    threshold = "22" if unit == "ferry-inside.service" else "20"
+    result = running.run(
+        "systemd-analyze", "security", f"--threshold={threshold}", unit, check=False
+    )
     assert result.returncode == 0, result.stdout[-2000:]
 
 
@@ -335,6 +339,82 @@ def test_an_agent_killed_is_restarted_and_transfers_go_on(running: Booted, unit:
 
 
 SERIAL_UNITS = ("ferry-serial-outside.service", "ferry-serial-inside.service")
+
+
+def test_people_read_what_the_agents_give_them_set_up_as_the_guide_says(
+    running: Booted,
+) -> None:
+    """docs/OPERATIONS.md, "Who may read what", done as written, with the units' umask 0077
+    and system call filter, the agents as the unprivileged user ferry: a clerk (bob) reads
+    why a file was refused and finds the original in sent/; an inner user (alice) reads the
+    delivered document and message; carol, in neither group, reads none of them. (Under the
+    units every delivered file was 0600, and the filter refused the fchown a delivered file
+    needs for its folder's group.)"""
+    docs = running.init["channels"]["documents"]
+    outside = Path(running.init["outside"]["config"]).parent
+    inside = Path(running.init["inside"]["config"]).parent
+    recipe = f"""set -e
+groupadd clerks; usermod -aG clerks ferry; useradd -M -G clerks bob
+groupadd readers; usermod -aG readers ferry; useradd -M -G readers alice
+useradd -M carol
+cd {outside}
+chgrp clerks drop/documents sent/documents quarantine/documents
+chmod 2770 drop/documents
+chmod 2750 sent/documents quarantine/documents
+cd {inside}
+chgrp readers deliver/documents deliver/messages
+chmod 2750 deliver/documents deliver/messages
+"""
+    running.run("sh", "-c", recipe)
+    running.run("systemctl", "restart", *UNITS)  # (the agent's user is in the groups now)
+
+    def up() -> bool:
+        states = running.run("systemctl", "is-active", *UNITS, check=False).stdout.split()
+        return states == ["active"] * len(UNITS)
+
+    wait_for(up, 60, what="both agents after the restart")
+    drop = docs["drop"]
+    running.run("runuser", "-u", "bob", "--", "sh", "-c",
+                f"echo 'a permit application' > {drop}/permit.txt; "
+                f"printf 'MZ%0500d' 0 > {drop}/setup.exe")  # fmt: skip
+    running.inside("/root/people.json").write_bytes(application(31))
+    sent = running.run(
+        *ferry_command(), "send", "-c", running.init["api"]["client_config"],
+        "--channel", "messages", "--schema", "citizen-application", "/root/people.json", "--json",
+    )  # fmt: skip
+    assert json.loads(sent.stdout)["status"] == "ACCEPTED"
+    delivered = running.inside(docs["deliver"])
+    (document,) = wait_for(lambda: list(delivered.glob("permit*.txt")), 60, what="the document")
+    messages = running.inside(running.init["channels"]["messages"]["deliver"])
+    wanted = str(uuid.UUID(int=32))
+
+    def the_message() -> list[Path]:
+        return [m for m in messages.glob("*.json") if wanted in m.read_text()]
+
+    (message,) = wait_for(the_message, 60, what="the message")
+    reason = running.inside(docs["quarantine"]) / "setup.exe.reason.txt"
+    wait_for(reason.exists, 60, what="the reason a file was refused")
+    original = running.inside(docs["sent"]) / "permit.txt"
+    wait_for(original.exists, 60, what="the original in sent/")
+
+    def reads(user: str, path: Path) -> bool:
+        inner = "/" + str(path.relative_to(running.root))
+        result = running.run("runuser", "-u", user, "--", "cat", inner, check=False)
+        return result.returncode == 0 and result.stdout.encode() == path.read_bytes()
+
+    assert reads("alice", document), running.run("ls", "-ln", docs["deliver"]).stdout
+    assert reads("alice", message)
+    assert reads("bob", reason)
+    assert reads("bob", original)
+    for path in (document, message, reason):
+        assert not reads("carol", path)
+    refused = [
+        e
+        for unit in UNITS
+        for e in running.journal(unit)
+        if e.get("event") == "shared_permissions_refused"
+    ]
+    assert refused == []
 
 
 @pytest.fixture(scope="module")

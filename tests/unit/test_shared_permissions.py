@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -29,6 +30,8 @@ from outside.quarantine import Quarantine
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to a group)")
 
 GROUP = grp.getgrnam("users").gr_gid  # (Debian's: gid 100; root is not a member)
+NOBODY = 65534
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @pytest.fixture(autouse=True)
@@ -222,13 +225,63 @@ def test_a_refusal_in_process_is_logged_once_per_folder(
         f.write_bytes(b"x")
         files.append(f)
     with capture_logs() as logs:
-        for f in files:
+        for f in files:  # (as a file linked in from the agent's storage: named by the caller)
             fd = os.open(f, os.O_RDONLY)
             try:
-                share_like_folder(fd, os.stat(folder))
+                share_like_folder(fd, os.stat(folder), where=folder)
             finally:
                 os.close(fd)
     refused = [e for e in logs if e["event"] == "shared_permissions_refused"]
     assert len(refused) == 1
-    assert refused[0]["folder"] == str(tmp_path)
+    assert refused[0]["folder"] == str(folder)  # (not the agent's own storage)
     assert [_perm(f) for f in files] == [(0o640, 0)] * 3
+
+
+def test_a_subfolder_whose_setgid_bit_the_kernel_drops_is_logged(public_tmp: Path) -> None:
+    """An agent not in the folder's group: the kernel drops the setgid bit its fchmod asks
+    for on a subfolder it makes (silently, the call succeeds). Files put there later would
+    stay in the agent's group: said once, not left unnoticed."""
+    folder = _folder(public_tmp / "sent", 0o2770)
+    os.chown(folder, NOBODY, GROUP)  # (nobody may write; it is not in the group)
+    script = f"""
+import json, os
+from pathlib import Path
+from structlog.testing import capture_logs
+from ferry.place import pinned_folder
+with capture_logs() as logs:
+    with pinned_folder(Path({str(folder)!r}), ["team"]):
+        pass
+print(json.dumps([e["event"] for e in logs]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], user=NOBODY, group=NOBODY, extra_groups=[], umask=0o077,
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT},
+    )  # fmt: skip
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["shared_permissions_refused"]
+    mode, gid = _perm(folder / "team")
+    assert gid == GROUP
+    assert not mode & 0o007  # (never more open than asked)
+
+
+def test_a_root_agent_does_not_open_up_a_folder_renamed_into_the_place_of_its_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between ferry's mkdir and its open, a group member renames another user's private
+    folder into place: the agent running as root would have given it the group's bits."""
+    shared = _folder(tmp_path / "sent", 0o2770)
+    private = tmp_path / "sent" / "alice-private"
+    private.mkdir(mode=0o700)
+    os.chown(private, NOBODY, NOBODY)
+    before = _perm(private)
+    assert not before[0] & 0o077
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        os.rename(shared / "team", shared / "ferrys")
+        os.rename(private, shared / "team")
+
+    monkeypatch.setattr(place.os, "mkdir", mkdir_then_swap)
+    with pinned_folder(shared, ["team"]):
+        pass
+    assert _perm(shared / "team") == before  # (left as it was: not 2770 in the group)
