@@ -284,10 +284,16 @@ class _Consumer:
     wanted: frozenset[str]  # (the channels it asked for at READY)
     key: str  # (z85: looked up again before each hand-out, so a revocation takes effect)
     credit: int = 0
-    holding: int = 0  # given and not acknowledged (credit + holding <= MAX_CREDIT)
+    holding: int = 0  # given and not acknowledged (at most MAX_CREDIT: see _may_take)
     last_seen: float = field(default_factory=time.monotonic)
     allowed: bool = True  # (False while its key is off the allow-list: nothing handed out)
     channels: frozenset[str] = frozenset()  # (what it asked for and its key may read now)
+
+
+def _may_take(con: _Consumer) -> bool:
+    """Credit left, and fewer than MAX_CREDIT held: credit granted without acknowledging
+    does not make a consumer hold more."""
+    return con.credit > 0 and con.holding < MAX_CREDIT
 
 
 class ConsumerServer:
@@ -577,10 +583,16 @@ class ConsumerServer:
                 self._set_allowed(con, False)
             elif verb == b"ACK":  # (first: what it acknowledges no longer counts as held)
                 self._ack(con, body.get("items"))
+            # Credit: READY says how much it has (a connection made again, a routing id
+            # reused: what it has left), an ACK grants more. At most MAX_CREDIT; what it
+            # holds counts when messages are handed out (_may_take), not here, so credit is
+            # never lost to messages that are acknowledged, or offered again, later.
             credit = body.get("credit", 0)
-            if type(credit) is int and credit > 0:  # (what it holds counts: credit granted
-                # without acknowledging does not make it hold more than MAX_CREDIT)
-                con.credit = max(0, min(MAX_CREDIT - con.holding, con.credit + credit))
+            if type(credit) is int and credit >= 0:
+                if verb == b"READY":
+                    con.credit = min(MAX_CREDIT, credit)
+                else:
+                    con.credit = min(MAX_CREDIT, con.credit + credit)
             wanted = body.get("channels")
             if verb == b"READY" and isinstance(wanted, list):
                 con.wanted = frozenset(c for c in wanted if isinstance(c, str))
@@ -663,14 +675,18 @@ class ConsumerServer:
             sizes = self.outbox.sizes_of(late)
             room = {ch: self._held(ch) for ch in {self._inflight[oid][0] for oid in late}}
             fits: list[bytes] = []
-            for oid in late:  # (the oldest take the room first)
-                if (found := sizes.get(oid)) is None:
-                    continue
+            for oid in late:  # (the oldest take the room first; after one that does not
+                if (found := sizes.get(oid)) is None:  # fit, none of its channel does, so
+                    continue  # a later one never goes ahead of an earlier one)
                 channel = self._inflight[oid][0]
+                if channel not in room:
+                    continue
                 n, size = room[channel]
                 if n < WINDOW_ITEMS and (n == 0 or size + found[1] <= WINDOW_BYTES):
                     room[channel] = (n + 1, size + found[1])
                     fits.append(oid)
+                else:
+                    del room[channel]
             items = self.outbox.items_of(fits) if fits else {}
         except sqlite3.Error as exc:
             self._redeliver_after_error = now + 1.0
@@ -749,7 +765,7 @@ class ConsumerServer:
         queues = {ch: iter(self._queues[ch].items()) for ch in order}  # (changed after)
         while queues:
             for channel, queue in list(queues.items()):
-                if not any(c.credit > 0 and channel in c.channels for c in ready):
+                if not any(_may_take(c) and channel in c.channels for c in ready):
                     del queues[channel]
                     continue
                 if (nxt := next(queue, None)) is None:
@@ -762,7 +778,7 @@ class ConsumerServer:
             return
         # (a consumer whose key is off the allow-list gets nothing; what it holds is offered
         # again in time; put back, it goes on)
-        ready = [c for c in self._consumers.values() if c.credit > 0 and self._still_allowed(c)]
+        ready = [c for c in self._consumers.values() if _may_take(c) and self._still_allowed(c)]
         if not ready:
             return
         sent: list[bytes] = []
@@ -770,7 +786,7 @@ class ConsumerServer:
         # consumers are away holds a full window, not walked on every turn.
         wanted = {ch for c in ready for ch in c.channels}
         for channel, oid, item in self._next_for(wanted, ready):
-            con = next((c for c in ready if c.credit > 0 and channel in c.channels), None)
+            con = next((c for c in ready if _may_take(c) and channel in c.channels), None)
             if con is None:
                 continue
             try:

@@ -215,20 +215,26 @@ def test_another_key_on_a_routing_id_in_use_is_another_consumer(server: _Server)
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("credit", [2, 50])
 def test_credit_granted_while_off_the_allow_list_is_kept_for_when_the_key_is_back(
-    server: _Server,
+    server: _Server, monkeypatch: pytest.MonkeyPatch, credit: int
 ) -> None:
     """ferry.client.Consumer acknowledges (granting credit) while its key is briefly off the
     list: the whole message was dropped, the credit with it, and the consumer, which says
-    READY only on a new connection, was never served again."""
-    consumer = Consumer.from_config(server.dep["consumers"]["client_config"], credit=2)
+    READY only on a new connection, was never served again. (Then the credit was kept but
+    cut by what it held, those not acknowledged counted: at MAX_CREDIT, all of it.)"""
+    monkeypatch.setattr(consumers, "MAX_CREDIT", 50)
+    # (not offered again before its ACK: what it acknowledged while off the list stays held
+    # until then, and counts against MAX_CREDIT; offered again, it no longer does)
+    server.srv.params = dataclasses.replace(server.srv.params, redeliver_after=6)
+    consumer = Consumer.from_config(server.dep["consumers"]["client_config"], credit=credit)
     try:
-        server.offer(2)
+        server.offer(credit)
         got: list[Any] = []
         deadline = time.monotonic() + 10
-        while len(got) < 2 and time.monotonic() < deadline:
+        while len(got) < credit and time.monotonic() < deadline:
             got += consumer.receive(timeout=0.5)
-        assert len(got) == 2
+        assert len(got) == credit
         text = server.entry.read_text()
         server.entry.unlink()
         assert _wait(lambda: not next(iter(server.srv._consumers.values())).allowed)
@@ -239,7 +245,7 @@ def test_credit_granted_while_off_the_allow_list_is_kept_for_when_the_key_is_bac
         assert _wait(lambda: next(iter(server.srv._consumers.values())).allowed)
         fresh = {i.object_id.hex() for i in server.offer(2)}
         seen: set[str] = set()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 20
         while not fresh <= seen and time.monotonic() < deadline:
             batch = consumer.receive(timeout=0.5)
             seen.update(d.item for d in batch)
@@ -374,3 +380,74 @@ def test_the_same_key_on_a_new_connection_with_the_same_routing_id_may_acknowled
     bare.srv._ack(other, [item2.object_id.hex()])  # (another key: no)
     assert bare.srv.stray_acks == 1
     assert item2.object_id in bare.srv._inflight
+
+
+class _Frame:
+    def __init__(self, data: bytes, key: str) -> None:
+        self.bytes, self._key = data, key
+
+    def get(self, name: str) -> str:
+        assert name == "User-Id"
+        return self._key
+
+
+class _Client:
+    name = "inner-app"
+    channels = ("messages",)
+
+
+def _say(bare: _Bare, identity: bytes, key: str, verb: bytes, body: dict[str, Any]) -> None:
+    """``identity`` (a connection's routing id, authenticated as ``key``) says ``verb``."""
+    frames = [_Frame(x, key) for x in (identity, P, verb, msgpack.packb(body))]
+
+    class Router:
+        sent = False
+
+        def recv_multipart(self, *_: object, **__: object) -> list[_Frame]:
+            if self.sent:
+                raise zmq.Again
+            self.sent = True
+            return frames
+
+    bare.srv.router = Router()  # type: ignore[assignment]
+    try:
+        bare.srv._read_router()
+    finally:
+        bare.srv.router = None
+
+
+def test_ready_on_a_reused_routing_id_is_the_credit_the_consumer_has(
+    bare: _Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same key comes back on a new connection with the same routing id before the
+    first is forgotten, and says READY with all its credit: that was added to what was left,
+    cut by what the first connection still held (at the cap: nothing, for ever)."""
+    monkeypatch.setattr(consumers, "MAX_CREDIT", 10)
+    monkeypatch.setattr(bare.srv.allow, "lookup", lambda key: _Client() if key == "K" else None)
+    _say(bare, b"rid", "K", b"READY", {"credit": 10})
+    con = bare.srv._consumers[b"rid"]
+    assert con.credit == 10
+    bare.hand_out(bare.add(10), con)  # (as if handed out: all its credit)
+    con.credit = 0
+    _say(bare, b"rid", "K", b"READY", {"credit": 10})  # (the new connection)
+    assert bare.srv._consumers[b"rid"] is con
+    assert con.credit == 10  # (before: 0)
+    assert not consumers._may_take(con)  # (it holds the cap: nothing more yet)
+    bare.srv._redeliver()  # (the first connection's: offered again)
+    assert con.holding == 0
+    assert consumers._may_take(con)
+    _say(bare, b"rid", "K", b"ACK", {"items": [], "credit": 5})
+    assert con.credit == 10  # (never past the cap)
+
+
+def test_a_late_message_that_does_not_fit_keeps_the_later_ones_behind_it(
+    bare: _Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumers, "WINDOW_BYTES", 2000)
+    waiting = bare.add(1, size=1000)
+    bare.srv._hold(waiting[0])
+    big, small = bare.add(1, size=1500) + bare.add(1, size=10)
+    bare.hand_out([big, small], _con())
+    bare.srv._redeliver()
+    assert list(bare.srv._queues["messages"]) == [waiting[0].object_id]  # (small: not first)
+    assert bare.srv._unread["messages"] == big.seq - 1

@@ -179,10 +179,11 @@ def test_credit_granted_without_acknowledging_does_not_hold_more_than_max_credit
     srv = deployment.start()
     with deployment.consumer(credit=20) as consumer:
         got: list[object] = []
-        for _ in range(10):  # (asks for more, acknowledges nothing)
-            got += consumer.receive(timeout=0.2)
+        deadline = time.monotonic() + 10
+        while len(got) < 50 and time.monotonic() < deadline:  # (asks for more, acknowledges
+            got += consumer.receive(timeout=0.2)  # nothing)
             consumer.ack([], credit=20)
-        got += consumer.receive(timeout=0.5)
+        got += consumer.receive(timeout=1.0)  # (and nothing more comes)
         assert len(got) == 50
         assert len(srv._inflight) == 50
 
