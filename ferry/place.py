@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import stat
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -61,27 +62,65 @@ def share_like_folder(
     there as the operator set up the folder (docs/OPERATIONS.md, "Who may read what")."""
     mode = shared_mode(folder.st_mode, directory=directory)
     try:
-        os.fchmod(fd, mode)
+        if directory:
+            _folder_mode(fd, mode)
+        else:
+            os.fchmod(fd, mode)
         if folder.st_mode & stat.S_ISGID and os.fstat(fd).st_gid != folder.st_gid:
             os.fchown(fd, -1, folder.st_gid)
-        if directory and stat.S_IMODE(os.fstat(fd).st_mode) != mode:  # (setgid dropped)
-            raise PermissionError(errno.EPERM, "the setgid bit was not kept")
+        if directory and (now := stat.S_IMODE(os.fstat(fd).st_mode)) != mode:
+            raise PermissionError(errno.EPERM, f"the folder's mode is {oct(now)}")
     except OSError as exc:
-        key = (folder.st_dev, folder.st_ino)
-        if key not in _share_refused:
-            _share_refused.add(key)
-            if where is None:
-                try:  # (a file made in place, or a folder: the folder it is in)
-                    where = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
-                except OSError:
-                    where = f"inode {folder.st_ino}"
-            _log.warning(
-                "shared_permissions_refused",
-                folder=str(where),
-                mode=oct(mode),
-                group=folder.st_gid,
-                error=str(exc),
-            )
+        _refused(fd, folder, mode, exc, where)
+
+
+def _refused(
+    fd: int, folder: os.stat_result, mode: int, exc: OSError, where: str | Path | None
+) -> None:
+    """``shared_permissions_refused``, once per folder (see :func:`share_like_folder`)."""
+    key = (folder.st_dev, folder.st_ino)
+    if key in _share_refused:
+        return
+    _share_refused.add(key)
+    try:
+        if where is None:  # (a file made in place, or a folder: the folder it is in)
+            where = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+        elif str(where).startswith("/proc/self/fd/"):  # (a pinned folder: its path)
+            where = os.readlink(where)
+    except OSError:
+        where = where or f"inode {folder.st_ino}"
+    _log.warning(
+        "shared_permissions_refused",
+        folder=str(where),
+        mode=oct(mode),
+        group=folder.st_gid,
+        error=str(exc),
+    )
+
+
+_ACL_ACCESS = "system.posix_acl_access"
+_NO_ACLS = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+def _folder_mode(fd: int, mode: int) -> None:
+    """Give the folder open as ``fd`` ``mode``. With the setgid bit, which a folder made in a
+    setgid folder has already: its permission bits are set through a minimal access ACL
+    (the ACL the mode bits are, which the kernel keeps as mode bits: the setgid bit stays),
+    since the systemd units refuse any chmod that names the setgid bit
+    (``RestrictSUIDSGID=``); where the file system has no ACLs, by fchmod."""
+    if mode & stat.S_ISGID and os.fstat(fd).st_mode & stat.S_ISGID:
+        acl = struct.pack("<I", 2)  # (POSIX_ACL_XATTR_VERSION; entries: tag, perm, id)
+        for tag, shift in ((0x01, 6), (0x04, 3), (0x20, 0)):  # (user, group, other: owner's)
+            acl += struct.pack("<HHI", tag, (mode >> shift) & 0o7, 0xFFFFFFFF)
+        try:
+            os.setxattr(fd, _ACL_ACCESS, acl)
+        except OSError as exc:
+            if exc.errno not in _NO_ACLS:
+                raise
+        else:
+            if stat.S_IMODE(os.fstat(fd).st_mode) == mode:
+                return
+    os.fchmod(fd, mode)
 
 
 # File systems whose syncfs(2) writes every dirty file and then flushes the disk's cache
@@ -181,8 +220,10 @@ def pinned_folder(
             made: os.stat_result | None = None
             if create:
                 with contextlib.suppress(FileExistsError):
-                    parent = os.fstat(fd)
-                    os.mkdir(part, shared_mode(parent.st_mode, directory=True), dir_fd=fd)
+                    parent = os.fstat(fd)  # (the setgid bit is not asked for: the units refuse
+                    # it, RestrictSUIDSGID=; a setgid parent passes it on)
+                    wanted = shared_mode(parent.st_mode, directory=True) & ~stat.S_ISGID
+                    os.mkdir(part, wanted, dir_fd=fd)
                     made = parent  # (the umask took its share: given its parent's mode below)
             try:
                 inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
@@ -193,9 +234,15 @@ def pinned_folder(
                 raise UnsafePathError(f"{where} is not a folder") from exc
             try:
                 # (only a folder of the agent's own: not one a person renamed into its place
-                # meanwhile, which a root agent would otherwise open up)
-                if made is not None and os.fstat(inner).st_uid == os.geteuid():
-                    share_like_folder(inner, made, directory=True)
+                # meanwhile, which a root agent would otherwise open up; on a share that
+                # shows another owner, said once)
+                if made is not None:
+                    if os.fstat(inner).st_uid == os.geteuid():
+                        share_like_folder(inner, made, directory=True)
+                    else:
+                        wanted = shared_mode(made.st_mode, directory=True)
+                        owner = PermissionError(errno.EPERM, "not the agent's own folder")
+                        _refused(inner, made, wanted, owner, None)
             except BaseException:
                 os.close(inner)
                 raise

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import application
+from cli_helpers import application, edit_yaml
 from test_audit_agents import wait_for
 
 from ferry.systemd import ferry_command
@@ -347,9 +347,10 @@ def test_people_read_what_the_agents_give_them_set_up_as_the_guide_says(
     """docs/OPERATIONS.md, "Who may read what", done as written, with the units' umask 0077
     and system call filter, the agents as the unprivileged user ferry: a clerk (bob) reads
     why a file was refused and finds the original in sent/; an inner user (alice) reads the
-    delivered document and message; carol, in neither group, reads none of them. (Under the
+    delivered document and message; carol, in neither group, reads none of them. Documents
+    keep their subfolders, which ferry makes in sent/ and in the delivery folder. (Under the
     units every delivered file was 0600, and the filter refused the fchown a delivered file
-    needs for its folder's group.)"""
+    needs for its folder's group, and any mode with the setgid bit a subfolder needs.)"""
     docs = running.init["channels"]["documents"]
     outside = Path(running.init["outside"]["config"]).parent
     inside = Path(running.init["inside"]["config"]).parent
@@ -366,6 +367,14 @@ chgrp readers deliver/documents deliver/messages
 chmod 2750 deliver/documents deliver/messages
 """
     running.run("sh", "-c", recipe)
+
+    def keep_subfolders(data: dict[str, Any]) -> None:
+        for ch in data["channels"]:
+            if ch["name"] == "documents":
+                ch["subfolders"] = True
+
+    for side in ("outside", "inside"):
+        edit_yaml(running.inside(running.init[side]["config"]), keep_subfolders)
     running.run("systemctl", "restart", *UNITS)  # (the agent's user is in the groups now)
 
     def up() -> bool:
@@ -375,7 +384,8 @@ chmod 2750 deliver/documents deliver/messages
     wait_for(up, 60, what="both agents after the restart")
     drop = docs["drop"]
     running.run("runuser", "-u", "bob", "--", "sh", "-c",
-                f"echo 'a permit application' > {drop}/permit.txt; "
+                f"umask 002; mkdir {drop}/2026 && echo 'a permit application' > "
+                f"{drop}/2026/permit.txt; "
                 f"printf 'MZ%0500d' 0 > {drop}/setup.exe")  # fmt: skip
     running.inside("/root/people.json").write_bytes(application(31))
     sent = running.run(
@@ -384,7 +394,9 @@ chmod 2750 deliver/documents deliver/messages
     )  # fmt: skip
     assert json.loads(sent.stdout)["status"] == "ACCEPTED"
     delivered = running.inside(docs["deliver"])
-    (document,) = wait_for(lambda: list(delivered.glob("permit*.txt")), 60, what="the document")
+    (document,) = wait_for(
+        lambda: list(delivered.glob("2026/permit*.txt")), 60, what="the document"
+    )
     messages = running.inside(running.init["channels"]["messages"]["deliver"])
     wanted = str(uuid.UUID(int=32))
 
@@ -394,7 +406,7 @@ chmod 2750 deliver/documents deliver/messages
     (message,) = wait_for(the_message, 60, what="the message")
     reason = running.inside(docs["quarantine"]) / "setup.exe.reason.txt"
     wait_for(reason.exists, 60, what="the reason a file was refused")
-    original = running.inside(docs["sent"]) / "permit.txt"
+    original = running.inside(docs["sent"]) / "2026" / "permit.txt"
     wait_for(original.exists, 60, what="the original in sent/")
 
     def reads(user: str, path: Path) -> bool:
@@ -402,7 +414,7 @@ chmod 2750 deliver/documents deliver/messages
         result = running.run("runuser", "-u", user, "--", "cat", inner, check=False)
         return result.returncode == 0 and result.stdout.encode() == path.read_bytes()
 
-    assert reads("alice", document), running.run("ls", "-ln", docs["deliver"]).stdout
+    assert reads("alice", document), running.run("ls", "-lnR", docs["deliver"]).stdout
     assert reads("alice", message)
     assert reads("bob", reason)
     assert reads("bob", original)

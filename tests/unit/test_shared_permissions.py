@@ -285,3 +285,72 @@ def test_a_root_agent_does_not_open_up_a_folder_renamed_into_the_place_of_its_ne
     with pinned_folder(shared, ["team"]):
         pass
     assert _perm(shared / "team") == before  # (left as it was: not 2770 in the group)
+
+
+def test_a_subfolder_keeps_its_setgid_bit_where_no_mode_may_name_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The systemd units refuse any mkdir or chmod whose mode names the setgid bit
+    (RestrictSUIDSGID=): the subfolder is made without asking for it (its setgid parent
+    passes it on) and its group bits are set through its access ACL."""
+    real_fchmod, real_mkdir = os.fchmod, os.mkdir
+
+    def no_setgid(mode: int) -> None:
+        if mode & stat.S_ISGID:
+            raise PermissionError(1, "Operation not permitted (RestrictSUIDSGID)")
+
+    def fchmod(fd: int, mode: int) -> None:
+        no_setgid(mode)
+        real_fchmod(fd, mode)
+
+    def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        no_setgid(mode)
+        real_mkdir(path, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(place.os, "fchmod", fchmod)
+    monkeypatch.setattr(place.os, "mkdir", mkdir)
+    shared = _folder(tmp_path / "deliver", 0o2750)
+    with capture_logs() as logs, pinned_folder(shared, ["2026", "11"]):
+        pass
+    assert _perm(shared / "2026") == (0o2750, GROUP)  # (before: refused, the file with it)
+    assert _perm(shared / "2026" / "11") == (0o2750, GROUP)
+    assert [e["event"] for e in logs] == []
+
+
+def test_a_subfolder_a_share_shows_as_someone_elses_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A share that shows every file as another owner (NFS all_squash, CIFS forceuid): the
+    folder just made is left as it is, said once (it was left 0700 silently)."""
+    monkeypatch.setattr(place, "_share_refused", set())
+    monkeypatch.setattr(place.os, "geteuid", lambda: 12345)
+    shared = _folder(tmp_path / "sent", 0o2770)
+    with capture_logs() as logs:
+        for sub in ("a", "b"):
+            with pinned_folder(shared, [sub]):
+                pass
+    refused = [e for e in logs if e["event"] == "shared_permissions_refused"]
+    assert len(refused) == 1
+    assert refused[0]["folder"] == str(shared)
+    assert "not the agent's own folder" in refused[0]["error"]
+
+
+def test_a_refusal_in_a_pinned_subfolder_names_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(place.os, "fchown", refuse)
+    monkeypatch.setattr(place, "_share_refused", set())
+    folder = _folder(tmp_path / "deliver", 0o2750)
+    src = tmp_path / "object"
+    src.write_bytes(b"x")
+    with capture_logs() as logs, pinned_folder(folder, ["2026"]) as (_, dir_fd):
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            link_under_free_name(src, fd, 1, Path(f"/proc/self/fd/{dir_fd}"), "a.txt")
+        finally:
+            os.close(fd)
+    (refused,) = [e for e in logs if e["event"] == "shared_permissions_refused"]
+    assert refused["folder"] == str(folder / "2026")  # (not /proc/self/fd/N)
