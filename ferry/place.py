@@ -99,6 +99,16 @@ def _refused(
 
 
 _ACL_ACCESS = "system.posix_acl_access"
+
+
+def _has_acl(fd: int) -> bool:
+    try:
+        os.getxattr(fd, _ACL_ACCESS)
+    except OSError:  # (ENODATA: none; EOPNOTSUPP: no ACLs here)
+        return False
+    return True
+
+
 _NO_ACLS = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
@@ -107,8 +117,13 @@ def _folder_mode(fd: int, mode: int) -> None:
     setgid folder has already: its permission bits are set through a minimal access ACL
     (the ACL the mode bits are, which the kernel keeps as mode bits: the setgid bit stays),
     since the systemd units refuse any chmod that names the setgid bit
-    (``RestrictSUIDSGID=``); where the file system has no ACLs, by fchmod."""
-    if mode & stat.S_ISGID and os.fstat(fd).st_mode & stat.S_ISGID:
+    (``RestrictSUIDSGID=``); where the file system has no ACLs, by fchmod. A folder that has
+    ``mode`` already (a default ACL in its parent) is left as it is, and one with an ACL of
+    its own (named users or groups: the operator's) is not given a minimal one."""
+    now = os.fstat(fd).st_mode
+    if stat.S_IMODE(now) == mode:
+        return
+    if mode & stat.S_ISGID and now & stat.S_ISGID and not _has_acl(fd):
         acl = struct.pack("<I", 2)  # (POSIX_ACL_XATTR_VERSION; entries: tag, perm, id)
         for tag, shift in ((0x01, 6), (0x04, 3), (0x20, 0)):  # (user, group, other: owner's)
             acl += struct.pack("<HHI", tag, (mode >> shift) & 0o7, 0xFFFFFFFF)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -354,3 +355,23 @@ def test_a_refusal_in_a_pinned_subfolder_names_its_path(
             os.close(fd)
     (refused,) = [e for e in logs if e["event"] == "shared_permissions_refused"]
     assert refused["folder"] == str(folder / "2026")  # (not /proc/self/fd/N)
+
+
+def test_a_subfolder_under_a_default_acl_keeps_the_operators_entries(tmp_path: Path) -> None:
+    """The operator gave the folder a default ACL naming another group: a subfolder ferry
+    makes inherits it, and is not given a minimal ACL in its place."""
+    shared = _folder(tmp_path / "deliver", 0o2750)
+    other = 65534
+
+    def acl(*entries: tuple[int, int, int]) -> bytes:
+        return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+    none = 0xFFFFFFFF
+    default = acl((0x01, 7, none), (0x04, 5, none), (0x08, 5, other), (0x10, 5, none),
+                  (0x20, 0, none))  # fmt: skip
+    os.setxattr(shared, "system.posix_acl_default", default)
+    with pinned_folder(shared, ["2026"]):
+        pass
+    made = shared / "2026"
+    assert _perm(made) == (0o2750, GROUP)
+    assert struct.pack("<HHI", 0x08, 5, other) in os.getxattr(made, "system.posix_acl_access")
