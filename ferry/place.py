@@ -9,13 +9,16 @@ any final name fits beside it); :func:`remove_stale_temps` removes those a crash
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
 import os
+import queue
 import re
 import stat
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -35,8 +38,8 @@ _share_refused: set[tuple[int, int]] = set()  # (folder device and inode: logged
 
 def shared_mode(folder_mode: int, *, directory: bool = False) -> int:
     """The mode :func:`share_like_folder` gives a file (or folder) in a folder of this mode."""
-    if directory:
-        return (stat.S_IMODE(folder_mode) & ~stat.S_IRWXO) | stat.S_IRWXU
+    if directory:  # (setuid means nothing on a Linux folder: not passed on)
+        return (stat.S_IMODE(folder_mode) & ~stat.S_IRWXO & ~stat.S_ISUID) | stat.S_IRWXU
     return (folder_mode & 0o660) | stat.S_IRUSR | stat.S_IWUSR
 
 
@@ -217,6 +220,68 @@ def fsync_named(dir_fd: int, names: Iterable[str]) -> None:
             os.close(f)
 
 
+class _ExactMode:
+    """A thread with a file system context of its own (``unshare(CLONE_FS)``) and umask 0,
+    in which folders are made with exactly the mode asked for: no chmod after (which the
+    systemd units refuse when it names the setgid bit, ``RestrictSUIDSGID=``; a folder made
+    in a setgid folder has that bit from it), and no moment at which a new folder has less
+    than its mode. The agent's own umask (0077 under the units) is not touched. Where the
+    thread cannot have a context of its own, None: folders are made as usual."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[str, int, int, concurrent.futures.Future[None]]]
+        self._jobs = queue.SimpleQueue()
+        self._ready: bool | None = None
+
+    def _run(self, started: concurrent.futures.Future[bool]) -> None:
+        if _LIBC.unshare(_CLONE_FS) != 0:  # (never the umask of the whole process)
+            started.set_result(False)
+            return
+        os.umask(0)
+        started.set_result(True)
+        while True:
+            name, mode, dir_fd, done = self._jobs.get()
+            try:
+                os.mkdir(name, mode, dir_fd=dir_fd)
+            except BaseException as exc:  # noqa: BLE001  # (the caller's to handle)
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+    def mkdir(self, name: str, mode: int, dir_fd: int) -> bool:
+        """Make ``name`` in the folder open as ``dir_fd`` with ``mode`` exactly; False if
+        this cannot be done here (the caller makes it as usual)."""
+        with self._lock:
+            if self._ready is None:
+                started: concurrent.futures.Future[bool] = concurrent.futures.Future()
+                threading.Thread(
+                    target=self._run, args=(started,), name="ferry-exact-mode", daemon=True
+                ).start()
+                self._ready = started.result(timeout=10)
+                _log.info("folders_made_with_exact_mode", available=self._ready)
+        if not self._ready:
+            return False
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._jobs.put((name, mode, dir_fd, done))
+        done.result()
+        return True
+
+
+_CLONE_FS = 0x00000200
+_exact_mode = _ExactMode()
+
+
+def _mkdir_exactly(name: str, mode: int, dir_fd: int) -> None:
+    """mkdir with ``mode`` less the setgid bit (the units refuse a mode naming it; a setgid
+    parent passes it on), under umask 0 where a thread may have one of its own
+    (:class:`_ExactMode`), else under the agent's (then :func:`share_like_folder` opens it up
+    after)."""
+    mode &= ~stat.S_ISGID
+    if not _exact_mode.mkdir(name, mode, dir_fd):
+        os.mkdir(name, mode, dir_fd=dir_fd)
+
+
 @contextlib.contextmanager
 def pinned_folder(
     folder: Path, parts: Sequence[str], *, create: bool = True
@@ -235,17 +300,15 @@ def pinned_folder(
             made: os.stat_result | None = None
             if create:
                 with contextlib.suppress(FileExistsError):
-                    parent = os.fstat(fd)  # (the setgid bit is not asked for: the units refuse
-                    # it, RestrictSUIDSGID=; a setgid parent passes it on)
-                    wanted = shared_mode(parent.st_mode, directory=True) & ~stat.S_ISGID
-                    os.mkdir(part, wanted, dir_fd=fd)
-                    made = parent  # (the umask took its share: given its parent's mode below)
+                    parent = os.fstat(fd)
+                    _mkdir_exactly(part, shared_mode(parent.st_mode, directory=True), fd)
+                    made = parent  # (checked, and given its parent's mode if need be, below)
             try:
                 inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:  # ELOOP (a symlink), ENOTDIR (a file)
-                if exc.errno == errno.ENOENT:
-                    raise  # (not made: gone)
-                where = folder.joinpath(*parts[:depth])
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise  # (gone; or a share that does not let the agent in: as it is)
+                where = folder.joinpath(*parts[:depth])  # (a symlink, or a file)
                 raise UnsafePathError(f"{where} is not a folder") from exc
             try:
                 # (only a folder of the agent's own: not one a person renamed into its place

@@ -420,13 +420,10 @@ chmod 2750 deliver/documents deliver/messages
     assert reads("bob", original)
     for path in (document, message, reason):
         assert not reads("carol", path)
-    refused = [
-        e
-        for unit in UNITS
-        for e in running.journal(unit)
-        if e.get("event") == "shared_permissions_refused"
-    ]
-    assert refused == []
+    events = [e for unit in UNITS for e in running.journal(unit)]
+    assert [e for e in events if e.get("event") == "shared_permissions_refused"] == []
+    exact = [e["available"] for e in events if e.get("event") == "folders_made_with_exact_mode"]
+    assert exact == [True, True]  # (subfolders made in sent/ and in the delivery folder)
 
 
 @pytest.fixture(scope="module")

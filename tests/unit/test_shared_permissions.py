@@ -238,10 +238,12 @@ def test_a_refusal_in_process_is_logged_once_per_folder(
     assert [_perm(f) for f in files] == [(0o640, 0)] * 3
 
 
-def test_a_subfolder_whose_setgid_bit_the_kernel_drops_is_logged(public_tmp: Path) -> None:
-    """An agent not in the folder's group: the kernel drops the setgid bit its fchmod asks
-    for on a subfolder it makes (silently, the call succeeds). Files put there later would
-    stay in the agent's group: said once, not left unnoticed."""
+def test_a_subfolder_made_by_an_agent_not_in_the_folders_group_is_like_its_parent(
+    public_tmp: Path,
+) -> None:
+    """An agent not in the folder's group: the kernel dropped the setgid bit its fchmod asked
+    for on a subfolder it made (silently, the call succeeded). Made with its mode exactly,
+    it keeps the bit its parent passes on, and nothing needs saying."""
     folder = _folder(public_tmp / "sent", 0o2770)
     os.chown(folder, NOBODY, GROUP)  # (nobody may write; it is not in the group)
     script = f"""
@@ -258,10 +260,8 @@ print(json.dumps([e["event"] for e in logs]))
         [sys.executable, "-c", script], user=NOBODY, group=NOBODY, extra_groups=[], umask=0o077,
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT},
     )  # fmt: skip
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["shared_permissions_refused"]
-    mode, gid = _perm(folder / "team")
-    assert gid == GROUP
-    assert not mode & 0o007  # (never more open than asked)
+    assert "shared_permissions_refused" not in json.loads(out.stdout.strip().splitlines()[-1])
+    assert _perm(folder / "team") == (0o2770, GROUP)
 
 
 def test_a_root_agent_does_not_open_up_a_folder_renamed_into_the_place_of_its_new_one(
@@ -375,3 +375,30 @@ def test_a_subfolder_under_a_default_acl_keeps_the_operators_entries(tmp_path: P
     made = shared / "2026"
     assert _perm(made) == (0o2750, GROUP)
     assert struct.pack("<HHI", 0x08, 5, other) in os.getxattr(made, "system.posix_acl_access")
+
+
+def test_subfolders_are_made_with_their_mode_exactly_and_the_umask_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No chmod and no ACL after the mkdir (the units refuse a chmod naming the setgid bit,
+    a file system may have no ACLs), and no moment with less than the mode; the agent's own
+    umask (0077 here) stays for everything else."""
+
+    def refuse(*args: object, **kw: object) -> None:
+        raise AssertionError("not needed")
+
+    monkeypatch.setattr(place.os, "fchmod", refuse)
+    monkeypatch.setattr(place.os, "setxattr", refuse)
+    shared = _folder(tmp_path / "deliver", 0o2750)
+    with pinned_folder(shared, ["2026", "11"]):
+        pass
+    monkeypatch.undo()
+    assert _perm(shared / "2026") == (0o2750, GROUP)
+    assert _perm(shared / "2026" / "11") == (0o2750, GROUP)
+    assert os.umask(0o077) == 0o077  # (the process's: untouched)
+    (tmp_path / "private").write_bytes(b"x")
+    assert _perm(tmp_path / "private")[0] == 0o600
+    setuid = _folder(tmp_path / "both", 0o6750)
+    with pinned_folder(setuid, ["sub"]):
+        pass
+    assert _perm(setuid / "sub") == (0o2750, GROUP)  # (no setuid: the units refuse it)
