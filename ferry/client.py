@@ -332,6 +332,7 @@ class Consumer:
         self._channels = channels
         self._credit = credit  # what the consumer asked for in all, less what it holds:
         self._held: set[str] = set()  # (received, not yet acknowledged)
+        self._early: list[Delivery] = []  # (read before a READY, not returned yet)
         self.reconnects = 0
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
@@ -357,6 +358,12 @@ class Consumer:
             self._connections += 1
             if self._connections > 1:
                 self.reconnects += 1
+                # What the last connection delivered and is still in the socket is held as
+                # well: counted before saying how much credit is left (else the consumer
+                # would be given its credit again on top of those).
+                early = self._read(1 << 30)
+                self._held.update(d.item for d in early)
+                self._early += early
                 self._ready(max(0, self._credit - len(self._held)))
 
     @classmethod
@@ -365,16 +372,23 @@ class Consumer:
 
     def receive(self, timeout: float = 1.0, limit: int = 1024) -> list[Delivery]:
         """Messages that arrived, waiting up to ``timeout`` seconds for the first."""
-        out: list[Delivery] = []
         deadline = time.monotonic() + timeout
-        while True:
+        while not self._early:
             ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
             if self._monitor in ready:
                 self._check_connection()
             if self.sock in ready:
                 break
             if time.monotonic() >= deadline:
-                return out
+                return []
+        out, self._early = self._early[:limit], self._early[limit:]
+        out += self._read(limit - len(out))
+        self._held.update(d.item for d in out)
+        return out
+
+    def _read(self, limit: int) -> list[Delivery]:
+        """Deliveries waiting in the socket, up to ``limit``, without waiting."""
+        out: list[Delivery] = []
         while len(out) < limit:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -394,7 +408,6 @@ class Consumer:
                     frames[3],
                 )
             )
-        self._held.update(d.item for d in out)
         return out
 
     def ack(self, items: list[str], credit: int | None = None) -> None:

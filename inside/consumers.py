@@ -10,8 +10,9 @@ clients, with the channels they may read) and speak::
     consumer -> ACK    {"items": [...], "credit": n}        done with these; n more please
     inside   -> PING   {}                                    still there? (nothing to answer)
 
-The inside knows a consumer by its connection. A connection made again (the inside restarted,
-the network dropped) is a new consumer with no credit: the client says READY again
+The inside knows a consumer by its connection (routing id and key). A connection made again
+(the inside restarted, the network dropped) is a new consumer with no credit (or, with a routing
+id the client chose, the one it was, its credit to be set): the client says READY again
 (:class:`ferry.client.Consumer` does). A consumer silent for ``PROBE_AFTER`` seconds is sent a
 PING; ROUTER_MANDATORY refuses it when the connection is gone, and the consumer is forgotten
 (its messages in flight are offered again after ``redeliver_after``).
@@ -587,7 +588,7 @@ class ConsumerServer:
             # reused: what it has left), an ACK grants more. At most MAX_CREDIT; what it
             # holds counts when messages are handed out (_may_take), not here, so credit is
             # never lost to messages that are acknowledged, or offered again, later.
-            credit = body.get("credit", 0)
+            credit = body.get("credit")  # (a READY without it leaves the credit as it is)
             if type(credit) is int and credit >= 0:
                 if verb == b"READY":
                     con.credit = min(MAX_CREDIT, credit)

@@ -4,8 +4,10 @@ server alone, in this process, with real CURVE sockets and a real SQLite outbox.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import socket
 import threading
 import time
 import tracemalloc
@@ -451,3 +453,87 @@ def test_a_late_message_that_does_not_fit_keeps_the_later_ones_behind_it(
     bare.srv._redeliver()
     assert list(bare.srv._queues["messages"]) == [waiting[0].object_id]  # (small: not first)
     assert bare.srv._unread["messages"] == big.seq - 1
+
+
+def test_a_ready_without_credit_leaves_the_credit_as_it_is(
+    bare: _Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bare.srv.allow, "lookup", lambda key: _Client() if key == "K" else None)
+    _say(bare, b"rid", "K", b"READY", {"credit": 5})
+    _say(bare, b"rid", "K", b"READY", {"channels": ["messages"]})  # (channels only)
+    assert bare.srv._consumers[b"rid"].credit == 5  # (before: 0, and nothing more, ever)
+
+
+class _Proxy:
+    """A TCP relay between a consumer and the inside that can drop its connections (the
+    network dropping them; the inside keeps running)."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("tcp://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(self.upstream)
+            self.open += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def drop(self) -> None:
+        conns, self.open = self.open, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop()
+
+
+@pytest.mark.integration
+def test_what_a_dropped_connection_delivered_counts_before_the_client_says_ready_again(
+    server: _Server,
+) -> None:
+    """ferry.client said READY with its whole credit on the new connection, then read what
+    the dropped one had delivered: it held twice its credit (20 of 10)."""
+    server.srv.params = dataclasses.replace(server.srv.params, redeliver_after=60)
+    proxy = _Proxy(server.endpoint)
+    cfg = dataclasses.replace(
+        load_client_config(Path(server.dep["consumers"]["client_config"])),
+        endpoint=proxy.endpoint,
+    )
+    consumer = Consumer(cfg, credit=10)
+    try:
+        server.offer(10)
+        assert _wait(lambda: server.srv.delivered == 10)
+        time.sleep(0.5)  # (in the client's socket, not read yet)
+        proxy.drop()
+        assert _wait(lambda: len(proxy.open) == 2)  # (connected again)
+        server.offer(10)
+        held: set[str] = set()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            held.update(d.item for d in consumer.receive(timeout=0.2))
+        assert consumer.reconnects == 1
+        assert len(held) == 10  # (before: 20)
+    finally:
+        consumer.close()
+        proxy.close()
