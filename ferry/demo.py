@@ -32,6 +32,7 @@ from ferry.provision import init_deployment
 from ferry.status import STATUS_FILE, read_status
 
 TIMEOUT = 180.0
+MIRROR_WAIT = 20.0  # (seconds, after the items: for the inside to witness a checkpoint)
 SERIAL_DEMO_BAUD = 4_000_000
 
 
@@ -146,6 +147,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
+def _witnessed(deployment: dict[str, Any]) -> int:
+    """How many of the outside's checkpoints the inside's audit log says it witnessed (0
+    while it cannot be read whole: the agent is writing it)."""
+    from ferry.audit.record import decode  # noqa: PLC0415
+    from ferry.audit.verify import iter_lines, list_segments  # noqa: PLC0415
+
+    try:
+        return sum(
+            decode(line.data)["event"] == "audit.witnessed"
+            for _, seg in list_segments(Path(deployment["inside"]["audit_dir"]))
+            for line in iter_lines(seg)
+        )
+    except Exception:  # noqa: BLE001  # (a line half written: not yet)
+        return 0
+
+
 def _show_audit(console: Console, deployment: dict[str, Any]) -> bool:
     """Verify both sides' audit logs with their public keys; show what they recorded."""
     from collections import Counter  # noqa: PLC0415
@@ -173,11 +190,7 @@ def _show_audit(console: Console, deployment: dict[str, Any]) -> bool:
         good = good and report.verified
     d = deployment["inside"]
     mirror = verify(d["audit_mirror_dir"], load_public_key(d["outside_audit_public_key"]))
-    witnessed = sum(
-        decode(line.data)["event"] == "audit.witnessed"
-        for _, seg in list_segments(Path(d["audit_dir"]))
-        for line in iter_lines(seg)
-    )
+    witnessed = _witnessed(deployment)
     status = "[green]verified" if mirror.verified else "[red]FAILED"
     console.print(
         f"inside's mirror of the outside log: {mirror.records} records, "
@@ -282,6 +295,13 @@ def run_demo(
             time.sleep(0.1)
     elapsed = time.monotonic() - started
     consumer.close()
+    if ok:  # (the outside ships its log every second or so: its first checkpoint may still
+        # be on its way; the agents are not stopped before the inside has witnessed one)
+        deadline = time.monotonic() + MIRROR_WAIT
+        while _witnessed(deployment) == 0 and time.monotonic() < deadline:
+            if inside.poll() is not None or outside.poll() is not None:
+                break
+            time.sleep(0.2)
     time.sleep(1.2)  # let both agents write a final status
     out_status: dict[str, Any] = (
         read_status(Path(deployment["outside"]["state_dir"]) / STATUS_FILE) or {}
