@@ -32,7 +32,10 @@ from ferry.provision import init_deployment
 from ferry.status import STATUS_FILE, read_status
 
 TIMEOUT = 180.0
-MIRROR_WAIT = 20.0  # (seconds, after the items: for the inside to witness a checkpoint)
+# Seconds, after the items, for the inside to witness one of the outside's checkpoints: a
+# piece of the outside's log whose packets the demo's lossy hop dropped beyond what FEC
+# rebuilds comes again with its second copy, 30 s after the first (repeat.spread).
+MIRROR_WAIT = 45.0
 SERIAL_DEMO_BAUD = 4_000_000
 
 
@@ -296,7 +299,8 @@ def run_demo(
     elapsed = time.monotonic() - started
     consumer.close()
     if ok:  # (the outside ships its log every second or so: its first checkpoint may still
-        # be on its way; the agents are not stopped before the inside has witnessed one)
+        # be on its way, or its second copy; the agents are not stopped before the inside
+        # has witnessed one)
         deadline = time.monotonic() + MIRROR_WAIT
         while _witnessed(deployment) == 0 and time.monotonic() < deadline:
             if inside.poll() is not None or outside.poll() is not None:
