@@ -33,8 +33,9 @@ from ferry.status import STATUS_FILE, read_status
 
 TIMEOUT = 180.0
 # Seconds, after the items, for the inside to witness one of the outside's checkpoints: a
-# piece of the outside's log whose packets the demo's lossy hop dropped beyond what FEC
-# rebuilds comes again with its second copy, 30 s after the first (repeat.spread).
+# piece of the outside's log sent before the inside's socket was open (the agents start
+# together), or lost on the demo's lossy hop beyond what FEC rebuilds, comes again with its
+# second copy, 30 s after the first (repeat.spread).
 MIRROR_WAIT = 45.0
 SERIAL_DEMO_BAUD = 4_000_000
 
