@@ -131,6 +131,15 @@ def _send_messages(
     return acks, hostile
 
 
+def _wait_listening(proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    """Until the inside says it has started (its link open), it exits, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if b'"event": "inside_started"' in log.read_bytes():
+            return
+        time.sleep(0.05)
+
+
 def _agent(side: str, config: str, logdir: Path) -> subprocess.Popen[bytes]:
     log = open(logdir / f"{side}.log", "wb")  # noqa: SIM115  # owned by the child for its lifetime
     return subprocess.Popen(
@@ -251,7 +260,8 @@ def run_demo(
         + (f" (pty cable {cable.outside_path} -> {cable.inside_path})" if cable else "")
     )
     inside = _agent("inside", deployment["inside"]["config"], logdir)
-    outside = _agent("outside", deployment["outside"]["config"], logdir)
+    _wait_listening(inside, logdir / "inside.log")  # (else the outside's first packets are
+    outside = _agent("outside", deployment["outside"]["config"], logdir)  # lost, for 30 s)
     started = time.monotonic()
     for name, data in [*files.items(), (hostile_name, HOSTILE_EXE)]:
         drop = Path(chans[channel_of.get(name, "documents")]["drop"])
