@@ -188,52 +188,36 @@ class Outbox:
         ]
         return page, n == len(sizes)
 
-    def rows_of(self, object_ids: list[bytes]) -> dict[bytes, tuple[int, bool]]:
-        """The outbox rows of these messages, and whether each is acknowledged."""
-        out: dict[bytes, tuple[int, bool]] = {}
+    def _by_ids(self, columns: str, where: str, object_ids: list[bytes]) -> list[Any]:
+        """``SELECT columns FROM outbox WHERE where object_id IN (...)`` for these ids, in
+        chunks of 500 (SQLite's bound on parameters); ``columns`` and ``where`` are this
+        module's constants, never input."""
+        rows: list[Any] = []
         with self._lock:
             for start in range(0, len(object_ids), 500):
                 chunk = object_ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))  # placeholders only
-                query = (
-                    "SELECT object_id, rowid, acked_us IS NOT NULL FROM outbox"  # noqa: S608
-                    f" WHERE object_id IN ({marks})"
-                )
-                out.update(
-                    (bytes(r[0]), (int(r[1]), bool(r[2]))) for r in self._db.execute(query, chunk)
-                )
-        return out
+                query = f"SELECT {columns} FROM outbox WHERE {where} object_id IN ({marks})"  # noqa: S608
+                rows += self._db.execute(query, chunk).fetchall()
+        return rows
+
+    def rows_of(self, object_ids: list[bytes]) -> dict[bytes, tuple[int, bool]]:
+        """The outbox rows of these messages, and whether each is acknowledged."""
+        rows = self._by_ids("object_id, rowid, acked_us IS NOT NULL", "", object_ids)
+        return {bytes(r[0]): (int(r[1]), bool(r[2])) for r in rows}
 
     def sizes_of(self, object_ids: list[bytes]) -> dict[bytes, tuple[int, int]]:
         """These messages, those not acknowledged: each one's row and body size."""
-        out: dict[bytes, tuple[int, int]] = {}
-        with self._lock:
-            for start in range(0, len(object_ids), 500):
-                chunk = object_ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))  # placeholders only
-                query = (
-                    "SELECT object_id, rowid, length(body) FROM outbox"  # noqa: S608
-                    f" WHERE acked_us IS NULL AND object_id IN ({marks})"
-                )
-                out.update(
-                    (bytes(r[0]), (int(r[1]), int(r[2]))) for r in self._db.execute(query, chunk)
-                )
-        return out
+        rows = self._by_ids("object_id, rowid, length(body)", "acked_us IS NULL AND", object_ids)
+        return {bytes(r[0]): (int(r[1]), int(r[2])) for r in rows}
 
     def items_of(self, object_ids: list[bytes]) -> dict[bytes, tuple[int, OutboxItem]]:
         """These messages, those not acknowledged, each with its row."""
+        columns = "rowid, object_id, channel, seq, schema, subject, created_us, body"
         out: dict[bytes, tuple[int, OutboxItem]] = {}
-        with self._lock:
-            for start in range(0, len(object_ids), 500):
-                chunk = object_ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))  # placeholders only
-                query = (
-                    "SELECT rowid, object_id, channel, seq, schema, subject, created_us, body"  # noqa: S608
-                    f" FROM outbox WHERE acked_us IS NULL AND object_id IN ({marks})"
-                )
-                for r in self._db.execute(query, chunk):
-                    item = OutboxItem(bytes(r[1]), r[2], r[3], r[4], r[5], r[6], bytes(r[7]))
-                    out[item.object_id] = (int(r[0]), item)
+        for r in self._by_ids(columns, "acked_us IS NULL AND", object_ids):
+            item = OutboxItem(bytes(r[1]), r[2], r[3], r[4], r[5], r[6], bytes(r[7]))
+            out[item.object_id] = (int(r[0]), item)
         return out
 
     def ack_many(self, object_ids: list[bytes], who: str) -> None:

@@ -211,14 +211,19 @@ print(json.dumps({{"mode": oct(st.st_mode & 0o777), "gid": st.st_gid,
     assert got2["events"] == ["shared_permissions_refused"]  # (once for the folder)
 
 
-def test_a_refusal_in_process_is_logged_once_per_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def fchown_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel refuses the agent the folder's group (it is not in it)."""
+
     def refuse(fd: int, uid: int, gid: int) -> None:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(place.os, "fchown", refuse)
     monkeypatch.setattr(place, "_share_refused", set())
+
+
+@pytest.mark.usefixtures("fchown_refused")
+def test_a_refusal_in_process_is_logged_once_per_folder(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "deliver", 0o2750)
     files = []
     for i in range(3):
@@ -336,14 +341,8 @@ def test_a_subfolder_a_share_shows_as_someone_elses_is_said_once(
     assert "not the agent's own folder" in refused[0]["error"]
 
 
-def test_a_refusal_in_a_pinned_subfolder_names_its_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def refuse(fd: int, uid: int, gid: int) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(place.os, "fchown", refuse)
-    monkeypatch.setattr(place, "_share_refused", set())
+@pytest.mark.usefixtures("fchown_refused")
+def test_a_refusal_in_a_pinned_subfolder_names_its_path(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "deliver", 0o2750)
     src = tmp_path / "object"
     src.write_bytes(b"x")
