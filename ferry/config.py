@@ -734,12 +734,14 @@ def _inside(doc: _Doc) -> InsideConfig:
     state_dir = doc.path(doc.data["state_dir"])
     _check_state_dir(doc, state_dir, [d for _, d in delivers])
     keys = doc.data["keys"]
+    sizes = ("max_object_size", "spool_reserve")
     tuning: dict[str, Any] = {
-        k: float(v) for k, v in doc.data.get("inside", {}).items() if k != "max_object_size"
+        k: float(v) for k, v in doc.data.get("inside", {}).items() if k not in sizes
     }
-    if "max_object_size" in doc.data.get("inside", {}):
-        path: KeyPath = ("inside", "max_object_size")
-        tuning["max_object_size"] = _size(doc, path, doc.data["inside"]["max_object_size"])
+    for key in sizes:
+        if key in doc.data.get("inside", {}):
+            path: KeyPath = ("inside", key)
+            tuning[key] = _size(doc, path, doc.data["inside"][key])
     config = InsideConfig(
         source=Path(os.path.abspath(doc.file)),
         state_dir=state_dir,

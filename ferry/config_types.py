@@ -21,6 +21,9 @@ FecCodecName = Literal["isal", "zfec"]
 # The largest message a config may allow (channel or API max_message_size): a message is
 # held in memory on both sides and crosses as one bundle.
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+# Room the inside keeps free on its state disk for its ledger, audit log and messages: an
+# incoming object that would leave less is not spooled (inside.spool_reserve).
+DEFAULT_SPOOL_RESERVE = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,9 @@ class InsideConfig:
     object_timeout: float = 60.0
     """Seconds without news of an incomplete object before it is reported lost."""
     max_object_size: int = 64 * 1024**3
+    spool_reserve: int | None = None
+    """Bytes an incoming object must leave free on the state file system to be spooled (None:
+    DEFAULT_SPOOL_RESERVE, but at most a tenth of that file system)."""
     retention_days: float = 30.0  # finished items are forgotten after this (Ledger.prune)
     previous_kem_keys: tuple[Path, ...] = ()
     """Key rotation: earlier KEM secret keys, still accepted until the outside seals to the new."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.config_types import (
+    DEFAULT_SPOOL_RESERVE,
     ApiParams,
     AuditParams,
     ConsumerParams,
@@ -433,6 +434,7 @@ def _inside_yaml(
     text += messages
     text += _audit_yaml("inside")
     tune = _defaults(InsideConfig)
+    reserve = _si(DEFAULT_SPOOL_RESERVE, (("G", 2**30), ("M", 2**20)))
     text += f"""
 # Inside agent tuning.
 inside:
@@ -446,6 +448,11 @@ inside:
   object_timeout: {tune["object_timeout"]}
   # Largest object accepted; k/M/G/T are powers of 1024.
   max_object_size: {_size(tune["max_object_size"])}
+  # Room an incoming object must leave free on the state disk (its ledger, audit log and
+  # messages need it): one that would leave less is not spooled (recorded lost, not
+  # refused: a repeat is taken once there is room). Unset: {reserve}, but at most a
+  # tenth of that disk.
+  # spool_reserve: {_q(reserve)}
   # Days the ledger remembers a finished item, then forgets it; at least 8, so that it
   # outlasts any repeat schedule (a repeat of a forgotten item would be delivered again).
   retention_days: {tune["retention_days"]:g}

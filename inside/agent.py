@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject
-from ferry.config_types import MAX_MESSAGE_SIZE, InsideConfig
+from ferry.config_types import DEFAULT_SPOOL_RESERVE, MAX_MESSAGE_SIZE, InsideConfig
 from ferry.content.scan import Scanner
 from ferry.crypto.keys import PublicKey, load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
@@ -40,7 +40,7 @@ from ferry.jsondoc import JsonLimits, SchemaRegistry
 from ferry.place import link_new, remove_stale_temps
 from ferry.quarantine_release import ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
-from ferry.state import Retention, disk_full
+from ferry.state import Retention, disk_full, free_bytes
 from ferry.status import STATUS_FILE, write_status
 from ferry.wire import records as rec
 from ferry.wire.linkstate import LinkMonitor
@@ -214,6 +214,18 @@ def _passes(exc: BaseException) -> bool:
 
 
 _CLAIM_TAIL = rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size
+
+
+def _spool_reserve(configured: int | None, spool_dir: Path) -> int:
+    """The room incoming objects must leave free on the state disk: as configured, else
+    DEFAULT_SPOOL_RESERVE but at most a tenth of that disk (a small one, in a test)."""
+    if configured is not None:
+        return configured
+    try:
+        st = os.statvfs(spool_dir)
+    except OSError:
+        return DEFAULT_SPOOL_RESERVE
+    return min(DEFAULT_SPOOL_RESERVE, st.f_blocks * st.f_frsize // 10)
 
 
 def _claim(data: bytes) -> tuple[str | None, str | None]:
@@ -419,7 +431,9 @@ class InsideAgent:
             + [("outside-audit", k, i == 0) for i, k in enumerate(peer_audit_keys)]
         )
         self._fds: dict[bytes, int] = {}
-        self._unspooled: dict[bytes, str] = {}  # objects a write to the spool failed for
+        self._unspooled: dict[bytes, str] = {}  # objects not spooled (no room), and why
+        self._to_come: dict[bytes, int] = {}  # objects being spooled: bytes not yet written
+        self.spool_reserve = _spool_reserve(cfg.spool_reserve, self.spool_dir)
         self._floors_to_save: dict[bytes, tuple[int, int]] = {}  # (a full disk refused them)
         self._mem: dict[bytes, bytes] = {}
         # Objects spooled to disk go to _work, whose thread hands each file to its
@@ -557,6 +571,46 @@ class InsideAgent:
             self._fds[oid] = fd
         return fd
 
+    def _spool_block(self, ev: BlockDecoded) -> None:
+        """Write a decoded block to its object's spool file; an object's first block
+        decides whether it is spooled at all (:meth:`_no_room_for`). An object that is not
+        spooled (no room; or a write failed, which drops what it had at once) is recorded
+        lost when it completes or times out."""
+        oid = ev.object_id
+        if oid in self._unspooled:
+            return
+        if oid not in self._to_come:
+            if (why := self._no_room_for(ev.object_length)) is not None:
+                self._unspooled[oid] = why
+                self._disk_log("object_not_spooled", why, object_id=oid.hex())
+                return
+            self._to_come[oid] = ev.object_length
+        try:
+            os.pwrite(self._spool_fd(oid), ev.data, ev.offset)
+        except OSError as exc:  # (a full disk: what it had is given back to the disk now)
+            self._unspooled[oid] = str(exc)
+            with contextlib.suppress(OSError):
+                self._drop_part(oid)
+            self._disk_log("object_not_spooled", str(exc), object_id=oid.hex())
+            return
+        self._to_come[oid] -= len(ev.data)
+
+    def _no_room_for(self, length: int) -> str | None:
+        """Why an incoming object of ``length`` bytes may not be spooled, or None: it must
+        leave ``spool_reserve`` bytes free on the state disk, once every object already
+        being spooled has arrived (the ledger, the audit log and messages need that room;
+        without it one big file would hold them all up until it had finished arriving)."""
+        free = free_bytes(self.spool_dir)
+        if free is None:  # (the disk did not say: its writes will)
+            return None
+        coming = sum(self._to_come.values())
+        if free - coming - length >= self.spool_reserve:
+            return None
+        return (
+            f"no room: its {length} bytes would leave less than {self.spool_reserve} bytes "
+            f"free on the state disk ({free} free, {coming} bytes of other objects to come)"
+        )
+
     def _completed(self, oid: bytes, length: int) -> None:
         """A complete object: to the thread of its kind (OSError: it could not be kept)."""
         data = self._mem.pop(oid, None)
@@ -592,6 +646,7 @@ class InsideAgent:
         )
 
     def _drop_part(self, oid: bytes) -> None:
+        self._to_come.pop(oid, None)
         fd = self._fds.pop(oid, None)
         if fd is not None:
             os.close(fd)
@@ -622,6 +677,7 @@ class InsideAgent:
         over one: False if the same object already waits for its delivery)."""
         os.close(self._spool_fd(oid))  # (made here for an empty object)
         del self._fds[oid]
+        self._to_come.pop(oid, None)
         part = self._part_path(oid)
         try:
             if link_new(part, self._spool_path(oid)):
@@ -1715,11 +1771,8 @@ class InsideAgent:
             if isinstance(ev, BlockDecoded):
                 if ev.offset == 0 and len(ev.data) == ev.object_length <= MEMORY_OBJECT_MAX:
                     self._mem[ev.object_id] = ev.data  # the whole object (a message)
-                elif ev.object_id not in self._unspooled:
-                    try:
-                        os.pwrite(self._spool_fd(ev.object_id), ev.data, ev.offset)
-                    except OSError as exc:  # (a full disk: the rest of it is not written)
-                        self._unspooled[ev.object_id] = str(exc)
+                else:
+                    self._spool_block(ev)
             elif isinstance(ev, ObjectCompleted):
                 # (an empty object's only block still went through BlockDecoded)
                 try:
@@ -1731,22 +1784,24 @@ class InsideAgent:
             elif isinstance(ev, ObjectLost):
                 self.lost += 1
                 self._mem.pop(ev.object_id, None)
-                self._unspooled.pop(ev.object_id, None)  # (a later copy is written afresh)
+                # (a later copy is written afresh)
+                why_not = self._unspooled.pop(ev.object_id, None)
                 self._drop_part(ev.object_id)
+                lost_why = ev.reason if why_not is None else f"{ev.reason}; not spooled: {why_not}"
                 try:
-                    self.ledger.record(ev.object_id, "lost", reason=ev.reason)
+                    self.ledger.record(ev.object_id, "lost", reason=lost_why)
                 except sqlite3.Error as exc:  # (a full disk: the audit record below says it)
                     _log.error("loss_not_in_ledger", object_id=ev.object_id.hex(), error=str(exc))
                 self._record_lost(
                     ev.object_id,
-                    f"LOST: {ev.reason}",
+                    f"LOST: {lost_why}",
                     size=ev.length,
                     detail={"blocks_done": ev.blocks_done, "blocks_total": ev.blocks_total},
                 )
                 _log.error(
                     "object_lost",
                     object_id=ev.object_id.hex(),
-                    reason=ev.reason,
+                    reason=lost_why,
                     blocks_done=ev.blocks_done,
                     blocks_total=ev.blocks_total,
                 )

@@ -29,17 +29,18 @@ def agents(tmp_path: Path) -> Iterator[Callable[[str, str], Agent]]:
 
 @pytest.fixture
 def small_audit_disk(tmp_path: Path):
-    """Mount a 2 MiB tmpfs; yield a function that moves a folder onto it."""
+    """Mount a tmpfs (2 MiB unless told); yield a function that moves a folder onto it."""
     mounts: list[Path] = []
 
-    def mount(folder: str | Path) -> Path:
+    def mount(folder: str | Path, size: str = "2m") -> Path:
         folder = Path(folder)
         saved = tmp_path / f"saved-{len(mounts)}"
         shutil.copytree(folder, saved)
         for p in folder.iterdir():
             p.unlink()
         subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(folder)], check=True
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+            check=True,
         )
         mounts.append(folder)
         for p in saved.iterdir():

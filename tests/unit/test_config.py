@@ -206,6 +206,7 @@ def test_inside_values(tmp_path: Path) -> None:
     assert cfg.udp.host == "0.0.0.0"
     assert cfg.udp.rcvbuf == 8 * 2**20
     assert cfg.max_object_size == 2**40
+    assert cfg.spool_reserve is None  # (the agent's default: see test_spool_reserve)
     assert isinstance(cfg.degraded_after, float)
     assert cfg.down_after == 10.0
     assert cfg.retention_days == 30.0
@@ -488,6 +489,12 @@ INSIDE_BAD: list[tuple[str, Edit, int, tuple[str, ...]]] = [
         _sub("down_after: 10", "down_after: 10\n  retention_days: 7"),
         15,
         ("inside.retention_days", "8"),
+    ),
+    (
+        "spool_reserve not a size",
+        _sub("max_object_size: 1T", "max_object_size: 1T\n  spool_reserve: lots"),
+        16,
+        ("inside.spool_reserve", "'lots'"),
     ),
     ("flow mapping value", _sub("port: 47000", "port: -1"), 8, ("link.udp.port", "from 1")),
     ("rcvbuf too small", _sub("rcvbuf: 8M", "rcvbuf: 1k"), 8, ("link.udp.rcvbuf", "4096")),
