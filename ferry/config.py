@@ -641,7 +641,12 @@ def _outside(doc: _Doc) -> OutsideConfig:
     state_dir = doc.path(doc.data["state_dir"])
     _check_state_dir(doc, state_dir, drops + others)
     keys = doc.data["keys"]
-    tuning: dict[str, Any] = {k: float(v) for k, v in doc.data.get("outside", {}).items()}
+    tuning: dict[str, Any] = {
+        k: float(v) for k, v in doc.data.get("outside", {}).items() if k != "spool_reserve"
+    }
+    if "spool_reserve" in doc.data.get("outside", {}):
+        where: KeyPath = ("outside", "spool_reserve")
+        tuning["spool_reserve"] = _size(doc, where, doc.data["outside"]["spool_reserve"])
     api = _api(doc)
     if api is None and any(c.kind == "messages" for c in channels):
         raise doc.error(("channels",), "a messages channel needs the 'api' section")

@@ -255,6 +255,9 @@ class OutsideConfig:
     audit: AuditParams | None = None
     poll_interval: float = 0.5
     retention_days: float = 30.0  # sent items are forgotten after this (Spool.prune)
+    spool_reserve: int | None = None
+    """Bytes a clerk's file must leave free on the state file system to be taken (None:
+    DEFAULT_SPOOL_RESERVE, but at most a tenth of that file system)."""
 
 
 @dataclass(frozen=True)

@@ -347,8 +347,17 @@ outside:
   # Days a sent item (and its submission id) stays in the spool database, then is
   # forgotten: a client reusing a forgotten submission id gets a new item.
   retention_days: {_defaults(OutsideConfig)["retention_days"]:g}
+  # Room a clerk's file must leave free on the state disk (the API's messages and the
+  # spool need it): one that would leave less waits in its drop folder until there is
+  # room; one that never could is quarantined. Unset: {_reserve()}, but at most a tenth
+  # of that disk.
+  # spool_reserve: {_q(_reserve())}
 """
     return text
+
+
+def _reserve() -> str:
+    return _si(DEFAULT_SPOOL_RESERVE, (("G", 2**30), ("M", 2**20)))
 
 
 def _audit_yaml(side: str) -> str:
@@ -434,7 +443,6 @@ def _inside_yaml(
     text += messages
     text += _audit_yaml("inside")
     tune = _defaults(InsideConfig)
-    reserve = _si(DEFAULT_SPOOL_RESERVE, (("G", 2**30), ("M", 2**20)))
     text += f"""
 # Inside agent tuning.
 inside:
@@ -450,9 +458,9 @@ inside:
   max_object_size: {_size(tune["max_object_size"])}
   # Room an incoming object must leave free on the state disk (its ledger, audit log and
   # messages need it): one that would leave less is not spooled (recorded lost, not
-  # refused: a repeat is taken once there is room). Unset: {reserve}, but at most a
+  # refused: a repeat is taken once there is room). Unset: {_reserve()}, but at most a
   # tenth of that disk.
-  # spool_reserve: {_q(reserve)}
+  # spool_reserve: {_q(_reserve())}
   # Days the ledger remembers a finished item, then forgets it; at least 8, so that it
   # outlasts any repeat schedule (a repeat of a forgotten item would be delivered again).
   retention_days: {tune["retention_days"]:g}

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ferry.config_types import DEFAULT_SPOOL_RESERVE
 from ferry.errors import StateError
 
 # Retention: old rows are deleted this many per transaction, every PRUNE_INTERVAL seconds
@@ -49,6 +50,28 @@ def free_bytes(folder: Path) -> int | None:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
+
+
+def disk_room(folder: Path) -> tuple[int, int] | None:
+    """Bytes an unprivileged writer may still use on the file system of ``folder``, and all
+    it could use there (its size less the blocks kept for root), or None if it does not say."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, (st.f_blocks - st.f_bfree + st.f_bavail) * st.f_frsize
+
+
+def room_reserve(configured: int | None, folder: Path) -> int:
+    """The room an agent keeps free on the file system of ``folder`` for its own records
+    (``spool_reserve``): as configured, else DEFAULT_SPOOL_RESERVE but at most a tenth of
+    that file system (a small one, in a test)."""
+    if configured is not None:
+        return configured
+    room = disk_room(folder)
+    if room is None:
+        return DEFAULT_SPOOL_RESERVE
+    return min(DEFAULT_SPOOL_RESERVE, room[1] // 10)
 
 
 def disk_full(exc: BaseException) -> bool:

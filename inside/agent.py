@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Result, Subject
-from ferry.config_types import DEFAULT_SPOOL_RESERVE, MAX_MESSAGE_SIZE, InsideConfig
+from ferry.config_types import MAX_MESSAGE_SIZE, InsideConfig
 from ferry.content.scan import Scanner
 from ferry.crypto.keys import PublicKey, load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
@@ -40,7 +40,7 @@ from ferry.jsondoc import JsonLimits, SchemaRegistry
 from ferry.place import link_new, remove_stale_temps
 from ferry.quarantine_release import ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
-from ferry.state import Retention, disk_full, free_bytes
+from ferry.state import Retention, disk_full, free_bytes, room_reserve
 from ferry.status import STATUS_FILE, write_status
 from ferry.wire import records as rec
 from ferry.wire.linkstate import LinkMonitor
@@ -214,18 +214,6 @@ def _passes(exc: BaseException) -> bool:
 
 
 _CLAIM_TAIL = rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size
-
-
-def _spool_reserve(configured: int | None, spool_dir: Path) -> int:
-    """The room incoming objects must leave free on the state disk: as configured, else
-    DEFAULT_SPOOL_RESERVE but at most a tenth of that disk (a small one, in a test)."""
-    if configured is not None:
-        return configured
-    try:
-        st = os.statvfs(spool_dir)
-    except OSError:
-        return DEFAULT_SPOOL_RESERVE
-    return min(DEFAULT_SPOOL_RESERVE, st.f_blocks * st.f_frsize // 10)
 
 
 def _claim(data: bytes) -> tuple[str | None, str | None]:
@@ -433,7 +421,7 @@ class InsideAgent:
         self._fds: dict[bytes, int] = {}
         self._unspooled: dict[bytes, str] = {}  # objects not spooled (no room), and why
         self._to_come: dict[bytes, int] = {}  # objects being spooled: bytes not yet written
-        self.spool_reserve = _spool_reserve(cfg.spool_reserve, self.spool_dir)
+        self.spool_reserve = room_reserve(cfg.spool_reserve, self.spool_dir)
         self._floors_to_save: dict[bytes, tuple[int, int]] = {}  # (a full disk refused them)
         self._mem: dict[bytes, bytes] = {}
         # Objects spooled to disk go to _work, whose thread hands each file to its

@@ -140,6 +140,7 @@ class OutsideAgent:
                 audit=self.audit,
                 pipeline=self.pipeline,
                 admin_key=load_public_key(str(admin)) if admin.is_file() else None,
+                reserve=cfg.spool_reserve,
             )
             self.api: ApiServer | None = None
             if cfg.api is not None:

@@ -47,6 +47,7 @@ from ferry.place import (
     temp_name,
 )
 from ferry.quarantine_release import RELEASES, ReleaseAuditor, locked
+from ferry.state import disk_room, room_reserve
 from ferry.wire import records as rec
 from ferry.wire.records import MAX_REPORT_BYTES
 from ferry.wire.sender import build_trailer
@@ -416,6 +417,7 @@ class _Lane:
     rate: _Rate
     workdir: Path  # cleaned outputs of the content pipeline (fixed names: one per lane)
     deferred: deque[Ready] = field(default_factory=deque)
+    waiting_for_room: set[Path] = field(default_factory=set)  # (logged once each)
     taken: int = 0
     quarantined: int = 0
     thread: threading.Thread | None = None
@@ -443,7 +445,9 @@ class FolderIntake:
         audit: AgentAudit | None = None,
         pipeline: ContentPipeline | None = None,
         admin_key: PublicKey | None = None,
+        reserve: int | None = None,
     ) -> None:
+        """``reserve``: room to keep free on the state disk (outside.spool_reserve)."""
         self._channels = {c.name: c for c in channels if c.kind == "files" and c.drop}
         self._audit = audit
         self._pipeline = pipeline
@@ -457,6 +461,9 @@ class FolderIntake:
         self._incoming.mkdir(parents=True, exist_ok=True)
         for stale in self._incoming.glob("*.part"):
             stale.unlink()
+        self._reserve = room_reserve(reserve, self._incoming)
+        self._room_lock = threading.Lock()
+        self._copying = 0  # bytes of the files being copied in, by every lane
         content = self._incoming / "content"  # cleaned outputs (same file system)
         shutil.rmtree(content, ignore_errors=True)
         self._admin_key = admin_key
@@ -598,6 +605,8 @@ class FolderIntake:
             now = time.monotonic()
             candidates = list(lane.deferred) + ready
             lane.deferred.clear()
+            waiting = lane.waiting_for_room
+            lane.waiting_for_room = set()
             blocked = self._audit is not None and self._audit.failed
             batch: list[_Prepared] = []  # small files, spooled together (one flush)
 
@@ -613,16 +622,27 @@ class FolderIntake:
                 if self.paused or blocked:  # fail closed: nothing is taken unaudited
                     lane.deferred.append(r)
                     continue
-                if not lane.rate.take(now):
-                    lane.deferred.append(r)  # stays in the drop folder until its turn
+                claimed = self._room_for(ch, r, logged=r.path in waiting)
+                if claimed is None:
+                    lane.deferred.append(r)  # stays in the drop folder until there is room
+                    lane.waiting_for_room.add(r.path)
                     continue
                 try:
-                    ready_file = self._prepare(ch, r)
+                    if not claimed:  # (quarantined: it could never be taken)
+                        ready_file = None
+                    elif not lane.rate.take(now):
+                        lane.deferred.append(r)  # stays in the drop folder until its turn
+                        continue
+                    else:
+                        ready_file = self._prepare(ch, r)
                 except OSError as exc:
                     _log.error(
                         "intake_failed", channel=ch.name, name=r.relpath.name, error=str(exc)
                     )
                     ready_file = None
+                finally:
+                    with self._room_lock:
+                        self._copying -= claimed or 0
                 lane.beat()
                 if ready_file is None:
                     lane.watcher.done(r.path)
@@ -642,6 +662,55 @@ class FolderIntake:
             lane.progress, lane.allowance = None, 0.0
 
     # ------------------------------------------------------------------ take
+    def _room_for(self, ch: OutsideChannel, r: Ready, *, logged: bool) -> int | None:
+        """Room for a ready file's copy in the gateway's storage: the bytes claimed for it
+        (to give back once it is copied); None if it must wait in its drop folder until
+        there is room; 0 if it never could be kept (it is quarantined). A file must leave
+        ``reserve`` bytes free on the state disk, with every copy under way: the spool's
+        database, the API's messages and the audit log need that room, and a file bigger
+        than the room left would fill the disk every time it was tried."""
+        # (one over the channel's own limit is refused by _prepare, unread)
+        size = 0 if r.size > ch.max_size else r.size
+        room = disk_room(self._incoming)
+        with self._room_lock:
+            if room is None or room[0] - self._copying - size >= self._reserve or size == 0:
+                claimed = size + 1  # (true, even for an empty file)
+                self._copying += claimed
+                return claimed
+        free, whole = room
+        if r.size + self._reserve > whole:
+            try:
+                st = os.lstat(r.path)
+            except OSError:
+                return 0
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+                r.dev,
+                r.ino,
+                r.size,
+                r.mtime_ns,
+            ):
+                return 0  # (written again meanwhile: reported once stable)
+            self._reject(
+                ch,
+                r.path,
+                r.relpath.name,
+                "TOO_LARGE",
+                f"the file is {r.size} bytes, more than the gateway's disk can ever take "
+                f"({whole - self._reserve} bytes at most)",
+            )
+            return 0
+        if not logged:
+            _log.warning(
+                "intake_waiting_for_room",
+                channel=ch.name,
+                name=r.relpath.name,
+                size=r.size,
+                free=free,
+                copying=self._copying,
+                reserve=self._reserve,
+            )
+        return None
+
     def _prepare(self, ch: OutsideChannel, r: Ready) -> _Prepared | None:
         """Copy a ready file into the gateway's storage and check it: what is to be spooled
         (None: taken care of otherwise: quarantined, gone, changed, or already spooled)."""

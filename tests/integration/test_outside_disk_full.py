@@ -59,7 +59,8 @@ def test_a_full_outside_disk_answers_busy_keeps_the_file_and_recovers(
             )  # fmt: skip
         held = outside.wait_event("submissions_held")
         assert held["reason"] == "the spool's disk is full"
-        outside.wait_event("intake_failed")
+        waiting = outside.wait_event("intake_waiting_for_room")  # (not even tried)
+        assert waiting["name"] == "a.txt"
         outside.wait_event("status_not_written")
         time.sleep(1.0)
         assert outside.proc.poll() is None  # it keeps running

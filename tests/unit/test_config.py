@@ -809,3 +809,13 @@ def test_bad_previous_keys(
     assert message.startswith(f"{path}:{line}: "), message
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+def test_spool_reserve_is_a_size_on_either_side(tmp_path: Path) -> None:
+    out = load_outside_config(_write(tmp_path, OUTSIDE + "  spool_reserve: 1G\n"))
+    assert out.spool_reserve == 2**30
+    assert type(out.poll_interval) is float  # (the other keys as before)
+    ins = load_inside_config(_write(tmp_path, INSIDE + "  spool_reserve: 64M\n", "inside.yaml"))
+    assert ins.spool_reserve == 64 * 2**20
+    bad = _write(tmp_path, OUTSIDE + "  spool_reserve: 0\n")
+    assert "outside.spool_reserve" in _error(load_outside_config, bad)

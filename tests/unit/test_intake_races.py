@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import Any
@@ -370,3 +371,46 @@ def test_a_verdict_on_record_is_found_so_a_recovery_does_not_write_it_twice(
     agent = SimpleNamespace(cfg=SimpleNamespace(audit=SimpleNamespace(dir=gateway.audit_dir)))
     found = OutsideAgent._verdicts_on_record(agent, {item, "0" * 32})  # type: ignore[arg-type]
     assert found == {item}
+
+
+def test_room_is_claimed_for_each_copy_under_way_and_a_file_that_never_fits_is_quarantined(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """outside.spool_reserve: the room a file's copy needs is claimed until it is copied, so
+    two lanes cannot both count on the same free bytes; a file the disk could never hold
+    with the reserve kept is quarantined, not tried again and again."""
+    intake = gateway.intake
+    reserve = intake._reserve
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    for name in ("a.txt", "b.txt"):
+        (gateway.drop / name).write_text("x" * 1000)
+    a, b = _ready(gateway, "a.txt"), _ready(gateway, "b.txt")
+    disk = {"free": reserve + 1500, "whole": 10 * reserve}
+    monkeypatch.setattr(intake_mod, "disk_room", lambda _: (disk["free"], disk["whole"]))
+
+    claimed = intake._room_for(gateway.channel, a, logged=False)
+    assert claimed == 1001
+    assert intake._copying == 1001
+    assert intake._room_for(gateway.channel, b, logged=False) is None  # waits: a's claim
+    intake._copying -= claimed
+    disk["free"] -= 1000  # (a copied: its bytes are on the disk now)
+    assert intake._room_for(gateway.channel, b, logged=False) is None  # 500 left over
+    disk["free"] += 1000  # (a sent and gone)
+    assert intake._room_for(gateway.channel, b, logged=False) == 1001
+    intake._copying -= 1001
+    assert (gateway.drop / "b.txt").exists()
+    assert not any(r["event"] == "intake.rejected" for r in gateway.records())
+
+    disk["free"], disk["whole"] = 0, reserve + 999  # never room for b's 1000 bytes
+    assert intake._room_for(gateway.channel, b, logged=False) == 0
+    assert intake._copying == 0
+    assert not (gateway.drop / "b.txt").exists()
+    assert (gateway.quarantine / "b.txt").read_text() == "x" * 1000
+    rejected = [r for r in gateway.records() if r["event"] == "intake.rejected"]
+    assert len(rejected) == 1
+    assert rejected[0]["reason"].startswith("TOO_LARGE: the file is 1000 bytes, more than")
+
+    small = replace(gateway.channel, max_size=10)
+    (gateway.drop / "c.txt").write_text("x" * 1000)
+    c = _ready(gateway, "c.txt")
+    assert intake._room_for(small, c, logged=False) == 1  # (_prepare refuses it unread)

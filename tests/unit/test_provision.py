@@ -125,6 +125,8 @@ def test_init_configs_load_and_are_commented(tmp_path: Path) -> None:
     assert out.link.digest() == ins.link.digest()
     assert ins.spool_reserve is None  # (written commented out: see the agent's default)
     assert '  # spool_reserve: "256M"\n' in Path(info["inside"]["config"]).read_text()
+    assert out.spool_reserve is None
+    assert '  # spool_reserve: "256M"\n' in Path(info["outside"]["config"]).read_text()
     text = Path(info["outside"]["config"]).read_text()
     for key in ("signing_key:", "packet_size:", "rate:", "interleave:", "after_send:"):
         line = next(i for i, ln in enumerate(text.splitlines()) if ln.strip().startswith(key))
