@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ferry import log
 from ferry.config_types import DEFAULT_SPOOL_RESERVE
 from ferry.errors import StateError
 
@@ -21,6 +22,8 @@ PRUNE_INTERVAL = 600.0
 # Less room than this where a state database lives: an error opening it is put down to
 # the full disk (SQLite reports a -shm or -wal file it cannot create as "disk I/O error").
 LOW_ROOM = 1 << 20
+
+_log = log.get("ferry.state")
 
 
 def open_db(path: Path, schema: str) -> sqlite3.Connection:
@@ -65,13 +68,20 @@ def disk_room(folder: Path) -> tuple[int, int] | None:
 def room_reserve(configured: int | None, folder: Path) -> int:
     """The room an agent keeps free on the file system of ``folder`` for its own records
     (``spool_reserve``): as configured, else DEFAULT_SPOOL_RESERVE but at most a tenth of
-    that file system (a small one, in a test)."""
-    if configured is not None:
-        return configured
+    that file system (a small one, in a test). A configured reserve that leaves no room at
+    all is warned about (``spool_reserve_too_big``): nothing big could ever be taken."""
     room = disk_room(folder)
-    if room is None:
-        return DEFAULT_SPOOL_RESERVE
-    return min(DEFAULT_SPOOL_RESERVE, room[1] // 10)
+    if configured is None:
+        return DEFAULT_SPOOL_RESERVE if room is None else min(DEFAULT_SPOOL_RESERVE, room[1] // 10)
+    if room is not None and configured >= room[1]:
+        _log.warning(
+            "spool_reserve_too_big",
+            folder=str(folder),
+            spool_reserve=configured,
+            disk=room[1],
+            effect="no file can be taken",
+        )
+    return configured
 
 
 def disk_full(exc: BaseException) -> bool:

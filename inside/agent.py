@@ -216,6 +216,17 @@ def _passes(exc: BaseException) -> bool:
 _CLAIM_TAIL = rec.MAX_MANIFEST + rec.SIGNATURE_LEN + rec.TRAILER_TAIL.size
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """All of ``data`` at ``offset``: a nearly full file system may write part of it and
+    say so only by the count (ENOSPC comes with the next write)."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        if done <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device (nothing written)")
+        view, offset = view[done:], offset + done
+
+
 def _claim(data: bytes) -> tuple[str | None, str | None]:
     """The kind and channel the manifest at the end of an object stream (or of its last
     _CLAIM_TAIL bytes) claims, not yet verified: for routing only (None, None if
@@ -421,6 +432,7 @@ class InsideAgent:
         self._fds: dict[bytes, int] = {}
         self._unspooled: dict[bytes, str] = {}  # objects not spooled (no room), and why
         self._to_come: dict[bytes, int] = {}  # objects being spooled: bytes not yet written
+        self._here: set[bytes] = set()  # repeats of objects waiting here or finished
         self.spool_reserve = room_reserve(cfg.spool_reserve, self.spool_dir)
         self._floors_to_save: dict[bytes, tuple[int, int]] = {}  # (a full disk refused them)
         self._mem: dict[bytes, bytes] = {}
@@ -565,16 +577,19 @@ class InsideAgent:
         spooled (no room; or a write failed, which drops what it had at once) is recorded
         lost when it completes or times out."""
         oid = ev.object_id
-        if oid in self._unspooled:
+        if oid in self._unspooled or oid in self._here:
             return
         if oid not in self._to_come:
+            if self._already_here(oid):
+                self._here.add(oid)
+                return
             if (why := self._no_room_for(ev.object_length)) is not None:
                 self._unspooled[oid] = why
                 self._disk_log("object_not_spooled", why, object_id=oid.hex())
                 return
             self._to_come[oid] = ev.object_length
         try:
-            os.pwrite(self._spool_fd(oid), ev.data, ev.offset)
+            _pwrite_all(self._spool_fd(oid), ev.data, ev.offset)
         except OSError as exc:  # (a full disk: what it had is given back to the disk now)
             self._unspooled[oid] = str(exc)
             with contextlib.suppress(OSError):
@@ -582,6 +597,17 @@ class InsideAgent:
             self._disk_log("object_not_spooled", str(exc), object_id=oid.hex())
             return
         self._to_come[oid] -= len(ev.data)
+
+    def _already_here(self, oid: bytes) -> bool:
+        """A copy of an object that waits here for its delivery (kept from before a start),
+        or that this inside has delivered or refused (the receiver forgets the oldest it
+        finished): not to be spooled again, nor recorded lost."""
+        if self._spool_path(oid).exists():
+            return True
+        try:
+            return self.ledger.state_of(oid) in ("delivered", "rejected")
+        except sqlite3.Error:
+            return False
 
     def _no_room_for(self, length: int) -> str | None:
         """Why an incoming object of ``length`` bytes may not be spooled, or None: it must
@@ -601,6 +627,9 @@ class InsideAgent:
 
     def _completed(self, oid: bytes, length: int) -> None:
         """A complete object: to the thread of its kind (OSError: it could not be kept)."""
+        if oid in self._here:  # (already waiting here, or finished)
+            self._here.discard(oid)
+            return
         data = self._mem.pop(oid, None)
         if data is not None:
             kind, channel = _claim(data)
@@ -640,14 +669,20 @@ class InsideAgent:
             os.close(fd)
         self._part_path(oid).unlink(missing_ok=True)
 
-    def _not_spooled(self, machine: Receiver, oid: bytes, length: int, why: str) -> None:
+    def _not_spooled(
+        self, machine: Receiver, oid: bytes, length: int, why: str, now: float
+    ) -> None:
         """A complete object the inside's disk could not take (full): lost here, but not
         refused: a later copy (a channel repeat) is taken again."""
         with contextlib.suppress(OSError):
             self._drop_part(oid)
-        machine.forget_finished(oid)
+        machine.forget_finished(oid, now)
         self.lost += 1
         reason = f"NOT_SPOOLED: the inside could not keep it ({why})"
+        try:
+            self.ledger.record(oid, "lost", reason=reason[:1024])
+        except sqlite3.Error as exc:  # (a full disk: the audit record below says it)
+            _log.error("loss_not_in_ledger", object_id=oid.hex(), error=str(exc))
         self._record_lost(oid, reason, size=length)
         self._disk_log("object_not_spooled", reason, object_id=oid.hex())
 
@@ -1768,13 +1803,17 @@ class InsideAgent:
                 except OSError as exc:
                     self._unspooled[ev.object_id] = str(exc)
                 if (why := self._unspooled.pop(ev.object_id, None)) is not None:
-                    self._not_spooled(machine, ev.object_id, ev.length, why)
+                    self._not_spooled(machine, ev.object_id, ev.length, why, now)
             elif isinstance(ev, ObjectLost):
-                self.lost += 1
                 self._mem.pop(ev.object_id, None)
                 # (a later copy is written afresh)
                 why_not = self._unspooled.pop(ev.object_id, None)
                 self._drop_part(ev.object_id)
+                if ev.object_id in self._here or self._already_here(ev.object_id):
+                    self._here.discard(ev.object_id)  # (a copy of one waiting or finished)
+                    _log.info("repeat_lost", object_id=ev.object_id.hex(), reason=ev.reason)
+                    continue
+                self.lost += 1
                 lost_why = ev.reason if why_not is None else f"{ev.reason}; not spooled: {why_not}"
                 try:
                     self.ledger.record(ev.object_id, "lost", reason=lost_why)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,17 +47,23 @@ def lowest_free(folder: Path) -> Iterator[list[int]]:
         t.join()
 
 
-def _deployment(tmp_path: Path, *, reserve: str, rate: str | None = None) -> dict[str, Any]:
+def _deployment(
+    tmp_path: Path, *, reserve: str, rate: str | None = None, repeat: bool = False
+) -> dict[str, Any]:
     dep = init(tmp_path / "d")
 
     def outside(data: dict[str, Any]) -> None:
         fast_bulk(data)
         if rate is not None:
             data["link"]["rate"] = rate
+        for ch in data["channels"]:
+            if repeat and ch["name"] == "documents":
+                ch["repeat"] = {"count": 2, "spread": 6}
 
     def inside(data: dict[str, Any]) -> None:
         opaque(data)
         data.setdefault("inside", {})["spool_reserve"] = reserve
+        data["inside"]["object_timeout"] = 3
 
     edit_yaml(dep["outside"]["config"], outside)
     edit_yaml(dep["inside"]["config"], inside)
@@ -66,7 +73,7 @@ def _deployment(tmp_path: Path, *, reserve: str, rate: str | None = None) -> dic
 def test_an_object_that_would_leave_less_than_the_reserve_is_not_spooled_and_the_rest_goes_on(
     tmp_path: Path, agents: Any, small_audit_disk: Any
 ) -> None:
-    dep = _deployment(tmp_path, reserve="8M")
+    dep = _deployment(tmp_path, reserve="8M", repeat=True)
     state = small_audit_disk(dep["inside"]["state_dir"], size="24m")
     inside = agents("inside", dep["inside"]["config"])
     inside.wait_event("inside_started")
@@ -74,12 +81,15 @@ def test_an_object_that_would_leave_less_than_the_reserve_is_not_spooled_and_the
     outside.wait_event("api_listening")
     drop = Path(dep["channels"]["documents"]["drop"])
     deliver = Path(dep["channels"]["documents"]["deliver"])
+    filler = state / "filler"
+    filler.write_bytes(bytes(6 * MiB))
     room = free_bytes(state)
     assert room is not None
-    assert 20 * MiB < room < 24 * MiB
+    assert 14 * MiB < room < 18 * MiB
 
+    big = os.urandom(12 * MiB)
     with lowest_free(state) as low:
-        drop_file(drop, "big.bin", os.urandom(16 * MiB))  # 16 + 8 > what is free
+        drop_file(drop, "big.bin", big)  # 12 + 8 > what is free
         refused = inside.wait_event("object_not_spooled", timeout=60)
         assert "no room" in refused["reason"], refused
         assert f"less than {8 * MiB} bytes free" in refused["reason"], refused
@@ -87,8 +97,8 @@ def test_an_object_that_would_leave_less_than_the_reserve_is_not_spooled_and_the
             client.submit("messages", application(1), schema="citizen-application")
         messages = Path(dep["channels"]["messages"]["deliver"])
         wait_for(lambda: list(messages.glob("*.json")), what="the message", timeout=60)
-        small = os.urandom(4 * MiB)
-        drop_file(drop, "small.bin", small)  # 4 + 8 fit
+        small = os.urandom(2 * MiB)
+        drop_file(drop, "small.bin", small)  # 2 + 8 fit
         wait_for((deliver / "small.bin").exists, what="the smaller file", timeout=60)
         wait_for(
             lambda: any(
@@ -98,11 +108,16 @@ def test_an_object_that_would_leave_less_than_the_reserve_is_not_spooled_and_the
             what="the big file recorded lost",
             timeout=60,
         )
-    # Only small.bin's 4 MiB were spooled; without the reserve, big.bin's spool file would
-    # have taken 16 of the ~23 MiB free.
-    assert low[0] > 12 * MiB, low[0]
+    # Only small.bin's 2 MiB were spooled; without the reserve, big.bin's spool file would
+    # have taken 12 of the ~17 MiB free.
+    assert low[0] > 10 * MiB, low[0]
     assert (deliver / "small.bin").read_bytes() == small
     assert not (deliver / "big.bin").exists()
+
+    filler.unlink()  # room again: the big file's repeat is taken
+    wait_for((deliver / "big.bin").exists, what="the big file's repeat", timeout=60)
+    assert (deliver / "big.bin").read_bytes() == big
+    time.sleep(4)  # (past object_timeout: the rest of the refused copy is no second loss)
     lost = [r for r in records(dep["inside"]["audit_dir"]) if r["event"] == "transfer.lost"]
     assert len(lost) == 1, lost
     assert lost[0]["reason"].startswith("NOT_SPOOLED: "), lost
