@@ -86,7 +86,10 @@ DELIVERY_BATCH = 32
 # refused object is still refused and recorded, but not kept (a compromised outside, with
 # the key, could otherwise fill the inside's disk with refusals, the audit log's with it).
 MAX_KEPT_REFUSED = 4 * 1024**3
-KEPT_RESCAN = 60.0  # seconds: while over it, the folders are measured again at most this often
+KEPT_RESCAN = 60.0
+# Objects recorded lost for want of room remembered, so that the rest of their copy, or a
+# later copy that fails too, is not recorded lost a second time.
+MAX_FORGOTTEN = 4096  # seconds: while over it, the folders are measured again at most this often
 # A files channel's thread delivers up to this many files queued together (one wait for
 # the disk per step for them all), of up to FILE_BATCH_BYTES in all.
 FILE_BATCH = 32
@@ -433,6 +436,9 @@ class InsideAgent:
         self._unspooled: dict[bytes, str] = {}  # objects not spooled (no room), and why
         self._to_come: dict[bytes, int] = {}  # objects being spooled: bytes not yet written
         self._here: set[bytes] = set()  # repeats of objects waiting here or finished
+        # objects recorded lost as NOT_SPOOLED, taken again from a later copy: the rest of the
+        # copy that completed starts one that may only time out (not a second loss)
+        self._forgotten: dict[bytes, None] = {}
         self.spool_reserve = room_reserve(cfg.spool_reserve, self.spool_dir)
         self._floors_to_save: dict[bytes, tuple[int, int]] = {}  # (a full disk refused them)
         self._mem: dict[bytes, bytes] = {}
@@ -669,14 +675,15 @@ class InsideAgent:
             os.close(fd)
         self._part_path(oid).unlink(missing_ok=True)
 
-    def _not_spooled(
-        self, machine: Receiver, oid: bytes, length: int, why: str, now: float
-    ) -> None:
+    def _not_spooled(self, machine: Receiver, oid: bytes, length: int, why: str) -> None:
         """A complete object the inside's disk could not take (full): lost here, but not
         refused: a later copy (a channel repeat) is taken again."""
         with contextlib.suppress(OSError):
             self._drop_part(oid)
-        machine.forget_finished(oid, now)
+        machine.forget_finished(oid)
+        self._forgotten[oid] = None
+        if len(self._forgotten) > MAX_FORGOTTEN:
+            del self._forgotten[next(iter(self._forgotten))]
         self.lost += 1
         reason = f"NOT_SPOOLED: the inside could not keep it ({why})"
         try:
@@ -1803,7 +1810,9 @@ class InsideAgent:
                 except OSError as exc:
                     self._unspooled[ev.object_id] = str(exc)
                 if (why := self._unspooled.pop(ev.object_id, None)) is not None:
-                    self._not_spooled(machine, ev.object_id, ev.length, why, now)
+                    self._not_spooled(machine, ev.object_id, ev.length, why)
+                else:
+                    self._forgotten.pop(ev.object_id, None)
             elif isinstance(ev, ObjectLost):
                 self._mem.pop(ev.object_id, None)
                 # (a later copy is written afresh)
@@ -1811,6 +1820,10 @@ class InsideAgent:
                 self._drop_part(ev.object_id)
                 if ev.object_id in self._here or self._already_here(ev.object_id):
                     self._here.discard(ev.object_id)  # (a copy of one waiting or finished)
+                    _log.info("repeat_lost", object_id=ev.object_id.hex(), reason=ev.reason)
+                    continue
+                if ev.object_id in self._forgotten:  # (already recorded lost: NOT_SPOOLED)
+                    del self._forgotten[ev.object_id]
                     _log.info("repeat_lost", object_id=ev.object_id.hex(), reason=ev.reason)
                     continue
                 self.lost += 1

@@ -39,13 +39,6 @@ SYMBOL_COST = 320
 BLOCK_DONE_COST = 80
 # Finished object ids remembered to ignore late symbols and repeats cheaply.
 MAX_FINISHED = 65_536
-# A completed object the inside could not keep (forget_finished) is taken again from a later
-# copy, but not from the rest of the copy it completed from (its last repair symbols, which
-# would start a copy that never completes): its symbols are ignored until none has arrived
-# for this many packet times on the link (at least FORGET_QUIET_MIN seconds), or until the
-# first symbol of a copy (block 0, symbol 0: a sender sends it first) arrives.
-FORGET_QUIET_PACKETS = 64
-FORGET_QUIET_MIN = 0.5
 # Datagrams of a not-yet-announced session kept until its announcement arrives
 # (one announce interval of packets at ~100k packets/s would be more; this is a cushion
 # for the first announcement being lost or reordered, not a full second of traffic).
@@ -192,11 +185,6 @@ class Receiver:
         self._early_bytes = 0
         self._objects: OrderedDict[bytes, _Object] = OrderedDict()
         self._finished: OrderedDict[bytes, None] = OrderedDict()
-        # (objects forget_finished was called for: when the last of their symbols came)
-        self._forgetting: dict[bytes, float] = {}
-        self._quiet = max(
-            FORGET_QUIET_MIN, FORGET_QUIET_PACKETS * params.packet_size * 8 / params.rate_bps
-        )
         self._pending_bytes = 0
         self._events: deque[Event] = deque()
         self.stats = ReceiverStats()
@@ -213,18 +201,17 @@ class Receiver:
     def mark_finished(self, object_id: bytes) -> None:
         """Tell the machine an object is already delivered (or given up): ignore its symbols."""
         self._finished[object_id] = None
-        self._forgetting.pop(object_id, None)
         if len(self._finished) > MAX_FINISHED:
             self._finished.popitem(last=False)
         obj = self._objects.pop(object_id, None)
         if obj is not None:
             self._drop_pending(obj)
 
-    def forget_finished(self, object_id: bytes, now: float) -> None:
-        """Take a later copy of a completed object again (the first could not be kept); the
-        rest of the copy it completed from is still ignored (see FORGET_QUIET_PACKETS)."""
-        if object_id in self._finished:
-            self._forgetting[object_id] = now
+    def forget_finished(self, object_id: bytes) -> None:
+        """Take a later copy of a completed object again (the first could not be kept).
+        The rest of the copy it completed from (its last repair symbols) then starts an
+        object: a later copy completes it, or it is reported lost at its timeout."""
+        self._finished.pop(object_id, None)
 
     @property
     def active_objects(self) -> int:
@@ -255,10 +242,6 @@ class Receiver:
         stale = [oid for oid, o in self._objects.items() if now - o.last_seen > self._timeout]
         for oid in stale:
             self._lose(oid, "timeout")
-        quiet = [oid for oid, last in self._forgetting.items() if now - last >= self._quiet]
-        for oid in quiet:
-            del self._forgetting[oid]
-            self._finished.pop(oid, None)
 
     # --------------------------------------------------------------- announce
     def _check_allowed(self, now: float) -> bool:
@@ -383,13 +366,8 @@ class Receiver:
         params, b, s, payload = rec.decode_symbol(frame)
         oid = params.object_id
         if oid in self._finished:
-            if oid not in self._forgetting or (b, s) != (0, 0):
-                self.stats.duplicates += 1
-                if oid in self._forgetting:
-                    self._forgetting[oid] = now
-                return
-            del self._forgetting[oid]  # (a later copy's first symbol: taken from here)
-            del self._finished[oid]
+            self.stats.duplicates += 1
+            return
         obj = self._objects.get(oid)
         if obj is None:
             obj = self._new_object(params, now)

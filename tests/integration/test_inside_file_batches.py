@@ -152,7 +152,7 @@ def test_a_copy_after_one_lost_to_a_full_disk_is_written_afresh(
             out, self.events = self.events, []
             return out
 
-        def forget_finished(self, _oid: bytes, _now: float) -> None:
+        def forget_finished(self, _oid: bytes) -> None:
             pass
 
     real_fd = agent._spool_fd
