@@ -439,6 +439,9 @@ class InsideAgent:
         # objects recorded lost as NOT_SPOOLED, taken again from a later copy: the rest of the
         # copy that completed starts one that may only time out (not a second loss)
         self._forgotten: dict[bytes, None] = {}
+        # kept objects a delivery thread found damaged and removed: the receiving thread
+        # takes their next copy again (a copy already under way was not spooled: _here)
+        self._to_forget: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.spool_reserve = room_reserve(cfg.spool_reserve, self.spool_dir)
         self._floors_to_save: dict[bytes, tuple[int, int]] = {}  # (a full disk refused them)
         self._mem: dict[bytes, bytes] = {}
@@ -633,9 +636,6 @@ class InsideAgent:
 
     def _completed(self, oid: bytes, length: int) -> None:
         """A complete object: to the thread of its kind (OSError: it could not be kept)."""
-        if oid in self._here:  # (already waiting here, or finished)
-            self._here.discard(oid)
-            return
         data = self._mem.pop(oid, None)
         if data is not None:
             kind, channel = _claim(data)
@@ -686,8 +686,9 @@ class InsideAgent:
             del self._forgotten[next(iter(self._forgotten))]
         self.lost += 1
         reason = f"NOT_SPOOLED: the inside could not keep it ({why})"
-        try:
-            self.ledger.record(oid, "lost", reason=reason[:1024])
+        try:  # (never over a delivery: a copy of one the receiver no longer remembers)
+            if self.ledger.state_of(oid) in (None, "lost"):
+                self.ledger.record(oid, "lost", reason=reason[:1024])
         except sqlite3.Error as exc:  # (a full disk: the audit record below says it)
             _log.error("loss_not_in_ledger", object_id=oid.hex(), error=str(exc))
         self._record_lost(oid, reason, size=length)
@@ -961,6 +962,7 @@ class InsideAgent:
         """A spooled object kept from before the start is not intact (a power cut before
         the disk had it all): removed, not refused, so that a repeat can still deliver it."""
         self._spool_path(oid).unlink(missing_ok=True)
+        self._to_forget.put(oid)
         reason = f"LOST: the spooled object did not survive the restart intact: {exc}"
         if self.ledger.state_of(oid) == "delivering":  # (not refused: a repeat delivers it)
             self.ledger.record(oid, "lost", reason=reason)
@@ -1797,6 +1799,8 @@ class InsideAgent:
         )
 
     def _handle(self, machine: Receiver, monitor: LinkMonitor, now: float) -> None:
+        while not self._to_forget.empty():
+            machine.forget_finished(self._to_forget.get())
         for ev in machine.pop_events():
             if isinstance(ev, BlockDecoded):
                 if ev.offset == 0 and len(ev.data) == ev.object_length <= MEMORY_OBJECT_MAX:
@@ -1804,6 +1808,11 @@ class InsideAgent:
                 else:
                     self._spool_block(ev)
             elif isinstance(ev, ObjectCompleted):
+                if ev.object_id in self._here:  # (a copy of one waiting here, or finished)
+                    self._here.discard(ev.object_id)
+                    if not self._already_here(ev.object_id):  # (the one waiting was dropped)
+                        machine.forget_finished(ev.object_id)
+                    continue
                 # (an empty object's only block still went through BlockDecoded)
                 try:
                     self._completed(ev.object_id, ev.length)

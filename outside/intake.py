@@ -95,6 +95,19 @@ def _beneath(fd: int, folder: Path | None) -> bool:
     return real.startswith(root.rstrip("/") + "/")
 
 
+def _reached_beneath(path: Path, folder: Path | None) -> bool:
+    """Does ``path`` lead to something inside ``folder`` (see :func:`_beneath`)? Asked
+    before a file is refused, since a refusal moves it to the quarantine."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return _beneath(fd, folder)
+    finally:
+        os.close(fd)
+
+
 def _folder_problem(relpath: PurePosixPath) -> str | None:
     """Why the subfolders a file was found in cannot travel with it (None: they can): each
     must be valid UTF-8 without control characters, and the path fit the manifest."""
@@ -690,6 +703,9 @@ class FolderIntake:
                 r.mtime_ns,
             ):
                 return 0  # (written again meanwhile: reported once stable)
+            if not _reached_beneath(r.path, ch.drop):
+                self._led_out(ch, r.relpath.name)
+                return 0  # (nothing moved)
             self._reject(
                 ch,
                 r.path,
@@ -729,6 +745,9 @@ class FolderIntake:
                 self._forget_sources([key])
             return None
         name = r.relpath.name
+        if not _reached_beneath(path, ch.drop):  # (a folder on the way swapped for a symlink)
+            self._led_out(ch, name)
+            return None  # (nothing read, nothing moved)
         if (problem := _folder_problem(r.relpath)) is not None:
             self._reject(ch, path, name, "FILENAME_POLICY", problem)
             return None
@@ -753,10 +772,7 @@ class FolderIntake:
                 _log.info("file_changed_before_copy", channel=ch.name, name=name)
                 return None
             if not _beneath(src, ch.drop):  # (a folder on the way swapped for a symlink)
-                _log.warning("refused_outside_drop_folder", channel=ch.name, name=name)
-                self._record_rejection(
-                    ch, name, "NOT_REGULAR_FILE", "the path led out of the drop folder", None
-                )
+                self._led_out(ch, name)
                 return None  # (nothing read, nothing moved)
             size = 0
             digest = hashlib.sha256()
@@ -954,6 +970,12 @@ class FolderIntake:
             cached = (stamp, overrides_by_sha(q.folder, self._admin_key))
             self._overrides[q.folder] = cached
         return cached[1].get(sha256, frozenset()) - NOT_OVERRIDABLE
+
+    def _led_out(self, ch: OutsideChannel, name: str) -> None:
+        _log.warning("refused_outside_drop_folder", channel=ch.name, name=name)
+        self._record_rejection(
+            ch, name, "NOT_REGULAR_FILE", "the path led out of the drop folder", None
+        )
 
     def _reject(
         self,

@@ -57,6 +57,8 @@ BIDI_AND_INVISIBLE = {
 }  # fmt: skip
 
 _log = log.get("outside.quarantine")
+# Room a copy into the quarantine from another file system must leave (its reason files).
+COPY_ROOM_MARGIN = 1024 * 1024
 
 
 # (why, 原因, what you can do, 您可以) per reason code.
@@ -515,6 +517,9 @@ class Quarantine:
                     # Replaced between our check and the rename: what came in is not followed.
                     _log.warning("quarantine_source_replaced", name=name)
                 return
+        vfs = os.fstatvfs(dfd)  # (a copy that cannot fit would only fill that disk, every try)
+        if vfs.f_bavail * vfs.f_frsize < st.st_size + COPY_ROOM_MARGIN:
+            raise OSError(errno.ENOSPC, "no room for it on the quarantine folder's disk", name)
         _write_atomic(dfd, name, _copy_from(src_fd))
         sync_names_at(dfd, [name])  # (on a share: see ferry.place.sync_names)
         if move:

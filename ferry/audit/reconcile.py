@@ -125,7 +125,7 @@ class ItemState:
         self.sent_sha256: str | None = None
         self.received_ts: str | None = None
         self.received_sha256: str | None = None
-        self.lost: str | None = None  # "received x of y" when the inside gave up
+        self.lost: str | None = None  # why and how far, when the inside gave up
         self.recheck_result: str | None = None
         self.recheck_reason: str | None = None
         self.delivered_ts: str | None = None
@@ -304,8 +304,11 @@ class Accountant:
             st.received_ts = st.received_ts or ts
             st.received_sha256 = st.received_sha256 or field_str(obj, "sha256")
         elif event == "transfer.lost":
-            got, need = field_int(detail, "received"), field_int(detail, "needed")
-            st.lost = f"received {got} of {need} packets" if got is not None else "lost"
+            got, need = field_int(detail, "blocks_done"), field_int(detail, "blocks_total")
+            lost = [reason] if isinstance(reason, str) and reason else []
+            if got is not None and need is not None:
+                lost.append(f"{got} of {need} blocks decoded")
+            st.lost = "; ".join(lost) or "lost"
         elif event == "recheck":
             st.recheck_result = result
             st.recheck_reason = reason

@@ -190,8 +190,9 @@ class Builder:
             "transfer.lost",
             subject=PEER,
             result="failure",
+            reason="LOST: timeout",
             obj=obj,
-            detail={"received": 3, "needed": 8},
+            detail={"blocks_done": 3, "blocks_total": 8},  # (as the inside writes it)
             corr=item,
         )
 

@@ -78,7 +78,7 @@ def test_sequence_gap_and_lost_are_evidence(scn: Standard, result: Reconciliatio
     assert (gap.channel, gap.first, gap.last, gap.unknown) == ("files/permits", 8, 8, 0)
     assert gap.items == (scn.items["gave_up"],)
     [gave_up] = [s for s in result.accepted if s.item == scn.items["gave_up"]]
-    assert gave_up.evidence[0] == "inside gave up on it (received 3 of 8 packets)"
+    assert gave_up.evidence[0] == "inside gave up on it (LOST: timeout; 3 of 8 blocks decoded)"
     assert any("sequence gap 8..8" in e for e in gave_up.evidence)
     [stuck] = [s for s in result.accepted if s.item == scn.items["stuck"]]
     assert stuck.evidence == ["received inside at 2026-11-21T09:08:03.000000Z, never delivered"]

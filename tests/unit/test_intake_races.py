@@ -414,3 +414,28 @@ def test_room_is_claimed_for_each_copy_under_way_and_a_file_that_never_fits_is_q
     (gateway.drop / "c.txt").write_text("x" * 1000)
     c = _ready(gateway, "c.txt")
     assert intake._room_for(small, c, logged=False) == 1  # (_prepare refuses it unread)
+
+
+@pytest.mark.parametrize("refusal", ["no room, ever", "over the channel's max_size"])
+def test_a_file_too_large_reached_through_a_symlinked_folder_is_not_moved(
+    gateway: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    """A refusal moves the file to the quarantine: it must not move one from elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "big.img").write_bytes(b"x" * 5000)
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    os.symlink(elsewhere, gateway.drop / "sub")
+    ready = _ready(gateway, "sub/big.img")
+    if refusal == "no room, ever":
+        reserve = gateway.intake._reserve
+        monkeypatch.setattr(intake_mod, "disk_room", lambda _: (0, reserve + 1000))
+        assert gateway.intake._room_for(gateway.channel, ready, logged=False) == 0
+    else:
+        assert gateway.intake._prepare(replace(gateway.channel, max_size=10), ready) is None
+    assert (elsewhere / "big.img").read_bytes() == b"x" * 5000
+    assert not any(p.name.startswith("big.img") for p in gateway.quarantine.iterdir())
+    rejected = [r for r in gateway.records() if r["event"] == "intake.rejected"]
+    assert [r["reason"] for r in rejected] == [
+        "NOT_REGULAR_FILE: the path led out of the drop folder"
+    ]

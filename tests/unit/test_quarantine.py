@@ -113,6 +113,32 @@ def test_move_across_filesystems_copies_then_unlinks(
     assert reason(rec)["size"] == len(data)
 
 
+def test_a_copy_that_cannot_fit_is_not_started(
+    tmp_path: Path, quarantine: Quarantine, qdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Across file systems a file is copied in; one bigger than the room there would fill
+    that disk on every try (a file refused as too large for the gateway's own disk)."""
+    src = drop(tmp_path, "huge.bin", os.urandom(4096))
+    real = os.fstatvfs
+    room: dict[str, int] = {}
+
+    def fstatvfs(fd: int) -> Any:
+        st = real(fd)
+        return os.statvfs_result((*st[:4], room["blocks"], *st[5:]))  # f_bavail
+
+    monkeypatch.setattr(q.os, "fstatvfs", fstatvfs)
+    frsize = os.statvfs(tmp_path).f_frsize
+    room["blocks"] = (q.COPY_ROOM_MARGIN + 4095) // frsize  # (short of 4096 + the margin)
+    with pytest.raises(OSError) as full:
+        quarantine.put_file(src, original_name="huge.bin", move=False, **REASON)
+    assert full.value.errno == errno.ENOSPC
+    assert src.read_bytes() != b""
+    assert not qdir.exists() or not any(p.name.startswith("huge.bin") for p in qdir.iterdir())
+    room["blocks"] = (q.COPY_ROOM_MARGIN + 4096) // frsize + 1
+    rec = quarantine.put_file(src, original_name="huge.bin", move=False, **REASON)
+    assert rec.path.read_bytes() == src.read_bytes()
+
+
 def test_collisions_never_overwrite(tmp_path: Path, quarantine: Quarantine, qdir: Path) -> None:
     stored = [
         quarantine.put_bytes(f"v{i}".encode(), original_name="same.pdf", **REASON).path.name
