@@ -682,8 +682,10 @@ class FolderIntake:
         ``reserve`` bytes free on the state disk, with every copy under way: the spool's
         database, the API's messages and the audit log need that room, and a file bigger
         than the room left would fill the disk every time it was tried."""
-        # (one over the channel's own limit is refused by _prepare, unread)
-        size = 0 if r.size > ch.max_size else r.size
+        # (one over the channel's own limit is refused by _prepare, unread; a content check
+        # writes its cleaned output next to the copy)
+        copies = 1 if ch.content is None else 2
+        size = 0 if r.size > ch.max_size else r.size * copies
         room = disk_room(self._incoming)
         with self._room_lock:
             if room is None or room[0] - self._copying - size >= self._reserve or size == 0:
@@ -691,7 +693,7 @@ class FolderIntake:
                 self._copying += claimed
                 return claimed
         free, whole = room
-        if r.size + self._reserve > whole:
+        if size + self._reserve > whole:
             try:
                 st = os.lstat(r.path)
             except OSError:
@@ -712,7 +714,7 @@ class FolderIntake:
                 r.relpath.name,
                 "TOO_LARGE",
                 f"the file is {r.size} bytes, more than the gateway's disk can ever take "
-                f"({whole - self._reserve} bytes at most)",
+                f"({(whole - self._reserve) // copies} bytes at most)",
             )
             return 0
         if not logged:
@@ -778,7 +780,11 @@ class FolderIntake:
             digest = hashlib.sha256()
             try:
                 with open(tmp, "xb") as out:
-                    while chunk := os.read(src, COPY_CHUNK):
+                    # (no further than one byte past its size: a file that grows while it
+                    # is copied is not taken, and must not fill the disk meanwhile)
+                    while size <= st.st_size and (
+                        chunk := os.read(src, min(COPY_CHUNK, st.st_size + 1 - size))
+                    ):
                         out.write(chunk)
                         digest.update(chunk)
                         size += len(chunk)

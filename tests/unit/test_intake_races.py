@@ -381,6 +381,7 @@ def test_room_is_claimed_for_each_copy_under_way_and_a_file_that_never_fits_is_q
     with the reserve kept is quarantined, not tried again and again."""
     intake = gateway.intake
     reserve = intake._reserve
+    bulk = replace(gateway.channel, content=None)  # (one copy: no cleaned output beside it)
     gateway.drop.mkdir(parents=True, exist_ok=True)
     for name in ("a.txt", "b.txt"):
         (gateway.drop / name).write_text("x" * 1000)
@@ -388,27 +389,36 @@ def test_room_is_claimed_for_each_copy_under_way_and_a_file_that_never_fits_is_q
     disk = {"free": reserve + 1500, "whole": 10 * reserve}
     monkeypatch.setattr(intake_mod, "disk_room", lambda _: (disk["free"], disk["whole"]))
 
-    claimed = intake._room_for(gateway.channel, a, logged=False)
+    claimed = intake._room_for(bulk, a, logged=False)
     assert claimed == 1001
     assert intake._copying == 1001
-    assert intake._room_for(gateway.channel, b, logged=False) is None  # waits: a's claim
+    assert intake._room_for(bulk, b, logged=False) is None  # waits: a's claim
     intake._copying -= claimed
     disk["free"] -= 1000  # (a copied: its bytes are on the disk now)
-    assert intake._room_for(gateway.channel, b, logged=False) is None  # 500 left over
+    assert intake._room_for(bulk, b, logged=False) is None  # 500 left over
     disk["free"] += 1000  # (a sent and gone)
-    assert intake._room_for(gateway.channel, b, logged=False) == 1001
+    assert intake._room_for(bulk, b, logged=False) == 1001
     intake._copying -= 1001
     assert (gateway.drop / "b.txt").exists()
     assert not any(r["event"] == "intake.rejected" for r in gateway.records())
 
     disk["free"], disk["whole"] = 0, reserve + 999  # never room for b's 1000 bytes
-    assert intake._room_for(gateway.channel, b, logged=False) == 0
+    assert intake._room_for(bulk, b, logged=False) == 0
     assert intake._copying == 0
     assert not (gateway.drop / "b.txt").exists()
     assert (gateway.quarantine / "b.txt").read_text() == "x" * 1000
     rejected = [r for r in gateway.records() if r["event"] == "intake.rejected"]
     assert len(rejected) == 1
     assert rejected[0]["reason"].startswith("TOO_LARGE: the file is 1000 bytes, more than")
+
+    assert gateway.channel.content is not None
+    (gateway.drop / "d.txt").write_text("x" * 1000)
+    disk["free"], disk["whole"] = reserve + 1500, 10 * reserve
+    d = _ready(gateway, "d.txt")
+    assert intake._room_for(gateway.channel, d, logged=False) is None  # copy + cleaned output
+    disk["free"] = reserve + 2001
+    assert intake._room_for(gateway.channel, d, logged=False) == 2001
+    intake._copying -= 2001
 
     small = replace(gateway.channel, max_size=10)
     (gateway.drop / "c.txt").write_text("x" * 1000)
@@ -439,3 +449,31 @@ def test_a_file_too_large_reached_through_a_symlinked_folder_is_not_moved(
     assert [r["reason"] for r in rejected] == [
         "NOT_REGULAR_FILE: the path led out of the drop folder"
     ]
+
+
+def test_a_file_that_grows_while_it_is_copied_is_read_no_further_than_its_size(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clerk's tool still appending (or a hostile one that never stops): the copy stops one
+    byte past the size the file was found with, so it cannot fill the gateway's disk."""
+    monkeypatch.setattr(intake_mod, "COPY_CHUNK", 16)
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    path = gateway.drop / "log.txt"
+    path.write_text("a" * 64)
+    ready = _ready(gateway, "log.txt")
+    real_read, got = os.read, []
+
+    def read(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+            got.append(len(data))
+            assert len(got) < 100, "the copy did not stop"
+            with open(path, "ab") as f:
+                f.write(b"b" * 1000)
+        return data
+
+    monkeypatch.setattr(intake_mod.os, "read", read)
+    assert gateway.intake._prepare(gateway.channel, ready) is None
+    assert sum(got) == 65
+    assert _parts(gateway) == []
+    assert path.exists()
