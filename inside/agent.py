@@ -589,7 +589,7 @@ class InsideAgent:
         if oid in self._unspooled or oid in self._here:
             return
         if oid not in self._to_come:
-            if self._already_here(oid):
+            if self._spool_path(oid).exists():  # (the ledger is asked only if it is not kept)
                 self._here.add(oid)
                 return
             if (why := self._no_room_for(ev.object_length)) is not None:
@@ -680,15 +680,17 @@ class InsideAgent:
         refused: a later copy (a channel repeat) is taken again."""
         with contextlib.suppress(OSError):
             self._drop_part(oid)
+        if self._already_here(oid):  # (a copy of one the receiver no longer remembers)
+            _log.info("repeat_not_spooled", object_id=oid.hex(), reason=why)
+            return
         machine.forget_finished(oid)
         self._forgotten[oid] = None
         if len(self._forgotten) > MAX_FORGOTTEN:
             del self._forgotten[next(iter(self._forgotten))]
         self.lost += 1
         reason = f"NOT_SPOOLED: the inside could not keep it ({why})"
-        try:  # (never over a delivery: a copy of one the receiver no longer remembers)
-            if self.ledger.state_of(oid) in (None, "lost"):
-                self.ledger.record(oid, "lost", reason=reason[:1024])
+        try:
+            self.ledger.record(oid, "lost", reason=reason[:1024])
         except sqlite3.Error as exc:  # (a full disk: the audit record below says it)
             _log.error("loss_not_in_ledger", object_id=oid.hex(), error=str(exc))
         self._record_lost(oid, reason, size=length)
