@@ -62,6 +62,8 @@ def disk_room(folder: Path) -> tuple[int, int] | None:
         st = os.statvfs(folder)
     except OSError:
         return None
+    if st.f_blocks == 0:  # (a FUSE file system without statfs: it does not say)
+        return None
     return st.f_bavail * st.f_frsize, (st.f_blocks - st.f_bfree + st.f_bavail) * st.f_frsize
 
 

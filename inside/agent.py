@@ -86,10 +86,10 @@ DELIVERY_BATCH = 32
 # refused object is still refused and recorded, but not kept (a compromised outside, with
 # the key, could otherwise fill the inside's disk with refusals, the audit log's with it).
 MAX_KEPT_REFUSED = 4 * 1024**3
-KEPT_RESCAN = 60.0
-# Objects recorded lost for want of room remembered, so that the rest of their copy, or a
-# later copy that fails too, is not recorded lost a second time.
-MAX_FORGOTTEN = 4096  # seconds: while over it, the folders are measured again at most this often
+KEPT_RESCAN = 60.0  # seconds: while over it, the folders are measured again at most this often
+# Objects recorded lost here and forgotten by the receiver (to take a later copy), remembered
+# so that the rest of the copy that completed, timing out, is not recorded lost again.
+MAX_FORGOTTEN = 4096
 # A files channel's thread delivers up to this many files queued together (one wait for
 # the disk per step for them all), of up to FILE_BATCH_BYTES in all.
 FILE_BATCH = 32
@@ -683,10 +683,7 @@ class InsideAgent:
         if self._already_here(oid):  # (a copy of one the receiver no longer remembers)
             _log.info("repeat_not_spooled", object_id=oid.hex(), reason=why)
             return
-        machine.forget_finished(oid)
-        self._forgotten[oid] = None
-        if len(self._forgotten) > MAX_FORGOTTEN:
-            del self._forgotten[next(iter(self._forgotten))]
+        self._forget(machine, oid)
         self.lost += 1
         reason = f"NOT_SPOOLED: the inside could not keep it ({why})"
         try:
@@ -695,6 +692,15 @@ class InsideAgent:
             _log.error("loss_not_in_ledger", object_id=oid.hex(), error=str(exc))
         self._record_lost(oid, reason, size=length)
         self._disk_log("object_not_spooled", reason, object_id=oid.hex())
+
+    def _forget(self, machine: Receiver, oid: bytes) -> None:
+        """Have the receiver take the next copy of an object recorded lost here (not kept, or
+        kept but damaged); the rest of the copy that completed then starts an object that a
+        later copy completes, or that times out: not a second loss (``repeat_lost``)."""
+        machine.forget_finished(oid)
+        self._forgotten[oid] = None
+        if len(self._forgotten) > MAX_FORGOTTEN:
+            del self._forgotten[next(iter(self._forgotten))]
 
     def _lost_here(self, oid: bytes, length: int, why: str) -> None:
         """A verified object a delivery thread could not keep (the inside's disk is full):
@@ -1802,7 +1808,7 @@ class InsideAgent:
 
     def _handle(self, machine: Receiver, monitor: LinkMonitor, now: float) -> None:
         while not self._to_forget.empty():
-            machine.forget_finished(self._to_forget.get())
+            self._forget(machine, self._to_forget.get())
         for ev in machine.pop_events():
             if isinstance(ev, BlockDecoded):
                 if ev.offset == 0 and len(ev.data) == ev.object_length <= MEMORY_OBJECT_MAX:
@@ -1813,7 +1819,7 @@ class InsideAgent:
                 if ev.object_id in self._here:  # (a copy of one waiting here, or finished)
                     self._here.discard(ev.object_id)
                     if not self._already_here(ev.object_id):  # (the one waiting was dropped)
-                        machine.forget_finished(ev.object_id)
+                        self._forget(machine, ev.object_id)
                     continue
                 # (an empty object's only block still went through BlockDecoded)
                 try:

@@ -95,19 +95,6 @@ def _beneath(fd: int, folder: Path | None) -> bool:
     return real.startswith(root.rstrip("/") + "/")
 
 
-def _reached_beneath(path: Path, folder: Path | None) -> bool:
-    """Does ``path`` lead to something inside ``folder`` (see :func:`_beneath`)? Asked
-    before a file is refused, since a refusal moves it to the quarantine."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        return _beneath(fd, folder)
-    finally:
-        os.close(fd)
-
-
 def _folder_problem(relpath: PurePosixPath) -> str | None:
     """Why the subfolders a file was found in cannot travel with it (None: they can): each
     must be valid UTF-8 without control characters, and the path fit the manifest."""
@@ -705,9 +692,6 @@ class FolderIntake:
                 r.mtime_ns,
             ):
                 return 0  # (written again meanwhile: reported once stable)
-            if not _reached_beneath(r.path, ch.drop):
-                self._led_out(ch, r.relpath.name)
-                return 0  # (nothing moved)
             self._reject(
                 ch,
                 r.path,
@@ -715,6 +699,7 @@ class FolderIntake:
                 "TOO_LARGE",
                 f"the file is {r.size} bytes, more than the gateway's disk can ever take "
                 f"({(whole - self._reserve) // copies} bytes at most)",
+                found=(r.dev, r.ino),
             )
             return 0
         if not logged:
@@ -747,11 +732,9 @@ class FolderIntake:
                 self._forget_sources([key])
             return None
         name = r.relpath.name
-        if not _reached_beneath(path, ch.drop):  # (a folder on the way swapped for a symlink)
-            self._led_out(ch, name)
-            return None  # (nothing read, nothing moved)
+        found = (st.st_dev, st.st_ino)  # (what a refusal may move: see _reject)
         if (problem := _folder_problem(r.relpath)) is not None:
-            self._reject(ch, path, name, "FILENAME_POLICY", problem)
+            self._reject(ch, path, name, "FILENAME_POLICY", problem, found=found)
             return None
         if st.st_size > ch.max_size:
             self._reject(
@@ -826,16 +809,20 @@ class FolderIntake:
                 )
         except ContentRefused as exc:
             tmp.unlink(missing_ok=True)
-            self._reject(ch, path, name, exc.reason_code, _plain(exc), report=exc.report)
+            self._reject(
+                ch, path, name, exc.reason_code, _plain(exc), report=exc.report, found=found
+            )
             return None
         except PolicyRejection as exc:
             tmp.unlink(missing_ok=True)
-            self._reject(ch, path, name, exc.reason_code, _plain(exc))
+            self._reject(ch, path, name, exc.reason_code, _plain(exc), found=found)
             return None
         except Exception as exc:  # noqa: BLE001  # fail closed: a filter error rejects the file
             tmp.unlink(missing_ok=True)
             _log.exception("filter_error", channel=ch.name, name=name)
-            self._reject(ch, path, name, "FILTER_ERROR", f"a content check failed: {exc}")
+            self._reject(
+                ch, path, name, "FILTER_ERROR", f"a content check failed: {exc}", found=found
+            )
             return None
         if content != tmp:  # the cleaned output, under a name of its own (the workdir's
             tmp.unlink(missing_ok=True)  # are reused for the next file)
@@ -992,24 +979,38 @@ class FolderIntake:
         message: str,
         *,
         report: Mapping[str, Any] | None = None,
+        found: tuple[int, int] | None = None,
     ) -> None:
-        self._lanes[ch.name].quarantined += 1
+        """Refuse a clerk's file: moved to the channel's quarantine with its reasons. Its
+        folder is reached one level at a time from the drop folder without following a
+        symlink (:func:`ferry.place.pinned_folder`), and with ``found`` the file must still
+        be that (device, inode): a subfolder swapped for a symlink while the file was checked
+        cannot have a file from elsewhere moved (nothing is moved; recorded as leading out
+        of the drop folder)."""
         q = self._quarantine.get(ch.name)
-        _log.warning("quarantined", channel=ch.name, name=name, reason_code=code, message=message)
         kept: str | None = None
-        if q is not None:
+        if q is not None and ch.drop is not None:
             try:
-                placed = q.put_file(
-                    path,
-                    channel=ch.name,
-                    original_name=name,
-                    reason_code=code,
-                    message=message,
-                    details={"report": dict(report)} if report else None,
-                )
+                rel = PurePosixPath(path.relative_to(ch.drop))
+                with pinned_folder(ch.drop, rel.parent.parts, create=False) as (_, src_dir):
+                    placed = q.put_file(
+                        Path(rel.name),
+                        channel=ch.name,
+                        original_name=name,
+                        reason_code=code,
+                        message=message,
+                        details={"report": dict(report)} if report else None,
+                        src_dir=src_dir,
+                        expect=found,
+                    )
                 kept = str(placed.path)
+            except (UnsafePathError, ValueError):  # (ValueError: not under the drop folder)
+                self._led_out(ch, name)
+                return
             except OSError as exc:
                 _log.error("quarantine_failed", channel=ch.name, name=name, error=str(exc))
+        self._lanes[ch.name].quarantined += 1
+        _log.warning("quarantined", channel=ch.name, name=name, reason_code=code, message=message)
         self._record_rejection(ch, name, code, message, kept)
 
     def _record_rejection(

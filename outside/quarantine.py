@@ -265,6 +265,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_src_dir(src: Path, src_dir: int | None) -> None:
+    if src_dir is None:
+        _fsync_dir(src.parent)
+    else:
+        os.fsync(src_dir)
+
+
 def _write_atomic(dfd: int, name: str, fill: Callable[[int], None]) -> None:
     """Create ``name`` in the folder: temp file, ``fill(fd)``, fsync, rename (not the folder).
     The file has the folder's permissions (:func:`ferry.place.share_like_folder`): clerks
@@ -320,17 +327,24 @@ class Quarantine:
         sha256: str | None = None,
         details: Mapping[str, Any] | None = None,
         move: bool = True,
+        src_dir: int | None = None,
+        expect: tuple[int, int] | None = None,
     ) -> QuarantineRecord:
-        """Move (or copy) a regular file in; a symlink or special file raises OSError."""
+        """Move (or copy) a regular file in; a symlink or special file raises OSError.
+        ``src_dir``: ``src`` is a name in that open folder (opened one level at a time by
+        the caller: what is moved then stays the file in that very folder). ``expect``:
+        the (device, inode) the file must still be (OSError if it was replaced)."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        src_fd = os.open(src, flags)
+        src_fd = os.open(src, flags, dir_fd=src_dir)
         try:
             st = os.fstat(src_fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file (use put_note)", str(src))
+            if expect is not None and (st.st_dev, st.st_ino) != expect:
+                raise OSError(errno.ESTALE, "replaced since it was checked", str(src))
 
             def place(dfd: int, name: str) -> None:
-                self._place_file(dfd, name, src, src_fd, st, move=move)
+                self._place_file(dfd, name, src, src_fd, st, move=move, src_dir=src_dir)
 
             return self._put(
                 place,
@@ -501,30 +515,38 @@ class Quarantine:
         )
 
     def _place_file(
-        self, dfd: int, name: str, src: Path, src_fd: int, st: os.stat_result, *, move: bool
+        self,
+        dfd: int,
+        name: str,
+        src: Path,
+        src_fd: int,
+        st: os.stat_result,
+        *,
+        move: bool,
+        src_dir: int | None,
     ) -> None:
         if move:
             try:
-                os.rename(src, name, dst_dir_fd=dfd)
+                os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=dfd)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
             else:
                 moved = os.lstat(name, dir_fd=dfd)
                 sync_names_at(dfd, [name] if stat.S_ISREG(moved.st_mode) else [])
-                _fsync_dir(src.parent)
+                _fsync_src_dir(src, src_dir)
                 if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
                     # Replaced between our check and the rename: what came in is not followed.
                     _log.warning("quarantine_source_replaced", name=name)
                 return
         vfs = os.fstatvfs(dfd)  # (a copy that cannot fit would only fill that disk, every try)
-        if vfs.f_bavail * vfs.f_frsize < st.st_size + COPY_ROOM_MARGIN:
+        if vfs.f_blocks and vfs.f_bavail * vfs.f_frsize < st.st_size + COPY_ROOM_MARGIN:
             raise OSError(errno.ENOSPC, "no room for it on the quarantine folder's disk", name)
         _write_atomic(dfd, name, _copy_from(src_fd))
         sync_names_at(dfd, [name])  # (on a share: see ferry.place.sync_names)
         if move:
-            os.unlink(src)  # the copy is durable: only now let the original go
-            _fsync_dir(src.parent)
+            os.unlink(src, dir_fd=src_dir)  # the copy is durable: only now let the original go
+            _fsync_src_dir(src, src_dir)
 
 
 def _reason_txt(doc: Mapping[str, Any]) -> str:

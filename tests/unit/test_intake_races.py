@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from intake_helpers import Gateway
 
+from ferry.errors import PolicyRejection
 from outside import intake as intake_mod
 from outside.agent import OutsideAgent
 from outside.watch import Ready
@@ -477,3 +478,52 @@ def test_a_file_that_grows_while_it_is_copied_is_read_no_further_than_its_size(
     assert sum(got) == 65
     assert _parts(gateway) == []
     assert path.exists()
+
+
+def test_a_subfolder_swapped_for_a_symlink_while_its_file_is_checked_has_nothing_moved(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """A refusal comes after the content check (seconds, for a big file); the file it moves
+    to the quarantine is reached from the drop folder one level at a time, so a subfolder
+    swapped for a symlink meanwhile cannot bring in a file from elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "report.txt").write_text("not the clerk's\n")
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    (gateway.drop / "sub").mkdir()
+    (gateway.drop / "sub" / "report.txt").write_text("the clerk's own\n")
+    ready = _ready(gateway, "sub/report.txt")
+
+    def swap_then_refuse(ch: Any, tmp: Path, name: str) -> None:
+        os.rename(gateway.drop / "sub", gateway.drop / "sub.old")
+        os.symlink(elsewhere, gateway.drop / "sub")
+        raise PolicyRejection("BLOCKED_TYPE", "refused by a content check")
+
+    gateway.intake._checks = (swap_then_refuse,)
+    assert gateway.intake._prepare(replace(gateway.channel, content=None), ready) is None
+    assert (elsewhere / "report.txt").read_text() == "not the clerk's\n"
+    assert (gateway.drop / "sub.old" / "report.txt").read_text() == "the clerk's own\n"
+    assert not any(p.name.startswith("report") for p in gateway.quarantine.iterdir())
+    rejected = [r for r in gateway.records() if r["event"] == "intake.rejected"]
+    assert [r["reason"] for r in rejected] == [
+        "NOT_REGULAR_FILE: the path led out of the drop folder"
+    ]
+
+
+def test_a_file_replaced_while_it_was_checked_is_not_moved_in_its_place(
+    gateway: Gateway,
+) -> None:
+    """The refusal moves only the file that was checked (same device and inode)."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    (gateway.drop / "memo.txt").write_text("checked and refused\n")
+    ready = _ready(gateway, "memo.txt")
+
+    def replace_then_refuse(ch: Any, tmp: Path, name: str) -> None:
+        (gateway.drop / ".new").write_text("saved again meanwhile\n")
+        os.rename(gateway.drop / ".new", gateway.drop / "memo.txt")
+        raise PolicyRejection("BLOCKED_TYPE", "refused by a content check")
+
+    gateway.intake._checks = (replace_then_refuse,)
+    assert gateway.intake._prepare(replace(gateway.channel, content=None), ready) is None
+    assert (gateway.drop / "memo.txt").read_text() == "saved again meanwhile\n"
+    assert not any(p.name.startswith("memo") for p in gateway.quarantine.iterdir())

@@ -138,6 +138,13 @@ def test_a_copy_that_cannot_fit_is_not_started(
     rec = quarantine.put_file(src, original_name="huge.bin", move=False, **REASON)
     assert rec.path.read_bytes() == src.read_bytes()
 
+    # a file system that does not say (FUSE without statfs: every count 0) is not checked
+    monkeypatch.setattr(
+        q.os, "fstatvfs", lambda fd: os.statvfs_result((512, 512, 0, 0, 0, 0, 0, 0, 0, 255))
+    )
+    again = quarantine.put_file(src, original_name="huge.bin", move=False, **REASON)
+    assert again.path.read_bytes() == src.read_bytes()
+
 
 def test_collisions_never_overwrite(tmp_path: Path, quarantine: Quarantine, qdir: Path) -> None:
     stored = [

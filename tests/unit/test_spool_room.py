@@ -31,6 +31,16 @@ def test_the_default_reserve_is_256_mib_but_at_most_a_tenth_of_the_disk(
     assert room_reserve(None, tmp_path) == DEFAULT_SPOOL_RESERVE
 
 
+def test_a_file_system_that_does_not_say_its_size_has_no_room_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FUSE without a statfs operation answers every count 0: not "full", unknown."""
+    monkeypatch.setattr(
+        "ferry.state.os.statvfs", lambda _: os.statvfs_result((512, 512, 0, 0, 0, 0, 0, 0, 0, 255))
+    )
+    assert disk_room(tmp_path) is None
+
+
 def test_a_reserve_as_big_as_the_disk_is_warned_about(tmp_path: Path) -> None:
     room = disk_room(tmp_path)
     assert room is not None
