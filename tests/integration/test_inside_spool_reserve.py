@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,7 +116,9 @@ def test_an_object_that_would_leave_less_than_the_reserve_is_not_spooled_and_the
     filler.unlink()  # room again: the big file's repeat is taken
     wait_for((deliver / "big.bin").exists, what="the big file's repeat", timeout=60)
     assert (deliver / "big.bin").read_bytes() == big
-    time.sleep(4)  # (past object_timeout: the rest of the refused copy is no second loss)
+    # the rest of the refused copy (its last repair symbols) timed out 3 s after it, before
+    # the repeat: not recorded lost a second time
+    inside.wait_event("repeat_lost", timeout=10)
     lost = [r for r in records(dep["inside"]["audit_dir"]) if r["event"] == "transfer.lost"]
     assert len(lost) == 1, lost
     assert lost[0]["reason"].startswith("NOT_SPOOLED: "), lost
