@@ -464,6 +464,9 @@ class FolderIntake:
         self._reserve = room_reserve(reserve, self._incoming)
         self._room_lock = threading.Lock()
         self._copying = 0  # bytes of the files being copied in, by every lane
+        # files waiting for room (every lane): since when, and the room each needs; a file
+        # is taken only with room for those that were waiting before it as well
+        self._waiters: dict[Path, tuple[float, int]] = {}
         content = self._incoming / "content"  # cleaned outputs (same file system)
         shutil.rmtree(content, ignore_errors=True)
         self._admin_key = admin_key
@@ -592,6 +595,7 @@ class FolderIntake:
         lane = self._lanes[channel]
         ch = lane.channel
         lane.progress, lane.allowance = time.monotonic(), timeout
+        waiting: set[Path] = set()
         try:
             ready, refused = lane.watcher.poll(timeout)
             lane.allowance = 0.0
@@ -660,38 +664,56 @@ class FolderIntake:
             return taken
         finally:
             lane.progress, lane.allowance = None, 0.0
+            still = lane.waiting_for_room | {d.path for d in lane.deferred}
+            with self._room_lock:  # (gone from the drop folder while it waited)
+                for path in waiting - still:
+                    self._waiters.pop(path, None)
 
     # ------------------------------------------------------------------ take
     def _room_for(self, ch: OutsideChannel, r: Ready, *, logged: bool) -> int | None:
         """Room for a ready file's copy in the gateway's storage: the bytes claimed for it
         (to give back once it is copied); None if it must wait in its drop folder until
-        there is room; 0 if it never could be kept (it is quarantined). A file must leave
-        ``reserve`` bytes free on the state disk, with every copy under way: the spool's
-        database, the API's messages and the audit log need that room, and a file bigger
-        than the room left would fill the disk every time it was tried."""
+        there is room; 0 if not to be taken: it never could be kept (it is quarantined), or
+        it is gone or was written again while it waited (reported again once stable).
+
+        A file must leave ``reserve`` bytes free on the state disk, with every copy under
+        way and every file waiting since before it: the spool's database, the API's
+        messages and the audit log need that room, and a file bigger than the room left
+        would fill the disk every time it was tried."""
         # (one over the channel's own limit is refused by _prepare, unread; a content check
         # writes its cleaned output next to the copy)
         copies = 1 if ch.content is None else 2
         size = 0 if r.size > ch.max_size else r.size * copies
         room = disk_room(self._incoming)
         with self._room_lock:
-            if room is None or room[0] - self._copying - size >= self._reserve or size == 0:
+            mine = self._waiters.get(r.path)
+            ahead = sum(  # (first come, first served: a big file is not passed for ever)
+                need
+                for path, (since, need) in self._waiters.items()
+                if path != r.path and (mine is None or since < mine[0])
+            )
+            if size == 0 or room is None or room[0] - self._copying - ahead - size >= self._reserve:
+                self._waiters.pop(r.path, None)
                 claimed = size + 1  # (true, even for an empty file)
                 self._copying += claimed
                 return claimed
         free, whole = room
+        try:
+            st = os.lstat(r.path)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+            r.dev,
+            r.ino,
+            r.size,
+            r.mtime_ns,
+        ):  # (gone, or written again while it waited: reported again once stable)
+            with self._room_lock:
+                self._waiters.pop(r.path, None)
+            return 0
         if size + self._reserve > whole:
-            try:
-                st = os.lstat(r.path)
-            except OSError:
-                return 0
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
-                r.dev,
-                r.ino,
-                r.size,
-                r.mtime_ns,
-            ):
-                return 0  # (written again meanwhile: reported once stable)
+            with self._room_lock:
+                self._waiters.pop(r.path, None)
             self._reject(
                 ch,
                 r.path,
@@ -702,6 +724,8 @@ class FolderIntake:
                 found=(r.dev, r.ino),
             )
             return 0
+        with self._room_lock:
+            self._waiters.setdefault(r.path, (time.monotonic(), size))
         if not logged:
             _log.warning(
                 "intake_waiting_for_room",

@@ -527,3 +527,43 @@ def test_a_file_replaced_while_it_was_checked_is_not_moved_in_its_place(
     assert gateway.intake._prepare(replace(gateway.channel, content=None), ready) is None
     assert (gateway.drop / "memo.txt").read_text() == "saved again meanwhile\n"
     assert not any(p.name.startswith("memo") for p in gateway.quarantine.iterdir())
+
+
+def test_a_file_waiting_for_room_is_not_passed_by_smaller_files_dropped_after_it(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First come, first served: room that frees up goes to the file that has waited longest,
+    not to each smaller file dropped meanwhile (which would leave the big one waiting for
+    ever while clerks keep dropping)."""
+    intake = gateway.intake
+    reserve = intake._reserve
+    bulk = replace(gateway.channel, content=None)
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    (gateway.drop / "big.bin").write_bytes(b"x" * 5000)
+    (gateway.drop / "small.txt").write_text("y" * 1000)
+    big, small = _ready(gateway, "big.bin"), _ready(gateway, "small.txt")
+    disk = {"free": reserve + 3000}
+    monkeypatch.setattr(intake_mod, "disk_room", lambda _: (disk["free"], 100 * reserve))
+
+    assert intake._room_for(bulk, big, logged=False) is None  # waits: 5000 > 3000
+    assert intake._room_for(bulk, small, logged=False) is None  # would fit, but big was first
+    disk["free"] = reserve + 5500
+    assert intake._room_for(bulk, small, logged=True) is None  # (still only room for big)
+    assert intake._room_for(bulk, big, logged=True) == 5001  # its turn
+    assert intake._room_for(bulk, small, logged=True) is None  # (big's copy claims the room)
+    intake._copying -= 5001
+    disk["free"] = reserve + 1000
+    assert intake._room_for(bulk, small, logged=True) == 1001
+    intake._copying -= 1001
+    assert intake._waiters == {}
+
+    # a waiting file its clerk deletes holds up no one
+    (gateway.drop / "big2.bin").write_bytes(b"x" * 5000)
+    big2 = _ready(gateway, "big2.bin")
+    assert intake._room_for(bulk, big2, logged=False) is None
+    assert intake._room_for(bulk, small, logged=True) is None  # (behind big2)
+    (gateway.drop / "big2.bin").unlink()
+    assert intake._room_for(bulk, big2, logged=True) == 0
+    assert list(intake._waiters) == [small.path]
+    assert intake._room_for(bulk, small, logged=True) == 1001
+    assert intake._waiters == {}
