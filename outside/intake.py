@@ -767,6 +767,7 @@ class FolderIntake:
                 name,
                 "TOO_LARGE",
                 f"the file is {st.st_size} bytes; channel {ch.name} takes at most {ch.max_size}",
+                found=found,
             )
             return None
         tmp = self._incoming / f"{os.urandom(8).hex()}.part"
@@ -1003,19 +1004,25 @@ class FolderIntake:
         message: str,
         *,
         report: Mapping[str, Any] | None = None,
-        found: tuple[int, int] | None = None,
+        found: tuple[int, int],
     ) -> None:
         """Refuse a clerk's file: moved to the channel's quarantine with its reasons. Its
         folder is reached one level at a time from the drop folder without following a
-        symlink (:func:`ferry.place.pinned_folder`), and with ``found`` the file must still
-        be that (device, inode): a subfolder swapped for a symlink while the file was checked
-        cannot have a file from elsewhere moved (nothing is moved; recorded as leading out
-        of the drop folder)."""
+        symlink (:func:`ferry.place.pinned_folder`), and only the file that was checked
+        (``found``: device and inode) is moved. A folder (or the drop folder) swapped for a
+        symlink while the file was checked cannot have a file from elsewhere moved: nothing
+        is moved, and the refusal is recorded as leading out of the drop folder. A file
+        saved again meanwhile is left for its own turn (the refusal of what was checked is
+        recorded, nothing kept)."""
         q = self._quarantine.get(ch.name)
         kept: str | None = None
         if q is not None and ch.drop is not None:
             try:
                 rel = PurePosixPath(path.relative_to(ch.drop))
+            except ValueError:  # (not under the drop folder)
+                self._led_out(ch, name)
+                return
+            try:
                 with pinned_folder(ch.drop, rel.parent.parts, create=False) as (_, src_dir):
                     placed = q.put_file(
                         Path(rel.name),
@@ -1028,10 +1035,17 @@ class FolderIntake:
                         expect=found,
                     )
                 kept = str(placed.path)
-            except (UnsafePathError, ValueError):  # (ValueError: not under the drop folder)
+            except UnsafePathError:  # (a folder on the way is a symlink now)
                 self._led_out(ch, name)
                 return
             except OSError as exc:
+                if exc.errno == errno.ELOOP:  # (the file's own name is a symlink now)
+                    self._led_out(ch, name)
+                    return
+                if exc.errno == errno.ESTALE:  # (saved again since it was checked)
+                    _log.info("refused_file_replaced", channel=ch.name, name=name, code=code)
+                    self._record_rejection(ch, name, code, message, None)
+                    return  # (the new version is taken in its turn)
                 _log.error("quarantine_failed", channel=ch.name, name=name, error=str(exc))
         self._lanes[ch.name].quarantined += 1
         _log.warning("quarantined", channel=ch.name, name=name, reason_code=code, message=message)

@@ -32,7 +32,7 @@ from typing import Any
 
 from ferry import log
 from ferry.names import candidate_names
-from ferry.place import share_like_folder, sync_names_at
+from ferry.place import link_new, share_like_folder, sync_names_at
 
 # Most Linux filesystems allow 255 bytes per name; keep room for " (NNNNN)", ".reason.json"
 # and the temp-file decoration around it.
@@ -263,6 +263,16 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _unlink_if_same(src: Path, src_dir: int | None, st: os.stat_result) -> None:
+    """Remove the name ``src`` if it still names the file ``st`` (a clerk who saved again
+    meanwhile keeps the new version, taken in its turn)."""
+    try:
+        if os.path.samestat(os.lstat(src, dir_fd=src_dir), st):
+            os.unlink(src, dir_fd=src_dir)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_src_dir(src: Path, src_dir: int | None) -> None:
@@ -526,26 +536,34 @@ class Quarantine:
         src_dir: int | None,
     ) -> None:
         if move:
+            # A link, then the original's name removed while it still names that file: the
+            # name may have been swapped (another file, a symlink to one elsewhere) since the
+            # file was opened and checked. (Without hard links: a rename, undone if what
+            # came in is not that file.)
             try:
-                os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=dfd)
+                linked = link_new(src, name, src_dir_fd=src_dir, dst_dir_fd=dfd)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
             else:
-                moved = os.lstat(name, dir_fd=dfd)
-                sync_names_at(dfd, [name] if stat.S_ISREG(moved.st_mode) else [])
+                if not os.path.samestat(os.lstat(name, dir_fd=dfd), st):
+                    if linked:
+                        os.unlink(name, dir_fd=dfd)
+                    else:
+                        os.rename(name, src, src_dir_fd=dfd, dst_dir_fd=src_dir)
+                    raise OSError(errno.ESTALE, "replaced while it was moved", str(src))
+                sync_names_at(dfd, [name])
+                if linked:
+                    _unlink_if_same(src, src_dir, st)
                 _fsync_src_dir(src, src_dir)
-                if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
-                    # Replaced between our check and the rename: what came in is not followed.
-                    _log.warning("quarantine_source_replaced", name=name)
                 return
         vfs = os.fstatvfs(dfd)  # (a copy that cannot fit would only fill that disk, every try)
         if vfs.f_blocks and vfs.f_bavail * vfs.f_frsize < st.st_size + COPY_ROOM_MARGIN:
             raise OSError(errno.ENOSPC, "no room for it on the quarantine folder's disk", name)
         _write_atomic(dfd, name, _copy_from(src_fd))
         sync_names_at(dfd, [name])  # (on a share: see ferry.place.sync_names)
-        if move:
-            os.unlink(src, dir_fd=src_dir)  # the copy is durable: only now let the original go
+        if move:  # the copy is durable: only now let the original go (if it is still it)
+            _unlink_if_same(src, src_dir, st)
             _fsync_src_dir(src, src_dir)
 
 

@@ -527,6 +527,9 @@ def test_a_file_replaced_while_it_was_checked_is_not_moved_in_its_place(
     assert gateway.intake._prepare(replace(gateway.channel, content=None), ready) is None
     assert (gateway.drop / "memo.txt").read_text() == "saved again meanwhile\n"
     assert not any(p.name.startswith("memo") for p in gateway.quarantine.iterdir())
+    assert gateway.intake.quarantined == 0  # (nothing kept: the new version has its turn)
+    rejected = [r for r in gateway.records() if r["event"] == "intake.rejected"]
+    assert [r["reason"] for r in rejected] == ["BLOCKED_TYPE: refused by a content check"]
 
 
 def test_a_file_waiting_for_room_is_not_passed_by_smaller_files_dropped_after_it(

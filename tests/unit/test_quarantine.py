@@ -146,6 +146,61 @@ def test_a_copy_that_cannot_fit_is_not_started(
     assert again.path.read_bytes() == src.read_bytes()
 
 
+def test_a_name_swapped_for_a_symlink_after_the_check_is_not_moved_in(
+    tmp_path: Path, quarantine: Quarantine, qdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the file's open (and identity check) and its move, a clerk swaps its name for
+    a symlink to a file elsewhere: the symlink must not become the quarantined item (a
+    release would then follow it)."""
+    elsewhere = tmp_path / "secret.key"
+    elsewhere.write_text("not the clerk's\n")
+    src = drop(tmp_path, "memo.txt", b"the clerk's memo\n")
+    real = q.link_new
+
+    def swapped(a: Any, b: Any, **kw: Any) -> bool:
+        os.rename(src, src.with_name(".old"))
+        os.symlink(elsewhere, src)
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(q, "link_new", swapped)
+    with pytest.raises(OSError) as caught:
+        quarantine.put_file(src, original_name="memo.txt", **REASON)
+    assert caught.value.errno == errno.ESTALE
+    assert not qdir.exists() or not any(p.name.startswith("memo") for p in qdir.iterdir())
+    assert src.is_symlink()
+    assert elsewhere.read_text() == "not the clerk's\n"
+
+
+def test_a_version_saved_during_a_copy_across_file_systems_is_kept(
+    tmp_path: Path, quarantine: Quarantine, qdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Across file systems the refused file is copied, then its name removed: only while it
+    still names that file; a version saved meanwhile stays, to be taken in its turn."""
+    src = drop(tmp_path, "memo.txt", b"version 1 (refused)\n")
+
+    def across(*_a: Any, **_kw: Any) -> bool:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    real_copy = q._copy_from
+
+    def copy_then_save(src_fd: int) -> Callable[[int], None]:
+        fill = real_copy(src_fd)
+
+        def hooked(fd: int) -> None:
+            fill(fd)
+            newer = src.with_name(".~memo.tmp")
+            newer.write_bytes(b"version 2 (never checked)\n")
+            os.rename(newer, src)
+
+        return hooked
+
+    monkeypatch.setattr(q, "link_new", across)
+    monkeypatch.setattr(q, "_copy_from", copy_then_save)
+    rec = quarantine.put_file(src, original_name="memo.txt", **REASON)
+    assert rec.path.read_bytes() == b"version 1 (refused)\n"
+    assert src.read_bytes() == b"version 2 (never checked)\n"
+
+
 def test_collisions_never_overwrite(tmp_path: Path, quarantine: Quarantine, qdir: Path) -> None:
     stored = [
         quarantine.put_bytes(f"v{i}".encode(), original_name="same.pdf", **REASON).path.name
@@ -306,16 +361,11 @@ def test_failure_placing_the_item_keeps_the_source(
 ) -> None:
     src = drop(tmp_path, "keep.pdf")
 
-    def rename(*_a: Any, **_kw: Any) -> None:
+    def failing(*_a: Any, **_kw: Any) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(q, "_fsync_dir", lambda _p: None)
-    real_rename = os.rename
-    monkeypatch.setattr(
-        os,
-        "rename",
-        lambda a, b, **kw: real_rename(a, b, **kw) if kw.get("src_dir_fd") else rename(),
-    )
+    monkeypatch.setattr(q, "link_new", failing)  # (the item's move: a link, then an unlink)
     with pytest.raises(OSError, match="Input/output"):
         quarantine.put_file(src, original_name="keep.pdf", **REASON)
     assert src.read_bytes() == b"content"
