@@ -498,7 +498,7 @@ class Quarantine:
                             os.unlink(w, dir_fd=dfd)
                     with contextlib.suppress(OSError):
                         _fsync_fd(dfd)
-                _log.error(
+                (_log.info if exc.errno == errno.ESTALE else _log.error)(  # (saved again)
                     "quarantine_failed",
                     channel=channel,
                     reason_code=reason_code,
