@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -179,7 +180,10 @@ def show_item(folder: Path, stored_name: str, trusted: PublicKey | None) -> dict
         raise UsageError(f"no quarantined item {stored_name!r} in {folder}") from None
     doc["stored_name"] = doc.get("stored_name") or stored_name
     _mark_released(doc, *_release_lines(folder, trusted))
-    doc["present"] = (folder / stored_name).is_file()
+    try:  # (a regular file, not a symlink: a release never follows one)
+        doc["present"] = stat.S_ISREG(os.lstat(folder / stored_name).st_mode)
+    except OSError:
+        doc["present"] = False
     return doc
 
 

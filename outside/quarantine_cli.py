@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ def _move_back(folder: Path, stored_name: str, original: str, drop: Path) -> str
     only once it is in the drop folder under that name: a crash before leaves it where it
     was, for the release to be run again."""
     src = folder / stored_name
-    if not src.is_file():
+    if not _regular(src):  # (never a symlink: a release must not follow one elsewhere)
         return None
     drop.mkdir(parents=True, exist_ok=True)
     for candidate in candidate_names(safe_name(original)):
@@ -138,6 +139,13 @@ def _move_back(folder: Path, stored_name: str, original: str, drop: Path) -> str
             continue
         return candidate
     raise UsageError(f"{drop}: too many files named {safe_name(original)!r}")
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _place_in(src: Path, drop: Path, name: str) -> None:

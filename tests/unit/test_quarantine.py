@@ -155,20 +155,32 @@ def test_a_name_swapped_for_a_symlink_after_the_check_is_not_moved_in(
     elsewhere = tmp_path / "secret.key"
     elsewhere.write_text("not the clerk's\n")
     src = drop(tmp_path, "memo.txt", b"the clerk's memo\n")
-    real = q.link_new
+    real = os.rename
+    swaps: dict[str, Callable[[], None]] = {}
 
-    def swapped(a: Any, b: Any, **kw: Any) -> bool:
-        os.rename(src, src.with_name(".old"))
-        os.symlink(elsewhere, src)
-        return real(a, b, **kw)
+    def swapped(a: Any, b: Any, **kw: Any) -> None:
+        if kw.get("src_dir_fd") is None and "swap" in swaps:  # (the item's own move)
+            real(src, src.with_name(".old"))
+            swaps.pop("swap")()
+        real(a, b, **kw)
 
-    monkeypatch.setattr(q, "link_new", swapped)
-    with pytest.raises(OSError) as caught:
-        quarantine.put_file(src, original_name="memo.txt", **REASON)
-    assert caught.value.errno == errno.ESTALE
-    assert not qdir.exists() or not any(p.name.startswith("memo") for p in qdir.iterdir())
-    assert src.is_symlink()
-    assert elsewhere.read_text() == "not the clerk's\n"
+    for what, make in [
+        ("symlink", lambda: os.symlink(elsewhere, src)),
+        ("another version", lambda: src.write_bytes(b"saved again\n")),
+    ]:
+        swaps["swap"] = make
+        monkeypatch.setattr(os, "rename", swapped)
+        with pytest.raises(OSError) as caught:
+            quarantine.put_file(src, original_name="memo.txt", **REASON)
+        monkeypatch.setattr(os, "rename", real)
+        assert caught.value.errno == errno.ESTALE, what
+        assert not qdir.exists() or not any(p.name.startswith("memo") for p in qdir.iterdir())
+        assert elsewhere.read_text() == "not the clerk's\n"
+        if what == "symlink":
+            assert not os.path.lexists(src)  # (a symlink holds nothing: not given back)
+            src.with_name(".old").rename(src)
+        else:
+            assert src.read_bytes() == b"saved again\n"  # given back, where it was
 
 
 def test_a_version_saved_during_a_copy_across_file_systems_is_kept(
@@ -178,8 +190,12 @@ def test_a_version_saved_during_a_copy_across_file_systems_is_kept(
     still names that file; a version saved meanwhile stays, to be taken in its turn."""
     src = drop(tmp_path, "memo.txt", b"version 1 (refused)\n")
 
-    def across(*_a: Any, **_kw: Any) -> bool:
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    real_rename = os.rename
+
+    def across(a: Any, b: Any, **kw: Any) -> None:
+        if kw.get("src_dir_fd") is None:  # (the item's own move, not our temp files)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(a, b, **kw)
 
     real_copy = q._copy_from
 
@@ -190,11 +206,11 @@ def test_a_version_saved_during_a_copy_across_file_systems_is_kept(
             fill(fd)
             newer = src.with_name(".~memo.tmp")
             newer.write_bytes(b"version 2 (never checked)\n")
-            os.rename(newer, src)
+            real_rename(newer, src)
 
         return hooked
 
-    monkeypatch.setattr(q, "link_new", across)
+    monkeypatch.setattr(os, "rename", across)
     monkeypatch.setattr(q, "_copy_from", copy_then_save)
     rec = quarantine.put_file(src, original_name="memo.txt", **REASON)
     assert rec.path.read_bytes() == b"version 1 (refused)\n"
@@ -361,11 +377,16 @@ def test_failure_placing_the_item_keeps_the_source(
 ) -> None:
     src = drop(tmp_path, "keep.pdf")
 
-    def failing(*_a: Any, **_kw: Any) -> None:
+    def rename(*_a: Any, **_kw: Any) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(q, "_fsync_dir", lambda _p: None)
-    monkeypatch.setattr(q, "link_new", failing)  # (the item's move: a link, then an unlink)
+    real_rename = os.rename
+    monkeypatch.setattr(
+        os,
+        "rename",
+        lambda a, b, **kw: real_rename(a, b, **kw) if kw.get("src_dir_fd") else rename(),
+    )
     with pytest.raises(OSError, match="Input/output"):
         quarantine.put_file(src, original_name="keep.pdf", **REASON)
     assert src.read_bytes() == b"content"

@@ -250,3 +250,23 @@ def test_rename_new_never_replaces_a_file(tmp_path: Path) -> None:
     rename_new(tmp_path / "a", tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c"]
     assert (tmp_path / "c").read_bytes() == b"a"
+
+
+def test_an_item_that_is_a_symlink_is_never_released(
+    deployment: dict[str, object], tmp_path: Path
+) -> None:
+    """However a symlink came to stand where an item's file was, a release does not follow it
+    (it would copy a file from elsewhere into the drop folder, to be sent)."""
+    folder, drop, secret, public = _paths(deployment)
+    key, trusted = load_secret_key(secret), load_public_key(str(public))
+    [item] = list_items(folder, trusted)
+    elsewhere = tmp_path / "secret.key"
+    elsewhere.write_text("not to be sent\n")
+    (folder / item["stored_name"]).unlink()
+    os.symlink(elsewhere, folder / item["stored_name"])
+    assert not show_item(folder, item["stored_name"], trusted)["present"]
+    with pytest.raises(UsageError, match="no file to release"):
+        release_item(
+            folder, item["stored_name"], channel="documents", drop=drop, key=key, trusted=trusted
+        )
+    assert not drop.exists() or list(drop.iterdir()) == []
