@@ -811,7 +811,8 @@ class FolderIntake:
                 return None  # reported again once it is stable
         finally:
             os.close(src)
-        overrides = self._overrides_for(ch, digest.hexdigest())
+        sha256 = digest.hexdigest()  # (kept with a refusal: what a release may set aside)
+        overrides = self._overrides_for(ch, sha256)
         overridden: list[str] = []  # refusals set aside by a verified release (audited)
         try:
             if ch.content is None:
@@ -835,18 +836,31 @@ class FolderIntake:
         except ContentRefused as exc:
             tmp.unlink(missing_ok=True)
             self._reject(
-                ch, path, name, exc.reason_code, _plain(exc), report=exc.report, found=found
+                ch,
+                path,
+                name,
+                exc.reason_code,
+                _plain(exc),
+                report=exc.report,
+                found=found,
+                sha256=sha256,
             )
             return None
         except PolicyRejection as exc:
             tmp.unlink(missing_ok=True)
-            self._reject(ch, path, name, exc.reason_code, _plain(exc), found=found)
+            self._reject(ch, path, name, exc.reason_code, _plain(exc), found=found, sha256=sha256)
             return None
         except Exception as exc:  # noqa: BLE001  # fail closed: a filter error rejects the file
             tmp.unlink(missing_ok=True)
             _log.exception("filter_error", channel=ch.name, name=name)
             self._reject(
-                ch, path, name, "FILTER_ERROR", f"a content check failed: {exc}", found=found
+                ch,
+                path,
+                name,
+                "FILTER_ERROR",
+                f"a content check failed: {exc}",
+                found=found,
+                sha256=sha256,
             )
             return None
         if content != tmp:  # the cleaned output, under a name of its own (the workdir's
@@ -1005,6 +1019,7 @@ class FolderIntake:
         *,
         report: Mapping[str, Any] | None = None,
         found: tuple[int, int],
+        sha256: str | None = None,
     ) -> None:
         """Refuse a clerk's file: moved to the channel's quarantine with its reasons. Its
         folder is reached one level at a time from the drop folder without following a
@@ -1031,6 +1046,7 @@ class FolderIntake:
                         reason_code=code,
                         message=message,
                         details={"report": dict(report)} if report else None,
+                        sha256=sha256,
                         src_dir=src_dir,
                         expect=found,
                     )

@@ -7,6 +7,8 @@ real `ferry init` deployment (the ``gateway`` fixture), the intake driven by han
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -570,3 +572,21 @@ def test_a_file_waiting_for_room_is_not_passed_by_smaller_files_dropped_after_it
     assert list(intake._waiters) == [small.path]
     assert intake._room_for(bulk, small, logged=True) == 1001
     assert intake._waiters == {}
+
+
+def test_a_file_refused_by_a_check_keeps_its_sha256_with_its_reasons(gateway: Gateway) -> None:
+    """What a release may set aside is the content that was checked: its hash is written with
+    the refusal, not taken from the quarantined file when it is released (its clerk may still
+    be able to change it there)."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    data = b"refused content\n"
+    (gateway.drop / "memo.txt").write_bytes(data)
+    ready = _ready(gateway, "memo.txt")
+
+    def refuse(ch: Any, tmp: Path, name: str) -> None:
+        raise PolicyRejection("BLOCKED_TYPE", "refused by a content check")
+
+    gateway.intake._checks = (refuse,)
+    assert gateway.intake._prepare(replace(gateway.channel, content=None), ready) is None
+    reason = json.loads((gateway.quarantine / "memo.txt.reason.json").read_text())
+    assert reason["sha256"] == hashlib.sha256(data).hexdigest()
