@@ -32,7 +32,7 @@ from typing import Any
 
 from ferry import log
 from ferry.names import candidate_names
-from ferry.place import rename_new, share_like_folder, sync_names_at, temp_name
+from ferry.place import share_like_folder, sync_names_at
 
 # Most Linux filesystems allow 255 bytes per name; keep room for " (NNNNN)", ".reason.json"
 # and the temp-file decoration around it.
@@ -265,56 +265,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _give_back(dfd: int, name: str, src: Path, src_dir: int | None, moved: os.stat_result) -> None:
-    """Put what a move brought in (``name`` in the quarantine) back in the folder it came
-    from, under its own name or the first free numbered one, never over a file; a symlink
-    the clerk made is removed (it holds nothing). Whatever could not go back is hidden
-    from the quarantine's items under a temp name (logged)."""
-    where = src_dir if src_dir is not None else os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY)
+def _unlink_if_same(src: Path, src_dir: int | None, st: os.stat_result) -> None:
+    """Remove the name ``src`` if it still names the file ``st`` (a clerk who saved again
+    during the copy keeps the new version, taken in its turn)."""
     try:
-        if stat.S_ISLNK(moved.st_mode):
-            os.unlink(name, dir_fd=dfd)
-            return
-        for candidate in candidate_names(src.name):
-            try:
-                rename_new(name, candidate, src_dir_fd=dfd, dst_dir_fd=where)
-            except FileExistsError:
-                continue
-            except OSError as exc:  # (the folder refused it: kept out of sight, said)
-                _log.error("quarantine_give_back_failed", name=name, error=str(exc))
-                break
-            return
-        os.rename(name, temp_name(), src_dir_fd=dfd, dst_dir_fd=dfd)
-    finally:
-        if src_dir is None:
-            os.close(where)
-
-
-def _remove_if_same(src: Path, src_dir: int | None, st: os.stat_result) -> None:
-    """Remove the name ``src`` if it names the file ``st``: renamed in one step to a temp
-    name in its folder first, then checked there, so a version its clerk saved meanwhile is
-    never what is removed (it goes back, never over a file)."""
-    where = src_dir if src_dir is not None else os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        tmp = temp_name()
-        try:
-            rename_new(
-                src.name if src_dir is None else src, tmp, src_dir_fd=where, dst_dir_fd=where
-            )
-        except FileNotFoundError:
-            return
-        if os.path.samestat(os.lstat(tmp, dir_fd=where), st):
-            os.unlink(tmp, dir_fd=where)
-            return
-        for candidate in candidate_names(src.name):
-            try:
-                rename_new(tmp, candidate, src_dir_fd=where, dst_dir_fd=where)
-            except FileExistsError:
-                continue
-            return
-    finally:
-        if src_dir is None:
-            os.close(where)
+        if os.path.samestat(os.lstat(src, dir_fd=src_dir), st):
+            os.unlink(src, dir_fd=src_dir)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_src_dir(src: Path, src_dir: int | None) -> None:
@@ -578,10 +536,11 @@ class Quarantine:
         src_dir: int | None,
     ) -> None:
         if move:
-            # One rename, as whole as the old one; what came in is then checked to be the
-            # file that was checked: its name may have been swapped since (another version,
-            # a symlink to a file elsewhere). If not, it goes back where it was, never over
-            # a file, and nothing is kept.
+            # One rename (whole). What came in is then checked to be the file that was
+            # checked: its name, in the clerk's own folder, may have been swapped since. A
+            # symlink holds nothing and is not kept (a release would follow it); another
+            # file or folder of the clerk's is kept as it is (nothing of theirs is lost),
+            # said, and never released for the content that was checked (its hash).
             try:
                 os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=dfd)
             except OSError as exc:
@@ -589,11 +548,13 @@ class Quarantine:
                     raise
             else:
                 moved = os.lstat(name, dir_fd=dfd)
-                if not os.path.samestat(moved, st):
-                    _give_back(dfd, name, src, src_dir, moved)
-                    raise OSError(errno.ESTALE, "replaced while it was moved", str(src))
-                sync_names_at(dfd, [name])
+                if stat.S_ISLNK(moved.st_mode):
+                    os.unlink(name, dir_fd=dfd)
+                    raise OSError(errno.ESTALE, "replaced by a symlink while it was moved", name)
+                sync_names_at(dfd, [name] if stat.S_ISREG(moved.st_mode) else [])
                 _fsync_src_dir(src, src_dir)
+                if not os.path.samestat(moved, st):
+                    _log.warning("quarantine_source_replaced", name=name)
                 return
         vfs = os.fstatvfs(dfd)  # (a copy that cannot fit would only fill that disk, every try)
         if vfs.f_blocks and vfs.f_bavail * vfs.f_frsize < st.st_size + COPY_ROOM_MARGIN:
@@ -601,7 +562,11 @@ class Quarantine:
         _write_atomic(dfd, name, _copy_from(src_fd))
         sync_names_at(dfd, [name])  # (on a share: see ferry.place.sync_names)
         if move:  # the copy is durable: only now let the original go (if it is still it)
-            _remove_if_same(src, src_dir, st)
+            try:
+                _unlink_if_same(src, src_dir, st)
+            except OSError:  # (not the agent's to remove: no copy left to pile up)
+                os.unlink(name, dir_fd=dfd)
+                raise
             _fsync_src_dir(src, src_dir)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import pytest
+from structlog.testing import capture_logs
 
 from outside import quarantine as q
 from outside.quarantine import Quarantine, QuarantineRecord, safe_name
@@ -146,41 +147,39 @@ def test_a_copy_that_cannot_fit_is_not_started(
     assert again.path.read_bytes() == src.read_bytes()
 
 
-def test_a_name_swapped_for_a_symlink_after_the_check_is_not_moved_in(
+def test_a_name_swapped_after_the_check_keeps_nothing_of_elsewhere_and_loses_nothing(
     tmp_path: Path, quarantine: Quarantine, qdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Between the file's open (and identity check) and its move, a clerk swaps its name for
-    a symlink to a file elsewhere: the symlink must not become the quarantined item (a
-    release would then follow it)."""
+    """Between the file's open (and identity check) and its move, a clerk swaps its name.
+    For a symlink to a file elsewhere: nothing is kept (a release would follow it). For
+    another version of theirs: it is kept as it is (never lost), and said."""
     elsewhere = tmp_path / "secret.key"
     elsewhere.write_text("not the clerk's\n")
     src = drop(tmp_path, "memo.txt", b"the clerk's memo\n")
     real = os.rename
-    swaps: dict[str, Callable[[], None]] = {}
+    swap: list[Callable[[], None]] = []
 
     def swapped(a: Any, b: Any, **kw: Any) -> None:
-        if kw.get("src_dir_fd") is None and "swap" in swaps:  # (the item's own move)
+        if kw.get("src_dir_fd") is None and swap:  # (the item's own move)
             real(src, src.with_name(".old"))
-            swaps.pop("swap")()
+            swap.pop()()
         real(a, b, **kw)
 
-    for what, make in [
-        ("symlink", lambda: os.symlink(elsewhere, src)),
-        ("another version", lambda: src.write_bytes(b"saved again\n")),
-    ]:
-        swaps["swap"] = make
-        monkeypatch.setattr(os, "rename", swapped)
-        with pytest.raises(OSError) as caught:
-            quarantine.put_file(src, original_name="memo.txt", **REASON)
-        monkeypatch.setattr(os, "rename", real)
-        assert caught.value.errno == errno.ESTALE, what
-        assert not qdir.exists() or not any(p.name.startswith("memo") for p in qdir.iterdir())
-        assert elsewhere.read_text() == "not the clerk's\n"
-        if what == "symlink":
-            assert not os.path.lexists(src)  # (a symlink holds nothing: not given back)
-            src.with_name(".old").rename(src)
-        else:
-            assert src.read_bytes() == b"saved again\n"  # given back, where it was
+    monkeypatch.setattr(os, "rename", swapped)
+    swap.append(lambda: os.symlink(elsewhere, src))
+    with pytest.raises(OSError) as caught:
+        quarantine.put_file(src, original_name="memo.txt", **REASON)
+    assert caught.value.errno == errno.ESTALE
+    assert not qdir.exists() or not any(p.name.startswith("memo") for p in qdir.iterdir())
+    assert elsewhere.read_text() == "not the clerk's\n"
+
+    real(src.with_name(".old"), src)
+    swap.append(lambda: src.write_bytes(b"saved again\n"))
+    with capture_logs() as logs:
+        rec = quarantine.put_file(src, original_name="memo.txt", **REASON)
+    assert rec.path.read_bytes() == b"saved again\n"
+    assert "quarantine_source_replaced" in [e["event"] for e in logs]
+    assert src.with_name(".old").read_bytes() == b"the clerk's memo\n"
 
 
 def test_a_version_saved_during_a_copy_across_file_systems_is_kept(
@@ -215,6 +214,33 @@ def test_a_version_saved_during_a_copy_across_file_systems_is_kept(
     rec = quarantine.put_file(src, original_name="memo.txt", **REASON)
     assert rec.path.read_bytes() == b"version 1 (refused)\n"
     assert src.read_bytes() == b"version 2 (never checked)\n"
+
+
+def test_a_copy_across_file_systems_whose_original_cannot_be_removed_is_not_kept(
+    tmp_path: Path, quarantine: Quarantine, qdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clerk's subfolder the agent may not write: the copy would stay beside the original,
+    and every rescan would add another. Nothing is kept; the original stays."""
+    src = drop(tmp_path, "memo.txt", b"refused\n")
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def across(a: Any, b: Any, **kw: Any) -> None:
+        if kw.get("src_dir_fd") is None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(a, b, **kw)
+
+    def refused(path: Any, **kw: Any) -> None:
+        if str(path) == str(src):
+            raise OSError(errno.EACCES, "Permission denied")
+        real_unlink(path, **kw)
+
+    monkeypatch.setattr(os, "rename", across)
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(OSError) as caught:
+        quarantine.put_file(src, original_name="memo.txt", **REASON)
+    assert caught.value.errno == errno.EACCES
+    assert src.read_bytes() == b"refused\n"
+    assert not qdir.exists() or [p for p in qdir.iterdir() if not p.name.startswith(".")] == []
 
 
 def test_collisions_never_overwrite(tmp_path: Path, quarantine: Quarantine, qdir: Path) -> None:
