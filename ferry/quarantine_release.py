@@ -75,8 +75,9 @@ def now() -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a regular file (never through a symlink: OSError)."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
         while chunk := fh.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

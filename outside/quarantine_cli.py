@@ -212,10 +212,17 @@ def release_item(
             return dict(previous, status="already released", resubmitted_as=moved)
         if not doc["present"]:
             raise UsageError(f"item {stored_name!r} has no file to release (only a note)")
+        seen = sha256_file(folder / stored_name)  # (what is released: what is signed)
+        if override is not None and doc.get("sha256") not in (None, seen):
+            raise UsageError(
+                f"item {stored_name!r} is no longer the content that was checked (its SHA-256 "
+                "differs from the one recorded when it was refused); release it without "
+                "--override to have it checked again"
+            )
         record = new_record(
             doc,
             stored_name,
-            doc.get("sha256") or sha256_file(folder / stored_name),
+            seen,
             channel=channel,
             key=key,
             override=override,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ from outside.quarantine_cli import (
     verify_record,
 )
 
+REPORT_SHA = hashlib.sha256(b"report\n").hexdigest()
+
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> dict[str, object]:
@@ -40,7 +43,7 @@ def deployment(tmp_path: Path) -> dict[str, object]:
         original_name="报告 2024.txt",
         reason_code="FILENAME_POLICY",
         message="bad name",
-        sha256="ab" * 32,
+        sha256=REPORT_SHA,  # (as a content refusal records it: what was checked)
         details={"report": {"version": 1, "verdict": "reject"}},
     )
     return out
@@ -77,7 +80,7 @@ def test_release_is_signed_and_idempotent(deployment: dict[str, object]) -> None
     assert first["status"] == "released"
     assert (drop / first["resubmitted_as"]).read_bytes() == b"report\n"
     assert verify_record(seen[0], trusted)
-    assert overrides_by_sha(folder, trusted) == {"ab" * 32: {"FILENAME_POLICY"}}
+    assert overrides_by_sha(folder, trusted) == {REPORT_SHA: {"FILENAME_POLICY"}}
     second = release_item(
         folder, item["stored_name"], channel="documents", drop=drop, key=key, trusted=trusted
     )
@@ -270,3 +273,28 @@ def test_an_item_that_is_a_symlink_is_never_released(
             folder, item["stored_name"], channel="documents", drop=drop, key=key, trusted=trusted
         )
     assert not drop.exists() or list(drop.iterdir()) == []
+
+
+def test_an_override_is_refused_for_an_item_that_is_no_longer_what_was_checked(
+    deployment: dict[str, object],
+) -> None:
+    """The recorded SHA-256 is what the checks saw; an item changed since (its clerk swapped or
+    rewrote it) is not released past its refusal: the admin would sign content never
+    checked. Without --override it goes back to be checked again, under its own hash."""
+    folder, drop, secret, public = _paths(deployment)
+    key, trusted = load_secret_key(secret), load_public_key(str(public))
+    [item] = list_items(folder, trusted)
+    (folder / item["stored_name"]).write_bytes(b"something else\n")
+    with pytest.raises(UsageError, match="no longer the content that was checked"):
+        release_item(
+            folder, item["stored_name"], channel="documents", drop=drop, key=key,
+            trusted=trusted, override="FILENAME_POLICY",
+        )  # fmt: skip
+    seen: list[dict[str, object]] = []
+    done = release_item(
+        folder, item["stored_name"], channel="documents", drop=drop, key=key,
+        trusted=trusted, on_record=seen.append,
+    )  # fmt: skip
+    assert (drop / done["resubmitted_as"]).read_bytes() == b"something else\n"
+    assert seen[0]["sha256"] == hashlib.sha256(b"something else\n").hexdigest()
+    assert overrides_by_sha(folder, trusted) == {}
