@@ -365,30 +365,25 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 
-def rename_new(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    src_dir_fd: int | None = None,
-    dst_dir_fd: int | None = None,
-) -> None:
+def rename_new(src: str | Path, dst: str | Path) -> None:
     """Rename ``src`` to ``dst`` on one file system, never over a file (FileExistsError):
     renameat2(2) with RENAME_NOREPLACE, in one step (no moment with both names, none with
     neither). Where the file system or the C library has no such rename, :func:`link_new`
-    and an unlink of ``src`` stand in (two steps). Names may be relative to open folders."""
+    and an unlink of ``src`` stand in (two steps)."""
     renameat2 = getattr(_LIBC, "renameat2", None)
     if renameat2 is not None:
-        at_src = _AT_FDCWD if src_dir_fd is None else src_dir_fd
-        at_dst = _AT_FDCWD if dst_dir_fd is None else dst_dir_fd
-        if renameat2(at_src, os.fsencode(src), at_dst, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        if (
+            renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+            == 0
+        ):
             return
         err = ctypes.get_errno()
         if err == errno.EEXIST:
             raise FileExistsError(err, os.strerror(err), str(dst))
         if err not in {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}:
             raise OSError(err, os.strerror(err), str(src))
-    if link_new(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd):
-        os.unlink(src, dir_fd=src_dir_fd)
+    if link_new(src, dst):
+        os.unlink(src)
 
 
 def drop_temp(name: str | Path | None, dir_fd: int | None = None) -> None:

@@ -47,12 +47,10 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
 
 
 def free_bytes(folder: Path) -> int | None:
-    """Bytes an unprivileged writer may still use on the file system of ``folder``."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
+    """Bytes an unprivileged writer may still use on the file system of ``folder`` (None if
+    it does not say: :func:`disk_room`)."""
+    room = disk_room(folder)
+    return None if room is None else room[0]
 
 
 def disk_room(folder: Path) -> tuple[int, int] | None:
