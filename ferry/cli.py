@@ -1,12 +1,14 @@
 """The ``ferry`` command line.
 
 Exit codes: 0 success; 1 generic failure; 2 usage; 3 config; 4 key file;
-5 self-test; 6-8 wire; 9-10 policy; 11 channel; 12 state (see ferry.errors).
+5 self-test; 6-8 wire; 9-10 policy; 11 channel; 12 state (see ferry.errors);
+13 busy (ferry send: the gateway stayed busy until the timeout).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -76,52 +78,6 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_send(args: argparse.Namespace) -> int:
-    from ferry.client import ApiRejected, Client, read_input  # noqa: PLC0415
-
-    client = Client.from_config(args.config)
-    try:
-        size = None if args.file == "-" else Path(args.file).stat().st_size
-        as_message = not args.upload and (size is None or size <= args.message_limit)
-        try:
-            if as_message:
-                ack = client.submit(
-                    args.channel,
-                    read_input(args.file),
-                    schema=args.schema,
-                    submission_id=args.id,
-                    timeout=args.timeout,
-                )
-            else:
-                ack = client.upload(
-                    args.channel, args.file, submission_id=args.id, timeout=args.timeout
-                )
-        except ApiRejected as exc:
-            if args.json:
-                out = {"status": "REJECTED", "code": exc.reason_code, "message": exc.message}
-                if exc.path:
-                    out["path"] = exc.path
-                print(json.dumps(out, ensure_ascii=False))
-            raise
-    finally:
-        client.close()
-    if args.json:
-        print(json.dumps(ack.as_dict()))
-    else:
-        dup = " (already accepted earlier)" if ack.duplicate else ""
-        print(f"accepted{dup}: item {ack.item}, channel {ack.channel}, seq {ack.seq}, id {ack.id}")
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    from ferry.client import Client  # noqa: PLC0415
-
-    with Client.from_config(args.config) as client:
-        body = client.status(args.id, timeout=args.timeout)
-    print(json.dumps(body, ensure_ascii=False))
-    return 0 if body.get("state") != "unknown" else 1
-
-
 def _cmd_health(args: argparse.Namespace) -> int:
     from ferry import health  # noqa: PLC0415
     from ferry.config import load_config  # noqa: PLC0415
@@ -168,7 +124,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(link=args.link, keep=args.keep, workdir=args.dir, big_mib=args.big_mib)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """``argv``: the arguments to be parsed (None: ``sys.argv``), for errors that depend on
+    them (``ferry send --json``)."""
+    words = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(
         prog="ferry", description="One-way cross-domain data exchange gateway."
     )
@@ -234,30 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
             from inside.mirror_cli import add_parser as add_mirror_parser  # noqa: PLC0415
         add_mirror_parser(ssub)  # ferry outside mirror status|resend, ferry inside mirror status
 
-    sd = sub.add_parser("send", help="submit a JSON message or upload a file through the outer API")
-    sd.add_argument(
-        "-c", "--config", required=True, help="API client config (ferry init writes one)"
-    )
-    sd.add_argument("--channel", required=True)
-    sd.add_argument("file", help="file to send, or - for stdin")
-    sd.add_argument("--schema", help="message schema (default: the channel's only one)")
-    sd.add_argument("--id", help="submission id (default: a new UUID); resending it is safe")
-    sd.add_argument("--upload", action="store_true", help="send as a file upload, not a message")
-    sd.add_argument(
-        "--message-limit",
-        type=int,
-        default=1024 * 1024,
-        help="files larger than this many bytes are uploaded (default 1 MiB)",
-    )
-    sd.add_argument("--timeout", type=float, help="seconds to wait for the acknowledgement")
-    sd.add_argument("--json", action="store_true", help="print the acknowledgement as JSON")
-    sd.set_defaults(func=_cmd_send)
+    from ferry.send_cli import add_parsers as add_send_parsers  # noqa: PLC0415
+    from ferry.send_cli import usage_error  # noqa: PLC0415
 
-    ss = sub.add_parser("status", help="where is my submission (accepted, sent, repeats)")
-    ss.add_argument("-c", "--config", required=True)
-    ss.add_argument("id", help="the submission id")
-    ss.add_argument("--timeout", type=float)
-    ss.set_defaults(func=_cmd_status)
+    add_send_parsers(sub, words)  # ferry send, ferry status
+    p.error = functools.partial(usage_error, p, words)  # type: ignore[method-assign]
 
     hl = sub.add_parser(
         "health",
@@ -316,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     log.configure(args.log_level, json=True if args.log_json else None)
     try:
         rc: int = args.func(args)

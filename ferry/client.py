@@ -15,7 +15,9 @@ in chunks the server grants credit for, so memory stays bounded on both ends.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -27,15 +29,32 @@ import msgpack
 import zmq
 from zmq.utils import monitor
 
+from ferry import log
 from ferry.config import ClientConfig, load_client_config
 from ferry.crypto.keys import load_public_key, load_secret_key
-from ferry.errors import ChannelError, FerryError, PolicyRejection
+from ferry.errors import ChannelError, ConfigError, FerryError, PolicyRejection, UsageError
 from ferry.zmqsec import curve_client
 
 PROTOCOL = b"FERRY/1"
+# What the outside takes as a submission id (outside/api.py): 1-128 printable ASCII
+# characters, no space. It answers a longer one with an empty id, which no client can match.
+SUBMISSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# Rejections of an upload's chunks that mean the outside no longer knows the upload (it
+# restarted, or dropped the upload as idle): the upload begins again, once.
+RESTART_UPLOAD = frozenset({"UNKNOWN_UPLOAD", "BAD_OFFSET"})
+
+_log = log.get("ferry.client")
 
 
-class ApiRejected(PolicyRejection):
+class ApiError(FerryError):
+    """A submission did not go through. ``submission_id`` is the id it was sent with (set by
+    :meth:`Client.submit` and :meth:`Client.upload`, generated ids included): sending again
+    with that id is safe, the gateway answers with the item it made the first time, if any."""
+
+    submission_id: str | None = None
+
+
+class ApiRejected(PolicyRejection, ApiError):
     """The gateway refused the submission (exit code 9); ``path`` is the JSON path if any."""
 
     def __init__(self, code: str, message: str, path: str | None = None) -> None:
@@ -44,8 +63,53 @@ class ApiRejected(PolicyRejection):
         self.path = path
 
 
-class ApiUnavailable(ChannelError):
-    """No answer in time, the key was refused, or the gateway stayed busy (exit code 11)."""
+class ApiUnavailable(ChannelError, ApiError):
+    """No answer in time (``code`` NO_ANSWER) or the key was refused (KEY_REFUSED); exit
+    code 11."""
+
+    def __init__(self, message: str, code: str = "NO_ANSWER") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ApiBusy(ApiUnavailable):
+    """The gateway stayed busy (backpressure or rate limit) until the call's timeout: nothing
+    was stored. ``retry_after`` is the server's last advice, in seconds (exit code 13)."""
+
+    exit_code = 13
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, "BUSY")
+        self.retry_after = retry_after
+
+
+@contextlib.contextmanager
+def _naming(sid: str) -> Iterator[None]:
+    """Every ApiError raised inside carries the submission id (see ApiError)."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.submission_id = sid
+        raise
+
+
+def check_submission_id(sid: str) -> str:
+    """``sid`` if the outside takes it as a submission id, else UsageError."""
+    if not SUBMISSION_ID.fullmatch(sid):
+        raise UsageError(
+            f"submission id {sid[:40]!r}{'...' if len(sid) > 40 else ''}: an id is 1 to 128 "
+            "printable ASCII characters, without spaces"
+        )
+    return sid
+
+
+def _check_role(cfg: ClientConfig, role: str, what: str) -> None:
+    if cfg.role != role:
+        raise ConfigError(
+            f"{cfg.source}: role {cfg.role}, but {what} needs a config with role {role} "
+            "(ferry init writes clients/portal.yaml for the API, clients/inner-app.yaml for "
+            "a consumer)"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,7 +133,9 @@ class Ack:
 
 class Client:
     def __init__(self, cfg: ClientConfig) -> None:
+        _check_role(cfg, "api-client", "an API client")
         self.cfg = cfg
+        self._waiting = cfg.timeout  # (seconds of the current call's wait, for its error)
         key = load_secret_key(cfg.client_key, ("x25519",))
         server = load_public_key(cfg.server_public_key, cfg.source.parent)
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -112,7 +178,8 @@ class Client:
                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     raise ApiUnavailable(
                         f"{self.cfg.endpoint}: the gateway refused this client key "
-                        "(not allow-listed, expired or revoked)"
+                        "(not allow-listed, expired or revoked)",
+                        "KEY_REFUSED",
                     )
             if self.sock in events:
                 frames = self.sock.recv_multipart()
@@ -121,7 +188,10 @@ class Client:
                 body = msgpack.unpackb(frames[2], raw=False)
                 if isinstance(body, dict):
                     return frames[1], body
-        raise ApiUnavailable(f"{self.cfg.endpoint}: no answer within the timeout")
+        raise ApiUnavailable(
+            f"no answer from {self.cfg.endpoint} within {self._waiting:g} s: is the outside "
+            "agent running there, and is server_public_key its key?"
+        )
 
     def _wait_for(self, sid: str, deadline: float) -> tuple[bytes, dict[str, Any]]:
         if sid in self._early:
@@ -139,10 +209,11 @@ class Client:
             return Ack(body["id"], body["item"], body["channel"], body["seq"], body["duplicate"])
         if verb == b"REJECTED":
             raise ApiRejected(body.get("code", "?"), body.get("message", ""), body.get("path"))
-        raise FerryError(f"unexpected reply {verb!r}")
+        raise ApiError(f"unexpected reply {verb[:32]!r}")
 
     def _timeout(self, timeout: float | None) -> float:
-        return time.monotonic() + (self.cfg.timeout if timeout is None else timeout)
+        self._waiting = self.cfg.timeout if timeout is None else timeout
+        return time.monotonic() + self._waiting
 
     # ----------------------------------------------------------------- API
     def submit(
@@ -154,21 +225,20 @@ class Client:
         submission_id: str | None = None,
         timeout: float | None = None,
     ) -> Ack:
-        """Submit one JSON message; return the acknowledgement or raise ApiRejected."""
-        sid = submission_id or str(uuid.uuid4())
+        """Submit one JSON message; return the acknowledgement or raise an ApiError (its
+        ``submission_id`` says what to send again with)."""
+        sid = new_submission_id() if submission_id is None else check_submission_id(submission_id)
         body: dict[str, Any] = {"id": sid, "channel": channel}
         if schema is not None:
             body["schema"] = schema
         deadline = self._timeout(timeout)
-        while True:
-            self._send(b"SUBMIT", body, data)
-            verb, reply = self._wait_for(sid, deadline)
-            if verb != b"BUSY":
-                return self._result(verb, reply)
-            pause = float(reply.get("retry_after", 1.0))
-            if time.monotonic() + pause > deadline:
-                raise ApiUnavailable(f"gateway busy; retry submission {sid} later")
-            time.sleep(pause)
+        with _naming(sid):
+            while True:
+                self._send(b"SUBMIT", body, data)
+                verb, reply = self._wait_for(sid, deadline)
+                if verb != b"BUSY":
+                    return self._result(verb, reply)
+                self._pause(reply, deadline, "gateway busy")
 
     def submit_many(
         self,
@@ -227,11 +297,20 @@ class Client:
 
     def status(self, submission_id: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Where a submission is: unknown, queued (accepted, not yet fully sent) or sent."""
+        check_submission_id(submission_id)
         self._send(b"STATUS", {"id": submission_id})
         verb, body = self._wait_for(submission_id, self._timeout(timeout))
         if verb != b"STATUS":
             self._result(verb, body)
         return body
+
+    def _pause(self, reply: dict[str, Any], deadline: float, why: str) -> None:
+        """Wait out a BUSY answer's ``retry_after``, or raise ApiBusy if that is past the
+        deadline."""
+        pause = float(reply.get("retry_after", 1.0))
+        if time.monotonic() + pause > deadline:
+            raise ApiBusy(f"{why}; try again in {pause:g} s", pause)
+        time.sleep(pause)
 
     def upload(
         self,
@@ -243,30 +322,53 @@ class Client:
         timeout: float | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Ack:
-        """Upload a file in chunks (credit-based flow control); memory stays bounded."""
+        """Upload a file in chunks (credit-based flow control); memory stays bounded.
+
+        An upload the outside no longer knows (it restarted meanwhile) begins again once.
+        """
         path = Path(path)
-        sid = submission_id or str(uuid.uuid4())
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-            size = f.tell()
-        body = {
-            "id": sid,
-            "channel": channel,
-            "name": name or path.name,
-            "size": size,
-            "sha256": digest.digest(),
-        }
+        sid = new_submission_id() if submission_id is None else check_submission_id(submission_id)
+        name = path.name if name is None else name
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise UsageError(
+                f"{str(path)!r}: the file name is not UTF-8 text; give the upload a name "
+                "(name=..., ferry send --name)"
+            ) from None
+        with _naming(sid):
+            size, sha256 = _size_and_digest(path)
+            body = {"id": sid, "channel": channel, "name": name, "size": size, "sha256": sha256}
+            try:
+                return self._upload(path, body, timeout, progress)
+            except ApiRejected as exc:
+                if exc.reason_code not in RESTART_UPLOAD:
+                    raise
+                _log.info("upload_restarted", id=sid, code=exc.reason_code)
+            return self._upload(path, body, timeout, progress, stale=True)
+
+    def _upload(
+        self,
+        path: Path,
+        body: dict[str, Any],
+        timeout: float | None,
+        progress: Callable[[int, int], None] | None,
+        *,
+        stale: bool = False,
+    ) -> Ack:
+        """One try of :meth:`upload`. ``stale``: answers to the chunks of an earlier try may
+        still come (they come before the answer to this try's UPLOAD, which is never one of
+        RESTART_UPLOAD): those are passed over."""
+        sid, size = body["id"], body["size"]
         deadline = self._timeout(timeout)
         while True:
             self._send(b"UPLOAD", body)
             verb, reply = self._wait_for(sid, deadline)
+            while stale and verb == b"REJECTED" and reply.get("code") in RESTART_UPLOAD:
+                verb, reply = self._wait_for(sid, deadline)
             if verb != b"BUSY":
                 break
-            time.sleep(float(reply.get("retry_after", 1.0)))
-            if time.monotonic() > deadline:
-                raise ApiUnavailable("gateway busy; upload not started")
+            self._pause(reply, deadline, "gateway busy; upload not started")
         if verb != b"CREDIT":
             return self._result(verb, reply)
         token, chunk_size, credit = reply["upload"], int(reply["chunk_size"]), int(reply["credit"])
@@ -276,7 +378,7 @@ class Client:
                 while credit > 0 and sent < size:
                     data = f.read(min(chunk_size, size - sent))
                     if not data:
-                        raise FerryError(f"{path}: file shrank during upload")
+                        raise ApiError(f"{path}: file shrank during upload")
                     self._send(b"CHUNK", {"id": sid, "upload": token, "offset": sent}, data)
                     sent += len(data)
                     credit -= 1
@@ -288,6 +390,17 @@ class Client:
                         progress(int(reply["offset"]), size)
                     continue
                 return self._result(verb, reply)
+
+
+def _size_and_digest(path: Path) -> tuple[int, bytes]:
+    """A file's size and SHA-256, read once (its size as read: a pipe has none before)."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.digest()
 
 
 @dataclass(frozen=True)
@@ -317,17 +430,23 @@ class Consumer:
     again (the inside restarted, or the network dropped it), the consumer says READY
     once more, with the credit it has left, the next time :meth:`receive` runs; without
     that, a consumer that outlives a restart of the inside would wait for ever.
+
+    A consumer whose key the inside refuses gets ApiUnavailable (KEY_REFUSED) from
+    :meth:`receive` at each refused handshake, rather than nothing for ever.
     """
 
     def __init__(
         self, cfg: ClientConfig, *, channels: list[str] | None = None, credit: int = 256
     ) -> None:
+        _check_role(cfg, "consumer", "a consumer")
         self.cfg = cfg
         key = load_secret_key(cfg.client_key, ("x25519",))
         server = load_public_key(cfg.server_public_key, cfg.source.parent)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self.sock = curve_client(self._ctx, zmq.DEALER, key, server)
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
         self._connections = 0
         self._channels = channels
         self._credit = credit  # what the consumer asked for in all, less what it holds:
@@ -347,12 +466,19 @@ class Consumer:
         self.sock.send_multipart([PROTOCOL, b"READY", msgpack.packb(body)])
 
     def _check_connection(self) -> None:
-        """Say READY again on each new connection after the first (see the class)."""
+        """Say READY again on each new connection after the first (see the class); raise
+        ApiUnavailable if the inside refused the key."""
         while True:
             try:
                 event = monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise ApiUnavailable(
+                    f"{self.cfg.endpoint}: the inside refused this consumer key "
+                    "(not allow-listed, expired or revoked)",
+                    "KEY_REFUSED",
+                )
             if event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 continue
             self._connections += 1
@@ -439,23 +565,38 @@ def new_submission_id() -> str:
     return str(uuid.uuid4())
 
 
-def read_input(path: str) -> bytes:
-    """A file's bytes, or stdin's for ``-``."""
+def read_input(path: str, limit: int | None = None) -> bytes:
+    """A file's bytes, or stdin's for ``-``: at most ``limit + 1`` of them if a limit is
+    given (more than ``limit`` means "too large", without holding all of it)."""
     if path == "-":
         import sys  # noqa: PLC0415
 
-        return sys.stdin.buffer.read()
+        return _read_up_to(sys.stdin.buffer, limit)
     with open(path, "rb") as f:
-        return f.read()
+        return _read_up_to(f, limit)
+
+
+def _read_up_to(f: Any, limit: int | None) -> bytes:
+    """All of ``f``, or its first ``limit + 1`` bytes, read in pieces: memory grows with what
+    there is, not with the limit asked for."""
+    if limit is None:
+        return bytes(f.read())
+    out = bytearray()
+    while len(out) <= limit and (piece := f.read(min(1 << 20, limit + 1 - len(out)))):
+        out += piece
+    return bytes(out)
 
 
 __all__ = [
     "Ack",
+    "ApiBusy",
+    "ApiError",
     "ApiRejected",
     "ApiUnavailable",
     "Client",
     "Consumer",
     "Delivery",
+    "check_submission_id",
     "new_submission_id",
     "read_input",
 ]

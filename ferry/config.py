@@ -847,6 +847,14 @@ def load_client_config(path: Path) -> ClientConfig:
 def load_allowlist_entry(path: Path) -> ApiClient:
     """Load one allow-list file (``<name>.yaml``): a client key and what it may use."""
     doc = _load(path)
+    if isinstance(doc.data, dict) and isinstance(doc.data.get("expires"), datetime.date):
+        # (written unquoted, YAML reads a date-time; without an offset, YAML means UTC)
+        when = doc.data["expires"]
+        if not isinstance(when, datetime.datetime):
+            when = datetime.datetime.combine(when, datetime.time())
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        doc.data["expires"] = when.isoformat()
     _validate(doc, ALLOWLIST_SCHEMA)
     d = doc.data
     if Path(doc.file).stem != d["name"]:
@@ -854,10 +862,10 @@ def load_allowlist_entry(path: Path) -> ApiClient:
     expires = None
     if "expires" in d:
         try:
-            when = datetime.datetime.strptime(d["expires"], "%Y-%m-%dT%H:%M:%SZ")
+            when = datetime.datetime.fromisoformat(d["expires"])
         except ValueError as exc:
             raise doc.error(("expires",), f"expires: not a valid date-time ({exc})") from exc
-        expires = int(when.replace(tzinfo=datetime.UTC).timestamp() * 1e6)
+        expires = int(when.timestamp() * 1e6)  # (an offset is required: no local time)
     _public_key(doc, ("public_key",), d["public_key"], ("x25519",))
     if d.get("revoked", False):
         expires = 0

@@ -116,13 +116,17 @@ def _send_messages(
     acks: list[Any] = []
     with Client.from_config(deployment["api"]["client_config"]) as client:
         for schema, data in messages:
+            sid = None
             while True:
                 try:
-                    acks.append(client.submit("messages", data, schema=schema, timeout=5))
+                    acks.append(
+                        client.submit("messages", data, schema=schema, submission_id=sid, timeout=5)
+                    )
                     break
-                except ApiUnavailable:
+                except ApiUnavailable as exc:
                     if time.monotonic() > deadline:
                         raise
+                    sid = exc.submission_id  # (the same id again: never a second item)
         try:
             client.submit("messages", b'{"applicant": 1, "applicant": 2}', schema=messages[0][0])
             hostile = "accepted?!"

@@ -120,6 +120,7 @@ class MessageRejected(PolicyRejection):
             raise ValueError(f"unknown reason code {reason_code!r}")
         super().__init__(reason_code, f"{json_path}: {message}")
         self.json_path = json_path
+        self.message = message  # (what was wrong, without the code and the path)
 
 
 # ----------------------------------------------------------------------------- paths, display

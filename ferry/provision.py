@@ -723,10 +723,14 @@ def _allow_entry(name: str, key: SecretKey, channels: tuple[str, ...], rate: int
 
 
 def _client_yaml(role: str, name: str, endpoint: str, server_pub: Path, key: Path) -> str:
+    """The key files are named relative to the config (the same folder), so the three files
+    can be copied together to the client's host."""
     return (
-        f"# ferry {role} configuration (written by `ferry init`).\n"
+        f"# ferry {role} configuration (written by `ferry init`). Copy it with the two key\n"
+        "# files it names (paths relative to this file) to the client's host, and set\n"
+        "# endpoint to the agent's address as seen from there.\n"
         f"version: 1\nrole: {role}\nname: {name}\nendpoint: {_q(endpoint)}\n"
-        f"server_public_key: {_q(str(server_pub))}\nclient_key: {_q(str(key))}\n"
+        f"server_public_key: {_q(server_pub.name)}\nclient_key: {_q(key.name)}\n"
     )
 
 

@@ -103,6 +103,8 @@ class Allowlist:
             return False
         by_key: dict[str, Allowed] = {}
         errors: dict[str, str] = {}
+        shared: dict[str, str] = {}  # keys in more than one file: refused in every one
+        files: dict[str, str] = {}  # the file of each key taken
         for name, _, _ in stamp:
             try:
                 entry = load_allowlist_entry(self.folder / name)
@@ -111,11 +113,17 @@ class Allowlist:
             except (ConfigError, FerryError) as exc:
                 errors[name] = str(exc)
                 continue
+            if zkey in shared:
+                errors[name] = f"same key as {shared[zkey]}; all of them refused"
+                continue
             if zkey in by_key:
-                errors[name] = f"same key as {by_key[zkey].client.name}; both refused"
-                by_key.pop(zkey)
+                first = by_key.pop(zkey).client.name
+                shared[zkey] = first
+                errors[name] = f"same key as {first}; all of them refused"
+                errors[files[zkey]] = f"same key as {entry.name}; all of them refused"
                 continue
             by_key[zkey] = Allowed(entry, zkey)
+            files[zkey] = name
         with self._lock:
             self._by_key = by_key
             self._stamp = stamp
@@ -147,7 +155,12 @@ class Allowlist:
         client = self.lookup(key.decode("ascii", "replace"))
         if client is None:
             z85 = key.decode("ascii", "replace")
-            _log.warning("handshake_refused", domain=domain, key=z85)
+            with _SELF_TEST_LOCK:
+                self_test = z85 in _SELF_TEST_KEYS
+            if self_test:  # (this agent's own start-up check: not a stranger knocking)
+                _log.info("self_test_refused", domain=domain)
+                return False
+            _log.warning("handshake_refused", domain=domain, key=z85, public_key=_named(key))
             if self.on_refused is not None:
                 self.on_refused(z85)
         elif self.on_allowed is not None:
@@ -334,14 +347,33 @@ def user_id(frame: zmq.Frame) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _named(z85_key: bytes) -> str | None:
+    """A Z85 CURVE key as ferry writes keys (``ferry-pk:x25519:<key id>:…``), as in the
+    allow-list files and the output of ``ferry keygen``; None if it is not one."""
+    try:
+        return PublicKey("x25519", bytes(z85.decode(z85_key))).to_string()
+    except (ValueError, FerryError):
+        return None
+
+
+# Throwaway keys of this process's start-up self-tests, in Z85: their refusal is expected, and
+# not recorded as a stranger's (api.auth_failed).
+_SELF_TEST_KEYS: set[str] = set()
+_SELF_TEST_LOCK = threading.Lock()
+
+
 def check_rejects_strangers(endpoint: str, server: PublicKey, timeout: float = 5.0) -> None:
     """Start-up self-test: a throwaway key must fail the CURVE handshake.
 
     Catches the misconfigurations where ZAP is skipped (empty domain, missing
-    authenticator) and every key gets in. Raises SelfTestError otherwise.
+    authenticator) and every key gets in. Raises SelfTestError otherwise. The refusal is
+    logged ``self_test_refused``, not as a stranger's handshake.
     """
     ctx: zmq.Context[Any] = zmq.Context.instance()
     stranger = SecretKey.generate("x25519")
+    own = z85_public(stranger.public).decode("ascii")
+    with _SELF_TEST_LOCK:
+        _SELF_TEST_KEYS.add(own)
     sock = curve_client(ctx, zmq.DEALER, stranger, server)
     mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
@@ -362,3 +394,5 @@ def check_rejects_strangers(endpoint: str, server: PublicKey, timeout: float = 5
         sock.disable_monitor()
         mon.close(0)
         sock.close(0)
+        with _SELF_TEST_LOCK:
+            _SELF_TEST_KEYS.discard(own)

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +391,38 @@ class OutsideAgent:
                 copies=copy.sends_total,
             )
 
+    def _expire_repeats(self, in_flight: Collection[bytes] = ()) -> None:
+        """Copies due past their deadline (7 days after the item's first, see
+        :meth:`Spool.expire_repeats`) are not sent: ``transfer.expired`` for each such item.
+        ``in_flight``: items being sent now, left alone."""
+        try:
+            expired = self.spool.expire_repeats(now_us(), skip=in_flight)
+        except sqlite3.Error as exc:  # (a full disk): tried again at the next turn
+            _log.error("repeats_not_expired", error=str(exc))
+            return
+        if not expired:
+            return
+        subject = Subject.component("sender")
+        for e in expired:
+            if e.spool_file is not None:
+                e.spool_file.unlink(missing_ok=True)
+            if e.channel == MIRROR_CHANNEL:
+                continue
+            self.audit.try_record(
+                "transfer.expired",
+                subject=subject,
+                result="info",
+                obj=AuditObject(item=e.object_id.hex(), channel=e.channel or None, seq=e.seq),
+                detail={"sent": e.sends_done, "of": e.sends_total},
+                corr=e.object_id.hex(),
+            )
+        _log.warning(
+            "repeats_expired",
+            items=len(expired),
+            channels=sorted({e.channel for e in expired}),
+            note="copies due past their deadline (a week after the first) were not sent",
+        )
+
     def _record_sends(self) -> None:
         """transfer.sent / transfer.repeated for each copy that left (kept until recorded)."""
         subject = Subject.component("sender")
@@ -615,6 +647,7 @@ class OutsideAgent:
         send_many = getattr(channel, "send_many", None) if cfg.link.rate_bps >= 50e6 else None
         sys.setswitchinterval(SWITCH_INTERVAL)
         self._record_lost_intake()
+        self._expire_repeats()
         backlog = self.spool.due(now_us())
         for item in backlog:
             self._submit(sender, item)
@@ -669,9 +702,9 @@ class OutsideAgent:
                 mono = time.monotonic()
                 if mono >= next_schedule:  # repeats that came due
                     next_schedule = mono + SCHEDULE_INTERVAL
-                    for item in self.spool.due(
-                        now_us(), skip=self._sources.keys() | self._in_bundles, repeats_only=True
-                    ):
+                    in_flight = self._sources.keys() | self._in_bundles
+                    self._expire_repeats(in_flight)
+                    for item in self.spool.due(now_us(), skip=in_flight, repeats_only=True):
                         self._submit(sender, item)
                 self._retention.step(mono)  # (sent items past cfg.retention_days)
                 if self._waiting_msgs:

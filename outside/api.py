@@ -18,7 +18,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -567,24 +567,26 @@ class ApiServer:
     ) -> tuple[MessageRequest, bytes, str]:
         sid = self._submission_id(body)
         ch = self._channel(client, body, "messages")
-        schema = body.get("schema", ch.schemas[0] if len(ch.schemas) == 1 else None)
-        if not isinstance(schema, str):
-            raise Refused("BAD_REQUEST", f"'schema' is required on {ch.name}: {list(ch.schemas)}")
-        if schema not in ch.schemas:
+        named = body.get("schema", ch.schemas[0] if len(ch.schemas) == 1 else None)
+        if named is not None and not isinstance(named, str):
+            raise Refused("BAD_REQUEST", "'schema' must be a string")
+        if named is not None and named not in ch.schemas:
             raise Refused("SCHEMA_NOT_ALLOWED", f"{ch.name} takes {', '.join(ch.schemas)}")
         if any(u.client == client.name and u.submission_id == sid for u in self._uploads.values()):
             raise Refused("SUBMISSION_ID_REUSED", "an upload with this id is in progress")
-        request_sha = hashlib.sha256(b"%s\x00%s\x00" % (ch.name.encode(), schema.encode()) + data)
+        # What a retry must repeat: the channel and the bytes. Not the schema: named or not,
+        # and whatever the channel's schemas are by then (an operator may add one), a retry
+        # gets the first answer.
+        request_sha = hashlib.sha256(b"%s\x00\x00" % ch.name.encode() + data)
         self._admit_or_answer(client, sid, request_sha.digest())
         limit = min(ch.max_message_size, self.params.max_message_size)
         if len(data) > limit:
             raise Refused("TOO_LARGE", f"message of {len(data)} bytes; the limit is {limit}")
         started = time.monotonic()
         try:
-            _, canonical = self.schemas.check(schema, data, JsonLimits(max_bytes=limit))
-        except PolicyRejection as exc:
-            message = getattr(exc, "message", None) or str(exc)
-            raise Refused(exc.reason_code, message, getattr(exc, "json_path", None)) from exc
+            schema, canonical = self._validate(
+                ch.schemas if named is None else (named,), data, limit
+            )
         finally:
             self._charge(client, started)
         if len(canonical) > limit:  # (numbers may grow: 1e20 is 100000000000000000000)
@@ -603,6 +605,35 @@ class ApiServer:
             priority=ch.priority,
         )
         return req, canonical, schema
+
+    def _validate(self, schemas: Sequence[str], data: bytes, limit: int) -> tuple[str, bytes]:
+        """Strict parse and validation against the schema named, or when none was, the first
+        of the channel's schemas the message matches: (that schema, canonical bytes). A
+        message that matches none is refused with what each schema found."""
+        found: list[tuple[str, PolicyRejection]] = []
+        for schema in schemas:
+            try:
+                _, canonical = self.schemas.check(schema, data, JsonLimits(max_bytes=limit))
+            except PolicyRejection as exc:
+                if exc.reason_code != "SCHEMA_INVALID":  # (not JSON, or past a limit: the same
+                    found = [(schema, exc)]  # whatever the schema)
+                    break
+                found.append((schema, exc))
+                continue
+            return schema, canonical
+        if len(found) == 1:
+            only = found[0][1]
+            message = getattr(only, "message", None) or str(only)
+            raise Refused(only.reason_code, message, getattr(only, "json_path", None))
+        raise Refused(
+            "SCHEMA_INVALID",
+            "matches none of the channel's schemas: "
+            + "; ".join(
+                f"{schema}: {getattr(exc, 'json_path', '$')}: {getattr(exc, 'message', exc)}"
+                for schema, exc in found
+            )
+            + " (name one with 'schema' to see only its errors)",
+        )
 
     def _charge(self, client: ApiClient, started: float) -> None:
         """Charge a slow check to the client's time budget (see SLOW_SHARE)."""
@@ -850,6 +881,8 @@ class ApiServer:
                     "sends": st.sends_done,
                     "sends_planned": st.sends_total,
                     "repeated": max(0, st.sends_done - 1),
+                    # finished with copies not sent: past their deadline (Spool.expire_repeats)
+                    "expired": st.state == "sent" and st.sends_done < st.sends_total,
                     "accepted_us": st.created_us,
                     "last_sent_us": st.sent_us,
                 },

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from ferry import log
 from ferry.audit.agent import AgentAudit
@@ -63,6 +63,9 @@ from outside.watch import DropWatcher, Ready, Refused, WatchSpec, check_specs
 INTAKE_BATCH = 64
 INTAKE_BATCH_BYTES = 8 * 1024 * 1024
 BATCH_FILE_MAX = 1024 * 1024
+# Refused files remembered per channel while their quarantine cannot take them (beyond
+# this, the oldest is forgotten, and checked and recorded refused again at its next turn).
+MAX_UNMOVED = 10_000
 # Copy in 1 MiB pieces: large enough for throughput, small enough to keep memory flat.
 COPY_CHUNK = 1024 * 1024
 # Sanitizer actions listed in a verdict record and in the report sent along (the full
@@ -79,6 +82,13 @@ PolicyRejection (reason code + message) to quarantine the file."""
 
 def _source_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _unmoved_key(st: os.stat_result) -> str:
+    """A version of a file, as far as its metadata tell: its source key and its change time
+    (which no one can set back: a file written again with its size and date restored is
+    another version)."""
+    return f"{_source_key(st)}:{st.st_ctime_ns}"
 
 
 def _beneath(fd: int, folder: Path | None) -> bool:
@@ -406,6 +416,22 @@ class _Rate:
         return False
 
 
+class _Refusal(NamedTuple):
+    name: str
+    code: str
+    message: str
+    report: Mapping[str, Any] | None
+    sha256: str | None
+
+
+class _Moved(enum.Enum):
+    KEPT = "kept"  # in the quarantine
+    NOT_KEPT = "not kept"  # no quarantine folder for the channel
+    LED_OUT = "led out"  # a folder or the name is a symlink now: nothing moved (recorded)
+    REPLACED = "replaced"  # saved again since it was checked: the new version is left
+    FAILED = "failed"  # could not be moved (a full disk...): left in the drop folder
+
+
 @dataclass(eq=False)
 class _Lane:
     """One files channel's intake: its own watcher and thread, so that a drop, sent or
@@ -418,6 +444,10 @@ class _Lane:
     workdir: Path  # cleaned outputs of the content pipeline (fixed names: one per lane)
     deferred: deque[Ready] = field(default_factory=deque)
     waiting_for_room: set[Path] = field(default_factory=set)  # (logged once each)
+    # refused files that could not be moved to the quarantine (its disk full, say), by
+    # (device, inode): the version refused (_unmoved_key) and why; tried again at each turn,
+    # not checked or recorded refused again while it is that version
+    unmoved: dict[tuple[int, int], tuple[str, _Refusal]] = field(default_factory=dict)
     taken: int = 0
     quarantined: int = 0
     thread: threading.Thread | None = None
@@ -626,6 +656,9 @@ class FolderIntake:
                 if self.paused or blocked:  # fail closed: nothing is taken unaudited
                     lane.deferred.append(r)
                     continue
+                if lane.unmoved and self._retry_unmoved(ch, r):
+                    lane.watcher.done(r.path)  # (still refused: found again at a rescan)
+                    continue
                 claimed = self._room_for(ch, r, logged=r.path in waiting)
                 if claimed is None:
                     lane.deferred.append(r)  # stays in the drop folder until there is room
@@ -722,6 +755,7 @@ class FolderIntake:
                 f"the file is {r.size} bytes, more than the gateway's disk can ever take "
                 f"({(whole - self._reserve) // copies} bytes at most)",
                 found=(r.dev, r.ino),
+                key=_unmoved_key(st),
             )
             return 0
         with self._room_lock:
@@ -758,7 +792,9 @@ class FolderIntake:
         name = r.relpath.name
         found = (st.st_dev, st.st_ino)  # (what a refusal may move: see _reject)
         if (problem := _folder_problem(r.relpath)) is not None:
-            self._reject(ch, path, name, "FILENAME_POLICY", problem, found=found)
+            self._reject(
+                ch, path, name, "FILENAME_POLICY", problem, found=found, key=_unmoved_key(st)
+            )
             return None
         if st.st_size > ch.max_size:
             self._reject(
@@ -768,6 +804,7 @@ class FolderIntake:
                 "TOO_LARGE",
                 f"the file is {st.st_size} bytes; channel {ch.name} takes at most {ch.max_size}",
                 found=found,
+                key=_unmoved_key(st),
             )
             return None
         tmp = self._incoming / f"{os.urandom(8).hex()}.part"
@@ -833,7 +870,7 @@ class FolderIntake:
                     workdir=lane.workdir,
                     overrides=overrides,
                 )
-        except ContentRefused as exc:
+        except PolicyRejection as exc:  # (ContentRefused too: with the pipeline's report)
             tmp.unlink(missing_ok=True)
             self._reject(
                 ch,
@@ -841,14 +878,11 @@ class FolderIntake:
                 name,
                 exc.reason_code,
                 _plain(exc),
-                report=exc.report,
+                report=exc.report if isinstance(exc, ContentRefused) else None,
                 found=found,
+                key=_unmoved_key(fst),
                 sha256=sha256,
             )
-            return None
-        except PolicyRejection as exc:
-            tmp.unlink(missing_ok=True)
-            self._reject(ch, path, name, exc.reason_code, _plain(exc), found=found, sha256=sha256)
             return None
         except Exception as exc:  # noqa: BLE001  # fail closed: a filter error rejects the file
             tmp.unlink(missing_ok=True)
@@ -860,6 +894,7 @@ class FolderIntake:
                 "FILTER_ERROR",
                 f"a content check failed: {exc}",
                 found=found,
+                key=_unmoved_key(fst),
                 sha256=sha256,
             )
             return None
@@ -1019,53 +1054,119 @@ class FolderIntake:
         *,
         report: Mapping[str, Any] | None = None,
         found: tuple[int, int],
+        key: str,
         sha256: str | None = None,
     ) -> None:
-        """Refuse a clerk's file: moved to the channel's quarantine with its reasons. Its
-        folder is reached one level at a time from the drop folder without following a
-        symlink (:func:`ferry.place.pinned_folder`), and only the file that was checked
-        (``found``: device and inode) is moved. A folder (or the drop folder) swapped for a
-        symlink while the file was checked cannot have a file from elsewhere moved: nothing
-        is moved, and the refusal is recorded as leading out of the drop folder. A file
-        saved again meanwhile is left for its own turn (the refusal of what was checked is
-        recorded, nothing kept)."""
-        q = self._quarantine.get(ch.name)
-        kept: str | None = None
-        if q is not None and ch.drop is not None:
-            try:
-                rel = PurePosixPath(path.relative_to(ch.drop))
-            except ValueError:  # (not under the drop folder)
-                self._led_out(ch, name)
-                return
-            try:
-                with pinned_folder(ch.drop, rel.parent.parts, create=False) as (_, src_dir):
-                    placed = q.put_file(
-                        Path(rel.name),
-                        channel=ch.name,
-                        original_name=name,
-                        reason_code=code,
-                        message=message,
-                        details={"report": dict(report)} if report else None,
-                        sha256=sha256,
-                        src_dir=src_dir,
-                        expect=found,
-                    )
-                kept = str(placed.path)
-            except UnsafePathError:  # (a folder on the way is a symlink now)
-                self._led_out(ch, name)
-                return
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:  # (the file's own name is a symlink now)
-                    self._led_out(ch, name)
-                    return
-                if exc.errno == errno.ESTALE:  # (saved again since it was checked)
-                    _log.info("refused_file_replaced", channel=ch.name, name=name, code=code)
-                    self._record_rejection(ch, name, code, message, None)
-                    return  # (the new version is taken in its turn)
-                _log.error("quarantine_failed", channel=ch.name, name=name, error=str(exc))
-        self._lanes[ch.name].quarantined += 1
+        """Refuse a clerk's file: moved to the channel's quarantine with its reasons
+        (:meth:`_move_refused`; ``found``: the device and inode checked, ``key``: the version
+        checked, :func:`_unmoved_key`). A file that cannot be moved there (a full disk) stays
+        in the drop folder and is remembered, that version: at each later turn only its move
+        is tried again; it is not checked, logged or recorded refused again
+        (:meth:`_retry_unmoved`)."""
+        refusal = _Refusal(name, code, message, report, sha256)
+        moved, kept = self._move_refused(ch, path, refusal, found)
+        if moved is _Moved.LED_OUT:
+            return
+        if moved is _Moved.REPLACED:
+            _log.info("refused_file_replaced", channel=ch.name, name=name, code=code)
+            self._record_rejection(ch, name, code, message, None)
+            return  # (the new version is taken in its turn)
+        lane = self._lanes[ch.name]
+        if moved is _Moved.FAILED:
+            lane.unmoved.pop(found, None)
+            while len(lane.unmoved) >= MAX_UNMOVED:  # (the oldest is checked again)
+                del lane.unmoved[next(iter(lane.unmoved))]
+            lane.unmoved[found] = (key, refusal)
+        lane.quarantined += 1
         _log.warning("quarantined", channel=ch.name, name=name, reason_code=code, message=message)
         self._record_rejection(ch, name, code, message, kept)
+
+    def _move_refused(
+        self,
+        ch: OutsideChannel,
+        path: Path,
+        refusal: _Refusal,
+        found: tuple[int, int],
+        *,
+        quiet: bool = False,
+    ) -> tuple[_Moved, str | None]:
+        """Move a refused file to the channel's quarantine with its reasons, and say what
+        became of it (with where it is kept). Its folder is reached one level at a time
+        from the drop folder without following a symlink (:func:`ferry.place.pinned_folder`),
+        and only the file that was checked (``found``: device and inode) is moved. A folder
+        (or the drop folder) swapped for a symlink while the file was checked cannot have a
+        file from elsewhere moved: nothing is moved, and the refusal is recorded as leading
+        out of the drop folder. A file saved again meanwhile is left for its own turn.
+        ``quiet``: a failed move is not logged (a move tried again)."""
+        q = self._quarantine.get(ch.name)
+        if q is None or ch.drop is None:
+            return _Moved.NOT_KEPT, None
+        try:
+            rel = PurePosixPath(path.relative_to(ch.drop))
+        except ValueError:  # (not under the drop folder)
+            self._led_out(ch, refusal.name)
+            return _Moved.LED_OUT, None
+        try:
+            with pinned_folder(ch.drop, rel.parent.parts, create=False) as (_, src_dir):
+                placed = q.put_file(
+                    Path(rel.name),
+                    channel=ch.name,
+                    original_name=refusal.name,
+                    reason_code=refusal.code,
+                    message=refusal.message,
+                    details={"report": dict(refusal.report)} if refusal.report else None,
+                    sha256=refusal.sha256,
+                    src_dir=src_dir,
+                    expect=found,
+                    quiet=quiet,
+                )
+        except UnsafePathError:  # (a folder on the way is a symlink now)
+            self._led_out(ch, refusal.name)
+            return _Moved.LED_OUT, None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # (the file's own name is a symlink now)
+                self._led_out(ch, refusal.name)
+                return _Moved.LED_OUT, None
+            if exc.errno == errno.ESTALE:  # (saved again since it was checked)
+                return _Moved.REPLACED, None
+            if not quiet:  # (put_file logged why)
+                _log.warning(
+                    "refused_file_left_in_drop_folder",
+                    channel=ch.name,
+                    name=refusal.name,
+                    note="its move to the quarantine is tried again at each turn",
+                )
+            return _Moved.FAILED, None
+        return _Moved.KEPT, str(placed.path)
+
+    def _retry_unmoved(self, ch: OutsideChannel, r: Ready) -> bool:
+        """A file refused before whose move to the quarantine failed: try the move again
+        (True: taken care of, nothing else is to be done with it this turn). Recorded
+        once it is kept (``quarantine.added``, ``late``); a file changed since (its size,
+        dates or change time differ: written again, even with its date set back) is
+        forgotten here and checked afresh (False)."""
+        lane = self._lanes[ch.name]
+        entry = lane.unmoved.get((r.dev, r.ino))
+        if entry is None:
+            return False
+        key, refusal = entry
+        try:
+            st = os.lstat(r.path)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode) or _unmoved_key(st) != key:
+            del lane.unmoved[(r.dev, r.ino)]
+            return False  # (gone, or saved again: a new version, checked in its turn)
+        moved, kept = self._move_refused(ch, r.path, refusal, (r.dev, r.ino), quiet=True)
+        if moved is _Moved.FAILED:
+            return True  # (still no room: tried again at the next turn)
+        del lane.unmoved[(r.dev, r.ino)]
+        if moved is _Moved.KEPT and kept is not None:
+            _log.warning(
+                "quarantined_late", channel=ch.name, name=refusal.name, reason_code=refusal.code
+            )
+            self._record_kept(ch, refusal.name, refusal.code, kept, late=True)
+        return True
 
     def _record_rejection(
         self, ch: OutsideChannel, name: str, code: str, message: str, kept: str | None
@@ -1085,12 +1186,21 @@ class FolderIntake:
             detail=detail,
         )
         if kept:
-            self._audit.try_record(
-                "quarantine.added",
-                subject=subject,
-                obj=AuditObject(kind="file", channel=ch.name, name=name, path=kept),
-                detail={"reason_code": code},
-            )
+            self._record_kept(ch, name, code, kept)
+
+    def _record_kept(
+        self, ch: OutsideChannel, name: str, code: str, kept: str, *, late: bool = False
+    ) -> None:
+        """``quarantine.added``; ``late``: the file was refused at an earlier turn (its
+        ``intake.rejected`` record has no quarantine path) and could only be moved now."""
+        if self._audit is None:
+            return
+        self._audit.try_record(
+            "quarantine.added",
+            subject=self._subject(ch),
+            obj=AuditObject(kind="file", channel=ch.name, name=name, path=kept),
+            detail={"reason_code": code} | ({"late": True} if late else {}),
+        )
 
     def _refused(self, r: Refused) -> None:
         ch = self._channels.get(r.channel)

@@ -339,11 +339,13 @@ class Quarantine:
         move: bool = True,
         src_dir: int | None = None,
         expect: tuple[int, int] | None = None,
+        quiet: bool = False,
     ) -> QuarantineRecord:
         """Move (or copy) a regular file in; a symlink or special file raises OSError.
         ``src_dir``: ``src`` is a name in that open folder (opened one level at a time by
         the caller: what is moved then stays the file in that very folder). ``expect``:
-        the (device, inode) the file must still be (OSError if it was replaced)."""
+        the (device, inode) the file must still be (OSError if it was replaced).
+        ``quiet``: a failure is logged at debug level only (a move tried again)."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         src_fd = os.open(src, flags, dir_fd=src_dir)
         try:
@@ -366,6 +368,7 @@ class Quarantine:
                 item_id=item_id,
                 sha256=sha256,
                 details=details,
+                quiet=quiet,
             )
         finally:
             os.close(src_fd)
@@ -448,6 +451,7 @@ class Quarantine:
         item_id: str | None,
         sha256: str | None,
         details: Mapping[str, Any] | None,
+        quiet: bool = False,
     ) -> QuarantineRecord:
         base = safe_name(original_name)
         now = _rfc3339(self._clock())
@@ -498,7 +502,12 @@ class Quarantine:
                             os.unlink(w, dir_fd=dfd)
                     with contextlib.suppress(OSError):
                         _fsync_fd(dfd)
-                (_log.info if exc.errno == errno.ESTALE else _log.error)(  # (saved again)
+                failed = _log.error
+                if quiet:
+                    failed = _log.debug
+                elif exc.errno == errno.ESTALE:  # (saved again)
+                    failed = _log.info
+                failed(
                     "quarantine_failed",
                     channel=channel,
                     reason_code=reason_code,

@@ -165,6 +165,12 @@ _DUE_REPEATS = (
     + " AND sends_done>0 AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?"
 )
 
+# No copy of an item is sent later than this after its first (see Spool.expire_repeats): the
+# inside's ledger keeps an item at least 8 days (inside.retention_days) after it arrived...
+REPEAT_DEADLINE_US = 7 * 24 * 3600 * 1_000_000
+# ... or, for a spread near its maximum (7 days), later than this after the spread's end.
+REPEAT_SPREAD_GRACE_US = 3600 * 1_000_000
+
 
 class Spool:
     def __init__(self, state_dir: Path) -> None:
@@ -592,6 +598,60 @@ class Spool:
             ).fetchall()
         return [self._item(r) for r in rows if bytes(r[0]) not in skip][:limit]
 
+    def expire_repeats(
+        self, now: int, skip: Collection[bytes] = (), limit: int = 10_000
+    ) -> list[Expired]:
+        """Finish, without sending them, the items whose next copy falls due after their
+        deadline: :data:`REPEAT_DEADLINE_US` after their first copy, or
+        :data:`REPEAT_SPREAD_GRACE_US` after their channel's repeat ``spread`` ended if that
+        is later (the outside was stopped, or the link's backlog held them back, that long).
+        By then the inside may have forgotten the item (its ledger keeps it at least 8 days),
+        and a copy would be delivered twice. Pieces of the audit log's copy (``audit``) are
+        not items, and never expire. ``skip``: in flight. Each is returned (its spool file is
+        to be removed, and its copies not sent recorded)."""
+        with self._lock:
+            rows = [
+                r
+                for r in self._db.execute(
+                    "SELECT object_id, channel, seq, sends_done, sends_total, spool_file, length,"
+                    " kind FROM items INDEXED BY items_repeats WHERE state='queued'"
+                    " AND sends_done>0 AND next_send_us<=? AND kind!='audit'"
+                    " AND first_sent_us+max(?, spread_us+?)<? LIMIT ?",
+                    (
+                        now,
+                        REPEAT_DEADLINE_US,
+                        REPEAT_SPREAD_GRACE_US,
+                        now,
+                        limit + len(skip),
+                    ),
+                )
+                if bytes(r[0]) not in skip
+            ][:limit]
+            if not rows:
+                return []
+            out = [
+                Expired(
+                    bytes(r[0]),
+                    str(r[1]),
+                    int(r[2]),
+                    int(r[3]),
+                    int(r[4]),
+                    None if r[5] is None else self.dir / str(r[5]),
+                )
+                for r in rows
+            ]
+            # (durable: a file's spool copy is removed once this is on disk)
+            with transaction(self._db, durable=any(e.spool_file is not None for e in out)):
+                self._db.executemany(
+                    "UPDATE items SET state='sent', data=NULL WHERE object_id=?",
+                    [(e.object_id,) for e in out],
+                )
+            for r in rows:
+                if r[7] != "audit":
+                    self.backlog_items -= 1
+                self.backlog_bytes -= int(r[6])
+        return out
+
     def next_due_us(self) -> int | None:
         with self._lock:
             row = self._db.execute(
@@ -711,6 +771,18 @@ class Spool:
         with self._lock:
             rows = self._db.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall()
         return {str(r[0]): int(r[1]) for r in rows}
+
+
+@dataclass(frozen=True)
+class Expired:
+    """An item finished by :meth:`Spool.expire_repeats` with copies not sent."""
+
+    object_id: bytes
+    channel: str
+    seq: int
+    sends_done: int
+    sends_total: int
+    spool_file: Path | None
 
 
 @dataclass(frozen=True)

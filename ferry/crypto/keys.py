@@ -252,21 +252,31 @@ def load_secret_key(path: Path, expected_alg: tuple[Alg, ...] = ALGS) -> SecretK
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                f"{path}: secret key is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
         data = os.read(fd, MAX_SECRET_KEY_FILE + 1)
     finally:
         os.close(fd)
+    lines = [
+        ln.strip()
+        for ln in data.decode("ascii", "replace").splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    if lines and lines[0].startswith(PUBLIC_PREFIX + ":"):  # (before the mode: a .pub is 0644)
+        other = Path(path).with_suffix(".key")
+        raise KeyFileError(
+            f"{path}: this is a public key; a secret key file (ferry-sk:...) is needed here"
+            + (f", such as {other}" if other != Path(path) and other.exists() else "")
+        )
+    if st.st_mode & 0o077:
+        raise KeyFileError(
+            f"{path}: secret key is accessible by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+        )
     if len(data) > MAX_SECRET_KEY_FILE:
         raise KeyFileError(f"{path}: too large for a key file")
     try:
-        text = data.decode("ascii")
+        data.decode("ascii")
     except UnicodeDecodeError as exc:
         raise KeyFileError(f"{path}: not a ferry secret key file") from exc
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if len(lines) != 1 or not lines[0].startswith(SECRET_PREFIX + ":"):
         raise KeyFileError(f"{path}: not a ferry secret key file")
     parts = lines[0].split(":")

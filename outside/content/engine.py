@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -153,7 +155,11 @@ class Engine:
         self.sanitizers = dict(sanitizers or {})
 
     def run(self, policy: Policy, src: Path, name: str, workdir: Path) -> Outcome:
+        """Check one file. ``workdir`` (reused from file to file) is emptied first: what a
+        refused archive's members, or a worker stopped mid-way, left there must not make the
+        next file's check fail."""
         started = time.monotonic()
+        _empty(workdir)
         outcome = self.run_one(policy, src, name, workdir, depth=0, where="")
         outcome.report["limits"] = _limits_json(policy)
         outcome.report["elapsed_ms"] = round((time.monotonic() - started) * 1000, 1)
@@ -188,7 +194,8 @@ class Engine:
         try:
             outcome = self._stages(ctx, src, name, size_in, report)
         except Reject as exc:
-            outcome = Outcome("reject", report["type"], name, exc.code, exc.message)
+            message = _without_paths(exc.message, name, src, workdir)
+            outcome = Outcome("reject", report["type"], name, exc.code, message)
         except RecursionError:
             outcome = Outcome(
                 "reject", None, name, "FILTER_ERROR", "the file is nested too deeply to check"
@@ -313,3 +320,22 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
+
+
+def _without_paths(message: str, name: str, src: Path, workdir: Path) -> str:
+    """A refusal's message without the gateway's own file paths (a parser's error may quote
+    the file it read): it goes to the clerk or the API client, who know the file by name."""
+    for path, instead in ((src, repr(name)), (workdir, "…")):
+        if len(str(path)) > 1:  # (never "/" or ".")
+            message = message.replace(str(path), instead)
+    return message
+
+
+def _empty(folder: Path) -> None:
+    """Remove what is in ``folder`` (not following symlinks), keeping the folder."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)

@@ -46,6 +46,19 @@ def edit_yaml(path: str | Path, change: Callable[[dict[str, Any]], None]) -> Non
     p.write_text(yaml.safe_dump(data, allow_unicode=True))
 
 
+def client_config_like(src: str | Path, dest: str | Path, **changes: str) -> str:
+    """A copy of the client config ``src`` at ``dest`` (anywhere: its key files named by
+    absolute paths), with ``changes`` (``endpoint``, ``client_key``...) made; its path."""
+    src = Path(src)
+    data = yaml.safe_load(src.read_text())
+    for key in ("server_public_key", "client_key"):
+        if not str(data[key]).startswith("ferry-pk:"):
+            data[key] = str(src.parent / data[key])
+    data.update(changes)
+    Path(dest).write_text(yaml.safe_dump(data))
+    return str(dest)
+
+
 def fast(data: dict[str, Any]) -> None:
     """Shorter settle and poll times so tests run quickly."""
     for ch in data["channels"]:
@@ -72,11 +85,17 @@ def fast_bulk(data: dict[str, Any]) -> None:
 
 
 class Agent:
-    def __init__(self, side: str, config: str, log: Path, *, umask: int = -1) -> None:
+    def __init__(
+        self, side: str, config: str, log: Path, *, umask: int = -1, clock_offset: float = 0.0
+    ) -> None:
+        """``clock_offset``: seconds the agent's wall clock is moved by (shifted_clock.py)."""
         self.log = log
         self._fh = open(log, "wb")  # noqa: SIM115
+        cli = ["-m", "ferry.cli"]
+        if clock_offset:
+            cli = [str(Path(__file__).with_name("shifted_clock.py")), str(clock_offset)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ferry.cli", "--log-json", side, "run", "-c", config],
+            [sys.executable, *cli, "--log-json", side, "run", "-c", config],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             umask=umask,  # (-1: this process's)

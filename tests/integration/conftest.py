@@ -14,11 +14,11 @@ from cli_helpers import Agent, Share
 
 
 @pytest.fixture
-def agents(tmp_path: Path) -> Iterator[Callable[[str, str], Agent]]:
+def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
     started: list[Agent] = []
 
-    def start(side: str, config: str) -> Agent:
-        a = Agent(side, config, tmp_path / f"{side}-{len(started)}.log")
+    def start(side: str, config: str, *, clock_offset: float = 0.0) -> Agent:
+        a = Agent(side, config, tmp_path / f"{side}-{len(started)}.log", clock_offset=clock_offset)
         started.append(a)
         return a
 

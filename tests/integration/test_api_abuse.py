@@ -212,6 +212,22 @@ def test_refusals_before_the_rate_do_not_flood_the_audit_log(
     assert summary["detail"] == {"suppressed": 299}
 
 
+def test_the_start_up_self_test_is_not_recorded_as_a_stranger(rig: Rig) -> None:
+    """The API checks at start that a throwaway key is refused (ZAP is on): that refusal is
+    its own, not an intruder's; each start wrote an api.auth_failed record for it (an alarm
+    for auditors and the SIEM). A stranger's handshake still is recorded."""
+    portal = rig.sock()
+    assert ask(portal, b"PING", {"id": "p"})[0] == b"PONG"  # (started, and a turn of the loop)
+    assert rig.records("api.auth_failed") == []
+    stranger = rig.sock("stranger")
+    deadline = time.monotonic() + 10
+    while not rig.records("api.auth_failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    stranger.close(0)
+    assert len(rig.records("api.auth_failed")) == 1
+
+
 def test_strangers_do_not_flood_the_audit_log(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each handshake with a fresh key wrote a record (the limit was per key; keys are free)."""
     monkeypatch.setattr(api_mod, "NOTE_INTERVAL", 3.0)

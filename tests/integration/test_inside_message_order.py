@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from cli_helpers import init
+from test_recheck_inside import close_agent
 
 from ferry.audit.record import AuditUnavailable, decode
 from ferry.audit.verify import iter_lines, list_segments
@@ -79,8 +80,7 @@ def test_a_batch_is_on_disk_and_recorded_before_the_ledger_says_delivered(
         assert agent.outbox is not None
         queued = {i.object_id for i in agent.outbox.pending()}
     finally:
-        agent.audit.close()
-        agent.ledger.close()
+        close_agent(agent)
     names = sorted(m.name for _, m, _ in batch)
     assert [s[0] for s in steps] == ["fsync_dir", "ledger"]
     path, linked, size_at_fsync, _ = steps[0][1]
@@ -123,8 +123,7 @@ def test_a_batch_held_by_the_audit_log_is_recorded_once_when_it_recovers(
         states = agent.ledger.states_of([oid for oid, _, _ in batch])
         audit_dir = agent.audit.log.directory
     finally:
-        agent.audit.close()
-        agent.ledger.close()
+        close_agent(agent)
     assert waits == [True]  # held once, then delivered
     assert calls[:3] == ["transfer.received", "delivery.delivered", "delivery.delivered"]
     assert "transfer.received" not in calls[1:]  # not written again on the retry

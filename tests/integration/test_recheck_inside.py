@@ -116,8 +116,7 @@ def test_a_disagreement_quarantines_inside_and_delivery_goes_on(tmp_path: Path) 
         good_oid, good_len = stage(agent, dep["outside"]["signing_key"], "clean.png", png(), 2)
         agent._deliver_file(good_oid, good_len)
     finally:
-        agent.audit.close()
-        agent.ledger.close()
+        close_agent(agent)
     deliver = Path(dep["channels"]["documents"]["deliver"])
     assert sorted(p.name for p in deliver.iterdir()) == ["clean.png"]
     kept = cfg.state_dir / "quarantine" / f"{bad_oid.hex()}.obj"
@@ -151,8 +150,7 @@ def test_a_file_without_the_outside_report_is_refused_on_a_rechecked_channel(
         )
         agent._deliver_file(oid, length)
     finally:
-        agent.audit.close()
-        agent.ledger.close()
+        close_agent(agent)
     assert list(Path(dep["channels"]["documents"]["deliver"]).iterdir()) == []
     assert (cfg.state_dir / "quarantine" / f"{oid.hex()}.obj").is_file()
     records = [

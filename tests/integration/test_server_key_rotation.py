@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from cli_helpers import edit_yaml, fast, ferry, init
+from cli_helpers import client_config_like, edit_yaml, fast, ferry, init
 from test_api import application
 from test_audit_agents import records
 from zmq.auth.thread import ThreadAuthenticator
@@ -41,9 +41,7 @@ def _new_key(keys: Path, role: str, name: str) -> dict[str, Any]:
 
 def _client_config(src: str, dst: Path, endpoint: str, server_pub: str) -> Path:
     """A copy of the client config ``src`` that connects to ``endpoint`` with ``server_pub``."""
-    dst.write_text(Path(src).read_text())
-    edit_yaml(dst, lambda d: d.update(endpoint=endpoint, server_public_key=server_pub))
-    return dst
+    return Path(client_config_like(src, dst, endpoint=endpoint, server_public_key=server_pub))
 
 
 def _consume(consumer: Consumer, n: int, timeout: float = 30.0) -> set[str]:

@@ -91,6 +91,7 @@ SCRIPT: list[tuple[str, Subject, Result, str | None, AuditObject | None, dict[st
     ("transfer.sent", Subject.component("sender"), "success", None, FILE, {"send": 1, "of": 2}),
     ("transfer.repeated", Subject.component("sender"), "success", None, FILE,
      {"send": 2, "of": 2}),
+    ("transfer.expired", Subject.component("sender"), "info", None, FILE, {"sent": 1, "of": 3}),
     ("transfer.received", PEER, "success", None, FILE, None),
     ("transfer.duplicate", PEER, "info", None, AuditObject(item=ITEM), None),
     ("transfer.lost", PEER, "failure", "LOST: no news for 60 s", AuditObject(item=ITEM), None),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pikepdf
 import pytest
+from content_helpers import run as run_pipeline
 from PIL import Image
 
 from ferry.content.base import Limits, Reject
@@ -266,3 +267,12 @@ def test_lexer_flags_trailing_data_and_garbage() -> None:
     assert any("after %%EOF" in p for p in recheck_bytes(data + b"PK\x03\x04junk", "pdf").problems)
     assert not recheck_bytes(b"not a pdf at all", "pdf").ok
     assert not recheck_bytes(data.replace(b"endobj", b"", 1), "pdf").ok
+
+
+def test_a_refusal_does_not_quote_the_gateways_own_paths(tmp_path: Path) -> None:
+    """pikepdf's error names the file it read (the gateway's copy under its state folder);
+    the message goes to the clerk or the API client, who know the file by its name."""
+    outcome = run_pipeline(tmp_path, b"%PDF-1.7\n" + b"x" * 2000 + b"\n%%EOF\n", "申请表.pdf")
+    assert (outcome.kind, outcome.reason) == ("reject", "MALFORMED"), outcome
+    assert str(tmp_path) not in outcome.message, outcome.message
+    assert "'申请表.pdf'" in outcome.message, outcome.message

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from content_helpers import delivered, policy, run
+from content_helpers import delivered, engine, policy, run
 
 from ferry.content.base import Reject
 from outside.content import zipstruct
@@ -129,3 +129,22 @@ def test_damaged_structure(data: bytes) -> None:
 def test_unsupported_method(tmp_path: Path) -> None:
     data = _zip([("a.txt", b"a" * 100)], zipfile.ZIP_BZIP2)
     assert run(tmp_path, data, "a.zip").reason == "MALFORMED"
+
+
+def test_a_refused_member_leaves_nothing_that_fails_the_next_file(tmp_path: Path) -> None:
+    """The work folder is reused from file to file (one per drop-folder lane, one for all API
+    uploads): a zip refused for one member left its extracted members there, and every zip
+    after it failed FILTER_ERROR (FileExistsError) until the agent was restarted."""
+    work = tmp_path / "work"
+    work.mkdir()
+    ok = _zip([("a.txt", b"hello\n"), ("b.txt", b"world\n")])
+    bad = _zip([("data.json", b'{"a":1,"a":2}'), ("a.txt", b"fine\n")])
+    for n, (data, kind) in enumerate(
+        [(ok, "deliver_cleaned"), (bad, "reject"), (ok, "deliver_cleaned"), (bad, "reject")]
+    ):
+        src = tmp_path / f"in-{n}.zip"
+        src.write_bytes(data)
+        out = engine().run(policy(), src, "bundle.zip", work)
+        assert out.kind == kind, (n, out.reason, out.message)
+        if kind == "reject":
+            assert out.reason == "MALFORMED", out.message

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
@@ -590,3 +591,84 @@ def test_a_file_refused_by_a_check_keeps_its_sha256_with_its_reasons(gateway: Ga
     assert gateway.intake._prepare(replace(gateway.channel, content=None), ready) is None
     reason = json.loads((gateway.quarantine / "memo.txt.reason.json").read_text())
     assert reason["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_refused_file_its_quarantine_cannot_take_is_refused_once_and_moved_when_there_is_room(
+    gateway: Gateway,
+) -> None:
+    """A quarantine on a full disk: the refused file stays in the drop folder. At its later
+    turns (each rescan) only its move is tried again: it is not copied, checked, logged or
+    recorded refused again; once there is room it is moved, recorded ``quarantine.added``
+    (late) once. A version saved since is checked afresh."""
+    gateway.drop.mkdir(parents=True, exist_ok=True)
+    gateway.quarantine.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(gateway.quarantine)], check=True
+    )
+    try:
+        filler = gateway.quarantine / "filler"
+        filler.write_bytes(b"\0" * (3 * 1024 * 1024 + 512 * 1024))
+        data = os.urandom(300_000)
+        (gateway.drop / "memo.txt").write_bytes(data)
+        ready = _ready(gateway, "memo.txt")
+        checked: list[str] = []
+
+        def refuse(ch: Any, tmp: Path, name: str) -> None:
+            checked.append(name)
+            raise PolicyRejection("BLOCKED_TYPE", "refused by a content check")
+
+        intake = gateway.intake
+        intake._checks = (refuse,)
+        bulk = replace(gateway.channel, content=None)
+        assert intake._prepare(bulk, ready) is None
+        assert (gateway.drop / "memo.txt").read_bytes() == data  # left where it was
+        for _ in range(3):  # (three rescans)
+            assert intake._retry_unmoved(bulk, ready)
+        assert checked == ["memo.txt"]
+        assert (gateway.drop / "memo.txt").read_bytes() == data
+        assert not (gateway.quarantine / "memo.txt").exists()
+        assert [p.name for p in gateway.quarantine.iterdir()] == ["filler"]
+        events = [r["event"] for r in gateway.records()]
+        assert events.count("intake.rejected") == 1
+        assert "quarantine.added" not in events
+
+        filler.unlink()  # room again
+        assert intake._retry_unmoved(bulk, ready)
+        assert (gateway.quarantine / "memo.txt").read_bytes() == data
+        assert not (gateway.drop / "memo.txt").exists()
+        reason = json.loads((gateway.quarantine / "memo.txt.reason.json").read_text())
+        assert reason["reason_code"] == "BLOCKED_TYPE"
+        assert reason["sha256"] == hashlib.sha256(data).hexdigest()
+        records = gateway.records()
+        assert [r["event"] for r in records].count("intake.rejected") == 1
+        added = [r for r in records if r["event"] == "quarantine.added"]
+        assert len(added) == 1
+        assert added[0]["detail"] == {"reason_code": "BLOCKED_TYPE", "late": True}
+        assert not intake._retry_unmoved(bulk, ready)  # forgotten once moved
+        assert checked == ["memo.txt"]
+
+        filler.write_bytes(b"\0" * (3 * 1024 * 1024 + 512 * 1024))  # full again
+        (gateway.drop / "inplace.txt").write_bytes(data)
+        kept = _ready(gateway, "inplace.txt")
+        assert intake._prepare(bulk, kept) is None
+        assert intake._retry_unmoved(bulk, kept)  # (still that version: only its move)
+        with open(gateway.drop / "inplace.txt", "r+b") as f:  # rewritten in place, same size
+            f.write(os.urandom(len(data)))
+        os.utime(gateway.drop / "inplace.txt", ns=(kept.mtime_ns, kept.mtime_ns))  # date too
+        assert _ready(gateway, "inplace.txt") == kept  # (what a scan sees is the same)
+        assert not intake._retry_unmoved(bulk, kept)  # another version: checked afresh
+        assert checked[-1] == "inplace.txt"
+        assert intake._prepare(bulk, kept) is None
+        assert checked[-2:] == ["inplace.txt", "inplace.txt"]
+        (gateway.drop / "next.txt").write_bytes(data)
+        first = _ready(gateway, "next.txt")
+        assert intake._prepare(bulk, first) is None
+        os.utime(gateway.drop / "next.txt", ns=(first.mtime_ns + 10**9,) * 2)  # saved again
+        again = _ready(gateway, "next.txt")
+        assert not intake._retry_unmoved(bulk, again)  # a new version: checked afresh
+        assert not intake._retry_unmoved(bulk, first)  # (and the old one forgotten)
+        assert intake._prepare(bulk, again) is None
+        assert checked[-2:] == ["next.txt", "next.txt"]
+    finally:
+        subprocess.run(["umount", "-l", str(gateway.quarantine)], check=True)

@@ -105,6 +105,22 @@ def test_load_accepts_owner_only_modes(tmp_path: Path) -> None:
     assert load_secret_key(path).alg == "ed25519"
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o600])
+def test_load_of_a_public_key_file_names_the_secret_one(tmp_path: Path, mode: int) -> None:
+    """A config whose secret key names the .pub beside it: no "chmod 600" advice (that
+    would not help), but what the file is and which one to use."""
+    key = SecretKey.generate("x25519")
+    write_secret_key(tmp_path / "portal.key", key, "api-client")
+    pub = tmp_path / "portal.pub"
+    write_public_key(pub, key.public)
+    pub.chmod(mode)
+    with pytest.raises(KeyFileError) as err:
+        load_secret_key(pub)
+    assert "chmod" not in str(err.value)
+    assert "public key" in str(err.value)
+    assert str(tmp_path / "portal.key") in str(err.value)
+
+
 def test_load_refuses_symlinked_key(tmp_path: Path) -> None:
     real = tmp_path / "real.key"
     write_secret_key(real, SecretKey.generate("ed25519"), "r")

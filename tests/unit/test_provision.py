@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ferry.config import load_inside_config, load_outside_config
+from ferry.config import load_client_config, load_inside_config, load_outside_config
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import KeyFileError, UsageError
 from ferry.provision import (
@@ -282,3 +283,24 @@ def test_ports_chosen_for_a_deployment_are_outside_the_ephemeral_range() -> None
     for port in ports[:3]:  # free indeed
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_client_configs_travel_with_their_key_files(tmp_path: Path) -> None:
+    """A client config names its key files relative to itself: the three files copied to the
+    client's host (another folder) load there, once the originals are gone."""
+    info = init_deployment(tmp_path / "d", port=47996)
+    copies = []
+    for side in ("api", "consumers"):
+        config = Path(info[side]["client_config"])
+        cfg = load_client_config(config)
+        host = tmp_path / f"{side}-host"
+        host.mkdir()
+        for f in (config, cfg.client_key, Path(cfg.server_public_key)):
+            shutil.copy2(f, host / f.name)
+        copies.append(host / config.name)
+    shutil.rmtree(tmp_path / "d" / "clients")
+    for copy in copies:
+        moved = load_client_config(copy)
+        assert moved.client_key.parent == copy.parent
+        assert load_secret_key(moved.client_key, ("x25519",)).alg == "x25519"
+        assert load_public_key(moved.server_public_key, copy.parent).alg == "x25519"

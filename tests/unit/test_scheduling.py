@@ -105,6 +105,53 @@ def test_repeat_schedule_spreads_copies_then_finishes(tmp_path: Path) -> None:
     assert spool.mark_sent([acc.object_id]) == []  # finished items are not counted again
 
 
+def test_copies_due_past_their_deadline_are_not_sent(tmp_path: Path) -> None:
+    """The outside stopped (or its backlog held a repeat back) for a week: by then the inside
+    may have forgotten the item (its ledger keeps 8 days at least), so its last copies are
+    not sent; the item is finished, its spool file to be removed. The deadline is 7 days
+    after the first copy, or an hour after a longer spread's end. Copies late by less are
+    still sent, and the audit log's pieces never expire."""
+    spool = Spool(tmp_path)
+    week = spool_mod.REPEAT_DEADLINE_US
+    reqs = [_req(f"x{i}", total=3, spread_us=60_000_000) for i in range(3)]
+    reqs.append(_req("long", total=2, spread_us=week))
+    accepted = [acc for acc, _ in spool.accept_messages(reqs, _seal)]
+    ids = [acc.object_id for acc in accepted]
+    t0 = now_us() + 1_000_000
+    spool.mark_sent([ids[0], ids[1], ids[3]], now=t0)  # (x2: never sent, so never late)
+    backlog = spool.backlog_items
+    assert spool.expire_repeats(t0 + week) == []  # late by days, but within the week
+    assert len(spool.due(t0 + week, repeats_only=True)) == 3  # (long: due just now)
+    assert spool.expire_repeats(t0 + week + 1, skip={ids[1]}) == [
+        spool_mod.Expired(ids[0], "messages", accepted[0].seq, 1, 3, None)
+    ]  # (the one in flight is left for now; the long spread has its hour)
+    assert sorted(i.object_id for i in spool.due(t0 + week + 1)) == sorted(ids[1:])
+    assert spool.backlog_items == backlog - 1
+    status = spool.submission("portal", "x0")
+    assert status is not None
+    assert (status.state, status.sends_done, status.sends_total) == ("sent", 1, 3)
+    assert spool.mark_sent([ids[0]]) == []  # finished: a copy in flight is not counted
+    end = t0 + week + spool_mod.REPEAT_SPREAD_GRACE_US
+    assert spool.expire_repeats(end) == [
+        spool_mod.Expired(ids[1], "messages", accepted[1].seq, 1, 3, None)
+    ]
+    assert spool.expire_repeats(end + 1) == [
+        spool_mod.Expired(ids[3], "messages", accepted[3].seq, 1, 2, None)
+    ]
+    assert [i.object_id for i in spool.due(end + 1)] == [ids[2]]
+
+
+def test_pieces_of_the_audit_log_copy_never_expire(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    piece = SpoolItem(os.urandom(16), "_audit", 1, "piece", 10, 10, None, kind="audit")
+    spool.add_blob(replace(piece, data=b"x" * 10, sends_total=3), bytes(32), "mirror", 60_000_000)
+    t0 = now_us() + 1_000_000
+    spool.mark_sent([piece.object_id], now=t0)
+    late = t0 + 10 * spool_mod.REPEAT_DEADLINE_US
+    assert spool.expire_repeats(late) == []
+    assert [i.object_id for i in spool.due(late, repeats_only=True)] == [piece.object_id]
+
+
 def test_the_repeat_scan_returns_only_items_sent_before_and_reads_only_those(
     tmp_path: Path,
 ) -> None:
