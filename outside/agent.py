@@ -44,6 +44,7 @@ from ferry.wire.sender import (
     OutgoingObject,
     Sender,
     build_trailer,
+    send_priority,
     symbol_size_for,
 )
 from outside.api import MESSAGE_TYPE, ApiServer
@@ -56,11 +57,22 @@ from outside.spool import Spool, SpoolItem, now_us
 # Datagrams asked of the sender machine per loop turn: amortises Python overhead
 # while keeping heartbeats and intake responsive (64 x 1.5 kB ~ 0.1 ms at 1 Gb/s).
 BATCH = 64
+# ... but never more than this much of the link's time: a message that arrives while a
+# batch is being paced out waits for it (64 datagrams are 0.7 s at 1 Mb/s).
+BATCH_SECONDS = 0.005
+# A datagram's headers and tag beyond its symbol (about; for the batch size only).
+DATAGRAM_OVERHEAD = 64
 # Pacing burst: the bucket may run this many bytes ahead of the rate.
 PACING_BURST = 256 * 1024
 STATUS_INTERVAL = 0.5
 
 _log = log.get("outside")
+
+
+def batch_for(rate: float, datagram: int) -> int:
+    """Datagrams per loop turn on a link of ``rate`` bytes/s: :data:`BATCH`, or as many as
+    take :data:`BATCH_SECONDS` of the link if fewer (at least one)."""
+    return max(1, min(BATCH, int(rate * BATCH_SECONDS / datagram)))
 
 
 class FileSource:
@@ -189,7 +201,7 @@ class OutsideAgent:
         self._sent_unsaved: list[tuple[ObjectSent, str | None]] = []
         self._sent_unsaved_logged = -60.0
         self._sources: dict[bytes, FileSource | BytesSource] = {}
-        # due, not yet in a bundle, by (channel, priority)
+        # due, not yet in a bundle, by (channel, send priority: first copies before repeats)
         self._waiting_msgs: dict[tuple[str, int], list[SpoolItem]] = {}
         self._bundles: dict[bytes, list[SpoolItem]] = {}  # bundle id -> its messages
         self._in_bundles: set[bytes] = set()  # messages waiting or on their way
@@ -238,7 +250,8 @@ class OutsideAgent:
             if item.data is None:
                 _log.error("spool_message_without_content", object_id=item.object_id.hex())
                 return
-            self._waiting_msgs.setdefault((item.channel, item.priority), []).append(item)
+            key = (item.channel, send_priority(item.priority, item.sends_done > 0))
+            self._waiting_msgs.setdefault(key, []).append(item)
             self._in_bundles.add(item.object_id)
             return
         source: FileSource | BytesSource
@@ -261,7 +274,7 @@ class OutsideAgent:
                 source,
                 item.channel,
                 item.seq,
-                priority=item.priority,
+                priority=send_priority(item.priority, item.sends_done > 0),
                 fec=self._fec_for(item),
             )
         )
@@ -645,6 +658,9 @@ class OutsideAgent:
         channel = open_sender(cfg)
         bucket = TokenBucket(pacing_rate(cfg), PACING_BURST)
         send_many = getattr(channel, "send_many", None) if cfg.link.rate_bps >= 50e6 else None
+        batch_size = batch_for(
+            pacing_rate(cfg), channel.wire_size(self._symbol_size + DATAGRAM_OVERHEAD)
+        )
         sys.setswitchinterval(SWITCH_INTERVAL)
         self._record_lost_intake()
         self._expire_repeats()
@@ -710,7 +726,7 @@ class OutsideAgent:
                 if self._waiting_msgs:
                     self._bundle_messages(sender)
                 now = time.time()
-                batch = sender.datagrams(now, BATCH)
+                batch = sender.datagrams(now, batch_size)
                 if send_many is not None and batch:
                     # fast links: pace the batch as a whole, one syscall (GSO), one GIL release
                     size = sum(channel.wire_size(len(d)) for d in batch)

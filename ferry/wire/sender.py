@@ -16,9 +16,11 @@ Order on the wire:
   active blocks (which may belong to several objects), so a burst of ``B`` lost
   packets costs each block about ``B / interleave`` symbols.
 
-Objects have a priority: while any priority-0 object (a message) has symbols
-left, they go before those of priority-1 objects (bulk files), so a message
-waits at most one ``datagrams()`` batch behind a large file.
+Objects have a priority (:data:`PRIORITIES`, lowest first): while any object of a
+lower priority has symbols left, they go before those of higher ones. The outside
+gives messages' first copies 0, their repeats 1, bulk files' first copies 2 and
+their repeats 3, so a message waits at most one ``datagrams()`` batch behind a large
+file, and a first copy never waits behind a backlog of repeats.
 """
 
 from __future__ import annotations
@@ -67,13 +69,21 @@ class OutgoingObject:
     source: ObjectSource
     channel: str = ""
     seq: int = 0
-    priority: int = 1
-    """0 (messages) pre-empts 1 (bulk files)."""
+    priority: int = 2
+    """One of :data:`PRIORITIES`; a lower one pre-empts a higher one."""
     fec: tuple[int, int] | None = None
     """Per-object (source, repair) overriding the link's; small objects want more repair."""
 
 
-PRIORITIES = (0, 1)
+PRIORITIES = (0, 1, 2, 3)
+"""Send order: 0 messages (first copies), 1 their repeats, 2 bulk files, 3 their repeats
+(:func:`send_priority`)."""
+
+
+def send_priority(channel_priority: int, repeat: bool) -> int:
+    """The sender's priority for a copy of an item of a channel with ``channel_priority``
+    (0 messages, 1 bulk files): a repeat goes after every first copy of its kind."""
+    return 2 * channel_priority + (1 if repeat else 0)
 
 
 @dataclass(frozen=True)
@@ -294,10 +304,12 @@ class Sender:
         for prio in PRIORITIES:
             self._refill(prio)
         while len(out) < limit:
-            prio = 0 if self._active[0] else 1
-            active = self._active[prio]
-            if not active:
+            for prio in PRIORITIES:
+                if self._active[prio]:
+                    break
+            else:
                 break
+            active = self._active[prio]
             if self._burst_at and self._pn >= self._burst_at[0]:
                 self._burst_at.pop(0)
                 out.append(self._announce)

@@ -20,9 +20,16 @@ from ferry.crypto.keys import SecretKey
 from ferry.errors import StateError
 from ferry.wire import records as rec
 from ferry.wire.receiver import ObjectCompleted, ObjectLost, Receiver
-from ferry.wire.sender import BytesSource, ObjectSent, OutgoingObject, Sender, build_trailer
+from ferry.wire.sender import (
+    BytesSource,
+    ObjectSent,
+    OutgoingObject,
+    Sender,
+    build_trailer,
+    send_priority,
+)
 from outside import spool as spool_mod
-from outside.agent import OutsideAgent
+from outside.agent import OutsideAgent, batch_for
 from outside.spool import Accepted, Conflict, MessageRequest, Sealed, Spool, SpoolItem, now_us
 
 SIGN = SecretKey(alg="ed25519", raw=bytes(range(32)))
@@ -289,6 +296,43 @@ def test_messages_pre_empt_bulk_files_in_the_sender() -> None:
     assert not sender.idle  # the bulk file is still going
 
 
+def test_a_first_copy_goes_before_queued_repeats_and_repeats_before_files() -> None:
+    """Priorities 0-3 (send_priority): a message's first copy is not held behind a backlog
+    of message repeats, and a message's repeat still pre-empts a bulk file."""
+    sender = Sender(LINK, SIGN, KEM.public, epoch=1, rng=os.urandom, now=0.0)
+    bulk, blen = _object(b"B" * 16, 2_000_000)
+    sender.submit(OutgoingObject(b"B" * 16, blen, BytesSource(bulk), "files", 1))
+    assert len(sender.datagrams(0.0, 50)) == 50  # the file is on its way
+    repeats = []
+    for i in range(200):  # a backlog of repeats: about 800 packets
+        oid = b"R" + i.to_bytes(15, "big")
+        stream, length = _object(oid, 1500)
+        repeats.append(oid)
+        sender.submit(
+            OutgoingObject(
+                oid, length, BytesSource(stream), "messages", i + 1,
+                priority=send_priority(0, repeat=True), fec=(4, 4),
+            )
+        )  # fmt: skip
+    sender.datagrams(0.0, 8)  # the repeats have started
+    first, flen = _object(b"N" * 16, 1500)
+    sender.submit(
+        OutgoingObject(
+            b"N" * 16, flen, BytesSource(first), "messages", 201,
+            priority=send_priority(0, repeat=False), fec=(4, 4),
+        )
+    )  # fmt: skip
+    sender.datagrams(0.0, 64)
+    done = [e.object_id for e in sender.pop_events()]
+    assert b"N" * 16 in done  # in the very next batch, ahead of the ~190 repeats queued
+    assert len([oid for oid in done if oid in repeats]) < 20
+    while not set(repeats) <= set(done):  # then every repeat, all before the file ends
+        assert sender.datagrams(0.0, 64)
+        done += [e.object_id for e in sender.pop_events()]
+        assert b"B" * 16 not in done
+    assert [send_priority(p, r) for p in (0, 1) for r in (False, True)] == [0, 1, 2, 3]
+
+
 def test_an_object_lost_once_completes_from_a_repeat() -> None:
     recv = Receiver(LINK, SIGN.public, KEM, object_timeout=1.0)
     sender = Sender(LINK, SIGN, KEM.public, epoch=5, rng=os.urandom, now=0.0)
@@ -426,3 +470,11 @@ def test_a_spool_from_before_intake_indexes_gets_the_column(tmp_path: Path) -> N
     assert [r["intake_idx"] for r in spool.unrecorded(0)] == [4]
     assert spool.counts() == {"queued": 2}  # the old item is still there
     spool.close()
+
+
+def test_a_batch_of_datagrams_is_at_most_a_few_ms_of_the_link() -> None:
+    """A message that arrives while a batch is paced out waits for it (batch_for)."""
+    assert batch_for(800e6 / 8, 1500) == 64  # fast links: the whole batch (0.1 ms)
+    assert batch_for(10e6 / 8, 1500) == 4  # 4.8 ms at 10 Mb/s
+    assert batch_for(1e6 / 8, 1500) == 1  # 12 ms at 1 Mb/s (64 would be 0.77 s)
+    assert batch_for(11_520, 1500) == 1  # a 115200-baud serial line
