@@ -42,6 +42,10 @@ SUBMISSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
 # Rejections of an upload's chunks that mean the outside no longer knows the upload (it
 # restarted, or dropped the upload as idle): the upload begins again, once.
 RESTART_UPLOAD = frozenset({"UNKNOWN_UPLOAD", "BAD_OFFSET"})
+# A request whose connection dropped before its answer is sent again (the submission id
+# makes that safe); one that drops it this many times is given up: the gateway closes the
+# connection of a frame over its size limit, so that is the likeliest cause.
+DROPS_PER_REQUEST = 2
 
 _log = log.get("ferry.client")
 
@@ -52,6 +56,11 @@ class ApiError(FerryError):
     with that id is safe, the gateway answers with the item it made the first time, if any."""
 
     submission_id: str | None = None
+
+
+class _Dropped(Exception):
+    """The connection to the gateway dropped while an answer was awaited: what was sent
+    and not answered is lost, and is to be sent again."""
 
 
 class ApiRejected(PolicyRejection, ApiError):
@@ -140,7 +149,9 @@ class Client:
         server = load_public_key(cfg.server_public_key, cfg.source.parent)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self.sock = curve_client(self._ctx, zmq.DEALER, key, server)
-        self._mon = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._mon = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
+        )
         self.sock.connect(cfg.endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
@@ -181,6 +192,8 @@ class Client:
                         "(not allow-listed, expired or revoked)",
                         "KEY_REFUSED",
                     )
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    raise _Dropped
             if self.sock in events:
                 frames = self.sock.recv_multipart()
                 if len(frames) != 3 or frames[0] != PROTOCOL:
@@ -232,13 +245,30 @@ class Client:
         if schema is not None:
             body["schema"] = schema
         deadline = self._timeout(timeout)
+        drops = 0
         with _naming(sid):
             while True:
                 self._send(b"SUBMIT", body, data)
-                verb, reply = self._wait_for(sid, deadline)
+                try:
+                    verb, reply = self._wait_for(sid, deadline)
+                except _Dropped:
+                    drops += 1
+                    if drops >= DROPS_PER_REQUEST:
+                        raise self._dropped_error(len(data)) from None
+                    _log.info("submission_sent_again", id=sid, reason="connection dropped")
+                    continue
                 if verb != b"BUSY":
                     return self._result(verb, reply)
                 self._pause(reply, deadline, "gateway busy")
+
+    def _dropped_error(self, size: int) -> ApiUnavailable:
+        return ApiUnavailable(
+            f"{self.cfg.endpoint} closed the connection each time this message ({size} bytes) "
+            "was sent: the gateway does that with a message over its size limit "
+            "(api.max_message_size, 1 MiB unless configured; larger content goes by "
+            "upload, as ferry send does with a file), or it was restarting",
+            "CONNECTION_DROPPED",
+        )
 
     def submit_many(
         self,
@@ -255,6 +285,7 @@ class Client:
         pending: dict[str, dict[str, Any]] = {}
         payload: dict[str, bytes] = {}
         retry: list[tuple[float, str]] = []
+        drops: dict[str, int] = {}
         source = iter(messages)
         exhausted = False
         deadline = self._timeout(timeout)
@@ -281,7 +312,18 @@ class Client:
             if retry and len(retry) == len(pending):
                 time.sleep(max(0.0, wait_until - time.monotonic()))
                 continue
-            verb, reply = self._recv(deadline)
+            try:
+                verb, reply = self._recv(deadline)
+            except _Dropped:  # what was in flight is lost: sent again, each at most once
+                for sid in list(pending):
+                    drops[sid] = drops.get(sid, 0) + 1
+                    if drops[sid] >= DROPS_PER_REQUEST:
+                        error = self._dropped_error(len(payload[sid]))
+                        error.submission_id = sid
+                        raise error from None
+                    if all(r[1] != sid for r in retry):
+                        self._send(b"SUBMIT", pending[sid], payload[sid])
+                continue
             sid = str(reply.get("id"))
             if sid not in pending:
                 continue
@@ -298,8 +340,19 @@ class Client:
     def status(self, submission_id: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Where a submission is: unknown, queued (accepted, not yet fully sent) or sent."""
         check_submission_id(submission_id)
-        self._send(b"STATUS", {"id": submission_id})
-        verb, body = self._wait_for(submission_id, self._timeout(timeout))
+        deadline = self._timeout(timeout)
+        for attempt in range(DROPS_PER_REQUEST):
+            self._send(b"STATUS", {"id": submission_id})
+            try:
+                verb, body = self._wait_for(submission_id, deadline)
+                break
+            except _Dropped:
+                if attempt + 1 == DROPS_PER_REQUEST:
+                    raise ApiUnavailable(
+                        f"{self.cfg.endpoint} closed the connection twice; is the outside "
+                        "agent restarting?",
+                        "CONNECTION_DROPPED",
+                    ) from None
         if verb != b"STATUS":
             self._result(verb, body)
         return body
@@ -345,7 +398,16 @@ class Client:
                 if exc.reason_code not in RESTART_UPLOAD:
                     raise
                 _log.info("upload_restarted", id=sid, code=exc.reason_code)
-            return self._upload(path, body, timeout, progress, stale=True)
+            except _Dropped:  # (chunks in flight were lost)
+                _log.info("upload_restarted", id=sid, code="CONNECTION_DROPPED")
+            try:
+                return self._upload(path, body, timeout, progress, stale=True)
+            except _Dropped:
+                raise ApiUnavailable(
+                    f"{self.cfg.endpoint} closed the connection during the upload, twice; "
+                    "is the outside agent restarting?",
+                    "CONNECTION_DROPPED",
+                ) from None
 
     def _upload(
         self,
@@ -357,14 +419,17 @@ class Client:
         stale: bool = False,
     ) -> Ack:
         """One try of :meth:`upload`. ``stale``: answers to the chunks of an earlier try may
-        still come (they come before the answer to this try's UPLOAD, which is never one of
-        RESTART_UPLOAD): those are passed over."""
+        still come (refusals as RESTART_UPLOAD, or credit for another upload token): those
+        are passed over."""
         sid, size = body["id"], body["size"]
         deadline = self._timeout(timeout)
         while True:
             self._send(b"UPLOAD", body)
             verb, reply = self._wait_for(sid, deadline)
-            while stale and verb == b"REJECTED" and reply.get("code") in RESTART_UPLOAD:
+            while stale and (
+                (verb == b"REJECTED" and reply.get("code") in RESTART_UPLOAD)
+                or (verb == b"CREDIT" and "chunk_size" not in reply)  # (for an old chunk)
+            ):
                 verb, reply = self._wait_for(sid, deadline)
             if verb != b"BUSY":
                 break
@@ -384,6 +449,8 @@ class Client:
                     credit -= 1
                 verb, reply = self._wait_for(sid, deadline)
                 deadline = self._timeout(timeout)
+                if verb == b"CREDIT" and reply.get("upload") != token:
+                    continue  # (for a chunk of an earlier try)
                 if verb == b"CREDIT":
                     credit += int(reply["credit"])
                     if progress is not None:

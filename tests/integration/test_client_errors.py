@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,50 @@ def test_an_upload_cut_by_a_restart_of_the_outside_begins_again(
         ack = client.upload("bulk", src, timeout=20, progress=restart_once)
     assert restarted
     assert ack.channel == "bulk"
-    assert [e["code"] for e in logs if e["event"] == "upload_restarted"] == ["UNKNOWN_UPLOAD"]
+    restarts = [e["code"] for e in logs if e["event"] == "upload_restarted"]
+    # begun again once: on the dropped connection, or on the new outside's refusal of a
+    # chunk of the old upload (whichever the client saw first)
+    assert len(restarts) == 1
+    assert restarts[0] in {"CONNECTION_DROPPED", "UNKNOWN_UPLOAD"}
+
+
+def test_a_message_over_the_gateways_limit_is_told_at_once(tmp_path: Path, agents: Any) -> None:
+    """The gateway drops the connection of a frame over its limit (1 MiB): the client sends
+    once more, then says so, instead of waiting out its timeout; the gateway goes on."""
+    dep, _ = _outside(tmp_path, agents)
+    with Client.from_config(dep["api"]["client_config"]) as client:
+        start = time.monotonic()
+        with pytest.raises(ApiUnavailable) as err:
+            client.submit("messages", b'{"x": "' + b"a" * (3 * MiB) + b'"}', timeout=60)
+        assert time.monotonic() - start < 10
+        assert err.value.code == "CONNECTION_DROPPED"
+        assert "size limit" in str(err.value)
+        assert err.value.submission_id
+        ack = client.submit("messages", application(1), timeout=10)
+    assert ack.channel == "messages"
+
+
+def test_a_submission_cut_by_a_restart_of_the_outside_is_sent_again(
+    tmp_path: Path, agents: Any
+) -> None:
+    """The outside dies (kill -9) with a submission unanswered: the client sends it again to
+    the restarted outside and gets its acknowledgement within its timeout."""
+    dep, outside = _outside(tmp_path, agents)
+    result: list[Any] = []
+    with Client.from_config(dep["api"]["client_config"]) as client:
+        client.status("warm-up", timeout=5)  # (connected, handshake done)
+        os.kill(outside.proc.pid, signal.SIGSTOP)  # it will not answer
+        worker = threading.Thread(
+            target=lambda: result.append(client.submit("messages", application(7), timeout=30))
+        )
+        worker.start()
+        time.sleep(0.5)  # (the submission is on its way)
+        os.kill(outside.proc.pid, signal.SIGKILL)
+        outside.proc.wait()
+        agents("outside", dep["outside"]["config"]).wait_event("api_listening")
+        worker.join(40)
+    assert result, "no acknowledgement"
+    assert result[0].channel == "messages"
 
 
 def test_a_consumer_whose_key_is_refused_is_told_so(tmp_path: Path, agents: Any) -> None:
