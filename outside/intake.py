@@ -84,6 +84,14 @@ def _source_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _lstat_or_none(path: Path) -> os.stat_result | None:
+    """The file's own status (a symlink's, not its target's), or None if it cannot be had."""
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
 def _unmoved_key(st: os.stat_result) -> str:
     """A version of a file, as far as its metadata tell: its source key and its change time
     (which no one can set back: a file written again with its size and date restored is
@@ -731,10 +739,7 @@ class FolderIntake:
                 self._copying += claimed
                 return claimed
         free, whole = room
-        try:
-            st = os.lstat(r.path)
-        except OSError:
-            st = None
+        st = _lstat_or_none(r.path)
         if st is None or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
             r.dev,
             r.ino,
@@ -1150,10 +1155,7 @@ class FolderIntake:
         if entry is None:
             return False
         key, refusal = entry
-        try:
-            st = os.lstat(r.path)
-        except OSError:
-            st = None
+        st = _lstat_or_none(r.path)
         if st is None or not stat.S_ISREG(st.st_mode) or _unmoved_key(st) != key:
             del lane.unmoved[(r.dev, r.ino)]
             return False  # (gone, or saved again: a new version, checked in its turn)
