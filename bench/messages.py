@@ -57,13 +57,15 @@ def _template() -> dict[str, Any]:
     return json.loads(SCHEMA.read_text())["examples"][0]  # type: ignore[no-any-return]
 
 
-def _deploy(tmp: Path, repeat: int, folder: bool, on: dict[str, str | None]) -> dict[str, Any]:
+def _deploy(
+    tmp: Path, repeat: int, folder: bool = True, on: dict[str, str | None] | None = None
+) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "ferry.cli", "init", str(tmp / "d"), "--json"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     dep: dict[str, Any] = json.loads(out.stdout)
-    for side, where in on.items():  # that side's files elsewhere, under the same path
+    for side, where in (on or {}).items():  # that side's files elsewhere, under the same path
         if where:
             moved = Path(tempfile.mkdtemp(prefix=f"ferry-bench-{side}-", dir=where)) / side
             shutil.move(tmp / "d" / side, moved)
