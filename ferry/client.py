@@ -20,7 +20,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,10 @@ SUBMISSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
 # Rejections of an upload's chunks that mean the outside no longer knows the upload (it
 # restarted, or dropped the upload as idle): the upload begins again, once.
 RESTART_UPLOAD = frozenset({"UNKNOWN_UPLOAD", "BAD_OFFSET"})
+# What answers each request (others for its id are left from a request sent twice).
+SUBMIT_ANSWERS = frozenset({b"ACCEPTED", b"REJECTED", b"BUSY"})
+STATUS_ANSWERS = frozenset({b"STATUS", b"REJECTED"})
+UPLOAD_ANSWERS = frozenset({b"CREDIT", b"ACCEPTED", b"REJECTED", b"BUSY"})
 # A request whose connection dropped before its answer is sent again (the submission id
 # makes that safe); one that drops it this many times is given up: the gateway closes the
 # connection of a frame over its size limit, so that is the likeliest cause.
@@ -73,8 +77,9 @@ class ApiRejected(PolicyRejection, ApiError):
 
 
 class ApiUnavailable(ChannelError, ApiError):
-    """No answer in time (``code`` NO_ANSWER) or the key was refused (KEY_REFUSED); exit
-    code 11."""
+    """No answer in time (``code`` NO_ANSWER), the key was refused (KEY_REFUSED), or the
+    gateway closed the connection each time the request was sent (CONNECTION_DROPPED: a
+    message over its size limit, or a restarting outside); exit code 11."""
 
     def __init__(self, message: str, code: str = "NO_ANSWER") -> None:
         super().__init__(message)
@@ -150,8 +155,9 @@ class Client:
         self._ctx: zmq.Context[Any] = zmq.Context()
         self.sock = curve_client(self._ctx, zmq.DEALER, key, server)
         self._mon = self.sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         )
+        self._up = False  # a connection whose handshake succeeded is open
         self.sock.connect(cfg.endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
@@ -181,19 +187,38 @@ class Client:
             frames.append(data)
         self.sock.send_multipart(frames)
 
+    def _on_event(self, event: Mapping[str, Any]) -> bool:
+        """Follow the connection's state; True if a connection that was up dropped (what
+        it carried unanswered is lost). A handshake that fails (a wrong server key) drops
+        connections that were never up: those are not drops of a request."""
+        kind = event["event"]
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise ApiUnavailable(
+                f"{self.cfg.endpoint}: the gateway refused this client key "
+                "(not allow-listed, expired or revoked)",
+                "KEY_REFUSED",
+            )
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._up = True
+        elif kind == zmq.EVENT_DISCONNECTED:
+            was_up, self._up = self._up, False
+            return was_up
+        return False
+
+    def _begin(self, sid: str) -> None:
+        """Before a call's first request: take the connection events that came while no
+        call was waiting (a drop then lost nothing of this call's), and forget answers
+        for ``sid`` left from an earlier call (a request sent twice is answered twice)."""
+        while self._mon.poll(0):
+            self._on_event(monitor.recv_monitor_message(self._mon))
+        if sid:
+            self._early.pop(sid, None)
+
     def _recv(self, deadline: float) -> tuple[bytes, dict[str, Any]]:
         while (left := deadline - time.monotonic()) > 0:
             events = dict(self._poller.poll(max(1, int(left * 1000))))
-            if self._mon in events:
-                event = monitor.recv_monitor_message(self._mon)
-                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    raise ApiUnavailable(
-                        f"{self.cfg.endpoint}: the gateway refused this client key "
-                        "(not allow-listed, expired or revoked)",
-                        "KEY_REFUSED",
-                    )
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    raise _Dropped
+            if self._mon in events and self._on_event(monitor.recv_monitor_message(self._mon)):
+                raise _Dropped
             if self.sock in events:
                 frames = self.sock.recv_multipart()
                 if len(frames) != 3 or frames[0] != PROTOCOL:
@@ -206,13 +231,20 @@ class Client:
             "agent running there, and is server_public_key its key?"
         )
 
-    def _wait_for(self, sid: str, deadline: float) -> tuple[bytes, dict[str, Any]]:
-        if sid in self._early:
-            return self._early.pop(sid)
+    def _wait_for(
+        self, sid: str, deadline: float, verbs: frozenset[bytes]
+    ) -> tuple[bytes, dict[str, Any]]:
+        """The next answer for ``sid`` of one of ``verbs`` (others are answers to an earlier
+        request of this id, sent twice: passed over)."""
+        early = self._early.pop(sid, None)
+        if early is not None and early[0] in verbs:
+            return early
         while True:
             verb, body = self._recv(deadline)
             if body.get("id") == sid:
-                return verb, body
+                if verb in verbs:
+                    return verb, body
+                continue
             if len(self._early) < 100_000:
                 self._early[str(body.get("id"))] = (verb, body)
 
@@ -247,10 +279,11 @@ class Client:
         deadline = self._timeout(timeout)
         drops = 0
         with _naming(sid):
+            self._begin(sid)
             while True:
                 self._send(b"SUBMIT", body, data)
                 try:
-                    verb, reply = self._wait_for(sid, deadline)
+                    verb, reply = self._wait_for(sid, deadline, SUBMIT_ANSWERS)
                 except _Dropped:
                     drops += 1
                     if drops >= DROPS_PER_REQUEST:
@@ -266,7 +299,7 @@ class Client:
             f"{self.cfg.endpoint} closed the connection each time this message ({size} bytes) "
             "was sent: the gateway does that with a message over its size limit "
             "(api.max_message_size, 1 MiB unless configured; larger content goes by "
-            "upload, as ferry send does with a file), or it was restarting",
+            "upload), or it was restarting",
             "CONNECTION_DROPPED",
         )
 
@@ -289,11 +322,13 @@ class Client:
         source = iter(messages)
         exhausted = False
         deadline = self._timeout(timeout)
+        self._begin("")
         while True:
             now = time.monotonic()
             for when, sid in [r for r in retry if r[0] <= now]:
                 retry.remove((when, sid))
-                self._send(b"SUBMIT", pending[sid], payload[sid])
+                if sid in pending:
+                    self._send(b"SUBMIT", pending[sid], payload[sid])
             while not exhausted and len(pending) < window:
                 try:
                     channel, data, schema = next(source)
@@ -315,22 +350,24 @@ class Client:
             try:
                 verb, reply = self._recv(deadline)
             except _Dropped:  # what was in flight is lost: sent again, each at most once
-                for sid in list(pending):
+                waiting = {sid for _, sid in retry}  # (not in flight: sent when their time comes)
+                for sid in [sid for sid in pending if sid not in waiting]:
                     drops[sid] = drops.get(sid, 0) + 1
                     if drops[sid] >= DROPS_PER_REQUEST:
                         error = self._dropped_error(len(payload[sid]))
                         error.submission_id = sid
                         raise error from None
-                    if all(r[1] != sid for r in retry):
-                        self._send(b"SUBMIT", pending[sid], payload[sid])
+                    self._send(b"SUBMIT", pending[sid], payload[sid])
                 continue
             sid = str(reply.get("id"))
-            if sid not in pending:
+            if sid not in pending or verb not in SUBMIT_ANSWERS:
                 continue
             if verb == b"BUSY":
-                retry.append((time.monotonic() + float(reply.get("retry_after", 1.0)), sid))
+                if all(r[1] != sid for r in retry):  # (a request sent twice: two BUSY)
+                    retry.append((time.monotonic() + float(reply.get("retry_after", 1.0)), sid))
                 continue
             del pending[sid], payload[sid]
+            retry = [r for r in retry if r[1] != sid]
             deadline = self._timeout(timeout)
             try:
                 yield sid, self._result(verb, reply)
@@ -341,10 +378,11 @@ class Client:
         """Where a submission is: unknown, queued (accepted, not yet fully sent) or sent."""
         check_submission_id(submission_id)
         deadline = self._timeout(timeout)
+        self._begin(submission_id)
         for attempt in range(DROPS_PER_REQUEST):
             self._send(b"STATUS", {"id": submission_id})
             try:
-                verb, body = self._wait_for(submission_id, deadline)
+                verb, body = self._wait_for(submission_id, deadline, STATUS_ANSWERS)
                 break
             except _Dropped:
                 if attempt + 1 == DROPS_PER_REQUEST:
@@ -390,6 +428,7 @@ class Client:
                 "(name=..., ferry send --name)"
             ) from None
         with _naming(sid):
+            self._begin(sid)
             size, sha256 = _size_and_digest(path)
             body = {"id": sid, "channel": channel, "name": name, "size": size, "sha256": sha256}
             try:
@@ -401,7 +440,7 @@ class Client:
             except _Dropped:  # (chunks in flight were lost)
                 _log.info("upload_restarted", id=sid, code="CONNECTION_DROPPED")
             try:
-                return self._upload(path, body, timeout, progress, stale=True)
+                return self._upload(path, {**body, "attempt": 2}, timeout, progress, stale=True)
             except _Dropped:
                 raise ApiUnavailable(
                     f"{self.cfg.endpoint} closed the connection during the upload, twice; "
@@ -418,19 +457,25 @@ class Client:
         *,
         stale: bool = False,
     ) -> Ack:
-        """One try of :meth:`upload`. ``stale``: answers to the chunks of an earlier try may
-        still come (refusals as RESTART_UPLOAD, or credit for another upload token): those
-        are passed over."""
+        """One try of :meth:`upload`. ``stale``: answers to an earlier try may still come:
+        refusals of its chunks (RESTART_UPLOAD), credit for its chunks, or its UPLOAD's
+        credit (an outside of this version echoes the try's ``attempt``): passed over."""
         sid, size = body["id"], body["size"]
+        attempt = body.get("attempt", 1)
         deadline = self._timeout(timeout)
+
+        def earlier(verb: bytes, reply: dict[str, Any]) -> bool:
+            if not stale:
+                return False
+            if verb == b"REJECTED":
+                return reply.get("code") in RESTART_UPLOAD
+            return verb == b"CREDIT" and reply.get("attempt", attempt) != attempt
+
         while True:
             self._send(b"UPLOAD", body)
-            verb, reply = self._wait_for(sid, deadline)
-            while stale and (
-                (verb == b"REJECTED" and reply.get("code") in RESTART_UPLOAD)
-                or (verb == b"CREDIT" and "chunk_size" not in reply)  # (for an old chunk)
-            ):
-                verb, reply = self._wait_for(sid, deadline)
+            verb, reply = self._wait_for(sid, deadline, UPLOAD_ANSWERS)
+            while earlier(verb, reply) or (verb == b"CREDIT" and "chunk_size" not in reply):
+                verb, reply = self._wait_for(sid, deadline, UPLOAD_ANSWERS)
             if verb != b"BUSY":
                 break
             self._pause(reply, deadline, "gateway busy; upload not started")
@@ -447,10 +492,12 @@ class Client:
                     self._send(b"CHUNK", {"id": sid, "upload": token, "offset": sent}, data)
                     sent += len(data)
                     credit -= 1
-                verb, reply = self._wait_for(sid, deadline)
+                verb, reply = self._wait_for(sid, deadline, UPLOAD_ANSWERS)
                 deadline = self._timeout(timeout)
-                if verb == b"CREDIT" and reply.get("upload") != token:
-                    continue  # (for a chunk of an earlier try)
+                if (verb == b"CREDIT" and reply.get("upload") != token) or (
+                    verb == b"REJECTED" and stale and reply.get("code") in RESTART_UPLOAD
+                ):
+                    continue  # (for an earlier try, or a chunk of one)
                 if verb == b"CREDIT":
                     credit += int(reply["credit"])
                     if progress is not None:

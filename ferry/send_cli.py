@@ -252,7 +252,7 @@ def _failed(args: argparse.Namespace, sid: str | None, exc: FerryError, *, retry
         hint = f"send again with --id {sid} in {exc.retry_after:g} s or later"
     elif isinstance(exc, ApiUnavailable):
         out["code"] = exc.code
-        if exc.code == "NO_ANSWER":
+        if exc.code in {"NO_ANSWER", "CONNECTION_DROPPED"}:
             hint = (
                 f"send again with --id {sid}: if the first one arrived, the gateway answers "
                 "with the same item, it does not make a second"

@@ -171,6 +171,13 @@ class _Upload:
     finishing: bool = False  # every byte is in: checked and spooled on the finisher thread
 
 
+def _attempt(body: dict[str, Any]) -> dict[str, int]:
+    """A client's numbering of its tries of one upload, echoed in the first CREDIT so that
+    it can tell this try's answer from an earlier one's (ignored unless a small integer)."""
+    attempt = body.get("attempt")
+    return {"attempt": attempt} if type(attempt) is int and 0 < attempt < 1000 else {}
+
+
 def _reply(verb: bytes, body: dict[str, Any]) -> list[bytes]:
     return [PROTOCOL, verb, msgpack.packb(body, use_bin_type=True)]
 
@@ -930,6 +937,7 @@ class ApiServer:
                     "offset": 0,
                     "chunk_size": self.params.chunk_size,
                     "credit": self.params.upload_window,
+                    **_attempt(body),
                 },
             ),
         )

@@ -143,3 +143,59 @@ def _receive_for(consumer: Consumer, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         consumer.receive(timeout=0.5)
+
+
+def _restart(dep: dict[str, Any], agents: Any, outside: Agent) -> Agent:
+    """The outside restarted while the client waits for nothing (it reconnects meanwhile)."""
+    outside.stop()
+    new: Agent = agents("outside", dep["outside"]["config"])
+    new.wait_event("api_listening")
+    time.sleep(1.0)
+    return new
+
+
+def test_restarts_of_the_outside_between_calls_are_no_drops_of_later_calls(
+    tmp_path: Path, agents: Any
+) -> None:
+    """Connections that dropped while no call waited lost nothing of later calls: those are
+    not sent twice, not refused as dropped, and a status is a status (not a left-over
+    answer of a submission sent twice)."""
+    dep, outside = _outside(tmp_path, agents)
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(3 * MiB))
+    with Client.from_config(dep["api"]["client_config"]) as client:
+        client.submit("messages", application(1), timeout=10)
+        outside = _restart(dep, agents, outside)
+        outside = _restart(dep, agents, outside)
+        with capture_logs() as logs:
+            ack = client.submit("messages", application(2), timeout=10)
+            state = client.status(ack.id, timeout=5)
+            outside = _restart(dep, agents, outside)
+            up = client.upload("bulk", src, timeout=20)
+        outside = _restart(dep, agents, outside)
+        answers = list(
+            client.submit_many(
+                [("messages", application(n), None) for n in range(10, 60)], timeout=30
+            )
+        )
+    assert not ack.duplicate
+    assert state["state"] in {"queued", "sent"}, state
+    assert up.channel == "bulk"
+    assert [e["event"] for e in logs if "again" in e["event"] or "restart" in e["event"]] == []
+    assert len(answers) == 50
+    assert len({sid for sid, _ in answers}) == 50
+    assert all(not isinstance(a, Exception) and not a.duplicate for _, a in answers)
+
+
+def test_a_wrong_server_key_is_no_answer_not_a_dropped_message(tmp_path: Path, agents: Any) -> None:
+    """A client config naming another server key: the handshakes fail, and each drops its
+    connection; that is said as before (no answer; is server_public_key its key?)."""
+    dep, _ = _outside(tmp_path, agents)
+    other = SecretKey.generate("x25519")
+    cfg = client_config_like(
+        dep["api"]["client_config"], tmp_path / "c.yaml", server_public_key=other.public.to_string()
+    )
+    with Client.from_config(cfg) as client, pytest.raises(ApiUnavailable) as err:
+        client.submit("messages", application(1), timeout=2)
+    assert err.value.code == "NO_ANSWER"
+    assert "server_public_key" in str(err.value)
