@@ -52,7 +52,7 @@ from outside.content.pipeline import ContentPipeline
 from outside.intake import CONTENT_SUBJECT, FolderIntake
 from outside.mirror import CHANNEL as MIRROR_CHANNEL
 from outside.mirror import MAX_PIECE, AuditShipper
-from outside.spool import Spool, SpoolItem, now_us
+from outside.spool import DUE_LIMIT, Spool, SpoolItem, now_us
 
 # Datagrams asked of the sender machine per loop turn: amortises Python overhead
 # while keeping heartbeats and intake responsive (64 x 1.5 kB ~ 0.1 ms at 1 Gb/s).
@@ -206,6 +206,10 @@ class OutsideAgent:
         self._bundles: dict[bytes, list[SpoolItem]] = {}  # bundle id -> its messages
         self._in_bundles: set[bytes] = set()  # messages waiting or on their way
         self._awaiting: list[SpoolItem] = []  # new items whose intake records are not durable
+        # items the spool held at the start but not yet handed to the sender (more than
+        # DUE_LIMIT were due then): made before _resumed_before
+        self._unsent_left = False
+        self._resumed_before = 0
         self._bundles_made = 0
         self.bundles_sent = 0
         self.status_path = cfg.state_dir / STATUS_FILE
@@ -278,6 +282,26 @@ class OutsideAgent:
                 fec=self._fec_for(item),
             )
         )
+
+    def _schedule(self, sender: Sender) -> None:
+        """Hand the sender the repeats that came due and, while the start left some, the
+        first copies of what the spool held at the start (a DUE_LIMIT at a time, once most
+        of what went before is on its way). Items made since the start never come from
+        here: they reach the sender once their intake records are on disk
+        (:meth:`_submit_durable`)."""
+        in_flight = self._sources.keys() | self._in_bundles
+        self._expire_repeats(in_flight)
+        resume = self._unsent_left and len(in_flight) < DUE_LIMIT // 2
+        due = self.spool.due(
+            now_us(),
+            skip=in_flight,
+            repeats_only=True,
+            unsent_before=self._resumed_before if resume else None,
+        )
+        if resume and len(due) < DUE_LIMIT:
+            self._unsent_left = False  # (all taken)
+        for item in due:
+            self._submit(sender, item)
 
     def _submit_durable(self, sender: Sender) -> None:
         """Hand new items to the sender once their intake records are on disk: an item never
@@ -664,7 +688,9 @@ class OutsideAgent:
         sys.setswitchinterval(SWITCH_INTERVAL)
         self._record_lost_intake()
         self._expire_repeats()
-        backlog = self.spool.due(now_us())
+        self._resumed_before = now_us()
+        backlog = self.spool.due(self._resumed_before)
+        self._unsent_left = len(backlog) >= DUE_LIMIT  # (taken later: _schedule)
         for item in backlog:
             self._submit(sender, item)
         self._bundle_messages(sender)
@@ -718,10 +744,7 @@ class OutsideAgent:
                 mono = time.monotonic()
                 if mono >= next_schedule:  # repeats that came due
                     next_schedule = mono + SCHEDULE_INTERVAL
-                    in_flight = self._sources.keys() | self._in_bundles
-                    self._expire_repeats(in_flight)
-                    for item in self.spool.due(now_us(), skip=in_flight, repeats_only=True):
-                        self._submit(sender, item)
+                    self._schedule(sender)
                 self._retention.step(mono)  # (sent items past cfg.retention_days)
                 if self._waiting_msgs:
                     self._bundle_messages(sender)

@@ -164,6 +164,12 @@ _DUE_REPEATS = (
     _SELECT_ITEMS.replace("FROM items", "FROM items INDEXED BY items_repeats")
     + " AND sends_done>0 AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?"
 )
+_DUE_RESUMED = (  # (rare: the whole backlog is read, not just the repeats' index)
+    _SELECT_ITEMS + " AND (sends_done>0 OR created_us<?) AND next_send_us<=?"
+    " ORDER BY priority, next_send_us LIMIT ?"
+)
+DUE_LIMIT = 10_000
+"""Items :meth:`Spool.due` returns at most, unless told."""
 
 # No copy of an item is sent later than this after its first (see Spool.expire_repeats): the
 # inside's ledger keeps an item at least 8 days (inside.retention_days) after it arrived...
@@ -582,20 +588,25 @@ class Spool:
     def due(
         self,
         now: int,
-        limit: int = 10_000,
+        limit: int = DUE_LIMIT,
         skip: Collection[bytes] = (),
         *,
         repeats_only: bool = False,
+        unsent_before: int | None = None,
     ) -> list[SpoolItem]:
         """Queued items whose next copy is due, most urgent first (minus ``skip``: in flight).
 
         ``repeats_only``: only items already sent at least once (new items reach
-        the sender directly; this keeps the periodic scan small under load).
+        the sender directly; this keeps the periodic scan small under load), and with
+        ``unsent_before`` also those never sent that were made before that time (what a
+        start found in the spool, beyond what it took then).
         """
         with self._lock:
-            rows = self._db.execute(
-                _DUE_REPEATS if repeats_only else _DUE_ALL, (now, limit + len(skip))
-            ).fetchall()
+            args: tuple[int, ...] = (now, limit + len(skip))
+            query = _DUE_REPEATS if repeats_only else _DUE_ALL
+            if repeats_only and unsent_before is not None:
+                query, args = _DUE_RESUMED, (unsent_before, *args)
+            rows = self._db.execute(query, args).fetchall()
         return [self._item(r) for r in rows if bytes(r[0]) not in skip][:limit]
 
     def expire_repeats(

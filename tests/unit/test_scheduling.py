@@ -478,3 +478,46 @@ def test_a_batch_of_datagrams_is_at_most_a_few_ms_of_the_link() -> None:
     assert batch_for(10e6 / 8, 1500) == 4  # 4.8 ms at 10 Mb/s
     assert batch_for(1e6 / 8, 1500) == 1  # 12 ms at 1 Mb/s (64 would be 0.77 s)
     assert batch_for(11_520, 1500) == 1  # a 115200-baud serial line
+
+
+def test_a_start_with_more_than_due_limit_unsent_items_sends_them_all(tmp_path: Path) -> None:
+    """The spool holds more unsent items than a start takes at once (a slow link's backlog,
+    then a restart): the rest are taken later, once what went first has gone out; items
+    made since the start are not (their intake records may not be on disk yet)."""
+    spool = Spool(tmp_path)
+    total = spool_mod.DUE_LIMIT + 50
+    for start in range(0, total, 1000):
+        reqs = [
+            _req(f"s{n}", f'{{"n":{n}}}'.encode()) for n in range(start, min(total, start + 1000))
+        ]
+        spool.accept_messages(reqs, _seal)
+    submitted: list[SpoolItem] = []
+
+    def submit(_sender: object, item: SpoolItem) -> None:
+        submitted.append(item)
+        agent._in_bundles.add(item.object_id)
+
+    agent = SimpleNamespace(
+        spool=spool, _sources={}, _in_bundles=set(), _submit=submit,
+        _expire_repeats=lambda in_flight: None,
+    )  # fmt: skip
+    # what OutsideAgent.run does at its start
+    agent._resumed_before = now_us()
+    backlog = spool.due(agent._resumed_before)
+    agent._unsent_left = len(backlog) >= spool_mod.DUE_LIMIT
+    for item in backlog:
+        submit(None, item)
+    assert len(submitted) == spool_mod.DUE_LIMIT
+    assert agent._unsent_left
+    ((new, item),) = spool.accept_messages([_req("new", b'{"new":1}')], _seal)  # since the start
+    assert item is not None
+    OutsideAgent._schedule(agent, None)  # type: ignore[arg-type]
+    assert len(submitted) == spool_mod.DUE_LIMIT  # (the first ones still on their way)
+    spool.mark_sent([i.object_id for i in submitted])
+    agent._in_bundles.clear()
+    OutsideAgent._schedule(agent, None)  # type: ignore[arg-type]
+    assert len(submitted) == total
+    assert len({i.object_id for i in submitted}) == total
+    assert new.object_id not in {i.object_id for i in submitted}
+    assert not agent._unsent_left
+    spool.close()
