@@ -280,6 +280,7 @@ class OutsideAgent:
                 item.seq,
                 priority=send_priority(item.priority, item.sends_done > 0),
                 fec=self._fec_for(item),
+                not_after=None if item.deadline_us is None else item.deadline_us / 1e6,
             )
         )
 
@@ -341,6 +342,7 @@ class OutsideAgent:
         self, sender: Sender, channel: str, priority: int, items: list[SpoolItem]
     ) -> None:
         content = rec.encode_bundle([item.data for item in items if item.data is not None])
+        deadlines = [item.deadline_us for item in items if item.deadline_us is not None]
         bundle_id = os.urandom(16)
         created = now_us()
         self._bundles_made += 1
@@ -371,8 +373,25 @@ class OutsideAgent:
                 max(item.seq for item in items),  # heartbeats announce the last member sent
                 priority=priority,
                 fec=bundle_fec(-(-len(stream) // self._symbol_size)),
+                not_after=min(deadlines) / 1e6 if deadlines else None,
             )
         )
+
+    def _release(self, dropped: list[bytes]) -> None:
+        """Objects the sender dropped unsent: repeats held back (by first copies ahead of
+        them) past their deadline. Their items are no longer on their way: the next turn
+        finishes those past their deadline (:meth:`_expire_repeats`) and hands the others
+        (a bundle's other members) to the sender again."""
+        items = 0
+        for oid in dropped:
+            src = self._sources.pop(oid, None)
+            if isinstance(src, FileSource):
+                src.close()
+            members = self._bundles.pop(oid, None)
+            for item in members or ():
+                self._in_bundles.discard(item.object_id)
+            items += len(members) if members is not None else 1
+        _log.warning("repeats_dropped_late", objects=len(dropped), items=items)
 
     def _fec_for(self, item: SpoolItem) -> tuple[int, int] | None:
         if item.kind == "audit":  # one block, so the inside takes it in memory
@@ -766,6 +785,8 @@ class OutsideAgent:
                             time.sleep(wait)
                         channel.send(d)
                 pending_sent.extend(sender.pop_events())
+                if dropped := sender.pop_dropped():
+                    self._release(dropped)
                 if pending_sent and (mono >= next_flush or not batch):
                     next_flush = mono + SENT_FLUSH_INTERVAL  # one transaction for many
                     self._sent(pending_sent)

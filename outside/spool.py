@@ -96,6 +96,9 @@ class SpoolItem:
     audit_idx: int = -1
     """The last audit record of its intake: the sender sends it only once that is on disk
     (-1: nothing to wait for, e.g. resumed from the spool)."""
+    deadline_us: int | None = None
+    """No copy goes out after this (:func:`repeat_deadline`); None: no deadline (not sent
+    yet, or a piece of the audit log's copy)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class SubmissionStatus:
 
 _SELECT_ITEMS = (
     "SELECT object_id, channel, seq, name, size, length, spool_file, kind, priority, data,"
-    " sends_done, sends_total FROM items WHERE state='queued'"
+    " sends_done, sends_total, first_sent_us, spread_us, kind FROM items WHERE state='queued'"
 )
 _DUE_ALL = _SELECT_ITEMS + " AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?"
 _DUE_REPEATS = (
@@ -176,6 +179,11 @@ DUE_LIMIT = 10_000
 REPEAT_DEADLINE_US = 7 * 24 * 3600 * 1_000_000
 # ... or, for a spread near its maximum (7 days), later than this after the spread's end.
 REPEAT_SPREAD_GRACE_US = 3600 * 1_000_000
+
+
+def repeat_deadline(first_sent_us: int, spread_us: int) -> int:
+    """When the last copy of an item may go out at the latest (Spool.expire_repeats)."""
+    return first_sent_us + max(REPEAT_DEADLINE_US, spread_us + REPEAT_SPREAD_GRACE_US)
 
 
 class Spool:
@@ -689,6 +697,9 @@ class Spool:
             data=None if r[9] is None else bytes(r[9]),
             sends_done=int(r[10]),
             sends_total=int(r[11]),
+            deadline_us=(
+                None if r[12] is None or r[14] == "audit" else repeat_deadline(r[12], r[13])
+            ),
         )
 
     def mark_sent(self, object_ids: Sequence[bytes], now: int | None = None) -> list[SentCopy]:

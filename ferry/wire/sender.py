@@ -73,6 +73,9 @@ class OutgoingObject:
     """One of :data:`PRIORITIES`; a lower one pre-empts a higher one."""
     fec: tuple[int, int] | None = None
     """Per-object (source, repair) overriding the link's; small objects want more repair."""
+    not_after: float | None = None
+    """Unix seconds after which the object is not begun (a repeat held back past its
+    deadline): it is dropped unsent, and :meth:`Sender.pop_dropped` names it."""
 
 
 PRIORITIES = (0, 1, 2, 3)
@@ -157,6 +160,8 @@ class Sender:
         self._rr = dict.fromkeys(PRIORITIES, 0)
         self._remaining: dict[bytes, int] = {}
         self._events: deque[ObjectSent] = deque()
+        self._dropped: list[bytes] = []  # not begun: past their not_after
+        self._now = now
         self._hb_seq = 0
         self._next_hb = now
         self.packets_sent = 0
@@ -226,6 +231,11 @@ class Sender:
     def _fec_of(self, obj: OutgoingObject) -> tuple[int, int]:
         return obj.fec if obj.fec is not None else (self.params.fec.source, self.params.fec.repair)
 
+    def pop_dropped(self) -> list[bytes]:
+        """Ids of the objects dropped unsent since the last call (past their not_after)."""
+        out, self._dropped = self._dropped, []
+        return out
+
     def pop_events(self) -> list[ObjectSent]:
         out = list(self._events)
         self._events.clear()
@@ -239,6 +249,9 @@ class Sender:
                 if not queue:
                     return
                 obj = queue.popleft()
+                if obj.not_after is not None and self._now > obj.not_after:
+                    self._dropped.append(obj.object_id)
+                    continue
                 nblocks = block_count(obj.length, self._fec_of(obj)[0], self._symbol_size)
                 feed.extend((obj, b) for b in range(nblocks))
                 self._remaining[obj.object_id] = self._remaining.get(obj.object_id, 0) + nblocks
@@ -289,6 +302,7 @@ class Sender:
         a later ``now`` (next heartbeat or announcement).
         """
         out: list[bytes] = []
+        self._now = now
         if (
             now - self._session_start >= self.params.rekey_interval
             or self._pn >= MAX_PACKETS_PER_SESSION - limit - 8

@@ -521,3 +521,47 @@ def test_a_start_with_more_than_due_limit_unsent_items_sends_them_all(tmp_path: 
     assert new.object_id not in {i.object_id for i in submitted}
     assert not agent._unsent_left
     spool.close()
+
+
+def test_a_repeat_held_back_past_its_deadline_is_dropped_unsent() -> None:
+    """First copies held a repeat back in the sender's queue until its deadline passed (the
+    inside may have forgotten the item by then): it is not begun, and pop_dropped names it;
+    one begun before its deadline is finished."""
+    sender = Sender(LINK, SIGN, KEM.public, epoch=1, rng=os.urandom, now=0.0)
+    late, llen = _object(b"L" * 16, 1500)
+    ok, olen = _object(b"K" * 16, 1500)
+    sender.submit(
+        OutgoingObject(b"L" * 16, llen, BytesSource(late), "m", 1, priority=1, not_after=10.0)
+    )
+    sender.submit(
+        OutgoingObject(b"K" * 16, olen, BytesSource(ok), "m", 2, priority=1, not_after=99.0)
+    )
+    sender.datagrams(11.0, 64)
+    assert [e.object_id for e in sender.pop_events()] == [b"K" * 16]
+    assert sender.pop_dropped() == [b"L" * 16]
+    assert sender.pop_dropped() == []
+    assert sender.idle
+
+
+def test_spooled_repeats_carry_their_deadline_and_the_outside_releases_dropped_ones(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    ((_, item),) = spool.accept_messages([_req("d", total=3, spread_us=60_000_000)], _seal)
+    assert item is not None
+    assert item.deadline_us is None  # (a first copy: no deadline yet)
+    spool.mark_sent([item.object_id], now=1_000)
+    (again,) = spool.due(2_000_000_000_000_000)
+    assert again.deadline_us == spool_mod.repeat_deadline(1_000, 60_000_000)
+    assert again.deadline_us == 1_000 + spool_mod.REPEAT_DEADLINE_US
+    spool.close()
+    other = SpoolItem(b"O" * 16, "messages", 9, "o", 1, 1, None, kind="message")
+    agent = SimpleNamespace(
+        _sources={b"F" * 16: BytesSource(b"x")},
+        _bundles={b"B" * 16: [again, other]},
+        _in_bundles={again.object_id, other.object_id, b"Z" * 16},
+    )
+    OutsideAgent._release(agent, [b"B" * 16, b"F" * 16])  # type: ignore[arg-type]
+    assert agent._bundles == {}
+    assert agent._sources == {}
+    assert agent._in_bundles == {b"Z" * 16}  # (no longer on their way: due again)
