@@ -428,11 +428,11 @@ class Client:
                 "(name=..., ferry send --name)"
             ) from None
         with _naming(sid):
-            self._begin(sid)
             size, sha256 = _size_and_digest(path)
             body = {"id": sid, "channel": channel, "name": name, "size": size, "sha256": sha256}
+            self._begin(sid)  # (after the hashing, which may take long)
             try:
-                return self._upload(path, body, timeout, progress)
+                return self._upload(path, {**body, "attempt": 1}, timeout, progress)
             except ApiRejected as exc:
                 if exc.reason_code not in RESTART_UPLOAD:
                     raise
@@ -469,6 +469,7 @@ class Client:
                 return False
             if verb == b"REJECTED":
                 return reply.get("code") in RESTART_UPLOAD
+            # (an outside that echoes no attempt: its first answer is taken as this try's)
             return verb == b"CREDIT" and reply.get("attempt", attempt) != attempt
 
         while True:

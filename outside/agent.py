@@ -209,7 +209,7 @@ class OutsideAgent:
         # items the spool held at the start but not yet handed to the sender (more than
         # DUE_LIMIT were due then): made before _resumed_before
         self._unsent_left = False
-        self._resumed_before = 0
+        self._resumed_before = self._resumed_rows = 0
         self._bundles_made = 0
         self.bundles_sent = 0
         self.status_path = cfg.state_dir / STATUS_FILE
@@ -289,18 +289,16 @@ class OutsideAgent:
         first copies of what the spool held at the start (a DUE_LIMIT at a time, once most
         of what went before is on its way). Items made since the start never come from
         here: they reach the sender once their intake records are on disk
-        (:meth:`_submit_durable`)."""
+        (:meth:`_submit_durable`); a row number bounds what was there at the start, as well
+        as the time (a clock set back would not)."""
         in_flight = self._sources.keys() | self._in_bundles
         self._expire_repeats(in_flight)
-        resume = self._unsent_left and len(in_flight) < DUE_LIMIT // 2
-        due = self.spool.due(
-            now_us(),
-            skip=in_flight,
-            repeats_only=True,
-            unsent_before=self._resumed_before if resume else None,
-        )
-        if resume and len(due) < DUE_LIMIT:
-            self._unsent_left = False  # (all taken)
+        due = self.spool.due(now_us(), skip=in_flight, repeats_only=True)
+        if self._unsent_left and len(in_flight) < DUE_LIMIT // 2:
+            resumed = self.spool.unsent(self._resumed_rows, self._resumed_before, in_flight)
+            if len(resumed) < DUE_LIMIT:
+                self._unsent_left = False  # (all taken)
+            due = resumed + due
         for item in due:
             self._submit(sender, item)
 
@@ -708,6 +706,7 @@ class OutsideAgent:
         self._record_lost_intake()
         self._expire_repeats()
         self._resumed_before = now_us()
+        self._resumed_rows = self.spool.last_row()
         backlog = self.spool.due(self._resumed_before)
         self._unsent_left = len(backlog) >= DUE_LIMIT  # (taken later: _schedule)
         for item in backlog:

@@ -167,10 +167,6 @@ _DUE_REPEATS = (
     _SELECT_ITEMS.replace("FROM items", "FROM items INDEXED BY items_repeats")
     + " AND sends_done>0 AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?"
 )
-_DUE_RESUMED = (  # (rare: the whole backlog is read, not just the repeats' index)
-    _SELECT_ITEMS + " AND (sends_done>0 OR created_us<?) AND next_send_us<=?"
-    " ORDER BY priority, next_send_us LIMIT ?"
-)
 DUE_LIMIT = 10_000
 """Items :meth:`Spool.due` returns at most, unless told."""
 
@@ -600,22 +596,55 @@ class Spool:
         skip: Collection[bytes] = (),
         *,
         repeats_only: bool = False,
-        unsent_before: int | None = None,
     ) -> list[SpoolItem]:
         """Queued items whose next copy is due, most urgent first (minus ``skip``: in flight).
 
         ``repeats_only``: only items already sent at least once (new items reach
-        the sender directly; this keeps the periodic scan small under load), and with
-        ``unsent_before`` also those never sent that were made before that time (what a
-        start found in the spool, beyond what it took then).
+        the sender directly; this keeps the periodic scan small under load).
         """
         with self._lock:
-            args: tuple[int, ...] = (now, limit + len(skip))
-            query = _DUE_REPEATS if repeats_only else _DUE_ALL
-            if repeats_only and unsent_before is not None:
-                query, args = _DUE_RESUMED, (unsent_before, *args)
-            rows = self._db.execute(query, args).fetchall()
+            rows = self._db.execute(
+                _DUE_REPEATS if repeats_only else _DUE_ALL, (now, limit + len(skip))
+            ).fetchall()
         return [self._item(r) for r in rows if bytes(r[0]) not in skip][:limit]
+
+    def last_row(self) -> int:
+        """The newest item's row number: an item added later has a higher one (until
+        items are pruned, days later; :meth:`unsent` also asks for their time)."""
+        with self._lock:
+            (last,) = self._db.execute("SELECT coalesce(max(rowid), 0) FROM items").fetchone()
+        return int(last)
+
+    def unsent(
+        self, up_to_row: int, before_us: int, skip: Collection[bytes] = (), limit: int = DUE_LIMIT
+    ) -> list[SpoolItem]:
+        """Queued items never sent, added by row ``up_to_row`` and before ``before_us`` (what
+        a start found in the spool), most urgent first, minus ``skip``. Sorts their ids
+        only, then reads those rows (a backlog of many thousand is read each time)."""
+        with self._lock:
+            ids: list[bytes] = []
+            for priority in (0, 1):  # (each in the order of items_due: no sort of them all)
+                ids += [
+                    oid
+                    for (raw,) in self._db.execute(
+                        "SELECT object_id FROM items INDEXED BY items_due WHERE state='queued'"
+                        " AND priority=? AND sends_done=0 AND rowid<=? AND created_us<?"
+                        " ORDER BY next_send_us LIMIT ?",
+                        (priority, up_to_row, before_us, limit - len(ids) + len(skip)),
+                    )
+                    if (oid := bytes(raw)) not in skip
+                ][: limit - len(ids)]
+            found: dict[bytes, SpoolItem] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))  # placeholders only
+                query = (  # (+state: by id, not by walking the backlog on items_due)
+                    _SELECT_ITEMS.replace("WHERE state=", "WHERE +state=")
+                    + f" AND object_id IN ({marks})"
+                )
+                for r in self._db.execute(query, chunk):
+                    found[bytes(r[0])] = self._item(r)
+        return [found[oid] for oid in ids if oid in found]
 
     def expire_repeats(
         self, now: int, skip: Collection[bytes] = (), limit: int = 10_000

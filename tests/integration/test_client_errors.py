@@ -18,6 +18,7 @@ import pytest
 from cli_helpers import Agent, application, client_config_like, edit_yaml, fast, init
 from structlog.testing import capture_logs
 
+import ferry.client as client_mod
 from ferry.client import ApiUnavailable, Client, Consumer
 from ferry.crypto.keys import SecretKey, write_secret_key
 
@@ -199,3 +200,28 @@ def test_a_wrong_server_key_is_no_answer_not_a_dropped_message(tmp_path: Path, a
         client.submit("messages", application(1), timeout=2)
     assert err.value.code == "NO_ANSWER"
     assert "server_public_key" in str(err.value)
+
+
+def test_an_upload_whose_file_is_hashed_while_the_outside_restarts_goes_through(
+    tmp_path: Path, agents: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file takes a while to hash before its upload begins; the outside restarting
+    meanwhile drops no part of the upload (nothing was sent yet)."""
+    dep, outside = _outside(tmp_path, agents)
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(3 * MiB))
+    real = client_mod._size_and_digest
+    restarted: list[Agent] = []
+
+    def slow_digest(path: Path) -> tuple[int, bytes]:
+        restarted.append(_restart(dep, agents, outside))
+        return real(path)
+
+    with Client.from_config(dep["api"]["client_config"]) as client:
+        client.status("warm-up", timeout=5)  # (connected, handshake done)
+        monkeypatch.setattr(client_mod, "_size_and_digest", slow_digest)
+        with capture_logs() as logs:
+            ack = client.upload("bulk", src, timeout=15)
+    assert restarted
+    assert ack.channel == "bulk"
+    assert [e for e in logs if e["event"] == "upload_restarted"] == []

@@ -502,7 +502,9 @@ def test_a_start_with_more_than_due_limit_unsent_items_sends_them_all(tmp_path: 
         _expire_repeats=lambda in_flight: None,
     )  # fmt: skip
     # what OutsideAgent.run does at its start
-    agent._resumed_before = now_us()
+    # (the clock is then set back 10 s: an item made after the start looks older than it)
+    agent._resumed_before = now_us() + 10_000_000
+    agent._resumed_rows = spool.last_row()
     backlog = spool.due(agent._resumed_before)
     agent._unsent_left = len(backlog) >= spool_mod.DUE_LIMIT
     for item in backlog:
