@@ -294,14 +294,19 @@ class Client:
                     return self._result(verb, reply)
                 self._pause(reply, deadline, "gateway busy")
 
-    def _dropped_error(self, size: int) -> ApiUnavailable:
-        return ApiUnavailable(
-            f"{self.cfg.endpoint} closed the connection each time this message ({size} bytes) "
-            "was sent: the gateway does that with a message over its size limit "
-            "(api.max_message_size, 1 MiB unless configured; larger content goes by "
-            "upload), or it was restarting",
-            "CONNECTION_DROPPED",
-        )
+    def _dropped_error(self, size: int | None = None) -> ApiUnavailable:
+        """CONNECTION_DROPPED: each try of a request lost its connection (``size``: of a
+        message, which the gateway drops that way when it is over its size limit)."""
+        if size is None:
+            why = f"{self.cfg.endpoint} closed the connection twice; is the outside restarting?"
+        else:
+            why = (
+                f"{self.cfg.endpoint} closed the connection each time this message ({size} "
+                "bytes) was sent: the gateway does that with a message over its size limit "
+                "(api.max_message_size, 1 MiB unless configured; larger content goes by "
+                "upload), or it was restarting"
+            )
+        return ApiUnavailable(why, "CONNECTION_DROPPED")
 
     def submit_many(
         self,
@@ -386,11 +391,7 @@ class Client:
                 break
             except _Dropped:
                 if attempt + 1 == DROPS_PER_REQUEST:
-                    raise ApiUnavailable(
-                        f"{self.cfg.endpoint} closed the connection twice; is the outside "
-                        "agent restarting?",
-                        "CONNECTION_DROPPED",
-                    ) from None
+                    raise self._dropped_error() from None
         if verb != b"STATUS":
             self._result(verb, body)
         return body
@@ -442,11 +443,7 @@ class Client:
             try:
                 return self._upload(path, {**body, "attempt": 2}, timeout, progress, stale=True)
             except _Dropped:
-                raise ApiUnavailable(
-                    f"{self.cfg.endpoint} closed the connection during the upload, twice; "
-                    "is the outside agent restarting?",
-                    "CONNECTION_DROPPED",
-                ) from None
+                raise self._dropped_error() from None
 
     def _upload(
         self,

@@ -160,7 +160,7 @@ class SubmissionStatus:
 
 _SELECT_ITEMS = (
     "SELECT object_id, channel, seq, name, size, length, spool_file, kind, priority, data,"
-    " sends_done, sends_total, first_sent_us, spread_us, kind FROM items WHERE state='queued'"
+    " sends_done, sends_total, first_sent_us, spread_us FROM items WHERE state='queued'"
 )
 _DUE_ALL = _SELECT_ITEMS + " AND next_send_us<=? ORDER BY priority, next_send_us LIMIT ?"
 _DUE_REPEATS = (
@@ -619,8 +619,8 @@ class Spool:
         self, up_to_row: int, before_us: int, skip: Collection[bytes] = (), limit: int = DUE_LIMIT
     ) -> list[SpoolItem]:
         """Queued items never sent, added by row ``up_to_row`` and before ``before_us`` (what
-        a start found in the spool), most urgent first, minus ``skip``. Sorts their ids
-        only, then reads those rows (a backlog of many thousand is read each time)."""
+        a start found in the spool), most urgent first, minus ``skip``. Their ids come in
+        index order, a priority at a time (no sort of the whole backlog); then their rows."""
         with self._lock:
             ids: list[bytes] = []
             for priority in (0, 1):  # (each in the order of items_due: no sort of them all)
@@ -727,7 +727,7 @@ class Spool:
             sends_done=int(r[10]),
             sends_total=int(r[11]),
             deadline_us=(
-                None if r[12] is None or r[14] == "audit" else repeat_deadline(r[12], r[13])
+                None if r[12] is None or r[7] == "audit" else repeat_deadline(r[12], r[13])
             ),
         )
 
