@@ -55,6 +55,7 @@ def _audit_events(directory: str, roles: tuple[str, ...]) -> list[tuple[str, str
     ]
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_both_audit_keys_rotate_and_every_log_verifies_with_the_new_keys(
     tmp_path: Path, agents
 ) -> None:

@@ -20,6 +20,7 @@ from test_health_cli import until_check
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_a_full_delivery_disk_holds_the_file_until_there_is_room(
     tmp_path: Path, agents: Any, small_audit_disk: Any
 ) -> None:

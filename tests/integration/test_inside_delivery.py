@@ -330,6 +330,7 @@ def test_failed_delivery_is_kept_in_rejected_and_later_items_are_delivered(
     assert status["delivered"] == 6
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_read_only_delivery_folders_hold_messages_and_files_until_they_are_writable(
     tmp_path: Path, started: list[Agent]
 ) -> None:

@@ -69,6 +69,7 @@ def _deployment(
     return dep
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_an_object_that_would_leave_less_than_the_reserve_is_not_spooled_and_the_rest_goes_on(
     tmp_path: Path, agents: Any, small_audit_disk: Any
 ) -> None:
@@ -127,6 +128,7 @@ def test_an_object_that_would_leave_less_than_the_reserve_is_not_spooled_and_the
     assert outside.proc.poll() is None
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_a_spool_file_whose_write_fails_gives_its_room_back_at_once(
     tmp_path: Path, agents: Any, small_audit_disk: Any
 ) -> None:

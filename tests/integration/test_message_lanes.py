@@ -61,6 +61,7 @@ def with_notices(dep: dict[str, Any], folder: Path) -> None:
     edit_yaml(client, lambda data: data.update(channels=["messages", "notices"]))
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_a_messages_folder_share_that_stops_answering_holds_up_only_its_channel(
     tmp_path: Path, agents: Any, network_share: Share
 ) -> None:

@@ -25,6 +25,7 @@ from test_health_cli import until, until_check
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -> None:
     dep = init(tmp_path / "d")
     edit_yaml(dep["outside"]["config"], fast_bulk)

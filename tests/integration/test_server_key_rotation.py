@@ -76,6 +76,7 @@ def _server_key_events(audit_dir: str, role: str) -> list[tuple[str, str, object
     ]
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_server_keys_rotate_with_an_overlap(tmp_path: Path, agents) -> None:
     dep = init(tmp_path / "d")
     out_keys = Path(dep["outside"]["config"]).parent / "keys"

@@ -96,6 +96,7 @@ def test_files_clerks_save_on_a_share_cross_and_are_archived_off_it(
     assert events.count("taken") == len(files), [e for e in events if "take" in e]
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_a_share_that_stops_answering_holds_up_only_its_own_channel(
     tmp_path: Path, agents: Any, network_share: Share
 ) -> None:
@@ -144,6 +145,7 @@ def test_a_share_that_stops_answering_holds_up_only_its_own_channel(
     until_check(outside_cfg, "intake", "OK", "--max-stall", "2")
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 def test_a_delivery_folder_share_that_stops_answering_holds_up_only_its_channels_files(
     tmp_path: Path, agents: Any, network_share: Share
 ) -> None:

@@ -311,6 +311,7 @@ def test_health_says_ok(running: Booted, side: str) -> None:
     assert "ermission denied" in other.stdout + other.stderr
 
 
+@pytest.mark.slow  # (10-40 s: run with `python3 tasks.py test --slow`)
 @pytest.mark.parametrize("unit", UNITS)
 def test_an_agent_killed_is_restarted_and_transfers_go_on(running: Booted, unit: str) -> None:
     """kill -9: systemd restarts the agent (Restart=on-failure, 5 s later) and files cross
