@@ -511,7 +511,7 @@ def _api(doc: _Doc) -> ApiParams | None:
         "server_key": doc.path(raw["server_key"]),
         "clients": doc.path(raw["clients"]),
     }
-    for key in ("upload_window", "busy_items"):
+    for key in ("upload_window", "busy_items", "max_connections", "max_connections_per_address"):
         if key in raw:
             kw[key] = raw[key]
     for key in ("max_message_size", "chunk_size", "busy_bytes"):
@@ -721,6 +721,9 @@ def _consumers(doc: _Doc, channels: tuple[InsideChannel, ...]) -> ConsumerParams
     }
     if "redeliver_after" in raw:
         kw["redeliver_after"] = float(raw["redeliver_after"])
+    for key in ("max_connections", "max_connections_per_address"):
+        if key in raw:
+            kw[key] = raw[key]
     kw["previous_server_keys"] = _previous_server_keys(
         doc,
         "consumers",

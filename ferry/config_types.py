@@ -177,6 +177,10 @@ class ApiParams:
     """Queued items beyond which submissions get BUSY (backpressure)."""
     busy_bytes: int = 16 * 1024**3
     """Queued bytes beyond which submissions get BUSY."""
+    max_connections: int = 1000
+    """TCP connections the API holds at once (each one a descriptor and some memory)."""
+    max_connections_per_address: int = 100
+    """Of them, from one peer address."""
     previous_server_keys: tuple[PreviousServerKey, ...] = ()
 
 
@@ -208,6 +212,10 @@ class ConsumerParams:
     """Folder of ``<name>.yaml`` consumer files (same format as API clients)."""
     redeliver_after: float = 5.0
     """Seconds before an unacknowledged message is offered again."""
+    max_connections: int = 1000
+    """TCP connections each consumer socket (ROUTER, PUB) holds at once."""
+    max_connections_per_address: int = 100
+    """Of them, from one peer address."""
     previous_server_keys: tuple[PreviousServerKey, ...] = ()
 
 

@@ -13,9 +13,13 @@ wants them Z85-encoded.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,9 @@ from ferry.crypto.keys import PublicKey, SecretKey
 from ferry.errors import ConfigError, FerryError, SelfTestError
 
 MAX_CLIENT_FILES = 10_000
+FD_RESERVE = 256  # descriptors kept for the agent's own files, whatever the connections
+FD_WANTED = 65536  # the soft descriptor limit an agent raises itself to (up to the hard one)
+GUARD_SWEEP = 5.0  # seconds between checks that each connection counted is still open
 MAX_PREVIOUS_KEYS = 3  # as the config schemas allow
 RELOAD_INTERVAL = 1.0
 
@@ -336,6 +343,183 @@ def curve_client(
     sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
     return sock
+
+
+def raise_fd_limit(wanted: int = FD_WANTED) -> int:
+    """Raise this process's soft limit on open descriptors towards ``wanted`` (never past
+    the hard limit; a shell's default soft limit is often 1024); return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            _log.warning("fd_limit_not_raised", soft=soft, hard=hard, error=str(exc))
+    return int(soft) if soft != resource.RLIM_INFINITY else wanted
+
+
+def connection_budget(wanted: int, sockets: int = 1) -> int:
+    """How many connections each of ``sockets`` guarded sockets may hold: ``wanted``, or
+    fewer if the descriptor limit would not leave FD_RESERVE for the agent's own files."""
+    soft = raise_fd_limit()
+    room = max(16, (soft - FD_RESERVE) // max(1, sockets))
+    if wanted > room:
+        _log.warning("connections_limited_by_fd_limit", wanted=wanted, allowed=room, fd_limit=soft)
+        return room
+    return wanted
+
+
+def _peer(fd: int) -> tuple[socket.socket | None, str]:
+    """A duplicate of descriptor ``fd`` if it is a connected socket, and its peer's address
+    (``unix`` for a local socket); ``(None, "")`` if it is gone or something else now."""
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        return None, ""
+    try:
+        dup = socket.socket(fileno=copy)
+    except OSError:  # (not a socket now)
+        os.close(copy)
+        return None, ""
+    try:
+        peer = dup.getpeername()
+    except OSError:
+        dup.close()
+        return None, ""
+    return dup, str(peer[0]) if isinstance(peer, tuple) else "unix"
+
+
+class ConnectionGuard:
+    """Bounds the TCP connections a server socket holds: at most ``total``, and at most
+    ``per_address`` from one peer address, whether or not they ever finish a handshake.
+
+    libzmq accepts every connection itself and has no call to drop one (its maintainers'
+    answer is a firewall), so one client, or anyone who can reach the port, could open
+    connections until the agent runs out of descriptors; then libzmq spins, the API stops
+    answering and the agent cannot open its own files. The guard watches the socket's
+    monitor (ACCEPTED and DISCONNECTED, with the connection's descriptor) on a thread of its
+    own and shuts down a connection past a limit: ``shutdown(2)`` on a duplicate of the
+    descriptor, which libzmq sees as the peer gone, and closes. ``on_refused(address, why,
+    count)`` is called for each (on the guard's thread). A monitor event lost or late is
+    made good by a sweep every GUARD_SWEEP seconds: an entry whose descriptor is no longer
+    the same connection is dropped.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket[Any],
+        name: str,
+        *,
+        total: int,
+        per_address: int,
+        on_refused: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.total = total
+        self.per_address = per_address
+        self.on_refused = on_refused
+        self.refused = 0
+        self._open: dict[int, str] = {}  # descriptor -> peer address, counted
+        self._by_address: Counter[str] = Counter()
+        self._shut: set[int] = set()  # refused, waiting for libzmq to close them
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        endpoint = f"inproc://ferry-guard-{name}-{id(self):x}"
+        sock.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._mon: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
+        self._mon.rcvhwm = 0  # (no event dropped however far behind the thread is)
+        self._mon.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, name=f"guard-{name}", daemon=True)
+        self._thread.start()
+
+    def counts(self) -> tuple[int, dict[str, int]]:
+        """Connections held now, in all and by peer address."""
+        with self._lock:
+            return len(self._open), dict(self._by_address)
+
+    def close(self) -> None:
+        """Stop watching (before the socket's context is terminated)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + GUARD_SWEEP
+        try:
+            while not self._stop.is_set():
+                try:
+                    if self._mon.poll(200):
+                        while True:
+                            try:
+                                event = monitor.recv_monitor_message(self._mon, zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                            self._event(event["event"], event["value"])
+                    if time.monotonic() >= next_sweep:
+                        next_sweep = time.monotonic() + GUARD_SWEEP
+                        self.sweep()
+                except zmq.ContextTerminated:
+                    return
+                except Exception:  # noqa: BLE001  # the guard must keep watching
+                    _log.exception("connection_guard_error", socket=self.name)
+                    time.sleep(0.1)
+        finally:
+            self._mon.close(linger=0)
+
+    def _event(self, kind: int, fd: int) -> None:
+        if kind == zmq.EVENT_DISCONNECTED:
+            with self._lock:
+                self._forget(fd)
+        elif kind == zmq.EVENT_ACCEPTED:
+            self._accepted(fd)
+
+    def _forget(self, fd: int) -> None:
+        self._shut.discard(fd)
+        address = self._open.pop(fd, None)
+        if address is not None:
+            self._by_address[address] -= 1
+            if self._by_address[address] <= 0:
+                del self._by_address[address]
+
+    def _accepted(self, fd: int) -> None:
+        dup, address = _peer(fd)
+        if dup is None:
+            return  # (gone already: its DISCONNECTED follows)
+        try:
+            with self._lock:
+                self._forget(fd)  # (a DISCONNECTED lost: the descriptor is a new connection)
+                why = ""
+                if len(self._open) >= self.total:
+                    why = f"more than {self.total} connections in all"
+                    count = len(self._open)
+                elif self._by_address[address] >= self.per_address:
+                    why = f"more than {self.per_address} connections from {address}"
+                    count = self._by_address[address]
+                if not why:
+                    self._open[fd] = address
+                    self._by_address[address] += 1
+                    return
+                self._shut.add(fd)
+                self.refused += 1
+            with contextlib.suppress(OSError):  # (gone meanwhile)
+                dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
+        if self.on_refused is not None:
+            self.on_refused(address, why, count + 1)
+
+    def sweep(self) -> None:
+        """Drop the entries whose descriptor is no longer the connection counted."""
+        with self._lock:
+            entries = list(self._open.items())
+        for fd, address in entries:
+            dup, now = _peer(fd)
+            if dup is not None:
+                dup.close()
+            if now != address:
+                with self._lock:
+                    if self._open.get(fd) == address:
+                        self._forget(fd)
 
 
 def user_id(frame: zmq.Frame) -> str | None:

@@ -48,7 +48,15 @@ from ferry import log
 from ferry.config_types import ApiClient, ConsumerParams
 from ferry.crypto.keys import load_secret_key
 from ferry.state import PRUNE_BATCH, Retention, transaction
-from ferry.zmqsec import Allowlist, ServedKey, ServerKeys, curve_server, start_authenticator
+from ferry.zmqsec import (
+    Allowlist,
+    ConnectionGuard,
+    ServedKey,
+    ServerKeys,
+    connection_budget,
+    curve_server,
+    start_authenticator,
+)
 from ferry.zmqsec import user_id as frame_user_id
 from inside.ledger import Ledger
 
@@ -281,6 +289,20 @@ def _may_take(con: _Consumer) -> bool:
     return con.credit > 0 and con.holding < MAX_CREDIT
 
 
+_REFUSALS_LOGGED: dict[str, float] = {}  # address -> when last logged
+
+
+def _connection_refused(address: str, why: str, count: int) -> None:
+    """A consumer connection past a limit was shut (on a guard's thread): logged once a
+    minute per address at most."""
+    now = time.monotonic()
+    if now - _REFUSALS_LOGGED.get(address, -1e9) >= 60:
+        if len(_REFUSALS_LOGGED) > 10_000:
+            _REFUSALS_LOGGED.clear()
+        _REFUSALS_LOGGED[address] = now
+        _log.warning("consumer_connection_refused", address=address, why=why, connections=count)
+
+
 class ConsumerServer:
     """Owns the consumer ROUTER (and PUB) sockets and their thread."""
 
@@ -303,9 +325,23 @@ class ConsumerServer:
         self.router: zmq.Socket[Any] | None = None
         self.pub: zmq.Socket[Any] | None = None
         self.endpoint = self.pub_endpoint = ""
+        self.guards: list[ConnectionGuard] = []
+        total = connection_budget(
+            params.max_connections, sockets=bool(params.endpoint) + bool(params.publish)
+        )
+        per_address = min(total, params.max_connections_per_address)
         if params.endpoint:
             self.router = curve_server(
                 self.ctx, zmq.ROUTER, self.server_key, ZAP_DOMAIN, max_message=MAX_BODY
+            )
+            self.guards.append(
+                ConnectionGuard(
+                    self.router,
+                    "consumers",
+                    total=total,
+                    per_address=per_address,
+                    on_refused=_connection_refused,
+                )
             )
             self.keys.bind(
                 self.router, "consumers", [params.endpoint, *(p.endpoint for p in previous)]
@@ -314,6 +350,15 @@ class ConsumerServer:
         if params.publish:
             self.pub = curve_server(
                 self.ctx, zmq.PUB, self.server_key, ZAP_DOMAIN, max_message=MAX_BODY
+            )
+            self.guards.append(
+                ConnectionGuard(
+                    self.pub,
+                    "publish",
+                    total=total,
+                    per_address=per_address,
+                    on_refused=_connection_refused,
+                )
             )
             self.keys.bind(self.pub, "publish", [params.publish, *(p.publish for p in previous)])
             self.pub_endpoint = self.keys.current.endpoints["publish"]
@@ -369,6 +414,8 @@ class ConsumerServer:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._flush_acks(force=True)
+        for guard in self.guards:
+            guard.close()
         for sock in (self.router, self.pub, self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close(linger=200)

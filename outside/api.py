@@ -36,7 +36,15 @@ from ferry.errors import FerryError, PolicyRejection
 from ferry.jsondoc import JsonLimits, SchemaRegistry
 from ferry.state import disk_full
 from ferry.wire import records as rec
-from ferry.zmqsec import Allowlist, ServedKey, ServerKeys, curve_server, start_authenticator
+from ferry.zmqsec import (
+    Allowlist,
+    ConnectionGuard,
+    ServedKey,
+    ServerKeys,
+    connection_budget,
+    curve_server,
+    start_authenticator,
+)
 from ferry.zmqsec import user_id as frame_user_id
 from outside.content.pipeline import ContentPipeline
 from outside.spool import (
@@ -288,6 +296,14 @@ class ApiServer:
             max_message=max_msg,
             rcvhwm=max(64, min(10_000, RECEIVE_QUEUE_BYTES // max_msg)),
         )
+        total = connection_budget(self.params.max_connections)
+        self.guard = ConnectionGuard(
+            self.sock,
+            "api",
+            total=total,
+            per_address=min(total, self.params.max_connections_per_address),
+            on_refused=self._connection_refused,
+        )
         self.keys.bind(
             self.sock,
             "api",
@@ -334,6 +350,7 @@ class ApiServer:
         for up in list(self._uploads.values()):
             if not (up.finishing and self._finisher.is_alive()):  # (else it is in use)
                 self._drop_upload(up)
+        self.guard.close()
         self._wake_rx.close(linger=0)
         self.sock.close(linger=500)
         self.auth.stop()
@@ -820,6 +837,19 @@ class ApiServer:
                     "previous_key": not served.current,
                     "endpoint": served.endpoints.get("api", "")[:1024],
                 },
+            )
+
+    def _connection_refused(self, address: str, why: str, count: int) -> None:
+        """A connection past a limit was shut (on the guard's thread): recorded once a
+        minute per address at most (:meth:`_first_in_a_while`)."""
+        if self._first_in_a_while("api.rate_limited", f"connections\0{address}"):
+            _log.warning("api_connection_refused", address=address, why=why)
+            self._note(
+                "api.rate_limited",
+                subject=Subject.component("api"),
+                result="rejected",
+                reason=f"CONNECTIONS: {why}; the connection was closed",
+                detail={"address": address[:256], "connections": count},
             )
 
     def _auth_failed(self, z85_key: str) -> None:

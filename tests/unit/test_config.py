@@ -588,6 +588,38 @@ def test_a_message_limit_above_16_mib_is_refused(tmp_path: Path, where: str) -> 
     assert load_outside_config(path).source == path  # the limit itself is allowed
 
 
+@pytest.mark.parametrize(
+    ("side", "section", "key", "value", "needle"),
+    [
+        ("outside", "api", "max_connections", 0, "api.max_connections"),
+        ("outside", "api", "max_connections_per_address", "many", "'many'"),
+        ("outside", "api", "max_connections", 2.5, "expected an integer"),
+        ("inside", "consumers", "max_connections", -1, "consumers.max_connections"),
+        ("inside", "consumers", "max_connections_per_address", 10**7, "1000000"),
+    ],
+)
+def test_connection_limits(
+    tmp_path: Path, side: str, section: str, key: str, value: object, needle: str
+) -> None:
+    """Each server socket holds at most max_connections, max_connections_per_address of them
+    from one address (default 1000 and 100); anything but a positive integer is refused."""
+    info = init_deployment(tmp_path, transport="udp", kem="x25519", port=47004)
+    path = Path(info[side]["config"])
+    load = load_outside_config if side == "outside" else load_inside_config
+    params = getattr(load(path), section)
+    assert (params.max_connections, params.max_connections_per_address) == (1000, 100)
+    data = yaml.safe_load(path.read_text())
+    data[section]["max_connections"] = 7
+    data[section]["max_connections_per_address"] = 3
+    path.write_text(yaml.safe_dump(data))
+    params = getattr(load(path), section)
+    assert (params.max_connections, params.max_connections_per_address) == (7, 3)
+    data[section][key] = value
+    path.write_text(yaml.safe_dump(data))
+    message = _error(load, path)
+    assert needle in message, message
+
+
 # --- CURVE server keys during a rotation -------------------------------------------------
 
 API = """\
