@@ -14,6 +14,7 @@ wants them Z85-encoded.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import resource
 import socket
@@ -361,38 +362,69 @@ def raise_fd_limit(wanted: int = FD_WANTED) -> int:
 
 def connection_budget(wanted: int, sockets: int = 1) -> int:
     """How many connections each of ``sockets`` guarded sockets may hold: ``wanted``, or
-    fewer if the descriptor limit would not leave FD_RESERVE for the agent's own files."""
+    fewer if the descriptor limit is low. FD_RESERVE descriptors are kept for the agent's own
+    files, and half of the rest for the connections a flood gets accepted before the guard
+    shuts them (libzmq accepts faster than the guard can answer)."""
     soft = raise_fd_limit()
-    room = max(16, (soft - FD_RESERVE) // max(1, sockets))
+    room = max(16, (soft - FD_RESERVE) // 2 // max(1, sockets))
     if wanted > room:
         _log.warning("connections_limited_by_fd_limit", wanted=wanted, allowed=room, fd_limit=soft)
         return room
     return wanted
 
 
-def _peer(fd: int) -> tuple[socket.socket | None, str]:
-    """A duplicate of descriptor ``fd`` if it is a connected socket, and its peer's address
-    (``unix`` for a local socket); ``(None, "")`` if it is gone or something else now."""
+Ends = tuple[object, object]  # a connection's (local, peer) addresses, as the socket gives them
+
+
+def _peer(fd: int) -> tuple[socket.socket | None, Ends]:
+    """A duplicate of descriptor ``fd`` if it is a connected socket, and its (local, peer)
+    addresses; ``(None, ((), ()))`` if it is gone or something else now."""
     try:
         copy = os.dup(fd)
     except OSError:
-        return None, ""
+        return None, ((), ())
     try:
         dup = socket.socket(fileno=copy)
     except OSError:  # (not a socket now)
         os.close(copy)
-        return None, ""
+        return None, ((), ())
     try:
-        peer = dup.getpeername()
+        return dup, (dup.getsockname(), dup.getpeername())
     except OSError:
         dup.close()
-        return None, ""
-    return dup, str(peer[0]) if isinstance(peer, tuple) else "unix"
+        return None, ((), ())
+
+
+def _ours(endpoint: str, local: object) -> bool:
+    """Whether a connection whose local address is ``local`` was accepted at ``endpoint``
+    (the listener a monitor event names): its port (and address, unless the listener's is a
+    wildcard or a name), or its ipc path."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        return local == ("\0" + path[1:] if path.startswith("@") else path)
+    if not endpoint.startswith("tcp://") or not isinstance(local, tuple) or len(local) < 2:
+        return False
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
+    if str(local[1]) != port:
+        return False
+    host = host.strip("[]")
+    try:
+        listener = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # (a name: the port decides)
+    if listener.is_unspecified:
+        return True
+    try:
+        here = ipaddress.ip_address(str(local[0]).split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(here, "ipv4_mapped", None)
+    return listener in (here, mapped)
 
 
 class ConnectionGuard:
     """Bounds the TCP connections a server socket holds: at most ``total``, and at most
-    ``per_address`` from one peer address, whether or not they ever finish a handshake.
+    ``per_address`` from one peer address (ipc connections: the total only).
 
     libzmq accepts every connection itself and has no call to drop one (its maintainers'
     answer is a firewall), so one client, or anyone who can reach the port, could open
@@ -400,10 +432,14 @@ class ConnectionGuard:
     answering and the agent cannot open its own files. The guard watches the socket's
     monitor (ACCEPTED and DISCONNECTED, with the connection's descriptor) on a thread of its
     own and shuts down a connection past a limit: ``shutdown(2)`` on a duplicate of the
-    descriptor, which libzmq sees as the peer gone, and closes. ``on_refused(address, why,
-    count)`` is called for each (on the guard's thread). A monitor event lost or late is
-    made good by a sweep every GUARD_SWEEP seconds: an entry whose descriptor is no longer
-    the same connection is dropped.
+    descriptor, which libzmq sees as the peer gone, and closes. That happens milliseconds
+    after the accept, so under a flood a few connections past a limit finish their
+    handshake, and may be answered, before they are shut. An event is handled after the
+    fact: by then its descriptor may be closed and its number taken by another socket of the
+    agent, so the guard acts only on a socket whose local address is the listener's (the
+    event names it). ``on_refused(address, why, count)`` is called for each refusal (on the
+    guard's thread). A monitor event lost is made good by a sweep every GUARD_SWEEP seconds:
+    an entry whose descriptor is no longer the same connection is dropped.
     """
 
     def __init__(
@@ -420,9 +456,8 @@ class ConnectionGuard:
         self.per_address = per_address
         self.on_refused = on_refused
         self.refused = 0
-        self._open: dict[int, str] = {}  # descriptor -> peer address, counted
+        self._open: dict[int, tuple[str, Ends]] = {}  # descriptor -> (peer address, ends)
         self._by_address: Counter[str] = Counter()
-        self._shut: set[int] = set()  # refused, waiting for libzmq to close them
         self._lock = threading.Lock()
         self._stop = threading.Event()
         endpoint = f"inproc://ferry-guard-{name}-{id(self):x}"
@@ -434,7 +469,7 @@ class ConnectionGuard:
         self._thread.start()
 
     def counts(self) -> tuple[int, dict[str, int]]:
-        """Connections held now, in all and by peer address."""
+        """Connections held now, in all and by peer address (ipc ones under ``unix``)."""
         with self._lock:
             return len(self._open), dict(self._by_address)
 
@@ -454,7 +489,7 @@ class ConnectionGuard:
                                 event = monitor.recv_monitor_message(self._mon, zmq.NOBLOCK)
                             except zmq.Again:
                                 break
-                            self._event(event["event"], event["value"])
+                            self._event(event["event"], event["value"], event["endpoint"])
                     if time.monotonic() >= next_sweep:
                         next_sweep = time.monotonic() + GUARD_SWEEP
                         self.sweep()
@@ -466,40 +501,42 @@ class ConnectionGuard:
         finally:
             self._mon.close(linger=0)
 
-    def _event(self, kind: int, fd: int) -> None:
+    def _event(self, kind: int, fd: int, endpoint: bytes | str) -> None:
         if kind == zmq.EVENT_DISCONNECTED:
             with self._lock:
                 self._forget(fd)
         elif kind == zmq.EVENT_ACCEPTED:
-            self._accepted(fd)
+            where = endpoint.decode("utf-8", "replace") if isinstance(endpoint, bytes) else endpoint
+            self._accepted(fd, where)
 
     def _forget(self, fd: int) -> None:
-        self._shut.discard(fd)
-        address = self._open.pop(fd, None)
-        if address is not None:
-            self._by_address[address] -= 1
-            if self._by_address[address] <= 0:
-                del self._by_address[address]
+        entry = self._open.pop(fd, None)
+        if entry is not None:
+            self._by_address[entry[0]] -= 1
+            if self._by_address[entry[0]] <= 0:
+                del self._by_address[entry[0]]
 
-    def _accepted(self, fd: int) -> None:
-        dup, address = _peer(fd)
+    def _accepted(self, fd: int, endpoint: str) -> None:
+        dup, ends = _peer(fd)
         if dup is None:
             return  # (gone already: its DISCONNECTED follows)
         try:
+            if not _ours(endpoint, ends[0]):
+                return  # (closed meanwhile, the number taken by another socket of the agent)
+            peer = ends[1]
+            address = str(peer[0]) if isinstance(peer, tuple) else "unix"
             with self._lock:
                 self._forget(fd)  # (a DISCONNECTED lost: the descriptor is a new connection)
-                why = ""
+                why, count = "", 0
                 if len(self._open) >= self.total:
-                    why = f"more than {self.total} connections in all"
-                    count = len(self._open)
-                elif self._by_address[address] >= self.per_address:
+                    why, count = f"more than {self.total} connections in all", len(self._open)
+                elif address != "unix" and self._by_address[address] >= self.per_address:
                     why = f"more than {self.per_address} connections from {address}"
                     count = self._by_address[address]
                 if not why:
-                    self._open[fd] = address
+                    self._open[fd] = (address, ends)
                     self._by_address[address] += 1
                     return
-                self._shut.add(fd)
                 self.refused += 1
             with contextlib.suppress(OSError):  # (gone meanwhile)
                 dup.shutdown(socket.SHUT_RDWR)
@@ -512,13 +549,13 @@ class ConnectionGuard:
         """Drop the entries whose descriptor is no longer the connection counted."""
         with self._lock:
             entries = list(self._open.items())
-        for fd, address in entries:
+        for fd, (_, ends) in entries:
             dup, now = _peer(fd)
             if dup is not None:
                 dup.close()
-            if now != address:
+            if now != ends:
                 with self._lock:
-                    if self._open.get(fd) == address:
+                    if self._open.get(fd, (None, None))[1] == ends:
                         self._forget(fd)
 
 

@@ -772,43 +772,49 @@ class ApiServer:
     def _client_subject(self, client: str) -> Subject:
         return Subject.api_client(client)
 
-    def _first_in_a_while(self, event: str, who: str) -> bool:
+    def _first_in_a_while(self, event: str, who: str, window: str = "") -> bool:
         """At most one record per event and client per NOTE_INTERVAL, and at most
         NOTES_PER_INTERVAL per event from all clients together (a flood of fresh keys costs
         nothing to make): floods stay bounded. What is held back is counted, and the count
-        recorded (:meth:`_note_suppressed`)."""
+        recorded (:meth:`_note_suppressed`). ``window``: a share of its own for one kind of
+        record of the event (``api.rate_limited`` of connections, so that a flood from many
+        addresses does not hold back clients' rate records)."""
+        key = f"{event}/{window}" if window else event
         with self._note_lock:  # (the authenticator's thread notes refused keys)
             now = time.monotonic()
-            start, count, held = self._note_window.get(event, (now, 0, 0))
+            start, count, held = self._note_window.get(key, (now, 0, 0))
             if now - start >= NOTE_INTERVAL:
-                self._flush_suppressed(event, held)
+                self._flush_suppressed(key, held)
                 start, count, held = now, 0, 0
-            last = self._noted.get((event, who))
+            last = self._noted.get((key, who))
             if (last is not None and now - last < NOTE_INTERVAL) or count >= NOTES_PER_INTERVAL:
-                self._note_window[event] = (start, count, held + 1)
+                self._note_window[key] = (start, count, held + 1)
                 return False
-            self._note_window[event] = (start, count + 1, held)
+            self._note_window[key] = (start, count + 1, held)
             if len(self._noted) > 10_000:
                 self._noted.clear()
-            self._noted[(event, who)] = now
+            self._noted[(key, who)] = now
             return True
 
     def _note_suppressed(self) -> None:
         """Record how many records of each event were held back in an interval now over."""
         now = time.monotonic()
         with self._note_lock:
-            for event, (start, _, held) in list(self._note_window.items()):
+            for key, (start, _, held) in list(self._note_window.items()):
                 if now - start >= NOTE_INTERVAL:
-                    del self._note_window[event]
-                    self._flush_suppressed(event, held)
+                    del self._note_window[key]
+                    self._flush_suppressed(key, held)
 
-    def _flush_suppressed(self, event: str, held: int) -> None:
+    def _flush_suppressed(self, key: str, held: int) -> None:
+        event, _, window = key.partition("/")
         if held and event in {"api.auth_failed", "api.rate_limited", "intake.rejected"}:
+            what = f" {window}" if window else ""
             self._note(
                 event,
                 subject=Subject.component("api"),
                 result="rejected",
-                reason=f"SUPPRESSED: {held} more in {NOTE_INTERVAL:.0f} s, not recorded one by one",
+                reason=f"SUPPRESSED: {held} more{what} in {NOTE_INTERVAL:.0f} s, not recorded "
+                "one by one",
                 detail={"suppressed": held},
             )
 
@@ -842,7 +848,7 @@ class ApiServer:
     def _connection_refused(self, address: str, why: str, count: int) -> None:
         """A connection past a limit was shut (on the guard's thread): recorded once a
         minute per address at most (:meth:`_first_in_a_while`)."""
-        if self._first_in_a_while("api.rate_limited", f"connections\0{address}"):
+        if self._first_in_a_while("api.rate_limited", address, window="connections"):
             _log.warning("api_connection_refused", address=address, why=why)
             self._note(
                 "api.rate_limited",

@@ -87,8 +87,13 @@ class PtyCable:
         self._thread.start()
 
     def _run(self) -> None:
+        reading = select.poll()  # (not select(): no limit on descriptor numbers)
+        reading.register(self._ma, select.POLLIN)
+        reading.register(self._mb, select.POLLIN)
+        writing = select.poll()
+        writing.register(self._mb, select.POLLOUT)
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._ma, self._mb], [], [], 0.2)
+            ready = {fd for fd, _ in reading.poll(200)}
             if self._mb in ready:  # anything the inside side emitted: counted, never forwarded
                 with contextlib.suppress(OSError):
                     self.bytes_returned += len(os.read(self._mb, 65536))
@@ -107,7 +112,7 @@ class PtyCable:
                 try:
                     n = os.write(self._mb, view)
                 except BlockingIOError:
-                    select.select([], [self._mb], [], 0.2)
+                    writing.poll(200)
                     continue
                 view = view[n:]
             self.bytes_copied += len(data)

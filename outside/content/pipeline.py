@@ -120,8 +120,9 @@ class _Worker:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            ready, _, _ = select.select([self._out], [], [], left)
-            if not ready:
+            waiting = select.poll()  # (not select(): descriptors past 1023 are common here)
+            waiting.register(self._out, select.POLLIN)
+            if not waiting.poll(max(1, int(left * 1000))):
                 raise TimeoutError
             chunk = os.read(self._out, min(size - got, 1 << 20))
             if not chunk:

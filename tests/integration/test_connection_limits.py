@@ -30,6 +30,7 @@ from ferry.provision import init_deployment
 from ferry.zmqsec import curve_client
 from inside.consumers import ConsumerServer, Outbox
 from inside.ledger import Ledger
+from outside import api as api_mod
 from outside.api import ApiServer
 from outside.spool import Spool, SpoolItem
 
@@ -215,3 +216,13 @@ def test_the_inner_consumer_endpoint_is_guarded_too(tmp_path: Path) -> None:
             s.close()
         server.close()
         ledger.close()
+
+
+def test_connection_refusals_from_many_addresses_hold_back_no_rate_records(rig: Rig) -> None:
+    """Refused connections have their own share of api.rate_limited records: a flood from
+    more addresses than that share does not keep a client's RATE_LIMIT record out of the log."""
+    for i in range(40):
+        rig.server._connection_refused(f"10.0.0.{i}", "more than 5 connections from …", 6)
+    assert rig.server._first_in_a_while("api.rate_limited", "portal")
+    refused = [r for r in rig.records("api.rate_limited") if r["reason"].startswith("CONNECTIONS:")]
+    assert len(refused) == api_mod.NOTES_PER_INTERVAL  # (the rest counted, recorded later)

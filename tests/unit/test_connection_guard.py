@@ -84,6 +84,7 @@ def test_the_connection_past_the_per_address_limit_is_shut(router: Any) -> None:
         _until(lambda: guard.counts()[0] == 2)
         third = _connect(port, "127.0.0.1")
         assert _shut(third)
+        _until(lambda: len(refusals) == 1)  # (recorded just after the shutdown)
         assert not any(_shut(s, timeout=0.3) for s in kept)  # (the first two are left alone)
         assert refusals == [("127.0.0.1", "more than 2 connections from 127.0.0.1", 3)]
         other = _connect(port, "127.0.0.2")  # another address still gets in
@@ -106,6 +107,7 @@ def test_the_connection_past_the_total_is_shut(router: Any) -> None:
         _until(lambda: guard.counts()[0] == 3)
         extra = _connect(port, "127.0.0.4")
         assert _shut(extra)
+        _until(lambda: len(refusals) == 1)  # (recorded just after the shutdown)
         assert refusals == [("127.0.0.4", "more than 3 connections in all", 4)]
         for s in (*socks, extra):
             s.close()
@@ -121,9 +123,10 @@ def test_a_sweep_drops_what_a_lost_event_left_counted(router: Any, tmp_path: Any
         not_a_socket = os.open(tmp_path / "f", os.O_CREAT | os.O_RDWR)
         closed = os.open(tmp_path / "g", os.O_CREAT | os.O_RDWR)
         os.close(closed)
+        ends = (("127.0.0.1", port), ("127.0.0.9", 40000))
         with guard._lock:  # as if two DISCONNECTED events had been lost
             for fd in (not_a_socket, closed):
-                guard._open[fd] = "127.0.0.9"
+                guard._open[fd] = ("127.0.0.9", ends)
                 guard._by_address["127.0.0.9"] += 1
         assert guard.counts() == (3, {"127.0.0.1": 1, "127.0.0.9": 2})
         guard.sweep()
@@ -146,9 +149,9 @@ def test_the_budget_leaves_descriptors_for_the_agents_own_files(
     monkeypatch.setattr(zmqsec.resource, "setrlimit", setrlimit)
     assert connection_budget(1000) == 1000  # (the soft limit raised to the hard one first)
     assert limits["now"] == (4096, 4096)
-    limits["now"] = (600, 600)  # a hard limit of 600: 344 left past the reserve
-    assert connection_budget(1000) == 600 - zmqsec.FD_RESERVE
-    assert connection_budget(1000, sockets=2) == (600 - zmqsec.FD_RESERVE) // 2
+    limits["now"] = (600, 600)  # a hard limit of 600: 344 left past the reserve, half of it
+    assert connection_budget(1000) == (600 - zmqsec.FD_RESERVE) // 2
+    assert connection_budget(1000, sockets=2) == (600 - zmqsec.FD_RESERVE) // 4
     assert connection_budget(100) == 100
     limits["now"] = (100, 100)
     assert connection_budget(1000) == 16  # (never none at all)
@@ -163,3 +166,81 @@ def test_the_real_limit_is_raised_towards_the_hard_one() -> None:
         assert got == want == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_descriptor_taken_by_another_socket_meanwhile_is_left_alone(
+    router: Any, tmp_path: Any
+) -> None:
+    """An ACCEPTED event is handled after the fact: its descriptor may be closed by then and
+    its number taken by another socket of the agent (the SIEM exporter's, say). The guard,
+    at its total, must not shut that one down."""
+    guard, port, refusals = _guarded(router, total=1, per_address=1)
+    other = socket.create_server(("127.0.0.1", 0))
+    try:
+        held = _connect(port, "127.0.0.1")
+        _until(lambda: guard.counts()[0] == 1)
+        mine = socket.create_connection(other.getsockname(), timeout=5)  # not the listener's
+        served, _ = other.accept()
+        guard._event(zmq.EVENT_ACCEPTED, mine.fileno(), f"tcp://127.0.0.1:{port}".encode())
+        guard._event(zmq.EVENT_ACCEPTED, served.fileno(), f"tcp://0.0.0.0:{port}".encode())
+        assert refusals == []
+        assert guard.counts()[0] == 1
+        mine.sendall(b"still open")
+        assert served.recv(100) == b"still open"
+        for s in (held, mine, served):
+            s.close()
+    finally:
+        other.close()
+        guard.close()
+
+
+def test_local_ipc_connections_count_only_towards_the_total(tmp_path: Any) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    refusals: list[tuple[str, str, int]] = []
+    guard = ConnectionGuard(
+        sock, "ipc", total=3, per_address=1, on_refused=lambda *a: refusals.append(a)
+    )
+    path = str(tmp_path / "api.sock")
+    sock.bind(f"ipc://{path}")
+    try:
+        clients = []
+        for _ in range(3):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(path)
+            clients.append(c)
+        _until(lambda: guard.counts() == (3, {"unix": 3}))
+        extra = socket.socket(socket.AF_UNIX)
+        extra.connect(path)
+        assert _shut(extra)
+        _until(lambda: len(refusals) == 1)
+        assert refusals == [("unix", "more than 3 connections in all", 4)]
+        for c in (*clients, extra):
+            c.close()
+    finally:
+        guard.close()
+        sock.close(0)
+        ctx.term()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "local", "ours"),
+    [
+        ("tcp://127.0.0.1:5000", ("127.0.0.1", 5000), True),
+        ("tcp://127.0.0.1:5000", ("127.0.0.1", 5001), False),
+        ("tcp://127.0.0.1:5000", ("127.0.0.2", 5000), False),
+        ("tcp://0.0.0.0:5000", ("10.1.2.3", 5000), True),
+        ("tcp://[::]:5000", ("::ffff:10.1.2.3", 5000, 0, 0), True),
+        ("tcp://[::1]:5000", ("::1", 5000, 0, 0), True),
+        ("tcp://127.0.0.1:5000", ("::ffff:127.0.0.1", 5000, 0, 0), True),
+        ("tcp://gateway.example:5000", ("10.1.2.3", 5000), True),
+        ("ipc:///run/ferry/api.sock", "/run/ferry/api.sock", True),
+        ("ipc:///run/ferry/api.sock", "/run/ferry/other.sock", False),
+        ("ipc://@ferry", "\0ferry", True),
+        ("tcp://127.0.0.1:5000", "/run/ferry/api.sock", False),
+        ("inproc://x", ("127.0.0.1", 5000), False),
+    ],
+)
+def test_which_sockets_are_the_listeners(endpoint: str, local: object, ours: bool) -> None:
+    assert zmqsec._ours(endpoint, local) is ours

@@ -244,3 +244,21 @@ def test_concurrent_processing(tmp_path: Path) -> None:
         with ThreadPoolExecutor(4) as pool:
             kinds = list(pool.map(one, range(12)))
     assert kinds == ["deliver_as_is"] * 12
+
+
+def test_workers_started_while_many_descriptors_are_open(tmp_path: Path) -> None:
+    """The outside raises its descriptor limit and may hold 1,000 API connections: a worker
+    started then gets pipes numbered past 1023, which select() refuses (ValueError); the
+    pipeline waits on them with poll()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(held) > 1024
+        with ContentPipeline(workers=1) as p:
+            _still_works(p, tmp_path)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
