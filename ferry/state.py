@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,12 +23,6 @@ PRUNE_INTERVAL = 600.0
 # the full disk (SQLite reports a -shm or -wal file it cannot create as "disk I/O error").
 LOW_ROOM = 1 << 20
 
-# WAL checkpoints (Checkpointer): by a thread of their own every CHECKPOINT_INTERVAL seconds;
-# by the writers' own commits only past WRITER_AUTOCHECKPOINT pages (should that thread stop).
-CHECKPOINT_INTERVAL = 1.0
-WRITER_AUTOCHECKPOINT = 16_384  # pages: 64 MiB of WAL at 4 KiB a page
-CHECKPOINT_ERROR_LOG_INTERVAL = 60.0
-
 _log = log.get("ferry.state")
 
 
@@ -41,7 +34,6 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
-        db.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}")  # (see Checkpointer)
         db.executescript(schema)
     except sqlite3.Error as exc:
         room = free_bytes(path.parent)
@@ -52,56 +44,6 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
             ) from exc
         raise StateError(f"{path}: cannot open state database: {exc}") from exc
     return db
-
-
-class Checkpointer:
-    """Runs the WAL checkpoints of a state database on a thread and a connection of its own.
-
-    By default SQLite checkpoints in the commit that takes the WAL past 1,000 pages: that
-    commit, and every thread waiting for the database's lock meanwhile (the API's acceptance
-    of messages, the sender, the inside's delivery), waits while about 4 MiB are copied into
-    the database and synced. Here a PASSIVE checkpoint (it neither waits for nor holds up a
-    reader or a writer) runs every CHECKPOINT_INTERVAL seconds off that path, and the writers'
-    connections (:func:`open_db`) checkpoint themselves only past WRITER_AUTOCHECKPOINT pages,
-    should this thread stop. An error is logged (once a minute at most) and tried again.
-    """
-
-    def __init__(self, path: Path, name: str, interval: float = CHECKPOINT_INTERVAL) -> None:
-        self.path = path
-        self.interval = interval
-        self.checkpoints = 0  # checkpoints that copied pages
-        self.errors = 0
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._stop = threading.Event()
-        self._logged = -CHECKPOINT_ERROR_LOG_INTERVAL
-        self._thread = threading.Thread(target=self._run, name=f"checkpoint-{name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.step()
-
-    def step(self) -> None:
-        """One PASSIVE checkpoint (what the thread does each interval)."""
-        try:
-            _, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as exc:
-            self.errors += 1
-            now = time.monotonic()
-            if now - self._logged >= CHECKPOINT_ERROR_LOG_INTERVAL:
-                self._logged = now
-                _log.warning("checkpoint_failed", db=str(self.path), error=str(exc))
-            return
-        if copied > 0 and frames > 0:
-            self.checkpoints += 1
-
-    def close(self) -> None:
-        """Stop the thread and close its connection (before the writers' own are closed)."""
-        self._stop.set()
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self._db.close()
 
 
 def free_bytes(folder: Path) -> int | None:

@@ -47,7 +47,7 @@ import zmq
 from ferry import log
 from ferry.config_types import ApiClient, ConsumerParams
 from ferry.crypto.keys import load_secret_key
-from ferry.state import PRUNE_BATCH, WRITER_AUTOCHECKPOINT, Retention, transaction
+from ferry.state import PRUNE_BATCH, Retention, transaction
 from ferry.zmqsec import (
     Allowlist,
     ConnectionGuard,
@@ -126,7 +126,6 @@ class Outbox:
             ledger.path, isolation_level=None, check_same_thread=False, timeout=30
         )
         self._acks.execute("PRAGMA synchronous=NORMAL")
-        self._acks.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT}")
 
     def close(self) -> None:
         """(the ledger owns the main connection)"""

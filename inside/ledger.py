@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ferry.state import PRUNE_BATCH, Checkpointer, open_db, transaction
+from ferry.state import PRUNE_BATCH, open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replay (
@@ -38,10 +38,8 @@ class Ledger:
         self.path = state_dir / "inside.db"
         self._db = open_db(self.path, SCHEMA)
         self._lock = threading.Lock()
-        self._checkpointer = Checkpointer(self.path, "ledger")
 
     def close(self) -> None:
-        self._checkpointer.close()
         self._db.close()
 
     def replay_floor(self, sender_kid: bytes) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import StateError
-from ferry.state import PRUNE_BATCH, Checkpointer, open_db, rollback, transaction
+from ferry.state import PRUNE_BATCH, open_db, rollback, transaction
 
 SCHEMA_VERSION = 4  # 4: a message row holds its bundle member record, unsigned
 SCHEMA = """
@@ -209,7 +209,6 @@ class Spool:
         self.backlog_items = int(count)
         self.backlog_bytes = int(total)
         self.orphans_removed = self._remove_orphans()
-        self._checkpointer = Checkpointer(state_dir / "outside.db", "spool")
 
     def _remove_orphans(self) -> int:
         """Delete object files no queued row refers to: a crash between renaming a file into
@@ -227,7 +226,6 @@ class Spool:
         return removed
 
     def close(self) -> None:
-        self._checkpointer.close()
         self._db.close()
 
     def next_epoch(self, now: int) -> int:
