@@ -206,10 +206,10 @@ class OutsideAgent:
         self._bundles: dict[bytes, list[SpoolItem]] = {}  # bundle id -> its messages
         self._in_bundles: set[bytes] = set()  # messages waiting or on their way
         self._awaiting: list[SpoolItem] = []  # new items whose intake records are not durable
-        # items the spool held at the start but not yet handed to the sender (more than
-        # DUE_LIMIT were due then): made before _resumed_before
+        # items the spool held at the start (rows up to _resumed_rows) not yet handed to the
+        # sender: more than DUE_LIMIT were due, or made while the clock was ahead
         self._unsent_left = False
-        self._resumed_before = self._resumed_rows = 0
+        self._resumed_rows = 0
         self._bundles_made = 0
         self.bundles_sent = 0
         self.status_path = cfg.state_dir / STATUS_FILE
@@ -284,18 +284,30 @@ class OutsideAgent:
             )
         )
 
+    def _resume(self, sender: Sender) -> int:
+        """At the start, hand the sender what the spool holds: what is due now (at most
+        DUE_LIMIT); the first copies of the rest, by row number, come from
+        :meth:`_schedule`: more than DUE_LIMIT were due, or items made while the clock was
+        ahead look due later (they would have waited for a start after that time)."""
+        self._resumed_rows = self.spool.last_row()
+        due = self.spool.due(now_us())
+        for item in due:
+            self._submit(sender, item)
+        self._unsent_left = True  # (the first _schedule looks; usually there is none)
+        return len(due)
+
     def _schedule(self, sender: Sender) -> None:
         """Hand the sender the repeats that came due and, while the start left some, the
         first copies of what the spool held at the start (a DUE_LIMIT at a time, once most
         of what went before is on its way). Items made since the start never come from
         here: they reach the sender once their intake records are on disk
-        (:meth:`_submit_durable`); a row number bounds what was there at the start, as well
-        as the time (a clock set back would not)."""
+        (:meth:`_submit_durable`); a row number, not the time (the clock may be set back),
+        bounds what was there at the start."""
         in_flight = self._sources.keys() | self._in_bundles
         self._expire_repeats(in_flight)
         due = self.spool.due(now_us(), skip=in_flight, repeats_only=True)
         if self._unsent_left and len(in_flight) < DUE_LIMIT // 2:
-            resumed = self.spool.unsent(self._resumed_rows, self._resumed_before, in_flight)
+            resumed = self.spool.unsent(self._resumed_rows, in_flight)
             if len(resumed) < DUE_LIMIT:
                 self._unsent_left = False  # (all taken)
             due = resumed + due
@@ -705,12 +717,7 @@ class OutsideAgent:
         sys.setswitchinterval(SWITCH_INTERVAL)
         self._record_lost_intake()
         self._expire_repeats()
-        self._resumed_before = now_us()
-        self._resumed_rows = self.spool.last_row()
-        backlog = self.spool.due(self._resumed_before)
-        self._unsent_left = len(backlog) >= DUE_LIMIT  # (taken later: _schedule)
-        for item in backlog:
-            self._submit(sender, item)
+        resumed = self._resume(sender)
         self._bundle_messages(sender)
         self.intake.start(self._enqueue, cfg.poll_interval)
         if self.api is not None:
@@ -720,7 +727,7 @@ class OutsideAgent:
             epoch=epoch,
             transport=cfg.link.transport,
             rate_bps=cfg.link.rate_bps,
-            resumed_items=len(backlog),
+            resumed_items=resumed,
             inside_key=self.recipient.key_id.hex(),
             signing_key=self.key.public.key_id.hex(),
             api=None if self.api is None else self.api.endpoint,

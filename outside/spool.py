@@ -609,18 +609,20 @@ class Spool:
         return [self._item(r) for r in rows if bytes(r[0]) not in skip][:limit]
 
     def last_row(self) -> int:
-        """The newest item's row number: an item added later has a higher one (until
-        items are pruned, days later; :meth:`unsent` also asks for their time)."""
+        """The newest item's row number: an item added later has a higher one (SQLite gives
+        a new row the highest number plus one, and :meth:`prune` never forgets the newest
+        row, so no number is given twice; there is no VACUUM, which could renumber rows)."""
         with self._lock:
             (last,) = self._db.execute("SELECT coalesce(max(rowid), 0) FROM items").fetchone()
         return int(last)
 
     def unsent(
-        self, up_to_row: int, before_us: int, skip: Collection[bytes] = (), limit: int = DUE_LIMIT
+        self, up_to_row: int, skip: Collection[bytes] = (), limit: int = DUE_LIMIT
     ) -> list[SpoolItem]:
-        """Queued items never sent, added by row ``up_to_row`` and before ``before_us`` (what
-        a start found in the spool), most urgent first, minus ``skip``. Their ids come in
-        index order, a priority at a time (no sort of the whole backlog); then their rows."""
+        """Queued items never sent, added by row ``up_to_row`` (what a start found in the
+        spool: :meth:`last_row`), most urgent first, minus ``skip``, whatever the clock says
+        (an item made while it was ahead is due now too). Their ids come in index order, a
+        priority at a time (no sort of the whole backlog); then their rows."""
         with self._lock:
             ids: list[bytes] = []
             for priority in (0, 1):  # (each in the order of items_due: no sort of them all)
@@ -628,9 +630,9 @@ class Spool:
                     oid
                     for (raw,) in self._db.execute(
                         "SELECT object_id FROM items INDEXED BY items_due WHERE state='queued'"
-                        " AND priority=? AND sends_done=0 AND rowid<=? AND created_us<?"
+                        " AND priority=? AND sends_done=0 AND rowid<=?"
                         " ORDER BY next_send_us LIMIT ?",
-                        (priority, up_to_row, before_us, limit - len(ids) + len(skip)),
+                        (priority, up_to_row, limit - len(ids) + len(skip)),
                     )
                     if (oid := bytes(raw)) not in skip
                 ][: limit - len(ids)]
@@ -801,7 +803,9 @@ class Spool:
     def prune(self, before_us: int, limit: int = PRUNE_BATCH) -> int:
         """Forget up to ``limit`` finished items (every copy sent) whose last copy left
         before ``before_us``, with their submission ids; how many went. A client that
-        reuses a forgotten submission id gets a new item; a status query answers unknown."""
+        reuses a forgotten submission id gets a new item; a status query answers unknown.
+        The newest row is kept whatever its age: its number must not be given again
+        (:meth:`last_row`)."""
         with self._lock, transaction(self._db):
             ids = [
                 (r[0],)
@@ -810,7 +814,8 @@ class Spool:
                     # (and never one whose original still sits in a drop folder, its source
                     # key kept: forgotten, that file would be sent again)
                     "SELECT object_id FROM items WHERE state='sent' AND next_send_us<?"
-                    " AND sent_us<? AND (source_key IS NULL OR source_key='') LIMIT ?",
+                    " AND sent_us<? AND (source_key IS NULL OR source_key='')"
+                    " AND rowid<(SELECT max(rowid) FROM items) LIMIT ?",
                     (before_us, before_us, limit),
                 )
             ]

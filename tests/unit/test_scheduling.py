@@ -501,17 +501,13 @@ def test_a_start_with_more_than_due_limit_unsent_items_sends_them_all(tmp_path: 
         spool=spool, _sources={}, _in_bundles=set(), _submit=submit,
         _expire_repeats=lambda in_flight: None,
     )  # fmt: skip
-    # what OutsideAgent.run does at its start
-    # (the clock is then set back 10 s: an item made after the start looks older than it)
-    agent._resumed_before = now_us() + 10_000_000
-    agent._resumed_rows = spool.last_row()
-    backlog = spool.due(agent._resumed_before)
-    agent._unsent_left = len(backlog) >= spool_mod.DUE_LIMIT
-    for item in backlog:
-        submit(None, item)
+    OutsideAgent._resume(agent, None)  # type: ignore[arg-type]  # (what run does at its start)
     assert len(submitted) == spool_mod.DUE_LIMIT
     assert agent._unsent_left
-    ((new, item),) = spool.accept_messages([_req("new", b'{"new":1}')], _seal)  # since the start
+    # since the start, with the clock set back an hour: it looks older than the rest
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spool_mod, "now_us", lambda: now_us() - 3600 * 10**6)
+        ((new, item),) = spool.accept_messages([_req("new", b'{"new":1}')], _seal)
     assert item is not None
     OutsideAgent._schedule(agent, None)  # type: ignore[arg-type]
     assert len(submitted) == spool_mod.DUE_LIMIT  # (the first ones still on their way)
@@ -567,3 +563,49 @@ def test_spooled_repeats_carry_their_deadline_and_the_outside_releases_dropped_o
     assert agent._bundles == {}
     assert agent._sources == {}
     assert agent._in_bundles == {b"Z" * 16}  # (no longer on their way: due again)
+
+
+def test_items_made_while_the_clock_was_ahead_are_sent_at_the_next_start(tmp_path: Path) -> None:
+    """The outside stopped with items made while its clock was an hour ahead (then put
+    right): their first copies looked due an hour later, and waited for a start after that."""
+    spool = Spool(tmp_path)
+    spool.accept_messages([_req("now")], _seal)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spool_mod, "now_us", lambda: now_us() + 3600 * 10**6)
+        spool.accept_messages([_req(f"ahead{n}", f'{{"n":{n}}}'.encode()) for n in range(3)], _seal)
+    submitted: list[SpoolItem] = []
+
+    def submit(_sender: object, item: SpoolItem) -> None:
+        submitted.append(item)
+        agent._in_bundles.add(item.object_id)
+
+    agent = SimpleNamespace(
+        spool=spool, _sources={}, _in_bundles=set(), _submit=submit,
+        _expire_repeats=lambda in_flight: None,
+    )  # fmt: skip
+    OutsideAgent._resume(agent, None)  # type: ignore[arg-type]
+    assert len(submitted) == 1  # (due now)
+    OutsideAgent._schedule(agent, None)  # type: ignore[arg-type]
+    assert len(submitted) == 4
+    assert len({i.object_id for i in submitted}) == 4
+    assert not agent._unsent_left
+    OutsideAgent._schedule(agent, None)  # type: ignore[arg-type]
+    assert len(submitted) == 4  # (nothing twice)
+    spool.close()
+
+
+def test_pruning_never_forgets_the_newest_row(tmp_path: Path) -> None:
+    """A start tells what the spool held by row number (Spool.last_row): a number given again
+    to a new item would let that item cross before its intake record is on disk."""
+    spool = Spool(tmp_path)
+    accepted = spool.accept_messages(
+        [_req(f"p{n}", f'{{"n":{n}}}'.encode()) for n in range(3)], _seal
+    )
+    spool.mark_sent([item.object_id for _, item in accepted if item is not None])
+    last = spool.last_row()
+    assert spool.prune(now_us() + 10**6) == 2  # (all three finished and old enough)
+    assert spool.last_row() == last
+    ((_, item),) = spool.accept_messages([_req("after")], _seal)
+    assert item is not None
+    assert spool.last_row() == last + 1
+    spool.close()
