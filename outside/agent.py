@@ -303,7 +303,9 @@ class OutsideAgent:
         here: they reach the sender once their intake records are on disk
         (:meth:`_submit_durable`); a row number, not the time (the clock may be set back),
         bounds what was there at the start."""
-        in_flight = self._sources.keys() | self._in_bundles
+        # (and sent, their sending not recorded yet: a full disk, _sent_unsaved)
+        unsaved = {sent.object_id for sent, _ in self._sent_unsaved}
+        in_flight = self._sources.keys() | self._in_bundles | unsaved
         self._expire_repeats(in_flight)
         due = self.spool.due(now_us(), skip=in_flight, repeats_only=True)
         if self._unsent_left and len(in_flight) < DUE_LIMIT // 2:

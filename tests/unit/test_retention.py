@@ -77,10 +77,12 @@ def test_the_spool_forgets_items_sent_before_the_retention_and_only_those(
 
 def test_the_spool_prunes_a_batch_at_a_time(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    ids = [_accept(spool, f"s{i}").object_id for i in range(7)]
+    ids = [_accept(spool, f"s{i}").object_id for i in range(8)]
     spool.mark_sent(ids)
     later = now_us() + 1
     assert [spool.prune(later, limit=3) for _ in range(4)] == [3, 3, 1, 0]
+    assert spool.queued() == []  # (all eight finished)
+    assert spool.submission("portal", "s7") is not None  # the newest row is kept (Spool.last_row)
     spool.close()
 
 
@@ -171,6 +173,7 @@ def test_an_item_whose_original_is_still_in_its_drop_folder_is_not_forgotten(
     spool = Spool(tmp_path)
     ids = [_accept(spool, f"s{i}").object_id for i in range(2)]
     spool.mark_sent(ids)
+    _accept(spool, "newest")  # (the newest row is never forgotten: Spool.last_row)
     with sqlite3.connect(tmp_path / "outside.db") as db:
         db.execute("UPDATE items SET source_key='1:2:3:4' WHERE object_id=?", (ids[0],))
     later = now_us() + 1

@@ -498,7 +498,7 @@ def test_a_start_with_more_than_due_limit_unsent_items_sends_them_all(tmp_path: 
         agent._in_bundles.add(item.object_id)
 
     agent = SimpleNamespace(
-        spool=spool, _sources={}, _in_bundles=set(), _submit=submit,
+        spool=spool, _sources={}, _in_bundles=set(), _sent_unsaved=[], _submit=submit,
         _expire_repeats=lambda in_flight: None,
     )  # fmt: skip
     OutsideAgent._resume(agent, None)  # type: ignore[arg-type]  # (what run does at its start)
@@ -580,7 +580,7 @@ def test_items_made_while_the_clock_was_ahead_are_sent_at_the_next_start(tmp_pat
         agent._in_bundles.add(item.object_id)
 
     agent = SimpleNamespace(
-        spool=spool, _sources={}, _in_bundles=set(), _submit=submit,
+        spool=spool, _sources={}, _in_bundles=set(), _sent_unsaved=[], _submit=submit,
         _expire_repeats=lambda in_flight: None,
     )  # fmt: skip
     OutsideAgent._resume(agent, None)  # type: ignore[arg-type]
@@ -608,4 +608,27 @@ def test_pruning_never_forgets_the_newest_row(tmp_path: Path) -> None:
     ((_, item),) = spool.accept_messages([_req("after")], _seal)
     assert item is not None
     assert spool.last_row() == last + 1
+    spool.close()
+
+
+def test_items_sent_whose_sending_is_not_recorded_yet_are_not_handed_out_again(
+    tmp_path: Path,
+) -> None:
+    """A full disk: the sending of copies already on the wire could not be recorded
+    (OutsideAgent._sent_unsaved), so the spool still says they were never sent."""
+    spool = Spool(tmp_path)
+    spool.accept_messages([_req(f"u{n}", f'{{"n":{n}}}'.encode()) for n in range(4)], _seal)
+    submitted: list[SpoolItem] = []
+    agent = SimpleNamespace(
+        spool=spool, _sources={}, _in_bundles=set(), _sent_unsaved=[],
+        _submit=lambda _s, item: submitted.append(item), _expire_repeats=lambda in_flight: None,
+    )  # fmt: skip
+    agent._resumed_rows = spool.last_row()
+    agent._unsent_left = True
+    on_the_wire = spool.unsent(agent._resumed_rows)[:3]
+    agent._sent_unsaved = [(SimpleNamespace(object_id=i.object_id), None) for i in on_the_wire]
+    OutsideAgent._schedule(agent, None)  # type: ignore[arg-type]
+    wire = {i.object_id for i in on_the_wire}
+    assert len(submitted) == 1
+    assert submitted[0].object_id not in wire
     spool.close()
