@@ -243,6 +243,7 @@ def test_full_audit_disk_halts_the_api_and_recovers_when_space_is_freed(
     verified(str(audit_dir), o["audit_public_key"])
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 def test_suppressed_item_becomes_a_sequence_gap(tmp_path: Path, agents) -> None:
     """Every packet of one message is dropped; a heartbeat later shows it was sent, and the
     inside records the gap once the grace has passed."""

@@ -167,6 +167,7 @@ def test_messages_offered_again_into_a_full_window_are_paged_in_again(
     assert _wait(lambda: server.outbox.counts()[0] == 0)
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 @pytest.mark.integration
 @pytest.mark.parametrize("change", ["removed", "narrowed"])
 def test_a_key_put_back_on_the_allow_list_is_served_again_without_a_new_ready(
@@ -216,6 +217,7 @@ def test_another_key_on_a_routing_id_in_use_is_another_consumer(server: _Server)
     assert _delivered(other, 1) == [(mine[0].object_id.hex(), mine[0].body)]
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 @pytest.mark.integration
 @pytest.mark.parametrize("credit", [2, 50])
 def test_credit_granted_while_off_the_allow_list_is_kept_for_when_the_key_is_back(

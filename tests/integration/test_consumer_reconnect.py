@@ -154,6 +154,7 @@ def _offer(srv: ConsumerServer, channel: str, n: int) -> list[bytes]:
     return [i.object_id for i in items]
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 @pytest.mark.integration
 @pytest.mark.parametrize("change", ["removed", "narrowed"])
 def test_a_consumer_whose_key_is_taken_off_gets_nothing_more(

@@ -108,6 +108,7 @@ def test_health_follows_the_agents_and_the_link(tmp_path: Path, agents) -> None:
     assert "DOWN: nothing heard from the outside (last heartbeat" in out
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 def test_a_frozen_agent_is_reported_stuck(tmp_path: Path, agents) -> None:
     dep = deploy(tmp_path)
     inside = agents("inside", dep["inside"]["config"])
@@ -132,6 +133,7 @@ def test_a_frozen_agent_is_reported_stuck(tmp_path: Path, agents) -> None:
     assert found["link"]["state"] == "CRITICAL"
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 def test_a_full_audit_disk_is_critical_until_space_is_freed(
     tmp_path: Path, agents, small_audit_disk
 ) -> None:

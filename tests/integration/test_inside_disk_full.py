@@ -31,6 +31,7 @@ from ferry.client import Client
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 def test_a_full_inside_disk_holds_messages_loses_nothing_it_could_keep_and_recovers(
     tmp_path: Path, agents: Any, small_audit_disk: Any
 ) -> None:

@@ -72,6 +72,7 @@ def release(dep: dict[str, Any], item: str, key: str) -> Any:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 def test_list_show_and_release_once_with_the_admin_key(tmp_path: Path) -> None:
     bad = png(text_chunk())
     dep, (first, second) = quarantine(tmp_path, ("scan.png", bad), ("photo.png", bad + b""))

@@ -202,6 +202,7 @@ def test_server_keys_rotate_with_an_overlap(tmp_path: Path, agents) -> None:
     ]
 
 
+@pytest.mark.slow  # (5-10 s: run with `python3 tasks.py test --slow`)
 def test_one_socket_answers_each_endpoint_with_its_own_key() -> None:
     """ServerKeys on real CURVE sockets, no agents: each endpoint is bound with its key and
     ZAP domain, handshakes are attributed to the key used, and a key given twice is refused."""
