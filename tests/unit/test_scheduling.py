@@ -480,6 +480,22 @@ def test_a_batch_of_datagrams_is_at_most_a_few_ms_of_the_link() -> None:
     assert batch_for(11_520, 1500) == 1  # a 115200-baud serial line
 
 
+def _starting_agent(spool: Spool) -> tuple[SimpleNamespace, list[SpoolItem]]:
+    """What OutsideAgent._resume and _schedule use of an agent, and the items they hand to
+    its sender (in flight from then on)."""
+    submitted: list[SpoolItem] = []
+
+    def submit(_sender: object, item: SpoolItem) -> None:
+        submitted.append(item)
+        agent._in_bundles.add(item.object_id)
+
+    agent = SimpleNamespace(
+        spool=spool, _sources={}, _in_bundles=set(), _sent_unsaved=[], _submit=submit,
+        _expire_repeats=lambda in_flight: None,
+    )  # fmt: skip
+    return agent, submitted
+
+
 def test_a_start_with_more_than_due_limit_unsent_items_sends_them_all(tmp_path: Path) -> None:
     """The spool holds more unsent items than a start takes at once (a slow link's backlog,
     then a restart): the rest are taken later, once what went first has gone out; items
@@ -491,16 +507,7 @@ def test_a_start_with_more_than_due_limit_unsent_items_sends_them_all(tmp_path: 
             _req(f"s{n}", f'{{"n":{n}}}'.encode()) for n in range(start, min(total, start + 1000))
         ]
         spool.accept_messages(reqs, _seal)
-    submitted: list[SpoolItem] = []
-
-    def submit(_sender: object, item: SpoolItem) -> None:
-        submitted.append(item)
-        agent._in_bundles.add(item.object_id)
-
-    agent = SimpleNamespace(
-        spool=spool, _sources={}, _in_bundles=set(), _sent_unsaved=[], _submit=submit,
-        _expire_repeats=lambda in_flight: None,
-    )  # fmt: skip
+    agent, submitted = _starting_agent(spool)
     OutsideAgent._resume(agent, None)  # type: ignore[arg-type]  # (what run does at its start)
     assert len(submitted) == spool_mod.DUE_LIMIT
     assert agent._unsent_left
@@ -573,16 +580,7 @@ def test_items_made_while_the_clock_was_ahead_are_sent_at_the_next_start(tmp_pat
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(spool_mod, "now_us", lambda: now_us() + 3600 * 10**6)
         spool.accept_messages([_req(f"ahead{n}", f'{{"n":{n}}}'.encode()) for n in range(3)], _seal)
-    submitted: list[SpoolItem] = []
-
-    def submit(_sender: object, item: SpoolItem) -> None:
-        submitted.append(item)
-        agent._in_bundles.add(item.object_id)
-
-    agent = SimpleNamespace(
-        spool=spool, _sources={}, _in_bundles=set(), _sent_unsaved=[], _submit=submit,
-        _expire_repeats=lambda in_flight: None,
-    )  # fmt: skip
+    agent, submitted = _starting_agent(spool)
     OutsideAgent._resume(agent, None)  # type: ignore[arg-type]
     assert len(submitted) == 1  # (due now)
     OutsideAgent._schedule(agent, None)  # type: ignore[arg-type]
