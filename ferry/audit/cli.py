@@ -52,6 +52,7 @@ EXIT_USAGE = 2
 EXIT_MISSING = 10
 EXIT_DISCREPANCY = 11
 EXIT_UNVERIFIED = 12
+MAX_GRACE = 30 * 86400.0  # (--grace: at most the longest retention, in seconds)
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -257,6 +258,12 @@ def render(report: VerifyReport) -> str:
     out: list[str] = []
     if report.verified:
         out.append(f"VERIFIED  {report.path}")
+    elif report.ok and report.authenticated:
+        out.append(f"NOT SIGNED  {report.path}: no checkpoint signed by the key covers a record")
+        out.append(
+            "  anyone could have written these records; a log that stopped before its first "
+            "checkpoint gets one when it reopens"
+        )
     elif report.ok:
         out.append(f"NOT AUTHENTICATED  {report.path}: no problem found, but without --key")
         out.append("  nothing shows the checkpoints were signed by the real audit key")
@@ -347,8 +354,8 @@ def _checked(args: argparse.Namespace, command: str) -> tuple[list[LogCheck], in
 
 
 def _reconciled(args: argparse.Namespace, command: str) -> tuple[Any, int | None]:
-    if args.grace < 0:
-        raise UsageError("--grace must not be negative")
+    if not 0 <= args.grace <= MAX_GRACE:  # (also NaN)
+        raise UsageError(f"--grace must be from 0 to {MAX_GRACE:.0f} seconds")
     now = _now(args)
     checks, code = _checked(args, command)
     if code is not None:

@@ -363,7 +363,10 @@ def decode(line: bytes) -> dict[str, Any]:
         text = line.decode("ascii")
     except UnicodeDecodeError:
         raise ValueError("record is not ASCII") from None
-    value = _DECODER.decode(text)
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:  # (16 KiB of brackets is deep enough for that)
+        raise ValueError("record nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError("record is not a JSON object")
     return value

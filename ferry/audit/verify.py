@@ -157,9 +157,16 @@ class VerifyReport:
         return not self.problems
 
     @property
+    def signed(self) -> bool:
+        """A checkpoint signed by a trusted key covers the records (or there are none). A log
+        without one could have been written by anyone: the hash chain alone proves nothing."""
+        return self.tree_size <= self.first_idx or self.checkpoints_verified > 0
+
+    @property
     def verified(self) -> bool:
-        """No problem found, and the checkpoints are signed by the key the caller gave."""
-        return self.ok and self.authenticated
+        """No problem found, and checkpoints signed by the key the caller gave cover the
+        records."""
+        return self.ok and self.authenticated and self.signed
 
     @property
     def first(self) -> Problem | None:

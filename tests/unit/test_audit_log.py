@@ -33,6 +33,7 @@ from ferry.audit import (
     Subject,
     verify,
 )
+from ferry.audit import cli as audit_cli
 from ferry.audit import record as rec
 from ferry.audit.merkle import parse_notes
 from ferry.crypto.keys import SecretKey
@@ -671,3 +672,40 @@ def test_real_disk_full_stops_appends_and_recovery_records_the_outage(tmp_path: 
         assert_verifies(audit)
         shutil.copytree(audit, tmp_path / "copy")
     assert_verifies(tmp_path / "copy")
+
+
+def test_records_no_signed_checkpoint_covers_are_not_verified(tmp_path: Path) -> None:
+    """A log whose checkpoints.log is gone and whose one audit.checkpoint record has no note
+    looked like a crash before the first note (CHECKPOINT_PENDING, a warning) and was
+    reported verified: anyone can write such a log, hash chain and all, without the key."""
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 5)
+    seg = tmp_path / "audit-000001.jsonl"
+    rows = seg.read_bytes().splitlines(keepends=True)
+    first = next(i for i, r in enumerate(rows) if b'"audit.checkpoint"' in r)
+    seg.write_bytes(b"".join(rows[: first + 1]))  # (as if it stopped before its first note)
+    (tmp_path / "checkpoints.log").unlink()
+    report = verify(tmp_path, KEY.public)
+    assert report.ok  # (nothing contradicts the records...)
+    assert report.records == first + 1
+    assert report.checkpoints_verified == 0
+    assert not report.signed  # (...but nothing vouches for them either)
+    assert not report.verified
+    assert "NOT SIGNED" in audit_cli.render(report)
+    with AuditLog(tmp_path, KEY, settings()):  # the writer stores the note when it reopens
+        pass
+    assert verify(tmp_path, KEY.public).verified
+
+
+def test_a_record_nested_too_deeply_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 3)
+    seg = tmp_path / "audit-000001.jsonl"
+    rows = seg.read_bytes().split(b"\n")
+    rows[2] = b'{"v":' + b"[" * 6000 + b"]" * 6000 + b"}"
+    seg.write_bytes(b"\n".join(rows))
+    report = verify(tmp_path, KEY.public)
+    assert report.first is not None
+    assert not report.verified
+    with pytest.raises(AuditError):
+        AuditLog(tmp_path, KEY, settings())

@@ -394,3 +394,14 @@ def test_cli_verify_with_a_config_checks_every_log_it_names(
     rc, out, _ = run(["verify", "-c", str(in_cfg)], capsys)
     assert rc == 1
     assert "NOT AUTHENTICATED" in out
+
+
+@pytest.mark.parametrize("grace", ["nan", "inf", "-1", "1e300"])
+def test_cli_refuses_a_grace_that_is_no_number_of_seconds(
+    tmp_path: Path, grace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outside, inside = _clean(tmp_path).write()
+    args = ["reconcile", "--outside", str(outside), "--inside", str(inside), "--grace", grace]
+    rc, _, err = run(args, capsys)
+    assert rc == 2
+    assert "--grace must be from 0 to" in err
