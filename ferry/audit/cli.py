@@ -78,6 +78,12 @@ def _accounting_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not verify the logs first (they are verified when their key is known)",
     )
+    p.add_argument(
+        "--include-unsigned",
+        action="store_true",
+        help="count the records after each log's last signed checkpoint too (a running "
+        "agent's last minute or so; whoever can write its disk could have changed them)",
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -342,7 +348,7 @@ def _checked(args: argparse.Namespace, command: str) -> tuple[list[LogCheck], in
     """Verify the logs; the exit code to return at once if one failed."""
     locs = _locations(args)
     _both(locs, command)
-    checks = check_logs(locs, enabled=not args.no_verify)
+    checks = check_logs(locs, enabled=not args.no_verify, unsigned=args.include_unsigned)
     bad = [c for c in checks if c.failed]
     for c in bad:
         print(

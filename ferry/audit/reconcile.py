@@ -338,6 +338,7 @@ class LogCheck:
     location: LogLocation
     report: VerifyReport | None
     note: str  # why it was not verified, or "verified"
+    unsigned: bool = False  # count the records after the last signed checkpoint too
 
     @property
     def failed(self) -> bool:
@@ -345,8 +346,14 @@ class LogCheck:
 
     @property
     def limit(self) -> int | None:
-        """Read only what was verified (a live log grows meanwhile)."""
-        return self.report.tree_size if self.report is not None and self.report.ok else None
+        """Read only what a verified signed checkpoint covers: records after it (the tail a
+        running agent has not signed yet, up to a minute of them) could have been changed or
+        made up by whoever can write the log's disk, without the key. (A log read without
+        verification, or with ``unsigned``: all that was verified.)"""
+        rep = self.report
+        if rep is None or not rep.ok:
+            return None
+        return rep.last_checkpoint if rep.verified and not self.unsigned else rep.tree_size
 
     def to_json(self) -> dict[str, Any]:
         rep = self.report
@@ -364,8 +371,11 @@ class LogCheck:
         }
 
 
-def check_logs(locations: Locations, *, enabled: bool = True) -> list[LogCheck]:
-    """Verify each log with its key (when known and ``enabled``)."""
+def check_logs(
+    locations: Locations, *, enabled: bool = True, unsigned: bool = False
+) -> list[LogCheck]:
+    """Verify each log with its key (when known and ``enabled``). ``unsigned``: count the
+    records after each log's last signed checkpoint too (:attr:`LogCheck.limit`)."""
     out = []
     for loc in locations.logs():
         if not enabled:
@@ -378,10 +388,21 @@ def check_logs(locations: Locations, *, enabled: bool = True) -> list[LogCheck]:
         report = verify(loc.directory, key)
         if report.verified:
             note = "verified"
+            tail = report.tree_size - (report.last_checkpoint or 0)
+            if tail > 0 and unsigned:
+                note += f" (with {tail} records after its last signed checkpoint: not signed yet)"
+            elif tail > 0:
+                note += (
+                    f" ({tail} records after its last signed checkpoint are not counted yet: "
+                    "an agent signs them within a minute or so; run again then, or give "
+                    "--include-unsigned)"
+                )
+        elif report.ok and not report.signed:
+            note = "FAILED: NOT SIGNED no checkpoint signed by its key covers a record"
         else:
             first = report.first
             note = f"FAILED: {first.code} {first.message}" if first else "FAILED"
-        out.append(LogCheck(loc, report, note))
+        out.append(LogCheck(loc, report, note, unsigned))
     return out
 
 

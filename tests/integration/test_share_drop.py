@@ -124,7 +124,8 @@ def test_a_share_that_stops_answering_holds_up_only_its_own_channel(
         message_crosses(dep, tmp_path, 11)
 
         def mirrored() -> bool:  # its acceptance record is in the inside's copy of the log
-            rec = ferry("audit", "reconcile", "-c", dep["inside"]["config"], check=False)
+            rec = ferry("audit", "reconcile", "-c", dep["inside"]["config"], "--include-unsigned",
+                        check=False)  # fmt: skip
             return "items accepted outside: 2 " in rec.stdout
 
         wait_for(mirrored, what="the acceptance records in the mirror")

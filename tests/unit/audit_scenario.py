@@ -54,6 +54,7 @@ class Builder:
 
     root: Path
     events: dict[str, list[_Event]] = field(default_factory=lambda: {"outside": [], "inside": []})
+    open_logs: list[AuditLog] = field(default_factory=list)
 
     def add(self, side: str, t: int, event: str, **kw: Any) -> None:
         seq = len(self.events[side])
@@ -207,8 +208,10 @@ class Builder:
             detail={"first": first, "last": last},
         )
 
-    def write(self) -> tuple[Path, Path]:
-        """Write ``outside-audit`` and ``inside-audit`` under root; return their paths."""
+    def write(self, *, leave_open: tuple[str, ...] = ()) -> tuple[Path, Path]:
+        """Write ``outside-audit`` and ``inside-audit`` under root; return their paths.
+        ``leave_open``: sides whose logs are left as a running agent's (in :attr:`open_logs`:
+        the records after the last checkpoint are not signed yet)."""
         paths = []
         for side, key in (("outside", OUT_KEY), ("inside", IN_KEY)):
             evs = sorted(self.events[side], key=lambda e: (e.t, e.order))
@@ -222,7 +225,10 @@ class Builder:
                 clock.t = e.t
                 log.append(e.event, **e.kw)
             clock.t = (evs[-1].t if evs else T0) + S
-            log.close()
+            if side in leave_open:
+                self.open_logs.append(log)
+            else:
+                log.close()
             paths.append(directory)
         return paths[0], paths[1]
 

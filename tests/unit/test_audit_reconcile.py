@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from audit_scenario import OUT_KEY, T0, Builder, S, Standard, configs, item_id, standard
+from audit_scenario import IN_KEY, OUT_KEY, T0, Builder, S, Standard, configs, item_id, standard
 
 from ferry.audit import cli as audit_cli
 from ferry.audit.locate import locate
@@ -405,3 +405,28 @@ def test_cli_refuses_a_grace_that_is_no_number_of_seconds(
     rc, _, err = run(args, capsys)
     assert rc == 2
     assert "--grace must be from 0 to" in err
+
+
+def test_records_after_the_last_signed_checkpoint_are_not_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A running agent signs its newest records within a minute; until then whoever can
+    write its disk could change or add records there without the key (a forged
+    delivery.delivered hid a missing item from the accounting). They are left out."""
+    b = _clean(tmp_path)
+    outside, inside = b.write(leave_open=("inside",))
+    args = [
+        "reconcile", "--outside", str(outside), "--inside", str(inside), "--now", "2026-11-22",
+        "--outside-key", OUT_KEY.public.to_string(), "--inside-key", IN_KEY.public.to_string(),
+    ]  # fmt: skip
+    rc, out, _ = run(args, capsys)
+    assert rc == 10, out  # the deliveries are all in the inside's unsigned tail
+    assert "records after its last signed checkpoint are not counted yet" in out
+    rc, out, _ = run([*args, "--include-unsigned"], capsys)  # (knowingly)
+    assert rc == 0, out
+    assert "records after its last signed checkpoint: not signed yet" in out
+    (log,) = b.open_logs
+    log.close()  # (its next checkpoint signs them)
+    rc, out, _ = run(args, capsys)
+    assert rc == 0, out
+    assert "RESULT: every accepted item is accounted for" in out
