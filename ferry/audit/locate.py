@@ -69,13 +69,14 @@ def _public_of(secret: Path) -> Path:
     return secret.with_suffix(".pub")
 
 
-def _key_or_none(value: str, base: Path) -> str | None:
-    """An inline key as is; a key file resolved against ``base`` if it exists."""
+def _key(value: str, base: Path) -> str:
+    """An inline key as is; a key file resolved against ``base``. A file the config names
+    that is not there is an error when the log is checked (KeyFileError), not a log read
+    unverified: a key deleted or a path mistyped must not turn verification off."""
     if value.startswith(PUBLIC_PREFIX + ":"):
         return value
     path = Path(value)
-    path = path if path.is_absolute() else base / path
-    return str(path) if path.is_file() else None
+    return str(path if path.is_absolute() else base / path)
 
 
 def read_config(config: Path) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def locate(config: Path) -> Locations:
     base = config.resolve().parent
     own_dir = base / _text(section, "dir", DEFAULT_DIR, config)
     secret = Path(_text(section, "key", DEFAULT_KEY, config))
-    own_key = _key_or_none(str(_public_of(secret)), base)
+    own_key = _key(str(_public_of(secret)), base)
     own = LogLocation(role, own_dir, own_key)
     if role == "outside":
         return Locations(outside=own, inside=None, config=config, role=role)
@@ -127,7 +128,7 @@ def locate(config: Path) -> Locations:
     )
     peer = _text(section, "peer_public_key", DEFAULT_PEER_PUBLIC_KEY, config)
     mirror = (
-        LogLocation("outside", mirror_dir, _key_or_none(peer, base), mirror=True)
+        LogLocation("outside", mirror_dir, _key(peer, base), mirror=True)
         if "mirror_dir" in section or mirror_dir.is_dir()
         else None
     )

@@ -391,9 +391,13 @@ def test_cli_verify_with_a_config_checks_every_log_it_names(
     assert doc["verified"] is True
     assert len(doc["logs"]) == 1
     (tmp_path / "inside" / "keys" / "outside-audit.pub").unlink()  # the mirror's key is gone
-    rc, out, _ = run(["verify", "-c", str(in_cfg)], capsys)
-    assert rc == 1
-    assert "NOT AUTHENTICATED" in out
+    rc, out, err = run(["verify", "-c", str(in_cfg)], capsys)
+    assert rc == 2  # (the config names it: an error, never a log read unverified)
+    assert "outside-audit.pub" in err
+    rc, out, err = run(["reconcile", "-c", str(in_cfg)], capsys)
+    assert rc == 2
+    assert "outside-audit.pub" in err
+    assert "accounted for" not in out
 
 
 @pytest.mark.parametrize("grace", ["nan", "inf", "-1", "1e300"])
