@@ -67,6 +67,7 @@ class ItemState:
         "accepted_idx",
         "accepted_ts",
         "channel",
+        "channels_seen",
         "delivered_path",
         "delivered_sha256",
         "delivered_size",
@@ -109,6 +110,7 @@ class ItemState:
         self.accepted_idx: int | None = None
         self.accepted_ts: str | None = None
         self.channel: str | None = None
+        self.channels_seen: set[str] | None = None  # other channels records name, if any
         self.seq: int | None = None
         self.epoch: str | None = None
         self.kind: str | None = None
@@ -274,6 +276,13 @@ class Accountant:
             st.seq = field_int(obj, "seq")
             st.epoch = field_str(obj, "epoch")
             st.kind = field_str(obj, "kind")
+        else:
+            channel = field_str(obj, "channel")
+            if channel is not None and channel != st.channel:  # (one side says otherwise)
+                if st.channels_seen is None:
+                    st.channels_seen = set()
+                if len(st.channels_seen) < 8:
+                    st.channels_seen.add(channel)
         result: str = rec["result"]
         reason = rec.get("reason")
         if side == "inside" and (st.inside_first_ts is None or ts < st.inside_first_ts):
@@ -502,7 +511,13 @@ def settle(
     problems: list[Discrepancy] = []
     control = 0
     for st in acc.items.values():
-        if st.channel is not None and st.channel.startswith(CONTROL_PREFIX):
+        if st.channels_seen:  # (the outside's records are read first: it cannot decide alone)
+            names = ", ".join(sorted({st.channel or "", *st.channels_seen}))
+            problems.append(
+                Discrepancy("CHANNEL_MISMATCH", st.item, f"its records name channels {names}")
+            )
+        channels = {st.channel or "", *(st.channels_seen or ())}
+        if st.channel is not None and all(c.startswith(CONTROL_PREFIX) for c in channels):
             control += 1  # the agents' own traffic (the audit mirror): not a clerk's item
             continue
         _decide(st, cutoff, problems)

@@ -434,3 +434,24 @@ def test_records_after_the_last_signed_checkpoint_are_not_counted(
     rc, out, _ = run(args, capsys)
     assert rc == 0, out
     assert "RESULT: every accepted item is accounted for" in out
+
+
+def test_an_item_is_a_control_object_only_if_both_sides_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The outside's records are read first and the first channel named won: a compromised
+    outside could name `_audit` (control objects, left out of the accounting) for an item it
+    smuggled in, and the inside's delivery of it on a clerks' channel was not reported."""
+    b = _clean(tmp_path)
+    smuggled, t = item_id(50), T0 + 10 * 60 * S
+    b.accept(smuggled, t, seq=50, channel="_audit")
+    b.receive(smuggled, t + S, seq=50)
+    b.recheck(smuggled, t + 2 * S, seq=50)
+    b.deliver(smuggled, t + 3 * S, seq=50, path="/nonexistent/s", content=b"x")
+    outside, inside = b.write()
+    args = ["reconcile", "--outside", str(outside), "--inside", str(inside), "--now", "2026-11-22"]
+    rc, out, _ = run(args, capsys)
+    assert rc == 11, out
+    assert "CHANNEL_MISMATCH" in out
+    assert "_audit, files/permits" in out
+    assert "control objects" not in out
