@@ -508,7 +508,16 @@ def settle(
     cutoff = format_ts(now_us - int(grace * 1_000_000))
     accepted: list[ItemState] = []
     unexplained: list[ItemState] = []
-    problems: list[Discrepancy] = []
+    problems: list[Discrepancy] = [
+        Discrepancy(
+            "WRONG_SIDE",
+            None,
+            f"the log given as the {side} log was written by the {said} agent (its "
+            "audit.started records say so): the logs are swapped, or one was given for both",
+        )
+        for side, said in (("outside", out_stats.written_by), ("inside", in_stats.written_by))
+        if said is not None and said != side
+    ]
     control = 0
     for st in acc.items.values():
         if st.channels_seen:  # (the outside's records are read first: it cannot decide alone)

@@ -41,6 +41,18 @@ _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{
 # Bytes of a record line before its event name: {"v":1,"idx":<16 digits>,"ts":"<27>","event":"
 _EVENT_WINDOW = 100
 _AUDIT_EVENT = '"event":"audit.'
+_STARTED = '"event":"audit.started"'
+
+
+def _side_of(line: str) -> str | None:
+    """The side an ``audit.started`` record names (``detail.side``), if it is well formed."""
+    try:
+        rec, _ = _DECODE(line) if len(line) <= MAX_RECORD_BYTES else (None, 0)
+    except (ValueError, RecursionError):
+        return None
+    detail = rec.get("detail") if isinstance(rec, dict) else None
+    side = detail.get("side") if isinstance(detail, dict) else None
+    return side if side in ("outside", "inside") else None
 
 
 # --- timestamps ---------------------------------------------------------------------------
@@ -113,6 +125,7 @@ class LogStats:
     first_ts: str | None = None  # of the records returned
     last_ts: str | None = None
     limit: int | None = None  # records read only below this index (a verified tree size)
+    written_by: str | None = None  # the side the first audit.started record names
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -200,6 +213,8 @@ def read_log(
         for line in _lines(segment, st):
             st.lines += 1
             if skip_audit and line.find(_AUDIT_EVENT, 0, _EVENT_WINDOW) > 0:
+                if st.written_by is None and line.find(_STARTED, 0, _EVENT_WINDOW) > 0:
+                    st.written_by = _side_of(line)
                 continue
             if len(line) > MAX_RECORD_BYTES or not line.isascii():
                 st.malformed += 1

@@ -455,3 +455,31 @@ def test_an_item_is_a_control_object_only_if_both_sides_say_so(
     assert "CHANNEL_MISMATCH" in out
     assert "_audit, files/permits" in out
     assert "control objects" not in out
+
+
+def test_logs_given_for_the_wrong_side_are_a_discrepancy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Swapped --outside/--inside, or one log given for both, were accounted without a word."""
+    outside, inside = _clean(tmp_path).write()
+    swapped = [
+        "reconcile",
+        "--outside",
+        str(inside),
+        "--inside",
+        str(outside),
+        "--now",
+        "2026-11-22",
+    ]
+    rc, out, _ = run(swapped, capsys)
+    assert rc == 11, out
+    assert out.count("WRONG_SIDE") == 2
+    assert "the log given as the outside log was written by the inside agent" in out
+    both = ["reconcile", "--outside", str(outside), "--inside", str(outside), "--now", "2026-11-22"]
+    rc, out, _ = run(both, capsys)
+    assert rc in (10, 11), out
+    assert out.count("WRONG_SIDE") == 1
+    rc, out, _ = run(["reconcile", "--outside", str(outside), "--inside", str(inside),
+                      "--now", "2026-11-22"], capsys)  # fmt: skip
+    assert rc == 0, out
+    assert "WRONG_SIDE" not in out
