@@ -289,20 +289,6 @@ def _may_take(con: _Consumer) -> bool:
     return con.credit > 0 and con.holding < MAX_CREDIT
 
 
-_REFUSALS_LOGGED: dict[str, float] = {}  # address -> when last logged
-
-
-def _connection_refused(address: str, why: str, count: int) -> None:
-    """A consumer connection past a limit was shut (on a guard's thread): logged once a
-    minute per address at most."""
-    now = time.monotonic()
-    if now - _REFUSALS_LOGGED.get(address, -1e9) >= 60:
-        if len(_REFUSALS_LOGGED) > 10_000:
-            _REFUSALS_LOGGED.clear()
-        _REFUSALS_LOGGED[address] = now
-        _log.warning("consumer_connection_refused", address=address, why=why, connections=count)
-
-
 class ConsumerServer:
     """Owns the consumer ROUTER (and PUB) sockets and their thread."""
 
@@ -326,6 +312,8 @@ class ConsumerServer:
         self.pub: zmq.Socket[Any] | None = None
         self.endpoint = self.pub_endpoint = ""
         self.guards: list[ConnectionGuard] = []
+        self._refusals_logged: dict[str, float] = {}  # address -> when last logged
+        self._refusals_lock = threading.Lock()
         total = connection_budget(
             params.max_connections, sockets=bool(params.endpoint) + bool(params.publish)
         )
@@ -340,7 +328,7 @@ class ConsumerServer:
                     "consumers",
                     total=total,
                     per_address=per_address,
-                    on_refused=_connection_refused,
+                    on_refused=self._connection_refused,
                 )
             )
             self.keys.bind(
@@ -357,7 +345,7 @@ class ConsumerServer:
                     "publish",
                     total=total,
                     per_address=per_address,
-                    on_refused=_connection_refused,
+                    on_refused=self._connection_refused,
                 )
             )
             self.keys.bind(self.pub, "publish", [params.publish, *(p.publish for p in previous)])
@@ -393,6 +381,18 @@ class ConsumerServer:
         self._next_ack_flush = 0.0
         self._retention = Retention(outbox.prune, ACKED_RETENTION, "outbox_pruned", _log)
         self._thread = threading.Thread(target=self._run, name="consumers", daemon=True)
+
+    def _connection_refused(self, address: str, why: str, count: int) -> None:
+        """A consumer connection past a limit was shut (on a guard's thread): logged once a
+        minute per address at most."""
+        now = time.monotonic()
+        with self._refusals_lock:  # (the ROUTER's and the PUB's guards)
+            if now - self._refusals_logged.get(address, -1e9) < 60:
+                return
+            if len(self._refusals_logged) > 10_000:
+                self._refusals_logged.clear()
+            self._refusals_logged[address] = now
+        _log.warning("consumer_connection_refused", address=address, why=why, connections=count)
 
     def start(self) -> None:
         self.keys.check_rejects_strangers()

@@ -525,8 +525,11 @@ def settle(
             problems.append(
                 Discrepancy("CHANNEL_MISMATCH", st.item, f"its records name channels {names}")
             )
-        channels = {st.channel or "", *(st.channels_seen or ())}
-        if st.channel is not None and all(c.startswith(CONTROL_PREFIX) for c in channels):
+        if (
+            st.channel is not None
+            and st.channel.startswith(CONTROL_PREFIX)
+            and all(c.startswith(CONTROL_PREFIX) for c in st.channels_seen or ())
+        ):
             control += 1  # the agents' own traffic (the audit mirror): not a clerk's item
             continue
         _decide(st, cutoff, problems)

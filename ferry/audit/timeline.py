@@ -46,8 +46,10 @@ _STARTED = '"event":"audit.started"'
 
 def _side_of(line: str) -> str | None:
     """The side an ``audit.started`` record names (``detail.side``), if it is well formed."""
+    if len(line) > MAX_RECORD_BYTES:
+        return None
     try:
-        rec, _ = _DECODE(line) if len(line) <= MAX_RECORD_BYTES else (None, 0)
+        rec, _ = _DECODE(line)
     except (ValueError, RecursionError):
         return None
     detail = rec.get("detail") if isinstance(rec, dict) else None

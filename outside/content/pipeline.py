@@ -116,12 +116,12 @@ class _Worker:
 
     def _read_exact(self, size: int, deadline: float) -> bytes:
         parts, got = [], 0
+        waiting = select.poll()  # (not select(): descriptors past 1023 are common here)
+        waiting.register(self._out, select.POLLIN)
         while got < size:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            waiting = select.poll()  # (not select(): descriptors past 1023 are common here)
-            waiting.register(self._out, select.POLLIN)
             if not waiting.poll(max(1, int(left * 1000))):
                 raise TimeoutError
             chunk = os.read(self._out, min(size - got, 1 << 20))
