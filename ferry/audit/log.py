@@ -519,6 +519,12 @@ class AuditLog:
             "host": s.host or socket.gethostname(),
             "version": __version__,
         }
+        if resumed:
+            # The records from the last checkpoint stored in checkpoints.log up to here were
+            # written by a run that stopped without signing them; this run signs them now
+            # (it cannot tell them from records someone added to the stopped log's disk), so
+            # it says which they are: verify reports them as adopted (ADOPTED).
+            detail["signed_size"] = self._note_size
         if s.side is not None:
             detail["side"] = s.side
         if self._previous:

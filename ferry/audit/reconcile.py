@@ -406,6 +406,14 @@ def check_logs(
                     "an agent signs them within a minute or so; run again then, or give "
                     "--include-unsigned)"
                 )
+            if report.adopted_records:
+                ranges = ", ".join(f"{a['from']}..{a['to'] - 1}" for a in report.adopted[:3])
+                more = ", ..." if len(report.adopted) > 3 else ""
+                note += (
+                    f" ({report.adopted_records} records, {ranges}{more}, were signed only when "
+                    "the agent restarted after stopping without closing its log: ADOPTED in "
+                    "`ferry audit verify`)"
+                )
         elif report.ok and not report.signed:
             note = "FAILED: NOT SIGNED no checkpoint signed by its key covers a record"
         else:

@@ -149,6 +149,12 @@ class VerifyReport:
     last_checkpoint: int | None = None  # size of the last verified checkpoint
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+    # Records a run signed when it started, written by an earlier run that stopped without
+    # signing them (a crash), or by someone who could write the stopped log's disk: each
+    # {"from", "to" (exclusive), "at" (the audit.started that adopted them)}; at most
+    # MAX_HANDOVERS of them, ``adopted_records`` counts them all.
+    adopted: list[dict[str, int]] = field(default_factory=list)
+    adopted_records: int = 0
     seconds: float = 0.0
 
     @property
@@ -193,6 +199,8 @@ class VerifyReport:
             "first_problem": self.first.to_json() if self.first else None,
             "problems": [p.to_json() for p in self.problems],
             "warnings": [w.to_json() for w in self.warnings],
+            "adopted": self.adopted,
+            "adopted_records": self.adopted_records,
             "seconds": round(self.seconds, 3),
         }
 
@@ -248,6 +256,9 @@ class _Verifier:
         self.torn_pos: _Pos | None = None
         self.torn_ckpt: int | None = None  # offset of an incomplete final note
         self.last_events = ("", "")
+        # "stopping" after audit.stopped, "closed" once its checkpoint follows: from then on
+        # only a new run (audit.started, maybe after a new segment) may add records.
+        self.close_state = ""
 
     # --- reporting ---------------------------------------------------------------------
 
@@ -374,6 +385,7 @@ class _Verifier:
                 raise self._index_problem(rec["idx"], pos, pending)
             self._chain(rec, pos)
             self._record_facts(rec, pos)
+            self._follow_close(rec["event"], pos)
             self.last_events = (self.last_events[1], rec["event"])
             leaf = leaf_hash(line.data)
             self.tree.append(leaf)
@@ -573,6 +585,49 @@ class _Verifier:
             if earlier and len(self.handovers) < MAX_HANDOVERS:
                 self.handovers.append((pos.idx, list(earlier)))  # (the schema bounds it)
             self.log_origin = self.log_origin or detail["origin"]
+            if detail["resumed"] and "signed_size" in detail:
+                self._adopted(detail, pos)
+
+    def _adopted(self, detail: dict[str, Any], pos: _Pos) -> None:
+        signed, size = detail["signed_size"], detail.get("tree_size")
+        if not isinstance(size, int) or not signed <= size <= pos.idx:
+            raise self.stop(
+                "SCHEMA",
+                f"audit.started at idx {pos.idx} gives signed_size {signed} and tree_size "
+                f"{size}: not signed_size <= tree_size <= its own index",
+                pos,
+            )
+        if size == signed:
+            return
+        self.report.adopted_records += size - signed
+        if len(self.report.adopted) < MAX_HANDOVERS:
+            self.report.adopted.append({"from": signed, "to": size, "at": pos.idx})
+        self.warn(
+            "ADOPTED",
+            f"records {signed}..{size - 1} ({size - signed}) were written after the last "
+            f"checkpoint stored before record {pos.idx}, by a run that stopped without signing "
+            "them (a crash, a power cut), and signed when the log reopened: nothing but the "
+            "protection of the log's disk while the agent was stopped vouches for them",
+            pos,
+        )
+
+    def _follow_close(self, event: str, pos: _Pos) -> None:
+        """A closed log (audit.stopped, then its checkpoint) takes no record but a new run's."""
+        if event == "audit.segment_opened" and self.close_state:
+            return
+        if self.close_state == "closed" and event != "audit.started":
+            self.problem(
+                "DATA_AFTER_CLOSE",
+                f"record {pos.idx} ({event}) follows the log's clean close (audit.stopped and "
+                "its checkpoint) without an audit.started: no run of the writer added it",
+                pos,
+            )
+        if event == "audit.stopped":
+            self.close_state = "stopping"
+        elif event == "audit.checkpoint" and self.close_state == "stopping":
+            self.close_state = "closed"
+        else:
+            self.close_state = ""
 
     def _check_notes(self, pos: _Pos | None) -> None:
         size = self.tree.size

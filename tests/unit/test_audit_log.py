@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from ferry.audit import (
 )
 from ferry.audit import cli as audit_cli
 from ferry.audit import record as rec
-from ferry.audit.merkle import parse_notes
+from ferry.audit.merkle import leaf_hash, parse_notes
 from ferry.crypto.keys import SecretKey
 
 REPO = Path(__file__).resolve().parents[2]
@@ -407,6 +408,88 @@ def test_data_after_a_clean_close_is_not_a_torn_write(tmp_path: Path) -> None:
         AuditLog(tmp_path, KEY, settings())
 
 
+def append_forged(path: Path) -> int:
+    """Append a record, hash chain and all, as anyone who can write the log's disk can
+    (without the key): a copy of the last transfer.sent with the next index. Its index."""
+    seg = sorted(path.glob("audit-*.jsonl"))[-1]
+    last = seg.read_bytes().splitlines()[-1]
+    model = next(r for r in reversed(lines(path)) if r["event"] == "transfer.sent")
+    forged = {**model, "idx": json.loads(last)["idx"] + 1, "prev": leaf_hash(last).hex()}
+    with seg.open("ab") as f:
+        f.write(rec.encode(forged) + b"\n")
+    return int(forged["idx"])
+
+
+def test_records_a_crashed_run_left_unsigned_are_adopted_and_reported(tmp_path: Path) -> None:
+    """The writer signs, when it reopens, the records after the last stored checkpoint; it
+    cannot tell a crashed run's from records someone added while the agent was stopped, so
+    its audit.started says which they were, and verify reports them (ADOPTED)."""
+    crash(tmp_path, 15)
+    signed = parse_notes((tmp_path / "checkpoints.log").read_bytes()).notes[-1].checkpoint.size
+    forged = append_forged(tmp_path)
+    assert signed < forged
+    with AuditLog(tmp_path, KEY, settings()):
+        pass
+    with AuditLog(tmp_path, KEY, settings()):  # (a clean stop before: nothing adopted)
+        pass
+    started = [r for r in lines(tmp_path) if r["event"] == "audit.started"]
+    assert started[1]["detail"]["signed_size"] == signed
+    assert started[1]["detail"]["tree_size"] == forged + 1 == started[1]["idx"]
+    assert started[2]["detail"]["signed_size"] == started[2]["detail"]["tree_size"]
+    report = verify(tmp_path, KEY.public)
+    assert report.verified
+    assert report.adopted == [{"from": signed, "to": forged + 1, "at": forged + 1}]
+    assert report.adopted_records == forged + 1 - signed
+    adopted = [w for w in report.warnings if w.code == "ADOPTED"]
+    assert len(adopted) == 1
+    assert f"records {signed}..{forged}" in adopted[0].message
+    assert "ADOPTED" in audit_cli.render(report)
+
+
+def test_a_record_added_after_a_clean_close_is_refused(tmp_path: Path) -> None:
+    """After audit.stopped and its checkpoint only a new run (audit.started) may add
+    records: the writer used to adopt and sign whatever was appended to a closed log."""
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 5)
+    forged = append_forged(tmp_path)
+    report = verify(tmp_path, KEY.public)
+    assert not report.verified
+    assert report.first is not None
+    assert report.first.code == "DATA_AFTER_CLOSE"
+    assert report.first.idx == forged
+    with pytest.raises(AuditError, match="DATA_AFTER_CLOSE"):
+        AuditLog(tmp_path, KEY, settings())
+
+
+def test_a_new_segment_may_open_a_closed_log_s_next_run(tmp_path: Path) -> None:
+    """A closed log whose last segment is full reopens with audit.segment_opened before
+    audit.started: not data after the close."""
+    limit = 4 * rec.MAX_RECORD_BYTES
+    s = settings(max_segment_bytes=limit, checkpoint_every=1000)
+    AuditLog(tmp_path, KEY, s).close()
+    closing = [len(r) + 1 for r in (tmp_path / "audit-000001.jsonl").read_bytes().splitlines()]
+    stopped = closing[-2]  # (audit.stopped; its checkpoint follows)
+    seg = tmp_path / "audit-000001.jsonl"
+    with AuditLog(tmp_path, KEY, s) as log:
+        while True:  # fill the segment so that the closing checkpoint crosses its limit
+            log.append("transfer.sent", subject=SENDER, obj=ITEM, durable=True)
+            room = limit - seg.stat().st_size
+            if room < 1500:
+                break
+        line = len(seg.read_bytes().splitlines()[-1]) + 1
+        name = ITEM.name + "x" * (room - stopped - 50 - line)
+        log.append("transfer.sent", subject=SENDER, obj=replace(ITEM, name=name), durable=True)
+        assert 0 < limit - seg.stat().st_size < stopped + 100
+    assert seg.stat().st_size >= limit
+    with AuditLog(tmp_path, KEY, s) as log:
+        sent(log, 1)
+    second = lines(tmp_path)
+    opened = [i for i, r in enumerate(second) if r["event"] == "audit.segment_opened"]
+    assert second[opened[-1] - 2]["event"] == "audit.stopped"  # (the closed log's last)
+    assert second[opened[-1] + 1]["event"] == "audit.started"
+    assert_verifies(tmp_path)
+
+
 def test_a_torn_checkpoint_and_an_unstored_one_are_repaired_on_reopening(tmp_path: Path) -> None:
     with AuditLog(tmp_path, KEY, settings()) as log:
         sent(log, 5)
@@ -424,7 +507,8 @@ def test_a_torn_checkpoint_and_an_unstored_one_are_repaired_on_reopening(tmp_pat
     assert lines(tmp_path)[-4]["detail"]["file"] == "checkpoints.log"
     report = verify(tmp_path, KEY.public)
     assert report.verified
-    assert report.warnings == []
+    # (the torn note's records were signed only when the log reopened)
+    assert [w.code for w in report.warnings] == ["ADOPTED"]
     assert report.checkpoints == report.checkpoints_verified == len(notes) + 2
 
 

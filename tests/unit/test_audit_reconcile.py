@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from audit_scenario import IN_KEY, OUT_KEY, T0, Builder, S, Standard, configs, item_id, standard
 
+from ferry.audit import AuditLog, AuditSettings, verify
 from ferry.audit import cli as audit_cli
 from ferry.audit.locate import locate
 from ferry.audit.reconcile import Reconciliation, reconcile
@@ -434,6 +435,34 @@ def test_records_after_the_last_signed_checkpoint_are_not_counted(
     rc, out, _ = run(args, capsys)
     assert rc == 0, out
     assert "RESULT: every accepted item is accounted for" in out
+
+
+def test_records_signed_only_when_a_stopped_agent_restarted_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The inside stops without closing its log (a crash): its restart signs the records it
+    left unsigned, which it cannot tell from records added to its disk meanwhile. They are
+    counted, and the log's line says which they were (ADOPTED)."""
+    b = _clean(tmp_path)
+    outside, inside = b.write(leave_open=("inside",))
+    (log,) = b.open_logs
+    log._abort()  # (the writer stops without audit.stopped and its checkpoint)
+    settings = AuditSettings(origin="inside.test/audit", side="inside", host="test")
+    AuditLog(inside, IN_KEY, settings).close()
+    args = [
+        "reconcile", "--outside", str(outside), "--inside", str(inside), "--now", "2026-11-22",
+        "--outside-key", OUT_KEY.public.to_string(), "--inside-key", IN_KEY.public.to_string(),
+    ]  # fmt: skip
+    rc, out, _ = run(args, capsys)
+    assert rc == 0, out
+    report = verify(inside, IN_KEY.public)
+    assert report.adopted_records > 0
+    (adopted,) = report.adopted
+    assert (
+        f"{report.adopted_records} records, {adopted['from']}..{adopted['to'] - 1}, were signed "
+        "only when the agent restarted"
+    ) in out
+    assert out.count("were signed only when") == 1  # (the outside closed its log)
 
 
 def test_an_item_is_a_control_object_only_if_both_sides_say_so(
