@@ -549,6 +549,8 @@ def settle(
     unexplained.sort(key=lambda s: (s.inside_first_ts or s.last_ts, s.item))
     horizon_end = out_stats.last_ts
     tolerance = format_ts(ts_us(horizon_end) - int(grace * 1_000_000)) if horizon_end else None
+    overdue = format_ts(ts_us(horizon_end) + int(grace * 1_000_000)) if horizon_end else None
+    behind: list[str] = []  # first arrival of each item the outside log should hold by now
     for st in unexplained:
         first = st.inside_first_ts or st.last_ts
         if st.inside_first_ts is None:
@@ -560,6 +562,13 @@ def settle(
                     f"outside records about it (last {st.last_ts}) but no intake.accepted",
                 )
             )
+        elif overdue is not None and first > overdue:
+            st.state = "after_outside_log"
+            st.evidence.append(
+                "arrived more than the grace period after the outside log's last record: the "
+                "outside log read has stopped growing, or is an old copy"
+            )
+            behind.append(first)
         elif tolerance is None or first > tolerance:
             st.state = "not_yet_in_outside_log"
             st.evidence.append(
@@ -578,6 +587,7 @@ def settle(
                     f"seen inside at {first} but never accepted in the outside log",
                 )
             )
+    problems.extend(_behind(out_stats, in_stats, behind, cutoff))
     gaps = _gaps(acc, accepted)
     _overtaken(accepted)
     holes, hole_count = _holes(accepted)
@@ -595,6 +605,44 @@ def settle(
         accountant=acc,
         control=control,
     )
+
+
+def _behind(
+    out_stats: LogStats, in_stats: LogStats, arrivals: list[str], cutoff: str
+) -> list[Discrepancy]:
+    """The outside log read is older than the inside says it should be: the inside witnessed
+    a later checkpoint of it (before the grace period: a live mirror may grow between its
+    reading and the inside log's), or items arrived long after its last record. A rolled-back
+    or stale copy (of the mirror, say), or an outside that stopped shipping its log, would
+    otherwise hide what the outside recorded after it."""
+    out: list[Discrepancy] = []
+    held = out_stats.limit if out_stats.limit is not None else out_stats.lines
+    seen = in_stats.witnessed
+    before = bisect.bisect_right(seen, (cutoff, float("inf")))
+    if before and seen[before - 1][1] > held:
+        when, size = seen[before - 1]
+        out.append(
+            Discrepancy(
+                "OUTSIDE_LOG_BEHIND",
+                None,
+                f"the inside witnessed checkpoint {size} of the outside log at {when} "
+                f"(audit.witnessed), but the outside log read holds {held} records: an old or "
+                "rolled-back copy, and what the outside recorded after them is not accounted for",
+            )
+        )
+    if arrivals:
+        out.append(
+            Discrepancy(
+                "OUTSIDE_LOG_BEHIND",
+                None,
+                f"{len(arrivals)} item(s) arrived inside from {min(arrivals)} to "
+                f"{max(arrivals)}, more than the grace period after the outside log's last "
+                f"record ({out_stats.last_ts}): the outside log read stopped growing (is the "
+                "mirror stuck? `ferry inside mirror status`) or is an old copy; they are "
+                "listed as after_outside_log",
+            )
+        )
+    return out
 
 
 def _decide(st: ItemState, cutoff: str, problems: list[Discrepancy]) -> None:

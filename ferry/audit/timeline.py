@@ -42,6 +42,7 @@ _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{
 _EVENT_WINDOW = 100
 _AUDIT_EVENT = '"event":"audit.'
 _STARTED = '"event":"audit.started"'
+_WITNESSED = '"event":"audit.witnessed"'
 
 
 def _side_of(line: str) -> str | None:
@@ -55,6 +56,23 @@ def _side_of(line: str) -> str | None:
     detail = rec.get("detail") if isinstance(rec, dict) else None
     side = detail.get("side") if isinstance(detail, dict) else None
     return side if side in ("outside", "inside") else None
+
+
+def _note_witnessed(line: str, st: LogStats, limit: int | None) -> None:
+    """Keep the largest checkpoint size an ``audit.witnessed`` record names (below limit)."""
+    if len(line) > MAX_RECORD_BYTES:
+        return
+    try:
+        rec, _ = _DECODE(line)
+    except (ValueError, RecursionError):
+        return
+    if not _well_formed(rec):
+        return
+    size = rec.get("detail", _EMPTY).get("size")
+    if type(size) is not int or (limit is not None and rec["idx"] >= limit):
+        return
+    if not st.witnessed or size > st.witnessed[-1][1]:
+        st.witnessed.append((rec["ts"], size))
 
 
 # --- timestamps ---------------------------------------------------------------------------
@@ -128,6 +146,9 @@ class LogStats:
     last_ts: str | None = None
     limit: int | None = None  # records read only below this index (a verified tree size)
     written_by: str | None = None  # the side the first audit.started record names
+    # (ts, size) of each audit.witnessed record of an inside log that names a larger outside
+    # checkpoint than the one before: the outside log read must hold at least that many.
+    witnessed: list[tuple[str, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -217,6 +238,8 @@ def read_log(
             if skip_audit and line.find(_AUDIT_EVENT, 0, _EVENT_WINDOW) > 0:
                 if st.written_by is None and line.find(_STARTED, 0, _EVENT_WINDOW) > 0:
                     st.written_by = _side_of(line)
+                elif line.find(_WITNESSED, 0, _EVENT_WINDOW) > 0:
+                    _note_witnessed(line, st, limit)
                 continue
             if len(line) > MAX_RECORD_BYTES or not line.isascii():
                 st.malformed += 1

@@ -226,6 +226,7 @@ class Builder:
                 log.append(e.event, **e.kw)
             clock.t = (evs[-1].t if evs else T0) + S
             if side in leave_open:
+                log.wait_durable(log.size - 1)  # (on disk, as a running agent's would be)
                 self.open_logs.append(log)
             else:
                 log.close()

@@ -248,6 +248,49 @@ def test_an_arrival_ahead_of_the_mirror_is_not_a_discrepancy(tmp_path: Path) -> 
     assert [s.state for s in r.unexplained] == ["not_yet_in_outside_log"]
 
 
+def test_an_arrival_long_after_the_outside_log_ends_is_a_discrepancy(tmp_path: Path) -> None:
+    """An outside log that stopped growing (a mirror the outside no longer ships, an old
+    copy) excused every later arrival as mirror lag, without limit."""
+    b = _clean(tmp_path)
+    late = T0 + 20 * 60 * S  # the outside log's last record: about T0 + 2 min
+    b.receive(item_id(50), late, seq=50)
+    b.deliver(item_id(50), late + S, seq=50, path="/nonexistent/50", content=b"z")
+    outside, inside = b.write()
+    r = reconcile(outside, inside, now_us=late + 60 * S)
+    assert [s.state for s in r.unexplained] == ["after_outside_log"]
+    (d,) = r.discrepancies
+    assert d.code == "OUTSIDE_LOG_BEHIND"
+    assert d.item is None
+    assert f"1 item(s) arrived inside from {format_ts(late)}" in d.message
+    assert reconcile(outside, inside, now_us=late + 60 * S, grace=3600).discrepancies == []
+
+
+def test_an_outside_log_older_than_the_inside_witnessed_is_a_discrepancy(tmp_path: Path) -> None:
+    """A rolled-back or stale mirror hides what the outside accepted after it; the inside's
+    own signed log says how far it had witnessed the outside's checkpoints."""
+    b = _clean(tmp_path)
+    outside, _ = b.write()
+    records = verify(outside, OUT_KEY.public).tree_size
+    b = _clean(tmp_path / "again")
+    for size in (records - 1, records + 40):
+        b.add(
+            "inside",
+            T0 + 3 * 60 * S + size,
+            "audit.witnessed",
+            subject=Subject.component("audit-mirror"),
+            obj=AuditObject(kind="checkpoint", size=size),
+            detail={"origin": "outside.test/audit", "size": size, "root": "ab" * 32},
+        )
+    outside, inside = b.write()
+    now = T0 + 3 * 60 * S + records + 40 + 600 * S  # (the grace period after the witness)
+    assert reconcile(outside, inside, now_us=now - S).discrepancies == []  # (may be racing)
+    r = reconcile(outside, inside, now_us=now)
+    (d,) = r.discrepancies
+    assert d.code == "OUTSIDE_LOG_BEHIND"
+    assert f"witnessed checkpoint {records + 40} of the outside log" in d.message
+    assert f"holds {records} records" in d.message
+
+
 def test_outside_sequence_holes_are_noted(tmp_path: Path) -> None:
     b = _clean(tmp_path)
     b.accept(item_id(60), T0 + 5 * 60 * S, seq=9)  # seqs 4..8 never accepted
