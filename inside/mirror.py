@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ferry import log
 from ferry.audit.agent import AgentAudit
-from ferry.audit.merkle import CompactRange, leaf_hash, parse_notes
+from ferry.audit.merkle import CompactRange, leaf_hash, read_notes
 from ferry.audit.record import AuditError, AuditObject, Subject, decode
 from ferry.audit.verify import CHECKPOINTS_FILE, PIECE_NAME, segment_name
 from ferry.crypto.keys import PublicKey
@@ -174,10 +174,10 @@ class AuditMirror:
             try:
                 with open(self.dir / CHECKPOINTS_FILE, "rb") as f:
                     f.seek(self._notes_offset)
-                    data = f.read()
+                    # one note at a time, each line bounded: never the rest of the file
+                    parsed = read_notes(f, after_note=self._notes_offset > 0, max_notes=1)
             except FileNotFoundError:
                 return
-            parsed = parse_notes(data)
             if not parsed.notes:
                 if parsed.error is not None:
                     self._inconsistent(
@@ -185,6 +185,8 @@ class AuditMirror:
                     )
                 return
             note = parsed.notes[0]
+            if parsed.size <= note.end:
+                return  # nothing follows it yet: more signature lines may still arrive
             cp = note.checkpoint
             if cp.size > self._records_available():
                 return  # its records have not all arrived yet: witness it later

@@ -48,7 +48,6 @@ from ferry.audit.merkle import (
     Note,
     check_origin,
     leaf_hash,
-    parse_notes,
     sign_checkpoint,
 )
 from ferry.audit.record import (
@@ -67,8 +66,10 @@ from ferry.audit.record import (
 )
 from ferry.audit.verify import (
     CHECKPOINTS_FILE,
+    UnsafeFile,
     iter_lines,
     list_segments,
+    read_checkpoints,
     scan_tail,
     segment_name,
 )
@@ -785,8 +786,10 @@ class AuditLog:
     def _open_checkpoints(self, truncations: list[_Truncation]) -> tuple[Note, ...]:
         path = self._dir / CHECKPOINTS_FILE
         self._ckpt_fd = self._files.open_append(path)
-        data = path.read_bytes()
-        parsed = parse_notes(data)
+        try:
+            parsed = read_checkpoints(path, same_as=self._ckpt_fd)
+        except UnsafeFile as exc:
+            raise self._fail_open(str(exc)) from None
         if parsed.error is not None:
             raise self._fail_open(f"{CHECKPOINTS_FILE} {parsed.error}")
         for note in parsed.notes:
@@ -795,11 +798,9 @@ class AuditLog:
                     f"{CHECKPOINTS_FILE} line {note.line} is for origin "
                     f"{note.checkpoint.origin!r}, not {self._settings.origin!r}"
                 )
-        self._ckpt_durable = len(data)
+        self._ckpt_durable = parsed.size  # the file's length: it parsed to its end
         if parsed.torn_at is not None:
-            truncations.append(
-                _Truncation(CHECKPOINTS_FILE, parsed.torn_at, data[parsed.torn_at :])
-            )
+            truncations.append(_Truncation(CHECKPOINTS_FILE, parsed.torn_at, parsed.torn))
             self._files.truncate(self._ckpt_fd, parsed.torn_at)
             self._files.fsync(self._ckpt_fd)
             self._ckpt_durable = parsed.torn_at

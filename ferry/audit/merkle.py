@@ -1,6 +1,6 @@
 """RFC 6962 / RFC 9162 Merkle tree over audit records, and C2SP signed checkpoints.
 
-Pure: bytes and values in, values out (no files, clocks or threads).
+Pure: bytes, values or a binary stream in, values out (no paths, clocks or threads).
 
 Tree (RFC 9162 section 2.1, identical to C2SP ``merkle-tree``):
 
@@ -32,10 +32,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from ferry.crypto.keys import PublicKey, SecretKey
 
@@ -292,7 +293,7 @@ def check_origin(origin: str) -> str:
     return origin
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A tree head: the log's origin, its size and its root."""
 
@@ -323,14 +324,14 @@ def sign_checkpoint(checkpoint: Checkpoint, key: SecretKey, *more: SecretKey) ->
     return text + b"\n" + lines
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NoteSignature:
     name: str
     key_id: bytes
     signature: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Note:
     """A parsed checkpoint note and where it sits in its file."""
 
@@ -373,54 +374,75 @@ class ParsedNotes:
     notes: tuple[Note, ...]  # the notes before any error
     torn_at: int | None = None  # offset of an incomplete final note (a crash mid-write)
     error: NoteFormatError | None = None  # the first malformed note
+    size: int = 0  # bytes read: all the data, unless an error or max_notes stopped the parse
+    torn: bytes = b""  # the incomplete final note (from torn_at to the end of the data)
 
 
-def _lines(data: bytes) -> list[tuple[int, bytes]]:
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        end = len(data) if nl < 0 else nl + 1
-        out.append((pos, data[pos:end]))
-        pos = end
-    return out
+# The longest line a note may have, with its newline: a reader never holds more of a line.
+_LINE_LIMIT = MAX_NOTE_LINE + 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    number: int  # 1-based
+    offset: int
+    raw: bytes  # with its newline, if it has one
+    complete: bool  # it has its newline
+
+    @property
+    def blank(self) -> bool:
+        return self.raw == b"\n"
 
 
 class _Incomplete(Exception):
     """The data ends inside a note."""
 
 
-def _parse_text(lines: list[tuple[int, bytes]], i: int) -> tuple[Checkpoint, int]:
-    """Parse origin, size and root lines starting at ``lines[i]``; return the next index."""
-    fields: list[bytes] = []
-    while True:
-        if i >= len(lines) or not lines[i][1].endswith(b"\n"):
-            raise _Incomplete
-        body = lines[i][1][:-1]
-        if body == b"":
-            break
-        if len(fields) == 3:
-            raise NoteFormatError(i + 1, "extension lines are not used by ferry checkpoints")
-        if len(body) > MAX_NOTE_LINE or body.startswith(SIG_PREFIX):
-            raise NoteFormatError(i + 1, "expected a checkpoint text line")
-        fields.append(body)
-        i += 1
-    if len(fields) != 3:
-        raise NoteFormatError(i + 1, "a checkpoint has three lines: origin, size, root")
-    origin_b, size_b, root_b = fields
-    try:
-        origin = check_origin(origin_b.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise NoteFormatError(i - 2, "bad origin line") from None
-    if not _SIZE.fullmatch(size_b) or int(size_b) > MAX_TREE_SIZE:
-        raise NoteFormatError(i - 1, "bad tree size line")
-    try:
-        root = base64.b64decode(root_b, validate=True)
-    except binascii.Error:
-        raise NoteFormatError(i, "root line is not base64") from None
-    if len(root) != HASH_LEN or base64.b64encode(root) != root_b:
-        raise NoteFormatError(i, "root line is not a base64 SHA-256 hash")
-    return Checkpoint(origin, int(size_b), root), i + 1
+class _LineReader:
+    """The lines of a binary stream, each read with a bounded length."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.number = 0
+        self.offset = 0  # bytes read so far
+
+    def next(self) -> _Line | None:
+        raw = self._stream.readline(_LINE_LIMIT)
+        if not raw:
+            return None
+        self.number += 1
+        line = _Line(self.number, self.offset, raw, raw[-1:] == b"\n")
+        self.offset += len(raw)
+        if not line.complete and len(raw) > MAX_NOTE_LINE:
+            raise NoteFormatError(line.number, f"line longer than {MAX_NOTE_LINE} bytes")
+        return line
+
+
+def _text_line(line: _Line | None, field: int) -> bytes:
+    """The body of the origin (0), size (1) or root (2) line of a note, checked."""
+    if line is None or not line.complete:
+        raise _Incomplete
+    body = line.raw[:-1]
+    if body == b"":
+        raise NoteFormatError(line.number, "a checkpoint has three lines: origin, size, root")
+    if body.startswith(SIG_PREFIX):
+        raise NoteFormatError(line.number, "expected a checkpoint text line")
+    if field == 0:
+        try:
+            check_origin(body.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise NoteFormatError(line.number, "bad origin line") from None
+    elif field == 1:
+        if not _SIZE.fullmatch(body) or int(body) > MAX_TREE_SIZE:
+            raise NoteFormatError(line.number, "bad tree size line")
+    else:
+        try:
+            root = base64.b64decode(body, validate=True)
+        except binascii.Error:
+            raise NoteFormatError(line.number, "root line is not base64") from None
+        if len(root) != HASH_LEN or base64.b64encode(root) != body:
+            raise NoteFormatError(line.number, "root line is not a base64 SHA-256 hash")
+    return body
 
 
 def _parse_signature(lineno: int, body: bytes) -> NoteSignature:
@@ -438,44 +460,108 @@ def _parse_signature(lineno: int, body: bytes) -> NoteSignature:
     return NoteSignature(name, blob[:4], blob[4:])
 
 
-def parse_notes(data: bytes) -> ParsedNotes:
-    """Parse concatenated checkpoint notes (``checkpoints.log``).
+def _read_note(reader: _LineReader, first: _Line, held: list[bytes]) -> tuple[Note, _Line | None]:
+    """Read the note whose origin line is ``first``; return it and the line after it.
 
-    Notes may be separated by blank lines. An incomplete final note (the data
-    ends inside it) is reported as ``torn_at``; any other malformation stops
-    the parse and is returned as ``error``, naming the line.
+    ``held`` collects the note's raw lines (at most ``MAX_NOTE_SIGNATURES + 5`` bounded
+    lines), so that an incomplete note can be reported with its bytes.
     """
-    lines = _lines(data)
-    notes: list[Note] = []
-    i = 0
-    while i < len(lines):
-        if lines[i][1] == b"\n":
-            i += 1
-            continue
-        start = i
-        try:
-            checkpoint, i = _parse_text(lines, i)
-            sigs: list[NoteSignature] = []
-            while i < len(lines):
-                line = lines[i][1]
-                if not line.endswith(b"\n") and not sigs:
-                    raise _Incomplete
-                if not line.startswith(SIG_PREFIX) or not line.endswith(b"\n"):
-                    break  # the next note starts here (maybe torn: the outer loop sees it)
-                if len(sigs) == MAX_NOTE_SIGNATURES:
-                    raise NoteFormatError(i + 1, "too many signatures")
-                sigs.append(_parse_signature(i + 1, line[:-1]))
-                i += 1
+    fields: list[bytes] = []
+    line: _Line | None = first
+    for field in range(3):
+        if line is not None:
+            held.append(line.raw)
+        fields.append(_text_line(line, field))
+        line = reader.next()
+    if line is None or not line.complete:
+        raise _Incomplete
+    held.append(line.raw)
+    if not line.blank:
+        raise NoteFormatError(line.number, "extension lines are not used by ferry checkpoints")
+    sigs: list[NoteSignature] = []
+    end = 0
+    while True:
+        line = reader.next()
+        if line is None:
             if not sigs:
-                if i >= len(lines):
-                    raise _Incomplete
-                raise NoteFormatError(i + 1, "expected a signature line")
-        except _Incomplete:
-            return ParsedNotes(tuple(notes), torn_at=lines[start][0])
-        except NoteFormatError as exc:
-            return ParsedNotes(tuple(notes), error=exc)
-        offset = lines[start][0]
-        end = lines[i - 1][0] + len(lines[i - 1][1])
-        text_end = lines[start + 2][0] + len(lines[start + 2][1])
-        notes.append(Note(checkpoint, data[offset:text_end], tuple(sigs), start + 1, offset, end))
-    return ParsedNotes(tuple(notes))
+                raise _Incomplete
+            break
+        if not line.complete:
+            # A partial signature line is this note's (torn) end; anything else starts the
+            # next note (which then is the torn one).
+            if not sigs or line.raw[: len(SIG_PREFIX)] == SIG_PREFIX[: len(line.raw)]:
+                held.append(line.raw)
+                raise _Incomplete
+            break
+        if not line.raw.startswith(SIG_PREFIX):
+            if not sigs:
+                raise NoteFormatError(line.number, "expected a signature line")
+            break
+        if len(sigs) == MAX_NOTE_SIGNATURES:
+            raise NoteFormatError(line.number, "too many signatures")
+        held.append(line.raw)
+        sigs.append(_parse_signature(line.number, line.raw[:-1]))
+        end = line.offset + len(line.raw)
+    origin, size, root = fields
+    checkpoint = Checkpoint(origin.decode("ascii"), int(size), base64.b64decode(root))
+    text = origin + b"\n" + size + b"\n" + root + b"\n"
+    note = Note(checkpoint, text, tuple(sigs), first.number, first.offset, end)
+    return note, line
+
+
+def read_notes(
+    stream: BinaryIO, *, after_note: bool = False, max_notes: int | None = None
+) -> ParsedNotes:
+    """Parse concatenated checkpoint notes (``checkpoints.log``) from a binary stream.
+
+    The stream is read line by line, each line bounded by ``MAX_NOTE_LINE`` bytes, so
+    memory is bounded per note whatever the stream holds. The format is the writer's:
+    each note is followed by one blank line. At most one blank line may follow a note
+    (none is tolerated: the writer may have stopped before writing it); a blank line
+    before the first note or a second one after a note is malformed. An incomplete
+    final note (the data ends inside it) is reported as ``torn_at`` with its bytes as
+    ``torn``; any other malformation stops the parse and is returned as ``error``,
+    naming the line. Lines and offsets count from where the stream stands.
+
+    ``after_note``: the stream stands just past a note, so one blank line may come
+    first. ``max_notes``: stop after that many notes (``size`` then says how far the
+    parse read: past the line after the last note, if there is one).
+    """
+    reader = _LineReader(stream)
+    notes: list[Note] = []
+    held: list[bytes] = []
+    line: _Line | None = None
+    try:
+        line = reader.next()
+        if line is not None and line.blank:
+            if not after_note:
+                raise NoteFormatError(line.number, "a blank line before the first checkpoint")
+            line = _after_separator(reader)
+        while line is not None and (max_notes is None or len(notes) < max_notes):
+            held.clear()
+            note, line = _read_note(reader, line, held)
+            notes.append(note)
+            if line is not None and line.blank:
+                line = _after_separator(reader)
+    except _Incomplete:
+        torn = b"".join(held)
+        return ParsedNotes(tuple(notes), reader.offset - len(torn), None, reader.offset, torn)
+    except NoteFormatError as exc:
+        return ParsedNotes(tuple(notes), error=exc, size=reader.offset)
+    return ParsedNotes(tuple(notes), size=reader.offset)
+
+
+def _after_separator(reader: _LineReader) -> _Line | None:
+    """The line after the blank line that follows a note: not another blank line."""
+    line = reader.next()
+    if line is not None and line.blank:
+        raise NoteFormatError(
+            line.number,
+            "a second blank line after a checkpoint (one blank line separates checkpoints)",
+        )
+    return line
+
+
+def parse_notes(data: bytes) -> ParsedNotes:
+    """:func:`read_notes` of bytes in memory."""
+    return read_notes(io.BytesIO(data))

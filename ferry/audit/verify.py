@@ -22,14 +22,17 @@ problem code. docs/AUDIT.md lists the codes and what each means.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.audit.merkle import CompactRange, Note, leaf_hash, parse_notes
+from ferry.audit.merkle import CompactRange, Note, ParsedNotes, leaf_hash, read_notes
 from ferry.audit.record import (
     MAX_RECORD_BYTES,
     ZERO_HASH,
@@ -90,6 +93,37 @@ def iter_lines(path: Path) -> Iterator[Line]:
             complete = raw.endswith(b"\n")
             yield Line(number, offset, raw[:-1] if complete else raw, complete)
             offset += len(raw)
+
+
+class UnsafeFile(OSError):
+    """A log file is a symbolic link, a FIFO or another non-regular file, or not the file
+    expected."""
+
+
+def read_checkpoints(path: Path, same_as: int | None = None) -> ParsedNotes:
+    """Parse ``checkpoints.log`` as a stream: bounded memory per line, whatever it holds.
+
+    Opens without following a final symlink and without blocking (a FIFO in its place
+    must not hang the reader). Raises :class:`UnsafeFile` for anything but a regular file,
+    or if ``same_as`` (an open descriptor: the writer's) is not the same file, and
+    :class:`FileNotFoundError` if there is none.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(f"{path.name} is a symbolic link, not a regular file") from None
+        raise
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(f"{path.name} is not a regular file")
+        if same_as is not None:
+            other = os.fstat(same_as)
+            if (st.st_dev, st.st_ino) != (other.st_dev, other.st_ino):
+                raise UnsafeFile(f"{path.name} was replaced while it was being opened")
+        return read_notes(f)
 
 
 @dataclass(frozen=True)
@@ -328,10 +362,13 @@ class _Verifier:
         raise UsageError(f"{path}: not an audit log directory or segment file")
 
     def _load_notes(self, directory: Path) -> None:
-        ckpt = directory / CHECKPOINTS_FILE
-        if not ckpt.is_file():
+        try:
+            parsed = read_checkpoints(directory / CHECKPOINTS_FILE)
+        except FileNotFoundError:
             return
-        parsed = parse_notes(ckpt.read_bytes())
+        except UnsafeFile as exc:
+            self.problem("CHECKPOINT_MALFORMED", str(exc), file=CHECKPOINTS_FILE)
+            return
         if parsed.error is not None:
             self.problem(
                 "CHECKPOINT_MALFORMED",

@@ -36,7 +36,7 @@ from ferry.audit import (
 )
 from ferry.audit import cli as audit_cli
 from ferry.audit import record as rec
-from ferry.audit.merkle import leaf_hash, parse_notes
+from ferry.audit.merkle import SIG_PREFIX, leaf_hash, parse_notes
 from ferry.crypto.keys import SecretKey
 
 REPO = Path(__file__).resolve().parents[2]
@@ -510,6 +510,44 @@ def test_a_torn_checkpoint_and_an_unstored_one_are_repaired_on_reopening(tmp_pat
     # (the torn note's records were signed only when the log reopened)
     assert [w.code for w in report.warnings] == ["ADOPTED"]
     assert report.checkpoints == report.checkpoints_verified == len(notes) + 2
+
+
+@pytest.mark.parametrize("extra", [b"\n", b"\n" * 100_000, b"not a checkpoint!\n"])
+def test_bytes_after_the_last_checkpoint_that_are_no_checkpoint_stop_the_log_opening(
+    tmp_path: Path, extra: bytes
+) -> None:
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 3)
+    ckpt = tmp_path / "checkpoints.log"
+    line = ckpt.read_bytes().count(b"\n") + 1
+    with ckpt.open("ab") as f:
+        f.write(extra)
+    with pytest.raises(AuditError, match=rf"checkpoints.log line {line}: .*ferry audit verify"):
+        AuditLog(tmp_path, KEY, settings())
+
+
+def test_a_checkpoint_torn_inside_its_second_signature_is_cut_off_whole(tmp_path: Path) -> None:
+    old = SecretKey("ed25519", bytes(range(1, 33)))
+    with AuditLog(tmp_path, KEY, settings(), previous_keys=[old]) as log:
+        sent(log, 3)
+    ckpt = tmp_path / "checkpoints.log"
+    data = ckpt.read_bytes()
+    last = parse_notes(data).notes[-1]
+    second = data.index(b"\n", data.index(SIG_PREFIX, last.offset)) + 1
+    ckpt.write_bytes(data[: second + 20])  # the writer stopped inside the second signature
+    with AuditLog(tmp_path, KEY, settings(), previous_keys=[old]):
+        pass
+    cut = lines(tmp_path)[-4]
+    assert cut["event"] == "audit.tail_truncated"
+    assert (cut["detail"]["offset"], cut["detail"]["bytes"]) == (
+        last.offset,
+        second + 20 - last.offset,
+    )
+    data = ckpt.read_bytes()
+    assert data.endswith(b"\n\n")
+    assert b"\n\n\n" not in data
+    assert {len(n.signatures) for n in parse_notes(data).notes} == {2}
+    assert_verifies(tmp_path)
 
 
 def test_a_log_that_does_not_match_its_checkpoint_is_not_reopened(tmp_path: Path) -> None:

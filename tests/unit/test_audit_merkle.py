@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 
 import pytest
 
+from ferry.audit import merkle
 from ferry.audit.merkle import (
     EMPTY_ROOT,
+    MAX_NOTE_LINE,
     SIG_PREFIX,
     Checkpoint,
     CompactRange,
@@ -319,6 +322,81 @@ def test_a_torn_final_note_is_reported_after_the_complete_ones() -> None:
         assert len(parsed.notes) == 1, cut
         assert parsed.torn_at == len(whole)
         assert parsed.error is None
+
+
+def test_a_note_torn_inside_a_later_signature_is_torn_whole() -> None:
+    """A key rotation signs twice: a crash inside the second signature line leaves an
+    incomplete note, cut off whole (not kept with one signature)."""
+    whole = _note(3) + b"\n"
+    two = sign_checkpoint(Checkpoint(ORIGIN, 5, CT_TREE.root(5)), KEY, OTHER)
+    second = two.index(b"\n", two.index(SIG_PREFIX)) + 1  # where the second signature starts
+    for cut in range(second + 1, len(two)):
+        parsed = parse_notes(whole + two[:cut])
+        assert len(parsed.notes) == 1, cut
+        assert parsed.torn_at == len(whole), cut
+        assert parsed.torn == two[:cut]
+        assert parsed.error is None
+    (note,) = parse_notes(two).notes  # the whole note, even without the blank line after it
+    assert len(note.signatures) == 2
+
+
+@pytest.mark.parametrize("separator", [b"", b"\n"])
+@pytest.mark.parametrize("tail", [b"", b"\n"])
+def test_at_most_one_blank_line_follows_a_note(separator: bytes, tail: bytes) -> None:
+    data = _note(3) + separator + _note(5) + tail
+    parsed = parse_notes(data)
+    assert (parsed.error, parsed.torn_at) == (None, None)
+    assert [n.checkpoint.size for n in parsed.notes] == [3, 5]
+    assert parsed.size == len(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "notes", "reason"),
+    [
+        (b"\n" + _note(3), 1, 0, "a blank line before the first checkpoint"),
+        (_note(3) + b"\n\n" + _note(5) + b"\n", 7, 1, "a second blank line"),
+        (_note(3) + b"\n\n", 7, 1, "a second blank line"),
+        (_note(3) + b"\n" * 100_000, 7, 1, "a second blank line"),
+        (_note(3) + b"\nnot a note!\n", 7, 1, "bad origin line"),
+        (_note(3) + b"\n" + b"A" * (MAX_NOTE_LINE + 1) + b"\n", 7, 1, "longer than 1024"),
+        (_note(3) + b"\n" + SIG_PREFIX + b"x " + b"A" * 2000 + b"\n", 7, 1, "longer than"),
+    ],
+)
+def test_bytes_after_a_note_that_are_no_note_are_malformed(
+    data: bytes, line: int, notes: int, reason: str
+) -> None:
+    """Extra blank lines or junk after the last note are an error naming the line (a
+    torn write leaves neither), not skipped or taken for a torn note."""
+    parsed = parse_notes(data)
+    assert parsed.error is not None
+    assert parsed.torn_at is None
+    assert (parsed.error.line, len(parsed.notes)) == (line, notes)
+    assert reason in parsed.error.reason
+
+
+def test_a_long_line_is_refused_after_reading_one_line_limit_of_it() -> None:
+    data = _note(3) + b"\n" + b"A" * (8 << 20)
+    stream = io.BytesIO(data)
+    parsed = merkle.read_notes(stream)
+    assert parsed.error is not None
+    assert parsed.error.line == 7
+    assert stream.tell() == len(_note(3)) + 1 + MAX_NOTE_LINE + 1  # no more of the line
+
+
+def test_notes_are_read_one_at_a_time_from_where_a_stream_stands() -> None:
+    """The witness reads on from just past the last note it took: one blank line first."""
+    data = _note(3) + b"\n" + _note(5) + b"\n"
+    stream = io.BytesIO(data)
+    (first,) = merkle.read_notes(stream, max_notes=1).notes
+    stream.seek(first.end)
+    parsed = merkle.read_notes(stream, after_note=True, max_notes=1)
+    (second,) = parsed.notes
+    assert second.checkpoint.size == 5
+    assert first.end + second.offset == len(_note(3)) + 1
+    stream.seek(first.end + second.end)
+    assert merkle.read_notes(stream, after_note=True) == merkle.ParsedNotes((), size=1)
+    stream.seek(first.end)
+    assert merkle.read_notes(stream).error is not None  # without after_note: a blank line
 
 
 def test_origin_must_be_a_key_name() -> None:

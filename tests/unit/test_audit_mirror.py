@@ -188,6 +188,33 @@ def test_a_checkpoint_not_signed_by_the_outside_key_is_inconsistent(tmp_path: Pa
     log.close()
 
 
+def test_a_checkpoint_whose_signatures_arrive_in_two_pieces_is_witnessed_whole(
+    tmp_path: Path,
+) -> None:
+    """During a key rotation a note has two signature lines; a piece may end between them:
+    the witness waits for the rest instead of taking the note and choking on its tail."""
+    old, new = SecretKey.generate("ed25519"), SecretKey.generate("ed25519")
+    settings = AuditSettings(origin="test/outside", checkpoint_every=5)
+    with AuditLog(tmp_path / "outside-audit", new, settings, previous_keys=[old]) as log:
+        for n in range(12):
+            log.append("intake.accepted", subject=Subject.component("test"), detail={"n": n})
+    outside = tmp_path / "outside-audit"
+    (tmp_path / "in").mkdir()
+    mirror, audit = _inside(tmp_path / "in", new)
+    for _, seg in list_segments(outside):
+        mirror.receive(f"{seg.name}@0", seg.read_bytes())
+    data = (outside / CHECKPOINTS_FILE).read_bytes()
+    cut = data.index(b"\n", data.index("\u2014 ".encode())) + 1  # after the first signature
+    mirror.receive(f"{CHECKPOINTS_FILE}@0", data[:cut])
+    assert mirror.witnessed == 0
+    mirror.receive(f"{CHECKPOINTS_FILE}@{cut}", data[cut:])
+    audit.close()
+    assert mirror.broken is None
+    report = verify(tmp_path / "in" / "mirror", new.public)
+    assert report.verified
+    assert mirror.witnessed == report.last_checkpoint > 0
+
+
 @pytest.mark.parametrize(
     "name", ["../x@0", "audit-1.jsonl@0", "checkpoints.log@-1", "checkpoints.log@01", "a@b"]
 )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from ferry.audit import cli as audit_cli
 from ferry.audit.merkle import Checkpoint, CompactRange, leaf_hash, parse_notes, sign_checkpoint
 from ferry.audit.record import ZERO_HASH, encode
 from ferry.crypto.keys import SecretKey, write_public_key
+
+REPO = Path(__file__).resolve().parents[2]
 
 KEY = SecretKey("ed25519", bytes(range(32)))
 FORGER = SecretKey("ed25519", bytes(range(100, 132)))
@@ -392,6 +397,73 @@ def test_a_changed_byte_in_a_checkpoint_is_caught(log_dir: Path) -> None:
     assert report.first is not None
     assert report.first.code in {"CHECKPOINT_BAD_SIGNATURE", "CHECKPOINT_MISMATCH"}
     assert "CHECKPOINT_BAD_SIGNATURE" in {p.code for p in report.problems}
+
+
+@pytest.mark.parametrize(
+    "extra", [b"\n", b"\n" * 100_000, b"not a checkpoint!\n", b"A" * 5000, b"\x00\x01\n"]
+)
+def test_bytes_after_the_last_checkpoint_that_are_no_checkpoint_are_malformed(
+    log_dir: Path, extra: bytes
+) -> None:
+    """A closed log's checkpoints.log ends with one blank line: more blank lines or junk are
+    named (neither skipped nor taken for a torn write)."""
+    ckpt = log_dir / "checkpoints.log"
+    line = ckpt.read_bytes().count(b"\n") + 1
+    with ckpt.open("ab") as f:
+        f.write(extra)
+    report = verify(log_dir, KEY.public)
+    assert [(p.code, p.file, p.line) for p in report.problems] == [
+        ("CHECKPOINT_MALFORMED", "checkpoints.log", line)
+    ]
+
+
+VERIFY_IN_LITTLE_MEMORY = """
+import resource, sys
+from pathlib import Path
+limit = 256 << 20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from ferry.audit import verify
+from ferry.crypto.keys import PublicKey
+report = verify(Path(sys.argv[1]), PublicKey("ed25519", bytes.fromhex(sys.argv[2])))
+print(*[p.code for p in report.problems])
+"""
+
+
+def test_a_flood_of_blank_lines_is_refused_in_bounded_memory(log_dir: Path) -> None:
+    """checkpoints.log is read line by line: 32 MiB of newlines (which cost gigabytes when the
+    file was split into a list of lines) verify within a 256 MiB address space."""
+    with (log_dir / "checkpoints.log").open("ab") as f:
+        f.write(b"\n" * (32 << 20))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", VERIFY_IN_LITTLE_MEMORY, str(log_dir), KEY.public.raw.hex()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["CHECKPOINT_MALFORMED"]
+
+
+def test_a_checkpoints_file_that_is_not_a_regular_file_is_malformed(
+    log_dir: Path, tmp_path: Path
+) -> None:
+    def malformed() -> str:
+        report = verify(log_dir, KEY.public)
+        assert not report.ok
+        (p,) = [p for p in report.problems if p.code == "CHECKPOINT_MALFORMED"]
+        assert p.file == "checkpoints.log"
+        return p.message
+
+    ckpt = log_dir / "checkpoints.log"
+    ckpt.rename(tmp_path / "elsewhere.log")
+    ckpt.symlink_to(tmp_path / "elsewhere.log")
+    assert "symbolic link" in malformed()
+    ckpt.unlink()
+    os.mkfifo(ckpt)  # opened without blocking
+    assert "not a regular file" in malformed()
 
 
 def test_clock_steps_back_are_warnings(tmp_path: Path) -> None:
