@@ -44,17 +44,47 @@ _AUDIT_EVENT = '"event":"audit.'
 _STARTED = '"event":"audit.started"'
 
 
-def _side_of(line: str) -> str | None:
-    """The side an ``audit.started`` record names (``detail.side``), if it is well formed."""
+_WITNESSED = '"event":"audit.witnessed"'
+MAX_WITNESSED_ORIGINS = 8  # distinct origins noted from audit.witnessed records
+
+
+def _audit_detail(line: str, limit: int | None) -> dict[str, Any] | None:
+    """The ``detail`` of an ``audit.*`` record line, if it is well formed and below ``limit``."""
     if len(line) > MAX_RECORD_BYTES:
         return None
     try:
         rec, _ = _DECODE(line)
     except (ValueError, RecursionError):
         return None
-    detail = rec.get("detail") if isinstance(rec, dict) else None
-    side = detail.get("side") if isinstance(detail, dict) else None
-    return side if side in ("outside", "inside") else None
+    if not isinstance(rec, dict) or (limit is not None and not _below(rec.get("idx"), limit)):
+        return None
+    detail = rec.get("detail")
+    return detail if isinstance(detail, dict) else None
+
+
+def _below(idx: object, limit: int) -> bool:
+    return type(idx) is int and idx < limit
+
+
+def note_audit_record(stats: LogStats, event: str, detail: dict[str, Any]) -> None:
+    """What reconcile takes from a log's own records: the side and origin its first
+    ``audit.started`` names, and the origins its ``audit.witnessed`` records name (the
+    inside's witness of the outside's log)."""
+    if event == "audit.started":
+        if stats.written_by is None:
+            side = detail.get("side")
+            stats.written_by = side if side in SIDES else None
+        if stats.origin is None:
+            origin = detail.get("origin")
+            stats.origin = origin if isinstance(origin, str) else None
+    elif event == "audit.witnessed":
+        origin = detail.get("origin")
+        if (
+            isinstance(origin, str)
+            and origin not in stats.witnessed
+            and len(stats.witnessed) < MAX_WITNESSED_ORIGINS
+        ):
+            stats.witnessed.append(origin)
 
 
 # --- timestamps ---------------------------------------------------------------------------
@@ -128,6 +158,8 @@ class LogStats:
     last_ts: str | None = None
     limit: int | None = None  # records read only below this index (a verified tree size)
     written_by: str | None = None  # the side the first audit.started record names
+    origin: str | None = None  # the origin the first audit.started record names
+    witnessed: list[str] = field(default_factory=list)  # origins audit.witnessed records name
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -215,8 +247,15 @@ def read_log(
         for line in _lines(segment, st):
             st.lines += 1
             if skip_audit and line.find(_AUDIT_EVENT, 0, _EVENT_WINDOW) > 0:
-                if st.written_by is None and line.find(_STARTED, 0, _EVENT_WINDOW) > 0:
-                    st.written_by = _side_of(line)
+                if line.find(_STARTED, 0, _EVENT_WINDOW) > 0:
+                    if st.written_by is None or st.origin is None:
+                        detail = _audit_detail(line, limit)
+                        if detail is not None:
+                            note_audit_record(st, "audit.started", detail)
+                elif line.find(_WITNESSED, 0, _EVENT_WINDOW) > 0:
+                    detail = _audit_detail(line, limit)
+                    if detail is not None:
+                        note_audit_record(st, "audit.witnessed", detail)
                 continue
             if len(line) > MAX_RECORD_BYTES or not line.isascii():
                 st.malformed += 1
