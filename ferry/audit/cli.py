@@ -36,7 +36,7 @@ from typing import Any
 
 from ferry.audit import report as report_mod
 from ferry.audit.locate import Locations, LogLocation, resolve
-from ferry.audit.reconcile import DEFAULT_GRACE, LogCheck, check_logs, reconcile
+from ferry.audit.reconcile import DEFAULT_GRACE, Reconciliation, reconcile_logs, stream_json
 from ferry.audit.reconcile import render_text as render_reconcile
 from ferry.audit.siem import CursorMismatch, Destination, Exporter, ExportOptions
 from ferry.audit.timeline import ReplayFilter, parse_when, replay, ts_us
@@ -62,6 +62,12 @@ def _log_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inside", metavar="DIR", help="the inside log")
     g.add_argument("--outside-key", metavar="PUBKEY_OR_FILE", help="the outside audit public key")
     g.add_argument("--inside-key", metavar="PUBKEY_OR_FILE", help="the inside audit public key")
+    g.add_argument(
+        "--outside-origin", metavar="ORIGIN", help="the outside log's name (its checkpoints')"
+    )
+    g.add_argument(
+        "--inside-origin", metavar="ORIGIN", help="the inside log's name (its checkpoints')"
+    )
 
 
 def _accounting_args(p: argparse.ArgumentParser) -> None:
@@ -307,7 +313,15 @@ def render(report: VerifyReport) -> str:
 
 
 def _locations(args: argparse.Namespace) -> Locations:
-    return resolve(args.config, args.outside, args.inside, args.outside_key, args.inside_key)
+    return resolve(
+        args.config,
+        args.outside,
+        args.inside,
+        args.outside_key,
+        args.inside_key,
+        outside_origin=getattr(args, "outside_origin", None),
+        inside_origin=getattr(args, "inside_origin", None),
+    )
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -344,11 +358,21 @@ def _both(locs: Locations, command: str) -> tuple[LogLocation, LogLocation]:
     return locs.outside, locs.inside
 
 
-def _checked(args: argparse.Namespace, command: str) -> tuple[list[LogCheck], int | None]:
-    """Verify the logs; the exit code to return at once if one failed."""
+def _reconciled(args: argparse.Namespace, command: str) -> tuple[Reconciliation | None, int | None]:
+    """Verify the logs and account for what was verified; the exit code to return at once
+    if a log failed verification."""
+    if not 0 <= args.grace <= MAX_GRACE:  # (also NaN)
+        raise UsageError(f"--grace must be from 0 to {MAX_GRACE:.0f} seconds")
+    now = _now(args)
     locs = _locations(args)
     _both(locs, command)
-    checks = check_logs(locs, enabled=not args.no_verify, unsigned=args.include_unsigned)
+    checks, result = reconcile_logs(
+        locs,
+        now_us=now,
+        grace=args.grace,
+        enabled=not args.no_verify,
+        unsigned=args.include_unsigned,
+    )
     bad = [c for c in checks if c.failed]
     for c in bad:
         print(
@@ -356,34 +380,17 @@ def _checked(args: argparse.Namespace, command: str) -> tuple[list[LogCheck], in
             "  nothing was reconciled; run ferry audit verify for the details",
             file=sys.stderr,
         )
-    return checks, (EXIT_UNVERIFIED if bad else None)
-
-
-def _reconciled(args: argparse.Namespace, command: str) -> tuple[Any, int | None]:
-    if not 0 <= args.grace <= MAX_GRACE:  # (also NaN)
-        raise UsageError(f"--grace must be from 0 to {MAX_GRACE:.0f} seconds")
-    now = _now(args)
-    checks, code = _checked(args, command)
-    if code is not None:
-        return None, code
-    out_check, in_check = checks
-    result = reconcile(
-        out_check.location.directory,
-        in_check.location.directory,
-        now_us=now,
-        grace=args.grace,
-        limits=(out_check.limit, in_check.limit),
-        checks=checks,
-    )
+    if bad or result is None:
+        return None, EXIT_UNVERIFIED
     return result, None
 
 
 def _reconcile(args: argparse.Namespace) -> int:
     result, code = _reconciled(args, "reconcile")
-    if code is not None:
-        return code
-    if args.json:
-        sys.stdout.write(json.dumps(result.to_json(), indent=1))
+    if result is None:
+        return code or EXIT_UNVERIFIED
+    if args.json:  # (written as it is made, never whole in memory)
+        stream_json(result.json_fields(), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         for line in render_reconcile(result, limit=args.limit):
@@ -397,8 +404,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.format == "all" and not args.output:
         raise UsageError("--format all writes several files: give -o DIRECTORY")
     result, code = _reconciled(args, "report")
-    if code is not None:
-        return code
+    if result is None:
+        return code or EXIT_UNVERIFIED
     rep = report_mod.build(
         result,
         check_files=not args.no_check_files,

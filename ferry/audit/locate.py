@@ -6,6 +6,8 @@ agent's loader does that), so an auditor can point it at a copied config on a
 review host. Paths are relative to the config file's folder:
 
 * ``audit.dir`` -- this side's log (default ``audit``);
+* ``audit.origin`` -- the name of this side's log (in its checkpoints), if the config
+  names one: reconcile reports a log with another name (ORIGIN_MISMATCH);
 * ``audit.key`` -- this side's secret audit key (default ``keys/audit.key``);
   its public half is the same path with ``.pub`` (``keys/audit.key`` ->
   ``keys/audit.pub``), and that is all an auditor needs;
@@ -42,6 +44,7 @@ class LogLocation:
     directory: Path
     key: str | None = None  # public key: inline "ferry-pk:..." or a file path; None if unknown
     mirror: bool = False  # the inside's copy of the outside's log
+    origin: str | None = None  # the log's expected name (its origin), if known
 
     def public_key(self) -> PublicKey | None:
         """The verifying key, or None when none is known (raises KeyFileError if unreadable)."""
@@ -118,7 +121,10 @@ def locate(config: Path) -> Locations:
     own_dir = base / _text(section, "dir", DEFAULT_DIR, config)
     secret = Path(_text(section, "key", DEFAULT_KEY, config))
     own_key = _key(str(_public_of(secret)), base)
-    own = LogLocation(role, own_dir, own_key)
+    origin = section.get("origin")
+    if origin is not None and (not isinstance(origin, str) or not origin):
+        raise ConfigError(f"{config}: audit.origin must be a non-empty string")
+    own = LogLocation(role, own_dir, own_key, origin=origin)
     if role == "outside":
         return Locations(outside=own, inside=None, config=config, role=role)
     mirror_dir = (
@@ -141,27 +147,40 @@ def resolve(
     inside: str | None,
     outside_key: str | None,
     inside_key: str | None,
+    *,
+    outside_origin: str | None = None,
+    inside_origin: str | None = None,
 ) -> Locations:
     """Locations from ``-c CONFIG`` and/or explicit ``--outside/--inside`` (+ keys).
 
-    Explicit paths and keys override what the config names. Raises
+    Explicit paths, keys and origins override what the config names. Raises
     :class:`ferry.errors.UsageError` when no log is given at all.
     """
     found = locate(Path(config)) if config else Locations(None, None)
     out = found.outside
     ins = found.inside
     if outside is not None:
-        out = LogLocation("outside", Path(outside), out.key if out else None)
+        out = LogLocation("outside", Path(outside), out.key if out else None,
+                          origin=out.origin if out else None)  # fmt: skip
     if inside is not None:
-        ins = LogLocation("inside", Path(inside), ins.key if ins else None)
+        ins = LogLocation("inside", Path(inside), ins.key if ins else None,
+                          origin=ins.origin if ins else None)  # fmt: skip
     if outside_key is not None:
         if out is None:
             raise UsageError("--outside-key without an outside log")
-        out = LogLocation(out.side, out.directory, outside_key, out.mirror)
+        out = LogLocation(out.side, out.directory, outside_key, out.mirror, out.origin)
     if inside_key is not None:
         if ins is None:
             raise UsageError("--inside-key without an inside log")
-        ins = LogLocation(ins.side, ins.directory, inside_key, ins.mirror)
+        ins = LogLocation(ins.side, ins.directory, inside_key, ins.mirror, ins.origin)
+    if outside_origin is not None:
+        if out is None:
+            raise UsageError("--outside-origin without an outside log")
+        out = LogLocation(out.side, out.directory, out.key, out.mirror, outside_origin)
+    if inside_origin is not None:
+        if ins is None:
+            raise UsageError("--inside-origin without an inside log")
+        ins = LogLocation(ins.side, ins.directory, ins.key, ins.mirror, inside_origin)
     if out is None and ins is None:
         raise UsageError("no audit log: give -c CONFIG, or --outside DIR and/or --inside DIR")
     return Locations(out, ins, found.config, found.role)

@@ -30,10 +30,10 @@ import bisect
 import itertools
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ferry.audit.locate import Locations, LogLocation
 from ferry.audit.record import format_ts, per_item
@@ -42,6 +42,7 @@ from ferry.audit.timeline import (
     field_int,
     field_str,
     item_of,
+    note_audit_record,
     read_log,
     safe,
     subject_label,
@@ -348,10 +349,11 @@ class LogCheck:
     report: VerifyReport | None
     note: str  # why it was not verified, or "verified"
     unsigned: bool = False  # count the records after the last signed checkpoint too
+    error: str | None = None  # verified, but what was counted is not what was verified
 
     @property
     def failed(self) -> bool:
-        return self.report is not None and not self.report.verified
+        return self.error is not None or (self.report is not None and not self.report.verified)
 
     @property
     def limit(self) -> int | None:
@@ -370,7 +372,7 @@ class LogCheck:
             "side": self.location.side,
             "path": str(self.location.directory),
             "mirror": self.location.mirror,
-            "verified": bool(rep and rep.verified),
+            "verified": bool(rep and rep.verified and self.error is None),
             "note": self.note,
             "tree_size": rep.tree_size if rep else None,
             "root": rep.root if rep else None,
@@ -384,43 +386,126 @@ def check_logs(
     locations: Locations, *, enabled: bool = True, unsigned: bool = False
 ) -> list[LogCheck]:
     """Verify each log with its key (when known and ``enabled``). ``unsigned``: count the
-    records after each log's last signed checkpoint too (:attr:`LogCheck.limit`)."""
-    out = []
-    for loc in locations.logs():
-        if not enabled:
-            out.append(LogCheck(loc, None, "not verified (--no-verify)"))
-            continue
-        key = loc.public_key()
-        if key is None:
-            out.append(LogCheck(loc, None, "not verified: no public key known for this log"))
-            continue
-        report = verify(loc.directory, key)
-        if report.verified:
-            note = "verified"
-            tail = report.tree_size - (report.last_checkpoint or 0)
-            if tail > 0 and unsigned:
-                note += f" (with {tail} records after its last signed checkpoint: not signed yet)"
-            elif tail > 0:
-                note += (
-                    f" ({tail} records after its last signed checkpoint are not counted yet: "
-                    "an agent signs them within a minute or so; run again then, or give "
-                    "--include-unsigned)"
-                )
-            if report.adopted_records:
-                ranges = ", ".join(f"{a['from']}..{a['to'] - 1}" for a in report.adopted[:3])
-                more = ", ..." if len(report.adopted) > 3 else ""
-                note += (
-                    f" ({report.adopted_records} records, {ranges}{more}, were signed only when "
-                    "the agent restarted after stopping without closing its log: ADOPTED in "
-                    "`ferry audit verify`)"
-                )
-        elif report.ok and not report.signed:
-            note = "FAILED: NOT SIGNED no checkpoint signed by its key covers a record"
-        else:
-            first = report.first
-            note = f"FAILED: {first.code} {first.message}" if first else "FAILED"
-        out.append(LogCheck(loc, report, note, unsigned))
-    return out
+    records after each log's last signed checkpoint too (:attr:`LogCheck.limit`). (To
+    account for the records, :func:`reconcile_logs` counts them as they are verified.)"""
+    return [_check(loc, enabled=enabled, unsigned=unsigned) for loc in locations.logs()]
+
+
+class _Counted:
+    """Counts the records of one log as :func:`verify` hands them over, from the bytes it
+    verified: those a checkpoint covers (or, ``unsigned``, every verified record). Whether
+    the log verifies, and so whether they count at all, is known once verify returns."""
+
+    def __init__(self, acc: Accountant, stats: LogStats, unsigned: bool) -> None:
+        self.acc = acc
+        self.stats = stats
+        self.unsigned = unsigned
+        self.end = 0  # one past the index of the last record counted
+
+    def __call__(self, rec: dict[str, Any], covered: bool) -> None:
+        if not (covered or self.unsigned):
+            return
+        st = self.stats
+        idx: int = rec["idx"]
+        self.end = idx + 1
+        st.lines += 1
+        event: str = rec["event"]
+        if event.startswith("audit."):  # (as read_log does: items never appear in them)
+            note_audit_record(st, rec)
+            return
+        st.last_idx = idx
+        ts: str = rec["ts"]
+        if st.first_ts is None:
+            st.first_ts = ts
+        if st.last_ts is None or ts > st.last_ts:
+            st.last_ts = ts
+        self.acc.feed(st.side, rec)
+
+
+def _check(
+    loc: LogLocation, *, enabled: bool, unsigned: bool, counted: _Counted | None = None
+) -> LogCheck:
+    """Verify one log (feeding ``counted`` its records as they are verified)."""
+    if not enabled:
+        return LogCheck(loc, None, "not verified (--no-verify)")
+    key = loc.public_key()
+    if key is None:
+        return LogCheck(loc, None, "not verified: no public key known for this log")
+    report = verify(loc.directory, key, on_record=counted)
+    if report.verified:
+        note = "verified"
+        tail = report.tree_size - (report.last_checkpoint or 0)
+        if tail > 0 and unsigned:
+            note += f" (with {tail} records after its last signed checkpoint: not signed yet)"
+        elif tail > 0:
+            note += (
+                f" ({tail} records after its last signed checkpoint are not counted yet: "
+                "an agent signs them within a minute or so; run again then, or give "
+                "--include-unsigned)"
+            )
+        if report.adopted_records:
+            ranges = ", ".join(f"{a['from']}..{a['to'] - 1}" for a in report.adopted[:3])
+            more = ", ..." if len(report.adopted) > 3 else ""
+            note += (
+                f" ({report.adopted_records} records, {ranges}{more}, were signed only when "
+                "the agent restarted after stopping without closing its log: ADOPTED in "
+                "`ferry audit verify`)"
+            )
+    elif report.ok and not report.signed:
+        note = "FAILED: NOT SIGNED no checkpoint signed by its key covers a record"
+    else:
+        first = report.first
+        note = f"FAILED: {first.code} {first.message}" if first else "FAILED"
+    check = LogCheck(loc, report, note, unsigned)
+    if counted is not None and report.verified and counted.end != (check.limit or 0):
+        # (never, unless verify and this count disagree on what a checkpoint covers)
+        check.error = (
+            f"records 0..{counted.end - 1} were counted, but the signed checkpoints "
+            f"cover {check.limit or 0}"
+        )
+        check.note = f"FAILED: {check.error}"
+    return check
+
+
+def reconcile_logs(
+    locations: Locations,
+    *,
+    now_us: int,
+    grace: float = DEFAULT_GRACE,
+    enabled: bool = True,
+    unsigned: bool = False,
+) -> tuple[list[LogCheck], Reconciliation | None]:
+    """Verify the outside and the inside log and account for their records (what
+    ``ferry audit reconcile`` does). A log whose key is known is verified, and its records
+    are counted in the same pass, from the bytes verified: nothing is read again by path
+    afterwards, when whoever can write the files could have changed them (a live agent
+    appends; an attacker rewrites). Only the records a verified signed checkpoint covers
+    count, unless ``unsigned``. A log without a key (or with ``enabled`` false) is read
+    unverified (:func:`read_log`). Returns each log's check and the reconciliation, which
+    is None when a log failed verification (nothing is reconciled then)."""
+    if grace < 0:
+        raise UsageError("--grace must not be negative")
+    if locations.outside is None or locations.inside is None:
+        raise UsageError(
+            "reconcile needs both logs: the outside's (or its mirror) and the inside's"
+        )
+    acc = Accountant()
+    checks: list[LogCheck] = []
+    stats: list[LogStats] = []
+    for loc in (locations.outside, locations.inside):  # (the outside's records first)
+        st = LogStats(loc.side, str(loc.directory))
+        good = not any(c.failed for c in checks)
+        counted = _Counted(acc, st, unsigned) if good else None
+        check = _check(loc, enabled=enabled, unsigned=unsigned, counted=counted)
+        if check.report is None and good:  # not verified: read as it is, and said so
+            acc.feed_log(loc.side, loc.directory, st, None)
+        elif check.report is not None:
+            st.limit = check.limit
+        checks.append(check)
+        stats.append(st)
+    if any(c.failed for c in checks):
+        return checks, None
+    return checks, settle(acc, stats[0], stats[1], now_us=now_us, grace=grace, checks=checks)
 
 
 @dataclass
@@ -450,37 +535,81 @@ class Reconciliation:
     @property
     def released(self) -> list[ItemState]:
         """Delivered items that got there by a release from the inside quarantine."""
-        return [s for s in self.accepted if s.state == "delivered" and s.released_ts]
+        return list(self._released())
+
+    def _released(self) -> Iterator[ItemState]:
+        return (s for s in self.accepted if s.state == "delivered" and s.released_ts)
 
     @property
     def missing(self) -> int:
         return sum(1 for s in self.accepted if s.state == "missing")
 
-    def to_json(self, *, items: bool = True) -> dict[str, Any]:
+    def json_fields(self, *, items: bool = True) -> Iterator[tuple[str, Any]]:
+        """The members of the JSON document, in order; the long lists as iterators (of
+        dicts made one at a time), for :func:`stream_json` to write as they come."""
         counts = self.counts()
-        rejected = Counter(s.rejected_by for s in self.accepted if s.state == "rejected")
-        out: dict[str, Any] = {
-            "now": self.now,
-            "grace": self.grace,
-            "logs": [c.to_json() for c in self.checks],
-            "read": [s.to_json() for s in self.stats],
-            "accepted": len(self.accepted),
-            "counts": counts,
-            "rejected_by": {"verdict": rejected["verdict"], "delivery": rejected["delivery"]},
-            "released": [s.to_json() for s in self.released],
-            "intake_rejected": sum(self.accountant.intake_rejected.values()),
-            "control_objects": self.control,
-            "discrepancies": [d.to_json() for d in self.discrepancies],
-            "sequence_gaps": [g.to_json() for g in self.gaps],
-            "outside_seq_holes": {"count": self.hole_count, "listed": self.holes},
-            "missing": [s.to_json() for s in self.by_state("missing")],
-            "in_flight": [s.to_json() for s in self.by_state("in_flight")],
-            "rejected": [s.to_json() for s in self.by_state("rejected")],
-            "unexplained": [s.to_json() for s in self.unexplained],
-        }
+        rejected = Counter(s.rejected_by for s in self.by_state("rejected"))
+        yield "now", self.now
+        yield "grace", self.grace
+        yield "logs", [c.to_json() for c in self.checks]
+        yield "read", [s.to_json() for s in self.stats]
+        yield "accepted", len(self.accepted)
+        yield "counts", counts
+        yield "rejected_by", {"verdict": rejected["verdict"], "delivery": rejected["delivery"]}
+        yield "released", (s.to_json() for s in self._released())
+        yield "intake_rejected", sum(self.accountant.intake_rejected.values())
+        yield "control_objects", self.control
+        yield "discrepancies", (d.to_json() for d in self.discrepancies)
+        yield "sequence_gaps", (g.to_json() for g in self.gaps)
+        yield "outside_seq_holes", {"count": self.hole_count, "listed": self.holes}
+        for state in ("missing", "in_flight", "rejected"):
+            yield state, (s.to_json() for s in self.by_state(state))
+        yield "unexplained", (s.to_json() for s in self.unexplained)
         if items:
-            out["items"] = [s.to_json() for s in self.accepted]
-        return out
+            yield "items", (s.to_json() for s in self.accepted)
+
+    def to_json(self, *, items: bool = True) -> dict[str, Any]:
+        """The whole document in memory (small logs, tests; ``--json`` streams it)."""
+        return {
+            key: list(value) if isinstance(value, Iterator) else value
+            for key, value in self.json_fields(items=items)
+        }
+
+
+def stream_json(
+    fields: Iterable[tuple[str, Any]], out: IO[str], *, indent: int | None = None
+) -> None:
+    """Write a JSON object member by member, and the members that are iterators as arrays,
+    element by element: the text ``json.dumps`` gives for the object with the iterators
+    made lists (and ``indent``, or compact separators without), without ever holding the
+    document, or a list of its elements, in memory."""
+    if indent is None:
+        item_sep, key_sep, nl1, nl2, end = ",", ":", "", "", "}"
+    else:
+        item_sep, key_sep = ",", ": "
+        nl1, nl2 = "\n" + " " * indent, "\n" + " " * (2 * indent)
+        end = "\n}"
+    dumps = json.JSONEncoder(indent=indent, separators=(item_sep, key_sep)).encode
+
+    def nested(value: Any, nl: str) -> str:  # (a newline in the text is always structure)
+        text = dumps(value)
+        return text.replace("\n", nl) if nl else text
+
+    out.write("{")
+    first = True
+    for key, value in fields:
+        out.write(("" if first else item_sep) + nl1 + dumps(key) + key_sep)
+        first = False
+        if not isinstance(value, Iterator):
+            out.write(nested(value, nl1))
+            continue
+        out.write("[")
+        n = 0
+        for element in value:
+            out.write((item_sep if n else "") + nl2 + nested(element, nl2))
+            n += 1
+        out.write(nl1 + "]" if n else "]")
+    out.write(end if not first else "}")
 
 
 def reconcile(
@@ -492,7 +621,9 @@ def reconcile(
     limits: tuple[int | None, int | None] = (None, None),
     checks: list[LogCheck] | None = None,
 ) -> Reconciliation:
-    """Account for every item of the ``outside`` log (or mirror) against the ``inside`` log."""
+    """Account for every item of the ``outside`` log (or mirror) against the ``inside`` log,
+    read as they are, unverified (``limits``: read only the records below these indexes).
+    To verify the logs and count what was verified, use :func:`reconcile_logs`."""
     if grace < 0:
         raise UsageError("--grace must not be negative")
     acc = Accountant()
@@ -526,6 +657,7 @@ def settle(
         for side, said in (("outside", out_stats.written_by), ("inside", in_stats.written_by))
         if said is not None and said != side
     ]
+    problems.extend(_origin_problems(out_stats, in_stats, checks))
     control = 0
     for st in acc.items.values():
         if st.channels_seen:  # (the outside's records are read first: it cannot decide alone)
@@ -605,6 +737,50 @@ def settle(
         accountant=acc,
         control=control,
     )
+
+
+def _origin_problems(
+    out_stats: LogStats, in_stats: LogStats, checks: list[LogCheck]
+) -> list[Discrepancy]:
+    """Each log's origin (its name in its checkpoints and audit.started records) against the
+    one expected for its side, when its agent's config names it (``audit.origin``; or
+    ``--outside-origin``/``--inside-origin``); and the outside log's against the one the
+    inside witnessed (its ``audit.witnessed`` records: the log the inside mirrored). A log
+    of another gateway signed by the same key, or an old log, is not the one to account
+    for. (A swapped pair is WRONG_SIDE.)"""
+    problems: list[Discrepancy] = []
+    actual: dict[str, str | None] = {}
+    for st in (out_stats, in_stats):
+        check = next((c for c in checks if c.location.side == st.side), None)
+        rep = check.report if check is not None else None
+        origin = actual[st.side] = rep.origin if rep is not None and rep.ok else st.origin
+        if origin is None:
+            continue
+        expected = check.location.origin if check is not None else None
+        if expected is not None and origin != expected:
+            problems.append(
+                Discrepancy(
+                    "ORIGIN_MISMATCH",
+                    None,
+                    f"the {st.side} log given is the log {origin!r}, but {expected!r} was "
+                    f"expected (audit.origin in its agent's config, or --{st.side}-origin): "
+                    "it is another log than the one to account for",
+                )
+            )
+    outside = actual.get("outside")
+    if outside is not None:
+        problems.extend(
+            Discrepancy(
+                "ORIGIN_MISMATCH",
+                None,
+                f"the outside log given is the log {outside!r}, but the inside log witnessed "
+                f"the outside's log as {w!r} (audit.witnessed): it is not the log the inside "
+                "mirrored",
+            )
+            for w in in_stats.witnessed_origins
+            if w != outside
+        )
+    return problems
 
 
 def _behind(

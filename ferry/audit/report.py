@@ -16,7 +16,6 @@ import csv
 import errno
 import hashlib
 import html
-import json
 import os
 import stat
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ferry import __version__
-from ferry.audit.reconcile import STATES, ItemState, Reconciliation, reason_code
+from ferry.audit.reconcile import STATES, ItemState, Reconciliation, reason_code, stream_json
 from ferry.audit.record import format_ts
 from ferry.audit.timeline import safe, ts_us
 
@@ -280,37 +279,46 @@ def write_text(report: Report, out: IO[str]) -> None:
         out.write(line + "\n")
 
 
-def to_json(report: Report) -> dict[str, Any]:
+def json_fields(report: Report) -> Iterator[tuple[str, Any]]:
+    """The members of the JSON report, in order; the item lists as iterators (one dict
+    made at a time, for :func:`write_json` to write as they come)."""
     rec = report.rec
-    items = []
-    for st in rec.accepted:
-        row = st.to_json()
-        row["file_check"] = report.files.get(st.item)
-        items.append(row)
+    yield "title", report.title
+    yield "generated", report.generated
+    yield "ferry_version", __version__
+    yield "now", rec.now
+    yield "grace", rec.grace
+    yield "logs", [c.to_json() for c in rec.checks]
+    yield "read", [s.to_json() for s in rec.stats]
+    yield "summary", report.summary()
+    yield "bucket_seconds", report.bucket_seconds
+    yield "buckets", [{"start": start, **c} for start, c in report.buckets]
+    yield "verdicts", dict(report.verdicts.most_common())
+    yield "rejection_reasons", dict(report.reasons.most_common())
+    yield "refused_at_intake", dict(report.refused.most_common())
+    yield "discrepancies", (d.to_json() for d in rec.discrepancies)
+    yield "sequence_gaps", (g.to_json() for g in rec.gaps)
+    yield "unexplained", (s.to_json() for s in rec.unexplained)
+    yield "items", (_item_json(report, st) for st in rec.accepted)
+
+
+def _item_json(report: Report, st: ItemState) -> dict[str, Any]:
+    row = st.to_json()
+    row["file_check"] = report.files.get(st.item)
+    return row
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The whole report as one document in memory (:func:`write_json` streams it)."""
     return {
-        "title": report.title,
-        "generated": report.generated,
-        "ferry_version": __version__,
-        "now": rec.now,
-        "grace": rec.grace,
-        "logs": [c.to_json() for c in rec.checks],
-        "read": [s.to_json() for s in rec.stats],
-        "summary": report.summary(),
-        "bucket_seconds": report.bucket_seconds,
-        "buckets": [{"start": start, **c} for start, c in report.buckets],
-        "verdicts": dict(report.verdicts.most_common()),
-        "rejection_reasons": dict(report.reasons.most_common()),
-        "refused_at_intake": dict(report.refused.most_common()),
-        "discrepancies": [d.to_json() for d in rec.discrepancies],
-        "sequence_gaps": [g.to_json() for g in rec.gaps],
-        "unexplained": [s.to_json() for s in rec.unexplained],
-        "items": items,
+        key: list(value) if isinstance(value, Iterator) else value
+        for key, value in json_fields(report)
     }
 
 
 def write_json(report: Report, out: IO[str]) -> None:
-    """Compact JSON (one line; 100,000 items make about 70 MB)."""
-    out.write(json.dumps(to_json(report), separators=(",", ":")))  # the C encoder
+    """Compact JSON (one line; 100,000 items make about 70 MB), written as it is made."""
+    stream_json(json_fields(report), out)
     out.write("\n")
 
 

@@ -42,37 +42,49 @@ _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{
 _EVENT_WINDOW = 100
 _AUDIT_EVENT = '"event":"audit.'
 _STARTED = '"event":"audit.started"'
+
+
 _WITNESSED = '"event":"audit.witnessed"'
+MAX_WITNESSED_ORIGINS = 8  # distinct origins noted from audit.witnessed records
 
 
-def _side_of(line: str) -> str | None:
-    """The side an ``audit.started`` record names (``detail.side``), if it is well formed."""
+def _audit_record(line: str, limit: int | None) -> dict[str, Any] | None:
+    """An ``audit.*`` record line, decoded, if it is well formed and below ``limit``."""
     if len(line) > MAX_RECORD_BYTES:
         return None
     try:
         rec, _ = _DECODE(line)
     except (ValueError, RecursionError):
         return None
-    detail = rec.get("detail") if isinstance(rec, dict) else None
-    side = detail.get("side") if isinstance(detail, dict) else None
-    return side if side in ("outside", "inside") else None
+    if not _well_formed(rec) or (limit is not None and rec["idx"] >= limit):
+        return None
+    return rec  # type: ignore[no-any-return]
 
 
-def _note_witnessed(line: str, st: LogStats, limit: int | None) -> None:
-    """Keep the largest checkpoint size an ``audit.witnessed`` record names (below limit)."""
-    if len(line) > MAX_RECORD_BYTES:
-        return
-    try:
-        rec, _ = _DECODE(line)
-    except (ValueError, RecursionError):
-        return
-    if not _well_formed(rec):
-        return
-    size = rec.get("detail", _EMPTY).get("size")
-    if type(size) is not int or (limit is not None and rec["idx"] >= limit):
-        return
-    if not st.witnessed or size > st.witnessed[-1][1]:
-        st.witnessed.append((rec["ts"], size))
+def note_audit_record(stats: LogStats, rec: dict[str, Any]) -> None:
+    """What reconcile takes from a log's own (well-formed) records: the side and origin its
+    first ``audit.started`` names; the origins its ``audit.witnessed`` records name (the
+    inside's witness of the outside's log), and how far each witnessed it."""
+    event: str = rec["event"]
+    detail: dict[str, Any] = rec.get("detail", _EMPTY)
+    if event == "audit.started":
+        if stats.written_by is None:
+            side = detail.get("side")
+            stats.written_by = side if side in SIDES else None
+        if stats.origin is None:
+            origin = detail.get("origin")
+            stats.origin = origin if isinstance(origin, str) else None
+    elif event == "audit.witnessed":
+        origin = detail.get("origin")
+        if (
+            isinstance(origin, str)
+            and origin not in stats.witnessed_origins
+            and len(stats.witnessed_origins) < MAX_WITNESSED_ORIGINS
+        ):
+            stats.witnessed_origins.append(origin)
+        size = detail.get("size")
+        if type(size) is int and (not stats.witnessed or size > stats.witnessed[-1][1]):
+            stats.witnessed.append((rec["ts"], size))
 
 
 # --- timestamps ---------------------------------------------------------------------------
@@ -146,6 +158,9 @@ class LogStats:
     last_ts: str | None = None
     limit: int | None = None  # records read only below this index (a verified tree size)
     written_by: str | None = None  # the side the first audit.started record names
+    origin: str | None = None  # the origin the first audit.started record names
+    # origins audit.witnessed records name
+    witnessed_origins: list[str] = field(default_factory=list)
     # (ts, size) of each audit.witnessed record of an inside log that names a larger outside
     # checkpoint than the one before: the outside log read must hold at least that many.
     witnessed: list[tuple[str, int]] = field(default_factory=list)
@@ -236,10 +251,13 @@ def read_log(
         for line in _lines(segment, st):
             st.lines += 1
             if skip_audit and line.find(_AUDIT_EVENT, 0, _EVENT_WINDOW) > 0:
-                if st.written_by is None and line.find(_STARTED, 0, _EVENT_WINDOW) > 0:
-                    st.written_by = _side_of(line)
-                elif line.find(_WITNESSED, 0, _EVENT_WINDOW) > 0:
-                    _note_witnessed(line, st, limit)
+                started = line.find(_STARTED, 0, _EVENT_WINDOW) > 0
+                if (started and (st.written_by is None or st.origin is None)) or line.find(
+                    _WITNESSED, 0, _EVENT_WINDOW
+                ) > 0:
+                    rec = _audit_record(line, limit)
+                    if rec is not None:
+                        note_audit_record(st, rec)
                 continue
             if len(line) > MAX_RECORD_BYTES or not line.isascii():
                 st.malformed += 1

@@ -27,7 +27,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,10 @@ _SEGMENT = re.compile(r"audit-([0-9]{6})\.jsonl")
 MAX_REPORTED_PER_CODE = 10
 MAX_HANDOVERS = 100  # audit.started records naming earlier keys that are followed
 DEFAULT_TS_TOLERANCE = 1.0  # seconds a timestamp may go back before it is reported
+# Called with each record as soon as it is verified (decoded, schema, index, chain), from the
+# very bytes verified, and whether a checkpoint in checkpoints.log covers it (whether that
+# checkpoint verifies is known only at the end: the caller trusts nothing before then).
+RecordHook = Callable[[dict[str, Any], bool], None]
 
 
 # A piece of a log as the audit mirror ships it (outside/mirror.py): "<file>@<byte offset>".
@@ -258,8 +262,10 @@ class _Verifier:
         keys: tuple[PublicKey, ...],
         ts_tolerance: float,
         first_segment: int | None = None,
+        on_record: RecordHook | None = None,
     ) -> None:
         self.path = path
+        self.on_record = on_record
         self.keys = keys
         self.first_segment = first_segment
         self.tolerance_us = int(ts_tolerance * 1_000_000)
@@ -429,6 +435,8 @@ class _Verifier:
             self.prev_hex = leaf.hex()
             self.prev_pos = pos
             self.report.records += 1
+            if self.on_record is not None:
+                self.on_record(rec, pos.idx < self.top_note)
             self._check_notes(pos)
             if rec["event"] == "audit.checkpoint" and self.tree.size > self.top_note:
                 self.unstored.append((self.tree.size, self.tree.root()))
@@ -902,6 +910,7 @@ def verify(
     public_key: PublicKey | Sequence[PublicKey] | None = None,
     *,
     ts_tolerance: float = DEFAULT_TS_TOLERANCE,
+    on_record: RecordHook | None = None,
 ) -> VerifyReport:
     """Verify the audit log at ``path`` (a directory, or one segment file).
 
@@ -910,12 +919,14 @@ def verify(
     :meth:`_Verifier._keys`) are trusted too. Without it, signatures are checked against
     the keys the log names and the report is not :attr:`~VerifyReport.authenticated`.
     Raises :class:`UsageError` if ``path`` is neither a log directory nor a segment file.
+    ``on_record``: see :data:`RecordHook` (reconcile counts the records it is given, so
+    that what it counts is exactly what was verified, never a second read of the files).
     """
     keys = _key_tuple(public_key)
     for key in keys:
         if key.alg != "ed25519":
             raise UsageError(f"the audit key is an ed25519 key, not {key.alg}")
-    return _Verifier(Path(path), keys, ts_tolerance).run()
+    return _Verifier(Path(path), keys, ts_tolerance, on_record=on_record).run()
 
 
 def _key_tuple(keys: PublicKey | Sequence[PublicKey] | None) -> tuple[PublicKey, ...]:

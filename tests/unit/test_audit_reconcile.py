@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from audit_scenario import IN_KEY, OUT_KEY, T0, Builder, S, Standard, configs, item_id, standard
 
 from ferry.audit import AuditLog, AuditSettings, verify
 from ferry.audit import cli as audit_cli
+from ferry.audit import reconcile as reconcile_mod
+from ferry.audit import report as report_mod
 from ferry.audit.locate import locate
-from ferry.audit.reconcile import Reconciliation, reconcile
+from ferry.audit.reconcile import Reconciliation, reconcile, stream_json
 from ferry.audit.reconcile import render_text as render
 from ferry.audit.record import AuditObject, Subject, format_ts
 
@@ -555,3 +563,244 @@ def test_logs_given_for_the_wrong_side_are_a_discrepancy(
                       "--now", "2026-11-22"], capsys)  # fmt: skip
     assert rc == 0, out
     assert "WRONG_SIDE" not in out
+
+
+# --- --json written as it is made -------------------------------------------------------------
+
+
+def test_the_json_written_as_it_is_made_is_the_document(scn: Standard, tmp_path: Path) -> None:
+    """``--json`` (and the report's JSON) is written member by member and item by item; the
+    text is what json.dumps gives for the whole document."""
+    r = reconcile(scn.outside, scn.inside, now_us=scn.now)
+    out = io.StringIO()
+    stream_json(r.json_fields(), out, indent=1)
+    assert out.getvalue() == json.dumps(r.to_json(), indent=1)
+    out = io.StringIO()
+    stream_json(r.json_fields(items=False), out)
+    assert out.getvalue() == json.dumps(r.to_json(items=False), separators=(",", ":"))
+    empty = io.StringIO()
+    stream_json(
+        iter([("a", iter([])), ("b", {}), ("c", iter([{"x": [1, "\n"]}]))]), empty, indent=1
+    )
+    assert empty.getvalue() == json.dumps({"a": [], "b": {}, "c": [{"x": [1, "\n"]}]}, indent=1)
+    rep = report_mod.build(r, check_files=False)
+    out = io.StringIO()
+    report_mod.write_json(rep, out)
+    assert out.getvalue() == json.dumps(report_mod.to_json(rep), separators=(",", ":")) + "\n"
+
+
+# The peak RSS of this process image, in KiB: VmHWM (ru_maxrss would do, but Linux carries it
+# over from the parent across fork and exec: a child of a large pytest starts that large).
+_RSS_CHILD = """
+import contextlib, io, json, sys
+from ferry.audit import cli
+def peak():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+def run(*extra):
+    out = io.StringIO() if not extra else open(sys.argv[1], "w")
+    with contextlib.redirect_stdout(out):
+        rc = cli.run(["reconcile", "--outside", sys.argv[2], "--inside", sys.argv[3],
+                      "--now", "2026-11-22", *extra])
+    out.close()
+    return rc, peak()
+print(json.dumps([run(), run("--json")]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM (Linux)")
+def test_reconcile_json_does_not_hold_the_document_in_memory(tmp_path: Path) -> None:
+    """``reconcile --json`` built the whole document, then its text, in memory: 2.56 GB for
+    200,000 items. Now the peak is that of the text output: what the accounting needs.
+    (In one child process: the text output first, then --json; with 8,000 items the old
+    code grew by about 45 MiB.)"""
+    b = Builder(tmp_path)
+    n = 8000
+    for i in range(n):
+        item, t = item_id(i + 1), T0 + i * S
+        b.accept(item, t, seq=i + 1)
+        b.send(item, t + S // 10, seq=i + 1, times=1)
+        b.receive(item, t + S // 5, seq=i + 1)
+        b.deliver(item, t + S // 4, seq=i + 1, path=f"/nonexistent/{i}", content=b"x")
+    outside, inside = b.write()
+    out = tmp_path / "out.json"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(out), str(outside), str(inside)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        check=True,
+    )
+    (rc_text, rss_text), (rc_json, rss_json) = json.loads(proc.stdout.splitlines()[-1])
+    assert (rc_text, rc_json) == (0, 0), proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["counts"]["delivered"] == n
+    assert len(doc["items"]) == n
+    assert rss_json - rss_text < 16 * 1024, (rss_text, rss_json)  # KiB
+
+
+# --- what is counted is what was verified -----------------------------------------------------
+
+
+def _tamper_after_verify(
+    monkeypatch: pytest.MonkeyPatch, directory: Path, change: Callable[[bytes], bytes]
+) -> list[str]:
+    """Make reconcile's verify rewrite a segment of ``directory`` right after it returns."""
+    real = reconcile_mod.verify
+    done: list[str] = []
+
+    def verify_then_tamper(path: Any, *args: Any, **kw: Any) -> Any:
+        report = real(path, *args, **kw)
+        if Path(path) == directory and not done:
+            seg = directory / "audit-000001.jsonl"
+            seg.write_bytes(change(seg.read_bytes()))
+            done.append(str(seg))
+        return report
+
+    monkeypatch.setattr(reconcile_mod, "verify", verify_then_tamper)
+    return done
+
+
+def test_records_changed_after_verification_are_not_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reconcile verified each log, then read the files again by path: whoever could write
+    them in between (an attacker; a live agent appending) had records counted that were
+    never verified. Here a missing item's inside record is rewritten as its delivery right
+    after the inside log verified: it is still missing (what is counted is what verify read)."""
+    b = _clean(tmp_path)
+    stuck, t = item_id(50), T0 + 5 * 60 * S
+    b.accept(stuck, t, seq=4)
+    b.send(stuck, t + S, seq=4)
+    b.receive(stuck, t + 2 * S, seq=4)
+    b.recheck(stuck, t + 3 * S, seq=4)
+    outside, inside = b.write()
+    args = [
+        "reconcile", "--outside", str(outside), "--inside", str(inside), "--now", "2026-11-22",
+        "--outside-key", OUT_KEY.public.to_string(), "--inside-key", IN_KEY.public.to_string(),
+    ]  # fmt: skip
+
+    def forge(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            if b'"event":"recheck"' in line and stuck.encode() in line:
+                rec = json.loads(line)
+                rec["event"] = "delivery.delivered"
+                lines[i] = json.dumps(rec, separators=(",", ":")).encode()
+                return b"\n".join(lines)
+        raise AssertionError("no recheck record of the item")
+
+    rc, out, _ = run(args, capsys)
+    assert rc == 10, out  # (untouched: the item is missing)
+    done = _tamper_after_verify(monkeypatch, inside, forge)
+    rc, out, _ = run(args, capsys)
+    assert done, "the segment was not rewritten"
+    assert rc == 10, out
+    assert f"{stuck}  channel files/permits #4" in out
+    assert ": verified;" in out
+    # (the rewritten log no longer verifies, of course)
+    monkeypatch.undo()
+    assert run(args, capsys)[0] == 12
+
+
+def test_records_appended_after_verification_are_not_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --include-unsigned, every verified record counts: a line appended after verify
+    returned (a live agent's, or anyone's) is not one of them."""
+    b = _clean(tmp_path)
+    stuck, t = item_id(50), T0 + 5 * 60 * S
+    b.accept(stuck, t, seq=4)
+    outside, inside = b.write()
+    args = [
+        "reconcile", "--outside", str(outside), "--inside", str(inside), "--now", "2026-11-22",
+        "--outside-key", OUT_KEY.public.to_string(), "--inside-key", IN_KEY.public.to_string(),
+        "--include-unsigned", "--json",
+    ]  # fmt: skip
+    last = json.loads((inside / "audit-000001.jsonl").read_bytes().splitlines()[-1])
+    forged = {
+        **last,
+        "idx": last["idx"] + 1,
+        "event": "delivery.delivered",
+        "object": {"kind": "file", "item": stuck, "channel": "files/permits", "seq": 4},
+        "detail": {"consumers": 0},
+        "corr": stuck,
+    }
+    line = json.dumps(forged, separators=(",", ":")).encode() + b"\n"
+    _tamper_after_verify(monkeypatch, inside, lambda data: data + line)
+    capsys.readouterr()  # (the writer's own log lines)
+    rc, out, _ = run(args, capsys)
+    doc = json.loads(out)
+    assert rc == 10, out
+    assert [m["item"] for m in doc["missing"]] == [stuck]
+    assert doc["read"][1]["last_idx"] < forged["idx"]
+
+
+# --- the origin of each log -------------------------------------------------------------------
+
+
+def test_a_log_whose_origin_is_not_the_expected_one_is_a_discrepancy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each log's origin (its name in its checkpoints) was never compared with the one its
+    agent's config names: another gateway's log signed by the same key, or an old log, was
+    accounted for as the one expected."""
+    b = _clean(tmp_path / "logs")
+    outside, inside = b.write()
+    scn = Standard(outside, inside, T0 + 3600 * S, {}, {})
+    _, in_cfg = configs(tmp_path, scn)
+    base = ["reconcile", "-c", str(in_cfg), "--now", "2026-11-22"]
+    rc, out, _ = run(base, capsys)
+    assert rc == 0, out
+    assert run([*base, "--inside-origin", "inside.test/audit"], capsys)[0] == 0
+    text = in_cfg.read_text().replace(
+        "  dir: audit\n", "  dir: audit\n  origin: inside.gw2/audit\n"
+    )
+    in_cfg.write_text(text)
+    rc, out, _ = run(base, capsys)
+    assert rc == 11, out
+    assert out.count("ORIGIN_MISMATCH") == 1
+    assert "the inside log given is the log 'inside.test/audit', but 'inside.gw2/audit'" in out
+    rc, out, _ = run([*base, "--outside-origin", "outside.gw2/audit", "--json"], capsys)
+    assert rc == 11, out
+    found = json.loads(out)["discrepancies"]
+    assert [d["code"] for d in found] == ["ORIGIN_MISMATCH", "ORIGIN_MISMATCH"]
+    assert found[0]["message"].startswith(
+        "the outside log given is the log 'outside.test/audit', but 'outside.gw2/audit' was "
+        "expected (audit.origin in its agent's config, or --outside-origin)"
+    )
+    assert found[1]["message"].startswith("the inside log given is the log 'inside.test/audit'")
+
+
+def test_an_outside_log_other_than_the_one_the_inside_witnessed_is_a_discrepancy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The inside's own log names the outside log it mirrored (audit.witnessed): an outside
+    log with another origin is not that log."""
+    b = _clean(tmp_path)
+    witnessed = {"origin": "outside.test/audit", "size": 10, "root": "00" * 32}
+    b.add("inside", T0 + 30 * S, "audit.witnessed", subject=Subject.component("audit-mirror"),
+          obj=AuditObject(kind="checkpoint", size=10), detail=witnessed)  # fmt: skip
+    other = {**witnessed, "origin": "outside.elsewhere/audit"}
+    b.add("inside", T0 + 40 * S, "audit.witnessed", subject=Subject.component("audit-mirror"),
+          obj=AuditObject(kind="checkpoint", size=10), detail=other)  # fmt: skip
+    outside, inside = b.write()
+    r = reconcile(outside, inside, now_us=T0 + 3600 * S)
+    assert [(d.code, d.message) for d in r.discrepancies] == [
+        (
+            "ORIGIN_MISMATCH",
+            "the outside log given is the log 'outside.test/audit', but the inside log "
+            "witnessed the outside's log as 'outside.elsewhere/audit' (audit.witnessed): it "
+            "is not the log the inside mirrored",
+        )
+    ]
+    args = [
+        "reconcile", "--outside", str(outside), "--inside", str(inside), "--now", "2026-11-22",
+        "--outside-key", OUT_KEY.public.to_string(), "--inside-key", IN_KEY.public.to_string(),
+    ]  # fmt: skip
+    rc, out, _ = run(args, capsys)  # (verified: the same facts from the records verified)
+    assert rc == 11, out
+    assert out.count("ORIGIN_MISMATCH") == 1
