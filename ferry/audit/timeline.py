@@ -83,7 +83,13 @@ def note_audit_record(stats: LogStats, rec: dict[str, Any]) -> None:
         ):
             stats.witnessed_origins.append(origin)
         size = detail.get("size")
-        if type(size) is int and (not stats.witnessed or size > stats.witnessed[-1][1]):
+        if type(size) is not int:
+            return
+        if stats.witnessed and size < stats.witnessed[-1][1]:
+            # A smaller checkpoint: the inside witnesses another log now (its mirror was
+            # moved aside for a rebuilt outside, docs/OPERATIONS.md). Only the newest counts.
+            stats.witnessed.clear()
+        if not stats.witnessed or size > stats.witnessed[-1][1]:
             stats.witnessed.append((rec["ts"], size))
 
 
@@ -162,7 +168,8 @@ class LogStats:
     # origins audit.witnessed records name
     witnessed_origins: list[str] = field(default_factory=list)
     # (ts, size) of each audit.witnessed record of an inside log that names a larger outside
-    # checkpoint than the one before: the outside log read must hold at least that many.
+    # checkpoint than the one before, since the last that named a smaller one (the log the
+    # inside witnesses now): the outside log read must hold at least that many records.
     witnessed: list[tuple[str, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

@@ -298,6 +298,22 @@ def test_an_outside_log_older_than_the_inside_witnessed_is_a_discrepancy(tmp_pat
     assert f"witnessed checkpoint {records + 40} of the outside log" in d.message
     assert f"holds {records} records" in d.message
 
+    # After a rebuilt outside the inside witnesses a new log from its start (its mirror moved
+    # aside): the old log's checkpoints no longer count against the one now witnessed.
+    b.add(
+        "inside",
+        T0 + 5 * 60 * S,
+        "audit.witnessed",
+        subject=Subject.component("audit-mirror"),
+        obj=AuditObject(kind="checkpoint", size=3),
+        detail={"origin": "outside.test/audit", "size": 3, "root": "cd" * 32},
+    )
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    b.root = rebuilt
+    outside, inside = b.write()
+    assert reconcile(outside, inside, now_us=now + 600 * S).discrepancies == []
+
 
 def test_outside_sequence_holes_are_noted(tmp_path: Path) -> None:
     b = _clean(tmp_path)
