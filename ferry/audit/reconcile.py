@@ -52,6 +52,9 @@ from ferry.audit.verify import VerifyReport, verify
 from ferry.errors import UsageError
 
 DEFAULT_GRACE = 600.0  # seconds: longer than a planned repeat schedule, shorter than a shift
+# Seconds the outside log read (the inside's mirror of it, say) may lag behind the inside's
+# log before it counts as behind (OUTSIDE_LOG_BEHIND); the grace period if that is longer.
+MIN_LAG = 600.0
 STATES = ("delivered", "rejected", "in_flight", "missing")
 MAX_LISTED_HOLES = 1000
 _NONE: dict[str, Any] = {}
@@ -681,7 +684,8 @@ def settle(
     unexplained.sort(key=lambda s: (s.inside_first_ts or s.last_ts, s.item))
     horizon_end = out_stats.last_ts
     tolerance = format_ts(ts_us(horizon_end) - int(grace * 1_000_000)) if horizon_end else None
-    overdue = format_ts(ts_us(horizon_end) + int(grace * 1_000_000)) if horizon_end else None
+    lag = int(max(grace, MIN_LAG) * 1_000_000)
+    overdue = format_ts(ts_us(horizon_end) + lag) if horizon_end else None
     behind: list[str] = []  # first arrival of each item the outside log should hold by now
     for st in unexplained:
         first = st.inside_first_ts or st.last_ts
@@ -697,8 +701,8 @@ def settle(
         elif overdue is not None and first > overdue:
             st.state = "after_outside_log"
             st.evidence.append(
-                "arrived more than the grace period after the outside log's last record: the "
-                "outside log read has stopped growing, or is an old copy"
+                "arrived more than the grace period (at least 10 minutes) after the outside "
+                "log's last record: the outside log read has stopped growing, or is an old copy"
             )
             behind.append(first)
         elif tolerance is None or first > tolerance:
@@ -719,7 +723,7 @@ def settle(
                     f"seen inside at {first} but never accepted in the outside log",
                 )
             )
-    problems.extend(_behind(out_stats, in_stats, behind, cutoff))
+    problems.extend(_behind(out_stats, in_stats, behind, format_ts(now_us - lag)))
     gaps = _gaps(acc, accepted)
     _overtaken(accepted)
     holes, hole_count = _holes(accepted)
@@ -787,8 +791,8 @@ def _behind(
     out_stats: LogStats, in_stats: LogStats, arrivals: list[str], cutoff: str
 ) -> list[Discrepancy]:
     """The outside log read is older than the inside says it should be: the inside witnessed
-    a later checkpoint of it (before the grace period: a live mirror may grow between its
-    reading and the inside log's), or items arrived long after its last record. A rolled-back
+    a later checkpoint of it (before ``cutoff``: a live mirror may grow between its reading
+    and the inside log's), or items arrived long after its last record. A rolled-back
     or stale copy (of the mirror, say), or an outside that stopped shipping its log, would
     otherwise hide what the outside recorded after it."""
     out: list[Discrepancy] = []
@@ -812,10 +816,10 @@ def _behind(
                 "OUTSIDE_LOG_BEHIND",
                 None,
                 f"{len(arrivals)} item(s) arrived inside from {min(arrivals)} to "
-                f"{max(arrivals)}, more than the grace period after the outside log's last "
-                f"record ({out_stats.last_ts}): the outside log read stopped growing (is the "
-                "mirror stuck? `ferry inside mirror status`) or is an old copy; they are "
-                "listed as after_outside_log",
+                f"{max(arrivals)}, more than the grace period (at least 10 minutes) after the "
+                f"outside log's last record ({out_stats.last_ts}): the outside log read stopped "
+                "growing (is the mirror stuck? `ferry inside mirror status`) or is an old "
+                "copy; they are listed as after_outside_log",
             )
         )
     return out
