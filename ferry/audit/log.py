@@ -80,6 +80,8 @@ _log = log.get("audit")
 SELF = Subject.component("audit")
 LOCK_FILE = ".lock"
 MAX_SEGMENTS = 999_999  # segment numbers have six digits
+# The records a new log holds before its first checkpoint record.
+_FIRST_START = frozenset({"audit.segment_opened", "audit.started", "audit.tail_truncated"})
 
 
 @dataclass(frozen=True)
@@ -662,6 +664,8 @@ class AuditLog:
                     self._outage_error = _describe(again)
                     self._changed.notify_all()
                 if closing:
+                    with contextlib.suppress(OSError):  # (no partial line left behind)
+                        self._reset_files()
                     _say("error", "audit_closed_unwritten", directory=str(self._dir))
                     return False
                 continue
@@ -746,6 +750,8 @@ class AuditLog:
             if number != expected:
                 raise self._fail_open(f"segment {segment_name(expected)} is missing")
         segs = self._drop_empty_tail(segs, truncations)
+        if not notes and len(segs) == 1 and self._drop_first_start(segs[0][1], truncations):
+            segs = []
         if not segs:
             if notes:
                 raise self._fail_open("checkpoints.log exists but there are no segments")
@@ -807,6 +813,27 @@ class AuditLog:
         if parsed.notes:
             self._note_size = parsed.notes[-1].checkpoint.size
         return parsed.notes
+
+    def _drop_first_start(self, path: Path, truncations: list[_Truncation]) -> bool:
+        """Remove a log's only segment if it holds nothing but a first start that stopped
+        before its first checkpoint record was written (so nothing was ever signed), and
+        start the log again; else False."""
+        with path.open("rb") as f:
+            data = f.read(4 * MAX_RECORD_BYTES + 1)
+        if len(data) > 4 * MAX_RECORD_BYTES:
+            return False
+        for line in data.split(b"\n")[:-1]:  # (complete lines; the last may be torn)
+            try:
+                event = decode(line).get("event")
+            except ValueError:
+                return False
+            if event not in _FIRST_START:
+                return False
+        truncations.append(_Truncation(path.name, 0, data))
+        _say("warning", "audit_segment_removed", segment=path.name, bytes=len(data))
+        path.unlink()
+        self._files.fsync_dir(self._dir)
+        return True
 
     def _drop_empty_tail(
         self, segs: list[tuple[int, Path]], truncations: list[_Truncation]

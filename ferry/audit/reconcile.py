@@ -686,6 +686,7 @@ def settle(
     tolerance = format_ts(ts_us(horizon_end) - int(grace * 1_000_000)) if horizon_end else None
     lag = int(max(grace, MIN_LAG) * 1_000_000)
     overdue = format_ts(ts_us(horizon_end) + lag) if horizon_end else None
+    recent = format_ts(now_us - lag)  # (what arrived since may still be on its way to it)
     behind: list[str] = []  # first arrival of each item the outside log should hold by now
     for st in unexplained:
         first = st.inside_first_ts or st.last_ts
@@ -698,7 +699,7 @@ def settle(
                     f"outside records about it (last {st.last_ts}) but no intake.accepted",
                 )
             )
-        elif overdue is not None and first > overdue:
+        elif overdue is not None and overdue < first <= recent:
             st.state = "after_outside_log"
             st.evidence.append(
                 "arrived more than the grace period (at least 10 minutes) after the outside "
@@ -723,7 +724,7 @@ def settle(
                     f"seen inside at {first} but never accepted in the outside log",
                 )
             )
-    problems.extend(_behind(out_stats, in_stats, behind, format_ts(now_us - lag)))
+    problems.extend(_behind(out_stats, in_stats, behind, recent))
     gaps = _gaps(acc, accepted)
     _overtaken(accepted)
     holes, hole_count = _holes(accepted)
@@ -772,17 +773,18 @@ def _origin_problems(
                 )
             )
     outside = actual.get("outside")
-    if outside is not None:
-        problems.extend(
+    seen = in_stats.witnessed_origins
+    if outside is not None and seen and outside not in seen:
+        # (any log the inside witnessed: after a rebuilt outside, the old log's copy too)
+        names = ", ".join(repr(w) for w in seen)
+        problems.append(
             Discrepancy(
                 "ORIGIN_MISMATCH",
                 None,
                 f"the outside log given is the log {outside!r}, but the inside log witnessed "
-                f"the outside's log as {w!r} (audit.witnessed): it is not the log the inside "
+                f"the outside's log as {names} (audit.witnessed): it is not a log the inside "
                 "mirrored",
             )
-            for w in in_stats.witnessed_origins
-            if w != outside
         )
     return problems
 

@@ -251,6 +251,19 @@ class _Pos:
     idx: int
 
 
+# What may follow a clean close, by state (see _Verifier._follow_close; audit.segment_opened
+# may come anywhere): a new run's opening, or the writer's own recovery from an outage.
+_AFTER_CLOSE: dict[str, frozenset[str]] = {
+    "closed": frozenset({"audit.started", "audit.outage"}),
+    # (audit.started again: a run that stopped before its first checkpoint, then the next)
+    "opening": frozenset({"audit.started", "audit.tail_truncated", "audit.checkpoint"}),
+    "unsigned_opening": frozenset(),
+    # (audit.started in these: the run stopped while recording the outage, then the next)
+    "recovering": frozenset({"audit.checkpoint", "audit.started"}),
+    "recovered": frozenset({"audit.stopped", "audit.started"}),
+}
+
+
 class _Stop(Exception):
     """The scan cannot go on past a bad record."""
 
@@ -657,21 +670,40 @@ class _Verifier:
         )
 
     def _follow_close(self, event: str, pos: _Pos) -> None:
-        """A closed log (audit.stopped, then its checkpoint) takes no record but a new run's."""
-        if event == "audit.segment_opened" and self.close_state:
+        """After a clean close (audit.stopped, then its checkpoint) the writer adds only a new
+        run's opening records (audit.started, audit.tail_truncated, its first checkpoint,
+        whose note it stores before it writes anything else), or the records of an outage it
+        recovered from while closing (audit.outage, a checkpoint, audit.stopped, a
+        checkpoint). Anything else was added by someone else, and would be signed by the next
+        run: DATA_AFTER_CLOSE."""
+        state = self.close_state
+        if event == "audit.segment_opened" and state:
             return
-        if self.close_state == "closed" and event != "audit.started":
+        expected = _AFTER_CLOSE.get(state)
+        if expected is not None and event not in expected:
             self.problem(
                 "DATA_AFTER_CLOSE",
                 f"record {pos.idx} ({event}) follows the log's clean close (audit.stopped and "
-                "its checkpoint) without an audit.started: no run of the writer added it",
+                f"its checkpoint) where only {' or '.join(sorted(expected))} can: no run of "
+                "the writer added it",
                 pos,
             )
+            self.close_state = ""
+            return
         if event == "audit.stopped":
             self.close_state = "stopping"
-        elif event == "audit.checkpoint" and self.close_state == "stopping":
+        elif event == "audit.checkpoint" and state == "stopping":
             self.close_state = "closed"
-        else:
+        elif event == "audit.started" and state in _AFTER_CLOSE:
+            self.close_state = "opening"  # (a new run; maybe after one that stopped early)
+        elif state == "closed":
+            self.close_state = "recovering"  # (audit.outage)
+        elif state == "recovering":
+            self.close_state = "recovered"  # (its checkpoint; audit.stopped comes next)
+        elif state == "opening" and event == "audit.checkpoint":
+            # the run's first checkpoint: its note is stored before any later record
+            self.close_state = "" if pos.idx + 1 in self.by_size else "unsigned_opening"
+        elif state != "opening":
             self.close_state = ""
 
     def _check_notes(self, pos: _Pos | None) -> None:
@@ -831,7 +863,8 @@ class _Verifier:
             previous = note
 
     def _check_torn(self) -> None:
-        """A torn write is normal after a crash, but nothing follows a clean close."""
+        """A torn write is normal after a crash. After a clean close only the start of the
+        next run's first record can be torn (a crash or a full disk as it began)."""
         sizes = {n.checkpoint.size for n in self.notes}
         closed = (
             self.complete
@@ -841,7 +874,8 @@ class _Verifier:
         after = "the log was closed (audit.stopped and its final checkpoint), yet"
         if self.torn is not None and self.torn_pos is not None:
             name, _, data = self.torn
-            if closed:
+            head = b'{"v":1,"idx":%d,' % self.tree.size
+            if closed and not (head.startswith(data) or data.startswith(head)):
                 self.problem(
                     "DATA_AFTER_CLOSE",
                     f"{after} {len(data)} bytes without a newline follow in {name}",

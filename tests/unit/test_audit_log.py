@@ -400,7 +400,7 @@ def test_data_after_a_clean_close_is_not_a_torn_write(tmp_path: Path) -> None:
     with AuditLog(tmp_path, KEY, settings()) as log:
         sent(log, 5)
     with (tmp_path / "audit-000001.jsonl").open("ab") as f:
-        f.write(b'{"v":1')
+        f.write(b'{"v":1,"idx":3,')  # (not the next record's start: it would be 12)
     report = verify(tmp_path, KEY.public)
     assert report.first is not None
     assert report.first.code == "DATA_AFTER_CLOSE"
@@ -487,6 +487,122 @@ def test_a_new_segment_may_open_a_closed_log_s_next_run(tmp_path: Path) -> None:
     opened = [i for i, r in enumerate(second) if r["event"] == "audit.segment_opened"]
     assert second[opened[-1] - 2]["event"] == "audit.stopped"  # (the closed log's last)
     assert second[opened[-1] + 1]["event"] == "audit.started"
+    assert_verifies(tmp_path)
+
+
+def test_the_next_run_s_first_record_torn_after_a_clean_close_is_cut_off(
+    tmp_path: Path,
+) -> None:
+    """A crash or a full disk as the next run began leaves the start of its first record
+    after the close: a torn write, cut off when the log reopens (it was refused for good)."""
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 5)
+    size = len(lines(tmp_path))  # (the next record's index)
+    with (tmp_path / "audit-000001.jsonl").open("ab") as f:
+        f.write(b'{"v":1,"idx":%d,"ts":"2026-11-23T' % size)
+    report = verify(tmp_path, KEY.public)
+    assert report.verified
+    assert [w.code for w in report.warnings] == ["TORN_TAIL"]
+    with AuditLog(tmp_path, KEY, settings()):
+        pass
+    assert "audit.tail_truncated" in events(tmp_path)
+    assert_verifies(tmp_path)
+
+
+def test_a_short_failure_while_closing_leaves_a_log_that_reopens(tmp_path: Path) -> None:
+    """One failed write as close() writes audit.stopped: the writer retries at once and
+    records the outage after the close (audit.outage, a checkpoint, audit.stopped, a
+    checkpoint). That is its own tail, not data after the close."""
+    files = Faulty()
+    log = AuditLog(tmp_path, KEY, settings(), files=files)
+    sent(log, 3, durable=True)
+    original = files.write
+
+    def fail_once(fd: int, data: memoryview) -> int:
+        files.write = original  # type: ignore[method-assign]
+        raise OSError(errno.ENOSPC, "No space left on device", "audit-000001.jsonl")
+
+    files.write = fail_once  # type: ignore[method-assign]
+    log.close()
+    tail = events(tmp_path)[-6:]
+    assert tail == [
+        "audit.stopped", "audit.checkpoint", "audit.outage", "audit.checkpoint",
+        "audit.stopped", "audit.checkpoint",
+    ]  # fmt: skip
+    assert_verifies(tmp_path)
+    with AuditLog(tmp_path, KEY, settings()):
+        pass
+    assert_verifies(tmp_path)
+
+
+def test_a_run_started_after_a_clean_close_adopts_nothing_it_did_not_write(
+    tmp_path: Path,
+) -> None:
+    """After a clean close, someone who can write the disk adds an audit.started (so that
+    the records look like a new run's) and item records: no run of the writer writes a
+    record after its first checkpoint before that checkpoint's note, so they are refused."""
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 5)
+    seg = tmp_path / "audit-000001.jsonl"
+    started = next(r for r in lines(tmp_path) if r["event"] == "audit.started")
+    last = seg.read_bytes().splitlines()[-1]
+    fake = {**started, "idx": json.loads(last)["idx"] + 1, "prev": leaf_hash(last).hex()}
+    with seg.open("ab") as f:
+        f.write(rec.encode(fake) + b"\n")
+    forged = append_forged(tmp_path)
+    report = verify(tmp_path, KEY.public)
+    assert report.first is not None
+    assert report.first.code == "DATA_AFTER_CLOSE"
+    assert report.first.idx == forged
+    with pytest.raises(AuditError, match="DATA_AFTER_CLOSE"):
+        AuditLog(tmp_path, KEY, settings())
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_after_a_clean_close(
+    tmp_path: Path,
+) -> None:
+    """The next run wrote audit.started and died before its first checkpoint record; the
+    run after it starts again: two audit.started in a row are a writer's."""
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 5)
+    seg = tmp_path / "audit-000001.jsonl"
+    with AuditLog(tmp_path, KEY, settings()):
+        pass
+    rows = seg.read_bytes().splitlines(keepends=True)
+    # keep the second run's audit.started only (as if it died right after writing it)
+    second = [i for i, r in enumerate(rows) if b'"audit.started"' in r][1]
+    seg.write_bytes(b"".join(rows[: second + 1]))
+    notes = (tmp_path / "checkpoints.log").read_bytes()
+    later = next(n for n in parse_notes(notes).notes if n.checkpoint.size > second)
+    (tmp_path / "checkpoints.log").write_bytes(notes[: later.offset])
+    assert verify(tmp_path, KEY.public).ok
+    with AuditLog(tmp_path, KEY, settings()):
+        pass
+    assert_verifies(tmp_path)
+    assert events(tmp_path).count("audit.started") == 3
+
+
+def test_a_first_start_that_stopped_before_its_first_checkpoint_starts_again(
+    tmp_path: Path,
+) -> None:
+    """Killed while a new log's first checkpoint record was being written: nothing was ever
+    signed (NO_CHECKPOINT), and the writer refused the log for good. It starts it again and
+    records what it removed."""
+    AuditLog(tmp_path, KEY, settings()).close()
+    seg = tmp_path / "audit-000001.jsonl"
+    rows = seg.read_bytes().splitlines(keepends=True)
+    assert b'"audit.checkpoint"' in rows[2]
+    seg.write_bytes(rows[0] + rows[1] + rows[2][:40])
+    (tmp_path / "checkpoints.log").write_bytes(b"")
+    assert not verify(tmp_path, KEY.public).verified
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 1)
+    records = lines(tmp_path)
+    assert [r["event"] for r in records[:3]] == [
+        "audit.segment_opened", "audit.started", "audit.tail_truncated",
+    ]  # fmt: skip
+    assert records[1]["detail"]["resumed"] is False
+    assert records[2]["detail"]["bytes"] == len(rows[0] + rows[1]) + 40
     assert_verifies(tmp_path)
 
 
