@@ -766,7 +766,12 @@ class AuditLog:
         # Replay from the segment holding the last checkpoint's size: that checkpoint
         # then confirms the frontier saved in the segment's first record.
         start = len(segs) - 1
-        while start > 0 and last is not None and _first_idx(segs[start][1]) > last.checkpoint.size:
+        # (and from far enough back to see a close before it: audit.stopped, the outage tail)
+        while (
+            start > 0
+            and last is not None
+            and _first_idx(segs[start][1]) > max(0, last.checkpoint.size - 10)
+        ):
             start -= 1
         tail = scan_tail(self._dir, segs[start][0], publics)
         if tail.report.problems:

@@ -48,6 +48,7 @@ _SEGMENT = re.compile(r"audit-([0-9]{6})\.jsonl")
 # Report at most this many problems of one kind (a log re-signed with another key
 # has every checkpoint wrong; the first few say it all).
 MAX_REPORTED_PER_CODE = 10
+MAX_OPENING_CUTS = 8  # audit.tail_truncated records a run's opening may hold after a close
 MAX_HANDOVERS = 100  # audit.started records naming earlier keys that are followed
 DEFAULT_TS_TOLERANCE = 1.0  # seconds a timestamp may go back before it is reported
 # Called with each record as soon as it is verified (decoded, schema, index, chain), from the
@@ -257,10 +258,13 @@ _AFTER_CLOSE: dict[str, frozenset[str]] = {
     "closed": frozenset({"audit.started", "audit.outage"}),
     # (audit.started again: a run that stopped before its first checkpoint, then the next)
     "opening": frozenset({"audit.started", "audit.tail_truncated", "audit.checkpoint"}),
+    "opening_full": frozenset({"audit.started", "audit.checkpoint"}),
     "unsigned_opening": frozenset(),
     # (audit.started in these: the run stopped while recording the outage, then the next)
     "recovering": frozenset({"audit.checkpoint", "audit.started"}),
     "recovered": frozenset({"audit.stopped", "audit.started"}),
+    # (the outage tail's audit.stopped: its checkpoint, or a next run after a crash)
+    "restopping": frozenset({"audit.checkpoint", "audit.started"}),
 }
 
 
@@ -312,6 +316,7 @@ class _Verifier:
         # "stopping" after audit.stopped, "closed" once its checkpoint follows: from then on
         # only a new run (audit.started, maybe after a new segment) may add records.
         self.close_state = ""
+        self.opening_cuts = 0  # audit.tail_truncated records of a run's opening after a close
 
     # --- reporting ---------------------------------------------------------------------
 
@@ -691,19 +696,24 @@ class _Verifier:
             self.close_state = ""
             return
         if event == "audit.stopped":
-            self.close_state = "stopping"
-        elif event == "audit.checkpoint" and state == "stopping":
+            self.close_state = "restopping" if state == "recovered" else "stopping"
+        elif event == "audit.checkpoint" and state in ("stopping", "restopping"):
             self.close_state = "closed"
         elif event == "audit.started" and state in _AFTER_CLOSE:
             self.close_state = "opening"  # (a new run; maybe after one that stopped early)
+            self.opening_cuts = 0
         elif state == "closed":
             self.close_state = "recovering"  # (audit.outage)
         elif state == "recovering":
             self.close_state = "recovered"  # (its checkpoint; audit.stopped comes next)
-        elif state == "opening" and event == "audit.checkpoint":
+        elif state == "opening" and event == "audit.tail_truncated":
+            self.opening_cuts += 1  # (a run records a few cuts at most, not data)
+            if self.opening_cuts >= MAX_OPENING_CUTS:
+                self.close_state = "opening_full"
+        elif state in ("opening", "opening_full") and event == "audit.checkpoint":
             # the run's first checkpoint: its note is stored before any later record
             self.close_state = "" if pos.idx + 1 in self.by_size else "unsigned_opening"
-        elif state != "opening":
+        elif state not in ("opening", "opening_full"):
             self.close_state = ""
 
     def _check_notes(self, pos: _Pos | None) -> None:
@@ -794,8 +804,8 @@ class _Verifier:
             grew = False
             top = self._top_signed([k for k, _ in trusted.values()])
             for idx, earlier in self.handovers:
-                if idx >= top:
-                    continue
+                if idx >= top or self._adopted_at(idx):
+                    continue  # (a start signed only by the next run could be anyone's)
                 for text in earlier:
                     key = _ed25519(text)
                     if key is not None and key.key_id not in trusted:
@@ -804,6 +814,9 @@ class _Verifier:
         report.keys = [{"key_id": k.key_id.hex(), "trusted": how} for k, how in trusted.values()]
         report.key_id = report.keys[0]["key_id"] if report.keys else None
         return [k for k, _ in trusted.values()]
+
+    def _adopted_at(self, idx: int) -> bool:
+        return any(a["from"] <= idx < a["to"] for a in self.report.adopted)
 
     def _top_signed(self, keys: list[PublicKey]) -> int:
         """The largest size of a checkpoint that matches the records and one of ``keys``
@@ -875,7 +888,8 @@ class _Verifier:
         if self.torn is not None and self.torn_pos is not None:
             name, _, data = self.torn
             head = b'{"v":1,"idx":%d,' % self.tree.size
-            if closed and not (head.startswith(data) or data.startswith(head)):
+            begun = data.rstrip(b"\0")  # (a power cut can leave zeros where data was due)
+            if closed and not (head.startswith(begun) or begun.startswith(head)):
                 self.problem(
                     "DATA_AFTER_CLOSE",
                     f"{after} {len(data)} bytes without a newline follow in {name}",

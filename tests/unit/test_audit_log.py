@@ -36,7 +36,7 @@ from ferry.audit import (
 )
 from ferry.audit import cli as audit_cli
 from ferry.audit import record as rec
-from ferry.audit.merkle import SIG_PREFIX, leaf_hash, parse_notes
+from ferry.audit.merkle import SIG_PREFIX, CompactRange, leaf_hash, parse_notes
 from ferry.crypto.keys import SecretKey
 
 REPO = Path(__file__).resolve().parents[2]
@@ -556,6 +556,109 @@ def test_a_run_started_after_a_clean_close_adopts_nothing_it_did_not_write(
     assert report.first.idx == forged
     with pytest.raises(AuditError, match="DATA_AFTER_CLOSE"):
         AuditLog(tmp_path, KEY, settings())
+
+
+def append_drafts(path: Path, *events_: str) -> list[int]:
+    """Append audit.* records of the writer's kinds, hash chain and all, without the key."""
+    seg = sorted(path.glob("audit-*.jsonl"))[-1]
+    last = seg.read_bytes().splitlines()[-1]
+    idx, prev = json.loads(last)["idx"] + 1, leaf_hash(last).hex()
+    me = Subject.component("audit")
+    out, at = [], []
+    for event in events_:
+        if event == "audit.outage":
+            detail: dict[str, Any] = {"start": "2026-11-23T20:59:00.000000Z", "refused": 0,
+                                      "end": "2026-11-23T21:00:00.000000Z", "late": None,
+                                      "error": "ENOSPC"}  # fmt: skip
+            d = rec.draft(event, subject=me, result="failure", reason="AUDIT_UNAVAILABLE",
+                          detail=detail)  # fmt: skip
+        elif event == "audit.checkpoint":
+            detail = {"size": idx + 1, "origin": "outside.test/audit"}
+            d = rec.draft(event, subject=me, result="info", detail=detail)
+        elif event == "audit.tail_truncated":
+            detail = {"file": "x", "offset": 0, "bytes": 1, "sha256": "ab" * 32}
+            d = rec.draft(event, subject=me, result="info", reason="TORN_WRITE", detail=detail)
+        else:
+            d = rec.draft(event, subject=me, result="info")
+        line = d.finish(idx, "2026-11-23T21:00:00.000000Z", prev)
+        out.append(line + b"\n")
+        at.append(idx)
+        prev, idx = leaf_hash(line).hex(), idx + 1
+    with seg.open("ab") as f:
+        f.write(b"".join(out))
+    return at
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        ("audit.outage", "audit.checkpoint", "audit.stopped"),  # (an outage tail, then data)
+        # (an opening whose cuts carry data, adopted as a run that died before its note)
+        ("audit.started",) + ("audit.tail_truncated",) * 9 + ("audit.checkpoint",),
+    ],
+)
+def test_records_after_a_clean_close_dressed_as_the_writer_s_are_refused(
+    tmp_path: Path, forged: tuple[str, ...]
+) -> None:
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 5)
+    if forged[0] == "audit.started":
+        started = next(r for r in lines(tmp_path) if r["event"] == "audit.started")
+        seg = tmp_path / "audit-000001.jsonl"
+        last = seg.read_bytes().splitlines()[-1]
+        fake = {**started, "idx": json.loads(last)["idx"] + 1, "prev": leaf_hash(last).hex()}
+        with seg.open("ab") as f:
+            f.write(rec.encode(fake) + b"\n")
+        append_drafts(tmp_path, *forged[1:])
+    else:
+        append_drafts(tmp_path, *forged)
+        append_forged(tmp_path)
+    report = verify(tmp_path, KEY.public)
+    assert [p.code for p in report.problems][:1] == ["DATA_AFTER_CLOSE"]
+    with pytest.raises(AuditError, match="DATA_AFTER_CLOSE"):
+        AuditLog(tmp_path, KEY, settings())
+
+
+def test_a_close_in_an_earlier_segment_is_seen_on_reopening(tmp_path: Path) -> None:
+    """The writer replays from the segment holding the last checkpoint's size: a new segment
+    opened right after a clean close (as a next run does when the last one is full; the
+    frontier it needs is public) hid the close from it, and it signed what followed."""
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 5)
+    seg = tmp_path / "audit-000001.jsonl"
+    tree = CompactRange()
+    for line in seg.read_bytes().splitlines():
+        tree.append(leaf_hash(line))
+    new = tmp_path / "audit-000002.jsonl"
+    detail = {
+        "segment": new.name,
+        "previous": {"segment": seg.name, "bytes": seg.stat().st_size},
+        "tree_size": tree.size,
+        "root": tree.root().hex(),
+        "frontier": [h.hex() for h in tree.hashes],
+    }
+    opened = rec.draft("audit.segment_opened", subject=Subject.component("audit"),
+                       result="info", detail=detail)  # fmt: skip
+    last = seg.read_bytes().splitlines()[-1]
+    new.write_bytes(opened.finish(tree.size, "2026-11-23T21:00:00.000000Z",
+                                  leaf_hash(last).hex()) + b"\n")  # fmt: skip
+    append_forged(tmp_path)
+    assert verify(tmp_path, KEY.public).problems[0].code == "DATA_AFTER_CLOSE"
+    with pytest.raises(AuditError, match="DATA_AFTER_CLOSE"):
+        AuditLog(tmp_path, KEY, settings())
+
+
+def test_zeros_after_a_clean_close_are_a_torn_write(tmp_path: Path) -> None:
+    """A power cut can leave a file's new length without its data: zeros where the next
+    run's first record was due."""
+    with AuditLog(tmp_path, KEY, settings()) as log:
+        sent(log, 5)
+    with (tmp_path / "audit-000001.jsonl").open("ab") as f:
+        f.write(b"\0" * 300)
+    assert [w.code for w in verify(tmp_path, KEY.public).warnings] == ["TORN_TAIL"]
+    with AuditLog(tmp_path, KEY, settings()):
+        pass
+    assert_verifies(tmp_path)
 
 
 def test_a_run_that_stopped_before_its_first_checkpoint_after_a_clean_close(
