@@ -80,6 +80,10 @@ _log = log.get("audit")
 SELF = Subject.component("audit")
 LOCK_FILE = ".lock"
 MAX_SEGMENTS = 999_999  # segment numbers have six digits
+# Records before the last checkpoint's size that reopening replays, so as to see a clean
+# close there: audit.stopped, its checkpoint, the outage tail of a close (audit.outage, a
+# checkpoint, audit.stopped, a checkpoint) and the audit.segment_opened records among them.
+CLOSE_TAIL = 10
 # The records a new log holds before its first checkpoint record.
 _FIRST_START = frozenset({"audit.segment_opened", "audit.started", "audit.tail_truncated"})
 
@@ -770,7 +774,7 @@ class AuditLog:
         while (
             start > 0
             and last is not None
-            and _first_idx(segs[start][1]) > max(0, last.checkpoint.size - 10)
+            and _first_idx(segs[start][1]) > max(0, last.checkpoint.size - CLOSE_TAIL)
         ):
             start -= 1
         tail = scan_tail(self._dir, segs[start][0], publics)

@@ -385,15 +385,6 @@ class LogCheck:
         }
 
 
-def check_logs(
-    locations: Locations, *, enabled: bool = True, unsigned: bool = False
-) -> list[LogCheck]:
-    """Verify each log with its key (when known and ``enabled``). ``unsigned``: count the
-    records after each log's last signed checkpoint too (:attr:`LogCheck.limit`). (To
-    account for the records, :func:`reconcile_logs` counts them as they are verified.)"""
-    return [_check(loc, enabled=enabled, unsigned=unsigned) for loc in locations.logs()]
-
-
 class _Counted:
     """Counts the records of one log as :func:`verify` hands them over, from the bytes it
     verified: those a checkpoint covers (or, ``unsigned``, every verified record). Whether

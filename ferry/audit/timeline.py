@@ -42,8 +42,6 @@ _TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{
 _EVENT_WINDOW = 100
 _AUDIT_EVENT = '"event":"audit.'
 _STARTED = '"event":"audit.started"'
-
-
 _WITNESSED = '"event":"audit.witnessed"'
 MAX_WITNESSED_ORIGINS = 8  # distinct origins noted from audit.witnessed records
 
@@ -258,10 +256,11 @@ def read_log(
         for line in _lines(segment, st):
             st.lines += 1
             if skip_audit and line.find(_AUDIT_EVENT, 0, _EVENT_WINDOW) > 0:
-                started = line.find(_STARTED, 0, _EVENT_WINDOW) > 0
-                if (started and (st.written_by is None or st.origin is None)) or line.find(
-                    _WITNESSED, 0, _EVENT_WINDOW
-                ) > 0:
+                wanted = line.find(_WITNESSED, 0, _EVENT_WINDOW) > 0 or (
+                    (st.written_by is None or st.origin is None)
+                    and line.find(_STARTED, 0, _EVENT_WINDOW) > 0
+                )
+                if wanted:
                     rec = _audit_record(line, limit)
                     if rec is not None:
                         note_audit_record(st, rec)

@@ -313,8 +313,8 @@ class _Verifier:
         self.torn_pos: _Pos | None = None
         self.torn_ckpt: int | None = None  # offset of an incomplete final note
         self.last_events = ("", "")
-        # "stopping" after audit.stopped, "closed" once its checkpoint follows: from then on
-        # only a new run (audit.started, maybe after a new segment) may add records.
+        # Where the records stand relative to a clean close: "" (none), "stopping",
+        # "closed", then the states of _AFTER_CLOSE (see _follow_close).
         self.close_state = ""
         self.opening_cuts = 0  # audit.tail_truncated records of a run's opening after a close
 
