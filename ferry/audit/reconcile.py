@@ -48,7 +48,7 @@ from ferry.audit.timeline import (
     subject_label,
     ts_us,
 )
-from ferry.audit.verify import VerifyReport, verify
+from ferry.audit.verify import CHECKPOINTS_FILE, VerifyReport, read_checkpoints, verify
 from ferry.errors import UsageError
 
 DEFAULT_GRACE = 600.0  # seconds: longer than a planned repeat schedule, shorter than a shift
@@ -488,6 +488,10 @@ def reconcile_logs(
     stats: list[LogStats] = []
     for loc in (locations.outside, locations.inside):  # (the outside's records first)
         st = LogStats(loc.side, str(loc.directory))
+        if checks:  # the inside's: which of the logs it witnessed is the outside log read
+            rep = checks[0].report
+            first = rep.first_checkpoint if rep is not None else _first_note(stats[0].path)
+            _expect(st, first, now_us=now_us, grace=grace)
         good = not any(c.failed for c in checks)
         counted = _Counted(acc, st, unsigned) if good else None
         check = _check(loc, enabled=enabled, unsigned=unsigned, counted=counted)
@@ -623,9 +627,37 @@ def reconcile(
     acc = Accountant()
     out_stats = LogStats("outside", str(outside))
     in_stats = LogStats("inside", str(inside))
+    _expect(in_stats, _first_note(outside), now_us=now_us, grace=grace)
     acc.feed_log("outside", outside, out_stats, limits[0])
     acc.feed_log("inside", inside, in_stats, limits[1])
     return settle(acc, out_stats, in_stats, now_us=now_us, grace=grace, checks=checks or [])
+
+
+def _first_note(directory: Path | str) -> tuple[int, str] | None:
+    """The size and root of the first checkpoint in a log's ``checkpoints.log``, read as it
+    is (for a log read unverified; a verified log's is its report's ``first_checkpoint``)."""
+    try:
+        parsed = read_checkpoints(Path(directory) / CHECKPOINTS_FILE, max_notes=1)
+    except OSError:  # (none, or not a regular file: UnsafeFile)
+        return None
+    if not parsed.notes:
+        return None
+    cp = parsed.notes[0].checkpoint
+    return cp.size, cp.root.hex()
+
+
+def _witness_cutoff(now_us: int, grace: float) -> str:
+    """Records of the inside after this time may be about what is still on its way to the
+    outside log read (the mirror lags): the grace period, and at least MIN_LAG, before now."""
+    return format_ts(now_us - int(max(grace, MIN_LAG) * 1_000_000))
+
+
+def _expect(
+    in_stats: LogStats, outside_first: tuple[int, str] | None, *, now_us: int, grace: float
+) -> None:
+    """Prepare the inside log's stats for its audit.witnessed records (before reading it)."""
+    in_stats.outside_checkpoint = outside_first
+    in_stats.witness_cutoff = _witness_cutoff(now_us, grace)
 
 
 def settle(
@@ -652,6 +684,7 @@ def settle(
         if said is not None and said != side
     ]
     problems.extend(_origin_problems(out_stats, in_stats, checks))
+    problems.extend(_superseded(in_stats))
     control = 0
     for st in acc.items.values():
         if st.channels_seen:  # (the outside's records are read first: it cannot decide alone)
@@ -677,7 +710,7 @@ def settle(
     tolerance = format_ts(ts_us(horizon_end) - int(grace * 1_000_000)) if horizon_end else None
     lag = int(max(grace, MIN_LAG) * 1_000_000)
     overdue = format_ts(ts_us(horizon_end) + lag) if horizon_end else None
-    recent = format_ts(now_us - lag)  # (what arrived since may still be on its way to it)
+    recent = _witness_cutoff(now_us, grace)  # (what arrived since may be on its way to it)
     behind: list[str] = []  # first arrival of each item the outside log should hold by now
     for st in unexplained:
         first = st.inside_first_ts or st.last_ts
@@ -715,7 +748,7 @@ def settle(
                     f"seen inside at {first} but never accepted in the outside log",
                 )
             )
-    problems.extend(_behind(out_stats, in_stats, behind, recent))
+    problems.extend(_behind(out_stats, in_stats, behind))
     gaps = _gaps(acc, accepted)
     _overtaken(accepted)
     holes, hole_count = _holes(accepted)
@@ -780,20 +813,45 @@ def _origin_problems(
     return problems
 
 
-def _behind(
-    out_stats: LogStats, in_stats: LogStats, arrivals: list[str], cutoff: str
-) -> list[Discrepancy]:
+def _superseded(in_stats: LogStats) -> list[Discrepancy]:
+    """The outside log read is one the inside witnessed (its first checkpoint is among those
+    the inside's ``audit.witnessed`` records name), but the inside has witnessed another
+    outside log since: the copy of an old log (set aside after a rebuilt outside,
+    docs/OPERATIONS.md). What the log witnessed now accepted is in no log read: without
+    this, its items would pass silently (arrivals within minutes of the copy's end look like
+    mirror lag, and an item that never arrived is in neither log)."""
+    given, now = in_stats.witnessed_given, in_stats.witnessing
+    if given is None or now is None or given is now:
+        return []
+    since = now.number - given.number
+    return [
+        Discrepancy(
+            "OUTSIDE_LOG_SUPERSEDED",
+            None,
+            "the outside log given is an older log than the one the inside witnesses now: the "
+            f"inside witnessed it as {given.origin!r} from {given.first_ts} to "
+            f"{given.last_ts} (up to checkpoint {given.size}), and since {now.first_ts} "
+            f"{'another log' if since == 1 else f'{since} other logs'}, now {now.origin!r} "
+            f"(checkpoint {now.size} at {now.last_ts}; audit.witnessed); what that log "
+            "accepted is not accounted for by this run: reconcile its copy (the inside's "
+            "mirror) too",
+        )
+    ]
+
+
+def _behind(out_stats: LogStats, in_stats: LogStats, arrivals: list[str]) -> list[Discrepancy]:
     """The outside log read is older than the inside says it should be: the inside witnessed
-    a later checkpoint of it (before ``cutoff``: a live mirror may grow between its reading
-    and the inside log's), or items arrived long after its last record. A rolled-back
-    or stale copy (of the mirror, say), or an outside that stopped shipping its log, would
-    otherwise hide what the outside recorded after it."""
+    a later checkpoint of it (before the witness cutoff: a live mirror may grow between its
+    reading and the inside log's), or items arrived long after its last record. A
+    rolled-back or stale copy (of the mirror, say), or an outside that stopped shipping its
+    log, would otherwise hide what the outside recorded after it. The checkpoints that count
+    are those of the log the inside witnessed whose first checkpoint the log read holds,
+    else (none is: no checkpoint of it was witnessed) of the log it witnesses now."""
     out: list[Discrepancy] = []
     held = out_stats.limit if out_stats.limit is not None else out_stats.lines
-    seen = in_stats.witnessed
-    before = bisect.bisect_right(seen, (cutoff, float("inf")))
-    if before and seen[before - 1][1] > held:
-        when, size = seen[before - 1]
+    log = in_stats.witnessed_given or in_stats.witnessing
+    if log is not None and log.due is not None and log.due[1] > held:
+        when, size = log.due
         out.append(
             Discrepancy(
                 "OUTSIDE_LOG_BEHIND",

@@ -62,7 +62,7 @@ def _audit_record(line: str, limit: int | None) -> dict[str, Any] | None:
 def note_audit_record(stats: LogStats, rec: dict[str, Any]) -> None:
     """What reconcile takes from a log's own (well-formed) records: the side and origin its
     first ``audit.started`` names; the origins its ``audit.witnessed`` records name (the
-    inside's witness of the outside's log), and how far each witnessed it."""
+    inside's witness of the outside's log), and how far it witnessed each log."""
     event: str = rec["event"]
     detail: dict[str, Any] = rec.get("detail", _EMPTY)
     if event == "audit.started":
@@ -73,22 +73,33 @@ def note_audit_record(stats: LogStats, rec: dict[str, Any]) -> None:
             origin = detail.get("origin")
             stats.origin = origin if isinstance(origin, str) else None
     elif event == "audit.witnessed":
-        origin = detail.get("origin")
+        origin = field_str(detail, "origin")
         if (
-            isinstance(origin, str)
+            origin is not None
             and origin not in stats.witnessed_origins
             and len(stats.witnessed_origins) < MAX_WITNESSED_ORIGINS
         ):
             stats.witnessed_origins.append(origin)
         size = detail.get("size")
-        if type(size) is not int:
-            return
-        if stats.witnessed and size < stats.witnessed[-1][1]:
-            # A smaller checkpoint: the inside witnesses another log now (its mirror was
-            # moved aside for a rebuilt outside, docs/OPERATIONS.md). Only the newest counts.
-            stats.witnessed.clear()
-        if not stats.witnessed or size > stats.witnessed[-1][1]:
-            stats.witnessed.append((rec["ts"], size))
+        if type(size) is int:
+            _note_witnessed(stats, rec["ts"], origin, size, detail.get("root"))
+
+
+def _note_witnessed(stats: LogStats, ts: str, origin: str | None, size: int, root: object) -> None:
+    log = stats.witnessing
+    if log is None or size < log.size or origin != log.origin:
+        # A smaller checkpoint, or another log's: the inside witnesses another log now (its
+        # mirror was set aside for a rebuilt outside, docs/OPERATIONS.md).
+        stats.witnessed_logs += 1
+        log = stats.witnessing = WitnessedLog(stats.witnessed_logs, origin, ts, ts, size)
+    log.last_ts = ts
+    log.size = max(log.size, size)
+    if (stats.witness_cutoff is None or ts <= stats.witness_cutoff) and (
+        log.due is None or size > log.due[1]
+    ):
+        log.due = (ts, size)
+    if stats.outside_checkpoint is not None and stats.outside_checkpoint == (size, root):
+        stats.witnessed_given = log
 
 
 # --- timestamps ---------------------------------------------------------------------------
@@ -165,10 +176,15 @@ class LogStats:
     origin: str | None = None  # the origin the first audit.started record names
     # origins audit.witnessed records name
     witnessed_origins: list[str] = field(default_factory=list)
-    # (ts, size) of each audit.witnessed record of an inside log that names a larger outside
-    # checkpoint than the one before, since the last that named a smaller one (the log the
-    # inside witnesses now): the outside log read must hold at least that many records.
-    witnessed: list[tuple[str, int]] = field(default_factory=list)
+    # Set before an inside log is read, for its audit.witnessed records: the size and root
+    # (hex) of the first checkpoint of the outside log reconciled with it, which names that
+    # log; and the time after which a checkpoint witnessed may still be on its way into it.
+    outside_checkpoint: tuple[int, str] | None = None
+    witness_cutoff: str | None = None
+    witnessed_logs: int = 0  # outside logs the inside witnessed, one after the other
+    witnessing: WitnessedLog | None = None  # the last of them: the log it witnesses now
+    # the last witnessed log one of whose checkpoints is outside_checkpoint
+    witnessed_given: WitnessedLog | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -182,6 +198,23 @@ class LogStats:
             "last_ts": self.last_ts,
             "limit": self.limit,
         }
+
+
+@dataclass
+class WitnessedLog:
+    """One outside log as an inside log's ``audit.witnessed`` records saw it: a run of them
+    that name one origin and never a smaller checkpoint (a log only grows; the inside
+    witnesses a new log from its start). Only this summary is kept, never each record: an
+    outside signs a checkpoint a minute."""
+
+    number: int  # 1 for the first log witnessed, 2 for the next, ...
+    origin: str | None
+    first_ts: str
+    last_ts: str
+    size: int  # its largest checkpoint witnessed
+    # (ts, size) of the first record that witnessed its largest checkpoint witnessed by
+    # LogStats.witness_cutoff: a copy of this log must hold at least that many records
+    due: tuple[str, int] | None = None
 
 
 _TS_MATCH = _TS.fullmatch

@@ -105,8 +105,11 @@ class UnsafeFile(OSError):
     expected."""
 
 
-def read_checkpoints(path: Path, same_as: int | None = None) -> ParsedNotes:
-    """Parse ``checkpoints.log`` as a stream: bounded memory per line, whatever it holds.
+def read_checkpoints(
+    path: Path, same_as: int | None = None, *, max_notes: int | None = None
+) -> ParsedNotes:
+    """Parse ``checkpoints.log`` as a stream: bounded memory per line, whatever it holds
+    (``max_notes``: stop after that many notes).
 
     Opens without following a final symlink and without blocking (a FIFO in its place
     must not hang the reader). Raises :class:`UnsafeFile` for anything but a regular file,
@@ -128,7 +131,7 @@ def read_checkpoints(path: Path, same_as: int | None = None) -> ParsedNotes:
             other = os.fstat(same_as)
             if (st.st_dev, st.st_ino) != (other.st_dev, other.st_ino):
                 raise UnsafeFile(f"{path.name} was replaced while it was being opened")
-        return read_notes(f)
+        return read_notes(f, max_notes=max_notes)
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,9 @@ class VerifyReport:
     checkpoints: int = 0  # notes in checkpoints.log
     checkpoints_verified: int = 0  # signed by the key and matching the records
     last_checkpoint: int | None = None  # size of the last verified checkpoint
+    # (size, root hex) of the first verified checkpoint: it names the log (reconcile finds
+    # the inside's witness of it)
+    first_checkpoint: tuple[int, str] | None = None
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     # Records a run signed when it started, written by an earlier run that stopped without
@@ -757,6 +763,9 @@ class _Verifier:
         ]
         report.checkpoints_verified = len(verified)
         report.last_checkpoint = max((n.checkpoint.size for n in verified), default=None)
+        first = min(verified, key=lambda n: n.checkpoint.size, default=None)
+        if first is not None:
+            report.first_checkpoint = (first.checkpoint.size, first.checkpoint.root.hex())
         # One announced but unstored checkpoint and no other is a crash before the first
         # note was stored (CHECKPOINT_PENDING); anything else without notes is a removal.
         if self.complete and report.records and not self.notes and len(self.announced) != 1:

@@ -91,8 +91,13 @@ def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -
     # the copy set aside accounts for what the lost outside accepted, the new one for the rest
     for copy in (kept, mirror):
         code, text = reconcile(copy)
-        assert code == 0, text  # every item each outside accepted was delivered
-        assert "items accepted outside: 3   delivered 3 " in text
+        assert "items accepted outside: 3   delivered 3 " in text  # each outside's, delivered
+        if copy == kept:  # and it says it is an old log: the new log's items are not its own
+            assert code == 11, text
+            assert text.count("OUTSIDE_LOG_SUPERSEDED") == 1, text
+            assert "DISCREPANCIES (1)" in text, text
+        else:
+            assert code == 0, text
 
 
 def test_an_inside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -> None:
