@@ -4,6 +4,7 @@
 * :mod:`ferry.audit.merkle` -- the tree, proofs and checkpoint notes (pure);
 * :mod:`ferry.audit.log` -- :class:`AuditLog`, the writer (one thread, group commit);
 * :mod:`ferry.audit.verify` -- :func:`verify` for auditors;
+* :mod:`ferry.audit.files` -- the log's files opened safely, checkpoints.log read in passes;
 * :mod:`ferry.audit.cli` -- ``ferry audit verify``.
 
 docs/AUDIT.md describes the format and the checks.

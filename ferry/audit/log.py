@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry import __version__, log
+from ferry.audit.files import NoteFile, UnsafeFile, check_regular_fd, open_regular
 from ferry.audit.merkle import (
     Checkpoint,
     CompactRange,
@@ -66,10 +67,8 @@ from ferry.audit.record import (
 )
 from ferry.audit.verify import (
     CHECKPOINTS_FILE,
-    UnsafeFile,
     iter_lines,
     list_segments,
-    read_checkpoints,
     scan_tail,
     segment_name,
 )
@@ -116,8 +115,25 @@ class FileOps:
     """The file system calls of the writer (a seam: tests inject faults by subclassing)."""
 
     def open_append(self, path: Path) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.open(path, flags, 0o600)
+        """Open (or create) a regular file to append to. Never through a symbolic link, and
+        never blocking: a FIFO in its place fails (ENXIO without a reader, else
+        :class:`UnsafeFile`) rather than hanging the writer. (O_NONBLOCK does nothing to the
+        writes of a regular file.)"""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeFile(f"{path.name} is a symbolic link, not a regular file") from None
+            if exc.errno == errno.ENXIO:  # (a FIFO without a reader)
+                raise UnsafeFile(f"{path.name} is not a regular file") from None
+            raise
+        try:
+            check_regular_fd(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def write(self, fd: int, data: memoryview) -> int:
         return os.write(fd, data)
@@ -161,6 +177,8 @@ class _Truncation:
 
 
 def _describe(exc: OSError) -> str:
+    if isinstance(exc, UnsafeFile):
+        return str(exc)
     name = errno.errorcode.get(exc.errno or 0, "EIO")
     where = f" ({Path(exc.filename).name})" if exc.filename else ""
     return f"{name}: {exc.strerror or exc}{where}"
@@ -748,19 +766,22 @@ class AuditLog:
     def _resume(self) -> tuple[bool, list[_Truncation]]:
         """Load the state of an existing log (False for a new one), checking it first."""
         truncations: list[_Truncation] = []
-        notes = self._open_checkpoints(truncations)
-        segs = list_segments(self._dir)
-        for expected, (number, _) in enumerate(segs, 1):
+        last = self._open_checkpoints(truncations)
+        segs = list_segments(self._dir, any_type=True)
+        for expected, (number, path) in enumerate(segs, 1):
             if number != expected:
                 raise self._fail_open(f"segment {segment_name(expected)} is missing")
+            if not path.is_symlink() and path.is_file():
+                continue
+            what = "a symbolic link" if path.is_symlink() else "not a regular file"
+            raise self._fail_open(f"{path.name} is {what}: the writer does not read or follow it")
         segs = self._drop_empty_tail(segs, truncations)
-        if not notes and len(segs) == 1 and self._drop_first_start(segs[0][1], truncations):
+        if last is None and len(segs) == 1 and self._drop_first_start(segs[0][1], truncations):
             segs = []
         if not segs:
-            if notes:
+            if last is not None:
                 raise self._fail_open("checkpoints.log exists but there are no segments")
             return False, truncations
-        last = notes[-1] if notes else None
         publics = [k.public for k in (self._key, *self._previous)]
         if last is not None and last.signature_by_any(publics) != "valid":
             raise self._fail_open(
@@ -798,36 +819,45 @@ class AuditLog:
         self._fd_durable = self._seg_bytes = self._files.size(self._fd)
         return True, truncations
 
-    def _open_checkpoints(self, truncations: list[_Truncation]) -> tuple[Note, ...]:
+    def _open_checkpoints(self, truncations: list[_Truncation]) -> Note | None:
+        """Open checkpoints.log to append, check every note as it is read (one at a time:
+        the file may hold any number) and return the last one."""
         path = self._dir / CHECKPOINTS_FILE
-        self._ckpt_fd = self._files.open_append(path)
         try:
-            parsed = read_checkpoints(path, same_as=self._ckpt_fd)
+            self._ckpt_fd = self._files.open_append(path)
+            notes = NoteFile(path, same_as=self._ckpt_fd)
         except UnsafeFile as exc:
             raise self._fail_open(str(exc)) from None
-        if parsed.error is not None:
-            raise self._fail_open(f"{CHECKPOINTS_FILE} {parsed.error}")
-        for note in parsed.notes:
-            if note.checkpoint.origin != self._settings.origin:
-                raise self._fail_open(
-                    f"{CHECKPOINTS_FILE} line {note.line} is for origin "
-                    f"{note.checkpoint.origin!r}, not {self._settings.origin!r}"
-                )
-        self._ckpt_durable = parsed.size  # the file's length: it parsed to its end
-        if parsed.torn_at is not None:
-            truncations.append(_Truncation(CHECKPOINTS_FILE, parsed.torn_at, parsed.torn))
-            self._files.truncate(self._ckpt_fd, parsed.torn_at)
+        last = foreign = None
+        with notes:
+            for note in notes.first_pass():
+                if foreign is None and note.checkpoint.origin != self._settings.origin:
+                    foreign = note
+                last = note
+        end = notes.end
+        assert end is not None  # (the first pass was read to its end)
+        if end.error is not None:
+            raise self._fail_open(f"{CHECKPOINTS_FILE} {end.error}")
+        if foreign is not None:
+            raise self._fail_open(
+                f"{CHECKPOINTS_FILE} line {foreign.line} is for origin "
+                f"{foreign.checkpoint.origin!r}, not {self._settings.origin!r}"
+            )
+        self._ckpt_durable = end.size  # the file's length: it parsed to its end
+        if end.torn_at is not None:
+            truncations.append(_Truncation(CHECKPOINTS_FILE, end.torn_at, end.torn))
+            self._files.truncate(self._ckpt_fd, end.torn_at)
             self._files.fsync(self._ckpt_fd)
-            self._ckpt_durable = parsed.torn_at
-        if parsed.notes:
-            self._note_size = parsed.notes[-1].checkpoint.size
-        return parsed.notes
+            self._ckpt_durable = end.torn_at
+        if last is not None:
+            self._note_size = last.checkpoint.size
+        return last
 
     def _drop_first_start(self, path: Path, truncations: list[_Truncation]) -> bool:
         """Remove a log's only segment if it holds nothing but a first start that stopped
         before its first checkpoint record was written (so nothing was ever signed), and
         start the log again; else False."""
-        with path.open("rb") as f:
+        with open(open_regular(path), "rb") as f:
             data = f.read(4 * MAX_RECORD_BYTES + 1)
         if len(data) > 4 * MAX_RECORD_BYTES:
             return False
@@ -850,7 +880,7 @@ class AuditLog:
         """Remove a last segment without one complete line (a crash right after rotation)."""
         while segs:
             path = segs[-1][1]
-            with path.open("rb") as f:
+            with open(open_regular(path), "rb") as f:
                 head = f.read(MAX_RECORD_BYTES + 2)
             if b"\n" in head or len(head) > MAX_RECORD_BYTES + 1:
                 break

@@ -34,9 +34,9 @@ import binascii
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import Literal, Protocol
 
 from ferry.crypto.keys import PublicKey, SecretKey
 
@@ -398,10 +398,16 @@ class _Incomplete(Exception):
     """The data ends inside a note."""
 
 
+class LineSource(Protocol):
+    """What the note readers read from: a binary file, or anything with its ``readline``."""
+
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
 class _LineReader:
     """The lines of a binary stream, each read with a bounded length."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: LineSource) -> None:
         self._stream = stream
         self.number = 0
         self.offset = 0  # bytes read so far
@@ -509,13 +515,79 @@ def _read_note(reader: _LineReader, first: _Line, held: list[bytes]) -> tuple[No
     return note, line
 
 
+class NoteReader:
+    """The notes of a binary stream, one at a time: :func:`read_notes` without keeping them.
+
+    Memory is one note (bounded lines) whatever the stream holds. :meth:`next` returns
+    None at the end of the notes; then :attr:`torn_at`, :attr:`torn`, :attr:`error` and
+    :attr:`size` say how the data ended, as in :class:`ParsedNotes`.
+    """
+
+    def __init__(self, stream: LineSource, *, after_note: bool = False) -> None:
+        self._reader = _LineReader(stream)
+        self._after_note = after_note
+        self._started = False
+        self._done = False
+        self._line: _Line | None = None
+        self.torn_at: int | None = None
+        self.torn = b""
+        self.error: NoteFormatError | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes read so far."""
+        return self._reader.offset
+
+    def __iter__(self) -> Iterator[Note]:
+        while (note := self.next()) is not None:
+            yield note
+
+    def next(self) -> Note | None:
+        if self._done:
+            return None
+        held: list[bytes] = []
+        try:
+            if not self._started:
+                self._started = True
+                line = self._reader.next()
+                if line is not None and line.blank:
+                    if not self._after_note:
+                        raise NoteFormatError(
+                            line.number, "a blank line before the first checkpoint"
+                        )
+                    line = _after_separator(self._reader)
+                self._line = line
+            if self._line is None:
+                self._done = True
+                return None
+            note, line = _read_note(self._reader, self._line, held)
+        except _Incomplete:
+            self._done = True
+            self.torn = b"".join(held)
+            self.torn_at = self._reader.offset - len(self.torn)
+            return None
+        except NoteFormatError as exc:
+            self._done = True
+            self.error = exc
+            return None
+        try:
+            if line is not None and line.blank:
+                line = _after_separator(self._reader)
+        except NoteFormatError as exc:  # (after the note, which is whole: it is returned)
+            self._done = True
+            self.error = exc
+        self._line = line
+        return note
+
+
 def read_notes(
-    stream: BinaryIO, *, after_note: bool = False, max_notes: int | None = None
+    stream: LineSource, *, after_note: bool = False, max_notes: int | None = None
 ) -> ParsedNotes:
     """Parse concatenated checkpoint notes (``checkpoints.log``) from a binary stream.
 
     The stream is read line by line, each line bounded by ``MAX_NOTE_LINE`` bytes, so
-    memory is bounded per note whatever the stream holds. The format is the writer's:
+    memory is bounded per note whatever the stream holds (the notes returned are kept:
+    :class:`NoteReader` reads them one at a time). The format is the writer's:
     each note is followed by one blank line. At most one blank line may follow a note
     (none is tolerated: the writer may have stopped before writing it); a blank line
     before the first note or a second one after a note is malformed. An incomplete
@@ -527,28 +599,14 @@ def read_notes(
     first. ``max_notes``: stop after that many notes (``size`` then says how far the
     parse read: past the line after the last note, if there is one).
     """
-    reader = _LineReader(stream)
+    reader = NoteReader(stream, after_note=after_note)
     notes: list[Note] = []
-    held: list[bytes] = []
-    line: _Line | None = None
-    try:
-        line = reader.next()
-        if line is not None and line.blank:
-            if not after_note:
-                raise NoteFormatError(line.number, "a blank line before the first checkpoint")
-            line = _after_separator(reader)
-        while line is not None and (max_notes is None or len(notes) < max_notes):
-            held.clear()
-            note, line = _read_note(reader, line, held)
-            notes.append(note)
-            if line is not None and line.blank:
-                line = _after_separator(reader)
-    except _Incomplete:
-        torn = b"".join(held)
-        return ParsedNotes(tuple(notes), reader.offset - len(torn), None, reader.offset, torn)
-    except NoteFormatError as exc:
-        return ParsedNotes(tuple(notes), error=exc, size=reader.offset)
-    return ParsedNotes(tuple(notes), size=reader.offset)
+    while max_notes is None or len(notes) < max_notes:
+        note = reader.next()
+        if note is None:
+            break
+        notes.append(note)
+    return ParsedNotes(tuple(notes), reader.torn_at, reader.error, reader.size, reader.torn)
 
 
 def _after_separator(reader: _LineReader) -> _Line | None:

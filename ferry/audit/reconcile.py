@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ferry.audit.files import NoteFile
 from ferry.audit.locate import Locations, LogLocation
 from ferry.audit.record import format_ts, per_item
 from ferry.audit.timeline import (
@@ -48,7 +49,7 @@ from ferry.audit.timeline import (
     subject_label,
     ts_us,
 )
-from ferry.audit.verify import CHECKPOINTS_FILE, VerifyReport, read_checkpoints, verify
+from ferry.audit.verify import CHECKPOINTS_FILE, VerifyReport, verify
 from ferry.errors import UsageError
 
 DEFAULT_GRACE = 600.0  # seconds: longer than a planned repeat schedule, shorter than a shift
@@ -637,13 +638,13 @@ def _first_note(directory: Path | str) -> tuple[int, str] | None:
     """The size and root of the first checkpoint in a log's ``checkpoints.log``, read as it
     is (for a log read unverified; a verified log's is its report's ``first_checkpoint``)."""
     try:
-        parsed = read_checkpoints(Path(directory) / CHECKPOINTS_FILE, max_notes=1)
+        with NoteFile(Path(directory) / CHECKPOINTS_FILE) as notes:
+            first = next(iter(notes.first_pass()), None)
     except OSError:  # (none, or not a regular file: UnsafeFile)
         return None
-    if not parsed.notes:
+    if first is None:
         return None
-    cp = parsed.notes[0].checkpoint
-    return cp.size, cp.root.hex()
+    return first.checkpoint.size, first.checkpoint.root.hex()
 
 
 def _witness_cutoff(now_us: int, grace: float) -> str:

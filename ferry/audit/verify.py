@@ -1,7 +1,9 @@
 """Verify an audit log: every record, the Merkle tree, every signed checkpoint.
 
 :func:`verify` reads a log directory (or one segment file) and returns a
-:class:`VerifyReport`. It checks, in one streaming pass with O(log n) memory:
+:class:`VerifyReport`. It checks, in one streaming pass over the segments with O(log n)
+memory (``checkpoints.log`` is read a few times, one note at a time: see
+:mod:`ferry.audit.files`; no file is read unless it is a regular file, no link followed):
 
 * every line is a JSON record that matches the schema;
 * indexes run from 0 without gaps, repeats or reordering, and each record's
@@ -13,7 +15,8 @@
   has a size that never shrinks, and has the root of the recomputed tree at its
   size (so consecutive checkpoints are append-only consistent: both are prefixes
   of the same recomputed log); no checkpoint covers more records than exist;
-* every ``audit.checkpoint`` record has its signed checkpoint.
+* every ``audit.checkpoint`` record has its signed checkpoint;
+* every segment is a regular file (``SEGMENT_NOT_FILE``).
 
 The scan stops at the first bad record; :attr:`VerifyReport.first` names the
 first bad position (segment file, line, record index, byte offset) and a
@@ -22,17 +25,16 @@ problem code. docs/AUDIT.md lists the codes and what each means.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.audit.merkle import CompactRange, Note, ParsedNotes, leaf_hash, read_notes
+from ferry.audit.files import NoteFile, NoteIndex, UnsafeFile, open_regular
+from ferry.audit.merkle import CompactRange, Note, leaf_hash
 from ferry.audit.record import (
     MAX_RECORD_BYTES,
     ZERO_HASH,
@@ -71,13 +73,16 @@ def segment_number(name: str) -> int | None:
     return None if m is None else int(m.group(1))
 
 
-def list_segments(directory: Path) -> list[tuple[int, Path]]:
-    """The segment files of a log directory, by number."""
-    found = [
-        (int(m.group(1)), p)
-        for p in directory.iterdir()
-        if (m := _SEGMENT.fullmatch(p.name)) and p.is_file()
-    ]
+def list_segments(directory: Path, *, any_type: bool = False) -> list[tuple[int, Path]]:
+    """The segment files of a log directory, by number: the regular files named like a
+    segment (a symbolic link is not followed), or with ``any_type`` every entry so named
+    (verify reports, and the writer refuses, those that are not regular files)."""
+    with os.scandir(directory) as entries:
+        found = [
+            (int(m.group(1)), Path(e.path))
+            for e in entries
+            if (m := _SEGMENT.fullmatch(e.name)) and (any_type or e.is_file(follow_symlinks=False))
+        ]
     return sorted(found)
 
 
@@ -90,48 +95,16 @@ class Line:
 
 
 def iter_lines(path: Path) -> Iterator[Line]:
-    """The lines of a segment, each read with a bounded length."""
-    with path.open("rb") as f:
+    """The lines of a segment, each read with a bounded length. Raises :class:`UnsafeFile`
+    if the segment is not a regular file (a symbolic link is not followed, a FIFO does not
+    block)."""
+    with open(open_regular(path), "rb") as f:
         number = offset = 0
         while raw := f.readline(MAX_RECORD_BYTES + 2):
             number += 1
             complete = raw.endswith(b"\n")
             yield Line(number, offset, raw[:-1] if complete else raw, complete)
             offset += len(raw)
-
-
-class UnsafeFile(OSError):
-    """A log file is a symbolic link, a FIFO or another non-regular file, or not the file
-    expected."""
-
-
-def read_checkpoints(
-    path: Path, same_as: int | None = None, *, max_notes: int | None = None
-) -> ParsedNotes:
-    """Parse ``checkpoints.log`` as a stream: bounded memory per line, whatever it holds
-    (``max_notes``: stop after that many notes).
-
-    Opens without following a final symlink and without blocking (a FIFO in its place
-    must not hang the reader). Raises :class:`UnsafeFile` for anything but a regular file,
-    or if ``same_as`` (an open descriptor: the writer's) is not the same file, and
-    :class:`FileNotFoundError` if there is none.
-    """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFile(f"{path.name} is a symbolic link, not a regular file") from None
-        raise
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(f"{path.name} is not a regular file")
-        if same_as is not None:
-            other = os.fstat(same_as)
-            if (st.st_dev, st.st_ino) != (other.st_dev, other.st_ino):
-                raise UnsafeFile(f"{path.name} was replaced while it was being opened")
-        return read_notes(f, max_notes=max_notes)
 
 
 @dataclass(frozen=True)
@@ -278,6 +251,43 @@ class _Stop(Exception):
     """The scan cannot go on past a bad record."""
 
 
+@dataclass(slots=True)
+class _Announced:
+    """An audit.checkpoint record: where, the size it announces, and whether a note of that
+    size is in checkpoints.log (known once the scan reaches the size)."""
+
+    idx: int
+    size: int
+    pos: _Pos
+    stored: bool = False
+
+
+@dataclass(slots=True)
+class _NoteFacts:
+    """What the checks after the scan need of the notes, gathered in one read."""
+
+    verified: int = 0  # notes that match the records and are signed by a trusted key
+    last_verified: int | None = None  # the largest size of those
+    first_verified: tuple[int, str] | None = None  # (size, root hex) of the smallest of those
+    at_size: bool = False  # a note has the size the scan ended at
+    beyond: tuple[int, int] | None = None  # (size, line) of the first smallest note past it
+    beyond_max: int = 0  # the largest size past it
+
+    def add(self, note: Note, verified: bool, tree_size: int) -> None:
+        size = note.checkpoint.size
+        if verified:
+            self.verified += 1
+            self.last_verified = max(size, self.last_verified or 0)
+            if self.first_verified is None or size < self.first_verified[0]:
+                self.first_verified = (size, note.checkpoint.root.hex())
+        if size == tree_size:
+            self.at_size = True
+        elif size > tree_size:
+            if self.beyond is None or size < self.beyond[0]:
+                self.beyond = (size, note.line)
+            self.beyond_max = max(self.beyond_max, size)
+
+
 class _Verifier:
     def __init__(
         self,
@@ -301,10 +311,16 @@ class _Verifier:
         self.prev_pos: _Pos | None = None
         self.last_ts = ""
         self.suspect: tuple[_Pos, _Pos] | None = None  # (record j, record j-1): j.prev is wrong
-        self.notes: tuple[Note, ...] = ()
-        self.by_size: dict[int, list[Note]] = {}
-        self.matched: set[int] = set()  # offsets of notes whose root matched
-        self.announced: list[tuple[int, int, _Pos]] = []  # (idx, size, where)
+        # checkpoints.log, never held whole: see ferry.audit.files
+        self.index = NoteIndex(None)
+        self.last_matched = 0  # the largest size of a note that matched the records so far
+        self.tops: dict[bytes, int] | None = None  # see _top_signed
+        # audit.checkpoint records: how many, the last one, and the first of those whose note
+        # is not in checkpoints.log (each is CHECKPOINT_MISSING, but a last one may be pending)
+        self.announced = 0
+        self.last_announced: _Announced | None = None
+        self.missing: list[_Announced] = []
+        self.missing_more = 0  # (beyond MAX_REPORTED_PER_CODE)
         self.log_keys: dict[str, None] = {}  # checkpoint_key of each audit.started, in order
         # (idx, earlier keys) of each audit.started that names earlier audit keys (a rotation)
         self.handovers: list[tuple[int, list[str]]] = []
@@ -315,8 +331,11 @@ class _Verifier:
         self.complete = False  # the scan reached the end of the segments
         self.torn: tuple[str, int, bytes] | None = None  # (segment, offset, bytes) of a torn line
         self.top_note = 0  # the largest size in checkpoints.log
-        self.unstored: list[tuple[int, bytes]] = []  # announced after top_note: (size, root)
+        # (size, root) of the last checkpoint announced after top_note (an earlier one would
+        # be CHECKPOINT_MISSING)
+        self.unstored: list[tuple[int, bytes]] = []
         self.torn_pos: _Pos | None = None
+        self.seg_sizes: dict[str, int] = {}  # the size of each segment read, when read
         self.torn_ckpt: int | None = None  # offset of an incomplete final note
         self.last_events = ("", "")
         # Where the records stand relative to a clean close: "" (none), "stopping",
@@ -352,21 +371,25 @@ class _Verifier:
     def run(self) -> VerifyReport:
         started = time.perf_counter()
         segments, directory, gap = self._segments()
-        self._load_notes(directory)
-        if segments or gap:
-            try:
-                self._scan(segments, gap)
-                self.complete = True
-            except _Stop:
-                pass
-        self._finish()
+        try:
+            self._load_notes(directory)
+            if segments or gap:
+                try:
+                    self._scan(segments, gap)
+                    self.complete = True
+                except _Stop:
+                    pass
+            self.index.close_scan()
+            self._finish()
+        finally:
+            self.index.close()
         self.report.seconds = time.perf_counter() - started
         return self.report
 
     def _segments(self) -> tuple[list[Path], Path, str | None]:
         path = self.path
         if path.is_dir():
-            found = list_segments(path)
+            found = list_segments(path, any_type=True)  # (the others are SEGMENT_NOT_FILE)
             if self.first_segment is not None:
                 found = [(n, p) for n, p in found if n >= self.first_segment]
                 self.partial = True
@@ -393,32 +416,45 @@ class _Verifier:
 
     def _load_notes(self, directory: Path) -> None:
         try:
-            parsed = read_checkpoints(directory / CHECKPOINTS_FILE)
+            self.index = NoteIndex(NoteFile(directory / CHECKPOINTS_FILE))
         except FileNotFoundError:
             return
         except UnsafeFile as exc:
             self.problem("CHECKPOINT_MALFORMED", str(exc), file=CHECKPOINTS_FILE)
             return
-        if parsed.error is not None:
+        end = self.index.end
+        assert end is not None
+        if end.error is not None:
             self.problem(
                 "CHECKPOINT_MALFORMED",
-                f"{CHECKPOINTS_FILE} does not parse: {parsed.error.reason}",
+                f"{CHECKPOINTS_FILE} does not parse: {end.error.reason}",
                 file=CHECKPOINTS_FILE,
-                line=parsed.error.line,
+                line=end.error.line,
             )
-        self.torn_ckpt = parsed.torn_at
-        self.notes = parsed.notes
-        self.top_note = max((n.checkpoint.size for n in parsed.notes), default=0)
-        self.report.checkpoints = len(parsed.notes)
-        for note in parsed.notes:
-            self.by_size.setdefault(note.checkpoint.size, []).append(note)
+        self.torn_ckpt = end.torn_at
+        self.top_note = self.index.top
+        self.report.checkpoints = self.index.count
 
     def _lines(self, segments: list[Path]) -> Iterator[tuple[Path, Line, bool]]:
         for i, seg in enumerate(segments):
-            size = seg.stat().st_size
-            for line in iter_lines(seg):
-                at_eof = line.offset + len(line.data) + (1 if line.complete else 0) >= size
-                yield seg, line, at_eof and i == len(segments) - 1
+            try:
+                fd = open_regular(seg)
+            except UnsafeFile as exc:
+                raise self.stop(
+                    "SEGMENT_NOT_FILE",
+                    f"{exc}: it is not read (the records from idx {self.tree.size} on)",
+                    _Pos(seg.name, 1, 0, self.tree.size),
+                ) from None
+            with open(fd, "rb") as f:
+                size = os.fstat(fd).st_size
+                number = offset = 0
+                while raw := f.readline(MAX_RECORD_BYTES + 2):
+                    number += 1
+                    complete = raw.endswith(b"\n")
+                    line = Line(number, offset, raw[:-1] if complete else raw, complete)
+                    offset += len(raw)
+                    yield seg, line, offset >= size and i == len(segments) - 1
+                self.seg_sizes[seg.name] = os.fstat(fd).st_size
 
     def _scan(self, segments: list[Path], gap: str | None) -> None:
         lines = self._lines(segments)
@@ -431,7 +467,7 @@ class _Verifier:
                 break
             seg, line, at_end = item
             if line.number == 1 and self.prev_pos is not None:
-                prev_seg = (self.prev_pos.file, self._size_of(segments, self.prev_pos.file))
+                prev_seg = (self.prev_pos.file, self.seg_sizes.get(self.prev_pos.file, -1))
             pos = _Pos(seg.name, line.number, line.offset, self.tree.size)
             if not line.complete:
                 if at_end:
@@ -448,7 +484,10 @@ class _Verifier:
                     "SEGMENT_LINK", "audit.segment_opened in the middle of a segment", pos
                 )
             if rec["idx"] != self.tree.size:
-                pending = next(lines, None)
+                try:
+                    pending = next(lines, None)
+                except _Stop:  # (the next segment is unreadable: no lookahead)
+                    pending = None
                 raise self._index_problem(rec["idx"], pos, pending)
             self._chain(rec, pos)
             self._record_facts(rec, pos)
@@ -463,7 +502,7 @@ class _Verifier:
                 self.on_record(rec, pos.idx < self.top_note)
             self._check_notes(pos)
             if rec["event"] == "audit.checkpoint" and self.tree.size > self.top_note:
-                self.unstored.append((self.tree.size, self.tree.root()))
+                self.unstored = [(self.tree.size, self.tree.root())]
             end = line.offset + len(line.data) + 1
             self.end = _Pos(seg.name, line.number + 1, end, pos.idx + 1)
         if self.suspect is not None:
@@ -476,13 +515,6 @@ class _Verifier:
                 f"segment {gap} is missing: the records from idx {self.tree.size} on are gone",
                 _Pos(gap, 1, 0, where.idx),
             )
-
-    @staticmethod
-    def _size_of(segments: list[Path], name: str) -> int:
-        for seg in segments:
-            if seg.name == name:
-                return seg.stat().st_size
-        return -1
 
     def _record(self, line: Line, pos: _Pos) -> dict[str, Any]:
         try:
@@ -644,7 +676,7 @@ class _Verifier:
                     f"not {pos.idx + 1}",
                     pos,
                 )
-            self.announced.append((pos.idx, detail["size"], pos))
+            self._announce(_Announced(pos.idx, detail["size"], pos))
             self.log_origin = self.log_origin or detail["origin"]
         elif event == "audit.started":
             detail = rec["detail"]
@@ -718,29 +750,27 @@ class _Verifier:
                 self.close_state = "opening_full"
         elif state in ("opening", "opening_full") and event == "audit.checkpoint":
             # the run's first checkpoint: its note is stored before any later record
-            self.close_state = "" if pos.idx + 1 in self.by_size else "unsigned_opening"
+            self.close_state = "" if self.index.has(pos.idx + 1) else "unsigned_opening"
         elif state not in ("opening", "opening_full"):
             self.close_state = ""
 
     def _check_notes(self, pos: _Pos | None) -> None:
         size = self.tree.size
-        notes = self.by_size.get(size)
-        if not notes:
-            return
-        root = self.tree.root()
-        for note in notes:
-            if note.checkpoint.root == root:
-                self.matched.add(note.offset)
+        root: bytes | None = None
+        for note_root, line, offset in self.index.at(size):
+            if self.last_announced is not None and self.last_announced.size == size:
+                self.last_announced.stored = True
+            root = root or self.tree.root()
+            if note_root == root:
+                self.last_matched = size
                 continue
-            last_ok = max(
-                (n.checkpoint.size for n in self.notes if n.offset in self.matched), default=0
-            )
-            where = pos or _Pos(CHECKPOINTS_FILE, note.line, note.offset, size)
+            self.index.mismatch(size, offset)
+            where = pos or _Pos(CHECKPOINTS_FILE, line, offset, size)
             raise self.stop(
                 "CHECKPOINT_MISMATCH",
-                f"checkpoint {size} ({CHECKPOINTS_FILE} line {note.line}) does not match the "
-                f"records: record {size - 1} was changed, or records {last_ok}..{size - 1} "
-                "were rewritten",
+                f"checkpoint {size} ({CHECKPOINTS_FILE} line {line}) does not match the "
+                f"records: record {size - 1} was changed, or records "
+                f"{self.last_matched}..{size - 1} were rewritten",
                 where,
             )
 
@@ -751,24 +781,23 @@ class _Verifier:
         report.tree_size = self.tree.size
         report.root = self.tree.root().hex()
         keys = self._keys()
-        self._check_note_signatures(keys)
+        facts = self._check_note_signatures(keys)
+        if self.index.changed:
+            self.problem(
+                "CHECKPOINT_MALFORMED",
+                f"{CHECKPOINTS_FILE} changed while it was being verified (verify again)",
+                file=CHECKPOINTS_FILE,
+            )
         if self.complete:
-            self._check_coverage()
+            self._check_coverage(facts)
         self._check_announcements()
-        self._check_torn()
-        verified = [
-            n
-            for n in self.notes
-            if n.offset in self.matched and n.signature_by_any(keys) == "valid"
-        ]
-        report.checkpoints_verified = len(verified)
-        report.last_checkpoint = max((n.checkpoint.size for n in verified), default=None)
-        first = min(verified, key=lambda n: n.checkpoint.size, default=None)
-        if first is not None:
-            report.first_checkpoint = (first.checkpoint.size, first.checkpoint.root.hex())
+        self._check_torn(facts)
+        report.checkpoints_verified = facts.verified
+        report.last_checkpoint = facts.last_verified
+        report.first_checkpoint = facts.first_verified
         # One announced but unstored checkpoint and no other is a crash before the first
         # note was stored (CHECKPOINT_PENDING); anything else without notes is a removal.
-        if self.complete and report.records and not self.notes and len(self.announced) != 1:
+        if self.complete and report.records and not self.index.count and self.announced != 1:
             self.problem(
                 "NO_CHECKPOINT",
                 "no signed checkpoint: nothing shows these records were written by the audit key",
@@ -829,17 +858,34 @@ class _Verifier:
 
     def _top_signed(self, keys: list[PublicKey]) -> int:
         """The largest size of a checkpoint that matches the records and one of ``keys``
-        signed (0 if none)."""
-        for note in sorted(self.notes, key=lambda n: n.checkpoint.size, reverse=True):
-            if note.offset in self.matched and note.signature_by_any(keys) == "valid":
-                return note.checkpoint.size
-        return 0
+        signed (0 if none). ``keys`` are those first trusted, then more of the keys the
+        handovers name: one read of checkpoints.log finds the largest for each of them."""
+        if self.tops is None:
+            candidates = {k.key_id: k for k in keys}
+            for _, earlier in self.handovers:
+                for text in earlier:
+                    key = _ed25519(text)
+                    if key is not None:
+                        candidates.setdefault(key.key_id, key)
+            tops: dict[bytes, int] = {}
+            for note, matched in self.index.notes():
+                size = note.checkpoint.size
+                if not matched:
+                    continue
+                for kid, key in candidates.items():
+                    if tops.get(kid, -1) < size and note.signature_status(key) == "valid":
+                        tops[kid] = size
+            self.tops = tops
+        return max((self.tops.get(k.key_id, 0) for k in keys), default=0)
 
-    def _check_note_signatures(self, keys: list[PublicKey]) -> None:
-        origin = self.log_origin or (self.notes[0].checkpoint.origin if self.notes else None)
+    def _check_note_signatures(self, keys: list[PublicKey]) -> _NoteFacts:
+        """Check each note's origin, signature and order in one read of checkpoints.log, and
+        gather what the other checks need of the notes."""
+        origin = self.log_origin or self.index.first_origin
         self.report.origin = origin
-        previous: Note | None = None
-        for note in self.notes:
+        facts = _NoteFacts()
+        previous: tuple[int, bytes] | None = None
+        for note, matched in self.index.notes():
             cp = note.checkpoint
             loc: dict[str, Any] = {"file": CHECKPOINTS_FILE, "line": note.line}
             if cp.origin != origin:
@@ -851,7 +897,8 @@ class _Verifier:
             # a scan from a later segment judges the signatures of the checkpoints that reach
             # its records; earlier ones may be by a key handed over in a segment it skipped
             before = self.partial and cp.size < self.report.first_idx
-            status = "valid" if before else note.signature_by_any(keys)
+            actual = note.signature_by_any(keys) if matched or not before else "valid"
+            status = "valid" if before else actual
             if status == "invalid":
                 self.problem(
                     "CHECKPOINT_BAD_SIGNATURE",
@@ -869,29 +916,29 @@ class _Verifier:
                     **loc,
                 )
             if previous is not None:
-                if cp.size < previous.checkpoint.size:
+                if cp.size < previous[0]:
                     self.problem(
                         "CHECKPOINT_REGRESSION",
-                        f"checkpoint {cp.size} follows checkpoint {previous.checkpoint.size}: "
-                        "a log only grows",
+                        f"checkpoint {cp.size} follows checkpoint {previous[0]}: a log only grows",
                         **loc,
                     )
-                elif cp.size == previous.checkpoint.size and cp.root != previous.checkpoint.root:
+                elif cp.size == previous[0] and cp.root != previous[1]:
                     self.problem(
                         "CHECKPOINT_FORK",
                         f"two checkpoints of size {cp.size} have different roots",
                         **loc,
                     )
-            previous = note
+            previous = (cp.size, cp.root)
+            facts.add(note, matched and actual == "valid", self.tree.size)
+        return facts
 
-    def _check_torn(self) -> None:
+    def _check_torn(self, facts: _NoteFacts) -> None:
         """A torn write is normal after a crash. After a clean close only the start of the
         next run's first record can be torn (a crash or a full disk as it began)."""
-        sizes = {n.checkpoint.size for n in self.notes}
         closed = (
             self.complete
             and self.last_events == ("audit.stopped", "audit.checkpoint")
-            and self.tree.size in sizes
+            and facts.at_size
         )
         after = "the log was closed (audit.stopped and its final checkpoint), yet"
         if self.torn is not None and self.torn_pos is not None:
@@ -922,44 +969,59 @@ class _Verifier:
                     "reopens)",
                 )
 
-    def _check_coverage(self) -> None:
+    def _check_coverage(self, facts: _NoteFacts) -> None:
         size = self.tree.size
-        beyond = sorted(
-            (n for n in self.notes if n.checkpoint.size > size), key=lambda n: n.checkpoint.size
-        )
-        if not self.tail or not beyond:
+        if not self.tail or facts.beyond is None:
             return
-        note = beyond[0]
+        first_size, first_line = facts.beyond
         end = self.end or _Pos("", 1, 0, 0)
         self.problem(
             "TRUNCATED",
-            f"the log ends after {size} records, but checkpoint {note.checkpoint.size} "
-            f"({CHECKPOINTS_FILE} line {note.line}) covers more: records "
-            f"{size}..{beyond[-1].checkpoint.size - 1} are missing",
+            f"the log ends after {size} records, but checkpoint {first_size} "
+            f"({CHECKPOINTS_FILE} line {first_line}) covers more: records "
+            f"{size}..{facts.beyond_max - 1} are missing",
             _Pos(end.file, end.line, end.offset, size),
         )
 
-    def _check_announcements(self) -> None:
-        sizes = {n.checkpoint.size for n in self.notes}
-        top = max(sizes, default=0)
-        for i, (idx, size, pos) in enumerate(self.announced):
-            if size in sizes:
-                continue
-            if i == len(self.announced) - 1 and size > top:
-                self.warn(
-                    "CHECKPOINT_PENDING",
-                    f"record {idx} announces checkpoint {size}, which is not in "
-                    f"{CHECKPOINTS_FILE}: the writer stopped before storing it (it is stored "
-                    "when the log reopens)",
-                    pos,
-                )
+    def _announce(self, announced: _Announced) -> None:
+        """A new audit.checkpoint record: the one before it, whose size the scan has reached,
+        either has its note or is missing (only the last one can still be pending)."""
+        before = self.last_announced
+        if before is not None and not before.stored:
+            if len(self.missing) < MAX_REPORTED_PER_CODE:
+                self.missing.append(before)
             else:
-                self.problem(
-                    "CHECKPOINT_MISSING",
-                    f"record {idx} announces checkpoint {size}, which is not in "
-                    f"{CHECKPOINTS_FILE}: checkpoints were removed",
-                    pos,
-                )
+                self.missing_more += 1
+        self.announced += 1
+        self.last_announced = announced
+
+    def _check_announcements(self) -> None:
+        for announced in self.missing:
+            self._missing(announced)
+        if self.missing_more:
+            self.counts["CHECKPOINT_MISSING"] += self.missing_more
+        last = self.last_announced
+        if last is None or last.stored:
+            return
+        if last.size > self.top_note:
+            idx, size, pos = last.idx, last.size, last.pos
+            self.warn(
+                "CHECKPOINT_PENDING",
+                f"record {idx} announces checkpoint {size}, which is not in "
+                f"{CHECKPOINTS_FILE}: the writer stopped before storing it (it is stored "
+                "when the log reopens)",
+                pos,
+            )
+        else:
+            self._missing(last)
+
+    def _missing(self, announced: _Announced) -> None:
+        self.problem(
+            "CHECKPOINT_MISSING",
+            f"record {announced.idx} announces checkpoint {announced.size}, which is not in "
+            f"{CHECKPOINTS_FILE}: checkpoints were removed",
+            announced.pos,
+        )
 
 
 def verify(
@@ -1008,7 +1070,9 @@ class TailState:
     tree: CompactRange
     prev: str  # hex leaf hash of the last record
     torn: tuple[str, int, bytes] | None  # (segment, offset, bytes) of a torn final line
-    unstored: list[tuple[int, bytes]]  # checkpoints announced but not in checkpoints.log
+    # the last checkpoint announced, if it is not in checkpoints.log (more than one missing
+    # is CHECKPOINT_MISSING: the writer then refuses the log)
+    unstored: list[tuple[int, bytes]]
 
 
 def scan_tail(
