@@ -29,13 +29,13 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ferry.audit.files import NoteFile
 from ferry.audit.locate import Locations, LogLocation
 from ferry.audit.record import format_ts, per_item
 from ferry.audit.timeline import (
@@ -49,7 +49,8 @@ from ferry.audit.timeline import (
     subject_label,
     ts_us,
 )
-from ferry.audit.verify import CHECKPOINTS_FILE, VerifyReport, verify
+from ferry.audit.verify import VerifyReport, verify
+from ferry.audit.witnessed import Identity, Witnessed, WitnessedLog
 from ferry.errors import UsageError
 
 DEFAULT_GRACE = 600.0  # seconds: longer than a planned repeat schedule, shorter than a shift
@@ -72,6 +73,7 @@ class ItemState:
         "accepted_idx",
         "accepted_ts",
         "channel",
+        "channel_inside",
         "channels_seen",
         "delivered_path",
         "delivered_sha256",
@@ -87,6 +89,7 @@ class ItemState:
         "media_type",
         "name",
         "planned",
+        "rank",
         "reason",
         "received_sha256",
         "received_ts",
@@ -116,6 +119,10 @@ class ItemState:
         self.accepted_ts: str | None = None
         self.channel: str | None = None
         self.channels_seen: set[str] | None = None  # other channels records name, if any
+        self.channel_inside = False  # the channel is an inside record's (none outside yet)
+        # Where reconcile lists it: in the order the outside log first names each item, then
+        # the items only the inside names, in its order (whichever log is read first).
+        self.rank = 0
         self.seq: int | None = None
         self.epoch: str | None = None
         self.kind: str | None = None
@@ -244,6 +251,7 @@ class Accountant:
     """Folds the records of both logs into one :class:`ItemState` per item."""
 
     items: dict[str, ItemState] = field(default_factory=dict)
+    fed: int = 0  # item records fed (ranks items)
     events: Counter[str] = field(default_factory=Counter)
     intake_rejected: Counter[str] = field(default_factory=Counter)  # by reason code
     gap_records: list[dict[str, Any]] = field(default_factory=list)
@@ -268,26 +276,31 @@ class Accountant:
         item = item_of(rec)
         if item is None:
             return
+        self.fed += 1
         st = self.items.get(item)
         if st is None:
             st = self.items[item] = ItemState(item)
+            st.rank = self.fed + (_INSIDE_RANK if side == "inside" else 0)
+        elif side == "outside" and st.rank > _INSIDE_RANK:
+            st.rank = self.fed
         ts: str = rec["ts"]
         if ts > st.last_ts:  # noqa: PLR1730  # max() is slower on the hot path
             st.last_ts = ts
         obj: dict[str, Any] = rec.get("object") or _NONE
         detail: dict[str, Any] = rec.get("detail") or _NONE
-        if st.channel is None:  # every record names them (§7); the first that does wins
-            st.channel = field_str(obj, "channel")
+        channel = field_str(obj, "channel")
+        # Every record names them (§7): the first outside record that does wins, else the
+        # first inside one (the inside's log is read first).
+        if st.channel is None or (channel is not None and side == "outside" and st.channel_inside):
+            if st.channel is not None and st.channel != channel:
+                _other_channel(st, st.channel)
+            st.channel = channel
+            st.channel_inside = side == "inside"
             st.seq = field_int(obj, "seq")
             st.epoch = field_str(obj, "epoch")
             st.kind = field_str(obj, "kind")
-        else:
-            channel = field_str(obj, "channel")
-            if channel is not None and channel != st.channel:  # (one side says otherwise)
-                if st.channels_seen is None:
-                    st.channels_seen = set()
-                if len(st.channels_seen) < 8:
-                    st.channels_seen.add(channel)
+        elif channel is not None and channel != st.channel:  # (one side says otherwise)
+            _other_channel(st, channel)
         result: str = rec["result"]
         reason = rec.get("reason")
         if side == "inside" and (st.inside_first_ts is None or ts < st.inside_first_ts):
@@ -341,8 +354,19 @@ class Accountant:
             st.released_ts, st.released_by = ts, subject_label(rec["subject"])
 
     def feed_log(self, side: str, directory: Path, stats: LogStats, limit: int | None) -> None:
+        """Feed the records of a log read unverified (the inside's first, see reconcile)."""
         for rec in read_log(directory, side, limit=limit, stats=stats):
             self.feed(side, rec)
+
+
+def _other_channel(st: ItemState, channel: str) -> None:
+    if st.channels_seen is None:
+        st.channels_seen = set()
+    if len(st.channels_seen) < 8:
+        st.channels_seen.add(channel)
+
+
+_INSIDE_RANK = 1 << 62  # (above any count of records fed)
 
 
 @dataclass
@@ -418,15 +442,21 @@ class _Counted:
 
 
 def _check(
-    loc: LogLocation, *, enabled: bool, unsigned: bool, counted: _Counted | None = None
+    loc: LogLocation,
+    *,
+    enabled: bool,
+    unsigned: bool,
+    counted: _Counted | None = None,
+    want_roots: frozenset[int] = frozenset(),
 ) -> LogCheck:
-    """Verify one log (feeding ``counted`` its records as they are verified)."""
+    """Verify one log (feeding ``counted`` its records as they are verified, and taking the
+    roots of its records' tree at ``want_roots``)."""
     if not enabled:
         return LogCheck(loc, None, "not verified (--no-verify)")
     key = loc.public_key()
     if key is None:
         return LogCheck(loc, None, "not verified: no public key known for this log")
-    report = verify(loc.directory, key, on_record=counted)
+    report = verify(loc.directory, key, on_record=counted, want_roots=want_roots)
     if report.verified:
         note = "verified"
         tail = report.tree_size - (report.last_checkpoint or 0)
@@ -476,8 +506,11 @@ def reconcile_logs(
     afterwards, when whoever can write the files could have changed them (a live agent
     appends; an attacker rewrites). Only the records a verified signed checkpoint covers
     count, unless ``unsigned``. A log without a key (or with ``enabled`` false) is read
-    unverified (:func:`read_log`). Returns each log's check and the reconciliation, which
-    is None when a log failed verification (nothing is reconciled then)."""
+    unverified (:func:`read_log`). The inside's log comes first: the outside log read is
+    then matched with the outside logs the inside witnessed by the roots of its records at
+    the sizes witnessed, taken in the same pass (:mod:`ferry.audit.witnessed`). Returns each
+    log's check (the outside's first) and the reconciliation, which is None when a log
+    failed verification (nothing is reconciled then)."""
     if grace < 0:
         raise UsageError("--grace must not be negative")
     if locations.outside is None or locations.inside is None:
@@ -485,26 +518,49 @@ def reconcile_logs(
             "reconcile needs both logs: the outside's (or its mirror) and the inside's"
         )
     acc = Accountant()
-    checks: list[LogCheck] = []
-    stats: list[LogStats] = []
-    for loc in (locations.outside, locations.inside):  # (the outside's records first)
-        st = LogStats(loc.side, str(loc.directory))
-        if checks:  # the inside's: which of the logs it witnessed is the outside log read
-            rep = checks[0].report
-            first = rep.first_checkpoint if rep is not None else _first_note(stats[0].path)
-            _expect(st, first, now_us=now_us, grace=grace)
-        good = not any(c.failed for c in checks)
-        counted = _Counted(acc, st, unsigned) if good else None
-        check = _check(loc, enabled=enabled, unsigned=unsigned, counted=counted)
-        if check.report is None and good:  # not verified: read as it is, and said so
-            acc.feed_log(loc.side, loc.directory, st, None)
-        elif check.report is not None:
-            st.limit = check.limit
-        checks.append(check)
-        stats.append(st)
+    out_stats = LogStats("outside", str(locations.outside.directory))
+    in_stats = LogStats("inside", str(locations.inside.directory))
+    # The inside's records first: its audit.witnessed records say at which sizes to take
+    # the roots of the outside log's records, as they are verified (the order of the two
+    # logs changes nothing else: see Accountant).
+    in_stats.witnessed.cutoff = _witness_cutoff(now_us, grace)
+    in_check = _read(locations.inside, in_stats, acc, enabled=enabled, unsigned=unsigned)
+    out_stats.want_roots = frozenset(in_stats.witnessed.sizes())
+    out_check = _read(
+        locations.outside,
+        out_stats,
+        acc,
+        enabled=enabled,
+        unsigned=unsigned,
+        count=not in_check.failed,
+    )
+    checks = [out_check, in_check]
     if any(c.failed for c in checks):
         return checks, None
-    return checks, settle(acc, stats[0], stats[1], now_us=now_us, grace=grace, checks=checks)
+    return checks, settle(acc, out_stats, in_stats, now_us=now_us, grace=grace, checks=checks)
+
+
+def _read(
+    loc: LogLocation,
+    st: LogStats,
+    acc: Accountant,
+    *,
+    enabled: bool,
+    unsigned: bool,
+    count: bool = True,
+) -> LogCheck:
+    """Verify one log, and (``count``) count its records into ``acc`` as they are
+    verified, or, without a key, as they are read."""
+    counted = _Counted(acc, st, unsigned) if count else None
+    check = _check(
+        loc, enabled=enabled, unsigned=unsigned, counted=counted, want_roots=st.want_roots
+    )
+    if check.report is None and count:  # not verified: read as it is, and said so
+        acc.feed_log(loc.side, loc.directory, st, None)
+    elif check.report is not None:
+        st.limit = check.limit
+        st.roots_at = check.report.roots_at
+    return check
 
 
 @dataclass
@@ -628,37 +684,17 @@ def reconcile(
     acc = Accountant()
     out_stats = LogStats("outside", str(outside))
     in_stats = LogStats("inside", str(inside))
-    _expect(in_stats, _first_note(outside), now_us=now_us, grace=grace)
+    in_stats.witnessed.cutoff = _witness_cutoff(now_us, grace)
+    acc.feed_log("inside", inside, in_stats, limits[1])  # (first: as reconcile_logs does)
+    out_stats.want_roots = frozenset(in_stats.witnessed.sizes())
     acc.feed_log("outside", outside, out_stats, limits[0])
-    acc.feed_log("inside", inside, in_stats, limits[1])
     return settle(acc, out_stats, in_stats, now_us=now_us, grace=grace, checks=checks or [])
-
-
-def _first_note(directory: Path | str) -> tuple[int, str] | None:
-    """The size and root of the first checkpoint in a log's ``checkpoints.log``, read as it
-    is (for a log read unverified; a verified log's is its report's ``first_checkpoint``)."""
-    try:
-        with NoteFile(Path(directory) / CHECKPOINTS_FILE) as notes:
-            first = next(iter(notes.first_pass()), None)
-    except OSError:  # (none, or not a regular file: UnsafeFile)
-        return None
-    if first is None:
-        return None
-    return first.checkpoint.size, first.checkpoint.root.hex()
 
 
 def _witness_cutoff(now_us: int, grace: float) -> str:
     """Records of the inside after this time may be about what is still on its way to the
     outside log read (the mirror lags): the grace period, and at least MIN_LAG, before now."""
     return format_ts(now_us - int(max(grace, MIN_LAG) * 1_000_000))
-
-
-def _expect(
-    in_stats: LogStats, outside_first: tuple[int, str] | None, *, now_us: int, grace: float
-) -> None:
-    """Prepare the inside log's stats for its audit.witnessed records (before reading it)."""
-    in_stats.outside_checkpoint = outside_first
-    in_stats.witness_cutoff = _witness_cutoff(now_us, grace)
 
 
 def settle(
@@ -685,10 +721,15 @@ def settle(
         if said is not None and said != side
     ]
     problems.extend(_origin_problems(out_stats, in_stats, checks))
-    problems.extend(_superseded(in_stats))
+    held = out_stats.limit if out_stats.limit is not None else out_stats.lines
+    witnessed = in_stats.witnessed
+    identity = witnessed.identify(out_stats.roots_at, held)
+    problems.extend(_refused(witnessed))
+    problems.extend(_forked(witnessed, identity))
+    problems.extend(_superseded(witnessed, identity))
     control = 0
-    for st in acc.items.values():
-        if st.channels_seen:  # (the outside's records are read first: it cannot decide alone)
+    for st in sorted(acc.items.values(), key=_RANK):
+        if st.channels_seen:
             names = ", ".join(sorted({st.channel or "", *st.channels_seen}))
             problems.append(
                 Discrepancy("CHANNEL_MISMATCH", st.item, f"its records name channels {names}")
@@ -749,7 +790,7 @@ def settle(
                     f"seen inside at {first} but never accepted in the outside log",
                 )
             )
-    problems.extend(_behind(out_stats, in_stats, behind))
+    problems.extend(_behind(out_stats, held, identity.log, behind))
     gaps = _gaps(acc, accepted)
     _overtaken(accepted)
     holes, hole_count = _holes(accepted)
@@ -814,14 +855,64 @@ def _origin_problems(
     return problems
 
 
-def _superseded(in_stats: LogStats) -> list[Discrepancy]:
-    """The outside log read is one the inside witnessed (its first checkpoint is among those
-    the inside's ``audit.witnessed`` records name), but the inside has witnessed another
+def _refused(witnessed: Witnessed) -> list[Discrepancy]:
+    """The inside's witness refused the outside's log (``audit.witness_inconsistent``: it
+    contradicts the mirror) and has witnessed nothing since: the outside goes on with
+    another log than the one mirrored (rebuilt or rolled back, or rewritten), and what it
+    records is in no mirror. (Refusals followed by a log witnessed, as after a rebuilt
+    outside's log is mirrored afresh, are counted in the inside log's read stats.)"""
+    if not witnessed.stopped or witnessed.last_refusal is None:
+        return []
+    ts, reason = witnessed.last_refusal
+    return [
+        Discrepancy(
+            "WITNESS_INCONSISTENT",
+            None,
+            f"the inside's witness refused the outside's log at {ts} ({reason}) and has "
+            f"witnessed none of its checkpoints since ({witnessed.refused} refusal(s); "
+            "audit.witness_inconsistent): the outside shipped a log that contradicts the "
+            "inside's mirror (an outside rebuilt or restored from a backup or snapshot, or a "
+            "rewritten log); what it recorded since is in no mirror (docs/OPERATIONS.md, "
+            '"The outside\'s disk is lost")',
+        )
+    ]
+
+
+def _forked(witnessed: Witnessed, identity: Identity) -> list[Discrepancy]:
+    """The outside log read is none of the logs the inside witnessed: it holds as many
+    records as a checkpoint witnessed of each, with another root. A fork (an outside rolled
+    back to a backup or snapshot and run on, or a log re-signed without some of its records)
+    or another log: what the logs witnessed accepted cannot be accounted for with it."""
+    if identity.contradicted is None:
+        return []
+    log, point = identity.contradicted
+    others = len(witnessed.logs) - 1
+    also = f", nor with any of the {others} other log(s) it witnessed before" if others else ""
+    if witnessed.left_out:
+        also += f" (the {witnessed.left_out} oldest logs witnessed were not kept)"
+    return [
+        Discrepancy(
+            "OUTSIDE_LOG_FORKED",
+            None,
+            f"the outside log given is not a log the inside witnessed: the inside witnessed "
+            f"checkpoint {point.size} of {log.origin!r} (root {point.root[:16]}...) at "
+            f"{point.ts} (audit.witnessed), but the first {point.size} records of the log "
+            f"given hash to another root; it agrees neither with the log witnessed "
+            f"{'now' if log is witnessed.current else 'last'}{also}: a fork (an outside "
+            "rolled back to a backup or snapshot, or a log rewritten by whoever holds its "
+            "key) or another log; what the log witnessed accepted is not accounted for by "
+            "this run",
+        )
+    ]
+
+
+def _superseded(witnessed: Witnessed, identity: Identity) -> list[Discrepancy]:
+    """The outside log read is one the inside witnessed, but the inside has witnessed another
     outside log since: the copy of an old log (set aside after a rebuilt outside,
     docs/OPERATIONS.md). What the log witnessed now accepted is in no log read: without
     this, its items would pass silently (arrivals within minutes of the copy's end look like
     mirror lag, and an item that never arrived is in neither log)."""
-    given, now = in_stats.witnessed_given, in_stats.witnessing
+    given, now = identity.log, witnessed.current
     if given is None or now is None or given is now:
         return []
     since = now.number - given.number
@@ -840,19 +931,18 @@ def _superseded(in_stats: LogStats) -> list[Discrepancy]:
     ]
 
 
-def _behind(out_stats: LogStats, in_stats: LogStats, arrivals: list[str]) -> list[Discrepancy]:
-    """The outside log read is older than the inside says it should be: the inside witnessed
-    a later checkpoint of it (before the witness cutoff: a live mirror may grow between its
-    reading and the inside log's), or items arrived long after its last record. A
-    rolled-back or stale copy (of the mirror, say), or an outside that stopped shipping its
-    log, would otherwise hide what the outside recorded after it. The checkpoints that count
-    are those of the log the inside witnessed whose first checkpoint the log read holds,
-    else (none is: no checkpoint of it was witnessed) of the log it witnesses now."""
+def _behind(
+    out_stats: LogStats, held: int, log: WitnessedLog | None, arrivals: list[str]
+) -> list[Discrepancy]:
+    """The outside log read (``held`` records) is older than the inside says it should be:
+    the inside witnessed a later checkpoint of the log it is (``log``; before the witness
+    cutoff: a live mirror may grow between its reading and the inside log's), or items
+    arrived long after its last record. A rolled-back or stale copy (of the mirror, say),
+    or an outside that stopped shipping its log, would otherwise hide what the outside
+    recorded after it."""
     out: list[Discrepancy] = []
-    held = out_stats.limit if out_stats.limit is not None else out_stats.lines
-    log = in_stats.witnessed_given or in_stats.witnessing
-    if log is not None and log.due is not None and log.due[1] > held:
-        when, size = log.due
+    if log is not None and log.due is not None and log.due.size > held:
+        when, size = log.due.ts, log.due.size
         out.append(
             Discrepancy(
                 "OUTSIDE_LOG_BEHIND",
@@ -875,6 +965,9 @@ def _behind(out_stats: LogStats, in_stats: LogStats, arrivals: list[str]) -> lis
             )
         )
     return out
+
+
+_RANK = operator.attrgetter("rank")
 
 
 def _decide(st: ItemState, cutoff: str, problems: list[Discrepancy]) -> None:
@@ -1028,6 +1121,13 @@ def render_text(rec: Reconciliation, *, limit: int = 200) -> Iterator[str]:
             yield (
                 f"  {st.side} log: {st.malformed} malformed line(s) skipped, "
                 f"{st.torn} unterminated last line(s)"
+            )
+        refusal = st.witnessed.last_refusal
+        if refusal is not None and not st.witnessed.stopped:  # (else WITNESS_INCONSISTENT)
+            yield (
+                f"  {st.side} log: its witness refused the outside's log "
+                f"{st.witnessed.refused} time(s), last at {refusal[0]} "
+                "(audit.witness_inconsistent), and has witnessed a log since"
             )
     c = rec.counts()
     by = Counter(s.rejected_by for s in rec.by_state("rejected"))

@@ -25,8 +25,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ferry.audit.merkle import CompactRange, leaf_hash
 from ferry.audit.record import MAX_RECORD_BYTES, per_item
 from ferry.audit.verify import list_segments
+from ferry.audit.witnessed import Witnessed
 from ferry.errors import UsageError
 
 SIDES = ("outside", "inside")
@@ -43,6 +45,7 @@ _EVENT_WINDOW = 100
 _AUDIT_EVENT = '"event":"audit.'
 _STARTED = '"event":"audit.started"'
 _WITNESSED = '"event":"audit.witnessed"'
+_REFUSED = '"event":"audit.witness_'  # (audit.witness_inconsistent, whole past the window)
 MAX_WITNESSED_ORIGINS = 8  # distinct origins noted from audit.witnessed records
 
 
@@ -62,7 +65,8 @@ def _audit_record(line: str, limit: int | None) -> dict[str, Any] | None:
 def note_audit_record(stats: LogStats, rec: dict[str, Any]) -> None:
     """What reconcile takes from a log's own (well-formed) records: the side and origin its
     first ``audit.started`` names; the origins its ``audit.witnessed`` records name (the
-    inside's witness of the outside's log), and how far it witnessed each log."""
+    inside's witness of the outside's log), the logs they witnessed and how far, and the
+    witness's refusals (``audit.witness_inconsistent``)."""
     event: str = rec["event"]
     detail: dict[str, Any] = rec.get("detail", _EMPTY)
     if event == "audit.started":
@@ -80,26 +84,11 @@ def note_audit_record(stats: LogStats, rec: dict[str, Any]) -> None:
             and len(stats.witnessed_origins) < MAX_WITNESSED_ORIGINS
         ):
             stats.witnessed_origins.append(origin)
-        size = detail.get("size")
-        if type(size) is int:
-            _note_witnessed(stats, rec["ts"], origin, size, detail.get("root"))
-
-
-def _note_witnessed(stats: LogStats, ts: str, origin: str | None, size: int, root: object) -> None:
-    log = stats.witnessing
-    if log is None or size < log.size or origin != log.origin:
-        # A smaller checkpoint, or another log's: the inside witnesses another log now (its
-        # mirror was set aside for a rebuilt outside, docs/OPERATIONS.md).
-        stats.witnessed_logs += 1
-        log = stats.witnessing = WitnessedLog(stats.witnessed_logs, origin, ts, ts, size)
-    log.last_ts = ts
-    log.size = max(log.size, size)
-    if (stats.witness_cutoff is None or ts <= stats.witness_cutoff) and (
-        log.due is None or size > log.due[1]
-    ):
-        log.due = (ts, size)
-    if stats.outside_checkpoint is not None and stats.outside_checkpoint == (size, root):
-        stats.witnessed_given = log
+        size, root = detail.get("size"), detail.get("root")
+        if type(size) is int and isinstance(root, str) and _ROOT_MATCH(root) is not None:
+            stats.witnessed.note(rec["ts"], origin, size, root)
+    elif event == "audit.witness_inconsistent":
+        stats.witnessed.refusal(rec["ts"], rec.get("reason"))
 
 
 # --- timestamps ---------------------------------------------------------------------------
@@ -176,15 +165,13 @@ class LogStats:
     origin: str | None = None  # the origin the first audit.started record names
     # origins audit.witnessed records name
     witnessed_origins: list[str] = field(default_factory=list)
-    # Set before an inside log is read, for its audit.witnessed records: the size and root
-    # (hex) of the first checkpoint of the outside log reconciled with it, which names that
-    # log; and the time after which a checkpoint witnessed may still be on its way into it.
-    outside_checkpoint: tuple[int, str] | None = None
-    witness_cutoff: str | None = None
-    witnessed_logs: int = 0  # outside logs the inside witnessed, one after the other
-    witnessing: WitnessedLog | None = None  # the last of them: the log it witnesses now
-    # the last witnessed log one of whose checkpoints is outside_checkpoint
-    witnessed_given: WitnessedLog | None = None
+    # the outside logs an inside log's audit.witnessed records witnessed (set its cutoff
+    # before the log is read)
+    witnessed: Witnessed = field(default_factory=Witnessed)
+    # Set before an outside log is read: the sizes at which to take the root of its records'
+    # tree (the checkpoints the inside witnessed), into roots_at (size -> root hex).
+    want_roots: frozenset[int] = frozenset()
+    roots_at: dict[int, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -197,27 +184,12 @@ class LogStats:
             "first_ts": self.first_ts,
             "last_ts": self.last_ts,
             "limit": self.limit,
+            "witness_refusals": self.witnessed.refused,  # audit.witness_inconsistent records
         }
 
 
-@dataclass
-class WitnessedLog:
-    """One outside log as an inside log's ``audit.witnessed`` records saw it: a run of them
-    that name one origin and never a smaller checkpoint (a log only grows; the inside
-    witnesses a new log from its start). Only this summary is kept, never each record: an
-    outside signs a checkpoint a minute."""
-
-    number: int  # 1 for the first log witnessed, 2 for the next, ...
-    origin: str | None
-    first_ts: str
-    last_ts: str
-    size: int  # its largest checkpoint witnessed
-    # (ts, size) of the first record that witnessed its largest checkpoint witnessed by
-    # LogStats.witness_cutoff: a copy of this log must hold at least that many records
-    due: tuple[str, int] | None = None
-
-
 _TS_MATCH = _TS.fullmatch
+_ROOT_MATCH = re.compile("[0-9a-f]{64}").fullmatch
 _EMPTY: dict[str, Any] = {}
 
 
@@ -285,11 +257,23 @@ def read_log(
     if not directory.is_dir():
         raise UsageError(f"{directory}: no such audit log directory")
     first_ts = last_ts = ""
+    # the records' tree, as far as st.want_roots asks (as verify computes it)
+    tree = CompactRange() if st.want_roots else None
+    top = max(st.want_roots, default=0)
     for _, segment in list_segments(directory):
         for line in _lines(segment, st):
             st.lines += 1
+            if tree is not None:
+                tree.append(leaf_hash(line.encode("latin-1")))  # (the line's bytes)
+                if tree.size in st.want_roots:
+                    st.roots_at[tree.size] = tree.root().hex()
+                if tree.size >= top:
+                    tree = None
             if skip_audit and line.find(_AUDIT_EVENT, 0, _EVENT_WINDOW) > 0:
-                wanted = line.find(_WITNESSED, 0, _EVENT_WINDOW) > 0 or (
+                wanted = (
+                    line.find(_WITNESSED, 0, _EVENT_WINDOW) > 0
+                    or line.find(_REFUSED, 0, _EVENT_WINDOW) > 0
+                ) or (
                     (st.written_by is None or st.origin is None)
                     and line.find(_STARTED, 0, _EVENT_WINDOW) > 0
                 )

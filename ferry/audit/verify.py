@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,9 +162,10 @@ class VerifyReport:
     checkpoints: int = 0  # notes in checkpoints.log
     checkpoints_verified: int = 0  # signed by the key and matching the records
     last_checkpoint: int | None = None  # size of the last verified checkpoint
-    # (size, root hex) of the first verified checkpoint: it names the log (reconcile finds
-    # the inside's witness of it)
-    first_checkpoint: tuple[int, str] | None = None
+    # The root (hex) of the records' tree at each size the caller asked for (``want_roots``)
+    # that the records verified reach: reconcile compares them with the checkpoints the
+    # inside witnessed of the outside's log.
+    roots_at: dict[int, str] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     # Records a run signed when it started, written by an earlier run that stopped without
@@ -268,7 +269,6 @@ class _NoteFacts:
 
     verified: int = 0  # notes that match the records and are signed by a trusted key
     last_verified: int | None = None  # the largest size of those
-    first_verified: tuple[int, str] | None = None  # (size, root hex) of the smallest of those
     at_size: bool = False  # a note has the size the scan ended at
     beyond: tuple[int, int] | None = None  # (size, line) of the first smallest note past it
     beyond_max: int = 0  # the largest size past it
@@ -278,8 +278,6 @@ class _NoteFacts:
         if verified:
             self.verified += 1
             self.last_verified = max(size, self.last_verified or 0)
-            if self.first_verified is None or size < self.first_verified[0]:
-                self.first_verified = (size, note.checkpoint.root.hex())
         if size == tree_size:
             self.at_size = True
         elif size > tree_size:
@@ -296,9 +294,12 @@ class _Verifier:
         ts_tolerance: float,
         first_segment: int | None = None,
         on_record: RecordHook | None = None,
+        *,
+        want_roots: frozenset[int] = frozenset(),
     ) -> None:
         self.path = path
         self.on_record = on_record
+        self.want_roots = want_roots
         self.keys = keys
         self.first_segment = first_segment
         self.tolerance_us = int(ts_tolerance * 1_000_000)
@@ -495,6 +496,8 @@ class _Verifier:
             self.last_events = (self.last_events[1], rec["event"])
             leaf = leaf_hash(line.data)
             self.tree.append(leaf)
+            if self.tree.size in self.want_roots:
+                self.report.roots_at[self.tree.size] = self.tree.root().hex()
             self.prev_hex = leaf.hex()
             self.prev_pos = pos
             self.report.records += 1
@@ -794,7 +797,6 @@ class _Verifier:
         self._check_torn(facts)
         report.checkpoints_verified = facts.verified
         report.last_checkpoint = facts.last_verified
-        report.first_checkpoint = facts.first_verified
         # One announced but unstored checkpoint and no other is a crash before the first
         # note was stored (CHECKPOINT_PENDING); anything else without notes is a removal.
         if self.complete and report.records and not self.index.count and self.announced != 1:
@@ -1030,6 +1032,7 @@ def verify(
     *,
     ts_tolerance: float = DEFAULT_TS_TOLERANCE,
     on_record: RecordHook | None = None,
+    want_roots: Collection[int] = (),
 ) -> VerifyReport:
     """Verify the audit log at ``path`` (a directory, or one segment file).
 
@@ -1040,12 +1043,17 @@ def verify(
     Raises :class:`UsageError` if ``path`` is neither a log directory nor a segment file.
     ``on_record``: see :data:`RecordHook` (reconcile counts the records it is given, so
     that what it counts is exactly what was verified, never a second read of the files).
+    ``want_roots``: sizes at which to give the root of the records' tree
+    (:attr:`VerifyReport.roots_at`), computed as the scan passes them.
     """
     keys = _key_tuple(public_key)
     for key in keys:
         if key.alg != "ed25519":
             raise UsageError(f"the audit key is an ed25519 key, not {key.alg}")
-    return _Verifier(Path(path), keys, ts_tolerance, on_record=on_record).run()
+    verifier = _Verifier(
+        Path(path), keys, ts_tolerance, on_record=on_record, want_roots=frozenset(want_roots)
+    )
+    return verifier.run()
 
 
 def _key_tuple(keys: PublicKey | Sequence[PublicKey] | None) -> tuple[PublicKey, ...]:

@@ -23,6 +23,7 @@ from ferry.audit.locate import locate
 from ferry.audit.reconcile import Reconciliation, reconcile, stream_json
 from ferry.audit.reconcile import render_text as render
 from ferry.audit.record import AuditObject, Subject, format_ts
+from ferry.audit.timeline import LogStats
 
 
 @pytest.fixture(scope="module")
@@ -287,16 +288,17 @@ def test_an_outside_log_older_than_the_inside_witnessed_is_a_discrepancy(tmp_pat
     b = _clean(tmp_path)
     outside, _ = b.write()
     records = verify(outside, OUT_KEY.public).tree_size
+    roots = verify(outside, OUT_KEY.public, want_roots={3, records - 1}).roots_at
+
+    def witnessed(b: Builder, when: int, size: int, root: str) -> None:
+        b.add("inside", when, "audit.witnessed", subject=Subject.component("audit-mirror"),
+              obj=AuditObject(kind="checkpoint", size=size),
+              detail={"origin": "outside.test/audit", "size": size, "root": root})  # fmt: skip
+
     b = _clean(tmp_path / "again")
-    for size in (records - 1, records + 40):
-        b.add(
-            "inside",
-            T0 + 3 * 60 * S + size,
-            "audit.witnessed",
-            subject=Subject.component("audit-mirror"),
-            obj=AuditObject(kind="checkpoint", size=size),
-            detail={"origin": "outside.test/audit", "size": size, "root": "ab" * 32},
-        )
+    # (a checkpoint of this log, then a later one the log read does not reach)
+    for size, root in ((records - 1, roots[records - 1]), (records + 40, "ab" * 32)):
+        witnessed(b, T0 + 3 * 60 * S + size, size, root)
     outside, inside = b.write()
     now = T0 + 3 * 60 * S + records + 40 + 600 * S  # (the grace period after the witness)
     assert reconcile(outside, inside, now_us=now - S).discrepancies == []  # (may be racing)
@@ -307,18 +309,12 @@ def test_an_outside_log_older_than_the_inside_witnessed_is_a_discrepancy(tmp_pat
     assert f"holds {records} records" in d.message
 
     # After a rebuilt outside the inside witnesses a new log from its start (its mirror moved
-    # aside): the old log's checkpoints no longer count against the one now witnessed.
-    b.add(
-        "inside",
-        T0 + 5 * 60 * S,
-        "audit.witnessed",
-        subject=Subject.component("audit-mirror"),
-        obj=AuditObject(kind="checkpoint", size=3),
-        detail={"origin": "outside.test/audit", "size": 3, "root": "cd" * 32},
-    )
-    rebuilt = tmp_path / "rebuilt"
-    rebuilt.mkdir()
-    b.root = rebuilt
+    # aside): the old log's checkpoints (another log's: other roots) no longer count against
+    # the one now witnessed, the log given.
+    b = _clean(tmp_path / "rebuilt")
+    for size in (records - 1, records + 40):
+        witnessed(b, T0 + 3 * 60 * S + size, size, "ab" * 32)
+    witnessed(b, T0 + 5 * 60 * S, 3, roots[3])
     outside, inside = b.write()
     assert reconcile(outside, inside, now_us=now + 600 * S).discrepancies == []
 
@@ -559,6 +555,39 @@ def test_an_item_is_a_control_object_only_if_both_sides_say_so(
     assert "CHANNEL_MISMATCH" in out
     assert "_audit, files/permits" in out
     assert "control objects" not in out
+
+
+def test_the_accounting_does_not_depend_on_which_log_is_read_first(tmp_path: Path) -> None:
+    """Reconcile reads the inside's log first (its audit.witnessed records say which roots
+    of the outside log's records to take as they are verified): the items, their channel
+    (the outside's first that names one, where the two sides disagree) and the order of the
+    discrepancies are those of reading the outside's log first."""
+    (tmp_path / "standard").mkdir()
+    scn = standard(tmp_path / "standard")
+    b = _clean(tmp_path / "mixed")
+    smuggled, t = item_id(50), T0 + 10 * 60 * S
+    b.accept(smuggled, t, seq=50, channel="_audit")
+    b.receive(smuggled, t + S, seq=50)
+    b.deliver(smuggled, t + 3 * S, seq=50, path="/nonexistent/s", content=b"x")
+    outside, inside = b.write()
+    for out_dir, in_dir, now in (
+        (scn.outside, scn.inside, scn.now),
+        (outside, inside, T0 + 3600 * S),
+    ):
+        results = []
+        for order in (("outside", "inside"), ("inside", "outside")):
+            acc = reconcile_mod.Accountant()
+            stats = {side: LogStats(side, side) for side in order}
+            for side in order:
+                acc.feed_log(side, out_dir if side == "outside" else in_dir, stats[side], None)
+            r = reconcile_mod.settle(
+                acc, stats["outside"], stats["inside"], now_us=now, grace=600, checks=[]
+            )
+            results.append(json.dumps(r.to_json(), sort_keys=True))
+        assert results[0] == results[1]
+    assert (
+        reconcile(outside, inside, now_us=T0 + 3600 * S).discrepancies[0].code == "CHANNEL_MISMATCH"
+    )
 
 
 def test_logs_given_for_the_wrong_side_are_a_discrepancy(
@@ -805,8 +834,10 @@ def test_an_outside_log_other_than_the_one_the_inside_witnessed_is_a_discrepancy
     """The inside's own log names the outside log it mirrored (audit.witnessed): an outside
     log with another origin is not that log. (Any log it witnessed is: after a rebuilt
     outside whose audit key had changed, the old log's copy and the new one.)"""
+    outside, _ = _clean(tmp_path / "probe").write()  # (the log: the root of 10 records)
+    root = verify(outside, OUT_KEY.public, want_roots={10}).roots_at[10]
     b = _clean(tmp_path / "both")
-    witnessed = {"origin": "outside.test/audit", "size": 10, "root": "00" * 32}
+    witnessed = {"origin": "outside.test/audit", "size": 10, "root": root}
     b.add("inside", T0 + 30 * S, "audit.witnessed", subject=Subject.component("audit-mirror"),
           obj=AuditObject(kind="checkpoint", size=10), detail=witnessed)  # fmt: skip
     other = {**witnessed, "origin": "outside.elsewhere/audit"}
