@@ -50,7 +50,7 @@ from ferry.audit.timeline import (
     ts_us,
 )
 from ferry.audit.verify import VerifyReport, verify
-from ferry.audit.witnessed import Identity, Witnessed, WitnessedLog
+from ferry.audit.witnessed import Identity, Witnessed
 from ferry.errors import UsageError
 
 DEFAULT_GRACE = 600.0  # seconds: longer than a planned repeat schedule, shorter than a shift
@@ -790,7 +790,7 @@ def settle(
                     f"seen inside at {first} but never accepted in the outside log",
                 )
             )
-    problems.extend(_behind(out_stats, held, identity.log, behind))
+    problems.extend(_behind(out_stats, held, identity, behind))
     gaps = _gaps(acc, accepted)
     _overtaken(accepted)
     holes, hole_count = _holes(accepted)
@@ -932,15 +932,16 @@ def _superseded(witnessed: Witnessed, identity: Identity) -> list[Discrepancy]:
 
 
 def _behind(
-    out_stats: LogStats, held: int, log: WitnessedLog | None, arrivals: list[str]
+    out_stats: LogStats, held: int, identity: Identity, arrivals: list[str]
 ) -> list[Discrepancy]:
     """The outside log read (``held`` records) is older than the inside says it should be:
-    the inside witnessed a later checkpoint of the log it is (``log``; before the witness
-    cutoff: a live mirror may grow between its reading and the inside log's), or items
-    arrived long after its last record. A rolled-back or stale copy (of the mirror, say),
-    or an outside that stopped shipping its log, would otherwise hide what the outside
-    recorded after it."""
+    the inside witnessed a later checkpoint of the log it is (``identity.log``; before the
+    witness cutoff: a live mirror may grow between its reading and the inside log's), or of
+    an earlier log it may as well be (``identity.earlier``), or items arrived long after its
+    last record. A rolled-back or stale copy (of the mirror, say), or an outside that
+    stopped shipping its log, would otherwise hide what the outside recorded after it."""
     out: list[Discrepancy] = []
+    log = identity.log
     if log is not None and log.due is not None and log.due.size > held:
         when, size = log.due.ts, log.due.size
         out.append(
@@ -950,6 +951,21 @@ def _behind(
                 f"the inside witnessed checkpoint {size} of the outside log at {when} "
                 f"(audit.witnessed), but the outside log read holds {held} records: an old or "
                 "rolled-back copy, and what the outside recorded after them is not accounted for",
+            )
+        )
+    earlier = identity.earlier
+    if log is not None and earlier is not None and earlier.due is not None:
+        out.append(
+            Discrepancy(
+                "OUTSIDE_LOG_BEHIND",
+                None,
+                f"the outside log read holds {held} records, the beginning of the log the inside "
+                f"witnesses now (since {log.first_ts}) and also of the log it witnessed before "
+                f"({earlier.origin!r}, up to checkpoint {earlier.due.size} at {earlier.due.ts}; "
+                "audit.witnessed): it may be a stale copy of that earlier log, whose records "
+                f"after {held} are then not accounted for; until the log witnessed now has "
+                "been witnessed for longer than the grace period (at least 10 minutes), "
+                "nothing tells which",
             )
         )
     if arrivals:

@@ -76,6 +76,8 @@ def note_audit_record(stats: LogStats, rec: dict[str, Any]) -> None:
         if stats.origin is None:
             origin = detail.get("origin")
             stats.origin = origin if isinstance(origin, str) else None
+    elif stats.side != "inside":
+        return  # (the witness's records are the inside's: in an outside log, forged)
     elif event == "audit.witnessed":
         origin = field_str(detail, "origin")
         if (

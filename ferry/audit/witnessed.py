@@ -95,6 +95,11 @@ class Identity:
     log: WitnessedLog | None  # None: it contradicts every log kept
     # (log, checkpoint) the log read contradicts, when it is none of them: the newest's first
     contradicted: tuple[WitnessedLog, Point] | None = None
+    # An earlier log it agrees with, holding less than that log's due checkpoint, while it
+    # lacks the last checkpoint witnessed of ``log`` or ``log`` has none due yet (witnessed
+    # only within the cutoff): it may be a stale copy of that earlier log as well as a copy
+    # of ``log`` (they begin alike), and nothing witnessed tells which.
+    earlier: WitnessedLog | None = None
 
 
 @dataclass
@@ -159,11 +164,15 @@ class Witnessed:
         """Which witnessed log is the outside log read, which holds ``held`` records that
         hash to ``roots`` (size -> root hex, at least at every size of :meth:`sizes` up to
         ``held``). It is a log none of whose checkpoints kept it contradicts (holding as many
-        records, with another root); of those, the one with the largest checkpoint it holds,
-        and of equals the newest (a copy that holds only what several logs share is taken
-        for the newest of them). None when it contradicts every log kept."""
-        best: WitnessedLog | None = None
-        best_key = (-1, -1)
+        records, with another root). One that holds the last checkpoint witnessed of the log
+        witnessed now is that log (the same log shipped again may have reached further than
+        the inside has signed of its witness). Otherwise, of those not contradicted, the one
+        with the largest checkpoint it holds, and of equals the newest (a copy that holds
+        only what several logs share is taken for the newest of them). :attr:`Identity.
+        earlier` then names an earlier log it agrees with whose due checkpoint it lacks,
+        unless it holds all that was witnessed of the log taken and some of that is due.
+        None when it contradicts every log kept."""
+        agreeing: list[tuple[WitnessedLog, int]] = []  # (log, largest checkpoint it holds)
         contradicted: tuple[WitnessedLog, Point] | None = None
         for log in self.logs:
             held_points = [(p, _relation(p, roots, held)) for p in log.points()]
@@ -171,10 +180,23 @@ class Witnessed:
             if differs is not None:
                 contradicted = (log, differs)
                 continue
-            key = (max((p.size for p, r in held_points if r == HAS), default=0), log.number)
-            if key > best_key:
-                best, best_key = log, key
-        return Identity(best, None if best is not None else contradicted)
+            agreeing.append((log, max((p.size for p, r in held_points if r == HAS), default=0)))
+        if not agreeing:
+            return Identity(None, contradicted)
+        now = self.current
+        if now is not None and _relation(now.last, roots, held) == HAS:
+            best = now
+        else:
+            best = max(agreeing, key=lambda a: (a[1], a[0].number))[0]
+        earlier = None
+        if best.due is None or _relation(best.last, roots, held) != HAS:
+            lacking = [
+                log
+                for log, _ in agreeing
+                if log.number < best.number and log.due is not None and log.due.size > held
+            ]
+            earlier = max(lacking, key=lambda log: log.number, default=None)
+        return Identity(best, None, earlier)
 
 
 def _relation(point: Point, roots: Mapping[int, str], held: int) -> str:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
+import ferry.audit.log as audit_log
 from ferry.audit import AuditLog, AuditObject, AuditSettings, Subject
 from ferry.audit.agent import AgentAudit
 from ferry.audit.locate import Locations, LogLocation
 from ferry.audit.reconcile import Reconciliation, reconcile, reconcile_logs, render_text
 from ferry.audit.timeline import LogStats, note_audit_record
 from ferry.audit.verify import CHECKPOINTS_FILE, list_segments, verify
-from ferry.audit.witnessed import MAX_WITNESSED_LOGS, Point
+from ferry.audit.witnessed import MAX_WITNESSED_LOGS, Point, Witnessed
 from ferry.config_types import AuditParams
 from ferry.crypto.keys import SecretKey, write_secret_key
 from inside.mirror import AuditMirror, MirrorRejected
@@ -409,3 +410,115 @@ def test_the_same_log_mirrored_again_from_its_start_is_one_log(tmp_path: Path) -
         r = _reconcile(copy, tmp_path / "inside-audit", now)
         assert _codes(r) == []
         assert r.stats[1].witnessed.count == 1
+
+
+def _witnessed(*logs: list[tuple[str, int, str]]) -> Witnessed:
+    """Witness records of outside logs one after the other: (ts, size, root) each."""
+    w = Witnessed(cutoff="2026-01-01T00:10:00.000000Z")
+    for points in logs:
+        for ts, size, root in points:
+            w.note(ts, "outside.test/audit", size, root)
+    return w
+
+
+OLD = [("2026-01-01T00:00:00.000000Z", 3, "a" * 64), ("2026-01-01T00:01:00.000000Z", 38, "b" * 64)]
+YOUNG = [
+    ("2026-01-01T00:20:00.000000Z", 3, "a" * 64),
+    ("2026-01-01T00:21:00.000000Z", 25, "c" * 64),
+]
+
+
+def test_a_log_holding_the_last_checkpoint_witnessed_now_is_the_log_witnessed_now() -> None:
+    """The same log shipped again to a new mirror, which has reached the old mirror's end
+    before the inside signed its witness of it that far: it holds the old run's largest
+    checkpoint, but also everything witnessed of the current run, so it is the log witnessed
+    now (it was taken for the older run: a false OUTSIDE_LOG_SUPERSEDED on the daily job)."""
+    w = _witnessed(OLD, [OLD[0], ("2026-01-01T00:20:00.000000Z", 20, "d" * 64)])
+    assert w.count == 2
+    identity = w.identify({3: "a" * 64, 20: "d" * 64, 38: "b" * 64}, 38)
+    assert identity.log is w.current
+    assert identity.earlier is None
+
+
+def test_a_copy_of_what_two_logs_share_is_behind_the_earlier_one_while_the_newer_is_young() -> None:
+    """An outside restored from a snapshot: its new log (witnessed minutes ago, nothing of it
+    due yet) begins like the old one. A stale copy of the old log holding only those shared
+    records was taken for the new log and passed; while nothing witnessed tells them apart
+    it is behind the old log's due checkpoint."""
+    w = _witnessed(OLD, YOUNG)
+    identity = w.identify({3: "a" * 64}, 10)
+    assert identity.log is w.current
+    assert identity.earlier is w.logs[0]
+    # the old log's full copy is the old log (it contradicts the new one's last checkpoint)
+    full = w.identify({3: "a" * 64, 25: "e" * 64, 38: "b" * 64}, 38)
+    assert full.log is w.logs[0]
+    assert full.earlier is None
+    # the new log's mirror holds all that was witnessed of it: only while none of it is due
+    # is it still possibly a stale copy of the old log
+    mirror = {3: "a" * 64, 25: "c" * 64}
+    assert w.identify(mirror, 25).earlier is w.logs[0]
+    w = _witnessed(OLD, [(YOUNG[0][0].replace("00:20", "00:05"), 3, "a" * 64), YOUNG[1]])
+    assert w.current is not None
+    assert w.current.due is not None
+    assert w.identify(mirror, 25).earlier is None
+    assert w.identify({3: "a" * 64}, 10).earlier is w.logs[0]  # (the stale copy: still)
+
+
+def test_a_stale_backup_after_a_restore_is_behind_until_the_new_log_has_a_checkpoint_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole path with the real writers, mirror and witness: the old log witnessed three
+    hours ago, the restored outside's log witnessed a minute ago, a backup of the old log
+    taken before the snapshot point reconciled right away (exit 0 before)."""
+    offset = [-3 * 3600 * 1_000_000]
+    monkeypatch.setattr(audit_log, "_now_us", lambda: time.time_ns() // 1000 + offset[0])
+    audit = _inside(tmp_path)
+    out = tmp_path / "outside"
+    log = _open(out)
+    for n in range(1, 3):
+        _accept(log, _item("a", n), n)
+    log.close()
+    shutil.copytree(out, tmp_path / "backup")
+    log = _open(out)
+    for n in range(3, 5):
+        _accept(log, _item("a", n), n)
+    log.close()
+    shutil.copytree(out, tmp_path / "snapshot")
+    log = _open(out)
+    for n in range(5, 13):
+        _accept(log, _item("a", n), n, sent=n < 9)
+    log.close()
+    for n in range(1, 9):
+        _deliver(audit, _item("a", n), n)
+    mirror = AuditMirror(tmp_path / "mirror", OUT_KEY.public, audit)
+    _ship(out, mirror)
+    offset[0] = -60 * 1_000_000
+    shutil.copytree(tmp_path / "snapshot", tmp_path / "restored")
+    log = _open(tmp_path / "restored")
+    _accept(log, _item("b", 1), 101)
+    log.close()
+    _deliver(audit, _item("b", 1), 101)
+    (tmp_path / "mirror").rename(tmp_path / "mirror.before-restore")
+    mirror = AuditMirror(tmp_path / "mirror", OUT_KEY.public, audit)
+    _ship(tmp_path / "restored", mirror)
+    assert mirror.broken is None
+    audit.close()
+    now = time.time_ns() // 1000
+    r = _reconcile(tmp_path / "backup", tmp_path / "inside-audit", now)
+    assert "OUTSIDE_LOG_BEHIND" in _codes(r)
+    assert any("stale copy of that earlier log" in d.message for d in r.discrepancies)
+
+
+def test_witness_records_in_an_outside_log_are_not_read() -> None:
+    """Only the inside's witness writes audit.witnessed and audit.witness_inconsistent: in an
+    outside log they are forged, and counted nothing (they showed as witness refusals)."""
+    for side, expected in (("outside", 0), ("inside", 1)):
+        st = LogStats(side, "/x")
+        note_audit_record(st, {"event": "audit.witness_inconsistent", "ts": "t", "detail": {}})
+        note_audit_record(
+            st,
+            {"event": "audit.witnessed", "ts": "t",
+             "detail": {"origin": "o", "size": 5, "root": "ab" * 32}},
+        )  # fmt: skip
+        assert st.witnessed.refused == expected
+        assert st.witnessed.count == expected
