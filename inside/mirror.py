@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ferry import log
 from ferry.audit.agent import AgentAudit
+from ferry.audit.files import UnsafeFile, open_append, open_regular
 from ferry.audit.merkle import CompactRange, leaf_hash, read_notes
 from ferry.audit.record import AuditError, AuditObject, Subject, decode
 from ferry.audit.verify import CHECKPOINTS_FILE, PIECE_NAME, segment_name
@@ -45,7 +46,7 @@ def segment_complete(directory: Path, number: int) -> bool:
     """True once the mirror holds segment ``number`` whole: the next segment's opening
     record names this one's exact size."""
     try:
-        with open(directory / segment_name(number + 1), "rb") as f:
+        with open(open_regular(directory / segment_name(number + 1)), "rb") as f:
             first = f.readline(64 * 1024)
         if not first.endswith(b"\n"):
             return False
@@ -126,7 +127,7 @@ class AuditMirror:
             return
         overlap = min(size - offset, len(content))
         if overlap:
-            with open(self.dir / file, "rb") as f:
+            with open(open_regular(self.dir / file), "rb") as f:
                 f.seek(offset)
                 have = f.read(overlap)
             if have != content[:overlap]:
@@ -139,7 +140,7 @@ class AuditMirror:
         if rest:
             path = self.dir / file
             created = not path.exists()
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fd = open_append(path)  # (UnsafeFile, not a hang, if a FIFO is in its place)
             try:
                 view = memoryview(rest)
                 while view:
@@ -169,10 +170,17 @@ class AuditMirror:
 
     # -------------------------------------------------------------- witnessing
     def _catch_up(self, *, record: bool) -> None:
-        """Witness every checkpoint whose records have all arrived, in order."""
+        """Witness every checkpoint whose records have all arrived, in order. A mirrored file
+        that is not a regular file (only the mirror writes there) stops the witness."""
+        try:
+            self._witness(record=record)
+        except UnsafeFile as exc:
+            self._inconsistent(f"{exc}: the mirror does not read it", record=record)
+
+    def _witness(self, *, record: bool) -> None:
         while not self.broken:
             try:
-                with open(self.dir / CHECKPOINTS_FILE, "rb") as f:
+                with open(open_regular(self.dir / CHECKPOINTS_FILE), "rb") as f:
                     f.seek(self._notes_offset)
                     # one note at a time, each line bounded: never the rest of the file
                     parsed = read_notes(f, after_note=self._notes_offset > 0, max_notes=1)
@@ -227,7 +235,7 @@ class AuditMirror:
         while True:
             path = self.dir / segment_name(self._count.segment)
             try:
-                with open(path, "rb") as f:
+                with open(open_regular(path), "rb") as f:
                     f.seek(self._count.offset)
                     data = f.read()
             except FileNotFoundError:
@@ -248,7 +256,7 @@ class AuditMirror:
         as far as needed, in READ_CHUNK pieces: a segment may be 64 MiB)."""
         while self._tree.size < size:
             path = self.dir / segment_name(self._cursor.segment)
-            with open(path, "rb") as f:
+            with open(open_regular(path), "rb") as f:
                 f.seek(self._cursor.offset)
                 data = f.read(READ_CHUNK)
             pos = 0

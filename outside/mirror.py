@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry import log
+from ferry.audit.files import open_regular
 from ferry.audit.verify import (
     CHECKPOINTS_FILE,
     PIECE_NAME,
@@ -254,8 +255,8 @@ class AuditShipper:
         segment: int | None,
     ) -> None:
         offset = self.shipped.get(name, 0)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # (UnsafeFile, not a hang, for a FIFO in the file's place)
+            fd = open_regular(path)
         except FileNotFoundError:
             return
         try:

@@ -1,27 +1,32 @@
-"""The audit log's files as the verifier and the writer read them.
+"""The audit log's files as the verifier, the writer and the mirrors read them.
 
-Every file of a log directory is opened without following a final symbolic link and without
-blocking (a FIFO in a segment's or ``checkpoints.log``'s place must not hang the reader), and
-only a regular file is read: :func:`open_regular` raises :class:`UnsafeFile` for anything else.
+Nothing but a regular file is opened: :func:`open_regular` (to read) and :func:`open_append`
+(to append, creating it) look at the name first without following a symbolic link and
+refuse anything else (a symbolic link, a FIFO, a socket, a device, a directory) with
+:class:`UnsafeFile`, without opening it, then open without following a link and without
+blocking, and check that what they opened is the regular file they looked at.
 
 ``checkpoints.log`` can hold any number of notes (the inside's mirror of the outside's log holds
 what a compromised outside sent), so nothing here keeps them all: :class:`NoteFile` reads the
-file in passes, one note at a time, each pass exactly the bytes the first pass read (and checks
-that they did not change), and :class:`NoteIndex` keeps only what :mod:`ferry.audit.verify`
-needs while it scans the records: a few counts, and the notes that are out of size order
-(at most :data:`MAX_UNORDERED_NOTES`).
+file one note at a time, and for :mod:`ferry.audit.verify`, which reads the notes a few times,
+copies the bytes its first read takes into a private temporary file that the later reads
+read: every read sees the same bytes, whatever happens to the log's file meanwhile (a live
+writer cuts a half-written note back while it rides out a full disk). :class:`NoteIndex`
+keeps only what verify needs while it scans the records: a few counts, and the notes that are
+out of size order (at most :data:`MAX_UNORDERED_NOTES`).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import stat
-from collections.abc import Generator, Iterator
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ferry.audit.merkle import Note, NoteFormatError, NoteReader
 
@@ -29,55 +34,107 @@ from ferry.audit.merkle import Note, NoteFormatError, NoteReader
 # is a CHECKPOINT_REGRESSION whatever its root; keeping the first ones keeps the report the
 # same as for an in-order file (which notes match), and the bound keeps memory bounded.
 MAX_UNORDERED_NOTES = 1000
-_READ_CHUNK = 64 * 1024  # what a pass reads at once
+_READ_CHUNK = 64 * 1024  # what a read of checkpoints.log takes at once
+
+_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# What open(2) says of a name that is no longer the regular file looked at: a symbolic link
+# (ELOOP, with O_NOFOLLOW), a socket or a FIFO without a reader (ENXIO), a device without a
+# driver (ENODEV), a directory opened to write (EISDIR).
+_NOT_REGULAR = frozenset({errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EISDIR})
 
 
 class UnsafeFile(OSError):
-    """A log file is a symbolic link, a FIFO or another non-regular file, or not the file
-    expected."""
+    """A log file is a symbolic link, a FIFO, a socket or another non-regular file, or not
+    the file expected."""
 
 
-def open_regular(path: Path, same_as: int | None = None) -> int:
-    """A read-only descriptor of the regular file ``path``.
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISDIR, "a directory"),
+    )
+    return next((name for test, name in kinds if test(mode)), "of an unknown type")
 
-    Opens without following a final symlink and without blocking, then checks the file type.
-    Raises :class:`UnsafeFile` for anything but a regular file, or if ``same_as`` (an open
-    descriptor) is not the same file, and :class:`FileNotFoundError` if there is none.
-    """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+def _unsafe(path: Path, mode: int) -> UnsafeFile:
+    if stat.S_ISLNK(mode):
+        return UnsafeFile(f"{path.name} is a symbolic link, not a regular file")
+    return UnsafeFile(f"{path.name} is not a regular file ({_kind(mode)})")
+
+
+def not_regular(path: Path) -> UnsafeFile | None:
+    """Why ``path`` is not read or written (a symbolic link is not followed): None if it is
+    a regular file or nothing."""
     try:
-        fd = os.open(path, flags)
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    return None if stat.S_ISREG(mode) else _unsafe(path, mode)
+
+
+def _open(path: Path, flags: int) -> int:
+    try:
+        before: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+        before = None
+    if before is not None and not stat.S_ISREG(before.st_mode):
+        raise _unsafe(path, before.st_mode)  # (not opened: a FIFO or a device never is)
+    try:
+        fd = os.open(path, flags | _OPEN, 0o600)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFile(f"{path.name} is a symbolic link, not a regular file") from None
+        if exc.errno in _NOT_REGULAR:
+            raise UnsafeFile(f"{path.name} was replaced as it was opened") from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFile(f"{path.name} is not a regular file")
-        if same_as is not None:
-            other = os.fstat(same_as)
-            if (st.st_dev, st.st_ino) != (other.st_dev, other.st_ino):
-                raise UnsafeFile(f"{path.name} was replaced while it was being opened")
+            raise _unsafe(path, st.st_mode)
+        if before is not None and (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            raise UnsafeFile(f"{path.name} was replaced as it was opened")
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def check_regular_fd(fd: int, path: Path) -> None:
-    """Raise :class:`UnsafeFile` unless ``fd`` (``path``, opened) is a regular file."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        raise UnsafeFile(f"{path.name} is not a regular file")
+def open_regular(path: Path, same_as: int | None = None) -> int:
+    """A read-only descriptor of the regular file ``path``.
+
+    Raises :class:`UnsafeFile` for anything but a regular file (which is not opened), or if
+    ``same_as`` (an open descriptor) is not the same file, and :class:`FileNotFoundError`
+    if there is none.
+    """
+    fd = _open(path, os.O_RDONLY)
+    if same_as is not None:
+        st, other = os.fstat(fd), os.fstat(same_as)
+        if (st.st_dev, st.st_ino) != (other.st_dev, other.st_ino):
+            os.close(fd)
+            raise UnsafeFile(f"{path.name} was replaced while it was being opened")
+    return fd
+
+
+def open_append(path: Path) -> int:
+    """A descriptor to append to the regular file ``path``, created (mode 0600) if there is
+    none. Raises :class:`UnsafeFile` for anything but a regular file, which is not opened (a
+    FIFO would block the writer, a device or a socket is no place for a log)."""
+    return _open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 
 
 class _Window(io.RawIOBase):
-    """The first ``limit`` bytes of a descriptor (all of it if None), read with pread."""
+    """The first ``limit`` bytes of a descriptor (all of it if None), read with pread; with
+    ``copy``, every byte read is also written there, at the same offset."""
 
-    def __init__(self, fd: int, limit: int | None) -> None:
+    def __init__(self, fd: int, limit: int | None, copy: int | None = None) -> None:
         super().__init__()
         self._fd = fd
         self._limit = limit
+        self._copy = copy
         self._pos = 0
 
     def readable(self) -> bool:
@@ -90,50 +147,55 @@ class _Window(io.RawIOBase):
         if n <= 0:
             return 0
         data = os.pread(self._fd, n, self._pos)
+        if self._copy is not None:
+            _copy_out(self._copy, data, self._pos)
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
 
 
-class _Pass:
-    """One read of checkpoints.log from its start: lines as the note reader asks for them,
-    hashed as they are handed out."""
-
-    def __init__(self, fd: int, limit: int | None) -> None:
-        self._stream = io.BufferedReader(_Window(fd, limit), _READ_CHUNK)
-        self.hash = hashlib.sha256()
-        self.read = 0
-
-    def readline(self, size: int = -1, /) -> bytes:
-        data = self._stream.readline(size)
-        self.hash.update(data)
-        self.read += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.readline(_READ_CHUNK):
-            pass
+def _copy_out(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
+    except OSError as exc:
+        where = tempfile.gettempdir()
+        raise OSError(
+            exc.errno, f"{exc.strerror} (writing the private copy of the notes, in {where})"
+        ) from None
 
 
 class NoteFile:
-    """``checkpoints.log``, opened once and read in passes.
+    """``checkpoints.log``, opened once.
 
-    The first pass reads to the end of the notes (or to the malformed or torn one); each later
-    pass reads exactly those bytes again, so that a writer appending meanwhile changes nothing,
-    and :attr:`changed` turns true if they are not the same bytes any more.
+    :meth:`first_pass` reads it to the end of the notes (or to the malformed or torn one).
+    With ``copy``, the bytes it reads also go to an anonymous temporary file (in
+    :func:`tempfile.gettempdir`: ``TMPDIR``, never the log's directory, which may be
+    read-only), the log's file is closed, and :meth:`again` reads the notes from that copy,
+    as often as asked: always the same notes, whatever the log's file holds by then.
     """
 
-    def __init__(self, path: Path, same_as: int | None = None) -> None:
+    def __init__(self, path: Path, same_as: int | None = None, *, copy: bool = False) -> None:
         self.fd = open_regular(path, same_as)
+        self._copy: BinaryIO | None = None
+        if copy:
+            try:  # (kept open across the passes: close() closes it)
+                self._copy = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115
+            except BaseException:
+                self.close()
+                raise
         self._limit: int | None = None
-        self._digest = b""
-        self.changed = False
         self.end: NotesEnd | None = None  # how the notes ended (after the first pass)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._copy is not None:
+            self._copy.close()
+            self._copy = None
 
     def __enter__(self) -> NoteFile:
         return self
@@ -143,24 +205,22 @@ class NoteFile:
 
     def first_pass(self) -> Iterator[Note]:
         """The notes, in file order; afterwards :attr:`end` says how the file ended."""
-        source = _Pass(self.fd, None)
-        reader = NoteReader(source)
+        copy = None if self._copy is None else self._copy.fileno()
+        reader = NoteReader(io.BufferedReader(_Window(self.fd, None, copy), _READ_CHUNK))
         yield from reader
-        self._limit = source.read
-        self._digest = source.hash.digest()
+        self._limit = reader.size
         self.end = NotesEnd(reader.size, reader.torn_at, reader.torn, reader.error)
+        if copy is not None:  # (the copy holds all that is read from here on)
+            os.close(self.fd)
+            self.fd = -1
 
-    def again(self) -> Generator[Note, None, None]:
-        """The notes of the first pass, read again (the first pass must have run to its end).
-        However far it is iterated, the rest of the bytes are read and compared on closing."""
+    def again(self) -> Iterator[Note]:
+        """The notes of the first pass, read again from the copy (the first pass must have
+        been read to its end)."""
+        assert self._copy is not None, "a NoteFile without a copy is read once"
         assert self._limit is not None, "the first pass has not been read to its end"
-        source = _Pass(self.fd, self._limit)
-        try:
-            yield from NoteReader(source)
-        finally:
-            source.drain()
-            if source.hash.digest() != self._digest:
-                self.changed = True
+        window = _Window(self._copy.fileno(), self._limit)
+        return iter(NoteReader(io.BufferedReader(window, _READ_CHUNK)))
 
 
 @dataclass(frozen=True)
@@ -187,9 +247,10 @@ class NoteIndex:
 
     Built by a first pass (counts, the largest size, the notes out of size order). During the
     scan, :meth:`at` gives the notes of each size the tree reaches, in increasing size order,
-    from a second pass; the verifier says what it compared (:meth:`compared`, and
-    :meth:`mismatch` for the note that stopped it). After the scan, :meth:`notes` reads the
-    file again, each note with whether it matched the records.
+    from a second pass; the verifier names the note that stopped it (:meth:`mismatch`). After
+    the scan, :meth:`notes` reads the notes again, each with whether it matched the records.
+    The file must be a :class:`NoteFile` with a copy (every pass then reads the same notes);
+    it is closed if the first pass fails.
     """
 
     def __init__(self, file: NoteFile | None) -> None:
@@ -199,7 +260,12 @@ class NoteIndex:
         self.first_origin: str | None = None
         self.end: NotesEnd | None = None
         self._unordered: dict[int, list[_Unordered]] = {}
-        self._cursor: Generator[Note, None, None] | None = None
+        # Out-of-order notes past MAX_UNORDERED_NOTES, not compared with the records: how
+        # many, the line of the first, and the smallest and largest of their sizes.
+        self.dropped = 0
+        self.dropped_line = 0
+        self._dropped_sizes = (0, -1)
+        self._cursor: Iterator[Note] | None = None
         self._head: Note | None = None
         self._cursor_max = 0
         self._lo: int | None = None  # the sizes compared with the records
@@ -207,29 +273,43 @@ class NoteIndex:
         self._mismatch: tuple[int, int] | None = None  # (size, offset) of a mismatching note
         if file is None:
             return
+        try:
+            self._first_pass(file)
+        except BaseException:
+            file.close()
+            raise
+        self.end = file.end
+
+    def _first_pass(self, file: NoteFile) -> None:
         kept = 0
         for note in file.first_pass():
             self.count += 1
             size = note.checkpoint.size
             if self.first_origin is None:
                 self.first_origin = note.checkpoint.origin
-            if size < self.top:
-                if kept < MAX_UNORDERED_NOTES:
-                    kept += 1
-                    entry = _Unordered(note.checkpoint.root, note.line, note.offset)
-                    self._unordered.setdefault(size, []).append(entry)
-            else:
+            if size >= self.top:
                 self.top = size
-        self.end = file.end
+            elif kept < MAX_UNORDERED_NOTES:
+                kept += 1
+                entry = _Unordered(note.checkpoint.root, note.line, note.offset)
+                self._unordered.setdefault(size, []).append(entry)
+            else:
+                if not self.dropped:
+                    self.dropped_line = note.line
+                    self._dropped_sizes = (size, size)
+                lo, hi = self._dropped_sizes
+                self._dropped_sizes = (min(lo, size), max(hi, size))
+                self.dropped += 1
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
 
-    @property
-    def changed(self) -> bool:
-        """The file's bytes changed between two passes: nothing read from it holds."""
-        return self._file is not None and self._file.changed
+    def maybe_dropped(self, size: int) -> bool:
+        """Whether a note of ``size`` may be among the out-of-order notes not compared with
+        the records (its absence from the others then proves nothing)."""
+        lo, hi = self._dropped_sizes
+        return lo <= size <= hi
 
     # --- during the scan: sizes in increasing order ----------------------------------------
 
@@ -254,9 +334,10 @@ class NoteIndex:
         return self._head
 
     def has(self, size: int) -> bool:
-        """Whether a note has this size (asked before the scan reaches it)."""
+        """Whether a note has this size, or may have (asked before the scan reaches it)."""
         head = self._head_from(size)
-        return (head is not None and head.checkpoint.size == size) or size in self._unordered
+        in_order = head is not None and head.checkpoint.size == size
+        return in_order or size in self._unordered or self.maybe_dropped(size)
 
     def at(self, size: int) -> Iterator[tuple[bytes, int, int]]:
         """(root, line, offset) of each note of ``size``, in file order: the scan is at
@@ -276,9 +357,7 @@ class NoteIndex:
         self._mismatch = (size, offset)
 
     def close_scan(self) -> None:
-        """The scan is over: read the rest of the second pass (and compare its bytes)."""
-        if self._cursor is not None:
-            self._cursor.close()
+        """The scan is over: what it held of the notes is let go."""
         self._cursor, self._head = None, None
         self._unordered.clear()
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry import __version__, log
-from ferry.audit.files import NoteFile, UnsafeFile, check_regular_fd, open_regular
+from ferry.audit.files import NoteFile, UnsafeFile, not_regular, open_append, open_regular
 from ferry.audit.merkle import (
     Checkpoint,
     CompactRange,
@@ -116,24 +116,10 @@ class FileOps:
 
     def open_append(self, path: Path) -> int:
         """Open (or create) a regular file to append to. Never through a symbolic link, and
-        never blocking: a FIFO in its place fails (ENXIO without a reader, else
-        :class:`UnsafeFile`) rather than hanging the writer. (O_NONBLOCK does nothing to the
-        writes of a regular file.)"""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
-        try:
-            fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeFile(f"{path.name} is a symbolic link, not a regular file") from None
-            if exc.errno == errno.ENXIO:  # (a FIFO without a reader)
-                raise UnsafeFile(f"{path.name} is not a regular file") from None
-            raise
-        try:
-            check_regular_fd(fd, path)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        never blocking: a FIFO, a socket or a device in its place is :class:`UnsafeFile`
+        (not opened) rather than hanging the writer or an odd error. (O_NONBLOCK does nothing
+        to the writes of a regular file.)"""
+        return open_append(path)
 
     def write(self, fd: int, data: memoryview) -> int:
         return os.write(fd, data)
@@ -768,13 +754,12 @@ class AuditLog:
         truncations: list[_Truncation] = []
         last = self._open_checkpoints(truncations)
         segs = list_segments(self._dir, any_type=True)
-        for expected, (number, path) in enumerate(segs, 1):
+        for _, path in segs:  # (first: a stray FIFO or socket is not a missing segment)
+            if (unsafe := not_regular(path)) is not None:
+                raise self._fail_open(f"{unsafe}: the writer does not read or follow it")
+        for expected, (number, _) in enumerate(segs, 1):
             if number != expected:
                 raise self._fail_open(f"segment {segment_name(expected)} is missing")
-            if not path.is_symlink() and path.is_file():
-                continue
-            what = "a symbolic link" if path.is_symlink() else "not a regular file"
-            raise self._fail_open(f"{path.name} is {what}: the writer does not read or follow it")
         segs = self._drop_empty_tail(segs, truncations)
         if last is None and len(segs) == 1 and self._drop_first_start(segs[0][1], truncations):
             segs = []

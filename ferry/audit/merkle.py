@@ -358,9 +358,14 @@ class Note:
 
     def signature_by_any(self, keys: Iterable[PublicKey]) -> Literal["valid", "invalid", "absent"]:
         """ "valid" if one of ``keys`` signed the note (a rotation: the current audit key and
-        earlier ones); else "invalid" if one of them has a signature that does not verify."""
+        earlier ones); else "invalid" if one of them has a signature that does not verify.
+        Only the keys that have a signature line are checked (looked up by key id)."""
+        name = self.checkpoint.origin
+        named = {sig.key_id for sig in self.signatures if sig.name == name}
         found: Literal["valid", "invalid", "absent"] = "absent"
         for key in keys:
+            if note_key_id(name, key) not in named:
+                continue
             status = self.signature_status(key)
             if status == "valid":
                 return status

@@ -2,8 +2,9 @@
 
 :func:`verify` reads a log directory (or one segment file) and returns a
 :class:`VerifyReport`. It checks, in one streaming pass over the segments with O(log n)
-memory (``checkpoints.log`` is read a few times, one note at a time: see
-:mod:`ferry.audit.files`; no file is read unless it is a regular file, no link followed):
+memory (``checkpoints.log`` is read once and copied to a private temporary file, which is read
+a few times, one note at a time: see :mod:`ferry.audit.files`; no file is opened unless it is
+a regular file, no link followed):
 
 * every line is a JSON record that matches the schema;
 * indexes run from 0 without gaps, repeats or reordering, and each record's
@@ -16,7 +17,8 @@ memory (``checkpoints.log`` is read a few times, one note at a time: see
   size (so consecutive checkpoints are append-only consistent: both are prefixes
   of the same recomputed log); no checkpoint covers more records than exist;
 * every ``audit.checkpoint`` record has its signed checkpoint;
-* every segment is a regular file (``SEGMENT_NOT_FILE``).
+* every segment is a regular file (``SEGMENT_NOT_FILE``), and every file can be read
+  (``FILE_UNREADABLE``).
 
 The scan stops at the first bad record; :attr:`VerifyReport.first` names the
 first bad position (segment file, line, record index, byte offset) and a
@@ -33,8 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.audit.files import NoteFile, NoteIndex, UnsafeFile, open_regular
-from ferry.audit.merkle import CompactRange, Note, leaf_hash
+from ferry.audit.files import (
+    MAX_UNORDERED_NOTES,
+    NoteFile,
+    NoteIndex,
+    UnsafeFile,
+    not_regular,
+    open_regular,
+)
+from ferry.audit.merkle import CompactRange, Note, leaf_hash, note_key_id
 from ferry.audit.record import (
     MAX_RECORD_BYTES,
     ZERO_HASH,
@@ -296,8 +305,10 @@ class _Verifier:
         on_record: RecordHook | None = None,
         *,
         want_roots: frozenset[int] = frozenset(),
+        report_io: bool = True,
     ) -> None:
         self.path = path
+        self.report_io = report_io  # an error reading a file is FILE_UNREADABLE, else raised
         self.on_record = on_record
         self.want_roots = want_roots
         self.keys = keys
@@ -314,8 +325,9 @@ class _Verifier:
         self.suspect: tuple[_Pos, _Pos] | None = None  # (record j, record j-1): j.prev is wrong
         # checkpoints.log, never held whole: see ferry.audit.files
         self.index = NoteIndex(None)
+        self.notes_unread = False  # checkpoints.log is there but could not be read
         self.last_matched = 0  # the largest size of a note that matched the records so far
-        self.tops: dict[bytes, int] | None = None  # see _top_signed
+        self.tops: dict[bytes, int] = {}  # see _top_signed
         # audit.checkpoint records: how many, the last one, and the first of those whose note
         # is not in checkpoints.log (each is CHECKPOINT_MISSING, but a last one may be pending)
         self.announced = 0
@@ -406,6 +418,8 @@ class _Verifier:
                     gap = segment_name(expected)
                     break
                 paths.append(p)
+            if gap is not None:
+                gap = self._past_gap(found[len(paths) :], gap)
             self.report.segments = len(found)
             return paths, path, gap
         if path.is_file() and _SEGMENT.fullmatch(path.name):
@@ -415,13 +429,43 @@ class _Verifier:
             return [path], path.parent, None
         raise UsageError(f"{path}: not an audit log directory or segment file")
 
+    def _past_gap(self, beyond: list[tuple[int, Path]], gap: str) -> str | None:
+        """The files named like segments after a number that has none: each that is not a
+        regular file is SEGMENT_NOT_FILE (a stray socket or FIFO is not read, and is not a
+        segment that went missing); the gap is SEGMENT_MISSING if a regular file follows it."""
+        missing = None
+        for _, p in beyond:
+            unsafe = not_regular(p)
+            if unsafe is None:
+                missing = gap
+            else:
+                self.problem(
+                    "SEGMENT_NOT_FILE",
+                    f"{unsafe}: it is not read (it comes after {gap}, which does not exist)",
+                    file=p.name,
+                )
+        return missing
+
     def _load_notes(self, directory: Path) -> None:
         try:
-            self.index = NoteIndex(NoteFile(directory / CHECKPOINTS_FILE))
+            # (the notes are read in passes: from a private copy, the same in every pass)
+            self.index = NoteIndex(NoteFile(directory / CHECKPOINTS_FILE, copy=True))
         except FileNotFoundError:
             return
         except UnsafeFile as exc:
             self.problem("CHECKPOINT_MALFORMED", str(exc), file=CHECKPOINTS_FILE)
+            self.notes_unread = True
+            return
+        except OSError as exc:
+            if not self.report_io:
+                raise
+            self.notes_unread = True
+            self.problem(
+                "FILE_UNREADABLE",
+                f"{CHECKPOINTS_FILE} could not be read: {_os_error(exc)}: its checkpoints are "
+                "not verified",
+                file=CHECKPOINTS_FILE,
+            )
             return
         end = self.index.end
         assert end is not None
@@ -446,16 +490,33 @@ class _Verifier:
                     f"{exc}: it is not read (the records from idx {self.tree.size} on)",
                     _Pos(seg.name, 1, 0, self.tree.size),
                 ) from None
+            except OSError as exc:
+                raise self._unreadable(seg, 1, 0, exc) from None
             with open(fd, "rb") as f:
-                size = os.fstat(fd).st_size
                 number = offset = 0
-                while raw := f.readline(MAX_RECORD_BYTES + 2):
-                    number += 1
-                    complete = raw.endswith(b"\n")
-                    line = Line(number, offset, raw[:-1] if complete else raw, complete)
-                    offset += len(raw)
-                    yield seg, line, offset >= size and i == len(segments) - 1
-                self.seg_sizes[seg.name] = os.fstat(fd).st_size
+                try:
+                    size = os.fstat(fd).st_size
+                    while raw := f.readline(MAX_RECORD_BYTES + 2):
+                        number += 1
+                        complete = raw.endswith(b"\n")
+                        line = Line(number, offset, raw[:-1] if complete else raw, complete)
+                        offset += len(raw)
+                        yield seg, line, offset >= size and i == len(segments) - 1
+                    self.seg_sizes[seg.name] = os.fstat(fd).st_size
+                except OSError as exc:
+                    raise self._unreadable(seg, number + 1, offset, exc) from None
+
+    def _unreadable(self, seg: Path, line: int, offset: int, exc: OSError) -> Exception:
+        """A segment that cannot be read (permissions, an I/O error): FILE_UNREADABLE, or
+        the error itself for the writer (an outage, not a bad log)."""
+        if not self.report_io:
+            return exc
+        return self.stop(
+            "FILE_UNREADABLE",
+            f"{seg.name} could not be read: {_os_error(exc)}: the records from idx "
+            f"{self.tree.size} on are not verified",
+            _Pos(seg.name, line, offset, self.tree.size),
+        )
 
     def _scan(self, segments: list[Path], gap: str | None) -> None:
         lines = self._lines(segments)
@@ -785,11 +846,20 @@ class _Verifier:
         report.root = self.tree.root().hex()
         keys = self._keys()
         facts = self._check_note_signatures(keys)
-        if self.index.changed:
-            self.problem(
-                "CHECKPOINT_MALFORMED",
-                f"{CHECKPOINTS_FILE} changed while it was being verified (verify again)",
-                file=CHECKPOINTS_FILE,
+        if self.index.dropped:
+            # (reported whatever the count of CHECKPOINT_REGRESSION: it says what was not done)
+            n = self.index.dropped
+            these = "1 more checkpoint was" if n == 1 else f"{n} more checkpoints were"
+            self.other.append(
+                Problem(
+                    "CHECKPOINT_REGRESSION",
+                    f"more than {MAX_UNORDERED_NOTES} checkpoints are smaller than one before "
+                    f"them: {these} not compared with the records, from this line on (a "
+                    "mismatch among them is not reported, nor a missing checkpoint whose size "
+                    "they may hold)",
+                    file=CHECKPOINTS_FILE,
+                    line=self.index.dropped_line,
+                )
             )
         if self.complete:
             self._check_coverage(facts)
@@ -860,25 +930,31 @@ class _Verifier:
 
     def _top_signed(self, keys: list[PublicKey]) -> int:
         """The largest size of a checkpoint that matches the records and one of ``keys``
-        signed (0 if none). ``keys`` are those first trusted, then more of the keys the
-        handovers name: one read of checkpoints.log finds the largest for each of them."""
-        if self.tops is None:
-            candidates = {k.key_id: k for k in keys}
-            for _, earlier in self.handovers:
-                for text in earlier:
-                    key = _ed25519(text)
-                    if key is not None:
-                        candidates.setdefault(key.key_id, key)
-            tops: dict[bytes, int] = {}
+        signed (0 if none). ``keys`` are those first trusted, then with them the keys of the
+        handovers that a checkpoint by those covers: one read of checkpoints.log finds the
+        largest for each key not asked about before (only trusted keys are ever checked)."""
+        new = {k.key_id: k for k in keys if k.key_id not in self.tops}
+        if new:
+            tops = dict.fromkeys(new, 0)
+            ids: tuple[str, dict[bytes, PublicKey]] | None = None  # note key ids, by origin
             for note, matched in self.index.notes():
                 size = note.checkpoint.size
-                if not matched:
+                if not matched or all(top >= size for top in tops.values()):
                     continue
-                for kid, key in candidates.items():
-                    if tops.get(kid, -1) < size and note.signature_status(key) == "valid":
-                        tops[kid] = size
-            self.tops = tops
-        return max((self.tops.get(k.key_id, 0) for k in keys), default=0)
+                origin = note.checkpoint.origin
+                if ids is None or ids[0] != origin:
+                    ids = (origin, {note_key_id(origin, k): k for k in new.values()})
+                by_id = ids[1]
+                checked: set[bytes] = set()
+                for sig in note.signatures:  # (the first line of a key decides, as in C2SP)
+                    key = by_id.get(sig.key_id) if sig.name == origin else None
+                    if key is None or sig.key_id in checked:
+                        continue
+                    checked.add(sig.key_id)
+                    if tops[key.key_id] < size and note.signature_status(key) == "valid":
+                        tops[key.key_id] = size
+            self.tops.update(tops)
+        return max((self.tops[k.key_id] for k in keys), default=0)
 
     def _check_note_signatures(self, keys: list[PublicKey]) -> _NoteFacts:
         """Check each note's origin, signature and order in one read of checkpoints.log, and
@@ -989,7 +1065,7 @@ class _Verifier:
         """A new audit.checkpoint record: the one before it, whose size the scan has reached,
         either has its note or is missing (only the last one can still be pending)."""
         before = self.last_announced
-        if before is not None and not before.stored:
+        if before is not None and not before.stored and not self._may_be_stored(before.size):
             if len(self.missing) < MAX_REPORTED_PER_CODE:
                 self.missing.append(before)
             else:
@@ -1003,7 +1079,7 @@ class _Verifier:
         if self.missing_more:
             self.counts["CHECKPOINT_MISSING"] += self.missing_more
         last = self.last_announced
-        if last is None or last.stored:
+        if last is None or last.stored or self._may_be_stored(last.size):
             return
         if last.size > self.top_note:
             idx, size, pos = last.idx, last.size, last.pos
@@ -1016,6 +1092,11 @@ class _Verifier:
             )
         else:
             self._missing(last)
+
+    def _may_be_stored(self, size: int) -> bool:
+        """Whether a note of ``size`` may be in checkpoints.log, though not among the notes
+        read (then its absence is not CHECKPOINT_MISSING: another problem says why)."""
+        return self.notes_unread or self.index.maybe_dropped(size)
 
     def _missing(self, announced: _Announced) -> None:
         self.problem(
@@ -1062,6 +1143,10 @@ def _key_tuple(keys: PublicKey | Sequence[PublicKey] | None) -> tuple[PublicKey,
     return (keys,) if isinstance(keys, PublicKey) else tuple(keys)
 
 
+def _os_error(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
 def _ed25519(text: str) -> PublicKey | None:
     try:
         key = PublicKey.from_string(text)
@@ -1089,8 +1174,10 @@ def scan_tail(
     """Verify a log from segment ``first_segment`` to its end, as the writer does on reopening.
 
     The state at the start of that segment is taken from its segment_opened
-    record and confirmed by the checkpoints whose sizes fall in the scanned part.
+    record and confirmed by the checkpoints whose sizes fall in the scanned part. An error
+    reading a file is raised (the log cannot be opened now), not reported as a problem of the
+    log.
     """
-    v = _Verifier(directory, _key_tuple(key), DEFAULT_TS_TOLERANCE, first_segment)
+    v = _Verifier(directory, _key_tuple(key), DEFAULT_TS_TOLERANCE, first_segment, report_io=False)
     report = v.run()
     return TailState(report, v.tree, v.prev_hex, v.torn, v.unstored)

@@ -6,12 +6,15 @@ pieces the outside spools are handed to the inside's mirror directly, in any ord
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
+from test_audit_untrusted_files import release_fifos, within
 
 from ferry.audit.agent import AgentAudit
+from ferry.audit.files import UnsafeFile
 from ferry.audit.log import AuditLog, AuditSettings
 from ferry.audit.merkle import Checkpoint, sign_checkpoint
 from ferry.audit.record import Subject, decode
@@ -372,3 +375,68 @@ def test_empty_and_tiny_out_of_order_pieces_are_bounded(
     assert len(held) == 10_000 // (1 + mirror_module.PIECE_COST)
     assert mirror._pending_bytes <= 10_000
     audit.close()
+
+
+# --- files that are not regular files, in the mirror's folder or the outside log's --------------
+
+
+def test_a_fifo_as_the_mirrored_checkpoints_log_stops_the_witness_without_hanging(
+    tmp_path: Path,
+) -> None:
+    """Only the mirror writes its folder: a FIFO there blocked the inside's start for good
+    (the witness opened it to read); now the witness stops and says why."""
+    (tmp_path / "mirror").mkdir()
+    os.mkfifo(tmp_path / "mirror" / CHECKPOINTS_FILE)
+    try:
+        mirror, audit = within(lambda: _inside(tmp_path, SecretKey.generate("ed25519")))
+        audit.close()
+    finally:
+        release_fifos(tmp_path / "mirror")
+    assert mirror.broken == (
+        "checkpoints.log is not a regular file (a FIFO): the mirror does not read it"
+    )
+
+
+def test_a_fifo_as_a_mirrored_segment_is_refused_without_hanging(tmp_path: Path) -> None:
+    """Placing a piece opened the segment to append (a FIFO blocks that), the witness opened
+    it to count and hash records: the piece is refused (the inside logs it) and the witness
+    stops, saying why."""
+    log = _outside_log(tmp_path, 30)
+    pieces = _pieces(tmp_path, log)
+    log.close()
+    (tmp_path / "mirror").mkdir()
+    fifo = tmp_path / "mirror" / segment_name(1)
+    os.mkfifo(fifo)
+    mirror, audit = _inside(tmp_path, log._key)
+    try:
+        for name, content in pieces:
+            if name.startswith(fifo.name):
+                with pytest.raises(UnsafeFile, match="not a regular file"):
+                    within(lambda n=name, c=content: mirror.receive(n, c))
+            else:
+                within(lambda n=name, c=content: mirror.receive(n, c))
+        audit.close()
+    finally:
+        release_fifos(tmp_path / "mirror")
+    assert mirror.broken == (
+        f"{fifo.name} is not a regular file (a FIFO): the mirror does not read it"
+    )
+    assert mirror.witnessed == 0
+
+
+def test_the_shipper_does_not_hang_on_a_fifo_as_checkpoints_log(tmp_path: Path) -> None:
+    """The outside's shipper opened checkpoints.log to read, and a FIFO in its place blocked
+    the shipping thread for good; now the step fails (the agent logs it) and ships nothing."""
+    log = _outside_log(tmp_path, 30)
+    log.close()
+    ckpt = log.directory / CHECKPOINTS_FILE
+    ckpt.unlink()
+    os.mkfifo(ckpt)
+    seen: list[tuple[str, str | None]] = []
+    shipper = _shipper(tmp_path, log, seen)
+    try:
+        with pytest.raises(UnsafeFile, match=r"checkpoints\.log is not a regular file"):
+            within(lambda: shipper.step(mono=10.0))
+    finally:
+        release_fifos(log.directory)
+    assert shipper.shipped == {}
