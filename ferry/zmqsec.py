@@ -401,6 +401,8 @@ def _ours(endpoint: str, local: object) -> bool:
     wildcard or a name), or its ipc path."""
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://") :]
+        if isinstance(local, bytes):  # (an abstract socket's name: bytes, from a NUL)
+            local = os.fsdecode(local)
         return local == ("\0" + path[1:] if path.startswith("@") else path)
     if not endpoint.startswith("tcp://") or not isinstance(local, tuple) or len(local) < 2:
         return False

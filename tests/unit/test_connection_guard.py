@@ -194,7 +194,10 @@ def test_a_descriptor_taken_by_another_socket_meanwhile_is_left_alone(
         guard.close()
 
 
-def test_local_ipc_connections_count_only_towards_the_total(tmp_path: Any) -> None:
+@pytest.mark.parametrize("abstract", [False, True], ids=["file", "abstract"])
+def test_local_ipc_connections_count_only_towards_the_total(tmp_path: Any, abstract: bool) -> None:
+    """Also on an abstract socket (``ipc://@name``), whose local name Python gives as bytes:
+    compared with the listener's as a string, no connection was counted (no limit held)."""
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
@@ -202,17 +205,19 @@ def test_local_ipc_connections_count_only_towards_the_total(tmp_path: Any) -> No
     guard = ConnectionGuard(
         sock, "ipc", total=3, per_address=1, on_refused=lambda *a: refusals.append(a)
     )
+    name = f"ferry-test-{os.getpid()}-{id(tmp_path):x}"
     path = str(tmp_path / "api.sock")
-    sock.bind(f"ipc://{path}")
+    sock.bind(f"ipc://@{name}" if abstract else f"ipc://{path}")
+    address = "\0" + name if abstract else path
     try:
         clients = []
         for _ in range(3):
             c = socket.socket(socket.AF_UNIX)
-            c.connect(path)
+            c.connect(address)
             clients.append(c)
         _until(lambda: guard.counts() == (3, {"unix": 3}))
         extra = socket.socket(socket.AF_UNIX)
-        extra.connect(path)
+        extra.connect(address)
         assert _shut(extra)
         _until(lambda: len(refusals) == 1)
         assert refusals == [("unix", "more than 3 connections in all", 4)]
@@ -238,6 +243,8 @@ def test_local_ipc_connections_count_only_towards_the_total(tmp_path: Any) -> No
         ("ipc:///run/ferry/api.sock", "/run/ferry/api.sock", True),
         ("ipc:///run/ferry/api.sock", "/run/ferry/other.sock", False),
         ("ipc://@ferry", "\0ferry", True),
+        ("ipc://@ferry", b"\0ferry", True),
+        ("ipc://@ferry", b"\0other", False),
         ("tcp://127.0.0.1:5000", "/run/ferry/api.sock", False),
         ("inproc://x", ("127.0.0.1", 5000), False),
     ],
