@@ -9,9 +9,9 @@ blocking, and check that what they opened is the regular file they looked at.
 ``checkpoints.log`` can hold any number of notes (the inside's mirror of the outside's log holds
 what a compromised outside sent), so nothing here keeps them all: :class:`NoteFile` reads the
 file one note at a time, and for :mod:`ferry.audit.verify`, which reads the notes a few times,
-copies the bytes its first read takes into a private temporary file that the later reads
-read: every read sees the same bytes, whatever happens to the log's file meanwhile (a live
-writer cuts a half-written note back while it rides out a full disk). :class:`NoteIndex`
+reads them again up to the end of the last whole note the first read found, checking that
+those bytes are the same (a hash): a live writer only ever appends, or cuts back a
+half-written note while it rides out a full disk, which is past that end. :class:`NoteIndex`
 keeps only what verify needs while it scans the records: a few counts, and the notes that are
 out of size order (at most :data:`MAX_UNORDERED_NOTES`).
 """
@@ -19,16 +19,17 @@ out of size order (at most :data:`MAX_UNORDERED_NOTES`).
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import stat
-import tempfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
-from ferry.audit.merkle import Note, NoteFormatError, NoteReader
+from ferry.audit.merkle import MAX_NOTE_SIGNATURES, Note, NoteFormatError, NoteReader
 
 # Notes smaller than a note before them that verify compares with the records. Such a note
 # is a CHECKPOINT_REGRESSION whatever its root; keeping the first ones keeps the report the
@@ -127,14 +128,12 @@ def open_append(path: Path) -> int:
 
 
 class _Window(io.RawIOBase):
-    """The first ``limit`` bytes of a descriptor (all of it if None), read with pread; with
-    ``copy``, every byte read is also written there, at the same offset."""
+    """The first ``limit`` bytes of a descriptor (all of it if None), read with pread."""
 
-    def __init__(self, fd: int, limit: int | None, copy: int | None = None) -> None:
+    def __init__(self, fd: int, limit: int | None) -> None:
         super().__init__()
         self._fd = fd
         self._limit = limit
-        self._copy = copy
         self._pos = 0
 
     def readable(self) -> bool:
@@ -147,55 +146,69 @@ class _Window(io.RawIOBase):
         if n <= 0:
             return 0
         data = os.pread(self._fd, n, self._pos)
-        if self._copy is not None:
-            _copy_out(self._copy, data, self._pos)
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
 
 
-def _copy_out(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            done = os.pwrite(fd, view, offset)
-            view, offset = view[done:], offset + done
-    except OSError as exc:
-        where = tempfile.gettempdir()
-        raise OSError(
-            exc.errno, f"{exc.strerror} (writing the private copy of the notes, in {where})"
-        ) from None
+# Line starts whose hash the first pass keeps: an incomplete final note starts at one of the
+# last lines read (it has at most MAX_NOTE_SIGNATURES + 5 lines).
+_MARKS = MAX_NOTE_SIGNATURES + 8
+
+
+class _Pass:
+    """One read of checkpoints.log from its start: lines as the note reader asks for them,
+    hashed as they are handed out (with ``marks``, the hash at each of the last line starts
+    is kept too)."""
+
+    def __init__(self, fd: int, limit: int | None, *, marks: bool = False) -> None:
+        self._stream = io.BufferedReader(_Window(fd, limit), _READ_CHUNK)
+        self.hash = hashlib.sha256()
+        self.read = 0
+        self._marks: deque[tuple[int, Any]] | None = deque(maxlen=_MARKS) if marks else None
+
+    def readline(self, size: int = -1, /) -> bytes:
+        if self._marks is not None:
+            self._marks.append((self.read, self.hash.copy()))
+        data = self._stream.readline(size)
+        self.hash.update(data)
+        self.read += len(data)
+        return data
+
+    def digest_at(self, offset: int) -> bytes | None:
+        """The hash of the bytes before ``offset``, a line start among the last read (or the
+        end): None if it is not one."""
+        if offset == self.read:
+            return self.hash.digest()
+        marks = self._marks or ()
+        return next((h.digest() for at, h in marks if at == offset), None)
+
+    def drain(self) -> None:
+        while self.readline(_READ_CHUNK):
+            pass
 
 
 class NoteFile:
     """``checkpoints.log``, opened once.
 
     :meth:`first_pass` reads it to the end of the notes (or to the malformed or torn one).
-    With ``copy``, the bytes it reads also go to an anonymous temporary file (in
-    :func:`tempfile.gettempdir`: ``TMPDIR``, never the log's directory, which may be
-    read-only), the log's file is closed, and :meth:`again` reads the notes from that copy,
-    as often as asked: always the same notes, whatever the log's file holds by then.
+    :meth:`again` reads the notes again, as often as asked, from the same descriptor, up to
+    where the first pass found them whole (an incomplete final note, which a live writer may
+    cut back or complete meanwhile, is not read again), and :attr:`changed` turns true if
+    those bytes are not the same any more (nothing read from them then holds).
     """
 
-    def __init__(self, path: Path, same_as: int | None = None, *, copy: bool = False) -> None:
+    def __init__(self, path: Path, same_as: int | None = None) -> None:
         self.fd = open_regular(path, same_as)
-        self._copy: BinaryIO | None = None
-        if copy:
-            try:  # (kept open across the passes: close() closes it)
-                self._copy = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115
-            except BaseException:
-                self.close()
-                raise
         self._limit: int | None = None
+        self._digest = b""
+        self.changed = False
         self.end: NotesEnd | None = None  # how the notes ended (after the first pass)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self._copy is not None:
-            self._copy.close()
-            self._copy = None
 
     def __enter__(self) -> NoteFile:
         return self
@@ -205,22 +218,27 @@ class NoteFile:
 
     def first_pass(self) -> Iterator[Note]:
         """The notes, in file order; afterwards :attr:`end` says how the file ended."""
-        copy = None if self._copy is None else self._copy.fileno()
-        reader = NoteReader(io.BufferedReader(_Window(self.fd, None, copy), _READ_CHUNK))
+        source = _Pass(self.fd, None, marks=True)
+        reader = NoteReader(source)
         yield from reader
-        self._limit = reader.size
         self.end = NotesEnd(reader.size, reader.torn_at, reader.torn, reader.error)
-        if copy is not None:  # (the copy holds all that is read from here on)
-            os.close(self.fd)
-            self.fd = -1
+        digest = None if reader.torn_at is None else source.digest_at(reader.torn_at)
+        if digest is not None:
+            self._limit, self._digest = reader.torn_at, digest
+        else:
+            self._limit, self._digest = source.read, source.hash.digest()
 
-    def again(self) -> Iterator[Note]:
-        """The notes of the first pass, read again from the copy (the first pass must have
-        been read to its end)."""
-        assert self._copy is not None, "a NoteFile without a copy is read once"
+    def again(self) -> Generator[Note, None, None]:
+        """The notes of the first pass, read again (the first pass must have run to its end).
+        However far it is iterated, the rest of the bytes are read and compared on closing."""
         assert self._limit is not None, "the first pass has not been read to its end"
-        window = _Window(self._copy.fileno(), self._limit)
-        return iter(NoteReader(io.BufferedReader(window, _READ_CHUNK)))
+        source = _Pass(self.fd, self._limit)
+        try:
+            yield from NoteReader(source)
+        finally:
+            source.drain()
+            if source.read != self._limit or source.hash.digest() != self._digest:
+                self.changed = True
 
 
 @dataclass(frozen=True)
@@ -249,8 +267,8 @@ class NoteIndex:
     scan, :meth:`at` gives the notes of each size the tree reaches, in increasing size order,
     from a second pass; the verifier names the note that stopped it (:meth:`mismatch`). After
     the scan, :meth:`notes` reads the notes again, each with whether it matched the records.
-    The file must be a :class:`NoteFile` with a copy (every pass then reads the same notes);
-    it is closed if the first pass fails.
+    :attr:`changed` says if the notes read again were not the bytes first read. The file is
+    closed if the first pass fails.
     """
 
     def __init__(self, file: NoteFile | None) -> None:
@@ -304,6 +322,11 @@ class NoteIndex:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+    @property
+    def changed(self) -> bool:
+        """The file's notes were not the same bytes when read again: nothing read holds."""
+        return self._file is not None and self._file.changed
 
     def maybe_dropped(self, size: int) -> bool:
         """Whether a note of ``size`` may be among the out-of-order notes not compared with

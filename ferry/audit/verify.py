@@ -448,8 +448,8 @@ class _Verifier:
 
     def _load_notes(self, directory: Path) -> None:
         try:
-            # (the notes are read in passes: from a private copy, the same in every pass)
-            self.index = NoteIndex(NoteFile(directory / CHECKPOINTS_FILE, copy=True))
+            # (the notes are read in passes, each checked to read the same bytes)
+            self.index = NoteIndex(NoteFile(directory / CHECKPOINTS_FILE))
         except FileNotFoundError:
             return
         except UnsafeFile as exc:
@@ -846,6 +846,12 @@ class _Verifier:
         report.root = self.tree.root().hex()
         keys = self._keys()
         facts = self._check_note_signatures(keys)
+        if self.index.changed:
+            self.problem(
+                "CHECKPOINT_MALFORMED",
+                f"{CHECKPOINTS_FILE} changed while it was being verified (verify again)",
+                file=CHECKPOINTS_FILE,
+            )
         if self.index.dropped:
             # (reported whatever the count of CHECKPOINT_REGRESSION: it says what was not done)
             n = self.index.dropped
@@ -869,7 +875,13 @@ class _Verifier:
         report.last_checkpoint = facts.last_verified
         # One announced but unstored checkpoint and no other is a crash before the first
         # note was stored (CHECKPOINT_PENDING); anything else without notes is a removal.
-        if self.complete and report.records and not self.index.count and self.announced != 1:
+        if (
+            self.complete
+            and report.records
+            and not self.index.count
+            and self.announced != 1
+            and not self.notes_unread  # (FILE_UNREADABLE or not a file: said already)
+        ):
             self.problem(
                 "NO_CHECKPOINT",
                 "no signed checkpoint: nothing shows these records were written by the audit key",

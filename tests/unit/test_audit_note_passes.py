@@ -8,6 +8,7 @@ import base64
 import contextlib
 import errno
 import os
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -307,3 +308,22 @@ def test_the_writer_leaves_nothing_open_when_its_replay_cannot_read_the_notes(
     monkeypatch.undo()
     write_log(path, 1)  # (and it opens once the notes can be read)
     assert verify(path, KEY.public).verified
+
+
+def test_verify_and_the_writer_need_no_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The passes over checkpoints.log read the log's own file: with TMPDIR gone (or full),
+    a sound log verifies and its writer opens it. (A private copy in TMPDIR made verify
+    report a sound log's checkpoints removed, and the agent fail to start.)"""
+    log_dir = write_log(tmp_path / "audit", 40)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # (removed once chosen)
+    before = len(os.listdir("/proc/self/fd"))
+    report = verify(log_dir, KEY.public)
+    assert report.ok, report.problems
+    assert report.checkpoints_verified > 1
+    log = AuditLog(log_dir, KEY, SETTINGS)
+    log.append("transfer.sent", subject=SENDER, detail={"n": 41})
+    log.close()
+    assert verify(log_dir, KEY.public).ok
+    assert len(os.listdir("/proc/self/fd")) == before
