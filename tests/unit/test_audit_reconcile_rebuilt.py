@@ -53,6 +53,15 @@ def _accept(log: AuditLog, item: str, n: int, *, sent: bool = True) -> None:
                    detail={"send": 1, "of": 1}, corr=item)  # fmt: skip
 
 
+def _run(directory: Path, numbers: range, *, unsent_from: int | None = None) -> None:
+    """The outside runs once more on ``directory``: it accepts items a<n> (sent, unless from
+    ``unsent_from`` on), then stops."""
+    log = _open(directory)
+    for n in numbers:
+        _accept(log, _item("a", n), n, sent=unsent_from is None or n < unsent_from)
+    log.close()
+
+
 def _outside(directory: Path, origin: str, name: str, items: int) -> AuditLog:
     """An outside log that accepted ``items`` items (a few checkpoints), left open."""
     log = _open(directory, origin)
@@ -242,21 +251,12 @@ def test_an_outside_restored_from_a_snapshot_is_another_log(tmp_path: Path) -> N
     OUTSIDE_LOG_BEHIND), its items witnessed and never arrived in no log read."""
     audit = _inside(tmp_path)
     old = tmp_path / "outside"
-    log = _open(old)
-    for n in range(1, 5):
-        _accept(log, _item("a", n), n)
-    log.close()
+    _run(old, range(1, 5))
     shutil.copytree(old, tmp_path / "snapshot")
-    log = _open(old)
-    for n in range(5, 9):
-        _accept(log, _item("a", n), n)
-    log.close()
+    _run(old, range(5, 9))
     stale = tmp_path / "stale-copy"
     shutil.copytree(old, stale)
-    log = _open(old)
-    for n in range(9, 13):  # accepted, never sent: lost with the disk
-        _accept(log, _item("a", n), n, sent=False)
-    log.close()
+    _run(old, range(9, 13), unsent_from=9)  # accepted, never sent: lost with the disk
     for n in range(1, 9):
         _deliver(audit, _item("a", n), n)
     mirror = AuditMirror(tmp_path / "mirror", OUT_KEY.public, audit)
@@ -474,20 +474,11 @@ def test_a_stale_backup_after_a_restore_is_behind_until_the_new_log_has_a_checkp
     monkeypatch.setattr(audit_log, "_now_us", lambda: time.time_ns() // 1000 + offset[0])
     audit = _inside(tmp_path)
     out = tmp_path / "outside"
-    log = _open(out)
-    for n in range(1, 3):
-        _accept(log, _item("a", n), n)
-    log.close()
+    _run(out, range(1, 3))
     shutil.copytree(out, tmp_path / "backup")
-    log = _open(out)
-    for n in range(3, 5):
-        _accept(log, _item("a", n), n)
-    log.close()
+    _run(out, range(3, 5))
     shutil.copytree(out, tmp_path / "snapshot")
-    log = _open(out)
-    for n in range(5, 13):
-        _accept(log, _item("a", n), n, sent=n < 9)
-    log.close()
+    _run(out, range(5, 13), unsent_from=9)
     for n in range(1, 9):
         _deliver(audit, _item("a", n), n)
     mirror = AuditMirror(tmp_path / "mirror", OUT_KEY.public, audit)
