@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ferry.audit.files import open_regular
 from ferry.audit.merkle import CompactRange, leaf_hash
 from ferry.audit.record import MAX_RECORD_BYTES, per_item
 from ferry.audit.verify import list_segments
@@ -221,9 +222,11 @@ def _lines(path: Path, stats: LogStats) -> Iterator[str]:
     """Complete lines of one segment; an unterminated tail is counted as torn.
 
     Chunks are decoded as Latin-1 (one byte, one character, never an error) and
-    split as text; :func:`read_log` refuses lines that are not ASCII.
+    split as text; :func:`read_log` refuses lines that are not ASCII. Only a regular file is
+    read (:class:`~ferry.audit.files.UnsafeFile` otherwise: a FIFO swapped in after the
+    listing must not hang the reader, nor a symbolic link be followed).
     """
-    with path.open("rb") as f:
+    with open(open_regular(path), "rb") as f:
         rest = ""
         while chunk := f.read(READ_CHUNK):
             parts = (rest + chunk.decode("latin-1")).split("\n")

@@ -2,9 +2,9 @@
 
 :func:`verify` reads a log directory (or one segment file) and returns a
 :class:`VerifyReport`. It checks, in one streaming pass over the segments with O(log n)
-memory (``checkpoints.log`` is read once and copied to a private temporary file, which is read
-a few times, one note at a time: see :mod:`ferry.audit.files`; no file is opened unless it is
-a regular file, no link followed):
+memory (``checkpoints.log`` is read a few times, one note at a time, each read checked to see
+the same bytes: see :mod:`ferry.audit.files`; no file is opened unless it is a regular file,
+no link followed):
 
 * every line is a JSON record that matches the schema;
 * indexes run from 0 without gaps, repeats or reordering, and each record's

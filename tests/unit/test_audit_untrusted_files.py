@@ -17,7 +17,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from ferry.audit import AuditError, AuditLog, AuditSettings, AuditUnavailable, Subject, verify
+from ferry.audit import (
+    AuditError,
+    AuditLog,
+    AuditSettings,
+    AuditUnavailable,
+    Subject,
+    timeline,
+    verify,
+)
+from ferry.audit.files import UnsafeFile
 from ferry.audit.merkle import parse_notes
 from ferry.crypto.keys import SecretKey
 
@@ -370,3 +379,18 @@ def test_a_fifo_planted_as_the_next_segment_stops_the_writer_without_hanging(
     report = verify(log_dir, KEY.public)
     assert report.verified, report.problems
     assert "audit.outage" in (log_dir / fifo.name).read_text()
+
+
+def test_reconcile_reading_a_log_unverified_does_not_hang_on_a_fifo(tmp_path: Path) -> None:
+    """read_log's segment reader (reconcile without a key) reads only a regular file: a FIFO
+    put in a segment's place after the segments were listed is refused, not waited on."""
+    fifo = tmp_path / "audit-000001.jsonl"
+    os.mkfifo(fifo)
+
+    def read() -> Any:
+        try:
+            return list(timeline._lines(fifo, timeline.LogStats("outside", str(tmp_path))))
+        except UnsafeFile as exc:
+            return exc
+
+    assert isinstance(within(read), UnsafeFile)
