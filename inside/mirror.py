@@ -170,12 +170,14 @@ class AuditMirror:
 
     # -------------------------------------------------------------- witnessing
     def _catch_up(self, *, record: bool) -> None:
-        """Witness every checkpoint whose records have all arrived, in order. A mirrored file
-        that is not a regular file (only the mirror writes there) stops the witness."""
+        """Witness every checkpoint whose records have all arrived, in order (``record``: each
+        in the inside's log; not at a start, where those mirrored before are witnessed again).
+        A mirrored file that is not a regular file (only the mirror writes there) stops the
+        witness. What stops it is recorded, at a start too."""
         try:
             self._witness(record=record)
         except UnsafeFile as exc:
-            self._inconsistent(f"{exc}: the mirror does not read it", record=record)
+            self._inconsistent(f"{exc}: the mirror does not read it")
 
     def _witness(self, *, record: bool) -> None:
         while not self.broken:
@@ -188,9 +190,7 @@ class AuditMirror:
                 return
             if not parsed.notes:
                 if parsed.error is not None:
-                    self._inconsistent(
-                        f"{CHECKPOINTS_FILE} does not parse: {parsed.error}", record=record
-                    )
+                    self._inconsistent(f"{CHECKPOINTS_FILE} does not parse: {parsed.error}")
                 return
             note = parsed.notes[0]
             if parsed.size <= note.end:
@@ -207,7 +207,7 @@ class AuditMirror:
                         f"{self._tree.root().hex()}, the checkpoint says {cp.root.hex()}"
                     )
             if problem is not None:
-                self._inconsistent(problem, record=record)
+                self._inconsistent(problem)
                 return
             self.origin = cp.origin
             self._notes_offset += note.end
@@ -272,15 +272,14 @@ class AuditMirror:
                     raise MirrorRejected("mirrored records end before the checkpoint")
                 self._cursor = _Cursor(self._cursor.segment + 1, 0)
 
-    def _inconsistent(self, problem: str, *, record: bool = True, file: str = "") -> None:
+    def _inconsistent(self, problem: str, *, file: str = "") -> None:
         self.broken = problem
         _log.error("mirror_inconsistent", reason=problem, file=file or None)
-        if record:
-            self.audit.try_record(
-                "audit.witness_inconsistent",
-                subject=SUBJECT,
-                result="failure",
-                reason=f"WITNESS_INCONSISTENT: {problem}"[:1024],
-                obj=AuditObject(kind="checkpoint", path=str(self.dir)),
-                detail={"witnessed": self.witnessed},
-            )
+        self.audit.try_record(
+            "audit.witness_inconsistent",
+            subject=SUBJECT,
+            result="failure",
+            reason=f"WITNESS_INCONSISTENT: {problem}"[:1024],
+            obj=AuditObject(kind="checkpoint", path=str(self.dir)),
+            detail={"witnessed": self.witnessed},
+        )

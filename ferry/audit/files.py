@@ -128,13 +128,14 @@ def open_append(path: Path) -> int:
 
 
 class _Window(io.RawIOBase):
-    """The first ``limit`` bytes of a descriptor (all of it if None), read with pread."""
+    """The first ``limit`` bytes of a descriptor (all of it if None), from ``start`` on, read
+    with pread."""
 
-    def __init__(self, fd: int, limit: int | None) -> None:
+    def __init__(self, fd: int, limit: int | None, start: int = 0) -> None:
         super().__init__()
         self._fd = fd
         self._limit = limit
-        self._pos = 0
+        self._pos = start
 
     def readable(self) -> bool:
         return True
@@ -161,8 +162,8 @@ class _Pass:
     hashed as they are handed out (with ``marks``, the hash at each of the last line starts
     is kept too)."""
 
-    def __init__(self, fd: int, limit: int | None, *, marks: bool = False) -> None:
-        self._stream = io.BufferedReader(_Window(fd, limit), _READ_CHUNK)
+    def __init__(self, fd: int, limit: int | None, *, marks: bool = False, start: int = 0) -> None:
+        self._stream = io.BufferedReader(_Window(fd, limit, start), _READ_CHUNK)
         self.hash = hashlib.sha256()
         self.read = 0
         self._marks: deque[tuple[int, Any]] | None = deque(maxlen=_MARKS) if marks else None
@@ -239,6 +240,64 @@ class NoteFile:
             source.drain()
             if source.read != self._limit or source.hash.digest() != self._digest:
                 self.changed = True
+
+    def later(self) -> LaterNotes:
+        """The notes stored after those the first pass found whole (see :class:`LaterNotes`)."""
+        assert self._limit is not None, "the first pass has not been read to its end"
+        return LaterNotes(self.fd, self._limit)
+
+
+class LaterNotes:
+    """The notes a live writer stored in checkpoints.log after those the first pass read
+    whole (or an incomplete final note it has since completed), read from the same
+    descriptor as verify's scan reaches the sizes they cover: one note held at a time.
+
+    :meth:`at` reads on to a size. At the end of what is stored, :attr:`ended` turns true and
+    nothing more is read until :meth:`resume`, which goes on once from the end of the last
+    whole note read (what the writer stored meanwhile). Notes smaller than one read before
+    them are passed over (a writer only stores larger ones).
+    """
+
+    def __init__(self, fd: int, start: int) -> None:
+        self._fd = fd
+        self._at = start  # just past the last whole note read
+        self._start = start
+        self._reader: NoteReader | None = None
+        self._head: Note | None = None
+        self.ended = False
+
+    def _next(self) -> Note | None:
+        if self.ended:
+            return None
+        if self._reader is None:
+            self._start = self._at
+            source = _Pass(self._fd, None, start=self._at)
+            self._reader = NoteReader(source, after_note=True)
+        note = self._reader.next()
+        if note is None:
+            self.ended = True
+            self._reader = None
+            return None
+        self._at = self._start + note.end
+        return note
+
+    def at(self, size: int) -> Iterator[Note]:
+        """The notes of ``size`` (asked in increasing order), reading on as far as it."""
+        while True:
+            if self._head is None:
+                self._head = self._next()
+                if self._head is None:
+                    return
+            found = self._head.checkpoint.size
+            if found > size:
+                return
+            note, self._head = self._head, None
+            if found == size:
+                yield note
+
+    def resume(self) -> None:
+        """Read on once more, past the end met before."""
+        self.ended = False
 
 
 @dataclass(frozen=True)
@@ -327,6 +386,12 @@ class NoteIndex:
     def changed(self) -> bool:
         """The file's notes were not the same bytes when read again: nothing read holds."""
         return self._file is not None and self._file.changed
+
+    def later(self) -> LaterNotes | None:
+        """The notes stored after those the first pass read (see :class:`LaterNotes`)."""
+        if self._file is None or self.end is None:
+            return None
+        return self._file.later()
 
     def maybe_dropped(self, size: int) -> bool:
         """Whether a note of ``size`` may be among the out-of-order notes not compared with

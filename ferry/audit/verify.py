@@ -30,13 +30,14 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ferry.audit.files import (
     MAX_UNORDERED_NOTES,
+    LaterNotes,
     NoteFile,
     NoteIndex,
     UnsafeFile,
@@ -59,6 +60,9 @@ _SEGMENT = re.compile(r"audit-([0-9]{6})\.jsonl")
 # Report at most this many problems of one kind (a log re-signed with another key
 # has every checkpoint wrong; the first few say it all).
 MAX_REPORTED_PER_CODE = 10
+# Checkpoints announced past the notes read and not found when the scan reached them, looked
+# for again after the scan (a live writer behind the scan: a few at the end; see _late)
+MAX_LATE = 1000
 MAX_OPENING_CUTS = 8  # audit.tail_truncated records a run's opening may hold after a close
 MAX_HANDOVERS = 100  # audit.started records naming earlier keys that are followed
 DEFAULT_TS_TOLERANCE = 1.0  # seconds a timestamp may go back before it is reported
@@ -270,6 +274,10 @@ class _Announced:
     size: int
     pos: _Pos
     stored: bool = False
+    # Past the notes read (a live writer may have stored it since): the records' root at
+    # ``size``, and whether it is looked for again after the scan
+    root: bytes | None = None
+    late: bool = False
 
 
 @dataclass(slots=True)
@@ -334,6 +342,11 @@ class _Verifier:
         self.last_announced: _Announced | None = None
         self.missing: list[_Announced] = []
         self.missing_more = 0  # (beyond MAX_REPORTED_PER_CODE)
+        # Checkpoints announced past the notes read: the notes stored since (see _late), and
+        # those looked for again after the scan, with a note of their size and root found
+        # but not signed by a key known then
+        self.later: LaterNotes | None = None
+        self.pending: list[tuple[_Announced, Note | None]] = []
         self.log_keys: dict[str, None] = {}  # checkpoint_key of each audit.started, in order
         # (idx, earlier keys) of each audit.started that names earlier audit keys (a rotation)
         self.handovers: list[tuple[int, list[str]]] = []
@@ -383,9 +396,14 @@ class _Verifier:
 
     def run(self) -> VerifyReport:
         started = time.perf_counter()
-        segments, directory, gap = self._segments()
+        directory = self._directory()
         try:
+            # The notes are read before the segments are listed: a live writer stores a note
+            # only after its records, so every note read has its records in a segment listed
+            # after it (listed first, a segment begun in between would be left out, and the
+            # notes covering its records taken for a truncation).
             self._load_notes(directory)
+            segments, gap = self._segments()
             if segments or gap:
                 try:
                     self._scan(segments, gap)
@@ -399,7 +417,15 @@ class _Verifier:
         self.report.seconds = time.perf_counter() - started
         return self.report
 
-    def _segments(self) -> tuple[list[Path], Path, str | None]:
+    def _directory(self) -> Path:
+        path = self.path
+        if path.is_dir():
+            return path
+        if path.is_file() and _SEGMENT.fullmatch(path.name):
+            return path.parent
+        raise UsageError(f"{path}: not an audit log directory or segment file")
+
+    def _segments(self) -> tuple[list[Path], str | None]:
         path = self.path
         if path.is_dir():
             found = list_segments(path, any_type=True)  # (the others are SEGMENT_NOT_FILE)
@@ -421,13 +447,11 @@ class _Verifier:
             if gap is not None:
                 gap = self._past_gap(found[len(paths) :], gap)
             self.report.segments = len(found)
-            return paths, path, gap
-        if path.is_file() and _SEGMENT.fullmatch(path.name):
-            self.partial = True
-            self.tail = False
-            self.report.segments = 1
-            return [path], path.parent, None
-        raise UsageError(f"{path}: not an audit log directory or segment file")
+            return paths, gap
+        self.partial = True
+        self.tail = False
+        self.report.segments = 1
+        return [path], None
 
     def _past_gap(self, beyond: list[tuple[int, Path]], gap: str) -> str | None:
         """The files named like segments after a number that has none: each that is not a
@@ -566,7 +590,11 @@ class _Verifier:
                 self.on_record(rec, pos.idx < self.top_note)
             self._check_notes(pos)
             if rec["event"] == "audit.checkpoint" and self.tree.size > self.top_note:
-                self.unstored = [(self.tree.size, self.tree.root())]
+                root = self.tree.root()
+                self.unstored = [(self.tree.size, root)]
+                if self.last_announced is not None:  # (this record's: see _record_facts)
+                    self.last_announced.root = root
+                    self._late(self.last_announced)
             end = line.offset + len(line.data) + 1
             self.end = _Pos(seg.name, line.number + 1, end, pos.idx + 1)
         if self.suspect is not None:
@@ -846,6 +874,7 @@ class _Verifier:
         report.root = self.tree.root().hex()
         keys = self._keys()
         facts = self._check_note_signatures(keys)
+        self._late_again(keys)
         if self.index.changed:
             self.problem(
                 "CHECKPOINT_MALFORMED",
@@ -1077,13 +1106,73 @@ class _Verifier:
         """A new audit.checkpoint record: the one before it, whose size the scan has reached,
         either has its note or is missing (only the last one can still be pending)."""
         before = self.last_announced
-        if before is not None and not before.stored and not self._may_be_stored(before.size):
-            if len(self.missing) < MAX_REPORTED_PER_CODE:
-                self.missing.append(before)
-            else:
-                self.missing_more += 1
+        if before is not None and not before.late:
+            self._unless_stored(before)
         self.announced += 1
         self.last_announced = announced
+
+    def _unless_stored(self, announced: _Announced) -> None:
+        if not announced.stored and not self._may_be_stored(announced.size):
+            if len(self.missing) < MAX_REPORTED_PER_CODE:
+                self.missing.append(announced)
+            else:
+                self.missing_more += 1
+
+    def _late(self, announced: _Announced) -> None:
+        """An audit.checkpoint past the notes read: verify reads a live log while its writer
+        goes on, and the writer stores a note after its records, so the note may be in
+        checkpoints.log now though it was not when the notes were read. It is looked for
+        there; if the scan is ahead of the writer, it is looked for again after the scan
+        (with every note stored by then; at most MAX_LATE of them, the others are missing
+        unless found now). A note found counts only if it has the records' root and a
+        trusted key signed it; else the checkpoint stays CHECKPOINT_MISSING (or pending)."""
+        if self.notes_unread:
+            return
+        if self.later is None:
+            self.later = self.index.later()
+        later = self.later
+        if later is None:
+            return
+        unsigned: Note | None = None
+        if not later.ended:
+            keys = list(self.keys) or [
+                k for k in map(_ed25519, self.log_keys) if k is not None
+            ]  # (those given, else the log's own so far; all of _keys are tried after the scan)
+            for note in later.at(announced.size):
+                if self._matches(note, announced):
+                    if note.signature_by_any(keys) == "valid":
+                        announced.stored = True
+                        return
+                    unsigned = unsigned or note
+            if unsigned is None and not later.ended:
+                return  # (not stored, though the writer stored notes past it: missing)
+        if len(self.pending) < MAX_LATE:
+            announced.late = True
+            self.pending.append((announced, unsigned))
+
+    def _matches(self, note: Note, announced: _Announced) -> bool:
+        cp = note.checkpoint
+        origin = self.log_origin or self.index.first_origin
+        return cp.root == announced.root and (origin is None or cp.origin == origin)
+
+    def _late_again(self, keys: list[PublicKey]) -> None:
+        """After the scan: the checkpoints looked for in vain as the scan reached them, in
+        what checkpoints.log holds now (see _late). Those still not found but the last are
+        missing."""
+        if not self.pending:
+            return
+        if self.later is not None:
+            self.later.resume()
+        for announced, unsigned in self.pending:
+            notes: Iterable[Note] = [unsigned] if unsigned is not None else []
+            if self.later is not None and unsigned is None:
+                notes = self.later.at(announced.size)
+            announced.stored = any(
+                self._matches(n, announced) and n.signature_by_any(keys) == "valid" for n in notes
+            )
+            if announced is not self.last_announced:
+                self._unless_stored(announced)
+        self.pending.clear()
 
     def _check_announcements(self) -> None:
         for announced in self.missing:

@@ -384,7 +384,8 @@ def test_a_fifo_as_the_mirrored_checkpoints_log_stops_the_witness_without_hangin
     tmp_path: Path,
 ) -> None:
     """Only the mirror writes its folder: a FIFO there blocked the inside's start for good
-    (the witness opened it to read); now the witness stops and says why."""
+    (the witness opened it to read); now the witness stops and says why, in the inside's log
+    too (at a start it said so only in the agent's log lines)."""
     (tmp_path / "mirror").mkdir()
     os.mkfifo(tmp_path / "mirror" / CHECKPOINTS_FILE)
     try:
@@ -395,6 +396,7 @@ def test_a_fifo_as_the_mirrored_checkpoints_log_stops_the_witness_without_hangin
     assert mirror.broken == (
         "checkpoints.log is not a regular file (a FIFO): the mirror does not read it"
     )
+    assert _events(tmp_path / "inside-audit").count("audit.witness_inconsistent") == 1
 
 
 def test_a_fifo_as_a_mirrored_segment_is_refused_without_hanging(tmp_path: Path) -> None:
