@@ -110,6 +110,7 @@ def test_submit_is_acknowledged_then_delivered_to_folder_and_consumer(
     assert got[ack.item] == bodies["citizen-application-00000001.json"]
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_ferry_send_needs_no_schema_when_the_message_matches_one_of_the_channels(
     tmp_path: Path, agents
 ) -> None:

@@ -155,6 +155,7 @@ def _restart(dep: dict[str, Any], agents: Any, outside: Agent) -> Agent:
     return new
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_restarts_of_the_outside_between_calls_are_no_drops_of_later_calls(
     tmp_path: Path, agents: Any
 ) -> None:

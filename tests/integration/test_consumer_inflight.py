@@ -193,6 +193,7 @@ def test_a_key_put_back_on_the_allow_list_is_served_again_without_a_new_ready(
     assert len(_delivered(sock, 2, timeout=10)) == 2  # (back on it: served, no READY)
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 @pytest.mark.integration
 def test_another_key_on_a_routing_id_in_use_is_another_consumer(server: _Server) -> None:
     """A client picks its routing id. Another allowed key presenting the id of a consumer

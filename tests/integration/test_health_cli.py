@@ -64,6 +64,7 @@ def deploy(tmp_path: Path) -> dict[str, Any]:
     return dep
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_health_follows_the_agents_and_the_link(tmp_path: Path, agents) -> None:
     dep = deploy(tmp_path)
     o, i = dep["outside"]["config"], dep["inside"]["config"]

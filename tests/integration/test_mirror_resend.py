@@ -24,6 +24,7 @@ def _mirror(dep: dict[str, Any], *args: str, check: bool = True) -> Any:
     return ferry("outside", "mirror", *args, "-c", dep["outside"]["config"], check=check)
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_resend_from_the_command_line_reaches_the_running_agent(tmp_path: Path) -> None:
     dep = init(tmp_path / "d")
     state = load_outside_config(Path(dep["outside"]["config"])).state_dir
@@ -59,6 +60,7 @@ def test_resend_from_the_command_line_reaches_the_running_agent(tmp_path: Path) 
     assert "checkpoints.log" in text
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_inside_mirror_status_says_where_to_resend_from(tmp_path: Path) -> None:
     dep = init(tmp_path / "d")
     inside = dep["inside"]["config"]

@@ -94,6 +94,7 @@ def test_a_full_outside_disk_answers_busy_keeps_the_file_and_recovers(
     assert json.loads(status.read_text())["written_at"] >= room_again
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_sends_the_full_disk_cannot_record_are_recorded_later_and_nothing_is_lost(
     tmp_path: Path, agents: Any, small_audit_disk: Any
 ) -> None:

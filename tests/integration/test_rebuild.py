@@ -100,6 +100,7 @@ def test_an_outside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -
             assert code == 0, text
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_an_inside_rebuilt_after_losing_its_disk(tmp_path: Path, agents: Any) -> None:
     """The inside's disk is lost: keys and config restored, empty folders. The link comes
     back at the outside's next announcement, items flow, and the outside's log shipped again

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 DAYS = 8 * 24 * 3600.0
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_copies_due_past_their_deadline_are_not_sent(tmp_path: Path, agents: Any) -> None:
     dep = init(tmp_path / "d")
 

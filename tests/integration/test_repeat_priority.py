@@ -56,6 +56,7 @@ class _Arrivals:
             self.names.add(p.name)
 
 
+@pytest.mark.slow  # (5-20 s: run with `python3 tasks.py test --slow`)
 def test_new_messages_cross_at_once_while_repeats_fall_behind(tmp_path: Path, agents: Any) -> None:
     dep = init(tmp_path / "d")
 
