@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ferry.audit.merkle import MAX_NOTE_SIGNATURES, Note, NoteFormatError, NoteReader
+from ferry.audit.merkle import (
+    MAX_NOTE_LINE,
+    MAX_NOTE_SIGNATURES,
+    SIG_PREFIX,
+    Note,
+    NoteFormatError,
+    NoteReader,
+)
 
 # Notes smaller than a note before them that verify compares with the records. Such a note
 # is a CHECKPOINT_REGRESSION whatever its root; keeping the first ones keeps the report the
@@ -255,7 +262,8 @@ class LaterNotes:
     :meth:`at` reads on to a size. At the end of what is stored, :attr:`ended` turns true and
     nothing more is read until :meth:`resume`, which goes on once from the end of the last
     whole note read (what the writer stored meanwhile). Notes smaller than one read before
-    them are passed over (a writer only stores larger ones).
+    them are passed over (a writer only stores larger ones). :meth:`one` reads the note at an
+    offset again. Offsets are from the start of the file.
     """
 
     def __init__(self, fd: int, start: int) -> None:
@@ -266,13 +274,27 @@ class LaterNotes:
         self._head: Note | None = None
         self.ended = False
 
+    def _source(self, start: int) -> io.BufferedReader:
+        return io.BufferedReader(_Window(self._fd, None, start), _READ_CHUNK)
+
+    def _past_signatures(self) -> None:
+        """Signature lines where a note should begin belong to the note before it: the first
+        pass found it whole with fewer (a rotation signs with two keys, and a read can end
+        between their lines)."""
+        while True:
+            line = os.pread(self._fd, MAX_NOTE_LINE + 1, self._at)
+            nl = line.find(b"\n")
+            if not line.startswith(SIG_PREFIX) or nl < 0:
+                return
+            self._at += nl + 1
+
     def _next(self) -> Note | None:
         if self.ended:
             return None
         if self._reader is None:
+            self._past_signatures()
             self._start = self._at
-            source = _Pass(self._fd, None, start=self._at)
-            self._reader = NoteReader(source, after_note=True)
+            self._reader = NoteReader(self._source(self._at), after_note=True)
         note = self._reader.next()
         if note is None:
             self.ended = True
@@ -281,8 +303,9 @@ class LaterNotes:
         self._at = self._start + note.end
         return note
 
-    def at(self, size: int) -> Iterator[Note]:
-        """The notes of ``size`` (asked in increasing order), reading on as far as it."""
+    def at(self, size: int) -> Iterator[tuple[int, Note]]:
+        """(offset, note) of each note of ``size`` (asked in increasing order), reading on as
+        far as it."""
         while True:
             if self._head is None:
                 self._head = self._next()
@@ -293,7 +316,11 @@ class LaterNotes:
                 return
             note, self._head = self._head, None
             if found == size:
-                yield note
+                yield self._start + note.offset, note
+
+    def one(self, offset: int) -> Note | None:
+        """The note at ``offset`` (one :meth:`at` gave), read again."""
+        return NoteReader(self._source(offset)).next()
 
     def resume(self) -> None:
         """Read on once more, past the end met before."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from ferry.audit.files import (
     not_regular,
     open_regular,
 )
+from ferry.audit.live import Announced, LateCheckpoints
 from ferry.audit.merkle import CompactRange, Note, leaf_hash, note_key_id
 from ferry.audit.record import (
     MAX_RECORD_BYTES,
@@ -60,9 +61,6 @@ _SEGMENT = re.compile(r"audit-([0-9]{6})\.jsonl")
 # Report at most this many problems of one kind (a log re-signed with another key
 # has every checkpoint wrong; the first few say it all).
 MAX_REPORTED_PER_CODE = 10
-# Checkpoints announced past the notes read and not found when the scan reached them, looked
-# for again after the scan (a live writer behind the scan: a few at the end; see _late)
-MAX_LATE = 1000
 MAX_OPENING_CUTS = 8  # audit.tail_truncated records a run's opening may hold after a close
 MAX_HANDOVERS = 100  # audit.started records naming earlier keys that are followed
 DEFAULT_TS_TOLERANCE = 1.0  # seconds a timestamp may go back before it is reported
@@ -266,21 +264,6 @@ class _Stop(Exception):
 
 
 @dataclass(slots=True)
-class _Announced:
-    """An audit.checkpoint record: where, the size it announces, and whether a note of that
-    size is in checkpoints.log (known once the scan reaches the size)."""
-
-    idx: int
-    size: int
-    pos: _Pos
-    stored: bool = False
-    # Past the notes read (a live writer may have stored it since): the records' root at
-    # ``size``, and whether it is looked for again after the scan
-    root: bytes | None = None
-    late: bool = False
-
-
-@dataclass(slots=True)
 class _NoteFacts:
     """What the checks after the scan need of the notes, gathered in one read."""
 
@@ -339,14 +322,17 @@ class _Verifier:
         # audit.checkpoint records: how many, the last one, and the first of those whose note
         # is not in checkpoints.log (each is CHECKPOINT_MISSING, but a last one may be pending)
         self.announced = 0
-        self.last_announced: _Announced | None = None
-        self.missing: list[_Announced] = []
+        self.last_announced: Announced | None = None
+        self.missing: list[Announced] = []
         self.missing_more = 0  # (beyond MAX_REPORTED_PER_CODE)
-        # Checkpoints announced past the notes read: the notes stored since (see _late), and
-        # those looked for again after the scan, with a note of their size and root found
-        # but not signed by a key known then
-        self.later: LaterNotes | None = None
-        self.pending: list[tuple[_Announced, Note | None]] = []
+        # checkpoints announced past the notes read, whose notes a live writer stored since
+        self.late = LateCheckpoints(self._later_notes, self._origin)
+        self.notes_absent = False  # there was no checkpoints.log when the notes were read
+        self.later_fd = -1
+        # (the opening checkpoint, the record after it, its event) of each new run found
+        # after a clean close whose first checkpoint's note is looked for after the scan
+        self.openings: list[tuple[Announced, _Pos, str]] = []
+        self.opening = Announced(0, 0, None)  # (the one in state "opening_late")
         self.log_keys: dict[str, None] = {}  # checkpoint_key of each audit.started, in order
         # (idx, earlier keys) of each audit.started that names earlier audit keys (a rotation)
         self.handovers: list[tuple[int, list[str]]] = []
@@ -396,7 +382,7 @@ class _Verifier:
 
     def run(self) -> VerifyReport:
         started = time.perf_counter()
-        directory = self._directory()
+        directory = self.path_dir = self._directory()
         try:
             # The notes are read before the segments are listed: a live writer stores a note
             # only after its records, so every note read has its records in a segment listed
@@ -414,6 +400,8 @@ class _Verifier:
             self._finish()
         finally:
             self.index.close()
+            if self.later_fd >= 0:
+                os.close(self.later_fd)
         self.report.seconds = time.perf_counter() - started
         return self.report
 
@@ -475,6 +463,7 @@ class _Verifier:
             # (the notes are read in passes, each checked to read the same bytes)
             self.index = NoteIndex(NoteFile(directory / CHECKPOINTS_FILE))
         except FileNotFoundError:
+            self.notes_absent = True
             return
         except UnsafeFile as exc:
             self.problem("CHECKPOINT_MALFORMED", str(exc), file=CHECKPOINTS_FILE)
@@ -768,7 +757,7 @@ class _Verifier:
                     f"not {pos.idx + 1}",
                     pos,
                 )
-            self._announce(_Announced(pos.idx, detail["size"], pos))
+            self._announce(Announced(pos.idx, detail["size"], pos))
             self.log_origin = self.log_origin or detail["origin"]
         elif event == "audit.started":
             detail = rec["detail"]
@@ -814,15 +803,18 @@ class _Verifier:
         state = self.close_state
         if event == "audit.segment_opened" and state:
             return
+        if state == "opening_late":  # (see below)
+            if self.opening.stored:
+                state = self.close_state = ""
+            elif self.opening.late:  # (not stored when the scan reached it: judged after)
+                if len(self.openings) < MAX_HANDOVERS:
+                    self.openings.append((self.opening, pos, event))
+                state = self.close_state = ""
+            else:
+                state = self.close_state = "unsigned_opening"
         expected = _AFTER_CLOSE.get(state)
         if expected is not None and event not in expected:
-            self.problem(
-                "DATA_AFTER_CLOSE",
-                f"record {pos.idx} ({event}) follows the log's clean close (audit.stopped and "
-                f"its checkpoint) where only {' or '.join(sorted(expected))} can: no run of "
-                "the writer added it",
-                pos,
-            )
+            self._after_close(pos, event, expected)
             self.close_state = ""
             return
         if event == "audit.stopped":
@@ -841,10 +833,30 @@ class _Verifier:
             if self.opening_cuts >= MAX_OPENING_CUTS:
                 self.close_state = "opening_full"
         elif state in ("opening", "opening_full") and event == "audit.checkpoint":
-            # the run's first checkpoint: its note is stored before any later record
-            self.close_state = "" if self.index.has(pos.idx + 1) else "unsigned_opening"
+            # the run's first checkpoint: its note is stored before any later record (a note
+            # stored after the notes were read is looked for as the next record comes)
+            if self.index.has(pos.idx + 1):
+                self.close_state = ""
+            elif pos.idx + 1 > self.top_note and self.last_announced is not None:
+                self.close_state = "opening_late"
+                self.opening = self.last_announced
+            else:
+                self.close_state = "unsigned_opening"
         elif state not in ("opening", "opening_full"):
             self.close_state = ""
+
+    def _after_close(self, pos: _Pos, event: str, expected: Collection[str]) -> None:
+        where = (
+            f"where only {' or '.join(sorted(expected))} can"
+            if expected
+            else "and a new run's first checkpoint, which has no signed note"
+        )
+        self.problem(
+            "DATA_AFTER_CLOSE",
+            f"record {pos.idx} ({event}) follows the log's clean close (audit.stopped and "
+            f"its checkpoint) {where}: no run of the writer added it",
+            pos,
+        )
 
     def _check_notes(self, pos: _Pos | None) -> None:
         size = self.tree.size
@@ -900,14 +912,16 @@ class _Verifier:
             self._check_coverage(facts)
         self._check_announcements()
         self._check_torn(facts)
-        report.checkpoints_verified = facts.verified
-        report.last_checkpoint = facts.last_verified
+        report.checkpoints += self.late.stored  # (stored while verify read: ferry.audit.live)
+        report.checkpoints_verified = facts.verified + self.late.stored
+        report.last_checkpoint = max(facts.last_verified or 0, self.late.last) or None
         # One announced but unstored checkpoint and no other is a crash before the first
         # note was stored (CHECKPOINT_PENDING); anything else without notes is a removal.
         if (
             self.complete
             and report.records
             and not self.index.count
+            and not self.late.stored
             and self.announced != 1
             and not self.notes_unread  # (FILE_UNREADABLE or not a file: said already)
         ):
@@ -994,6 +1008,8 @@ class _Verifier:
                     checked.add(sig.key_id)
                     if tops[key.key_id] < size and note.signature_status(key) == "valid":
                         tops[key.key_id] = size
+            for key_id in tops:  # (and those stored while verify read: ferry.audit.live)
+                tops[key_id] = max(tops[key_id], self.late.tops.get(key_id, 0))
             self.tops.update(tops)
         return max((self.tops[k.key_id] for k in keys), default=0)
 
@@ -1102,7 +1118,7 @@ class _Verifier:
             _Pos(end.file, end.line, end.offset, size),
         )
 
-    def _announce(self, announced: _Announced) -> None:
+    def _announce(self, announced: Announced) -> None:
         """A new audit.checkpoint record: the one before it, whose size the scan has reached,
         either has its note or is missing (only the last one can still be pending)."""
         before = self.last_announced
@@ -1111,68 +1127,66 @@ class _Verifier:
         self.announced += 1
         self.last_announced = announced
 
-    def _unless_stored(self, announced: _Announced) -> None:
-        if not announced.stored and not self._may_be_stored(announced.size):
-            if len(self.missing) < MAX_REPORTED_PER_CODE:
-                self.missing.append(announced)
-            else:
-                self.missing_more += 1
+    def _unless_stored(self, announced: Announced) -> None:
+        """Missing, unless stored: the first MAX_REPORTED_PER_CODE in the log's order are
+        listed (those judged after the scan come later), the others counted."""
+        if announced.stored or self._may_be_stored(announced.size):
+            return
+        self.missing.append(announced)
+        if len(self.missing) > MAX_REPORTED_PER_CODE:
+            self.missing.sort(key=lambda a: a.idx)
+            self.missing.pop()
+            self.missing_more += 1
 
-    def _late(self, announced: _Announced) -> None:
-        """An audit.checkpoint past the notes read: verify reads a live log while its writer
-        goes on, and the writer stores a note after its records, so the note may be in
-        checkpoints.log now though it was not when the notes were read. It is looked for
-        there; if the scan is ahead of the writer, it is looked for again after the scan
-        (with every note stored by then; at most MAX_LATE of them, the others are missing
-        unless found now). A note found counts only if it has the records' root and a
-        trusted key signed it; else the checkpoint stays CHECKPOINT_MISSING (or pending)."""
+    def _origin(self) -> str | None:
+        return self.log_origin or self.index.first_origin
+
+    def _later_notes(self) -> LaterNotes | None:
+        """The notes stored past those read first (ferry.audit.live); if there was no
+        checkpoints.log then, all of the one there may be now."""
         if self.notes_unread:
-            return
-        if self.later is None:
-            self.later = self.index.later()
-        later = self.later
-        if later is None:
-            return
-        unsigned: Note | None = None
-        if not later.ended:
-            keys = list(self.keys) or [
-                k for k in map(_ed25519, self.log_keys) if k is not None
-            ]  # (those given, else the log's own so far; all of _keys are tried after the scan)
-            for note in later.at(announced.size):
-                if self._matches(note, announced):
-                    if note.signature_by_any(keys) == "valid":
-                        announced.stored = True
-                        return
-                    unsigned = unsigned or note
-            if unsigned is None and not later.ended:
-                return  # (not stored, though the writer stored notes past it: missing)
-        if len(self.pending) < MAX_LATE:
-            announced.late = True
-            self.pending.append((announced, unsigned))
+            return None
+        if not self.notes_absent:
+            return self.index.later()
+        try:
+            self.later_fd = open_regular(self.path_dir / CHECKPOINTS_FILE)
+        except OSError:
+            return None
+        return LaterNotes(self.later_fd, 0)
 
-    def _matches(self, note: Note, announced: _Announced) -> bool:
-        cp = note.checkpoint
-        origin = self.log_origin or self.index.first_origin
-        return cp.root == announced.root and (origin is None or cp.origin == origin)
+    def _late(self, announced: Announced) -> None:
+        """An audit.checkpoint past the notes read (its root set): a live writer may have
+        stored its note since (ferry.audit.live). The keys tried now are those given, else
+        those the log named so far; after the scan, all that _keys trusts."""
+        keys = list(self.keys) or [k for k in map(_ed25519, self.log_keys) if k is not None]
+        found = self.late.look(announced, keys)
+        if found is not None:
+            self._settle(announced, *found)
+
+    def _settle(self, announced: Announced, verdict: str, offset: int) -> None:
+        announced.stored = True  # (a mismatch is that, not a missing checkpoint)
+        if verdict == "mismatch":
+            size = announced.size
+            self.problem(
+                "CHECKPOINT_MISMATCH",
+                f"checkpoint {size} ({CHECKPOINTS_FILE} byte {offset}, stored while verify "
+                f"read the records) does not match the records: a record before {size} was "
+                "changed",
+                announced.pos,
+            )
 
     def _late_again(self, keys: list[PublicKey]) -> None:
-        """After the scan: the checkpoints looked for in vain as the scan reached them, in
-        what checkpoints.log holds now (see _late). Those still not found but the last are
-        missing."""
-        if not self.pending:
-            return
-        if self.later is not None:
-            self.later.resume()
-        for announced, unsigned in self.pending:
-            notes: Iterable[Note] = [unsigned] if unsigned is not None else []
-            if self.later is not None and unsigned is None:
-                notes = self.later.at(announced.size)
-            announced.stored = any(
-                self._matches(n, announced) and n.signature_by_any(keys) == "valid" for n in notes
-            )
+        """After the scan: the checkpoints whose notes were not stored yet when the scan
+        reached them, in what checkpoints.log holds now. Those still not found but the last
+        are missing; a new run's opening among them is followed by data after a close."""
+        for announced, found in self.late.again(keys):
+            if found is not None:
+                self._settle(announced, *found)
             if announced is not self.last_announced:
                 self._unless_stored(announced)
-        self.pending.clear()
+        for opening, pos, event in self.openings:
+            if not opening.stored:
+                self._after_close(pos, event, _AFTER_CLOSE["unsigned_opening"])
 
     def _check_announcements(self) -> None:
         for announced in self.missing:
@@ -1199,7 +1213,7 @@ class _Verifier:
         read (then its absence is not CHECKPOINT_MISSING: another problem says why)."""
         return self.notes_unread or self.index.maybe_dropped(size)
 
-    def _missing(self, announced: _Announced) -> None:
+    def _missing(self, announced: Announced) -> None:
         self.problem(
             "CHECKPOINT_MISSING",
             f"record {announced.idx} announces checkpoint {announced.size}, which is not in "

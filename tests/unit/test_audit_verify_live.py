@@ -5,8 +5,11 @@ appends at the exact point between verify's reads (a wrapper around that read)."
 
 from __future__ import annotations
 
+import base64
 import importlib
+import json
 import os
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,16 +17,16 @@ from typing import Any
 import pytest
 
 from ferry.audit import AuditLog, AuditSettings, Subject, verify
-from ferry.audit.merkle import parse_notes
+from ferry.audit.merkle import SIG_PREFIX, parse_notes
 from ferry.audit.verify import _Verifier
 from ferry.crypto.keys import SecretKey
 
 KEY = SecretKey("ed25519", bytes(range(32)))
+NEW = SecretKey("ed25519", bytes(range(1, 33)))
+ORIGIN = "outside.test/audit"
 SENDER = Subject.component("sender")
 verify_module = importlib.import_module("ferry.audit.verify")  # (ferry.audit.verify: the function)
-SETTINGS = AuditSettings(
-    origin="outside.test/audit", checkpoint_every=10, max_segment_bytes=4 * 16384
-)
+SETTINGS = AuditSettings(origin=ORIGIN, checkpoint_every=10, max_segment_bytes=4 * 16384)
 
 
 def append(log: AuditLog, records: int) -> None:
@@ -37,6 +40,14 @@ def codes(report: Any) -> list[str]:
 
 
 @pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, SETTINGS) as log:
+        append(log, 25)
+    return d
+
+
+@pytest.fixture
 def live(tmp_path: Path) -> Iterator[AuditLog]:
     with AuditLog(tmp_path / "log", KEY, SETTINGS) as log:
         append(log, 25)
@@ -46,10 +57,13 @@ def live(tmp_path: Path) -> Iterator[AuditLog]:
 def between(monkeypatch: pytest.MonkeyPatch, step: str, action: Callable[[], None]) -> None:
     """Run ``action`` once, right after verify's ``step`` (a _Verifier method)."""
     original = getattr(_Verifier, step)
+    done = []
 
     def wrapped(self: _Verifier, *args: Any) -> Any:
         result = original(self, *args)
-        action()
+        if not done:
+            done.append(1)
+            action()
         return result
 
     monkeypatch.setattr(_Verifier, step, wrapped)
@@ -164,3 +178,196 @@ def test_checkpoints_removed_from_the_end_are_still_missing(tmp_path: Path) -> N
     ckpts.write_bytes(raw[: notes[-3].offset])  # the last three notes gone
     report = verify(log_dir, KEY.public)
     assert "CHECKPOINT_MISSING" in codes(report)
+
+
+# --- found by review: memory, mismatches, restarts, rotations, a new agent -----------------
+
+
+def junk_signed(raw: bytes, note: Any, sigs: int = 100) -> bytes:
+    """The note's own text (origin, size, root: it matches the records) with ``sigs``
+    signature lines by a key nobody trusts, each near the line limit."""
+    body = raw[note.offset : note.end].split(b"\n\n", 1)[0] + b"\n\n"
+    line = SIG_PREFIX + b"x " + base64.b64encode(b"\1\2\3\4" + b"\0" * 700) + b"\n"
+    return body + line * sigs + b"\n"
+
+
+def test_memory_stays_bounded_with_unsigned_notes_past_the_first_read(tmp_path: Path) -> None:
+    """Memory stays bounded whatever checkpoints.log holds: a malformed first line makes
+    every note "later", and each copy of a real note here has 100 long signature lines by a
+    key nobody trusts. A checkpoint waiting for its second look keeps the offset of such a
+    note, never the note (kept whole, 250 of them took 20 MiB)."""
+    d = tmp_path / "log"
+    settings = AuditSettings(origin=ORIGIN, checkpoint_every=1, max_segment_bytes=1 << 26)
+    with AuditLog(d, KEY, settings) as log:
+        append(log, 250)
+    ckpts = d / "checkpoints.log"
+    raw = ckpts.read_bytes()
+    notes = parse_notes(raw).notes
+    assert len(notes) >= 250
+    ckpts.write_bytes(b"\xff\n\n" + b"".join(junk_signed(raw, n) for n in notes))
+    tracemalloc.start()
+    try:
+        report = verify(d, KEY.public)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "CHECKPOINT_MALFORMED" in codes(report)
+    assert peak < 8 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_a_signed_late_note_contradicting_the_last_checkpoint_record_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer stores its note after verify's first read; the record it covers (the last
+    one) is changed on disk. That signed note contradicts the records: not verified (it was
+    dropped, and the last checkpoint only CHECKPOINT_PENDING, a warning), as the same change
+    in a stopped log is CHECKPOINT_MISMATCH."""
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, SETTINGS) as live:
+        append(live, 25)
+
+        def write_then_tamper() -> None:
+            append(live, 5)
+            live.checkpoint(10.0)  # the last record is this audit.checkpoint; its note stored
+            seg = sorted(d.glob("audit-*.jsonl"))[-1]
+            data = seg.read_bytes()
+            head, last = data[:-1].rsplit(b"\n", 1)
+            rec = json.loads(last)
+            assert rec["event"] == "audit.checkpoint"
+            ts = rec["ts"]
+            bumped = ts[:-2] + str((int(ts[-2]) + 1) % 10) + "Z"  # (a few µs later)
+            seg.write_bytes(head + b"\n" + last.replace(ts.encode(), bumped.encode()) + b"\n")
+
+        between(monkeypatch, "_load_notes", write_then_tamper)
+        report = verify(d, KEY.public)
+    assert not report.verified, (codes(report), [w.code for w in report.warnings])
+
+
+def test_a_restart_during_verify_is_not_data_after_close(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stopped agent starts again after verify read checkpoints.log: its opening
+    checkpoint's note is past the first read, and still the opening of a run of the writer
+    (it was taken as unsigned, and the next record as DATA_AFTER_CLOSE)."""
+    logs: list[AuditLog] = []
+
+    def restart() -> None:
+        log = AuditLog(log_dir, KEY, SETTINGS)
+        logs.append(log)
+        append(log, 15)
+
+    between(monkeypatch, "_load_notes", restart)
+    try:
+        report = verify(log_dir, KEY.public)
+    finally:
+        for log in logs:
+            log.close()
+    assert report.problems == [], codes(report)
+
+
+def test_a_key_rotation_restart_during_verify_leaves_old_checkpoints_signed(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent restarts with a new key (previous_keys names the old one) after verify read
+    checkpoints.log: a note stored since, signed by the new key, covers the handover, so
+    the earlier notes are trusted (each was CHECKPOINT_UNSIGNED)."""
+    logs: list[AuditLog] = []
+
+    def rotate() -> None:
+        log = AuditLog(log_dir, NEW, SETTINGS, previous_keys=[KEY])
+        logs.append(log)
+        append(log, 15)
+
+    between(monkeypatch, "_load_notes", rotate)
+    try:
+        report = verify(log_dir, NEW.public)
+    finally:
+        for log in logs:
+            log.close()
+    assert report.problems == [], codes(report)
+
+
+def test_notes_all_stored_after_the_first_read_are_not_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new agent creates checkpoints.log before its first segment and stores its first
+    note after its opening records: verify reading it empty, then the records, counts the
+    notes found later (it reported NO_CHECKPOINT, and checkpoints_verified 0)."""
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, SETTINGS) as live:
+        append(live, 25)
+        ckpts = d / "checkpoints.log"
+        held = ckpts.read_bytes()
+        os.truncate(ckpts, 0)  # (as the file was before the first note)
+
+        def store() -> None:
+            with ckpts.open("ab") as f:
+                f.write(held)
+
+        between(monkeypatch, "_load_notes", store)
+        report = verify(d, KEY.public)
+    assert report.problems == [], codes(report)
+
+
+def test_a_note_read_before_its_second_signature_line_does_not_hide_later_notes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a rotation each note has two signature lines. A first read that ends after
+    the first one (the writer's write not yet all visible) takes the note as whole; the
+    rest, "— <second signature>", belongs to it, not to a next note (read as one, it failed,
+    and every later checkpoint was CHECKPOINT_MISSING)."""
+    d = tmp_path / "log"
+    with AuditLog(d, NEW, SETTINGS, previous_keys=[KEY]) as live:
+        append(live, 25)
+        ckpts = d / "checkpoints.log"
+        raw = ckpts.read_bytes()
+        last = parse_notes(raw).notes[-1]
+        assert len(last.signatures) == 2
+        cut = raw.index(b"\n", raw.index(SIG_PREFIX, last.offset)) + 1  # after signature 1
+        os.truncate(ckpts, cut)
+
+        def finish_and_go_on() -> None:
+            with ckpts.open("ab") as f:
+                f.write(raw[cut:])
+            append(live, 35)
+
+        between(monkeypatch, "_load_notes", finish_and_go_on)
+        report = verify(d, NEW.public)
+    assert report.problems == [], codes(report)
+
+
+def test_the_first_missing_checkpoint_is_reported_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_LATE checkpoints waiting for a second look, later ones are missing during the
+    scan and the waiting ones only after it: the first CHECKPOINT_MISSING listed is still
+    the first removed note. (MAX_LATE lowered to 3 to keep the log small.)"""
+    monkeypatch.setattr(importlib.import_module("ferry.audit.live"), "MAX_LATE", 3)
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, SETTINGS) as log:
+        append(log, 160)
+    ckpts = d / "checkpoints.log"
+    raw = ckpts.read_bytes()
+    notes = parse_notes(raw).notes
+    ckpts.write_bytes(raw[: notes[1].offset])  # only the opening checkpoint left
+    report = verify(d, KEY.public)
+    missing = [p for p in report.problems if p.code == "CHECKPOINT_MISSING" and p.idx is not None]
+    assert missing
+    assert missing[0].idx == notes[1].checkpoint.size - 1, [p.idx for p in missing]
+
+
+def test_a_checkpoints_log_not_there_yet_when_verify_began_is_read_once_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new agent: no checkpoints.log when verify looked for the notes, and the writer's
+    notes there once it reads the records."""
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, SETTINGS) as live:
+        append(live, 25)
+        ckpts = d / "checkpoints.log"
+        aside = tmp_path / "aside"
+        ckpts.rename(aside)
+        between(monkeypatch, "_load_notes", lambda: aside.rename(ckpts))
+        report = verify(d, KEY.public)
+    assert report.problems == [], codes(report)
+    assert report.checkpoints_verified >= 2
