@@ -280,13 +280,15 @@ class LaterNotes:
     def _past_signatures(self) -> None:
         """Signature lines where a note should begin belong to the note before it: the first
         pass found it whole with fewer (a rotation signs with two keys, and a read can end
-        between their lines)."""
-        while True:
-            line = os.pread(self._fd, MAX_NOTE_LINE + 1, self._at)
-            nl = line.find(b"\n")
-            if not line.startswith(SIG_PREFIX) or nl < 0:
-                return
-            self._at += nl + 1
+        between their lines). One read; at most a note's worth of them."""
+        data = os.pread(self._fd, MAX_NOTE_SIGNATURES * (MAX_NOTE_LINE + 1), self._at)
+        pos = 0
+        for _ in range(MAX_NOTE_SIGNATURES):
+            nl = data.find(b"\n", pos)
+            if not data.startswith(SIG_PREFIX, pos) or nl < 0:
+                break
+            pos = nl + 1
+        self._at += pos
 
     def _next(self) -> Note | None:
         if self.ended:

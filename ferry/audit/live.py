@@ -63,6 +63,7 @@ class LateCheckpoints:
         self.stored = 0  # notes found that match the records and a trusted key signed
         self.last = 0  # the largest size of those
         self.tops: dict[bytes, int] = {}  # the largest of those per key id
+        self.first_offset: int | None = None  # the smallest offset of those
 
     def _notes(self) -> LaterNotes | None:
         if not self._opened:
@@ -70,12 +71,15 @@ class LateCheckpoints:
             self._later = self._open_later()
         return self._later
 
-    def judge(self, note: Note, announced: Announced, keys: Iterable[PublicKey]) -> Verdict:
-        """ "stored" (the log's origin, a trusted key's signature, the records' root),
-        "mismatch" (the same but another root), or "" (not the writer's)."""
+    def judge(
+        self, note: Note, offset: int, announced: Announced, keys: Iterable[PublicKey]
+    ) -> Verdict:
+        """The note at ``offset``: "stored" (the size announced, the log's origin, a trusted
+        key's signature, the records' root), "mismatch" (the same but another root), or ""
+        (not the writer's)."""
         cp = note.checkpoint
         origin = self._origin()
-        if origin is not None and cp.origin != origin:
+        if cp.size != announced.size or (origin is not None and cp.origin != origin):
             return ""
         signer = next((k for k in keys if note.signature_status(k) == "valid"), None)
         if signer is None:
@@ -85,6 +89,7 @@ class LateCheckpoints:
         self.stored += 1
         self.last = max(self.last, cp.size)
         self.tops[signer.key_id] = max(self.tops.get(signer.key_id, 0), cp.size)
+        self.first_offset = min(offset, offset if self.first_offset is None else self.first_offset)
         return "stored"
 
     def look(self, announced: Announced, keys: Iterable[PublicKey]) -> tuple[Verdict, int] | None:
@@ -100,7 +105,7 @@ class LateCheckpoints:
         if not later.ended:
             try:
                 for offset, note in later.at(announced.size):
-                    verdict = self.judge(note, announced, keys)
+                    verdict = self.judge(note, offset, announced, keys)
                     if verdict:
                         return verdict, offset
                     unsigned = offset if unsigned is None else unsigned
@@ -141,7 +146,7 @@ class LateCheckpoints:
         else:
             candidates = later.at(announced.size)
         for at, note in candidates:
-            verdict = self.judge(note, announced, keys)
+            verdict = self.judge(note, at, announced, keys)
             if verdict:
                 return verdict, at
         return None

@@ -173,6 +173,10 @@ class VerifyReport:
     checkpoints: int = 0  # notes in checkpoints.log
     checkpoints_verified: int = 0  # signed by the key and matching the records
     last_checkpoint: int | None = None  # size of the last verified checkpoint
+    # The largest checkpoint size in checkpoints.log when verify first read it: the records
+    # before it were handed to ``on_record`` as covered (a live writer's checkpoints stored
+    # later count in last_checkpoint, but their records were read as not covered yet)
+    covered_when_read: int = 0
     # The root (hex) of the records' tree at each size the caller asked for (``want_roots``)
     # that the records verified reach: reconcile compares them with the checkpoints the
     # inside witnessed of the outside's log.
@@ -492,6 +496,7 @@ class _Verifier:
         self.torn_ckpt = end.torn_at
         self.top_note = self.index.top
         self.report.checkpoints = self.index.count
+        self.report.covered_when_read = self.top_note
 
     def _lines(self, segments: list[Path]) -> Iterator[tuple[Path, Line, bool]]:
         for i, seg in enumerate(segments):
@@ -806,9 +811,9 @@ class _Verifier:
         if state == "opening_late":  # (see below)
             if self.opening.stored:
                 state = self.close_state = ""
-            elif self.opening.late:  # (not stored when the scan reached it: judged after)
-                if len(self.openings) < MAX_HANDOVERS:
-                    self.openings.append((self.opening, pos, event))
+            elif self.opening.late and len(self.openings) < MAX_HANDOVERS:
+                # (not stored when the scan reached it: judged after; past the bound, now)
+                self.openings.append((self.opening, pos, event))
                 state = self.close_state = ""
             else:
                 state = self.close_state = "unsigned_opening"
@@ -885,8 +890,13 @@ class _Verifier:
         report.tree_size = self.tree.size
         report.root = self.tree.root().hex()
         keys = self._keys()
+        if self.late.pending:
+            tops = dict(self.late.tops)
+            self._late_again(keys)
+            if self.late.tops != tops:  # (a rotation's handover, signed meanwhile)
+                self.tops.clear()
+                keys = self._keys(again=True)
         facts = self._check_note_signatures(keys)
-        self._late_again(keys)
         if self.index.changed:
             self.problem(
                 "CHECKPOINT_MALFORMED",
@@ -945,7 +955,7 @@ class _Verifier:
                 more = count - MAX_REPORTED_PER_CODE
                 report.problems.append(Problem(code, f"... and {more} more {code}"))
 
-    def _keys(self) -> list[PublicKey]:
+    def _keys(self, *, again: bool = False) -> list[PublicKey]:
         """The keys checkpoints may be signed by: those given, and each earlier audit key a
         later start names (``previous_checkpoint_keys``) in a record that a checkpoint signed
         by a trusted key covers (the handover of a key rotation: the new key vouches for the
@@ -957,13 +967,15 @@ class _Verifier:
                 key = _ed25519(text)
                 if key is not None:
                     trusted.setdefault(key.key_id, (key, "named by the log"))
-            self.warn(
-                "UNAUTHENTICATED",
-                "no key given: signatures were checked against the keys the log names itself "
-                "(audit.started), which a forger controls; give the audit public key (--key)"
-                if trusted
-                else "no key given and none named in the log",
-            )
+            if not again:
+                self.warn(
+                    "UNAUTHENTICATED",
+                    "no key given: signatures were checked against the keys the log names "
+                    "itself (audit.started), which a forger controls; give the audit public "
+                    "key (--key)"
+                    if trusted
+                    else "no key given and none named in the log",
+                )
         grew = bool(trusted) and bool(self.handovers)
         while grew:
             grew = False
@@ -1093,7 +1105,8 @@ class _Verifier:
                     "mid-write; it is cut off and recorded when the log reopens",
                     self.torn_pos,
                 )
-        if self.torn_ckpt is not None:
+        if self.torn_ckpt is not None and self.late.first_offset != self.torn_ckpt:
+            # (unless the writer completed it meanwhile: a note found there counts)
             where = f"{CHECKPOINTS_FILE} ends inside a checkpoint at byte {self.torn_ckpt}"
             if closed and self.tail:
                 self.problem("DATA_AFTER_CLOSE", f"{after} {where}", file=CHECKPOINTS_FILE)

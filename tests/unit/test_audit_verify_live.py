@@ -9,6 +9,7 @@ import base64
 import importlib
 import json
 import os
+import shutil
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,10 @@ from typing import Any
 import pytest
 
 from ferry.audit import AuditLog, AuditSettings, Subject, verify
+from ferry.audit.locate import LogLocation
 from ferry.audit.merkle import SIG_PREFIX, parse_notes
+from ferry.audit.reconcile import Accountant, _check, _Counted
+from ferry.audit.timeline import LogStats
 from ferry.audit.verify import _Verifier
 from ferry.crypto.keys import SecretKey
 
@@ -27,6 +31,7 @@ ORIGIN = "outside.test/audit"
 SENDER = Subject.component("sender")
 verify_module = importlib.import_module("ferry.audit.verify")  # (ferry.audit.verify: the function)
 SETTINGS = AuditSettings(origin=ORIGIN, checkpoint_every=10, max_segment_bytes=4 * 16384)
+BIG_SEGMENTS = AuditSettings(origin=ORIGIN, checkpoint_every=10, max_segment_bytes=1 << 24)
 
 
 def append(log: AuditLog, records: int) -> None:
@@ -37,6 +42,21 @@ def append(log: AuditLog, records: int) -> None:
 
 def codes(report: Any) -> list[str]:
     return [p.code for p in report.problems]
+
+
+def before_finish(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
+    """Run ``action`` once the scan is over, before verify's checks after it (the writer,
+    behind the scan, stores its notes then)."""
+    original = _Verifier._finish
+    done: list[int] = []
+
+    def wrapped(self: _Verifier) -> None:
+        if self.report_io and not done:  # (verify's, not a writer's scan_tail)
+            done.append(1)
+            action()
+        original(self)
+
+    monkeypatch.setattr(_Verifier, "_finish", wrapped)
 
 
 @pytest.fixture
@@ -59,8 +79,8 @@ def between(monkeypatch: pytest.MonkeyPatch, step: str, action: Callable[[], Non
     original = getattr(_Verifier, step)
     done = []
 
-    def wrapped(self: _Verifier, *args: Any) -> Any:
-        result = original(self, *args)
+    def wrapped(self: _Verifier, *args: Any, **kw: Any) -> Any:
+        result = original(self, *args, **kw)
         if not done:
             done.append(1)
             action()
@@ -103,13 +123,7 @@ def test_checkpoints_stored_only_after_the_scan_passed_their_records_are_found(
             f.write(held["tail"])
 
     between(monkeypatch, "_load_notes", grow_and_hold_back)
-    original = _Verifier._check_note_signatures
-
-    def after_the_scan(self: _Verifier, keys: Any) -> Any:
-        store_the_rest()
-        return original(self, keys)
-
-    monkeypatch.setattr(_Verifier, "_check_note_signatures", after_the_scan)
+    between(monkeypatch, "_keys", store_the_rest)  # (the first thing after the scan)
     report = verify(tmp_path / "log", KEY.public)
     assert held["tail"].count(b"\n\n") >= 3  # (three notes or more were held back)
     assert report.problems == [], codes(report)
@@ -371,3 +385,142 @@ def test_a_checkpoints_log_not_there_yet_when_verify_began_is_read_once_it_is(
         report = verify(d, KEY.public)
     assert report.problems == [], codes(report)
     assert report.checkpoints_verified >= 2
+
+
+# --- found by a second review: reconcile, a rotation judged after the scan, bounds ------------
+
+
+def test_reconcile_of_a_log_whose_writer_stores_checkpoints_meanwhile_does_not_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint stored while verify read raises last_checkpoint, but on_record says a
+    record is covered only below the notes read first: reconcile counts up to those (the
+    rest wait for its next run) and does not fail ("records 0..N were counted, but the signed
+    checkpoints cover M", for every live log whose writer stored a note meanwhile)."""
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, BIG_SEGMENTS) as live:
+        append(live, 25)
+        between(monkeypatch, "_load_notes", lambda: append(live, 35))  # three more checkpoints
+        loc = LogLocation("outside", d, KEY.public.to_string())
+        counted = _Counted(Accountant(), LogStats("outside", str(d)), unsigned=False)
+        check = _check(loc, enabled=True, unsigned=False, counted=counted)
+    assert check.report is not None
+    assert check.report.verified
+    assert not check.failed, check.note
+
+
+def test_a_key_rotation_restart_whose_notes_are_stored_after_the_scan_leaves_old_checkpoints_signed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As test_a_key_rotation_restart_during_verify_leaves_old_checkpoints_signed, but the
+    new run's notes are stored only after the scan passed their records (the writer behind
+    the scan, as at a log's end). Found by the second look after the scan, they cover the
+    handover too (every old note was CHECKPOINT_UNSIGNED)."""
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, BIG_SEGMENTS) as log:
+        append(log, 25)
+    ckpts = d / "checkpoints.log"
+    logs: list[AuditLog] = []
+    held: dict[str, bytes] = {}
+
+    def rotate_and_hold_back() -> None:
+        start = ckpts.stat().st_size
+        log = AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY])
+        logs.append(log)
+        append(log, 15)
+        held["tail"] = ckpts.read_bytes()[start:]
+        os.truncate(ckpts, start)
+
+    def store_the_rest() -> None:
+        with ckpts.open("ab") as f:
+            f.write(held["tail"])
+
+    between(monkeypatch, "_load_notes", rotate_and_hold_back)
+    before_finish(monkeypatch, store_the_rest)
+    try:
+        report = verify(d, NEW.public)
+    finally:
+        for log in logs:
+            log.close()
+    assert held["tail"].count(b"\n\n") >= 2
+    assert report.problems == [], codes(report)
+
+
+def test_data_after_close_is_reported_past_the_openings_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's opening whose note is not found when the scan reaches it is judged after the
+    scan; past the first MAX_HANDOVERS (100) such openings, at once (they were never judged,
+    and the records after them never DATA_AFTER_CLOSE). Here (MAX_HANDOVERS lowered to 1): a
+    genuine run 2 restarts while verify reads and its notes are stored after the scan; then
+    records are appended after run 2's clean close (a run 3's opening and data, no signed
+    note, as anyone who can write the directory can append): DATA_AFTER_CLOSE, as when the
+    same log is verified again after."""
+    monkeypatch.setattr(verify_module, "MAX_HANDOVERS", 1)
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, BIG_SEGMENTS) as log:
+        append(log, 25)
+    ckpts = d / "checkpoints.log"
+    seg = sorted(d.glob("audit-*.jsonl"))[-1]
+    held: dict[str, bytes] = {}
+
+    def run2_then_forged_run3() -> None:
+        start = ckpts.stat().st_size
+        with AuditLog(d, KEY, BIG_SEGMENTS) as log:  # run 2: genuine, clean close
+            append(log, 15)
+        held["tail"] = ckpts.read_bytes()[start:]
+        # run 3's records as a writer would write them (made on a copy), without its notes,
+        # cut before its audit.stopped: an opening, then data
+        scratch = tmp_path / "scratch"
+        shutil.copytree(d, scratch)
+        end = seg.stat().st_size
+        with AuditLog(
+            scratch,
+            KEY,
+            AuditSettings(origin=ORIGIN, checkpoint_every=1000, max_segment_bytes=1 << 24),
+        ) as log:
+            append(log, 5)
+        extra = (scratch / seg.name).read_bytes()[end:]
+        lines = extra.splitlines(keepends=True)
+        stop = next(i for i, ln in enumerate(lines) if b'"audit.stopped"' in ln)
+        with seg.open("ab") as f:
+            f.write(b"".join(lines[:stop]))
+        os.truncate(ckpts, start)  # (run 2's notes held back until the scan is over)
+
+    def store_run2_notes() -> None:
+        with ckpts.open("ab") as f:
+            f.write(held["tail"])
+
+    between(monkeypatch, "_load_notes", run2_then_forged_run3)
+    before_finish(monkeypatch, store_run2_notes)
+    report = verify(d, KEY.public)
+    monkeypatch.undo()
+    monkeypatch.setattr(verify_module, "MAX_HANDOVERS", 1)
+    again = verify(d, KEY.public)
+    assert "DATA_AFTER_CLOSE" in codes(again)  # (the same log, read when not live)
+    assert "DATA_AFTER_CLOSE" in codes(report), (codes(report), [w.code for w in report.warnings])
+
+
+def test_a_note_half_written_at_the_first_read_and_found_whole_is_not_torn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first read catches the writer in the middle of a note; the rest of it is stored
+    just after, and verify finds it whole and counts it: no CHECKPOINT_TORN warning ("the
+    writer stopped while writing it") then."""
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, BIG_SEGMENTS) as live:
+        append(live, 25)
+        ckpts = d / "checkpoints.log"
+        raw = ckpts.read_bytes()
+        cut = raw.rindex(b"\n\n", 0, len(raw) - 2) + 2 + 10  # ten bytes into the last note
+        os.truncate(ckpts, cut)
+
+        def finish() -> None:
+            with ckpts.open("ab") as f:
+                f.write(raw[cut:])
+
+        between(monkeypatch, "_load_notes", finish)
+        report = verify(d, KEY.public)
+    assert report.problems == [], codes(report)
+    assert report.checkpoints_verified == len(parse_notes(raw).notes)  # (the torn one too)
+    assert "CHECKPOINT_TORN" not in [w.code for w in report.warnings]
