@@ -168,7 +168,7 @@ def _witnessed(deployment: dict[str, Any]) -> int:
     """How many of the outside's checkpoints the inside's audit log says it witnessed (0
     while it cannot be read whole: the agent is writing it)."""
     from ferry.audit.record import decode  # noqa: PLC0415
-    from ferry.audit.verify import iter_lines, list_segments  # noqa: PLC0415
+    from ferry.audit.segments import iter_lines, list_segments  # noqa: PLC0415
 
     try:
         return sum(
@@ -185,7 +185,8 @@ def _show_audit(console: Console, deployment: dict[str, Any]) -> bool:
     from collections import Counter  # noqa: PLC0415
 
     from ferry.audit.record import decode, per_item  # noqa: PLC0415
-    from ferry.audit.verify import iter_lines, list_segments, verify  # noqa: PLC0415
+    from ferry.audit.segments import iter_lines, list_segments  # noqa: PLC0415
+    from ferry.audit.verify import verify  # noqa: PLC0415
     from ferry.crypto.keys import load_public_key  # noqa: PLC0415
 
     good = True

@@ -29,7 +29,7 @@ from ferry.audit.agent import AgentAudit
 from ferry.audit.files import UnsafeFile, open_append, open_regular
 from ferry.audit.merkle import CompactRange, leaf_hash, read_notes
 from ferry.audit.record import AuditError, AuditObject, Subject, decode
-from ferry.audit.verify import CHECKPOINTS_FILE, PIECE_NAME, segment_name
+from ferry.audit.segments import CHECKPOINTS_FILE, PIECE_NAME, segment_name
 from ferry.crypto.keys import PublicKey
 
 _log = log.get("inside.mirror")

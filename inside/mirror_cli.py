@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ferry.audit.verify import CHECKPOINTS_FILE, list_segments, segment_name
+from ferry.audit.segments import CHECKPOINTS_FILE, list_segments, segment_name
 from ferry.errors import UsageError
 from inside.mirror import segment_complete
 

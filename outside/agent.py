@@ -29,7 +29,7 @@ from typing import Any
 from ferry import log, selftest
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import AuditObject, AuditUnavailable, Subject
-from ferry.audit.verify import CHECKPOINTS_FILE, iter_lines, list_segments
+from ferry.audit.segments import CHECKPOINTS_FILE, iter_lines, list_segments
 from ferry.config_types import OutsideConfig
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.errors import ChannelError, FerryError

@@ -33,7 +33,7 @@ from typing import Any
 
 from ferry import log
 from ferry.audit.files import open_regular
-from ferry.audit.verify import (
+from ferry.audit.segments import (
     CHECKPOINTS_FILE,
     PIECE_NAME,
     list_segments,

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ferry.audit.verify import CHECKPOINTS_FILE, list_segments, segment_name
+from ferry.audit.segments import CHECKPOINTS_FILE, list_segments, segment_name
 from ferry.errors import UsageError
 from outside.mirror import STATE_FILE, pending_resend, request_resend
 

@@ -12,6 +12,7 @@ docs/AUDIT.md describes the format and the checks.
 
 from __future__ import annotations
 
+from ferry.audit.findings import Problem, VerifyReport
 from ferry.audit.log import AuditLog, AuditSettings, FileOps
 from ferry.audit.record import (
     AuditError,
@@ -22,7 +23,7 @@ from ferry.audit.record import (
     Result,
     Subject,
 )
-from ferry.audit.verify import Problem, VerifyReport, verify
+from ferry.audit.verify import verify
 
 __all__ = [
     "AuditError",

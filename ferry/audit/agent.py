@@ -38,7 +38,7 @@ from ferry.audit.record import (
     format_ts,
     item_batches,
 )
-from ferry.audit.verify import CHECKPOINTS_FILE
+from ferry.audit.segments import CHECKPOINTS_FILE
 from ferry.config_types import AuditParams
 from ferry.crypto.keys import PublicKey, SecretKey, load_secret_key
 from ferry.errors import ConfigError

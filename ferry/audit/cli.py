@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from ferry.audit import report as report_mod
+from ferry.audit.findings import Problem, VerifyReport
 from ferry.audit.locate import Locations, LogLocation, resolve
 from ferry.audit.reconcile import DEFAULT_GRACE, Reconciliation, reconcile_logs, stream_json
 from ferry.audit.reconcile import render_text as render_reconcile
 from ferry.audit.siem import CursorMismatch, Destination, Exporter, ExportOptions
 from ferry.audit.timeline import ReplayFilter, parse_when, replay, ts_us
 from ferry.audit.timeline import render_text as render_replay
-from ferry.audit.verify import Problem, VerifyReport, verify
+from ferry.audit.verify import verify
 from ferry.crypto.keys import load_public_key
 from ferry.errors import FerryError, UsageError
 

@@ -65,13 +65,8 @@ from ferry.audit.record import (
     draft,
     format_ts,
 )
-from ferry.audit.verify import (
-    CHECKPOINTS_FILE,
-    iter_lines,
-    list_segments,
-    scan_tail,
-    segment_name,
-)
+from ferry.audit.segments import CHECKPOINTS_FILE, iter_lines, list_segments, segment_name
+from ferry.audit.verify import scan_tail
 from ferry.crypto.keys import PublicKey, SecretKey
 
 _log = log.get("audit")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ferry.audit.findings import VerifyReport
 from ferry.audit.locate import Locations, LogLocation
 from ferry.audit.record import format_ts, per_item
 from ferry.audit.timeline import (
@@ -49,7 +50,7 @@ from ferry.audit.timeline import (
     subject_label,
     ts_us,
 )
-from ferry.audit.verify import VerifyReport, verify
+from ferry.audit.verify import verify
 from ferry.audit.witnessed import Identity, Witnessed
 from ferry.errors import UsageError
 

@@ -58,8 +58,8 @@ from urllib.parse import urlsplit
 from ferry import log
 from ferry.audit.merkle import leaf_hash
 from ferry.audit.record import MAX_RECORD_BYTES
+from ferry.audit.segments import segment_name
 from ferry.audit.timeline import item_of, safe, subject_label
-from ferry.audit.verify import segment_name
 from ferry.errors import FerryError, UsageError
 
 _log = log.get("audit.export")

@@ -28,7 +28,7 @@ from typing import Any
 from ferry.audit.files import open_regular
 from ferry.audit.merkle import CompactRange, leaf_hash
 from ferry.audit.record import MAX_RECORD_BYTES, per_item
-from ferry.audit.verify import list_segments
+from ferry.audit.segments import list_segments
 from ferry.audit.witnessed import Witnessed
 from ferry.errors import UsageError
 

@@ -28,10 +28,9 @@ problem code. docs/AUDIT.md lists the codes and what each means.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from ferry.audit.files import (
     not_regular,
     open_regular,
 )
+from ferry.audit.findings import Problem, VerifyReport
 from ferry.audit.live import Announced, LateCheckpoints
 from ferry.audit.merkle import CompactRange, Note, leaf_hash, note_key_id
 from ferry.audit.record import (
@@ -53,11 +53,10 @@ from ferry.audit.record import (
     parse_ts,
     record_errors,
 )
+from ferry.audit.segments import _SEGMENT, CHECKPOINTS_FILE, Line, list_segments, segment_name
 from ferry.crypto.keys import PublicKey
 from ferry.errors import FerryError, UsageError
 
-CHECKPOINTS_FILE = "checkpoints.log"
-_SEGMENT = re.compile(r"audit-([0-9]{6})\.jsonl")
 # Report at most this many problems of one kind (a log re-signed with another key
 # has every checkpoint wrong; the first few say it all).
 MAX_REPORTED_PER_CODE = 10
@@ -68,175 +67,6 @@ DEFAULT_TS_TOLERANCE = 1.0  # seconds a timestamp may go back before it is repor
 # very bytes verified, and whether a checkpoint in checkpoints.log covers it (whether that
 # checkpoint verifies is known only at the end: the caller trusts nothing before then).
 RecordHook = Callable[[dict[str, Any], bool], None]
-
-
-# A piece of a log as the audit mirror ships it (outside/mirror.py): "<file>@<byte offset>".
-PIECE_NAME = re.compile(r"(audit-[0-9]{6}\.jsonl|checkpoints\.log)@(0|[1-9][0-9]{0,14})")
-
-
-def segment_name(number: int) -> str:
-    return f"audit-{number:06d}.jsonl"
-
-
-def segment_number(name: str) -> int | None:
-    """The number of a segment file's name, or None if it is not one."""
-    m = _SEGMENT.fullmatch(name)
-    return None if m is None else int(m.group(1))
-
-
-def list_segments(directory: Path, *, any_type: bool = False) -> list[tuple[int, Path]]:
-    """The segment files of a log directory, by number: the regular files named like a
-    segment (a symbolic link is not followed), or with ``any_type`` every entry so named
-    (verify reports, and the writer refuses, those that are not regular files)."""
-    with os.scandir(directory) as entries:
-        found = [
-            (int(m.group(1)), Path(e.path))
-            for e in entries
-            if (m := _SEGMENT.fullmatch(e.name)) and (any_type or e.is_file(follow_symlinks=False))
-        ]
-    return sorted(found)
-
-
-@dataclass(frozen=True, slots=True)
-class Line:
-    number: int  # 1-based
-    offset: int  # byte offset of the line in its file
-    data: bytes  # without the newline
-    complete: bool  # ended by a newline within MAX_RECORD_BYTES
-
-
-def iter_lines(path: Path) -> Iterator[Line]:
-    """The lines of a segment, each read with a bounded length. Raises :class:`UnsafeFile`
-    if the segment is not a regular file (a symbolic link is not followed, a FIFO does not
-    block)."""
-    with open(open_regular(path), "rb") as f:
-        number = offset = 0
-        while raw := f.readline(MAX_RECORD_BYTES + 2):
-            number += 1
-            complete = raw.endswith(b"\n")
-            yield Line(number, offset, raw[:-1] if complete else raw, complete)
-            offset += len(raw)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding: a stable code, a message, and where it is."""
-
-    code: str
-    message: str
-    file: str | None = None
-    line: int | None = None
-    idx: int | None = None
-    offset: int | None = None
-
-    def location(self) -> str:
-        parts = [self.file or ""]
-        if self.line is not None:
-            parts.append(f"line {self.line}")
-        extra = []
-        if self.idx is not None:
-            extra.append(f"record {self.idx}")
-        if self.offset is not None:
-            extra.append(f"byte {self.offset}")
-        text = " ".join(p for p in parts if p)
-        if extra:
-            text += f" ({', '.join(extra)})" if text else ", ".join(extra)
-        return text
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "code": self.code,
-            "message": self.message,
-            "file": self.file,
-            "line": self.line,
-            "idx": self.idx,
-            "offset": self.offset,
-        }
-
-
-@dataclass
-class VerifyReport:
-    """The outcome of :func:`verify`."""
-
-    path: str
-    authenticated: bool = False  # signatures checked against a key given by the caller
-    key_id: str | None = None
-    # Every key checkpoints were checked with: {"key_id", "trusted": "given", "named by the
-    # log" or "handed over at record N"} (an earlier audit key named by a later start).
-    keys: list[dict[str, str]] = field(default_factory=list)
-    origin: str | None = None
-    segments: int = 0
-    first_idx: int = 0  # 0 unless a single segment was verified
-    records: int = 0  # records read and found valid
-    tree_size: int = 0
-    root: str = ""
-    checkpoints: int = 0  # notes in checkpoints.log
-    checkpoints_verified: int = 0  # signed by the key and matching the records
-    last_checkpoint: int | None = None  # size of the last verified checkpoint
-    # The largest checkpoint size in checkpoints.log when verify first read it: the records
-    # before it were handed to ``on_record`` as covered (a live writer's checkpoints stored
-    # later count in last_checkpoint, but their records were read as not covered yet)
-    covered_when_read: int = 0
-    # The root (hex) of the records' tree at each size the caller asked for (``want_roots``)
-    # that the records verified reach: reconcile compares them with the checkpoints the
-    # inside witnessed of the outside's log.
-    roots_at: dict[int, str] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
-    warnings: list[Problem] = field(default_factory=list)
-    # Records a run signed when it started, written by an earlier run that stopped without
-    # signing them (a crash), or by someone who could write the stopped log's disk: each
-    # {"from", "to" (exclusive), "at" (the audit.started that adopted them)}; at most
-    # MAX_HANDOVERS of them, ``adopted_records`` counts them all.
-    adopted: list[dict[str, int]] = field(default_factory=list)
-    adopted_records: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """No problem found (the log may still be unauthenticated: see :attr:`verified`)."""
-        return not self.problems
-
-    @property
-    def signed(self) -> bool:
-        """A checkpoint signed by a trusted key covers the records (or there are none). A log
-        without one could have been written by anyone: the hash chain alone proves nothing."""
-        return self.tree_size <= self.first_idx or self.checkpoints_verified > 0
-
-    @property
-    def verified(self) -> bool:
-        """No problem found, and checkpoints signed by the key the caller gave cover the
-        records."""
-        return self.ok and self.authenticated and self.signed
-
-    @property
-    def first(self) -> Problem | None:
-        """The first bad position found, or None."""
-        return self.problems[0] if self.problems else None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "verified": self.verified,
-            "ok": self.ok,
-            "authenticated": self.authenticated,
-            "key_id": self.key_id,
-            "keys": self.keys,
-            "origin": self.origin,
-            "segments": self.segments,
-            "first_idx": self.first_idx,
-            "records": self.records,
-            "tree_size": self.tree_size,
-            "root": self.root,
-            "checkpoints": self.checkpoints,
-            "checkpoints_verified": self.checkpoints_verified,
-            "last_checkpoint": self.last_checkpoint,
-            "first_problem": self.first.to_json() if self.first else None,
-            "problems": [p.to_json() for p in self.problems],
-            "warnings": [w.to_json() for w in self.warnings],
-            "adopted": self.adopted,
-            "adopted_records": self.adopted_records,
-            "seconds": round(self.seconds, 3),
-        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,8 @@ import pytest
 from cli_helpers import application, drop_file, edit_yaml, fast, ferry, fill_disk, init, wait_files
 
 from ferry.audit.record import decode, per_item
-from ferry.audit.verify import iter_lines, list_segments, verify
+from ferry.audit.segments import iter_lines, list_segments
+from ferry.audit.verify import verify
 from ferry.channels.emulator import LossyUdpForwarder
 from ferry.client import ApiUnavailable, Client
 from ferry.crypto.keys import load_public_key

@@ -27,7 +27,7 @@ import pytest
 from cli_helpers import Agent, edit_yaml, fast, init
 
 from ferry.audit.record import MAX_BATCH_ITEMS, decode, per_item
-from ferry.audit.verify import iter_lines, list_segments
+from ferry.audit.segments import iter_lines, list_segments
 from ferry.channels.udp import UdpSender
 from ferry.client import Ack, ApiRejected, Client
 from ferry.config import load_outside_config

@@ -15,7 +15,7 @@ from cli_helpers import drop_file, edit_yaml, fast_bulk, ferry, init, opaque, wa
 from test_audit_agents import wait_for
 
 from ferry.audit.record import decode
-from ferry.audit.verify import iter_lines, list_segments
+from ferry.audit.segments import iter_lines, list_segments
 from ferry.channels.emulator import PtyCable
 
 pytestmark = pytest.mark.integration

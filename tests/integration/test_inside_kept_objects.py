@@ -25,7 +25,7 @@ from test_audit_agents import wait_for
 from test_recheck_inside import close_agent, png, stage
 
 from ferry.audit.record import decode
-from ferry.audit.verify import iter_lines, list_segments
+from ferry.audit.segments import iter_lines, list_segments
 from ferry.config import load_inside_config
 from ferry.crypto.keys import load_secret_key
 from ferry.jsondoc import SchemaRegistry

@@ -17,7 +17,7 @@ from cli_helpers import init
 from test_recheck_inside import close_agent
 
 from ferry.audit.record import AuditUnavailable, decode
-from ferry.audit.verify import iter_lines, list_segments
+from ferry.audit.segments import iter_lines, list_segments
 from ferry.config import load_inside_config
 from ferry.crypto.keys import load_secret_key
 from ferry.jsondoc import SchemaRegistry

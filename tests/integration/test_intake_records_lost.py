@@ -23,7 +23,7 @@ from test_audit_agents import wait_for
 from test_intake_crash import RawClient, _db_rows, _kill
 
 from ferry.audit.record import decode
-from ferry.audit.verify import iter_lines, list_segments
+from ferry.audit.segments import iter_lines, list_segments
 
 pytestmark = pytest.mark.integration
 

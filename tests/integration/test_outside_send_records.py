@@ -12,7 +12,7 @@ import pytest
 from cli_helpers import init
 
 from ferry.audit.record import MAX_BATCH_ITEMS, AuditUnavailable, decode
-from ferry.audit.verify import iter_lines, list_segments
+from ferry.audit.segments import iter_lines, list_segments
 from ferry.config import load_outside_config
 from ferry.wire.sender import ObjectSent
 from outside.agent import OutsideAgent

@@ -22,7 +22,7 @@ import pytest
 from cli_helpers import init
 
 from ferry.audit.record import decode
-from ferry.audit.verify import iter_lines, list_segments
+from ferry.audit.segments import iter_lines, list_segments
 from ferry.config import load_inside_config
 from ferry.crypto.keys import load_secret_key
 from ferry.wire import records as rec

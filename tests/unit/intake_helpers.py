@@ -9,7 +9,7 @@ from typing import Any
 
 from ferry.audit.agent import AgentAudit
 from ferry.audit.record import decode
-from ferry.audit.verify import iter_lines, list_segments
+from ferry.audit.segments import iter_lines, list_segments
 from ferry.config import load_outside_config
 from ferry.crypto.keys import load_public_key, load_secret_key
 from ferry.provision import init_deployment

@@ -15,8 +15,8 @@ import pytest
 
 from ferry.audit.log import AuditLog, AuditSettings, FileOps
 from ferry.audit.record import Subject
+from ferry.audit.segments import list_segments
 from ferry.audit.siem import Follower, Position
-from ferry.audit.verify import list_segments
 from ferry.crypto.keys import SecretKey
 from outside.mirror import AuditShipper
 from outside.spool import Spool

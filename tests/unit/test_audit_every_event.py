@@ -27,7 +27,8 @@ from ferry.audit.record import (
     events,
     validate,
 )
-from ferry.audit.verify import iter_lines, list_segments, verify
+from ferry.audit.segments import iter_lines, list_segments
+from ferry.audit.verify import verify
 from ferry.crypto.keys import SecretKey
 
 KEY = SecretKey.generate("ed25519")

@@ -17,7 +17,8 @@ from test_audit_mirror import _inside, _pieces
 from ferry.audit.log import AuditError, AuditLog, AuditSettings
 from ferry.audit.merkle import parse_notes
 from ferry.audit.record import AuditRecordInvalid, Subject, decode
-from ferry.audit.verify import CHECKPOINTS_FILE, iter_lines, list_segments, verify
+from ferry.audit.segments import CHECKPOINTS_FILE, iter_lines, list_segments
+from ferry.audit.verify import verify
 from ferry.crypto.keys import SecretKey
 
 SETTINGS = AuditSettings(origin="test/outside", checkpoint_every=5)

@@ -18,7 +18,8 @@ from ferry.audit.files import UnsafeFile
 from ferry.audit.log import AuditLog, AuditSettings
 from ferry.audit.merkle import Checkpoint, sign_checkpoint
 from ferry.audit.record import Subject, decode
-from ferry.audit.verify import CHECKPOINTS_FILE, iter_lines, list_segments, segment_name, verify
+from ferry.audit.segments import CHECKPOINTS_FILE, iter_lines, list_segments, segment_name
+from ferry.audit.verify import verify
 from ferry.config_types import AuditParams
 from ferry.crypto.keys import PublicKey, SecretKey, write_secret_key
 from ferry.errors import UsageError

@@ -20,8 +20,9 @@ from ferry.audit import AuditLog, AuditObject, AuditSettings, Subject
 from ferry.audit.agent import AgentAudit
 from ferry.audit.locate import Locations, LogLocation
 from ferry.audit.reconcile import Reconciliation, reconcile, reconcile_logs, render_text
+from ferry.audit.segments import CHECKPOINTS_FILE, list_segments
 from ferry.audit.timeline import LogStats, note_audit_record
-from ferry.audit.verify import CHECKPOINTS_FILE, list_segments, verify
+from ferry.audit.verify import verify
 from ferry.audit.witnessed import MAX_WITNESSED_LOGS, Point, Witnessed
 from ferry.config_types import AuditParams
 from ferry.crypto.keys import SecretKey, write_secret_key
