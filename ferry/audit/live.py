@@ -15,7 +15,7 @@ second look, each with the offset of a note to read again, never a note.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,6 +58,7 @@ class LateCheckpoints:
         self._origin = origin
         self._later: LaterNotes | None = None
         self._opened = False
+        self._resumed = False  # (the second look has begun)
         # (checkpoint, offset of a note of its size not signed by the keys known then)
         self.pending: list[tuple[Announced, int | None]] = []
         self.stored = 0  # notes found that match the records and a trusted key signed
@@ -118,35 +119,51 @@ class LateCheckpoints:
             self.pending.append((announced, unsigned))
         return None
 
-    def again(
-        self, keys: Iterable[PublicKey]
-    ) -> Iterator[tuple[Announced, tuple[Verdict, int] | None]]:
-        """After the scan: each checkpoint that waits, with (verdict, offset) as :meth:`look`
-        in what checkpoints.log holds now, with every key trusted by then."""
+    def again(self, keys: Iterable[PublicKey]) -> list[tuple[Announced, tuple[Verdict, int]]]:
+        """After the scan: the waiting checkpoints that a note in what checkpoints.log holds now
+        shows, with (verdict, offset) as :meth:`look`, judged with ``keys`` (all trusted by
+        then). The others keep waiting, with the offset of a note of their size if one is
+        there: call again once more keys are trusted (a rotation's handover, signed by a note
+        found here), then take :attr:`pending` as not stored."""
         keys = list(keys)
         later = self._notes()
-        if later is not None:
+        if later is None:
+            return []
+        first = not self._resumed
+        if first:
+            self._resumed = True
             later.resume()
-        for announced, offset in self.pending:
-            found: tuple[Verdict, int] | None = None
-            if later is not None:
-                try:
-                    found = self._again(later, announced, offset, keys)
-                except OSError:
-                    found = None
-            yield announced, found
-        self.pending.clear()
+        found: list[tuple[Announced, tuple[Verdict, int]]] = []
+        still: list[tuple[Announced, int | None]] = []
+        for announced, at in self.pending:
+            verdict: tuple[Verdict, int] | None = None
+            offset = at
+            try:
+                if at is not None:
+                    note = later.one(at)
+                    if note is not None and (v := self.judge(note, at, announced, keys)):
+                        verdict = v, at
+                elif first:
+                    verdict, offset = self._read_for(later, announced, keys)
+            except OSError:
+                verdict = None
+            if verdict is None:
+                still.append((announced, offset))
+            else:
+                found.append((announced, verdict))
+        self.pending = still
+        return found
 
-    def _again(
-        self, later: LaterNotes, announced: Announced, offset: int | None, keys: list[PublicKey]
-    ) -> tuple[Verdict, int] | None:
-        if offset is not None:
-            note = later.one(offset)
-            candidates: Iterable[tuple[int, Note]] = [] if note is None else [(offset, note)]
-        else:
-            candidates = later.at(announced.size)
-        for at, note in candidates:
+    def _read_for(
+        self, later: LaterNotes, announced: Announced, keys: list[PublicKey]
+    ) -> tuple[tuple[Verdict, int] | None, int | None]:
+        """Read on to ``announced``'s size: (verdict, offset) of a note that is the writer's,
+        else None and the offset of the first note of its size (judged again with more
+        keys)."""
+        candidate: int | None = None
+        for at, note in later.at(announced.size):
             verdict = self.judge(note, at, announced, keys)
             if verdict:
-                return verdict, at
-        return None
+                return (verdict, at), at
+            candidate = at if candidate is None else candidate
+        return None, candidate

@@ -719,13 +719,7 @@ class _Verifier:
         report = self.report
         report.tree_size = self.tree.size
         report.root = self.tree.root().hex()
-        keys = self._keys()
-        if self.late.pending:
-            tops = dict(self.late.tops)
-            self._late_again(keys)
-            if self.late.tops != tops:  # (a rotation's handover, signed meanwhile)
-                self.tops.clear()
-                keys = self._keys(again=True)
+        keys = self._late_again(self._keys())
         facts = self._check_note_signatures(keys)
         if self.index.changed:
             self.problem(
@@ -1018,18 +1012,29 @@ class _Verifier:
                 announced.pos,
             )
 
-    def _late_again(self, keys: list[PublicKey]) -> None:
+    def _late_again(self, keys: list[PublicKey]) -> list[PublicKey]:
         """After the scan: the checkpoints whose notes were not stored yet when the scan
-        reached them, in what checkpoints.log holds now. Those still not found but the last
-        are missing; a new run's opening among them is followed by data after a close."""
-        for announced, found in self.late.again(keys):
-            if found is not None:
+        reached them, in what checkpoints.log holds now. A note found there may hand over
+        from an earlier key (a rotation while verify read): then the keys are taken again,
+        and the others judged again with them. Those still not found but the last are
+        missing; a new run's opening among them is followed by data after a close. Returns
+        the keys trusted."""
+        while self.late.pending:
+            tops = dict(self.late.tops)
+            for announced, found in self.late.again(keys):
                 self._settle(announced, *found)
+            if self.late.tops == tops:
+                break
+            self.tops.clear()  # (a handover signed meanwhile: see _top_signed)
+            keys = self._keys(again=True)
+        for announced, _ in self.late.pending:
             if announced is not self.last_announced:
                 self._unless_stored(announced)
+        self.late.pending.clear()
         for opening, pos, event in self.openings:
             if not opening.stored:
                 self._after_close(pos, event, _AFTER_CLOSE["unsigned_opening"])
+        return keys
 
     def _check_announcements(self) -> None:
         for announced in self.missing:

@@ -27,6 +27,7 @@ from ferry.crypto.keys import SecretKey
 
 KEY = SecretKey("ed25519", bytes(range(32)))
 NEW = SecretKey("ed25519", bytes(range(1, 33)))
+THIRD = SecretKey("ed25519", bytes(range(2, 34)))
 ORIGIN = "outside.test/audit"
 SENDER = Subject.component("sender")
 verify_module = importlib.import_module("ferry.audit.verify")  # (ferry.audit.verify: the function)
@@ -38,6 +39,12 @@ def append(log: AuditLog, records: int) -> None:
     for i in range(records):
         log.append("link.heartbeat_gap", subject=SENDER, result="info", detail={"n": i})
     log.wait_durable(log.size - 1, 10.0)
+
+
+def stored(log: AuditLog) -> None:
+    """Wait until the writer has stored the note of every checkpoint announced (it stores a
+    note after its records: before the bytes of checkpoints.log are held back or cut)."""
+    log.checkpoint(10.0)
 
 
 def codes(report: Any) -> list[str]:
@@ -114,6 +121,7 @@ def test_checkpoints_stored_only_after_the_scan_passed_their_records_are_found(
     def grow_and_hold_back() -> None:
         start = ckpts.stat().st_size
         append(live, 35)
+        stored(live)
         raw = ckpts.read_bytes()
         held["tail"] = raw[start:]
         os.truncate(ckpts, start)
@@ -310,6 +318,7 @@ def test_notes_all_stored_after_the_first_read_are_not_no_checkpoint(
     d = tmp_path / "log"
     with AuditLog(d, KEY, SETTINGS) as live:
         append(live, 25)
+        stored(live)
         ckpts = d / "checkpoints.log"
         held = ckpts.read_bytes()
         os.truncate(ckpts, 0)  # (as the file was before the first note)
@@ -333,6 +342,7 @@ def test_a_note_read_before_its_second_signature_line_does_not_hide_later_notes(
     d = tmp_path / "log"
     with AuditLog(d, NEW, SETTINGS, previous_keys=[KEY]) as live:
         append(live, 25)
+        stored(live)
         ckpts = d / "checkpoints.log"
         raw = ckpts.read_bytes()
         last = parse_notes(raw).notes[-1]
@@ -428,6 +438,7 @@ def test_a_key_rotation_restart_whose_notes_are_stored_after_the_scan_leaves_old
         log = AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY])
         logs.append(log)
         append(log, 15)
+        stored(log)
         held["tail"] = ckpts.read_bytes()[start:]
         os.truncate(ckpts, start)
 
@@ -510,6 +521,7 @@ def test_a_note_half_written_at_the_first_read_and_found_whole_is_not_torn(
     d = tmp_path / "log"
     with AuditLog(d, KEY, BIG_SEGMENTS) as live:
         append(live, 25)
+        stored(live)
         ckpts = d / "checkpoints.log"
         raw = ckpts.read_bytes()
         cut = raw.rindex(b"\n\n", 0, len(raw) - 2) + 2 + 10  # ten bytes into the last note
@@ -524,3 +536,121 @@ def test_a_note_half_written_at_the_first_read_and_found_whole_is_not_torn(
     assert report.problems == [], codes(report)
     assert report.checkpoints_verified == len(parse_notes(raw).notes)  # (the torn one too)
     assert "CHECKPOINT_TORN" not in [w.code for w in report.warnings]
+
+
+# --- found by a third review: a rotation of a running agent, judged after the scan --------
+
+
+def _rotate_running_agent(
+    d: Path, old: AuditLog, logs: list[AuditLog], held: dict[str, Any]
+) -> None:
+    """The running agent (KEY) is restarted with a new key (NEW, previous_keys=[KEY]) after
+    verify read checkpoints.log: the old run's closing note (signed by KEY alone) and the new
+    run's notes (NEW+KEY) are stored after the first read."""
+    ckpts = d / "checkpoints.log"
+    start = ckpts.stat().st_size
+    append(old, 5)
+    old.close()  # audit.stopped + its checkpoint: a note signed by KEY only
+    log = AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY])
+    logs.append(log)
+    append(log, 15)
+    stored(log)
+    held["start"] = start
+    held["tail"] = ckpts.read_bytes()[start:]
+
+
+def test_control_rotation_of_a_running_agent_notes_found_during_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same restart, every note stored before the scan reaches its record."""
+    d = tmp_path / "log"
+    logs: list[AuditLog] = []
+    held: dict[str, Any] = {}
+    old = AuditLog(d, KEY, BIG_SEGMENTS)
+    append(old, 25)
+    between(monkeypatch, "_load_notes", lambda: _rotate_running_agent(d, old, logs, held))
+    try:
+        report = verify(d, NEW.public)
+    finally:
+        old.close()
+        for log in logs:
+            log.close()
+    assert report.problems == [], codes(report)
+
+
+def test_rotation_of_a_running_agent_new_notes_found_only_after_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As test_a_key_rotation_restart_whose_notes_are_stored_after_the_scan_leaves_old_
+    checkpoints_signed, but the agent was running when verify began (any restart of a running
+    agent stores a closing note after the first read): the old run's closing note, signed by
+    the old key alone, is judged again once the new run's notes hand over from it (it was
+    CHECKPOINT_MISSING)."""
+    d = tmp_path / "log"
+    ckpts = d / "checkpoints.log"
+    logs: list[AuditLog] = []
+    held: dict[str, Any] = {}
+    old = AuditLog(d, KEY, BIG_SEGMENTS)
+    append(old, 25)
+
+    def rotate_and_hold_back() -> None:
+        _rotate_running_agent(d, old, logs, held)
+        os.truncate(ckpts, held["start"])  # (the writer behind the scan)
+
+    def store_the_rest() -> None:
+        with ckpts.open("ab") as f:
+            f.write(held["tail"])
+
+    between(monkeypatch, "_load_notes", rotate_and_hold_back)
+    before_finish(monkeypatch, store_the_rest)
+    try:
+        report = verify(d, NEW.public)
+    finally:
+        old.close()
+        for log in logs:
+            log.close()
+    assert held["tail"].count(b"\n\n") >= 3
+    again = verify(d, NEW.public)  # the same log, stopped, verifies
+    assert again.problems == [], codes(again)
+    assert report.problems == [], [(p.code, p.idx) for p in report.problems]
+
+
+def test_two_rotations_during_verify_opening_judged_with_the_first_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped log (KEY); while verify reads, a run with NEW (previous KEY) opens and closes,
+    then a run with THIRD (previous NEW) opens; every new note is stored after the scan.
+    NEW's opening is judged again with the keys THIRD's notes hand over to (it was not, and
+    the record after it was DATA_AFTER_CLOSE, NEW's closing note CHECKPOINT_MISSING)."""
+    d = tmp_path / "log"
+    with AuditLog(d, KEY, BIG_SEGMENTS) as log:
+        append(log, 25)
+    ckpts = d / "checkpoints.log"
+    logs: list[AuditLog] = []
+    held: dict[str, Any] = {}
+
+    def two_rotations() -> None:
+        start = ckpts.stat().st_size
+        with AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY]) as log:
+            append(log, 15)
+        log = AuditLog(d, THIRD, BIG_SEGMENTS, previous_keys=[NEW])
+        logs.append(log)
+        append(log, 15)
+        stored(log)
+        held["tail"] = ckpts.read_bytes()[start:]
+        os.truncate(ckpts, start)
+
+    def store_the_rest() -> None:
+        with ckpts.open("ab") as f:
+            f.write(held["tail"])
+
+    between(monkeypatch, "_load_notes", two_rotations)
+    before_finish(monkeypatch, store_the_rest)
+    try:
+        report = verify(d, THIRD.public)
+    finally:
+        for log in logs:
+            log.close()
+    again = verify(d, THIRD.public)
+    assert again.problems == [], codes(again)
+    assert report.problems == [], [(p.code, p.idx) for p in report.problems]
