@@ -467,6 +467,11 @@ def _check(
         tail = report.tree_size - min(report.last_checkpoint or 0, report.covered_when_read)
         if tail > 0 and unsigned:
             note += f" (with {tail} records after its last signed checkpoint: not signed yet)"
+        elif tail > 0 and (report.last_checkpoint or 0) > report.covered_when_read:
+            note += (
+                f" ({tail} records, signed while reconcile read the log or not signed yet, "
+                "are not counted yet: run again, or give --include-unsigned)"
+            )
         elif tail > 0:
             note += (
                 f" ({tail} records after its last signed checkpoint are not counted yet: "

@@ -417,6 +417,8 @@ def test_reconcile_of_a_log_whose_writer_stores_checkpoints_meanwhile_does_not_f
     assert check.report is not None
     assert check.report.verified
     assert not check.failed, check.note
+    assert counted.end == check.report.covered_when_read < (check.report.last_checkpoint or 0)
+    assert "signed while reconcile read the log" in check.note
 
 
 def test_a_key_rotation_restart_whose_notes_are_stored_after_the_scan_leaves_old_checkpoints_signed(
