@@ -57,6 +57,7 @@ from inside.deliver import (
     Alone,
     Delivered,
     Duplicate,
+    NotAuthentic,
     deliver,
     deliver_batch,
     fsync_dir,
@@ -854,6 +855,8 @@ class InsideAgent:
                 except WireError as exc:
                     if kept:
                         self._drop_kept(oid, exc)
+                    elif isinstance(exc, NotAuthentic):
+                        self._not_authentic(oid, exc)
                     else:
                         self._reject(oid, str(exc), data)
                     continue
@@ -977,6 +980,20 @@ class InsideAgent:
         self._record_lost(oid, reason)
         _log.error("kept_object_not_intact", object_id=oid.hex(), error=str(exc))
 
+    def _not_authentic(self, oid: bytes, exc: NotAuthentic) -> None:
+        """What arrived under ``oid`` is not the object the outside signed with that id: this
+        copy is lost, the item is not refused. A refusal would keep the id out for good, and
+        a forged copy sent first would keep the genuine one out; a later copy is taken. (Only
+        a holder of the link's session key gets a copy this far.)"""
+        with contextlib.suppress(OSError):
+            self._spool_path(oid).unlink(missing_ok=True)
+        self._to_forget.put(oid)
+        with self._count_lock:
+            self.lost += 1
+        reason = f"NOT_AUTHENTIC: this copy is not the object the outside signed ({exc})"
+        self._record_lost(oid, reason)
+        _log.error("object_not_authentic", object_id=oid.hex(), error=str(exc))
+
     def _spooled_claim(self, oid: bytes, length: int) -> tuple[str | None, str | None]:
         """The kind and channel a spooled object's manifest claims, not yet verified
         (None, None if unreadable)."""
@@ -1072,10 +1089,21 @@ class InsideAgent:
                             total += entry.stat(follow_symlinks=False).st_size
         return total
 
-    def _room_to_keep(self, size: int) -> bool:
-        """Whether a refused object of ``size`` bytes may be kept (MAX_KEPT_REFUSED); if so
-        its bytes are counted. Over the limit, the folders are measured again (an operator
-        may have removed or released some) at most every KEPT_RESCAN seconds."""
+    def _room_to_keep(self, size: int, *, written: bool) -> str | None:
+        """Why a refused object of ``size`` bytes may not be kept, or None (then its bytes
+        are counted): the objects kept take MAX_KEPT_REFUSED already, or keeping it would
+        leave less than ``spool_reserve`` free on the state disk (``written``: its copy is
+        still to be written; else it is on that disk already, and kept, it is not freed).
+        Refused objects are what anyone who can make the inside refuse them sends: they
+        never take the room the ledger, the audit log and deliveries need. Over the limit,
+        the folders are measured again (an operator may have removed or released some) at
+        most every KEPT_RESCAN seconds."""
+        free = free_bytes(self.rejected_dir)
+        if free is not None and free - (size if written else 0) < self.spool_reserve:
+            return (
+                f"keeping its {size} bytes would leave less than {self.spool_reserve} bytes "
+                f"free on the state disk ({free} free): inside.spool_reserve"
+            )
         with self._kept_lock:
             now = time.monotonic()
             if (
@@ -1084,9 +1112,12 @@ class InsideAgent:
             ):
                 self._kept_bytes, self._kept_measured = self._kept_size(), now
             if self._kept_bytes + size > MAX_KEPT_REFUSED:
-                return False
+                return (
+                    f"the refused objects kept take {MAX_KEPT_REFUSED} bytes already "
+                    f"({self.rejected_dir}, {self.quarantine_dir}): remove or release some"
+                )
             self._kept_bytes += size
-            return True
+            return None
 
     def _reject(
         self,
@@ -1117,16 +1148,11 @@ class InsideAgent:
             with contextlib.suppress(OSError):
                 size = path.stat().st_size
         kept: str | None = str(target)
-        if not self._room_to_keep(size):
+        if (no_room := self._room_to_keep(size, written=data is not None)) is not None:
             kept = None
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
-            self._disk_log(
-                "refused_copy_not_kept",
-                f"the refused objects kept take {MAX_KEPT_REFUSED} bytes already "
-                f"({self.rejected_dir}, {self.quarantine_dir}): remove or release some",
-                object_id=oid.hex(),
-            )
+            self._disk_log("refused_copy_not_kept", no_room, object_id=oid.hex())
         # On disk, under its name, before the ledger says rejected (a repeat is then dropped
         # as a duplicate, and a start removes the spool's copy).
         try:
@@ -1244,6 +1270,8 @@ class InsideAgent:
             return False
         if isinstance(exc, WireError) and kept:
             self._drop_kept(oid, exc)
+        elif isinstance(exc, NotAuthentic):
+            self._not_authentic(oid, exc)
         elif isinstance(exc, RecheckFailed):
             self._reject(oid, str(exc), quarantine=True, refused=exc)
         elif isinstance(exc, FerryError) or (

@@ -46,6 +46,13 @@ HASH_CHUNK = 1024 * 1024
 MAX_SUBFOLDER_DEPTH = 16
 
 
+class NotAuthentic(EnvelopeRejected):
+    """What arrived under an object id is not an object the outside signed with that id
+    (no trusted signature, a manifest for another id or size, content that is not what it
+    signed). It says nothing of the genuine object, which a later copy may still bring:
+    that id is not refused for good (a forged copy would otherwise keep it out)."""
+
+
 @dataclass(frozen=True)
 class Delivered:
     manifest: rec.Manifest
@@ -78,16 +85,20 @@ def _signer(manifest_bytes: bytes, signature: bytes, sender: Senders) -> PublicK
 
 
 def _manifest(trailer: bytes, object_id: bytes, content_len: int, sender: Senders) -> rec.Manifest:
-    """Verify a trailer's signature, then that its manifest matches the transfer."""
-    manifest_bytes, signature = rec.split_trailer(trailer)
-    key = _signer(manifest_bytes, signature, sender)
-    manifest = rec.decode_manifest(manifest_bytes)  # authenticated from here on
+    """Verify a trailer's signature, then that its manifest matches the transfer; raise
+    :class:`NotAuthentic` if not."""
+    try:
+        manifest_bytes, signature = rec.split_trailer(trailer)
+        key = _signer(manifest_bytes, signature, sender)
+        manifest = rec.decode_manifest(manifest_bytes)  # authenticated from here on
+    except WireError as exc:
+        raise NotAuthentic(str(exc)) from exc
     if manifest.object_id != object_id:
-        raise WireError("manifest object id differs from the transfer's")
+        raise NotAuthentic("manifest object id differs from the transfer's")
     if manifest.sender != key.key_id:
-        raise WireError("manifest names another sender key")
+        raise NotAuthentic("manifest names another sender key")
     if manifest.size != content_len:
-        raise WireError("manifest size differs from the content length")
+        raise NotAuthentic("manifest size differs from the content length")
     return manifest
 
 
@@ -104,10 +115,10 @@ def verify_object(
     if os.fstat(fd).st_size != length:
         raise WireError("object file size differs from the object length")
     if length < rec.TRAILER_TAIL.size:
-        raise WireError("object too short for a trailer")
-    tlen = rec.trailer_length(os.pread(fd, rec.TRAILER_TAIL.size, length - rec.TRAILER_TAIL.size))
+        raise NotAuthentic("object too short for a trailer")
+    tlen = _trailer_length(os.pread(fd, rec.TRAILER_TAIL.size, length - rec.TRAILER_TAIL.size))
     if tlen > length:
-        raise WireError("object trailer longer than the object")
+        raise NotAuthentic("object trailer longer than the object")
     manifest = _manifest(os.pread(fd, tlen, length - tlen), object_id, length - tlen, sender)
     if accept is not None:
         accept(manifest)
@@ -120,20 +131,27 @@ def verify_object(
         digest.update(chunk)
         offset += len(chunk)
     if digest.digest() != manifest.sha256:
-        raise WireError("content SHA-256 differs from the signed manifest")
+        raise NotAuthentic("content SHA-256 differs from the signed manifest")
     return manifest
+
+
+def _trailer_length(tail: bytes) -> int:
+    try:
+        return rec.trailer_length(tail)
+    except WireError as exc:
+        raise NotAuthentic(str(exc)) from exc
 
 
 def verify_stream(data: bytes, object_id: bytes, sender: Senders) -> tuple[rec.Manifest, bytes]:
     """Check an object stream held in memory; return its manifest and content."""
     length = len(data)
-    tlen = rec.trailer_length(data[-rec.TRAILER_TAIL.size :])
+    tlen = _trailer_length(data[-rec.TRAILER_TAIL.size :])
     if tlen > length:
-        raise WireError("object trailer longer than the object")
+        raise NotAuthentic("object trailer longer than the object")
     manifest = _manifest(data[length - tlen :], object_id, length - tlen, sender)
     content = data[: manifest.size]
     if hashlib.sha256(content).digest() != manifest.sha256:
-        raise WireError("content SHA-256 differs from the signed manifest")
+        raise NotAuthentic("content SHA-256 differs from the signed manifest")
     return manifest, content
 
 

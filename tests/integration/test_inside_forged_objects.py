@@ -1,0 +1,269 @@
+"""Objects that are not what the outside signed, end to end: a real InsideAgent (``run()``, its
+real UDP receiver on loopback, ledger, audit log, message lanes) on a ``ferry init``
+deployment, fed datagrams made by the real sans-IO Sender.
+
+The datagrams are what a compromised outside host, or anyone holding the link's session
+key, sends: objects whose manifest signature does not verify. Neither keeps a genuine
+object out, nor takes the room the inside needs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import edit_yaml, init
+
+from ferry.config import load_inside_config
+from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key
+from ferry.jsondoc import SchemaRegistry
+from ferry.state import free_bytes
+from ferry.wire import records as rec
+from ferry.wire.sender import BytesSource, OutgoingObject, Sender, build_trailer
+from inside.agent import InsideAgent
+from outside.api import message_manifest
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "messages"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _application(seq: int) -> bytes:
+    doc = json.loads((SCHEMA / "citizen-application.schema.json").read_text())["examples"][0]
+    doc["application_id"] = str(uuid.UUID(int=seq))
+    _, canonical = SchemaRegistry.load().check("citizen-application", json.dumps(doc).encode())
+    return canonical
+
+
+class Link:
+    """The outside's sans-IO Sender with the deployment's keys, over real UDP."""
+
+    def __init__(self, dep: dict[str, Any], port: int) -> None:
+        cfg = load_inside_config(Path(dep["inside"]["config"]))
+        self.key = load_secret_key(Path(dep["outside"]["signing_key"]), ("ed25519",))
+        kem_pub = load_public_key(dep["outside"]["inside_public_key"], Path("/"))
+        self.sender = Sender(
+            cfg.link, self.key, kem_pub, epoch=int(time.time() * 1e6), rng=os.urandom,
+            now=time.time(),
+        )  # fmt: skip
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.connect(("127.0.0.1", port))
+
+    def stream(self, manifest: rec.Manifest, content: bytes, *, forged: bool) -> bytes:
+        key = SecretKey("ed25519", os.urandom(32)) if forged else self.key
+        return content + build_trailer(manifest, key)
+
+    def send(self, oid: bytes, stream: bytes, *, k: int | None = None) -> None:
+        fec = None if k is None else (k, 2)
+        self.sender.submit(OutgoingObject(oid, len(stream), BytesSource(stream), fec=fec))
+        self.flush()
+
+    def flush(self) -> None:
+        while True:
+            out = self.sender.datagrams(time.time(), 256)
+            for d in out:
+                self.sock.send(d)
+            if self.sender.idle and not out:
+                return
+            time.sleep(0.002)  # (paced: loopback drops nothing at this rate)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextmanager
+def running_inside(dep: dict[str, Any]) -> Iterator[InsideAgent]:
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    stop = threading.Event()
+    agent = InsideAgent(cfg, stop)
+    t = threading.Thread(target=agent.run, daemon=True)
+    switch = sys.getswitchinterval()
+    t.start()
+    time.sleep(1.0)
+    try:
+        yield agent
+    finally:
+        stop.set()
+        t.join(30)
+        sys.setswitchinterval(switch)
+
+
+def _deployment(tmp_path: Path) -> tuple[dict[str, Any], int]:
+    dep = init(tmp_path / "d")
+    port = _free_port()
+
+    def inside(data: dict[str, Any]) -> None:
+        data["link"]["udp"]["port"] = port
+        data.pop("consumers", None)
+        for ch in data["channels"]:
+            if ch.get("kind") == "messages":
+                ch["consumers"] = False
+
+    edit_yaml(dep["inside"]["config"], inside)
+    return dep, port
+
+
+def _state(dep: dict[str, Any], oid: bytes) -> str | None:
+    db = sqlite3.connect(f"file:{dep['inside']['state_dir']}/inside.db?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT state FROM objects WHERE object_id=?", (oid,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else str(row[0])
+
+
+def _wait(pred: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_forged_copy_does_not_keep_the_genuine_item_out(
+    tmp_path: Path,
+) -> None:
+    """A copy whose manifest signature does not verify says nothing of the object id it came
+    under (never authenticated): it is recorded lost (NOT_AUTHENTIC), not refused, and the
+    genuine, validly signed item with that id, arriving later, is delivered (the id was
+    recorded rejected in the ledger and kept in the receiver's finished set, and the
+    genuine item dropped as a repeat)."""
+    dep, port = _deployment(tmp_path)
+    folder = Path(dep["channels"]["messages"]["deliver"])
+    with running_inside(dep) as agent:
+        link = Link(dep, port)
+        try:
+            canonical = _application(1)
+            m = message_manifest(
+                "messages", 1, "citizen-application", canonical,
+                sender=link.key.public.key_id, client="portal",
+            )  # fmt: skip
+            link.send(m.object_id, link.stream(m, canonical, forged=True))
+            assert _wait(lambda: agent.lost == 1, 10)  # (that copy: NOT_AUTHENTIC)
+            assert _state(dep, m.object_id) is None  # (not refused)
+            link.send(m.object_id, link.stream(m, canonical, forged=False))  # the genuine one
+            delivered = _wait(lambda: _state(dep, m.object_id) == "delivered", 10)
+        finally:
+            link.close()
+    assert delivered, (
+        f"genuine signed item {m.object_id.hex()} never delivered: state "
+        f"{_state(dep, m.object_id)!r}, folder {sorted(p.name for p in folder.iterdir())}"
+    )
+    lost = [
+        json.loads(line)
+        for seg in sorted(Path(dep["inside"]["audit_dir"]).glob("audit-*.jsonl"))
+        for line in seg.read_text().splitlines()
+        if '"transfer.lost"' in line
+    ]
+    assert [r["object"]["item"] for r in lost] == [m.object_id.hex()]
+    assert lost[0]["reason"].startswith("NOT_AUTHENTIC: ")
+
+
+@pytest.fixture
+def state_disk(tmp_path: Path) -> Iterator[Any]:
+    """Put the inside's state and audit folders on one small tmpfs (as on one state disk)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    mounted: list[Path] = []
+
+    def mount(dep: dict[str, Any], size: str) -> Path:
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(disk)], check=True)  # fmt: skip
+        mounted.append(disk)
+        for what in ("state_dir", "audit_dir"):
+            src = Path(dep["inside"][what])
+            shutil.copytree(src, disk / src.name)
+            shutil.rmtree(src)
+            src.symlink_to(disk / src.name)
+        return disk
+
+    yield mount
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+def test_refused_objects_kept_never_take_the_state_disks_reserve(
+    tmp_path: Path, state_disk: Any
+) -> None:
+    """Refused objects kept in state/rejected/ took up to 4 GiB whatever the room left on the
+    state disk: they never take inside.spool_reserve (the room the ledger, the audit log and
+    deliveries need). Here the state disk has 40 MiB, the reserve is 8 MiB, and 180
+    messages of 250 KiB come, signed, that the inside's re-check refuses (not JSON); the
+    reserve holds, and a genuine message sent afterwards is delivered (the disk went down
+    to nothing, the audit log could not write, and delivery stopped for good)."""
+    dep, port = _deployment(tmp_path)
+    edit_yaml(
+        dep["inside"]["config"],
+        lambda d: d.setdefault("inside", {}).__setitem__("spool_reserve", "8M"),
+    )
+    disk = state_disk(dep, "40m")
+    reserve = 8 * MiB
+    low = [free_bytes(disk) or 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            low[0] = min(low[0], free_bytes(disk) or 0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    folder = Path(dep["channels"]["messages"]["deliver"])
+    with running_inside(dep) as agent:
+        link = Link(dep, port)
+        try:
+            for seq in range(180):
+                body = os.urandom(250 * 1024)
+                m = rec.Manifest(
+                    object_id=os.urandom(16), kind="message", channel="messages", seq=seq,
+                    name=f"x-{seq}.json", media_type="application/json", size=len(body),
+                    sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
+                    sender=link.key.public.key_id, schema="citizen-application",
+                )  # fmt: skip
+                link.send(m.object_id, link.stream(m, body, forged=False), k=200)
+            time.sleep(3)
+            canonical = _application(7)
+            good = message_manifest(
+                "messages", 1000, "citizen-application", canonical,
+                sender=link.key.public.key_id, client="portal",
+            )  # fmt: skip
+            link.send(good.object_id, link.stream(good, canonical, forged=False))
+            delivered = _wait(lambda: _state(dep, good.object_id) == "delivered", 15)
+            problem = agent.audit.log.problem
+        finally:
+            link.close()
+            done.set()
+            sampler.join()
+    kept = sum(p.stat().st_size for p in (Path(dep["inside"]["state_dir"]) / "rejected").iterdir())
+    facts = (
+        f"state disk down to {low[0]} bytes free (reserve {reserve}); refused objects "
+        f"kept: {kept} bytes; audit log problem: {problem!r}; genuine message delivered: "
+        f"{delivered}; folder: {sorted(p.name for p in folder.iterdir())}"
+    )
+    # (the reserve is there for the ledger, the audit log and deliveries: they use some)
+    assert low[0] >= reserve // 2, facts
+    assert 0 < kept <= 40 * MiB - reserve, facts  # (some were kept, then no more)
+    assert problem is None, facts
+    assert delivered, facts
