@@ -66,6 +66,29 @@ def before_finish(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -
     monkeypatch.setattr(_Verifier, "_finish", wrapped)
 
 
+def notes_after_the_scan(
+    monkeypatch: pytest.MonkeyPatch, ckpts: Path, action: Callable[[], None]
+) -> dict[str, bytes]:
+    """Run ``action`` (the writer goes on; it ends with :func:`stored`) right after verify read
+    the notes, and hold the notes it stored back from ``ckpts`` until the scan is over, as a
+    writer behind the scan would store them. Returns {"tail": the notes held back}."""
+    held: dict[str, bytes] = {}
+
+    def hold_back() -> None:
+        start = ckpts.stat().st_size
+        action()
+        held["tail"] = ckpts.read_bytes()[start:]
+        os.truncate(ckpts, start)
+
+    def store_the_rest() -> None:
+        with ckpts.open("ab") as f:
+            f.write(held["tail"])
+
+    between(monkeypatch, "_load_notes", hold_back)
+    before_finish(monkeypatch, store_the_rest)
+    return held
+
+
 @pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
     d = tmp_path / "log"
@@ -116,22 +139,12 @@ def test_checkpoints_stored_only_after_the_scan_passed_their_records_are_found(
     writer stores its note. Those are looked for once more after the scan. (The notes are
     held back from checkpoints.log until the scan is over, as a writer behind it would.)"""
     ckpts = tmp_path / "log" / "checkpoints.log"
-    held = {}
 
-    def grow_and_hold_back() -> None:
-        start = ckpts.stat().st_size
+    def grow() -> None:
         append(live, 35)
         stored(live)
-        raw = ckpts.read_bytes()
-        held["tail"] = raw[start:]
-        os.truncate(ckpts, start)
 
-    def store_the_rest() -> None:
-        with ckpts.open("ab") as f:
-            f.write(held["tail"])
-
-    between(monkeypatch, "_load_notes", grow_and_hold_back)
-    between(monkeypatch, "_keys", store_the_rest)  # (the first thing after the scan)
+    held = notes_after_the_scan(monkeypatch, ckpts, grow)
     report = verify(tmp_path / "log", KEY.public)
     assert held["tail"].count(b"\n\n") >= 3  # (three notes or more were held back)
     assert report.problems == [], codes(report)
@@ -433,23 +446,14 @@ def test_a_key_rotation_restart_whose_notes_are_stored_after_the_scan_leaves_old
         append(log, 25)
     ckpts = d / "checkpoints.log"
     logs: list[AuditLog] = []
-    held: dict[str, bytes] = {}
 
-    def rotate_and_hold_back() -> None:
-        start = ckpts.stat().st_size
+    def rotate() -> None:
         log = AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY])
         logs.append(log)
         append(log, 15)
         stored(log)
-        held["tail"] = ckpts.read_bytes()[start:]
-        os.truncate(ckpts, start)
 
-    def store_the_rest() -> None:
-        with ckpts.open("ab") as f:
-            f.write(held["tail"])
-
-    between(monkeypatch, "_load_notes", rotate_and_hold_back)
-    before_finish(monkeypatch, store_the_rest)
+    held = notes_after_the_scan(monkeypatch, ckpts, rotate)
     try:
         report = verify(d, NEW.public)
     finally:
@@ -629,25 +633,16 @@ def test_two_rotations_during_verify_opening_judged_with_the_first_keys(
         append(log, 25)
     ckpts = d / "checkpoints.log"
     logs: list[AuditLog] = []
-    held: dict[str, Any] = {}
 
     def two_rotations() -> None:
-        start = ckpts.stat().st_size
         with AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY]) as log:
             append(log, 15)
         log = AuditLog(d, THIRD, BIG_SEGMENTS, previous_keys=[NEW])
         logs.append(log)
         append(log, 15)
         stored(log)
-        held["tail"] = ckpts.read_bytes()[start:]
-        os.truncate(ckpts, start)
 
-    def store_the_rest() -> None:
-        with ckpts.open("ab") as f:
-            f.write(held["tail"])
-
-    between(monkeypatch, "_load_notes", two_rotations)
-    before_finish(monkeypatch, store_the_rest)
+    notes_after_the_scan(monkeypatch, ckpts, two_rotations)
     try:
         report = verify(d, THIRD.public)
     finally:
