@@ -856,7 +856,7 @@ class InsideAgent:
                     if kept:
                         self._drop_kept(oid, exc)
                     elif isinstance(exc, NotAuthentic):
-                        self._not_authentic(oid, exc)
+                        self._not_authentic(oid, exc, spooled=held is None)
                     else:
                         self._reject(oid, str(exc), data)
                     continue
@@ -980,13 +980,16 @@ class InsideAgent:
         self._record_lost(oid, reason)
         _log.error("kept_object_not_intact", object_id=oid.hex(), error=str(exc))
 
-    def _not_authentic(self, oid: bytes, exc: NotAuthentic) -> None:
+    def _not_authentic(self, oid: bytes, exc: NotAuthentic, *, spooled: bool) -> None:
         """What arrived under ``oid`` is not the object the outside signed with that id: this
         copy is lost, the item is not refused. A refusal would keep the id out for good, and
-        a forged copy sent first would keep the genuine one out; a later copy is taken. (Only
+        a forged copy sent first would keep the genuine one out; a later copy is taken. Its
+        spool file is removed if it is the copy that failed (``spooled``), never if the copy
+        was held in memory: the spool's may be the genuine one, waiting for its lane. (Only
         a holder of the link's session key gets a copy this far.)"""
-        with contextlib.suppress(OSError):
-            self._spool_path(oid).unlink(missing_ok=True)
+        if spooled:
+            with contextlib.suppress(OSError):
+                self._spool_path(oid).unlink(missing_ok=True)
         self._to_forget.put(oid)
         with self._count_lock:
             self.lost += 1
@@ -1099,10 +1102,12 @@ class InsideAgent:
         the folders are measured again (an operator may have removed or released some) at
         most every KEPT_RESCAN seconds."""
         free = free_bytes(self.rejected_dir)
-        if free is not None and free - (size if written else 0) < self.spool_reserve:
+        coming = sum(self._to_come.copy().values())  # (admitted, still arriving: promised)
+        if free is not None and free - coming - (size if written else 0) < self.spool_reserve:
             return (
                 f"keeping its {size} bytes would leave less than {self.spool_reserve} bytes "
-                f"free on the state disk ({free} free): inside.spool_reserve"
+                f"free on the state disk ({free} free, {coming} bytes of objects to come): "
+                "inside.spool_reserve"
             )
         with self._kept_lock:
             now = time.monotonic()
@@ -1136,23 +1141,25 @@ class InsideAgent:
         folder = self.quarantine_dir if quarantine else self.rejected_dir
         target = folder / f"{oid.hex()}.obj"
         path = self._spool_path(oid)
-        if quarantine:
+        size = len(data) if data is not None else 0
+        kept: str | None = str(target)
+        if data is None:
+            try:
+                size = path.stat().st_size
+            except OSError:
+                kept = None  # (no copy to keep)
+        if kept is not None and (no_room := self._room_to_keep(size, written=data is not None)):
+            kept = None
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            self._disk_log("refused_copy_not_kept", no_room, object_id=oid.hex())
+        if quarantine and kept is not None:
             try:
                 manifest = None if refused is None else refused.manifest
                 findings = None if refused is None else refused.findings
                 keep_reason(folder, oid, reason, manifest, findings)
             except OSError as exc:  # the item is still kept; only its record is missing
                 _log.error("quarantine_reason_not_written", object_id=oid.hex(), error=str(exc))
-        size = len(data) if data is not None else 0
-        if data is None:
-            with contextlib.suppress(OSError):
-                size = path.stat().st_size
-        kept: str | None = str(target)
-        if (no_room := self._room_to_keep(size, written=data is not None)) is not None:
-            kept = None
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-            self._disk_log("refused_copy_not_kept", no_room, object_id=oid.hex())
         # On disk, under its name, before the ledger says rejected (a repeat is then dropped
         # as a duplicate, and a start removes the spool's copy).
         try:
@@ -1271,7 +1278,7 @@ class InsideAgent:
         if isinstance(exc, WireError) and kept:
             self._drop_kept(oid, exc)
         elif isinstance(exc, NotAuthentic):
-            self._not_authentic(oid, exc)
+            self._not_authentic(oid, exc, spooled=True)
         elif isinstance(exc, RecheckFailed):
             self._reject(oid, str(exc), quarantine=True, refused=exc)
         elif isinstance(exc, FerryError) or (

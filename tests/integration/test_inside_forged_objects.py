@@ -8,6 +8,7 @@ object out, nor takes the room the inside needs."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import edit_yaml, init
+from cli_helpers import edit_yaml, init, opaque
 
 from ferry.config import load_inside_config
 from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key
@@ -267,3 +268,141 @@ def test_refused_objects_kept_never_take_the_state_disks_reserve(
     assert 0 < kept <= 40 * MiB - reserve, facts  # (some were kept, then no more)
     assert problem is None, facts
     assert delivered, facts
+
+
+def _file(key: Any, seq: int, size: int) -> tuple[rec.Manifest, bytes]:
+    body = os.urandom(size)
+    m = rec.Manifest(
+        object_id=os.urandom(16), kind="file", channel="documents", seq=seq,
+        name=f"genuine-{seq}.bin", media_type="application/octet-stream", size=len(body),
+        sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
+        sender=key.public.key_id,
+    )  # fmt: skip
+    return m, body + build_trailer(m, key)
+
+
+def test_a_forged_copy_in_memory_leaves_the_genuine_copy_waiting_in_the_spool(
+    tmp_path: Path,
+) -> None:
+    """A genuine, signed file waits in the spool for its delivery (kept from before a
+    restart: the receiver does not know it as finished), its lane busy with another file
+    (held here by the one-file-at-a-time verification lock, as a big file being hashed and
+    re-checked holds it). A forged single-block copy under the same id, claiming to be a
+    message, fails a message lane's check (NOT_AUTHENTIC): the genuine copy in the spool is
+    left alone and delivered (it was removed as if it were the copy that failed, the lane
+    then refused the item for the missing file, and later genuine repeats were dropped)."""
+    dep, port = _deployment(tmp_path)
+    edit_yaml(dep["inside"]["config"], opaque)  # (random bytes, no re-check)
+    key = load_secret_key(Path(dep["outside"]["signing_key"]), ("ed25519",))
+    spool = Path(dep["inside"]["state_dir"]) / "incoming"
+    spool.mkdir(parents=True, exist_ok=True)
+    g, gstream = _file(key, 1, 64 * 1024)
+    (spool / f"{g.object_id.hex()}.obj").write_bytes(gstream)  # (kept from before a restart)
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    stop = threading.Event()
+    agent = InsideAgent(cfg, stop)
+    agent._checking.acquire()  # another file being verified and re-checked meanwhile
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    link = Link(dep, port)
+    try:
+        forged = dataclasses.replace(g, kind="message", channel="messages")
+        link.send(g.object_id, link.stream(forged, b"x" * 1000, forged=True))
+        assert _wait(lambda: agent.lost == 1, 10)  # (that copy: NOT_AUTHENTIC)
+        genuine_copy_still_there = (spool / f"{g.object_id.hex()}.obj").exists()
+        agent._checking.release()
+        _wait(lambda: _state(dep, g.object_id) is not None, 10)
+        link.send(g.object_id, gstream)  # a later genuine copy (the channel's repeat)
+        delivered = _wait(lambda: _state(dep, g.object_id) == "delivered", 10)
+        state = _state(dep, g.object_id)
+    finally:
+        link.close()
+        stop.set()
+        t.join(30)
+    folder = Path(dep["channels"]["documents"]["deliver"])
+    assert delivered, (
+        f"genuine item never delivered: its spool copy still there after the forged copy: "
+        f"{genuine_copy_still_there}; ledger state {state!r}; folder "
+        f"{sorted(p.name for p in folder.iterdir())}"
+    )
+
+
+def test_a_refused_copy_kept_never_takes_the_room_promised_to_an_object_still_arriving(
+    tmp_path: Path, state_disk: Any
+) -> None:
+    """The spool admits an object only if the reserve stays free once every object being
+    spooled has arrived. Refused copies kept while a big object arrives count its bytes still
+    to come too: the big object then fits, and the reserve holds (they took its room, and it
+    wrote on into the reserve and a full disk: ENOSPC)."""
+    dep, port = _deployment(tmp_path)
+    edit_yaml(
+        dep["inside"]["config"],
+        lambda d: d.setdefault("inside", {}).__setitem__("spool_reserve", "8M"),
+    )
+    disk = state_disk(dep, "40m")
+    reserve = 8 * MiB
+    low = [free_bytes(disk) or 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            low[0] = min(low[0], free_bytes(disk) or 0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    stop = threading.Event()
+    agent = InsideAgent(cfg, stop)
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    link = Link(dep, port)
+    problem = None
+    try:
+        big, bstream = _file(link.key, 1, 22 * MiB)  # (admitted: 22 MiB + reserve fit)
+        sender = link.sender
+        sender.submit(OutgoingObject(big.object_id, len(bstream), BytesSource(bstream),
+                                     priority=3))  # fmt: skip
+        for _ in range(4):  # its first blocks: it is admitted and being spooled
+            for d in sender.datagrams(time.time(), 256):
+                link.sock.send(d)
+            time.sleep(0.01)
+        time.sleep(0.5)
+        oids = set()
+        for seq in range(110):  # signed messages the inside refuses (not JSON), kept
+            body = os.urandom(250 * 1024)
+            m = rec.Manifest(
+                object_id=os.urandom(16), kind="message", channel="messages", seq=seq,
+                name=f"x-{seq}.json", media_type="application/json", size=len(body),
+                sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
+                sender=link.key.public.key_id, schema="citizen-application",
+            )  # fmt: skip
+            s = link.stream(m, body, forged=False)
+            sender.submit(OutgoingObject(m.object_id, len(s), BytesSource(s), fec=(200, 2)))
+            oids.add(m.object_id)
+        while oids:  # the messages (priority 2) go before the rest of the big object
+            for d in sender.datagrams(time.time(), 64):
+                link.sock.send(d)
+            oids -= {e.object_id for e in sender.pop_events()}
+            time.sleep(0.002)
+        _wait(lambda: agent.rejected >= 110, 30)
+        time.sleep(1)
+        before = free_bytes(disk)
+        link.flush()  # the rest of the big object
+        time.sleep(3)
+        problem = agent.audit.log.problem
+    finally:
+        link.close()
+        stop.set()
+        t.join(30)
+        done.set()
+        sampler.join()
+    kept = sum(p.stat().st_size for p in (Path(dep["inside"]["state_dir"]) / "rejected").iterdir())
+    facts = (
+        f"state disk down to {low[0]} bytes free (reserve {reserve}); free before the rest "
+        f"of the big object: {before}; refused copies kept {kept}; audit log problem "
+        f"{problem!r}; lost {agent.lost}"
+    )
+    assert low[0] >= reserve // 2, facts
+    assert problem is None, facts
