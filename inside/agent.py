@@ -38,7 +38,7 @@ from ferry.crypto.keys import PublicKey, load_public_key, load_secret_key
 from ferry.errors import FerryError, PolicyRejection, ReplayRejected, WireError
 from ferry.jsondoc import JsonLimits, SchemaRegistry
 from ferry.place import link_new, remove_stale_temps
-from ferry.quarantine_release import ReleaseAuditor
+from ferry.quarantine_release import REASON_JSON, ReleaseAuditor
 from ferry.runtime import open_receiver, settle_gc
 from ferry.state import Retention, disk_full, free_bytes, room_reserve
 from ferry.status import STATUS_FILE, write_status
@@ -853,10 +853,13 @@ class InsideAgent:
                         else None
                     )
                 except WireError as exc:
-                    if kept:
-                        self._drop_kept(oid, exc)
-                    elif isinstance(exc, NotAuthentic):
-                        self._not_authentic(oid, exc, spooled=held is None)
+                    if kept or isinstance(exc, NotAuthentic):
+                        if held is None:  # (removed now; a genuine copy may come under its
+                            spooled.remove(oid)  # name before the batch ends: not again)
+                        if isinstance(exc, NotAuthentic) and not kept:
+                            self._not_authentic(oid, exc, spooled=held is None)
+                        else:
+                            self._drop_kept(oid, exc)
                     else:
                         self._reject(oid, str(exc), data)
                     continue
@@ -1184,12 +1187,24 @@ class InsideAgent:
             with self._kept_lock:
                 self._kept_bytes -= size
             kept = None
+            if quarantine:  # (its reason alone would be listed as a quarantined item)
+                with contextlib.suppress(OSError):
+                    (folder / f"{oid.hex()}.obj{REASON_JSON}").unlink(missing_ok=True)
+        manifest = None if refused is None else refused.manifest
         self.audit.try_record(
             "delivery.rejected",
             subject=self._delivery_subject,
             result="rejected",
             reason=reason[:1024],
-            obj=AuditObject(item=oid.hex()),
+            obj=AuditObject(item=oid.hex())
+            if manifest is None or kept is not None
+            else AuditObject(  # (not kept: what a reason file would have said of it)
+                item=oid.hex(),
+                channel=manifest.channel,
+                name=manifest.name[:512],
+                size=manifest.size,
+                sha256=manifest.sha256.hex(),
+            ),
             detail={"kept": kept},
             corr=oid.hex(),
         )

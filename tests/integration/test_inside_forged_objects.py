@@ -406,3 +406,83 @@ def test_a_refused_copy_kept_never_takes_the_room_promised_to_an_object_still_ar
     )
     assert low[0] >= reserve // 2, facts
     assert problem is None, facts
+
+
+def test_a_genuine_copy_spooled_under_the_id_of_a_forged_one_outlives_its_batch(
+    tmp_path: Path,
+) -> None:
+    """A forged copy read from the spool fails a message lane's check (NOT_AUTHENTIC): it is
+    removed and the receiver told to take a later copy. The genuine copy, spooled under the
+    same name while the batch is still being delivered (a slow messages folder), is not
+    removed when the batch ends, and is delivered (the batch's cleanup removed the name
+    again, and the item was then refused for good for the missing file)."""
+    dep, port = _deployment(tmp_path)
+    edit_yaml(dep["inside"]["config"], opaque)
+    spool = Path(dep["inside"]["state_dir"]) / "incoming"
+    cfg = load_inside_config(Path(dep["inside"]["config"]))
+    stop = threading.Event()
+    agent = InsideAgent(cfg, stop)
+    gates = [threading.Event(), threading.Event()]
+    calls: list[int] = []
+    orig = agent._deliver_messages_audited
+
+    def slow(*a: Any, **kw: Any) -> Any:  # a messages folder slow to answer (a share)
+        i = len(calls)
+        calls.append(i)
+        if i < len(gates):
+            gates[i].wait(30)
+        return orig(*a, **kw)
+
+    agent._deliver_messages_audited = slow  # type: ignore[method-assign]
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    link = Link(dep, port)
+    try:
+
+        def msg(seq: int) -> tuple[bytes, bytes]:
+            c = _application(seq)
+            m = message_manifest(
+                "messages", seq, "citizen-application", c,
+                sender=link.key.public.key_id, client="portal",
+            )  # fmt: skip
+            return m.object_id, link.stream(m, c, forged=False)
+
+        link.send(*msg(1))  # batch 1: held in its delivery
+        assert _wait(lambda: len(calls) == 1, 10)
+        g, gstream = _file(link.key, 1, 300 * 1024)  # the genuine file
+        copy = spool / f"{g.object_id.hex()}.obj"
+        body = os.urandom(300 * 1024)  # a forged copy under its id, claiming a message
+        forged = rec.Manifest(
+            object_id=g.object_id, kind="message", channel="messages", seq=5,
+            name="f.json", media_type="application/json", size=len(body),
+            sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
+            sender=link.key.public.key_id, schema="citizen-application",
+        )  # fmt: skip
+        link.send(g.object_id, link.stream(forged, body, forged=True))  # spooled (> 256 KiB)
+        assert _wait(copy.exists, 10)
+        time.sleep(0.5)
+        link.send(*msg(2))
+        time.sleep(0.5)
+        gates[0].set()  # batch 2: [forged copy, message 2]
+        assert _wait(lambda: agent.lost == 1 and len(calls) == 2, 10)  # NOT_AUTHENTIC
+        agent._checking.acquire()  # the documents lane busy with another file meanwhile
+        time.sleep(1.5)  # (the receiver forgets the id at its next tick)
+        link.send(g.object_id, gstream)  # the genuine file, spooled under the same id
+        assert _wait(copy.exists, 10)
+        time.sleep(0.5)
+        gates[1].set()  # batch 2 ends: its cleanup unlinks <id>.obj again
+        time.sleep(0.5)
+        still = copy.exists()
+        agent._checking.release()
+        _wait(lambda: _state(dep, g.object_id) is not None, 10)
+        state = _state(dep, g.object_id)
+    finally:
+        for gate in gates:
+            gate.set()
+        link.close()
+        stop.set()
+        t.join(30)
+    assert state == "delivered", (
+        f"genuine copy still spooled after the batch: {still}; state {state!r}"
+    )
