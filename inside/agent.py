@@ -1165,12 +1165,14 @@ class InsideAgent:
                 _log.error("quarantine_reason_not_written", object_id=oid.hex(), error=str(exc))
         # On disk, under its name, before the ledger says rejected (a repeat is then dropped
         # as a duplicate, and a start removes the spool's copy).
+        placed = False  # the copy is whole under its name (only the folder's sync may fail)
         try:
             if kept is not None and data is not None:
                 with open(target, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                placed = True
                 fsync_dir(folder)
             elif kept is not None and path.exists():
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1181,15 +1183,21 @@ class InsideAgent:
                 finally:
                     os.close(fd)
                 os.replace(path, target)
+                placed = True
                 fsync_dir(folder)
         except OSError as exc:  # (a full disk): refused all the same, recorded without it
-            _log.error("refused_copy_not_kept", object_id=oid.hex(), error=str(exc))
-            with self._kept_lock:
-                self._kept_bytes -= size
-            kept = None
-            if quarantine:  # (its reason alone would be listed as a quarantined item)
+            if placed:  # (kept, its folder's entry maybe not yet on disk: listed all the same)
+                _log.error("refused_copy_not_synced", object_id=oid.hex(), error=str(exc))
+            else:
+                _log.error("refused_copy_not_kept", object_id=oid.hex(), error=str(exc))
+                with self._kept_lock:
+                    self._kept_bytes -= size
+                kept = None
                 with contextlib.suppress(OSError):
-                    (folder / f"{oid.hex()}.obj{REASON_JSON}").unlink(missing_ok=True)
+                    if data is not None:
+                        target.unlink(missing_ok=True)  # (what was written of it)
+                    if quarantine:  # (its reason alone would be listed as an item)
+                        (folder / f"{oid.hex()}.obj{REASON_JSON}").unlink(missing_ok=True)
         manifest = None if refused is None else refused.manifest
         self.audit.try_record(
             "delivery.rejected",

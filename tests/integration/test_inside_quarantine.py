@@ -10,6 +10,7 @@ time of the release or started later.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import threading
@@ -25,8 +26,10 @@ from ferry.config import load_inside_config
 from ferry.crypto.keys import SecretKey, load_public_key, load_secret_key, write_secret_key
 from ferry.errors import KeyFileError, PolicyRejection, UsageError
 from ferry.quarantine_release import RELEASES
+from ferry.wire import records as rec
+from inside import agent as agent_module
 from inside import quarantine as quarantine_mod
-from inside.agent import InsideAgent
+from inside.agent import InsideAgent, RecheckFailed
 from inside.ledger import Ledger
 from inside.quarantine import release_item
 
@@ -346,3 +349,39 @@ def test_a_release_whose_delivered_copy_is_gone_says_so_and_delivers_nothing(
         "--key", dep["security_admin"]["secret_key"],
     ).stdout  # fmt: skip
     assert "no delivered file found; nothing delivered now" in out
+
+
+def test_a_quarantined_copy_moved_in_keeps_its_reason_when_the_folder_sync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-check refusal's copy moved into quarantine/ keeps its reason when only the sync
+    of the folder fails after the move (its reason was removed as if the copy were not
+    there, and the copy left unlisted, never to be released)."""
+    dep = init(tmp_path / "d")
+    agent = InsideAgent(load_inside_config(Path(dep["inside"]["config"])), threading.Event())
+    quarantine = Path(dep["inside"]["state_dir"]) / "quarantine"
+    oid = b"\x07" * 16
+    body = b"x" * 1000
+    agent._spool_path(oid).write_bytes(body)
+    m = rec.Manifest(
+        object_id=oid, kind="file", channel="documents", seq=1, name="a.pdf",
+        media_type="application/pdf", size=len(body), sha256=hashlib.sha256(body).digest(),
+        created_us=1, mtime_us=1, sender=b"\x01" * 8,
+    )  # fmt: skip
+    real = agent_module.fsync_dir
+
+    def failing(path: Path) -> None:  # the move is done; its folder's fsync fails (EIO)
+        if Path(path) == quarantine:
+            raise OSError(errno.EIO, "fsync_dir")
+        real(path)
+
+    monkeypatch.setattr(agent_module, "fsync_dir", failing)
+    try:
+        agent._reject(oid, "RECHECK_DISAGREES: x", quarantine=True,
+                      refused=RecheckFailed("RECHECK_DISAGREES: x", manifest=m))  # fmt: skip
+    finally:
+        close_agent(agent)
+    names = sorted(p.name for p in quarantine.iterdir())
+    # the copy is in quarantine/ (os.replace succeeded): it stays listed and releasable
+    assert f"{oid.hex()}.obj" in names, names
+    assert f"{oid.hex()}.obj.reason.json" in names, names
