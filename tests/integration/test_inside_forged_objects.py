@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -93,10 +93,15 @@ class Link:
 
 
 @contextmanager
-def running_inside(dep: dict[str, Any]) -> Iterator[InsideAgent]:
+def running_inside(
+    dep: dict[str, Any], prepare: Callable[[InsideAgent], None] | None = None
+) -> Iterator[InsideAgent]:
+    """A real InsideAgent running on a thread (``prepare`` sees it before it starts)."""
     cfg = load_inside_config(Path(dep["inside"]["config"]))
     stop = threading.Event()
     agent = InsideAgent(cfg, stop)
+    if prepare is not None:
+        prepare(agent)
     t = threading.Thread(target=agent.run, daemon=True)
     switch = sys.getswitchinterval()
     t.start()
@@ -206,6 +211,47 @@ def state_disk(tmp_path: Path) -> Iterator[Any]:
         subprocess.run(["umount", "-l", str(m)], check=False)
 
 
+RESERVE = 8 * MiB
+
+
+@contextmanager
+def small_state_disk(dep: dict[str, Any], state_disk: Any) -> Iterator[tuple[Path, list[int]]]:
+    """The inside's state on a 40 MiB tmpfs with an 8 MiB spool_reserve; yields the disk and
+    [the least room free seen on it], sampled until the block ends."""
+    edit_yaml(
+        dep["inside"]["config"],
+        lambda d: d.setdefault("inside", {}).__setitem__("spool_reserve", "8M"),
+    )
+    disk = state_disk(dep, "40m")
+    low = [free_bytes(disk) or 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            low[0] = min(low[0], free_bytes(disk) or 0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield disk, low
+    finally:
+        done.set()
+        sampler.join()
+
+
+def refused_message(link: Link, seq: int) -> tuple[bytes, bytes]:
+    """(object id, stream) of a signed message of 250 KiB that the inside's re-check refuses
+    (not JSON), so it keeps a copy."""
+    body = os.urandom(250 * 1024)
+    m = rec.Manifest(
+        object_id=os.urandom(16), kind="message", channel="messages", seq=seq,
+        name=f"x-{seq}.json", media_type="application/json", size=len(body),
+        sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
+        sender=link.key.public.key_id, schema="citizen-application",
+    )  # fmt: skip
+    return m.object_id, link.stream(m, body, forged=False)
+
+
 def test_refused_objects_kept_never_take_the_state_disks_reserve(
     tmp_path: Path, state_disk: Any
 ) -> None:
@@ -216,34 +262,12 @@ def test_refused_objects_kept_never_take_the_state_disks_reserve(
     reserve holds, and a genuine message sent afterwards is delivered (the disk went down
     to nothing, the audit log could not write, and delivery stopped for good)."""
     dep, port = _deployment(tmp_path)
-    edit_yaml(
-        dep["inside"]["config"],
-        lambda d: d.setdefault("inside", {}).__setitem__("spool_reserve", "8M"),
-    )
-    disk = state_disk(dep, "40m")
-    reserve = 8 * MiB
-    low = [free_bytes(disk) or 0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.005):
-            low[0] = min(low[0], free_bytes(disk) or 0)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     folder = Path(dep["channels"]["messages"]["deliver"])
-    with running_inside(dep) as agent:
+    with small_state_disk(dep, state_disk) as (_, low), running_inside(dep) as agent:
         link = Link(dep, port)
         try:
             for seq in range(180):
-                body = os.urandom(250 * 1024)
-                m = rec.Manifest(
-                    object_id=os.urandom(16), kind="message", channel="messages", seq=seq,
-                    name=f"x-{seq}.json", media_type="application/json", size=len(body),
-                    sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
-                    sender=link.key.public.key_id, schema="citizen-application",
-                )  # fmt: skip
-                link.send(m.object_id, link.stream(m, body, forged=False), k=200)
+                link.send(*refused_message(link, seq), k=200)
             time.sleep(3)
             canonical = _application(7)
             good = message_manifest(
@@ -255,17 +279,15 @@ def test_refused_objects_kept_never_take_the_state_disks_reserve(
             problem = agent.audit.log.problem
         finally:
             link.close()
-            done.set()
-            sampler.join()
     kept = sum(p.stat().st_size for p in (Path(dep["inside"]["state_dir"]) / "rejected").iterdir())
     facts = (
-        f"state disk down to {low[0]} bytes free (reserve {reserve}); refused objects "
+        f"state disk down to {low[0]} bytes free (reserve {RESERVE}); refused objects "
         f"kept: {kept} bytes; audit log problem: {problem!r}; genuine message delivered: "
         f"{delivered}; folder: {sorted(p.name for p in folder.iterdir())}"
     )
     # (the reserve is there for the ledger, the audit log and deliveries: they use some)
-    assert low[0] >= reserve // 2, facts
-    assert 0 < kept <= 40 * MiB - reserve, facts  # (some were kept, then no more)
+    assert low[0] >= RESERVE // 2, facts
+    assert 0 < kept <= 40 * MiB - RESERVE, facts  # (some were kept, then no more)
     assert problem is None, facts
     assert delivered, facts
 
@@ -298,28 +320,24 @@ def test_a_forged_copy_in_memory_leaves_the_genuine_copy_waiting_in_the_spool(
     spool.mkdir(parents=True, exist_ok=True)
     g, gstream = _file(key, 1, 64 * 1024)
     (spool / f"{g.object_id.hex()}.obj").write_bytes(gstream)  # (kept from before a restart)
-    cfg = load_inside_config(Path(dep["inside"]["config"]))
-    stop = threading.Event()
-    agent = InsideAgent(cfg, stop)
-    agent._checking.acquire()  # another file being verified and re-checked meanwhile
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
-    time.sleep(1.0)
-    link = Link(dep, port)
-    try:
-        forged = dataclasses.replace(g, kind="message", channel="messages")
-        link.send(g.object_id, link.stream(forged, b"x" * 1000, forged=True))
-        assert _wait(lambda: agent.lost == 1, 10)  # (that copy: NOT_AUTHENTIC)
-        genuine_copy_still_there = (spool / f"{g.object_id.hex()}.obj").exists()
-        agent._checking.release()
-        _wait(lambda: _state(dep, g.object_id) is not None, 10)
-        link.send(g.object_id, gstream)  # a later genuine copy (the channel's repeat)
-        delivered = _wait(lambda: _state(dep, g.object_id) == "delivered", 10)
-        state = _state(dep, g.object_id)
-    finally:
-        link.close()
-        stop.set()
-        t.join(30)
+
+    def busy(agent: InsideAgent) -> None:  # another file being verified and re-checked
+        agent._checking.acquire()
+
+    with running_inside(dep, busy) as agent:
+        link = Link(dep, port)
+        try:
+            forged = dataclasses.replace(g, kind="message", channel="messages")
+            link.send(g.object_id, link.stream(forged, b"x" * 1000, forged=True))
+            assert _wait(lambda: agent.lost == 1, 10)  # (that copy: NOT_AUTHENTIC)
+            genuine_copy_still_there = (spool / f"{g.object_id.hex()}.obj").exists()
+            agent._checking.release()
+            _wait(lambda: _state(dep, g.object_id) is not None, 10)
+            link.send(g.object_id, gstream)  # a later genuine copy (the channel's repeat)
+            delivered = _wait(lambda: _state(dep, g.object_id) == "delivered", 10)
+            state = _state(dep, g.object_id)
+        finally:
+            link.close()
     folder = Path(dep["channels"]["documents"]["deliver"])
     assert delivered, (
         f"genuine item never delivered: its spool copy still there after the forged copy: "
@@ -336,75 +354,44 @@ def test_a_refused_copy_kept_never_takes_the_room_promised_to_an_object_still_ar
     to come too: the big object then fits, and the reserve holds (they took its room, and it
     wrote on into the reserve and a full disk: ENOSPC)."""
     dep, port = _deployment(tmp_path)
-    edit_yaml(
-        dep["inside"]["config"],
-        lambda d: d.setdefault("inside", {}).__setitem__("spool_reserve", "8M"),
-    )
-    disk = state_disk(dep, "40m")
-    reserve = 8 * MiB
-    low = [free_bytes(disk) or 0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.002):
-            low[0] = min(low[0], free_bytes(disk) or 0)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    cfg = load_inside_config(Path(dep["inside"]["config"]))
-    stop = threading.Event()
-    agent = InsideAgent(cfg, stop)
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
-    time.sleep(1.0)
-    link = Link(dep, port)
     problem = None
-    try:
-        big, bstream = _file(link.key, 1, 22 * MiB)  # (admitted: 22 MiB + reserve fit)
-        sender = link.sender
-        sender.submit(OutgoingObject(big.object_id, len(bstream), BytesSource(bstream),
-                                     priority=3))  # fmt: skip
-        for _ in range(4):  # its first blocks: it is admitted and being spooled
-            for d in sender.datagrams(time.time(), 256):
-                link.sock.send(d)
-            time.sleep(0.01)
-        time.sleep(0.5)
-        oids = set()
-        for seq in range(110):  # signed messages the inside refuses (not JSON), kept
-            body = os.urandom(250 * 1024)
-            m = rec.Manifest(
-                object_id=os.urandom(16), kind="message", channel="messages", seq=seq,
-                name=f"x-{seq}.json", media_type="application/json", size=len(body),
-                sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
-                sender=link.key.public.key_id, schema="citizen-application",
-            )  # fmt: skip
-            s = link.stream(m, body, forged=False)
-            sender.submit(OutgoingObject(m.object_id, len(s), BytesSource(s), fec=(200, 2)))
-            oids.add(m.object_id)
-        while oids:  # the messages (priority 2) go before the rest of the big object
-            for d in sender.datagrams(time.time(), 64):
-                link.sock.send(d)
-            oids -= {e.object_id for e in sender.pop_events()}
-            time.sleep(0.002)
-        _wait(lambda: agent.rejected >= 110, 30)
-        time.sleep(1)
-        before = free_bytes(disk)
-        link.flush()  # the rest of the big object
-        time.sleep(3)
-        problem = agent.audit.log.problem
-    finally:
-        link.close()
-        stop.set()
-        t.join(30)
-        done.set()
-        sampler.join()
+    with small_state_disk(dep, state_disk) as (disk, low), running_inside(dep) as agent:
+        link = Link(dep, port)
+        try:
+            big, bstream = _file(link.key, 1, 22 * MiB)  # (admitted: 22 MiB + reserve fit)
+            sender = link.sender
+            sender.submit(OutgoingObject(big.object_id, len(bstream), BytesSource(bstream),
+                                         priority=3))  # fmt: skip
+            for _ in range(4):  # its first blocks: it is admitted and being spooled
+                for d in sender.datagrams(time.time(), 256):
+                    link.sock.send(d)
+                time.sleep(0.01)
+            time.sleep(0.5)
+            oids = set()
+            for seq in range(110):  # signed messages the inside refuses (not JSON), kept
+                oid, stream = refused_message(link, seq)
+                sender.submit(OutgoingObject(oid, len(stream), BytesSource(stream), fec=(200, 2)))
+                oids.add(oid)
+            while oids:  # the messages (priority 2) go before the rest of the big object
+                for d in sender.datagrams(time.time(), 64):
+                    link.sock.send(d)
+                oids -= {e.object_id for e in sender.pop_events()}
+                time.sleep(0.002)
+            _wait(lambda: agent.rejected >= 110, 30)
+            time.sleep(1)
+            before = free_bytes(disk)
+            link.flush()  # the rest of the big object
+            time.sleep(3)
+            problem = agent.audit.log.problem
+        finally:
+            link.close()
     kept = sum(p.stat().st_size for p in (Path(dep["inside"]["state_dir"]) / "rejected").iterdir())
     facts = (
-        f"state disk down to {low[0]} bytes free (reserve {reserve}); free before the rest "
+        f"state disk down to {low[0]} bytes free (reserve {RESERVE}); free before the rest "
         f"of the big object: {before}; refused copies kept {kept}; audit log problem "
         f"{problem!r}; lost {agent.lost}"
     )
-    assert low[0] >= reserve // 2, facts
+    assert low[0] >= RESERVE // 2, facts
     assert problem is None, facts
 
 
@@ -419,70 +406,66 @@ def test_a_genuine_copy_spooled_under_the_id_of_a_forged_one_outlives_its_batch(
     dep, port = _deployment(tmp_path)
     edit_yaml(dep["inside"]["config"], opaque)
     spool = Path(dep["inside"]["state_dir"]) / "incoming"
-    cfg = load_inside_config(Path(dep["inside"]["config"]))
-    stop = threading.Event()
-    agent = InsideAgent(cfg, stop)
     gates = [threading.Event(), threading.Event()]
     calls: list[int] = []
-    orig = agent._deliver_messages_audited
 
-    def slow(*a: Any, **kw: Any) -> Any:  # a messages folder slow to answer (a share)
-        i = len(calls)
-        calls.append(i)
-        if i < len(gates):
-            gates[i].wait(30)
-        return orig(*a, **kw)
+    def slow_folder(agent: InsideAgent) -> None:  # a messages folder slow to answer (a share)
+        orig = agent._deliver_messages_audited
 
-    agent._deliver_messages_audited = slow  # type: ignore[method-assign]
-    t = threading.Thread(target=agent.run, daemon=True)
-    t.start()
-    time.sleep(1.0)
-    link = Link(dep, port)
-    try:
+        def slow(*a: Any, **kw: Any) -> Any:
+            i = len(calls)
+            calls.append(i)
+            if i < len(gates):
+                gates[i].wait(30)
+            return orig(*a, **kw)
 
-        def msg(seq: int) -> tuple[bytes, bytes]:
-            c = _application(seq)
-            m = message_manifest(
-                "messages", seq, "citizen-application", c,
-                sender=link.key.public.key_id, client="portal",
+        agent._deliver_messages_audited = slow  # type: ignore[method-assign]
+
+    with running_inside(dep, slow_folder) as agent:
+        link = Link(dep, port)
+        try:
+
+            def msg(seq: int) -> tuple[bytes, bytes]:
+                c = _application(seq)
+                m = message_manifest(
+                    "messages", seq, "citizen-application", c,
+                    sender=link.key.public.key_id, client="portal",
+                )  # fmt: skip
+                return m.object_id, link.stream(m, c, forged=False)
+
+            link.send(*msg(1))  # batch 1: held in its delivery
+            assert _wait(lambda: len(calls) == 1, 10)
+            g, gstream = _file(link.key, 1, 300 * 1024)  # the genuine file
+            copy = spool / f"{g.object_id.hex()}.obj"
+            body = os.urandom(300 * 1024)  # a forged copy under its id, claiming a message
+            forged = rec.Manifest(
+                object_id=g.object_id, kind="message", channel="messages", seq=5,
+                name="f.json", media_type="application/json", size=len(body),
+                sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
+                sender=link.key.public.key_id, schema="citizen-application",
             )  # fmt: skip
-            return m.object_id, link.stream(m, c, forged=False)
-
-        link.send(*msg(1))  # batch 1: held in its delivery
-        assert _wait(lambda: len(calls) == 1, 10)
-        g, gstream = _file(link.key, 1, 300 * 1024)  # the genuine file
-        copy = spool / f"{g.object_id.hex()}.obj"
-        body = os.urandom(300 * 1024)  # a forged copy under its id, claiming a message
-        forged = rec.Manifest(
-            object_id=g.object_id, kind="message", channel="messages", seq=5,
-            name="f.json", media_type="application/json", size=len(body),
-            sha256=hashlib.sha256(body).digest(), created_us=1, mtime_us=1,
-            sender=link.key.public.key_id, schema="citizen-application",
-        )  # fmt: skip
-        link.send(g.object_id, link.stream(forged, body, forged=True))  # spooled (> 256 KiB)
-        assert _wait(copy.exists, 10)
-        time.sleep(0.5)
-        link.send(*msg(2))
-        time.sleep(0.5)
-        gates[0].set()  # batch 2: [forged copy, message 2]
-        assert _wait(lambda: agent.lost == 1 and len(calls) == 2, 10)  # NOT_AUTHENTIC
-        agent._checking.acquire()  # the documents lane busy with another file meanwhile
-        time.sleep(1.5)  # (the receiver forgets the id at its next tick)
-        link.send(g.object_id, gstream)  # the genuine file, spooled under the same id
-        assert _wait(copy.exists, 10)
-        time.sleep(0.5)
-        gates[1].set()  # batch 2 ends: its cleanup unlinks <id>.obj again
-        time.sleep(0.5)
-        still = copy.exists()
-        agent._checking.release()
-        _wait(lambda: _state(dep, g.object_id) is not None, 10)
-        state = _state(dep, g.object_id)
-    finally:
-        for gate in gates:
-            gate.set()
-        link.close()
-        stop.set()
-        t.join(30)
+            link.send(g.object_id, link.stream(forged, body, forged=True))  # spooled (> 256 KiB)
+            assert _wait(copy.exists, 10)
+            time.sleep(0.5)
+            link.send(*msg(2))
+            time.sleep(0.5)
+            gates[0].set()  # batch 2: [forged copy, message 2]
+            assert _wait(lambda: agent.lost == 1 and len(calls) == 2, 10)  # NOT_AUTHENTIC
+            agent._checking.acquire()  # the documents lane busy with another file meanwhile
+            time.sleep(1.5)  # (the receiver forgets the id at its next tick)
+            link.send(g.object_id, gstream)  # the genuine file, spooled under the same id
+            assert _wait(copy.exists, 10)
+            time.sleep(0.5)
+            gates[1].set()  # batch 2 ends: its cleanup unlinks <id>.obj again
+            time.sleep(0.5)
+            still = copy.exists()
+            agent._checking.release()
+            _wait(lambda: _state(dep, g.object_id) is not None, 10)
+            state = _state(dep, g.object_id)
+        finally:
+            for gate in gates:
+                gate.set()
+            link.close()
     assert state == "delivered", (
         f"genuine copy still spooled after the batch: {still}; state {state!r}"
     )
