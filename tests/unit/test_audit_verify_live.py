@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,35 @@ def notes_after_the_scan(
     between(monkeypatch, "_load_notes", hold_back)
     before_finish(monkeypatch, store_the_rest)
     return held
+
+
+class Runs:
+    """The writer's runs a test starts (while verify reads), closed at its end or when said."""
+
+    def __init__(self) -> None:
+        self.logs: list[AuditLog] = []
+
+    def start(
+        self,
+        d: Path,
+        key: SecretKey,
+        settings: AuditSettings = SETTINGS,
+        previous: Sequence[SecretKey] = (),
+    ) -> AuditLog:
+        log = AuditLog(d, key, settings, previous_keys=previous)
+        self.logs.append(log)
+        return log
+
+    def close(self) -> None:
+        while self.logs:
+            self.logs.pop().close()
+
+
+@pytest.fixture
+def runs() -> Iterator[Runs]:
+    started = Runs()
+    yield started
+    started.close()
 
 
 @pytest.fixture
@@ -279,46 +308,26 @@ def test_a_signed_late_note_contradicting_the_last_checkpoint_record_is_reported
 
 
 def test_a_restart_during_verify_is_not_data_after_close(
-    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch, runs: Runs
 ) -> None:
     """The stopped agent starts again after verify read checkpoints.log: its opening
     checkpoint's note is past the first read, and still the opening of a run of the writer
     (it was taken as unsigned, and the next record as DATA_AFTER_CLOSE)."""
-    logs: list[AuditLog] = []
-
-    def restart() -> None:
-        log = AuditLog(log_dir, KEY, SETTINGS)
-        logs.append(log)
-        append(log, 15)
-
-    between(monkeypatch, "_load_notes", restart)
-    try:
-        report = verify(log_dir, KEY.public)
-    finally:
-        for log in logs:
-            log.close()
+    between(monkeypatch, "_load_notes", lambda: append(runs.start(log_dir, KEY), 15))
+    report = verify(log_dir, KEY.public)
     assert report.problems == [], codes(report)
 
 
 def test_a_key_rotation_restart_during_verify_leaves_old_checkpoints_signed(
-    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch, runs: Runs
 ) -> None:
     """The agent restarts with a new key (previous_keys names the old one) after verify read
     checkpoints.log: a note stored since, signed by the new key, covers the handover, so
     the earlier notes are trusted (each was CHECKPOINT_UNSIGNED)."""
-    logs: list[AuditLog] = []
-
-    def rotate() -> None:
-        log = AuditLog(log_dir, NEW, SETTINGS, previous_keys=[KEY])
-        logs.append(log)
-        append(log, 15)
-
-    between(monkeypatch, "_load_notes", rotate)
-    try:
-        report = verify(log_dir, NEW.public)
-    finally:
-        for log in logs:
-            log.close()
+    between(
+        monkeypatch, "_load_notes", lambda: append(runs.start(log_dir, NEW, previous=[KEY]), 15)
+    )
+    report = verify(log_dir, NEW.public)
     assert report.problems == [], codes(report)
 
 
@@ -435,7 +444,7 @@ def test_reconcile_of_a_log_whose_writer_stores_checkpoints_meanwhile_does_not_f
 
 
 def test_a_key_rotation_restart_whose_notes_are_stored_after_the_scan_leaves_old_checkpoints_signed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runs: Runs
 ) -> None:
     """As test_a_key_rotation_restart_during_verify_leaves_old_checkpoints_signed, but the
     new run's notes are stored only after the scan passed their records (the writer behind
@@ -445,20 +454,14 @@ def test_a_key_rotation_restart_whose_notes_are_stored_after_the_scan_leaves_old
     with AuditLog(d, KEY, BIG_SEGMENTS) as log:
         append(log, 25)
     ckpts = d / "checkpoints.log"
-    logs: list[AuditLog] = []
 
     def rotate() -> None:
-        log = AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY])
-        logs.append(log)
+        log = runs.start(d, NEW, BIG_SEGMENTS, previous=[KEY])
         append(log, 15)
         stored(log)
 
     held = notes_after_the_scan(monkeypatch, ckpts, rotate)
-    try:
-        report = verify(d, NEW.public)
-    finally:
-        for log in logs:
-            log.close()
+    report = verify(d, NEW.public)
     assert held["tail"].count(b"\n\n") >= 2
     assert report.problems == [], codes(report)
 
@@ -547,45 +550,31 @@ def test_a_note_half_written_at_the_first_read_and_found_whole_is_not_torn(
 # --- found by a third review: a rotation of a running agent, judged after the scan --------
 
 
-def _rotate_running_agent(
-    d: Path, old: AuditLog, logs: list[AuditLog], held: dict[str, Any]
-) -> None:
+def _rotate_running_agent(d: Path, old: AuditLog, runs: Runs) -> None:
     """The running agent (KEY) is restarted with a new key (NEW, previous_keys=[KEY]) after
     verify read checkpoints.log: the old run's closing note (signed by KEY alone) and the new
     run's notes (NEW+KEY) are stored after the first read."""
-    ckpts = d / "checkpoints.log"
-    start = ckpts.stat().st_size
     append(old, 5)
     old.close()  # audit.stopped + its checkpoint: a note signed by KEY only
-    log = AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY])
-    logs.append(log)
+    log = runs.start(d, NEW, BIG_SEGMENTS, previous=[KEY])
     append(log, 15)
     stored(log)
-    held["start"] = start
-    held["tail"] = ckpts.read_bytes()[start:]
 
 
 def test_control_rotation_of_a_running_agent_notes_found_during_the_scan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runs: Runs
 ) -> None:
     """The same restart, every note stored before the scan reaches its record."""
     d = tmp_path / "log"
-    logs: list[AuditLog] = []
-    held: dict[str, Any] = {}
-    old = AuditLog(d, KEY, BIG_SEGMENTS)
+    old = runs.start(d, KEY, BIG_SEGMENTS)
     append(old, 25)
-    between(monkeypatch, "_load_notes", lambda: _rotate_running_agent(d, old, logs, held))
-    try:
-        report = verify(d, NEW.public)
-    finally:
-        old.close()
-        for log in logs:
-            log.close()
+    between(monkeypatch, "_load_notes", lambda: _rotate_running_agent(d, old, runs))
+    report = verify(d, NEW.public)
     assert report.problems == [], codes(report)
 
 
 def test_rotation_of_a_running_agent_new_notes_found_only_after_the_scan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runs: Runs
 ) -> None:
     """As test_a_key_rotation_restart_whose_notes_are_stored_after_the_scan_leaves_old_
     checkpoints_signed, but the agent was running when verify began (any restart of a running
@@ -593,28 +582,13 @@ def test_rotation_of_a_running_agent_new_notes_found_only_after_the_scan(
     the old key alone, is judged again once the new run's notes hand over from it (it was
     CHECKPOINT_MISSING)."""
     d = tmp_path / "log"
-    ckpts = d / "checkpoints.log"
-    logs: list[AuditLog] = []
-    held: dict[str, Any] = {}
-    old = AuditLog(d, KEY, BIG_SEGMENTS)
+    old = runs.start(d, KEY, BIG_SEGMENTS)
     append(old, 25)
-
-    def rotate_and_hold_back() -> None:
-        _rotate_running_agent(d, old, logs, held)
-        os.truncate(ckpts, held["start"])  # (the writer behind the scan)
-
-    def store_the_rest() -> None:
-        with ckpts.open("ab") as f:
-            f.write(held["tail"])
-
-    between(monkeypatch, "_load_notes", rotate_and_hold_back)
-    before_finish(monkeypatch, store_the_rest)
-    try:
-        report = verify(d, NEW.public)
-    finally:
-        old.close()
-        for log in logs:
-            log.close()
+    held = notes_after_the_scan(
+        monkeypatch, d / "checkpoints.log", lambda: _rotate_running_agent(d, old, runs)
+    )
+    report = verify(d, NEW.public)
+    runs.close()
     assert held["tail"].count(b"\n\n") >= 3
     again = verify(d, NEW.public)  # the same log, stopped, verifies
     assert again.problems == [], codes(again)
@@ -622,7 +596,7 @@ def test_rotation_of_a_running_agent_new_notes_found_only_after_the_scan(
 
 
 def test_two_rotations_during_verify_opening_judged_with_the_first_keys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runs: Runs
 ) -> None:
     """A stopped log (KEY); while verify reads, a run with NEW (previous KEY) opens and closes,
     then a run with THIRD (previous NEW) opens; every new note is stored after the scan.
@@ -632,22 +606,17 @@ def test_two_rotations_during_verify_opening_judged_with_the_first_keys(
     with AuditLog(d, KEY, BIG_SEGMENTS) as log:
         append(log, 25)
     ckpts = d / "checkpoints.log"
-    logs: list[AuditLog] = []
 
     def two_rotations() -> None:
         with AuditLog(d, NEW, BIG_SEGMENTS, previous_keys=[KEY]) as log:
             append(log, 15)
-        log = AuditLog(d, THIRD, BIG_SEGMENTS, previous_keys=[NEW])
-        logs.append(log)
+        log = runs.start(d, THIRD, BIG_SEGMENTS, previous=[NEW])
         append(log, 15)
         stored(log)
 
     notes_after_the_scan(monkeypatch, ckpts, two_rotations)
-    try:
-        report = verify(d, THIRD.public)
-    finally:
-        for log in logs:
-            log.close()
+    report = verify(d, THIRD.public)
+    runs.close()
     again = verify(d, THIRD.public)
     assert again.problems == [], codes(again)
     assert report.problems == [], [(p.code, p.idx) for p in report.problems]
