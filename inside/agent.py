@@ -853,13 +853,13 @@ class InsideAgent:
                         else None
                     )
                 except WireError as exc:
-                    if kept or isinstance(exc, NotAuthentic):
-                        if held is None:  # (removed now; a genuine copy may come under its
-                            spooled.remove(oid)  # name before the batch ends: not again)
-                        if isinstance(exc, NotAuthentic) and not kept:
-                            self._not_authentic(oid, exc, spooled=held is None)
-                        else:
-                            self._drop_kept(oid, exc)
+                    removed = kept or isinstance(exc, NotAuthentic)  # (its copy, below)
+                    if removed and held is None:  # (a genuine copy may come under its name
+                        spooled.remove(oid)  # before the batch ends: not removed again)
+                    if kept:
+                        self._drop_kept(oid, exc)
+                    elif isinstance(exc, NotAuthentic):
+                        self._not_authentic(oid, exc, spooled=held is None)
                     else:
                         self._reject(oid, str(exc), data)
                     continue
