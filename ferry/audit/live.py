@@ -101,17 +101,14 @@ class LateCheckpoints:
         later = self._notes()
         if later is None:
             return None
-        keys = list(keys)
         unsigned: int | None = None
         if not later.ended:
             try:
-                for offset, note in later.at(announced.size):
-                    verdict = self.judge(note, offset, announced, keys)
-                    if verdict:
-                        return verdict, offset
-                    unsigned = offset if unsigned is None else unsigned
+                found, unsigned = self._read_for(later, announced, list(keys))
             except OSError:
-                later.ended = True  # (looked for again after the scan)
+                found, later.ended = None, True  # (looked for again after the scan)
+            if found is not None:
+                return found
             if unsigned is None and not later.ended:
                 return None  # (the writer stored notes past it, and not its own: missing)
         if len(self.pending) < MAX_LATE:
